@@ -1,0 +1,93 @@
+"""Which backends are present, and the one place that picks a backend for a call.
+
+A backend is a module-like object with two functions of the layouts documented in ``reference.py``:
+``gfim_accumulate_(acc [L,d,d], grads [L,m,d])`` and
+``schulz_inverse(A [B,d,d], lower [B], upper [B], tol, max_iter) -> (X, iterations, residual, status)``.
+"""
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+from . import reference
+
+BACKENDS = ("torch", "cpp", "triton")
+
+
+def _load_cpp() -> ModuleType | None:
+    try:
+        from . import cpp_ops
+    except (ImportError, OSError):
+        return None
+    return cpp_ops if cpp_ops.is_available() else None
+
+
+def _load_triton() -> ModuleType | None:
+    try:
+        from .kernels import launchers
+    except ImportError:
+        return None
+    return launchers
+
+
+_LOADED: dict[str, ModuleType | None] = {}
+
+
+def _module(name: str) -> ModuleType | None:
+    if name not in _LOADED:
+        _LOADED[name] = {"torch": lambda: reference, "cpp": _load_cpp, "triton": _load_triton}[name]()
+    return _LOADED[name]
+
+
+def triton_interpreter() -> bool:
+    """True when TRITON_INTERPRET=1 was set (then Triton kernels run on CPU tensors, slowly)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _usable(name: str, device: torch.device) -> bool:
+    if _module(name) is None:
+        return False
+    if name == "torch":
+        return True
+    if name == "cpp":
+        return device.type == "cpu"
+    # Triton: compiled kernels on CUDA devices, or the interpreter on CPU tensors.
+    return device.type == "cuda" or (device.type == "cpu" and triton_interpreter())
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends usable for tensors on ``device`` (default: CUDA if present, else CPU), fastest first.
+
+    ``"torch"`` is always there; ``"cpp"`` when the extension ``hyperinf_ext._C`` was built (CPU
+    tensors); ``"triton"`` when triton imports and either the device is CUDA or ``TRITON_INTERPRET=1``
+    was set before import (CPU tensors then run through the Triton interpreter).
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    order = ("triton", "torch") if device.type == "cuda" else ("cpp", "torch", "triton")
+    return [name for name in order if _usable(name, device)]
+
+
+def select(backend: str | None, device: torch.device) -> tuple[str, ModuleType]:
+    """The one dispatch point: the requested backend, or the fastest for ``device`` when None.
+
+    On the CPU the default is the C++ backend (then torch); the Triton interpreter is never picked
+    by default because it is orders of magnitude slower than either.
+    """
+    if backend is None:
+        name = available_backends(device)[0]
+    else:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: unknown backend {backend!r}; expected one of {BACKENDS}")
+        if not _usable(backend, device):
+            raise ValueError(
+                f"backend: {backend!r} is not available for tensors on {device} "
+                f"(available: {available_backends(device)})"
+            )
+        name = backend
+    module = _module(name)
+    assert module is not None
+    return name, module

@@ -1,0 +1,366 @@
+"""The public kernel-level API: argument checks (once, here) and dispatch to a backend.
+
+Every function validates shapes, dtypes, devices and finiteness, brings tensors to the layout the
+backends expect (see ``reference.py``) and calls ``backends.select`` — the single dispatch point.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from . import backends, reference
+from .errors import ConvergenceError
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Default Schulz tolerance on ‖I − A·X‖_F (an upper bound of ‖X − A⁻¹‖₂ / ‖A⁻¹‖₂), per compute dtype.
+# float32's rounding floor is about κ·u·√d/2 (measured: 5.6e-3 at κ = 1e4, d = 1024), so 1e-2
+# accepts what float32 can resolve and refuses the rest.
+DEFAULT_TOL = {torch.float32: 1e-2, torch.float64: 1e-8}
+DEFAULT_MAX_ITER = 100
+
+
+# --------------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _check_tensor(name: str, x: object, ndims: Sequence[int], dtypes=FLOAT_DTYPES) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() not in ndims:
+        want = " or ".join(f"{n}-D" for n in ndims)
+        raise ValueError(f"{name}: expected a {want} tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in dtypes:
+        raise ValueError(f"{name}: unsupported dtype {x.dtype}; expected one of {list(dtypes)}")
+    return x
+
+
+def _check_finite(name: str, x: torch.Tensor) -> None:
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name}: contains NaN or Inf")
+
+
+def _check_square(name: str, A: torch.Tensor) -> int:
+    if A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"{name}: matrices must be square, got shape {tuple(A.shape)}")
+    if A.shape[-1] == 0:
+        raise ValueError(f"{name}: matrices are empty (d = 0)")
+    return A.shape[-1]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every lower precision is accumulated and solved in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# GFIM
+
+
+def gfim_accumulate_(acc: torch.Tensor, grads: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Add Σ_i g_iᵀ·g_i into ``acc`` in place (streaming GFIM accumulation); returns ``acc``.
+
+    acc: [d, d] or [L, d, d], float32 or float64.  grads: [n, r, d] (with 2-D acc) or [L, n, r, d]
+    (with 3-D acc: L layers of the same d in one call), float16/bfloat16/float32/float64, any strides.
+    Products are accumulated in acc's dtype.
+    """
+    _check_tensor("acc", acc, (2, 3), (torch.float32, torch.float64))
+    _check_tensor("grads", grads, (acc.dim() + 1,))
+    d = _check_square("acc", acc)
+    if grads.shape[-1] != d:
+        raise ValueError(f"grads: last dimension {grads.shape[-1]} does not match acc's d = {d}")
+    if acc.dim() == 3 and grads.shape[0] != acc.shape[0]:
+        raise ValueError(f"grads: {grads.shape[0]} layers but acc holds {acc.shape[0]}")
+    if grads.device != acc.device:
+        raise ValueError(f"grads: on {grads.device} but acc is on {acc.device}")
+    _check_finite("grads", grads)
+    if grads.numel() == 0:
+        return acc
+    acc3 = acc if acc.dim() == 3 else acc.unsqueeze(0)
+    g3 = grads.reshape(acc3.shape[0], -1, d)  # [L, n·r, d]: a view whenever the strides allow
+    _, impl = backends.select(backend, acc.device)
+    if acc3.is_contiguous():
+        impl.gfim_accumulate_(acc3, g3)
+    else:
+        work = acc3.contiguous()
+        impl.gfim_accumulate_(work, g3)
+        acc3.copy_(work)
+    return acc
+
+
+def gfim(grads: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """The generalized Fisher (1/n)·Σ_i g_iᵀ·g_i of per-sample LoRA gradients (no damping).
+
+    grads: [n, r, d] (one layer) or [L, n, r, d] (L layers of equal d).
+    Returns [d, d] (or [L, d, d]) in float32, or float64 for float64 input.
+    """
+    _check_tensor("grads", grads, (3, 4))
+    n = grads.shape[-3]
+    if n == 0:
+        raise ValueError("grads: no samples (n = 0)")
+    d = grads.shape[-1]
+    shape = (d, d) if grads.dim() == 3 else (grads.shape[0], d, d)
+    acc = torch.zeros(shape, dtype=compute_dtype(grads.dtype), device=grads.device)
+    gfim_accumulate_(acc, grads, backend=backend)
+    return acc.div_(n)
+
+
+def datainf_damping(G: torch.Tensor, rank: int, scale: float = 0.1) -> float | torch.Tensor:
+    """DataInf damping λ = scale·trace(G)/(rank·d), which equals scale·mean_i(mean(g_i²)) for G = gfim(g).
+
+    G: [d, d] → float, or [L, d, d] → float64 tensor [L].
+    """
+    _check_tensor("G", G, (2, 3))
+    d = _check_square("G", G)
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"rank: expected a positive int, got {rank!r}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"scale: expected a finite non-negative number, got {scale!r}")
+    _check_finite("G", G)
+    lam = scale * torch.diagonal(G, dim1=-2, dim2=-1).double().sum(-1) / (rank * d)
+    return float(lam) if G.dim() == 2 else lam
+
+
+# --------------------------------------------------------------------------------------------------
+# Schulz inverse
+
+
+@dataclass
+class SchulzInfo:
+    """Diagnostics of a Schulz inverse, one entry per matrix of the batch (shape = A.shape[:-2]).
+
+    residual is ‖I − A·X‖_F, an upper bound of the relative error ‖X − A⁻¹‖₂/‖A⁻¹‖₂.
+    """
+
+    iterations: torch.Tensor  # int64
+    residual: torch.Tensor  # float64
+    status: list[str]  # "converged" | "stagnated" | "max_iter" | "diverged", flattened batch order
+    lower: torch.Tensor  # float64, the lower spectral bound used (0 = none)
+    upper: torch.Tensor  # float64, the upper spectral bound used
+    backend: str
+    tol: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def converged(self) -> bool:
+        return all(s == "converged" for s in self.status)
+
+
+def spectral_upper_bound(A: torch.Tensor) -> torch.Tensor:
+    """Cheap upper bound of λmax for symmetric A [..., d, d]: min(max absolute row sum, ‖A‖_F), float64."""
+    A64 = A.double()
+    row = A64.abs().sum(-1).amax(-1)
+    fro = torch.linalg.matrix_norm(A64)
+    return torch.minimum(row, fro)
+
+
+def _bounds_tensor(name: str, value, batch_shape: torch.Size) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+    try:
+        t = torch.broadcast_to(t, batch_shape).reshape(-1)
+    except RuntimeError:
+        raise ValueError(f"{name}: shape {tuple(t.shape)} does not broadcast to the batch {tuple(batch_shape)}")
+    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+        raise ValueError(f"{name}: must be finite and non-negative")
+    return t.clone()
+
+
+def _check_symmetric(name: str, A: torch.Tensor) -> None:
+    scale = A.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
+    asym = ((A - A.transpose(-1, -2)).abs() / scale).amax()
+    if float(asym) > 1e3 * torch.finfo(A.dtype).eps:
+        raise ValueError(f"{name}: matrices must be symmetric (max relative asymmetry {float(asym):.2e})")
+
+
+def schulz_inverse(
+    A: torch.Tensor,
+    *,
+    tol: float | None = None,
+    max_iter: int | None = None,
+    lower_bound: float | torch.Tensor | None = None,
+    backend: str | None = None,
+    return_info: bool = False,
+    check: bool = True,
+):
+    """Inverse of a batch of symmetric positive-definite matrices by scaled Schulz iteration.
+
+    A: [..., d, d], float16/bfloat16/float32/float64 (low precision is computed in float32).
+    Each matrix starts from X₀ = β₀·I with β₀ from its own cheap spectral bounds (upper: min of
+    the max row sum and ‖A‖_F), so the iteration converges whatever the scale of A.  With
+    ``lower_bound`` (a known lower bound of the spectrum, e.g. the damping; float or tensor
+    broadcasting to the batch) every step is scaled optimally for the current eigenvalue bracket.
+    Stops when ‖I − A·X‖_F <= tol (default 1e-8 in float64, 1e-2 in float32), or on stagnation at
+    the dtype's rounding floor.
+
+    Returns X [..., d, d] (float32, or float64 for float64 input), or (X, SchulzInfo) with
+    ``return_info=True``.  Raises ConvergenceError when any matrix ends above ``tol`` or is not
+    positive definite (unless ``check=False``, which returns what was reached; see info.status).
+    """
+    _check_tensor("A", A, tuple(range(2, 10)))
+    d = _check_square("A", A)
+    _check_finite("A", A)
+    if tol is not None and not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"tol: expected a positive finite number, got {tol!r}")
+    if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 0):
+        raise ValueError(f"max_iter: expected a non-negative int, got {max_iter!r}")
+    cdtype = compute_dtype(A.dtype)
+    batch_shape = A.shape[:-2]
+    A3 = A.to(cdtype).reshape(-1, d, d).contiguous()
+    _check_symmetric("A", A3)
+    tol = DEFAULT_TOL[cdtype] if tol is None else float(tol)
+    max_iter = DEFAULT_MAX_ITER if max_iter is None else max_iter
+
+    upper = spectral_upper_bound(A3).cpu()
+    lower = torch.zeros_like(upper) if lower_bound is None else _bounds_tensor("lower_bound", lower_bound, batch_shape)
+    lower = torch.minimum(lower, upper)
+    diag_min = torch.diagonal(A3, dim1=-2, dim2=-1).amin(-1).double().cpu()
+    not_pd = (diag_min <= 0) | (upper <= 0)
+
+    name, impl = backends.select(backend, A.device)
+    if bool(not_pd.any()):
+        # A non-positive diagonal entry rules out positive definiteness without iterating.
+        B = A3.shape[0]
+        X = torch.full_like(A3, float("nan"))
+        iters = torch.zeros(B, dtype=torch.int64)
+        resid = torch.full((B,), float("inf"), dtype=torch.float64)
+        status = torch.full((B,), reference.DIVERGED, dtype=torch.int64)
+        ok = ~not_pd
+        if bool(ok.any()):
+            idx = ok.nonzero().squeeze(1)
+            Xi, ii, ri, si = impl.schulz_inverse(A3[idx.to(A3.device)].contiguous(), lower[idx], upper[idx], tol, max_iter)
+            X[idx.to(A3.device)], iters[idx], resid[idx], status[idx] = Xi, ii.cpu(), ri.cpu(), si.cpu()
+    else:
+        X, iters, resid, status = impl.schulz_inverse(A3, lower, upper, tol, max_iter)
+        iters, resid, status = iters.cpu(), resid.cpu().double(), status.cpu()
+
+    info = SchulzInfo(
+        iterations=iters.reshape(batch_shape),
+        residual=resid.reshape(batch_shape),
+        status=[reference.STATUS_NAMES[int(s)] for s in status],
+        lower=lower.reshape(batch_shape),
+        upper=upper.reshape(batch_shape),
+        backend=name,
+        tol=tol,
+    )
+    if check and not info.converged:
+        raise ConvergenceError(_failure_message(info, cdtype), info)
+    X = X.reshape(A.shape[:-2] + (d, d))
+    return (X, info) if return_info else X
+
+
+def _failure_message(info: SchulzInfo, cdtype: torch.dtype) -> str:
+    bad = [i for i, s in enumerate(info.status) if s != "converged"]
+    i = bad[0]
+    st = info.status[i]
+    r = float(info.residual.reshape(-1)[i])
+    what = {
+        "diverged": "is not positive definite (the Schulz residual grew without bound, or a diagonal entry is <= 0)",
+        "stagnated": f"stagnated at residual {r:.3e} > tol {info.tol:.1e}: the condition number is beyond what "
+        f"{cdtype} resolves; use float64 or more damping",
+        "max_iter": f"did not converge in {int(info.iterations.reshape(-1)[i])} iterations "
+        f"(residual {r:.3e} > tol {info.tol:.1e}); raise max_iter or give lower_bound",
+    }[st]
+    return f"schulz_inverse: {len(bad)} of {len(info.status)} matrices failed; matrix {i} {what}"
+
+
+# --------------------------------------------------------------------------------------------------
+# inverse-HVP
+
+IHVP_METHODS = ("schulz", "cholesky")
+
+
+def _damped(G: torch.Tensor, damping) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G + λ·I in the compute dtype, λ as a float64 tensor of the batch shape)."""
+    cdtype = compute_dtype(G.dtype)
+    lam = _bounds_tensor("damping", damping, G.shape[:-2]).reshape(G.shape[:-2])
+    A = G.to(cdtype).clone()
+    A.diagonal(dim1=-2, dim2=-1).add_(lam.to(device=G.device, dtype=cdtype).unsqueeze(-1))
+    return A, lam
+
+
+def make_ihvp(
+    G: torch.Tensor,
+    *,
+    damping: float | torch.Tensor,
+    method: str = "schulz",
+    backend: str | None = None,
+    tol: float | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Factor (G + damping·I) once and return ``apply(v) -> v·(G + damping·I)⁻¹``.
+
+    G: [d, d] or [L, d, d] (damping a float or [L]).  ``apply`` takes v [..., d] (for 3-D G:
+    [L, ..., d]) and returns the same shape, in the promoted dtype of v and the compute dtype.
+    ``"schulz"`` inverts with the damping as a free lower spectral bound; ``"cholesky"`` is the direct
+    baseline (torch.linalg.cholesky + cholesky_solve).
+    """
+    _check_tensor("G", G, (2, 3))
+    d = _check_square("G", G)
+    _check_finite("G", G)
+    if method not in IHVP_METHODS:
+        raise ValueError(f"method: unknown method {method!r}; expected one of {IHVP_METHODS}")
+    A, lam = _damped(G, damping)
+    if method == "schulz":
+        lower = lam if bool((lam > 0).all()) else None
+        X = schulz_inverse(A, lower_bound=lower, backend=backend, tol=tol)
+        X = 0.5 * (X + X.transpose(-1, -2))  # X is a polynomial in A: symmetric up to rounding
+
+        def apply_schulz(v: torch.Tensor) -> torch.Tensor:
+            return _apply(v, G, d, lambda v3: torch.matmul(v3.to(X.dtype), X))
+
+        return apply_schulz
+
+    _check_symmetric("G", A)
+    Lc, info = torch.linalg.cholesky_ex(A)
+    if bool((info != 0).any()):
+        raise ConvergenceError("cholesky: G + damping·I is not positive definite")
+
+    def apply_cholesky(v: torch.Tensor) -> torch.Tensor:
+        # v·A⁻¹ = (A⁻¹·vᵀ)ᵀ since A is symmetric
+        return _apply(v, G, d, lambda v3: torch.cholesky_solve(v3.to(Lc.dtype).transpose(-1, -2), Lc).transpose(-1, -2))
+
+    return apply_cholesky
+
+
+def _apply(v: torch.Tensor, G: torch.Tensor, d: int, solve: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    _check_tensor("v", v, tuple(range(1, 10)))
+    if v.shape[-1] != d:
+        raise ValueError(f"v: last dimension {v.shape[-1]} does not match G's d = {d}")
+    if v.device != G.device:
+        raise ValueError(f"v: on {v.device} but G is on {G.device}")
+    _check_finite("v", v)
+    if G.dim() == 3:
+        L = G.shape[0]
+        if v.dim() < 2 or v.shape[0] != L:
+            raise ValueError(f"v: with {L} stacked matrices v must be [L={L}, ..., d], got {tuple(v.shape)}")
+        v3 = v.reshape(L, -1, d)
+    else:
+        v3 = v.reshape(1, -1, d)
+        if v3.shape[1] == 0:
+            return v.clone()
+    out = solve(v3)
+    out_dtype = torch.promote_types(v.dtype, out.dtype)
+    return out.to(out_dtype).reshape(v.shape)
+
+
+def inverse_hvp(
+    G: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    damping: float | torch.Tensor,
+    method: str = "schulz",
+    backend: str | None = None,
+    tol: float | None = None,
+) -> torch.Tensor:
+    """v·(G + damping·I)⁻¹ for v [..., r, d] or [..., d] (same shape out); G [d, d] or [L, d, d].
+
+    See :func:`make_ihvp` for the methods; to apply one factorisation to many v, use make_ihvp.
+    """
+    return make_ihvp(G, damping=damping, method=method, backend=backend, tol=tol)(v)
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends usable for tensors on ``device``, fastest first (see ``backends.available_backends``)."""
+    return backends.available_backends(device)
