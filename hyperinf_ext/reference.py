@@ -35,7 +35,10 @@ UNSCALED = 1e-2  # |β − 1| below this counts as an unscaled step
 def gfim_accumulate_(acc: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     """acc[l] += grads[l]ᵀ·grads[l].  acc: [L, d, d] fp32/fp64; grads: [L, m, d]. Returns acc."""
     g = grads.to(acc.dtype)
-    acc.add_(torch.matmul(g.transpose(-1, -2), g))
+    prod = torch.matmul(g.transpose(-1, -2), g)
+    # BLAS does not promise a bit-symmetric product: keep the upper triangle and mirror it, as SYRK does.
+    upper = torch.triu(prod)
+    acc.add_(upper + torch.triu(prod, diagonal=1).transpose(-1, -2))
     return acc
 
 
