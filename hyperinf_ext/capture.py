@@ -271,10 +271,14 @@ def _classification_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(_upcast(logits), labels.to(logits.device).long(), reduction="none")
 
 
-def _causal_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
+def _causal_from_logits(logits: Tensor, labels: Tensor, attention_mask: Tensor | None = None) -> Tensor:
     labels = labels.to(logits.device).long()
     shift_logits = _upcast(logits[:, :-1])
     shift_labels = labels[:, 1:]
+    if attention_mask is not None:
+        # With left padding the first real token would be "predicted" from a pad
+        # position; dropping it keeps an example's loss independent of its padding.
+        shift_labels = shift_labels.masked_fill(attention_mask[:, :-1].to(labels.device) == 0, -100)
     tok = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
     ).view(shift_labels.shape)
@@ -299,17 +303,20 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
     """Per-example mean next-token cross-entropy.
 
     Logits ``[n, T, V]`` at position ``t`` are scored against ``labels[:, t + 1]``
-    (the shift transformers applies); tokens labelled ``-100`` are ignored.
+    (the shift transformers applies); tokens labelled ``-100`` are ignored, and
+    so are targets predicted from a position whose ``attention_mask`` is 0 (with
+    left padding transformers would score the first real token from a pad
+    token; ignoring it makes the loss independent of padding).
     Each example's loss is the mean over its labelled tokens; an example
     without labelled tokens gets loss ``0``.
 
     Args:
-        batch: model inputs plus ``labels`` (int ``[n, T]``).
+        batch: model inputs (optional ``attention_mask [n, T]``) plus ``labels`` (int ``[n, T]``).
 
     Returns:
         ``[n]`` losses.
     """
-    return _causal_from_logits(_logits(model, batch), _labels(batch))
+    return _causal_from_logits(_logits(model, batch), _labels(batch), batch.get("attention_mask"))
 
 
 def default_loss_fn(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
@@ -330,7 +337,7 @@ def default_loss_fn(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
     else:
         token_shape = None
     if logits.dim() == 3 and tuple(labels.shape) == token_shape:
-        return _causal_from_logits(logits, labels)
+        return _causal_from_logits(logits, labels, batch.get("attention_mask"))
     return _classification_from_logits(logits, labels)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -19,6 +22,8 @@ from hyperinf_ext.capture import (  # noqa: E402
     find_gradient_layers,
     model_inputs,
 )
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 ATOL = 1e-8
 RTOL = 1e-6
@@ -40,7 +45,7 @@ def reference_grads(model, layers, examples, loss_fn):
     """Batch-size-1 loop: rank-first gradients [n, r, d] and losses [n]."""
     was_training = model.training
     model.eval()
-    params = [p for layer in layers for p in ([layer.module.weight] + ([layer.module.bias] if layer.module.bias is not None else []))]
+    params = [p for layer in layers for p in (layer.module.weight, layer.module.bias) if p is not None]
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
@@ -154,7 +159,9 @@ def tiny_llama(seed=0):
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64,
     )
-    base = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="eager").double()
+    # eager Llama takes its softmax in float32, where float64's mask minimum becomes -inf and
+    # fully padded (left-padding) query rows turn into NaN; sdpa has no such problem.
+    base = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").double()
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                             task_type="CAUSAL_LM", lora_dropout=0.05))
     randomize_lora_B(model)
@@ -177,10 +184,10 @@ class TwiceNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.proj = nn.Linear(6, 6)
-        self.out = nn.Linear(6, 3)
+        self.fc = nn.Linear(6, 3)
 
     def forward(self, x):
-        return self.out(torch.tanh(self.proj(torch.tanh(self.proj(x)))))
+        return self.fc(torch.tanh(self.proj(torch.tanh(self.proj(x)))))
 
 
 def twice_loss(model, batch):
@@ -297,6 +304,10 @@ def test_causal_lm_loss_definition():
     lp = logits.log_softmax(-1)
     expected0 = -(lp[0, 0, 2] + lp[0, 2, 4]) / 2
     torch.testing.assert_close(loss, torch.stack([expected0, torch.zeros((), dtype=torch.float64)]))
+    # a target predicted from a padded position (left padding) is not scored
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    loss = causal_lm_loss(model, {"input_ids": labels.clamp(min=0), "attention_mask": mask, "labels": labels})
+    torch.testing.assert_close(loss[0], -lp[0, 2, 4])
     cls = default_loss_fn(lambda **kw: Out(logits[:, 0]), {"input_ids": labels, "labels": torch.tensor([3, 0])})
     torch.testing.assert_close(cls, -torch.stack([lp[0, 0, 3], lp[1, 0, 0]]))
 
@@ -327,7 +338,7 @@ def test_multiple_adapters_only_active_captured():
     expected, _ = reference_grads(model, layers, examples, classification_loss)
     assert_grads_match(got, expected, layers, n=5)
     # several adapters active in the same module are ambiguous
-    model.base_model.set_adapter(["default", "second"])
+    lq.set_adapter(["default", "second"])
     with pytest.raises(ValueError, match="several active adapters"):
         find_gradient_layers(model)
 
@@ -335,7 +346,7 @@ def test_multiple_adapters_only_active_captured():
 def test_module_called_twice_accumulates_2d_inputs():
     torch.manual_seed(0)
     model = get_peft_model(TwiceNet().double(), LoraConfig(r=2, lora_alpha=3, target_modules=["proj"],
-                                                           modules_to_save=["out"]))
+                                                           modules_to_save=["fc"]))
     randomize_lora_B(model)
     layers = find_gradient_layers(model, include_heads=True)
     assert [(layer.kind, layer.rank, layer.dim) for layer in layers] == [("lora_A", 2, 6), ("lora_B", 2, 6),
@@ -370,7 +381,17 @@ def test_hooks_removed_state_restored_no_grad_side_effects():
         got = psg.compute(batch)
         with pytest.raises(RuntimeError):
             psg.compute(batch, lambda m, b: (_ for _ in ()).throw(RuntimeError("boom")))
-        got2 = psg.compute(batch)  # still works after a failed call
+        refs = []
+
+        def tracked_loss(m, b):
+            losses = classification_loss(m, b)
+            refs.append(weakref.ref(losses))
+            return losses
+
+        with torch.no_grad():  # compute needs no grad mode from the caller
+            got2 = psg.compute(batch, tracked_loss)  # still works after a failed call
+        gc.collect()
+        assert refs[0]() is None  # the autograd graph (and the inputs its hooks hold) is gone
     assert all(len(layer.module._forward_hooks) == 0 for layer in layers)
     assert {name: m.training for name, m in model.named_modules()} == modes
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before

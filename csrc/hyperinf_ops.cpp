@@ -1,0 +1,43 @@
+// Operator library `hyperinf` (torch.ops.hyperinf.*) and its CPU kernels.
+//
+// The schemas live here, in C++, so the ops exist as soon as the shared object is loaded;
+// hyperinf_ext/cpp_ops.py adds the fake (meta) kernels torch.compile needs.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "hyperinf_ops.h"
+
+extern "C" {
+// `import hyperinf_ext._C` only has to load this shared object so that the TORCH_LIBRARY static
+// initialisers below run; the module itself is empty.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",
+      "C++ CPU kernels of hyperinf-ext, registered as torch.ops.hyperinf.*",
+      -1,
+      nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(hyperinf, m) {
+  // acc [L, d, d] fp32/fp64 contiguous (mutated); grads [L, m, d] fp16/bf16/fp32/fp64, any strides.
+  m.def("gfim_accumulate_(Tensor(a!) acc, Tensor grads) -> ()", {at::Tag::pt2_compliant_tag});
+  // A [B, d, d] fp32/fp64; lower/upper [B] fp64 -> X like A, iterations/status int64 [B],
+  // residual fp64 [B].  Status codes as in reference.py.
+  m.def(
+      "schulz_inverse(Tensor A, Tensor lower, Tensor upper, float tol, int max_iter) -> "
+      "(Tensor X, Tensor iterations, Tensor residual, Tensor status)",
+      {at::Tag::pt2_compliant_tag});
+  // One step on [d, d] matrices, for benchmarks: writes R = I − A·X and X_new, returns ‖R‖_F.
+  // Returns a Python float, so it is eager-only (no fake kernel).
+  m.def("schulz_step_(Tensor(a!) X_new, Tensor(b!) R, Tensor A, Tensor X, float beta) -> float");
+}
+
+TORCH_LIBRARY_IMPL(hyperinf, CPU, m) {
+  m.impl("gfim_accumulate_", &hyperinf::gfim_accumulate_cpu);
+  m.impl("schulz_inverse", &hyperinf::schulz_inverse_cpu);
+  m.impl("schulz_step_", &hyperinf::schulz_step_cpu);
+}

@@ -1,0 +1,422 @@
+"""HyperINF: from a PEFT LoRA model and data loaders to influence scores.
+
+Pipeline: ``fit(train_loader)`` streams the training set once (per-sample LoRA gradients → per-layer
+GFIM accumulated with the fused op, gradients optionally cached) → damping and inverse per layer
+(batched over layers of equal d) → ``scores`` / ``mean_scores`` precondition the query gradients
+once and stream the training gradients (from the cache, or a second pass) through dot products.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import ops
+from .cache import CACHE_MODES, GradientCache
+from .capture import PerSampleGradients, default_loss_fn, find_gradient_layers
+from .damping import check_rule, layer_damping
+from .methods import METHODS, LayerFactor, groups_by_dim, make_method
+
+SIGN_CONVENTION = (
+    "score[q, k] = −Σ_l ⟨∇_l L_q · H_l⁻¹, ∇_l L_k⟩ ≈ dL_q/dε_k, the change of query q's loss when "
+    "training example k is up-weighted: POSITIVE means example k INCREASES the query loss (harmful, "
+    "e.g. a mislabeled example); negative means it helps."
+)
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class HyperINFConfig:
+    """Every setting of an attributor; stored with saved factors."""
+
+    method: str = "hyperinf"
+    """Influence method: hyperinf | exact | datainf | lissa | tracin | paper (see methods.py)."""
+    damping: float | str = "datainf"
+    """Per-layer damping λ_l: a float, or a rule of damping.py ("datainf", "spectral", "paper")."""
+    damping_scale: float = 0.1
+    """The factor of the "datainf"/"spectral"/"paper" rules."""
+    layers: list[str] | None = None
+    """Names (or substrings) of the layers to use; None = every LoRA layer of the active adapter."""
+    include_heads: bool = True
+    """Also use trainable linear heads kept by PEFT's modules_to_save (e.g. a classifier)."""
+    dtype: str = "float64"
+    """dtype of the factors (GFIM, inverses) and of the preconditioned gradients."""
+    grad_dtype: str | None = None
+    """dtype in which per-sample gradients are captured and cached (None = the model's own)."""
+    backend: str | None = None
+    """Kernel backend for the GFIM and Schulz ops (None = fastest available)."""
+    cache: str = "memory"
+    """Where training gradients are kept between fit and scoring: memory | disk | none."""
+    lissa_depth: int = 100
+    """LiSSA: number of mini-batch recursion steps."""
+    lissa_scale_factor: float = 1.5
+    """LiSSA: safety factor on the spectral bound used as its scale."""
+    tol: float | None = None
+    """Schulz tolerance on ‖I − A·X‖_F (None = the dtype's default)."""
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method: unknown method {self.method!r}; expected one of {sorted(METHODS)}")
+        self.damping = check_rule(self.damping)
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"cache: unknown mode {self.cache!r}; expected one of {CACHE_MODES}")
+        if self.dtype not in ("float32", "float64") or self.grad_dtype not in (None, "float32", "float64"):
+            raise ValueError("dtype/grad_dtype: expected 'float32' or 'float64'")
+
+
+def _torch_dtype(name: str | None) -> torch.dtype | None:
+    return {"float32": torch.float32, "float64": torch.float64, None: None}[name]
+
+
+class HyperINF:
+    """Influence of training examples on queries for a PEFT LoRA model.
+
+    >>> attr = HyperINF(model).fit(train_loader)
+    >>> s = attr.mean_scores(val_loader)          # [n_train]; positive = raises the mean val loss
+    >>> S = attr.scores(query_loader)             # [n_query, n_train]
+
+    Batches are mappings of tensors (input_ids, attention_mask, labels, ...); an ``index`` entry
+    ([B] int64), when present, places each example's score at that position, so loaders may sort
+    or shuffle.  ``loss_fn(model, batch) -> Tensor[B]`` gives per-example losses (default:
+    classification cross-entropy, or the mean token loss for causal LMs).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        loss_fn: Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor] | None = None,
+        method: str = "hyperinf",
+        layers: list[str] | None = None,
+        damping: float | str = "datainf",
+        dtype: torch.dtype | str = torch.float64,
+        progress: bool = True,
+        config: HyperINFConfig | None = None,
+        **options: Any,
+    ):
+        if config is None:
+            dtype_name = str(dtype).replace("torch.", "")
+            config = HyperINFConfig(method=method, layers=layers, damping=damping, dtype=dtype_name, **options)
+        self.config = config
+        self.model = model
+        self.loss_fn = loss_fn or default_loss_fn
+        self.progress = progress
+        self.layers = find_gradient_layers(model, include_heads=config.include_heads, layers=config.layers)
+        self.factors: dict[str, LayerFactor] = {}
+        self.n_train = 0
+        self.batches_done = 0
+        self.timings: dict[str, float] = {}
+        self.cache = GradientCache("none")
+        self.method = None
+        self._prepared_for: tuple | None = None
+
+    # ------------------------------------------------------------------------------------ utilities
+
+    @contextlib.contextmanager
+    def _timed(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
+
+    def _bar(self, iterable: Iterable, desc: str):
+        from tqdm.auto import tqdm
+
+        total = len(iterable) if hasattr(iterable, "__len__") else None
+        return tqdm(iterable, desc=desc, total=total, disable=not self.progress, leave=False)
+
+    @property
+    def fdtype(self) -> torch.dtype:
+        return _torch_dtype(self.config.dtype)
+
+    def _grad_batches(self, loader: Iterable, desc: str, skip: int = 0) -> Iterator[tuple[torch.Tensor, dict]]:
+        """Per-sample gradients of every batch of ``loader``: (index [B], {layer: [B, r, d]})."""
+        offset = 0
+        with PerSampleGradients(self.model, self.layers, dtype=_torch_dtype(self.config.grad_dtype)) as psg:
+            for b, batch in enumerate(self._bar(loader, desc)):
+                n = _batch_size(batch)
+                index = batch["index"].long().cpu() if "index" in batch else torch.arange(offset, offset + n)
+                offset += n
+                if b < skip:
+                    continue
+                with self._timed("gradients"):
+                    grads = psg.compute(batch, self.loss_fn)
+                yield index, grads
+
+    def _train_batches(self, train_loader: Iterable | None) -> Callable[[], Iterator[tuple[torch.Tensor, dict]]]:
+        """A re-iterable source of training gradients: the fit cache, or passes over ``train_loader``."""
+        if train_loader is not None:
+            return lambda: self._grad_batches(train_loader, "train gradients")
+        if not self.cache.enabled or self.cache.count != self.batches_done or self.batches_done == 0:
+            raise ValueError(
+                "train_loader: required — the training gradients were not cached during fit "
+                "(cache='none', or fit was not run / was resumed without its cache)"
+            )
+        return lambda: iter(self.cache)
+
+    # ------------------------------------------------------------------------------------------ fit
+
+    def fit(
+        self,
+        train_loader: Iterable,
+        *,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int = 50,
+    ) -> "HyperINF":
+        """Stream ``train_loader`` once: accumulate each layer's GFIM (and cache gradients).
+
+        With ``checkpoint_dir`` the state is saved every ``checkpoint_every`` batches and a later
+        ``fit`` with the same directory resumes after the last saved batch (the loader must yield the
+        same batches in the same order); the gradient cache then lives in that directory.
+        """
+        self.timings = {}
+        fdtype = self.fdtype
+        ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        skip = 0
+        if ckpt is not None and (ckpt / "meta.json").exists():
+            self._load_state(ckpt)
+            skip = self.batches_done
+        else:
+            self.factors = {
+                l.name: LayerFactor(l.name, l.rank, l.dim, torch.zeros(l.dim, l.dim, dtype=fdtype), 0)
+                for l in self.layers
+            }
+            self.n_train, self.batches_done = 0, 0
+        mode = self.config.cache
+        if ckpt is not None and mode != "none":
+            mode = "disk"
+        self.cache.close()
+        self.cache = GradientCache(mode, (ckpt / "grads") if (ckpt is not None and mode == "disk") else None)
+        self.cache.truncate(self.batches_done)
+        groups = groups_by_dim(self.factors)
+        accs = {d: torch.stack([self.factors[n].gfim_sum for n in names]) for d, names in groups.items()}
+        for index, grads in self._grad_batches(train_loader, "fit", skip=skip):
+            with self._timed("gfim"):
+                for d, names in groups.items():
+                    stacked = torch.stack([grads[n] for n in names])  # [L, B, r, d]
+                    ops.gfim_accumulate_(accs[d], stacked, backend=self.config.backend)
+            with self._timed("cache"):
+                self.cache.append(index, grads)
+            self.n_train = max(self.n_train, int(index.max()) + 1)
+            self.batches_done += 1
+            for d, names in groups.items():
+                for i, n in enumerate(names):
+                    self.factors[n].count += index.numel()
+            if ckpt is not None and checkpoint_every and self.batches_done % checkpoint_every == 0:
+                self._sync_factors(accs, groups)
+                self._save_state(ckpt)
+        self._sync_factors(accs, groups)
+        if ckpt is not None:
+            self._save_state(ckpt)
+        if self.batches_done == 0:
+            raise ValueError("train_loader: yielded no batches")
+        self._prepared_for = None
+        with self._timed("prepare"):
+            self._prepare()
+        return self
+
+    def _sync_factors(self, accs: dict[int, torch.Tensor], groups: dict[int, list[str]]) -> None:
+        for d, names in groups.items():
+            for i, n in enumerate(names):
+                self.factors[n].gfim_sum = accs[d][i].clone()
+
+    def _prepare(self) -> None:
+        """Damping per layer and the method's per-layer work (e.g. the batched Schulz inverse)."""
+        key = (self.config.method, self.config.damping, self.config.damping_scale, self.batches_done)
+        if self._prepared_for == key and self.method is not None:
+            return
+        cfg = self.config
+        for f in self.factors.values():
+            f.damping = layer_damping(cfg.damping, f.gfim, f.rank, cfg.damping_scale)
+        self.method = make_method(
+            cfg.method, backend=cfg.backend, tol=cfg.tol, depth=cfg.lissa_depth, scale_factor=cfg.lissa_scale_factor
+        )
+        self.method.prepare(self.factors)
+        self._prepared_for = key
+
+    def use(self, method: str | None = None, *, damping: float | str | None = None, **options: Any) -> "HyperINF":
+        """Switch method and/or damping on the same fitted factors and cached gradients (no refit)."""
+        changes = {k: v for k, v in dict(method=method, damping=damping, **options).items() if v is not None}
+        self.config = dataclasses.replace(self.config, **changes)
+        self._prepared_for = None
+        with self._timed("prepare"):
+            self._prepare()
+        return self
+
+    # ------------------------------------------------------------------------------------- scoring
+
+    def _require_fit(self) -> None:
+        if not self.factors or self.batches_done == 0:
+            raise RuntimeError("HyperINF: call fit(train_loader) (or HyperINF.load) before scoring")
+
+    def _query_gradients(self, loader: Iterable, desc: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        idx, parts = [], {l.name: [] for l in self.layers}
+        for index, grads in self._grad_batches(loader, desc):
+            idx.append(index)
+            for n, g in grads.items():
+                parts[n].append(g)
+        if not idx:
+            raise ValueError(f"{desc}: the loader yielded no batches")
+        return torch.cat(idx), {n: torch.cat(p) for n, p in parts.items()}
+
+    def _precondition(self, q: dict[str, torch.Tensor], train_loader: Iterable | None) -> dict[str, torch.Tensor]:
+        self._prepare()
+        source = self._train_batches(train_loader) if self.method.needs_train_pass else (lambda: iter(()))
+        with self._timed("precondition"):
+            return self.method.precondition(q, self.factors, lambda: (g for _, g in source()))
+
+    def _dot_with_train(self, qt: dict[str, torch.Tensor], train_loader: Iterable | None) -> torch.Tensor:
+        """−Σ_l ⟨q̃_l, g_k,l⟩ for every query row and training example: [Q, n_train]."""
+        names = list(qt)
+        Q = next(iter(qt.values())).shape[0]
+        qflat = torch.cat([qt[n].reshape(Q, -1).to(self.fdtype) for n in names], dim=1)  # [Q, P]
+        out = torch.zeros(Q, self.n_train, dtype=self.fdtype)
+        seen = torch.zeros(self.n_train, dtype=torch.bool)
+        for index, grads in self._train_batches(train_loader)():
+            with self._timed("dot"):
+                g = torch.cat([grads[n].reshape(index.numel(), -1).to(self.fdtype) for n in names], dim=1)
+                if int(index.max()) >= out.shape[1]:
+                    grow = int(index.max()) + 1 - out.shape[1]
+                    out = torch.cat([out, out.new_zeros(Q, grow)], 1)
+                    seen = torch.cat([seen, seen.new_zeros(grow)])
+                out[:, index] = -(qflat @ g.T)
+                seen[index] = True
+        if not bool(seen.all()):
+            missing = (~seen).nonzero().squeeze(1)[:5].tolist()
+            raise ValueError(f"train_loader: no gradient for training examples {missing}... (indices not covered)")
+        return out
+
+    def scores(self, query_loader: Iterable, train_loader: Iterable | None = None) -> torch.Tensor:
+        """Pairwise influence [n_query, n_train] (see SIGN_CONVENTION), in the factor dtype.
+
+        Query gradients are preconditioned once; training gradients come from the fit cache, or from a
+        second pass over ``train_loader`` when given.  Rows follow the query ``index`` when present.
+        """
+        self._require_fit()
+        qidx, q = self._query_gradients(query_loader, "query gradients")
+        qt = self._precondition(q, train_loader)
+        s = self._dot_with_train(qt, train_loader)
+        out = torch.empty_like(s)
+        out[qidx] = s
+        return out
+
+    def mean_scores(self, val_loader: Iterable, train_loader: Iterable | None = None) -> torch.Tensor:
+        """Influence on the mean validation loss, [n_train] (see SIGN_CONVENTION).
+
+        The gradient of the mean loss is the mean of per-example gradients; it is preconditioned
+        once, so this costs one query regardless of the validation set's size.
+        """
+        self._require_fit()
+        total: dict[str, torch.Tensor] = {}
+        count = 0
+        for _, grads in self._grad_batches(val_loader, "validation gradients"):
+            for n, g in grads.items():
+                s = g.to(self.fdtype).sum(0, keepdim=True)
+                total[n] = total[n] + s if n in total else s
+            count += next(iter(grads.values())).shape[0]
+        if count == 0:
+            raise ValueError("val_loader: yielded no examples")
+        q = {n: t / count for n, t in total.items()}
+        return self._dot_with_train(self._precondition(q, train_loader), train_loader)[0]
+
+    # --------------------------------------------------------------------------------- persistence
+
+    def _meta(self) -> dict:
+        return {
+            "format": FORMAT_VERSION,
+            "config": dataclasses.asdict(self.config),
+            "n_train": self.n_train,
+            "batches_done": self.batches_done,
+            "layers": [
+                {"name": f.name, "rank": f.rank, "dim": f.dim, "count": f.count, "damping": f.damping}
+                for f in self.factors.values()
+            ],
+        }
+
+    def _save_state(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f"gfim_sum.{n}": f.gfim_sum.contiguous() for n, f in self.factors.items()}
+        inverses = getattr(self.method, "state", {}) if self._prepared_for else {}
+        tensors.update({f"method_state.{n}": t.contiguous() for n, t in inverses.items()})
+        # write then rename, so an interruption never leaves a half-written checkpoint
+        save_file(tensors, str(directory / "factors.safetensors.tmp"))
+        (directory / "meta.json.tmp").write_text(json.dumps(self._meta(), indent=1))
+        (directory / "factors.safetensors.tmp").replace(directory / "factors.safetensors")
+        (directory / "meta.json.tmp").replace(directory / "meta.json")
+
+    def _load_state(self, directory: Path) -> None:
+        meta = json.loads((directory / "meta.json").read_text())
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{directory}: unsupported factor format {meta.get('format')!r}")
+        names = [l.name for l in self.layers]
+        stored = [l["name"] for l in meta["layers"]]
+        if stored != names:
+            raise ValueError(f"{directory}: stored layers do not match the model's ({len(stored)} vs {len(names)})")
+        tensors = load_file(str(directory / "factors.safetensors"))
+        self.factors = {
+            l["name"]: LayerFactor(
+                l["name"], l["rank"], l["dim"], tensors[f"gfim_sum.{l['name']}"].to(self.fdtype), l["count"], l["damping"]
+            )
+            for l in meta["layers"]
+        }
+        self.n_train, self.batches_done = meta["n_train"], meta["batches_done"]
+        self._stored_method_state = {k[len("method_state."):]: v for k, v in tensors.items() if k.startswith("method_state.")}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write factors (safetensors: per-layer GFIM sums and the method's inverses) and meta.json."""
+        self._require_fit()
+        directory = Path(directory)
+        self._save_state(directory)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, model: torch.nn.Module, *, loss_fn=None, progress: bool = True) -> "HyperINF":
+        """Rebuild an attributor from ``save``; scoring then needs ``train_loader`` (no cache is stored)."""
+        directory = Path(directory)
+        if not (directory / "meta.json").exists():
+            raise ValueError(f"{directory}: no saved HyperINF factors (meta.json missing)")
+        meta = json.loads((directory / "meta.json").read_text())
+        attr = cls(model, loss_fn=loss_fn, progress=progress, config=HyperINFConfig(**meta["config"]))
+        attr._load_state(directory)
+        attr._prepare_from_stored()
+        return attr
+
+    def _prepare_from_stored(self) -> None:
+        stored = getattr(self, "_stored_method_state", {})
+        self._prepared_for = None
+        if stored and set(stored) == set(self.factors):
+            # reuse the stored inverses bit for bit instead of recomputing them
+            self.method = make_method(self.config.method, backend=self.config.backend, tol=self.config.tol,
+                                      depth=self.config.lissa_depth, scale_factor=self.config.lissa_scale_factor)
+            self.method.state = {n: t.to(self.fdtype) for n, t in stored.items()}
+            self._prepared_for = (self.config.method, self.config.damping, self.config.damping_scale, self.batches_done)
+        else:
+            self._prepare()
+
+    @staticmethod
+    def save_scores(path: str | Path, scores: torch.Tensor, **metadata: str) -> None:
+        """Write a score tensor to a safetensors file (metadata: string key/values)."""
+        save_file({"scores": scores.contiguous()}, str(path), metadata={"sign": SIGN_CONVENTION, **metadata})
+
+    @staticmethod
+    def load_scores(path: str | Path) -> torch.Tensor:
+        return load_file(str(path))["scores"]
+
+
+def _batch_size(batch: Mapping[str, Any]) -> int:
+    for k in ("input_ids", "labels", "inputs_embeds"):
+        if k in batch and isinstance(batch[k], torch.Tensor):
+            return batch[k].shape[0]
+    for v in batch.values():
+        if isinstance(v, torch.Tensor):
+            return v.shape[0]
+    raise ValueError("batch: no tensor to take the batch size from")

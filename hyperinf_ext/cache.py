@@ -1,0 +1,94 @@
+"""A store of per-sample training gradients, batch by batch, so each example is back-propagated once.
+
+``memory`` keeps the batches in RAM (fastest; grows with n), ``disk`` writes one safetensors file per
+batch (peak memory independent of n; reading back costs far less than a forward/backward pass).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CACHE_MODES = ("memory", "disk", "none")
+
+
+class GradientCache:
+    """Append-only list of (index [B] int64, {layer: [B, r, d]}) batches."""
+
+    def __init__(self, mode: str = "memory", directory: str | Path | None = None):
+        if mode not in CACHE_MODES:
+            raise ValueError(f"cache: unknown mode {mode!r}; expected one of {CACHE_MODES}")
+        self.mode = mode
+        self._batches: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+        self._owns_dir = False
+        self.directory: Path | None = None
+        self.count = 0  # batches stored
+        if mode == "disk":
+            if directory is None:
+                directory = tempfile.mkdtemp(prefix="hyperinf-grads-")
+                self._owns_dir = True
+            self.directory = Path(directory)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            manifest = self.directory / "manifest.json"
+            if manifest.exists():  # resuming an interrupted fit
+                self.count = json.loads(manifest.read_text())["batches"]
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    def truncate(self, batches: int) -> None:
+        """Forget everything after the first ``batches`` batches (a resumed fit re-adds them)."""
+        if self.mode == "memory":
+            del self._batches[batches:]
+        self.count = min(self.count, batches)
+        self._write_manifest()
+
+    def append(self, index: torch.Tensor, grads: dict[str, torch.Tensor]) -> None:
+        if self.mode == "none":
+            return
+        if self.mode == "memory":
+            self._batches.append((index.cpu(), {k: v.detach().cpu() for k, v in grads.items()}))
+        else:
+            tensors = {f"g.{k}": v.detach().cpu().contiguous() for k, v in grads.items()}
+            tensors["index"] = index.cpu().contiguous()
+            save_file(tensors, str(self.directory / f"batch_{self.count:07d}.safetensors"))
+        self.count += 1
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        if self.mode == "disk":
+            (self.directory / "manifest.json").write_text(json.dumps({"batches": self.count}))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        if self.mode == "memory":
+            yield from self._batches[: self.count]
+        elif self.mode == "disk":
+            for i in range(self.count):
+                t = load_file(str(self.directory / f"batch_{i:07d}.safetensors"))
+                index = t.pop("index")
+                yield index, {k[2:]: v for k, v in t.items()}
+
+    def nbytes(self) -> int:
+        if self.mode == "memory":
+            return sum(v.numel() * v.element_size() for _, g in self._batches for v in g.values())
+        if self.mode == "disk":
+            return sum(p.stat().st_size for p in self.directory.glob("batch_*.safetensors"))
+        return 0
+
+    def close(self) -> None:
+        self._batches = []
+        if self._owns_dir and self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self._owns_dir = False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,113 @@
+"""Ahead-of-time compilation of every Triton kernel for an NVIDIA target, without a GPU.
+
+``compile_all(arch)`` builds each kernel variant the launchers use on CUDA (GPU tile
+configuration, one variant per dtype) for ``GPUTarget("cuda", arch, 32)`` and returns the
+``CompiledKernel`` objects (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``).  Used by the tests
+(code generation checks: tensor-core instructions on the fp16/bf16 paths) and the benchmarks.
+
+Signatures mirror the launches: pointers typed per dtype, every size and stride ``i32``, the
+tile sizes and mode flags as constexprs.  The JIT additionally specializes integer arguments
+(== 1, divisible by 16) at launch; the AOT variants are the generic ones.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+from . import gfim as _gfim
+from . import schulz as _schulz
+
+_TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+# name -> (grads dtype, acc dtype, input precision)
+GFIM_VARIANTS = {
+    "gfim_fp32": (torch.float32, torch.float32, "ieee"),
+    "gfim_fp32_tf32": (torch.float32, torch.float32, "tf32"),
+    "gfim_bf16": (torch.bfloat16, torch.float32, "ieee"),
+    "gfim_fp16": (torch.float16, torch.float32, "ieee"),
+    "gfim_fp64": (torch.float64, torch.float64, "ieee"),
+}
+# name suffix -> (matrix dtype, input precision)
+SCHULZ_VARIANTS = {
+    "fp32": (torch.float32, "ieee"),
+    "fp32_tf32x3": (torch.float32, "tf32x3"),
+    "fp64": (torch.float64, "ieee"),
+}
+
+
+def _options(num_warps: int, num_stages: int) -> dict:
+    return {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True}
+
+
+def gfim_source(in_dtype: torch.dtype, acc_dtype: torch.dtype, input_precision: str = "ieee"):
+    """(ASTSource, options) of ``gfim_kernel`` for grads of ``in_dtype`` into an ``acc_dtype`` acc."""
+    cfg = _gfim.config(in_dtype, acc_dtype, interpret=False)
+    signature = {
+        "acc_ptr": "*" + _TRITON_TYPE[acc_dtype],
+        "g_ptr": "*" + _TRITON_TYPE[in_dtype],
+        "d": "i32",
+        "m": "i32",
+        "stride_gl": "i32",
+        "stride_gm": "i32",
+        "stride_gd": "i32",
+        "BLOCK_D": "constexpr",
+        "BLOCK_K": "constexpr",
+        "CAST_TO_ACC": "constexpr",
+        "INPUT_PRECISION": "constexpr",
+    }
+    constexprs = {
+        "BLOCK_D": cfg.block_d,
+        "BLOCK_K": cfg.block_k,
+        "CAST_TO_ACC": _gfim.cast_to_acc(in_dtype, acc_dtype, interpret=False),
+        "INPUT_PRECISION": input_precision,
+    }
+    src = triton.compiler.ASTSource(fn=_gfim.gfim_kernel, signature=signature, constexprs=constexprs)
+    return src, _options(cfg.num_warps, cfg.num_stages)
+
+
+def _schulz_constexprs(cfg: _schulz.SchulzConfig, input_precision: str) -> dict:
+    return {
+        "BLOCK_M": cfg.block_m,
+        "BLOCK_N": cfg.block_n,
+        "BLOCK_K": cfg.block_k,
+        "GROUP_M": cfg.group_m,
+        "INPUT_PRECISION": input_precision,
+    }
+
+
+def schulz_residual_source(dtype: torch.dtype, input_precision: str = "ieee"):
+    """(ASTSource, options) of ``schulz_residual_kernel`` for float32/float64 matrices."""
+    cfg = _schulz.config(dtype, interpret=False)
+    p = "*" + _TRITON_TYPE[dtype]
+    constexprs = _schulz_constexprs(cfg, input_precision)
+    signature = {"a_ptr": p, "x_ptr": p, "r_ptr": p, "part_ptr": p, "active_ptr": "*i32", "d": "i32", "n_tiles": "i32"}
+    signature.update({name: "constexpr" for name in constexprs})
+    src = triton.compiler.ASTSource(fn=_schulz.schulz_residual_kernel, signature=signature, constexprs=constexprs)
+    return src, _options(cfg.num_warps, cfg.num_stages)
+
+
+def schulz_update_source(dtype: torch.dtype, input_precision: str = "ieee"):
+    """(ASTSource, options) of ``schulz_update_kernel`` for float32/float64 matrices."""
+    cfg = _schulz.config(dtype, interpret=False)
+    p = "*" + _TRITON_TYPE[dtype]
+    constexprs = _schulz_constexprs(cfg, input_precision)
+    signature = {"x_ptr": p, "r_ptr": p, "out_ptr": p, "coef_ptr": p, "active_ptr": "*i32", "d": "i32"}
+    signature.update({name: "constexpr" for name in constexprs})
+    src = triton.compiler.ASTSource(fn=_schulz.schulz_update_kernel, signature=signature, constexprs=constexprs)
+    return src, _options(cfg.num_warps, cfg.num_stages)
+
+
+def sources() -> dict:
+    """name -> (ASTSource, options) for every kernel variant."""
+    out = {name: gfim_source(*variant) for name, variant in GFIM_VARIANTS.items()}
+    for tag, (dtype, precision) in SCHULZ_VARIANTS.items():
+        out[f"schulz_residual_{tag}"] = schulz_residual_source(dtype, precision)
+        out[f"schulz_update_{tag}"] = schulz_update_source(dtype, precision)
+    return out
+
+
+def compile_all(arch: int) -> dict:
+    """Compile every kernel variant for sm_``arch`` (e.g. 80, 90); returns name -> CompiledKernel."""
+    target = GPUTarget("cuda", arch, 32)
+    return {name: triton.compile(src, target=target, options=opts) for name, (src, opts) in sources().items()}

@@ -1,0 +1,283 @@
+"""The HyperINF engine on a tiny PEFT model, in float64, against brute-force loops written here.
+
+Tolerances: "exact" vs the brute force 1e-8 (relative to the largest score); "hyperinf" vs "exact"
+1e-5 relative; datainf/lissa/tracin vs their reference loops 1e-8; streaming/persistence 1e-10.
+"""
+import json
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from hyperinf_ext import HyperINF  # noqa: E402
+from hyperinf_ext.attributor import SIGN_CONVENTION  # noqa: E402
+from hyperinf_ext.capture import classification_loss  # noqa: E402
+
+N_TRAIN, N_QUERY, VOCAB = 14, 5, 50
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+        max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+        attn_implementation="eager",
+    )
+    base = transformers.BertForSequenceClassification(cfg).double()
+    lcfg = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["query", "value"], task_type="SEQ_CLS", lora_dropout=0.1)
+    model = peft.get_peft_model(base, lcfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)  # PEFT starts B at zero; nonzero B makes every layer's gradient informative
+    return model
+
+
+def make_data(n, seed, index_offset=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 9, (n,), generator=g)
+    ids = torch.zeros(n, 8, dtype=torch.long)
+    mask = torch.zeros(n, 8, dtype=torch.long)
+    for i, L in enumerate(lengths):
+        ids[i, :L] = torch.randint(1, VOCAB, (int(L),), generator=g)
+        mask[i, :L] = 1
+    labels = torch.randint(0, 2, (n,), generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "index": torch.arange(n) + index_offset}
+
+
+def batches(data, size, order=None):
+    n = data["labels"].shape[0]
+    order = torch.arange(n) if order is None else order
+    return [{k: v[order[i : i + size]] for k, v in data.items()} for i in range(0, n, size)]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model()
+    train, query = make_data(N_TRAIN, 1), make_data(N_QUERY, 2)
+    return model, train, query
+
+
+def per_sample_loop(model, data, layers):
+    """{layer: [n, r, d]} by a batch-size-1 autograd loop over unpadded examples (rank-first)."""
+    out = {l.name: [] for l in layers}
+    model.eval()
+    for i in range(data["labels"].shape[0]):
+        L = int(data["attention_mask"][i].sum())
+        ex = {"input_ids": data["input_ids"][i : i + 1, :L], "attention_mask": data["attention_mask"][i : i + 1, :L],
+              "labels": data["labels"][i : i + 1]}
+        loss = classification_loss(model, ex).sum()
+        for l in layers:
+            w = l.module.weight
+            gw = torch.autograd.grad(loss, w, retain_graph=True)[0]
+            if l.kind == "lora_B":
+                gw = gw.T
+            if l.kind == "head" and l.module.bias is not None:
+                gb = torch.autograd.grad(loss, l.module.bias, retain_graph=True)[0]
+                gw = torch.cat([gw, gb[:, None]], 1)
+            out[l.name].append(gw.detach())
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def brute(setup):
+    model, train, query = setup
+    attr = HyperINF(model, method="exact", progress=False)
+    gtr = per_sample_loop(model, train, attr.layers)
+    gq = per_sample_loop(model, query, attr.layers)
+    return attr.layers, gtr, gq
+
+
+def brute_scores(layers, gtr, gq, precond):
+    total = 0
+    for l in layers:
+        qt = precond(l, gq[l.name], gtr[l.name])
+        total = total - torch.einsum("qrd,nrd->qn", qt, gtr[l.name])
+    return total
+
+
+def datainf_lambda(g):
+    return 0.1 * float((g**2).mean())
+
+
+def test_exact_equals_brute_force(setup, brute):
+    model, train, query = setup
+    layers, gtr, gq = brute
+
+    def exact(l, q, g):
+        G = torch.einsum("nri,nrj->ij", g, g) / g.shape[0]
+        A = G + datainf_lambda(g) * torch.eye(G.shape[0], dtype=torch.float64)
+        return torch.linalg.solve(A, q.reshape(-1, A.shape[0]).T).T.reshape(q.shape)
+
+    ref = brute_scores(layers, gtr, gq, exact)
+    s = HyperINF(model, method="exact", progress=False).fit(batches(train, 4)).scores(batches(query, 2))
+    assert s.shape == (N_QUERY, N_TRAIN) and s.dtype == torch.float64
+    assert (s - ref).abs().max() <= 1e-8 * ref.abs().max()
+
+
+def test_hyperinf_equals_exact(setup):
+    model, train, query = setup
+    attr = HyperINF(model, progress=False).fit(batches(train, 5))
+    s_hyp = attr.scores(batches(query, 5))
+    s_ex = attr.use("exact").scores(batches(query, 5))
+    assert (s_hyp - s_ex).abs().max() <= 1e-5 * s_ex.abs().max()
+    assert all(v["residual"] <= 1e-8 for v in attr.use("hyperinf").method.info.values())
+
+
+def test_tracin_and_datainf_and_lissa_equal_reference_loops(setup, brute):
+    model, train, query = setup
+    layers, gtr, gq = brute
+    attr = HyperINF(model, method="tracin", progress=False).fit(batches(train, 4))
+    qb = batches(query, 5)
+    ref_tracin = brute_scores(layers, gtr, gq, lambda l, q, g: q)
+    assert (attr.scores(qb) - ref_tracin).abs().max() <= 1e-8 * ref_tracin.abs().max()
+
+    def datainf(l, q, g):
+        lam = datainf_lambda(g)
+        qf, gf = q.reshape(q.shape[0], -1), g.reshape(g.shape[0], -1)
+        acc = torch.zeros_like(qf)
+        for i in range(gf.shape[0]):  # Sherman–Morrison, one training example at a time
+            acc += (qf @ gf[i])[:, None] * gf[i] / (lam + gf[i] @ gf[i])
+        return ((qf - acc / gf.shape[0]) / lam).reshape(q.shape)
+
+    ref_datainf = brute_scores(layers, gtr, gq, datainf)
+    s = attr.use("datainf").scores(qb)
+    assert (s - ref_datainf).abs().max() <= 1e-8 * ref_datainf.abs().max()
+
+    depth = 7
+    attr.use("lissa", lissa_depth=depth)
+
+    def lissa(l, q, g):
+        lam = datainf_lambda(g)
+        qf, gf = q.reshape(q.shape[0], -1), g.reshape(g.shape[0], -1)
+        scale = attr.method.scale[l.name]
+        u = qf.clone()
+        step = 0
+        while step < depth:  # mini-batches of 4 in fit order, cycling
+            for b in range(0, gf.shape[0], 4):
+                gb = gf[b : b + 4]
+                u = qf + u - ((u @ gb.T) @ gb / gb.shape[0] + lam * u) / scale
+                step += 1
+                if step == depth:
+                    break
+        return (u / scale).reshape(q.shape)
+
+    ref_lissa = brute_scores(layers, gtr, gq, lissa)
+    s = attr.scores(qb)
+    assert (s - ref_lissa).abs().max() <= 1e-8 * ref_lissa.abs().max()
+
+
+def test_lissa_converges_to_flattened_fisher_solve(setup, brute):
+    """With one full batch the recursion is deterministic; deep enough it solves (F + λI)·x = q."""
+    model, train, query = setup
+    layers, gtr, gq = brute
+    # strong damping keeps s/λ small, so a few hundred steps converge to 1e-6
+    attr = HyperINF(model, method="lissa", lissa_depth=300, damping="spectral", damping_scale=10.0, progress=False)
+    attr.fit(batches(train, N_TRAIN))
+
+    def solve(l, q, g):
+        gf = g.reshape(g.shape[0], -1)
+        lam = attr.factors[l.name].damping
+        F = gf.T @ gf / gf.shape[0] + lam * torch.eye(gf.shape[1], dtype=torch.float64)
+        assert attr.method.scale[l.name] > float(torch.linalg.eigvalsh(F).max())  # convergent scale
+        return torch.linalg.solve(F, q.reshape(q.shape[0], -1).T).T.reshape(q.shape)
+
+    ref = brute_scores(layers, gtr, gq, solve)
+    s = attr.scores(batches(query, 5))
+    assert (s - ref).abs().max() <= 1e-6 * ref.abs().max()
+
+
+@pytest.mark.parametrize("method", ["hyperinf", "datainf", "tracin"])
+def test_streaming_equivalence(setup, method):
+    """Scores do not depend on the batch size, the order, or the split of the train loader."""
+    model, train, query = setup
+    qb = batches(query, 5)
+    a = HyperINF(model, method=method, progress=False).fit(batches(train, N_TRAIN)).scores(qb)
+    perm = torch.randperm(N_TRAIN)
+    b = HyperINF(model, method=method, progress=False).fit(batches(train, 3, order=perm)).scores(qb)
+    c = HyperINF(model, method=method, progress=False, cache="none").fit(batches(train, 2))
+    c = c.scores(qb, train_loader=batches(train, 6, order=perm))
+    assert torch.allclose(a, b, rtol=1e-10, atol=1e-12 * a.abs().max())
+    assert torch.allclose(a, c, rtol=1e-10, atol=1e-12 * a.abs().max())
+
+
+def test_mean_scores_is_mean_of_pairwise(setup):
+    model, train, query = setup
+    attr = HyperINF(model, progress=False).fit(batches(train, 4))
+    pair = attr.scores(batches(query, 2))
+    mean = attr.mean_scores(batches(query, 3))
+    assert mean.shape == (N_TRAIN,)
+    assert torch.allclose(mean, pair.mean(0), rtol=1e-9, atol=1e-12 * pair.abs().max())
+
+
+def test_save_load_and_resume(setup, tmp_path):
+    model, train, query = setup
+    tb, qb = batches(train, 3), batches(query, 5)
+    attr = HyperINF(model, progress=False).fit(tb)
+    ref = attr.scores(qb)
+    attr.save(tmp_path / "f")
+    meta = json.loads((tmp_path / "f" / "meta.json").read_text())
+    assert meta["n_train"] == N_TRAIN and meta["config"]["method"] == "hyperinf"
+    loaded = HyperINF.load(tmp_path / "f", model, progress=False)
+    assert torch.equal(loaded.scores(qb, train_loader=tb), ref)
+    with pytest.raises(ValueError, match="train_loader: required"):
+        loaded.scores(qb)
+
+    # interrupted fit: a loader that dies after 3 batches, checkpointing every 2
+    def dying():
+        for i, b in enumerate(tb):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield b
+
+    ck = tmp_path / "ck"
+    with pytest.raises(KeyboardInterrupt):
+        HyperINF(model, progress=False).fit(dying(), checkpoint_dir=ck, checkpoint_every=2)
+    assert json.loads((ck / "meta.json").read_text())["batches_done"] == 2
+    resumed = HyperINF(model, progress=False).fit(tb, checkpoint_dir=ck, checkpoint_every=2)
+    for n, f in attr.factors.items():
+        assert torch.allclose(resumed.factors[n].gfim_sum, f.gfim_sum, rtol=1e-12, atol=0)
+        assert resumed.factors[n].count == N_TRAIN
+    assert torch.allclose(resumed.scores(qb), ref, rtol=1e-10, atol=1e-12 * ref.abs().max())
+
+    HyperINF.save_scores(tmp_path / "s.safetensors", ref)
+    assert torch.equal(HyperINF.load_scores(tmp_path / "s.safetensors"), ref)
+
+
+def test_damping_rules_and_timings(setup):
+    model, train, query = setup
+    attr = HyperINF(model, progress=False, damping="spectral").fit(batches(train, 7))
+    for f in attr.factors.values():
+        assert abs(f.damping - 0.1 * float(f.gfim.trace()) / f.dim) <= 1e-12 * f.damping
+    attr.use(damping=0.5)
+    assert all(f.damping == 0.5 for f in attr.factors.values())
+    attr.use(damping="paper")
+    for f in attr.factors.values():
+        assert abs(f.damping - (0.1 * float(f.gfim.trace()) / (f.rank * f.dim) + 1e-3)) <= 1e-12
+    attr.mean_scores(batches(query, 5))
+    assert {"gradients", "gfim", "prepare", "dot"} <= set(attr.timings)
+
+
+def test_errors(setup):
+    model, train, query = setup
+    with pytest.raises(ValueError, match="method: unknown method"):
+        HyperINF(model, method="magic")
+    with pytest.raises(ValueError, match="damping: unknown rule"):
+        HyperINF(model, damping="lots")
+    with pytest.raises(ValueError, match="damping: must be finite"):
+        HyperINF(model, damping=-1.0)
+    with pytest.raises(RuntimeError, match="call fit"):
+        HyperINF(model, progress=False).scores(batches(query, 5))
+    with pytest.raises(ValueError, match="yielded no batches"):
+        HyperINF(model, progress=False).fit([])
+    attr = HyperINF(model, progress=False, cache="none").fit(batches(train, 7))
+    with pytest.raises(ValueError, match="train_loader: required"):
+        attr.mean_scores(batches(query, 5))
+    with pytest.raises(ValueError, match="no gradient for training examples"):
+        attr.mean_scores(batches(query, 5), train_loader=batches(train, 7)[:1])
+
+
+def test_sign_convention_documented():
+    assert "POSITIVE means example k INCREASES the query loss" in SIGN_CONVENTION

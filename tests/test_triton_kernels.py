@@ -1,0 +1,311 @@
+"""Numerics of the Triton kernels, run on CPU tensors through the Triton interpreter.
+
+tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported.  Sizes are small (the
+interpreter executes every tl op in Python) but odd, so every masked / multi-tile path runs.
+"""
+import math
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from hyperinf_ext import ops, reference  # noqa: E402
+from hyperinf_ext.errors import ConvergenceError  # noqa: E402
+from hyperinf_ext.kernels import gfim as kgfim  # noqa: E402
+from hyperinf_ext.kernels import launchers  # noqa: E402
+from hyperinf_ext.kernels import schulz as kschulz  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not ops.backends.triton_interpreter(), reason="needs TRITON_INTERPRET=1 before triton is imported"
+)
+
+# ‖acc − exact‖_F / ‖exact‖_F allowed per accumulator dtype.  fp16/bf16 inputs are compared with the
+# exact product of the SAME rounded values, so only the fp32 accumulation error remains.
+GFIM_RTOL = {torch.float32: 1e-5, torch.float64: 1e-13}
+
+
+def _exact_gfim(acc0: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """acc0 + gᵀg in float64 from the values the kernel sees (g rounded to acc's dtype, as the reference)."""
+    g64 = g.to(acc0.dtype).double()
+    return acc0.double() + torch.einsum("lmi,lmj->lij", g64, g64)
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.double() - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def _sym(L: int, d: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    a = torch.randn(L, d, d, dtype=torch.float64) * scale
+    return (a + a.transpose(1, 2)).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# GFIM
+
+
+@pytest.mark.parametrize("L", [1, 3])
+@pytest.mark.parametrize("d", [77, 33, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_gfim_matches_float64_einsum(dtype, d, L):
+    acc_dtype = ops.compute_dtype(dtype)
+    n, r = 5, 3  # m = 15: not a multiple of BLOCK_K
+    for scale in (1e-6, 1.0, 1e4):
+        g = (torch.randn(L, n * r, d, dtype=torch.float64) * scale).to(dtype)
+        acc = torch.zeros(L, d, d, dtype=acc_dtype)
+        out = launchers.gfim_accumulate_(acc, g)
+        assert out is acc
+        assert _rel(acc, _exact_gfim(torch.zeros_like(acc), g)) <= GFIM_RTOL[acc_dtype]
+        # Mirror exactness: the lower triangle is a bitwise copy of the upper one.
+        assert torch.equal(acc, acc.transpose(1, 2))
+
+
+@pytest.mark.parametrize(
+    "in_dtype, acc_dtype",
+    [(torch.float64, torch.float32), (torch.bfloat16, torch.float64), (torch.float16, torch.float64), (torch.float32, torch.float64)],
+)
+def test_gfim_mixed_dtypes(in_dtype, acc_dtype):
+    g = torch.randn(2, 15, 40, dtype=torch.float64).to(in_dtype)
+    acc0 = _sym(2, 40, acc_dtype)
+    acc = acc0.clone()
+    launchers.gfim_accumulate_(acc, g)
+    assert _rel(acc, _exact_gfim(acc0, g)) <= GFIM_RTOL[acc_dtype]
+
+
+def _strided_views(L, m, d, dtype):
+    base = torch.randn(L, d, m, dtype=torch.float64).to(dtype)
+    yield "transposed", base.transpose(1, 2)  # stride along d is m
+    big = torch.randn(2 * L, 3 * m, d + 5, dtype=torch.float64).to(dtype)
+    yield "sliced", big[::2, ::3, 2 : d + 2]  # every stride > the contiguous one
+    row = torch.randn(1, 1, d, dtype=torch.float64).to(dtype)
+    yield "expanded", row.expand(L, m, d)  # zero strides over layers and rows
+    perm = torch.randn(d, L, m, dtype=torch.float64).to(dtype)
+    yield "permuted", perm.permute(1, 2, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gfim_non_contiguous_grads(dtype):
+    L, m, d = 3, 15, 33
+    for name, g in _strided_views(L, m, d, dtype):
+        assert not g.is_contiguous(), name
+        acc = torch.zeros(L, d, d)
+        launchers.gfim_accumulate_(acc, g)
+        ref = _exact_gfim(torch.zeros(L, d, d), g)
+        assert _rel(acc, ref) <= GFIM_RTOL[torch.float32], name
+        assert torch.equal(acc, acc.transpose(1, 2)), name
+
+
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64])
+def test_gfim_streaming_equals_one_call(acc_dtype):
+    L, d = 2, 77
+    g1 = torch.randn(L, 15, d, dtype=acc_dtype)
+    g2 = torch.randn(L, 22, d, dtype=acc_dtype)
+    acc0 = _sym(L, d, acc_dtype)
+    two = acc0.clone()
+    launchers.gfim_accumulate_(two, g1)
+    launchers.gfim_accumulate_(two, g2)
+    one = acc0.clone()
+    launchers.gfim_accumulate_(one, torch.cat([g1, g2], dim=1))
+    # Equal up to the order of the float additions.
+    assert _rel(two, one.double()) <= GFIM_RTOL[acc_dtype]
+    assert _rel(one, _exact_gfim(acc0, torch.cat([g1, g2], dim=1))) <= GFIM_RTOL[acc_dtype]
+    # Accumulating into a symmetric acc keeps it exactly symmetric.
+    assert torch.equal(two, two.transpose(1, 2)) and torch.equal(one, one.transpose(1, 2))
+
+
+def test_gfim_many_tiles_small_blocks():
+    # 16-wide tiles: d = 150 gives 10 tile rows, 55 (i <= j) programs, checking the in-kernel
+    # linear-index → tile-pair mapping well past the first few pairs; m = 37 leaves a partial K chunk.
+    cfg = kgfim.GfimConfig(block_d=16, block_k=16, num_warps=1, num_stages=1)
+    g = torch.randn(1, 37, 150)
+    acc = torch.zeros(1, 150, 150)
+    launchers.gfim_accumulate_(acc, g, config=cfg)
+    assert _rel(acc, _exact_gfim(torch.zeros(1, 150, 150), g)) <= GFIM_RTOL[torch.float32]
+    assert torch.equal(acc, acc.transpose(1, 2))
+
+
+def test_gfim_tf32_flag():
+    g = torch.randn(2, 15, 33)
+    acc = torch.zeros(2, 33, 33)
+    launchers.gfim_accumulate_(acc, g, input_precision="tf32")
+    # The interpreter multiplies in full fp32; on a GPU TF32 is ~1e-3 relative.
+    assert _rel(acc, _exact_gfim(torch.zeros(2, 33, 33), g)) <= 2e-3
+    with pytest.raises(ValueError, match="input_precision"):
+        launchers.gfim_accumulate_(acc, g, input_precision="bf16x9")
+
+
+# --------------------------------------------------------------------------------------------------
+# Schulz
+
+
+def _spd(d: int, cond: float, scale: float, seed: int) -> torch.Tensor:
+    """Symmetric positive definite [d, d] float64 with eigenvalues scale·logspace(1, 1/cond)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    ev = torch.logspace(0.0, -math.log10(cond), d, dtype=torch.float64) * scale
+    a = (q * ev) @ q.T
+    return 0.5 * (a + a.T)
+
+
+def _batch(d, specs, dtype):
+    """[B, d, d] of the (scale, cond) specs, and their exact smallest eigenvalues (float64 [B])."""
+    A = torch.stack([_spd(d, cond, scale, seed) for seed, (scale, cond) in enumerate(specs)])
+    lam_min = torch.tensor([scale / cond for scale, cond in specs], dtype=torch.float64)
+    return A.to(dtype).contiguous(), lam_min
+
+
+# (scale, condition number): every scale with every decade of conditioning somewhere in the batch.
+SPECS = [(1e-6, 1e1), (1.0, 1e2), (1e4, 1e3), (1.0, 1e4)]
+
+
+def _compare_with_reference(A, lower, tol, max_iter, **kw):
+    upper = ops.spectral_upper_bound(A)
+    lower = torch.minimum(lower, upper)
+    X, it, res, st = launchers.schulz_inverse(A, lower, upper, tol, max_iter, **kw)
+    Xr, itr, resr, str_ = reference.schulz_inverse(A, lower, upper, tol, max_iter)
+    assert X.dtype == A.dtype and X.shape == A.shape
+    assert it.dtype == torch.int64 and res.dtype == torch.float64 and st.dtype == torch.int64
+    assert st.tolist() == str_.tolist()
+    assert it.tolist() == itr.tolist()
+    return X, it, res, st, Xr, resr
+
+
+@pytest.mark.parametrize("with_lower", [False, True], ids=["no-lower", "lower"])
+@pytest.mark.parametrize("d", [77, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_schulz_matches_reference_and_inverse(dtype, d, with_lower):
+    A, lam_min = _batch(d, SPECS, dtype)
+    lower = 0.9 * lam_min if with_lower else torch.zeros(len(SPECS), dtype=torch.float64)
+    tol = ops.DEFAULT_TOL[dtype]
+    X, it, res, st, Xr, resr = _compare_with_reference(A, lower, tol, 100)
+    assert st.tolist() == [reference.CONVERGED] * len(SPECS)
+    # The kernels' residual (fp32 tile sums added in float64) agrees with the reference's norm.
+    assert torch.allclose(res, resr, rtol=1e-3 if dtype == torch.float32 else 1e-6, atol=0)
+    assert bool((res <= tol).all())
+    inv = torch.linalg.inv(A.double())
+    for i in range(len(SPECS)):
+        # ‖I − A·X‖_F bounds ‖X − A⁻¹‖₂/‖A⁻¹‖₂; the Frobenius ratio may exceed the 2-norm one by √d.
+        err = float(torch.linalg.matrix_norm(X[i].double() - inv[i], 2) / torch.linalg.matrix_norm(inv[i], 2))
+        assert err <= float(res[i]) * 1.01 + 1e-12, (i, err, float(res[i]))
+        assert _rel(X[i], Xr[i].double()) <= (1e-4 if dtype == torch.float32 else 1e-10)
+    if with_lower:
+        # The optimal scaling with a known lower bound needs fewer steps than plain Schulz.
+        _, it0, *_ = _compare_with_reference(A, torch.zeros(len(SPECS), dtype=torch.float64), tol, 100)
+        assert bool((it <= it0).all())
+
+
+def test_schulz_multi_tile_config():
+    # 32-wide tiles with 2-row groups: d = 77 is 3×3 tiles (last group partial), 3 K chunks.
+    cfg = kschulz.SchulzConfig(block_m=32, block_n=32, block_k=32, group_m=2, num_warps=1, num_stages=1)
+    A, lam_min = _batch(77, [(1.0, 1e2), (1e-3, 1e3)], torch.float64)
+    X, it, res, st, Xr, _ = _compare_with_reference(A, 0.9 * lam_min, 1e-8, 100, config=cfg)
+    assert st.tolist() == [reference.CONVERGED] * 2
+    assert _rel(X, Xr.double()) <= 1e-10
+
+
+def test_schulz_max_iter_and_zero_budget():
+    A, _ = _batch(33, [(1.0, 1e3), (1.0, 1e1)], torch.float64)
+    for max_iter in (0, 3):
+        X, it, res, st, Xr, resr = _compare_with_reference(A, torch.zeros(2, dtype=torch.float64), 1e-8, max_iter)
+        assert st.tolist() == [reference.MAX_ITER] * 2
+        assert it.tolist() == [max_iter] * 2
+        assert _rel(X, Xr.double()) <= 1e-12
+        assert torch.allclose(res, resr, rtol=1e-10)
+
+
+def test_schulz_non_pd_diverges_while_batchmate_converges():
+    # Positive diagonal (so ops' cheap check would let it through) but one negative eigenvalue.
+    d = 33
+    gen = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    ev = torch.linspace(1.0, 0.1, d, dtype=torch.float64)
+    ev[-1] = -0.3
+    bad = (q * ev) @ q.T
+    bad = 0.5 * (bad + bad.T)
+    assert bool((torch.diagonal(bad) > 0).all())
+    A = torch.stack([bad, _spd(d, 1e2, 1.0, 4)]).contiguous()
+    X, it, res, st, Xr, _ = _compare_with_reference(A, torch.zeros(2, dtype=torch.float64), 1e-8, 100)
+    assert st.tolist() == [reference.DIVERGED, reference.CONVERGED]
+    assert float(res[0]) > reference.divergence_limit(d) or not math.isfinite(float(res[0]))
+    assert _rel(X[1], torch.linalg.inv(A[1])) <= 1e-8
+
+
+def test_schulz_fp32_stagnates_at_condition_1e6():
+    A, lam_min = _batch(33, [(1.0, 1e6), (1.0, 1e2)], torch.float32)
+    upper = ops.spectral_upper_bound(A)
+    for lower in (torch.zeros(2, dtype=torch.float64), 0.9 * lam_min):
+        X, it, res, st = launchers.schulz_inverse(A, lower, upper, 1e-2, 100)
+        Xr, itr, resr, str_ = reference.schulz_inverse(A, lower, upper, 1e-2, 100)
+        assert st.tolist() == str_.tolist() == [reference.STAGNATED, reference.CONVERGED]
+        # At the rounding floor the step where the residual stops halving is a rounding tie:
+        # allow one step of difference there, none on the well-conditioned matrix.
+        assert abs(int(it[0]) - int(itr[0])) <= 1 and int(it[1]) == int(itr[1])
+        assert 1e-2 < float(res[0]) < reference.QUADRATIC_PHASE
+        assert float(res[0]) == pytest.approx(float(resr[0]), rel=0.2)
+
+
+def test_schulz_one_by_one():
+    A = torch.tensor([[[4.0]], [[1e-5]]], dtype=torch.float64)
+    X, it, res, st, Xr, _ = _compare_with_reference(A, torch.zeros(2, dtype=torch.float64), 1e-8, 100)
+    assert torch.allclose(X[:, 0, 0], torch.tensor([0.25, 1e5], dtype=torch.float64), rtol=1e-12)
+
+
+def test_schulz_rejects_unknown_precision():
+    A, _ = _batch(5, [(1.0, 1e1)], torch.float32)
+    with pytest.raises(ValueError, match="input_precision"):
+        launchers.schulz_inverse(A, torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64), 1e-2, 10,
+                                 input_precision="tf32")
+
+
+# --------------------------------------------------------------------------------------------------
+# Through the public API
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ops_schulz_inverse_triton_equals_torch(dtype):
+    A, lam_min = _batch(33, [(1e-6, 1e1), (1e4, 1e3), (1.0, 1e2), (1.0, 1e1)], dtype)
+    A = A.reshape(2, 2, 33, 33)
+    for lower in (None, (0.9 * lam_min).reshape(2, 2)):
+        Xt, it = ops.schulz_inverse(A, backend="triton", return_info=True, lower_bound=lower)
+        Xr, ir = ops.schulz_inverse(A, backend="torch", return_info=True, lower_bound=lower)
+        assert it.backend == "triton" and it.converged
+        assert Xt.shape == A.shape and Xt.dtype == dtype
+        assert it.status == ir.status
+        assert torch.equal(it.iterations, ir.iterations)
+        assert _rel(Xt, Xr.double()) <= (1e-4 if dtype == torch.float32 else 1e-10)
+
+
+def test_ops_schulz_non_pd_raises_through_triton():
+    A = _spd(9, 10.0, 1.0, 0).to(torch.float32)
+    A[0, 0] = -1.0  # caught by ops' diagonal check before any kernel runs
+    bad = torch.stack([A, _spd(9, 10.0, 1.0, 1).to(torch.float32)])
+    with pytest.raises(ConvergenceError):
+        ops.schulz_inverse(bad, backend="triton")
+    X, info = ops.schulz_inverse(bad, backend="triton", return_info=True, check=False)
+    assert info.status == ["diverged", "converged"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_ops_gfim_triton_equals_torch(dtype):
+    grads = torch.randn(3, 5, 3, 40, dtype=torch.float64).to(dtype)  # [L, n, r, d]
+    Gt = ops.gfim(grads, backend="triton")
+    Gr = ops.gfim(grads, backend="torch")
+    assert Gt.dtype == Gr.dtype == ops.compute_dtype(dtype)
+    assert _rel(Gt, Gr.double()) <= GFIM_RTOL[Gt.dtype]
+    # One layer, non-contiguous [n, r, d] into a 2-D accumulator.
+    g1 = grads[1].transpose(0, 1)
+    acc_t = torch.zeros(40, 40, dtype=Gt.dtype)
+    acc_r = torch.zeros(40, 40, dtype=Gt.dtype)
+    ops.gfim_accumulate_(acc_t, g1, backend="triton")
+    ops.gfim_accumulate_(acc_r, g1, backend="torch")
+    assert _rel(acc_t, acc_r.double()) <= GFIM_RTOL[Gt.dtype]
+
+
+def test_ops_inverse_hvp_triton_equals_torch():
+    grads = torch.randn(2, 6, 2, 24, dtype=torch.float64)
+    G = ops.gfim(grads, backend="triton")
+    v = torch.randn(2, 3, 24, dtype=torch.float64)
+    damping = ops.datainf_damping(G, rank=2)
+    out_t = ops.inverse_hvp(G, v, damping=damping, backend="triton")
+    out_r = ops.inverse_hvp(G, v, damping=damping, method="cholesky")
+    assert _rel(out_t, out_r) <= 1e-7
