@@ -15,6 +15,8 @@
 #include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
 
+#include <cstdlib>
+
 namespace hyperinf {
 namespace {
 
@@ -82,7 +84,9 @@ void accumulate_layer(const at::Tensor& acc_l, const at::Tensor& g_l, at::Tensor
     const int64_t rows = std::min(step, m - c0);
     at::Tensor C = g_l.narrow(0, c0, rows);
     if (convert) C = chunk.narrow(0, 0, rows).copy_(C);
-    for (int64_t i0 = 0; i0 < d; i0 += kPanel) {
+    const int64_t n_panels = (d + kPanel - 1) / kPanel;
+    const auto panel = [&](int64_t p) {
+      const int64_t i0 = p * kPanel;
       const int64_t b = std::min(kPanel, d - i0);
       at::Tensor out = S.narrow(0, i0, b).narrow(1, i0, d - i0);
       const at::Tensor lhs = C.narrow(1, i0, b).t();
@@ -92,6 +96,15 @@ void accumulate_layer(const at::Tensor& acc_l, const at::Tensor& g_l, at::Tensor
       } else {
         at::cpu::addmm_(out, lhs, rhs);
       }
+    };
+    static const bool par_panels = std::getenv("HYPERINF_PAR_PANELS") != nullptr;
+    if (par_panels && n_panels >= 2) {
+      parallel_items(n_panels, [&](std::atomic<int64_t>& next) {
+        at::AutoDispatchBelowADInplaceOrView worker_guard;
+        for (int64_t p; (p = next.fetch_add(1)) < n_panels;) panel(p);
+      });
+    } else {
+      for (int64_t p = 0; p < n_panels; ++p) panel(p);
     }
   }
   AT_DISPATCH_FLOATING_TYPES(acc_l.scalar_type(), "hyperinf_gfim_mirror", [&] {

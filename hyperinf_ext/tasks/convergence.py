@@ -1,0 +1,553 @@
+"""The HyperINF paper's synthetic convergence study: how fast each solver approaches A⁻¹v.
+
+For every size d and sample count N one problem is drawn:
+
+* x_i = z_i ⊙ σ with z_i ~ N(0, I_d) and per-dimension standard deviations σ log-spaced over
+  ``SCALE_DECADES`` decades (randomly assigned to the dimensions), so the covariance spans about
+  twice as many decades before damping;
+* A = G + λI with G = (1/N)·Σ_i x_i x_iᵀ and λ = damping_scale·trace(G)/d (the DataInf damping rule);
+* v ~ N(0, I_d), and the exact solution x* = A⁻¹v from a float64 ``torch.linalg.solve``.
+
+Each solver yields an estimate of A⁻¹v after every iteration t = 1..T, scored by the relative error
+‖x̂_t − x*‖/‖x*‖ (see :data:`SOLVERS`).  Everything runs in float64 so that the curves show the
+algorithms, not float32 rounding.  :func:`run_convergence` runs the grid and writes
+``convergence.png``, ``convergence.csv`` and ``convergence.json``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .. import ops, reference
+
+__all__ = [
+    "SOLVERS",
+    "Problem",
+    "SchulzTrace",
+    "make_problem",
+    "relative_error",
+    "schulz_curve",
+    "paper_schulz_curve",
+    "lissa_curve",
+    "neumann_curve",
+    "datainf_curve",
+    "cg_curve",
+    "solve_all",
+    "format_table",
+    "run_convergence",
+]
+
+SCHULZ = "schulz (ours)"
+PAPER = "schulz (paper: X0=5e-5·I)"
+LISSA = "lissa"
+NEUMANN = "neumann"
+DATAINF = "datainf"
+CG = "cg"
+SOLVERS = (SCHULZ, PAPER, LISSA, NEUMANN, DATAINF, CG)
+
+SCALE_DECADES = 3.0  # spread of the per-dimension standard deviations of x
+PAPER_X0 = 5e-5  # the HyperINF code's fixed start X₀ = 5e-5·I
+LISSA_BATCH = 32
+SERIES_SAFETY = 1.5  # s = 1.5·ub(λmax(A)): keeps mini-batch products contractive on average
+TARGET = 1e-6  # the table reports the first iteration at or below this relative error
+CHECKPOINTS = (1, 5, 10, 20)
+# tol must be > 0 for ops.schulz_inverse; the smallest normal float64 makes the residual test
+# unreachable, so only stagnation (the float64 floor) or the budget stops the iteration.
+SCHULZ_TOL = float(torch.finfo(torch.float64).tiny)
+# Plot range: a diverged solver (inf/NaN or astronomically large) is drawn pinned to the top.
+PLOT_CLIP = (1e-17, 1e3)
+
+_DT = torch.float64
+
+
+# --------------------------------------------------------------------------------------------------
+# problem
+
+
+@dataclass
+class Problem:
+    """One synthetic system A·x = v (all tensors float64, CPU)."""
+
+    d: int
+    n: int
+    x: torch.Tensor  # [N, d] samples
+    A: torch.Tensor  # [d, d] = (1/N)·xᵀx + λI
+    v: torch.Tensor  # [d]
+    x_star: torch.Tensor  # [d] = A⁻¹v
+    lam: float  # damping λ, a free lower bound of the spectrum of A
+    upper: float  # ops.spectral_upper_bound(A), the bound the library's Schulz uses
+    lissa_seed: int  # seed of LiSSA's mini-batch sampler, derived from the problem's seed
+
+    @property
+    def series_scale(self) -> float:
+        """s of the Neumann/LiSSA series: SERIES_SAFETY × the cheap upper bound of λmax(A)."""
+        return SERIES_SAFETY * self.upper
+
+    def eigen_range(self) -> tuple[float, float]:
+        """(λmin, λmax) of A, exactly (eigvalsh); for diagnostics only."""
+        ev = torch.linalg.eigvalsh(self.A)
+        return float(ev[0]), float(ev[-1])
+
+
+def _seeds(seed: int, d: int, n: int) -> tuple[int, int]:
+    # Mixing (seed, d, N) gives each cell of the grid its own stream, so a problem does not change
+    # when other sizes are added to or removed from a run.
+    state = np.random.SeedSequence([int(seed), int(d), int(n)]).generate_state(2, dtype=np.uint64)
+    return int(state[0] >> np.uint64(1)), int(state[1] >> np.uint64(1))
+
+
+def make_problem(d: int, n: int, seed: int, damping_scale: float = 0.1, x_scale: float = 1.0) -> Problem:
+    """Draw the synthetic system of size ``d`` from ``n`` samples (deterministic in seed, d, n).
+
+    ``x_scale`` multiplies every sample (A's data part scales by x_scale²); the tests use it to push
+    λmax past the range where the paper's fixed Schulz start converges.
+    """
+    data_seed, lissa_seed = _seeds(seed, d, n)
+    g = torch.Generator().manual_seed(data_seed)
+    sigma = torch.logspace(0.0, -SCALE_DECADES, d, dtype=_DT)[torch.randperm(d, generator=g)]
+    x = torch.randn(n, d, generator=g, dtype=_DT) * sigma * x_scale
+    v = torch.randn(d, generator=g, dtype=_DT)
+    G = x.T @ x / n
+    G = 0.5 * (G + G.T)  # exactly symmetric, as ops.schulz_inverse checks
+    lam = damping_scale * float(torch.diagonal(G).sum()) / d
+    A = G + lam * torch.eye(d, dtype=_DT)
+    x_star = torch.linalg.solve(A, v)
+    upper = float(ops.spectral_upper_bound(A))
+    return Problem(d=d, n=n, x=x, A=A, v=v, x_star=x_star, lam=lam, upper=upper, lissa_seed=lissa_seed)
+
+
+def relative_error(estimate: torch.Tensor, x_star: torch.Tensor) -> float:
+    """‖x̂ − x*‖/‖x*‖ as a Python float; inf/NaN estimates give inf/NaN (reported as they are)."""
+    return float(torch.linalg.vector_norm(estimate - x_star) / torch.linalg.vector_norm(x_star))
+
+
+# --------------------------------------------------------------------------------------------------
+# solvers: each returns the relative error after iterations 1..T
+
+
+@dataclass
+class SchulzTrace:
+    """The scaled Schulz run as ops.schulz_inverse(A, lower_bound=λ, max_iter=T, tol=SCHULZ_TOL) does it."""
+
+    errors: list[float]
+    X: torch.Tensor  # the iterate the library returns
+    iterations: int  # updates applied to X (the library's info.iterations)
+    residual: float  # ‖I − A·X‖_F
+    status: str
+
+
+def schulz_curve(p: Problem, iterations: int) -> SchulzTrace:
+    """Scaled Schulz with λ as lower bound, replaying ``reference.schulz_inverse`` step by step.
+
+    ``errors[t-1]`` is the error of the iterate that ops.schulz_inverse returns with
+    ``max_iter=t``: X_t until the iteration stops on its own (stagnation at the float64 floor), the
+    returned iterate afterwards — the library then stops, so the line flattens.  The bounds are the
+    ones ops.schulz_inverse derives (upper from spectral_upper_bound, lower = min(λ, upper)).
+    """
+    A, v, d = p.A, p.v, p.d
+    eye = torch.eye(d, dtype=_DT)
+    up = p.upper
+    lo = min(p.lam, up)
+    limit = reference.divergence_limit(d)
+    beta0 = reference.initial_scale(lo, up)
+    a, b = beta0 * lo, beta0 * up
+    X = eye * beta0
+    X_prev, r_prev, beta = None, math.inf, math.inf
+    k = 0
+    errors: list[float] = []
+    # The loop mirrors reference.schulz_inverse line for line (same operations in the same order),
+    # so the iterates are bit-identical to the torch backend's and the stop decisions coincide.
+    while True:
+        R = eye - A @ X
+        r = float(torch.linalg.vector_norm(R))
+        if not math.isfinite(r) or r > limit:
+            status = reference.DIVERGED
+            break
+        if r <= SCHULZ_TOL:
+            status = reference.CONVERGED
+            break
+        if r_prev < reference.QUADRATIC_PHASE and abs(beta - 1.0) < reference.UNSCALED and r > 0.5 * r_prev:
+            status = reference.STAGNATED
+            if r > r_prev:
+                X, r, k = X_prev, r_prev, k - 1
+            break
+        if k == iterations:
+            status = reference.MAX_ITER
+            break
+        beta, a, b = reference.step_scale(a, b, r)
+        X_prev, r_prev = X, r
+        X = beta * (2.0 - beta) * X + beta * beta * (X @ R)
+        a, b = reference.next_bracket(a, b, beta)
+        k += 1
+        errors.append(relative_error(X @ v, p.x_star))
+    # A stagnated run may hand back the previous iterate: a budget t >= k then returns it too.
+    final = relative_error(X @ v, p.x_star)
+    errors = errors[:k] + [final] * (iterations - k)
+    return SchulzTrace(errors=errors, X=X, iterations=k, residual=r, status=reference.STATUS_NAMES[status])
+
+
+def paper_schulz_curve(p: Problem, iterations: int, x0: float = PAPER_X0) -> list[float]:
+    """Unscaled Schulz X ← X(2I − AX) from X₀ = x0·I, as the HyperINF paper's code runs it.
+
+    The eigenvalues σ of x0·A evolve as σ ↦ σ(2 − σ), which converges only for 0 < σ < 2, i.e.
+    λmax(A) < 2/x0 = 4·10⁴; beyond that the iterates blow up and the errors become inf/NaN.  They
+    are returned unmodified (the plot clips them).
+    """
+    eye = torch.eye(p.d, dtype=_DT)
+    X = eye * x0
+    errors = []
+    for _ in range(iterations):
+        X = X @ (2.0 * eye - p.A @ X)
+        errors.append(relative_error(X @ p.v, p.x_star))
+    return errors
+
+
+def _series(p: Problem, iterations: int, product) -> list[float]:
+    # Neumann series of A⁻¹ = (1/s)·Σ_k (I − A/s)^k: u_t = v + (I − A/s)·u_{t−1} with u₀ = v, so
+    # u_t/s holds the first t+1 terms (LiSSA's indexing, see methods.LiSSA).
+    s = p.series_scale
+    u = p.v.clone()
+    errors = []
+    for _ in range(iterations):
+        u = p.v + u - product(u) / s
+        errors.append(relative_error(u / s, p.x_star))
+    return errors
+
+
+def neumann_curve(p: Problem, iterations: int) -> list[float]:
+    """Deterministic truncated Neumann series with the full A and s = SERIES_SAFETY·ub(λmax(A)).
+
+    The error after t steps is (I − A/s)^{t+1}·x*, and I − A/s has its spectrum in (0, 1), so the
+    error never increases; it shrinks by at most 1 − λmin/s per step, hence the slow tail.
+    """
+    return _series(p, iterations, lambda u: p.A @ u)
+
+
+def lissa_curve(p: Problem, iterations: int, batch_size: int = LISSA_BATCH) -> list[float]:
+    """LiSSA: the Neumann recursion with a fresh mini-batch curvature A_B each step.
+
+    A_B = (1/|B|)·Σ_{i∈B} x_i x_iᵀ + λI over |B| = min(batch_size, N) samples drawn without
+    replacement (seeded per problem).  A_B is an unbiased estimate of A, so the iterates converge in
+    expectation, but the sampling noise puts a floor under the error.
+    """
+    g = torch.Generator().manual_seed(p.lissa_seed)
+    m = min(batch_size, p.n)
+
+    def product(u: torch.Tensor) -> torch.Tensor:
+        xb = p.x[torch.randperm(p.n, generator=g)[:m]]
+        return xb.T @ (xb @ u) / m + p.lam * u
+
+    return _series(p, iterations, product)
+
+
+def datainf_curve(p: Problem, iterations: int) -> list[float]:
+    """DataInf's closed form (1/λ)(v − (1/N)Σ_i (x_iᵀv)/(λ + ‖x_i‖²)·x_i), the same at every iteration.
+
+    It inverts each rank-one term x_i x_iᵀ + λI exactly (Sherman–Morrison) and averages the
+    inverses instead of inverting the average, so its error is a fixed approximation bias.
+    """
+    x, v, lam = p.x, p.v, p.lam
+    coef = (x @ v) / (lam + (x * x).sum(1))
+    est = (v - (coef @ x) / p.n) / lam
+    return [relative_error(est, p.x_star)] * iterations
+
+
+def cg_curve(p: Problem, iterations: int) -> list[float]:
+    """Conjugate gradients on A·x = v from x₀ = 0 (one product with A per iteration).
+
+    In exact arithmetic CG terminates within d iterations; once the residual is exactly zero (or
+    the curvature pᵀAp is no longer positive, which only rounding can cause for SPD A) the iterate
+    is kept, because another step would divide by zero.
+    """
+    A, v = p.A, p.v
+    x = torch.zeros_like(v)
+    r = v.clone()
+    q = r.clone()
+    rr = float(r @ r)
+    errors = []
+    for _ in range(iterations):
+        if rr > 0.0:
+            Aq = A @ q
+            qAq = float(q @ Aq)
+            if qAq > 0.0:
+                alpha = rr / qAq
+                x = x + alpha * q
+                r = r - alpha * Aq
+                rr_new = float(r @ r)
+                q = r + (rr_new / rr) * q
+                rr = rr_new
+            else:
+                rr = 0.0
+        errors.append(relative_error(x, p.x_star))
+    return errors
+
+
+def solve_all(p: Problem, iterations: int) -> tuple[dict[str, list[float]], SchulzTrace]:
+    """Error curves of every solver in :data:`SOLVERS` on ``p`` (and the Schulz trace)."""
+    trace = schulz_curve(p, iterations)
+    curves = {
+        SCHULZ: trace.errors,
+        PAPER: paper_schulz_curve(p, iterations),
+        LISSA: lissa_curve(p, iterations),
+        NEUMANN: neumann_curve(p, iterations),
+        DATAINF: datainf_curve(p, iterations),
+        CG: cg_curve(p, iterations),
+    }
+    return curves, trace
+
+
+# --------------------------------------------------------------------------------------------------
+# table and outputs
+
+
+def _checkpoints(iterations: int) -> list[int]:
+    return [t for t in CHECKPOINTS if t < iterations] + [iterations]
+
+
+def first_below(errors: Sequence[float], target: float = TARGET) -> int | None:
+    """First iteration t (1-based) with error <= target, or None (NaN never counts)."""
+    for t, e in enumerate(errors, start=1):
+        if e <= target:
+            return t
+    return None
+
+
+def _table_rows(curves: dict, iterations: int) -> list[dict]:
+    rows = []
+    for d, by_n in curves.items():
+        for n, by_solver in by_n.items():
+            for solver, errs in by_solver.items():
+                rows.append(
+                    {
+                        "d": d,
+                        "N": n,
+                        "solver": solver,
+                        "errors": {str(t): errs[t - 1] for t in _checkpoints(iterations)},
+                        "first_iteration_below_target": first_below(errs),
+                    }
+                )
+    return rows
+
+
+def _fmt_err(e: float) -> str:
+    return f"{e:.2e}" if math.isfinite(e) else str(e)
+
+
+def format_table(rows: list[dict], iterations: int, target: float = TARGET) -> str:
+    """Fixed-width text table: error at the checkpoints and the first iteration reaching ``target``."""
+    cps = _checkpoints(iterations)
+    heads = [f"t={t}" for t in cps[:-1]] + [f"t={cps[-1]} (final)"]
+    reach = f"first t <= {target:g}"
+    wsolver = max([len("solver")] + [len(r["solver"]) for r in rows])
+    wcols = [max(len(h), 9) for h in heads]
+    header = f"{'d':>6} {'N':>7}  {'solver':<{wsolver}}  " + "  ".join(f"{h:>{w}}" for h, w in zip(heads, wcols))
+    header += f"  {reach:>{len(reach)}}"
+    lines = [header, "-" * len(header)]
+    prev = None
+    for r in rows:
+        if prev is not None and (r["d"], r["N"]) != prev:
+            lines.append("")
+        prev = (r["d"], r["N"])
+        errs = [_fmt_err(r["errors"][str(t)]) for t in cps]
+        first = r["first_iteration_below_target"]
+        cells = "  ".join(f"{e:>{w}}" for e, w in zip(errs, wcols))
+        lines.append(
+            f"{r['d']:>6} {r['N']:>7}  {r['solver']:<{wsolver}}  {cells}  "
+            f"{('—' if first is None else str(first)):>{len(reach)}}"
+        )
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, curves: dict) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["d", "N", "solver", "iteration", "error"])
+        for d, by_n in curves.items():
+            for n, by_solver in by_n.items():
+                for solver, errs in by_solver.items():
+                    for t, e in enumerate(errs, start=1):
+                        w.writerow([d, n, solver, t, repr(float(e))])
+
+
+def _json_float(x: float) -> float | str:
+    # Strict JSON has no NaN/Infinity; a diverged solver's error is kept as the string "nan"/"inf".
+    return x if math.isfinite(x) else str(x)
+
+
+def _write_json(path: Path, settings: dict, problems: list[dict], rows: list[dict]) -> None:
+    json_rows = [
+        {**r, "errors": {t: _json_float(e) for t, e in r["errors"].items()}} for r in rows
+    ]
+    payload = {"settings": settings, "problems": problems, "table": json_rows}
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(payload, fh, indent=2, ensure_ascii=False, allow_nan=False)
+        fh.write("\n")
+
+
+def _write_png(path: Path, curves: dict, problems: dict, iterations: int) -> None:
+    # A bare Figure on an Agg canvas: pyplot would switch the process-wide backend of the caller.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    sizes = list(curves)
+    samples = list(next(iter(curves.values())))
+    nr, nc = len(sizes), len(samples)
+    fig = Figure(figsize=(5.2 * nc, 3.9 * nr + 0.6), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nr, nc, squeeze=False)
+    lo, hi = PLOT_CLIP
+    ts = np.arange(1, iterations + 1)
+    styles = {SCHULZ: "-", PAPER: "--", LISSA: ":", NEUMANN: "-.", DATAINF: "-", CG: "-"}
+    for i, d in enumerate(sizes):
+        for j, n in enumerate(samples):
+            ax = axes[i][j]
+            for solver, errs in curves[d][n].items():
+                e = np.asarray(errs, dtype=np.float64)
+                bad = ~np.isfinite(e) | (e > hi)
+                y = np.clip(np.where(np.isfinite(e), e, hi), lo, hi)
+                label = solver + (" (diverged: clipped)" if bad.any() else "")
+                ax.semilogy(ts, y, styles.get(solver, "-"), lw=1.6, label=label)
+            ax.axhline(TARGET, color="0.6", lw=0.8, ls=":")
+            info = problems[(d, n)]
+            ax.set_title(f"d={d}, N={n}  (κ(A)={info['condition_number']:.3g}, λ={info['damping']:.2g})", fontsize=9)
+            ax.set_ylim(lo, hi * 10)
+            ax.set_xlim(1, max(iterations, 2))
+            ax.grid(True, which="major", alpha=0.3)
+            if i == nr - 1:
+                ax.set_xlabel("iteration")
+            if j == 0:
+                ax.set_ylabel("‖x̂ − A⁻¹v‖ / ‖A⁻¹v‖")
+            ax.legend(fontsize=7, loc="lower left")
+    fig.suptitle("Convergence of inverse-HVP solvers on synthetic ill-conditioned systems", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# entry point
+
+
+def _check_int_list(name: str, xs) -> list[int]:
+    try:
+        out = list(xs)
+    except TypeError:
+        raise ValueError(f"{name}: expected a list of positive ints, got {xs!r}")
+    if not out or any(isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 1 for x in out):
+        raise ValueError(f"{name}: expected a non-empty list of positive ints, got {xs!r}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name}: duplicate values in {xs!r}")
+    return [int(x) for x in out]
+
+
+def run_convergence(
+    sizes: list[int],
+    samples: list[int],
+    iterations: int,
+    seed: int,
+    out_dir: Path,
+    progress: bool = True,
+    damping_scale: float = 0.1,
+) -> dict:
+    """Run every solver on the synthetic system of each (d, N) and write the study's outputs.
+
+    Args:
+        sizes: dimensions d.  samples: sample counts N.  iterations: T, iterations per solver.
+        seed: base seed; each (d, N) problem has its own stream derived from (seed, d, N).
+        out_dir: created if missing; receives convergence.png, convergence.csv, convergence.json.
+        progress: show a tqdm bar on stderr.
+        damping_scale: λ = damping_scale·trace(G)/d.
+
+    Returns:
+        ``{"curves": {d: {N: {solver: [error after t=1..T]}}}, "table": str, "rows": [...],
+        "problems": [...], "settings": {...}, "png": Path, "csv": Path, "json": Path}``.
+        Errors are relative, ‖x̂ − A⁻¹v‖/‖A⁻¹v‖; a diverging solver's entries are inf/NaN.
+    """
+    sizes = _check_int_list("sizes", sizes)
+    samples = _check_int_list("samples", samples)
+    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 1:
+        raise ValueError(f"iterations: expected a positive int, got {iterations!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+    if not (isinstance(damping_scale, (int, float)) and math.isfinite(damping_scale) and damping_scale > 0):
+        # λ is Schulz's lower bound and DataInf divides by it: it must be positive.
+        raise ValueError(f"damping_scale: expected a finite positive number, got {damping_scale!r}")
+    iterations, seed, damping_scale = int(iterations), int(seed), float(damping_scale)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    from tqdm.auto import tqdm
+
+    curves: dict[int, dict[int, dict[str, list[float]]]] = {}
+    problems: dict[tuple[int, int], dict] = {}
+    grid = [(d, n) for d in sizes for n in samples]
+    with tqdm(grid, desc="convergence", disable=not progress, unit="problem") as bar:
+        for d, n in bar:
+            bar.set_postfix_str(f"d={d} N={n}")
+            p = make_problem(d, n, seed, damping_scale)
+            cell, trace = solve_all(p, iterations)
+            curves.setdefault(d, {})[n] = cell
+            # Cross-check the replay against the library itself on every run, not only in the tests.
+            X_lib, info = ops.schulz_inverse(
+                p.A, lower_bound=p.lam, max_iter=iterations, tol=SCHULZ_TOL, check=False, return_info=True
+            )
+            lmin, lmax = p.eigen_range()
+            problems[(d, n)] = {
+                "d": d,
+                "N": n,
+                "damping": p.lam,
+                "lambda_min": lmin,
+                "lambda_max": lmax,
+                "condition_number": lmax / lmin,
+                "spectral_upper_bound": p.upper,
+                "series_scale": p.series_scale,
+                "schulz_iterations": trace.iterations,
+                "schulz_status": trace.status,
+                "schulz_residual": trace.residual,
+                "library_backend": info.backend,
+                "library_iterations": int(info.iterations),
+                "library_status": info.status[0],
+                "library_max_abs_diff": float((X_lib - trace.X).abs().max()),
+            }
+
+    rows = _table_rows(curves, iterations)
+    table = format_table(rows, iterations)
+    settings = {
+        "sizes": sizes,
+        "samples": samples,
+        "iterations": iterations,
+        "seed": seed,
+        "damping_scale": damping_scale,
+        "scale_decades": SCALE_DECADES,
+        "paper_x0": PAPER_X0,
+        "lissa_batch": LISSA_BATCH,
+        "series_safety": SERIES_SAFETY,
+        "schulz_tol": SCHULZ_TOL,
+        "target": TARGET,
+        "solvers": list(SOLVERS),
+        "dtype": "float64",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    png, csv_path, json_path = out_dir / "convergence.png", out_dir / "convergence.csv", out_dir / "convergence.json"
+    _write_csv(csv_path, curves)
+    problem_list = list(problems.values())
+    _write_json(json_path, settings, problem_list, rows)
+    _write_png(png, curves, problems, iterations)
+    return {
+        "curves": curves,
+        "table": table,
+        "rows": rows,
+        "problems": problem_list,
+        "settings": settings,
+        "png": png,
+        "csv": csv_path,
+        "json": json_path,
+    }
