@@ -38,7 +38,7 @@ class HyperINFConfig:
     """Every setting of an attributor; stored with saved factors."""
 
     method: str = "hyperinf"
-    """Influence method: hyperinf | exact | datainf | lissa | tracin | paper (see methods.py)."""
+    """Influence method: hyperinf | exact | datainf | lissa | tracin | paper | kronecker (see methods.py)."""
     damping: float | str = "datainf"
     """Per-layer damping λ_l: a float, or a rule of damping.py ("datainf", "spectral", "paper")."""
     damping_scale: float = 0.1
@@ -70,6 +70,14 @@ class HyperINFConfig:
             raise ValueError(f"cache: unknown mode {self.cache!r}; expected one of {CACHE_MODES}")
         if self.dtype not in ("float32", "float64") or self.grad_dtype not in (None, "float32", "float64"):
             raise ValueError("dtype/grad_dtype: expected 'float32' or 'float64'")
+
+
+@dataclass
+class QueryGradients:
+    """Per-example gradients of a query set: index [Q] int64 and {layer: [Q, r, d]}."""
+
+    index: torch.Tensor
+    grads: dict[str, torch.Tensor]
 
 
 def _torch_dtype(name: str | None) -> torch.dtype | None:
@@ -187,7 +195,8 @@ class HyperINF:
             skip = self.batches_done
         else:
             self.factors = {
-                l.name: LayerFactor(l.name, l.rank, l.dim, torch.zeros(l.dim, l.dim, dtype=fdtype), 0)
+                l.name: LayerFactor(l.name, l.rank, l.dim, torch.zeros(l.dim, l.dim, dtype=fdtype), 0,
+                                    rank_sum=torch.zeros(l.rank, l.rank, dtype=fdtype))
                 for l in self.layers
             }
             self.n_train, self.batches_done = 0, 0
@@ -204,6 +213,9 @@ class HyperINF:
                 for d, names in groups.items():
                     stacked = torch.stack([grads[n] for n in names])  # [L, B, r, d]
                     ops.gfim_accumulate_(accs[d], stacked, backend=self.config.backend)
+                for n, g in grads.items():  # r×r side factor: n·r²·d flops, negligible next to the d×d one
+                    g = g.to(fdtype)
+                    self.factors[n].rank_sum += torch.einsum("nrd,nsd->rs", g, g)
             with self._timed("cache"):
                 self.cache.append(index, grads)
             self.n_train = max(self.n_train, int(index.max()) + 1)
@@ -258,7 +270,14 @@ class HyperINF:
         if not self.factors or self.batches_done == 0:
             raise RuntimeError("HyperINF: call fit(train_loader) (or HyperINF.load) before scoring")
 
-    def _query_gradients(self, loader: Iterable, desc: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def query_gradients(self, loader: Iterable | QueryGradients, desc: str = "query gradients") -> QueryGradients:
+        """Per-example gradients of a query/validation loader, reusable across ``use()`` switches.
+
+        ``scores`` and ``mean_scores`` accept the result in place of a loader, which saves the
+        forward/backward passes when several methods or dampings are compared on the same queries.
+        """
+        if isinstance(loader, QueryGradients):
+            return loader
         idx, parts = [], {l.name: [] for l in self.layers}
         for index, grads in self._grad_batches(loader, desc):
             idx.append(index)
@@ -266,7 +285,7 @@ class HyperINF:
                 parts[n].append(g)
         if not idx:
             raise ValueError(f"{desc}: the loader yielded no batches")
-        return torch.cat(idx), {n: torch.cat(p) for n, p in parts.items()}
+        return QueryGradients(torch.cat(idx), {n: torch.cat(p) for n, p in parts.items()})
 
     def _precondition(self, q: dict[str, torch.Tensor], train_loader: Iterable | None) -> dict[str, torch.Tensor]:
         self._prepare()
@@ -295,37 +314,41 @@ class HyperINF:
             raise ValueError(f"train_loader: no gradient for training examples {missing}... (indices not covered)")
         return out
 
-    def scores(self, query_loader: Iterable, train_loader: Iterable | None = None) -> torch.Tensor:
+    def scores(self, query_loader: Iterable | QueryGradients, train_loader: Iterable | None = None) -> torch.Tensor:
         """Pairwise influence [n_query, n_train] (see SIGN_CONVENTION), in the factor dtype.
 
         Query gradients are preconditioned once; training gradients come from the fit cache, or from a
         second pass over ``train_loader`` when given.  Rows follow the query ``index`` when present.
         """
         self._require_fit()
-        qidx, q = self._query_gradients(query_loader, "query gradients")
+        queries = self.query_gradients(query_loader)
+        qidx, q = queries.index, queries.grads
         qt = self._precondition(q, train_loader)
         s = self._dot_with_train(qt, train_loader)
         out = torch.empty_like(s)
         out[qidx] = s
         return out
 
-    def mean_scores(self, val_loader: Iterable, train_loader: Iterable | None = None) -> torch.Tensor:
+    def mean_scores(self, val_loader: Iterable | QueryGradients, train_loader: Iterable | None = None) -> torch.Tensor:
         """Influence on the mean validation loss, [n_train] (see SIGN_CONVENTION).
 
         The gradient of the mean loss is the mean of per-example gradients; it is preconditioned
         once, so this costs one query regardless of the validation set's size.
         """
         self._require_fit()
-        total: dict[str, torch.Tensor] = {}
-        count = 0
-        for _, grads in self._grad_batches(val_loader, "validation gradients"):
-            for n, g in grads.items():
-                s = g.to(self.fdtype).sum(0, keepdim=True)
-                total[n] = total[n] + s if n in total else s
-            count += next(iter(grads.values())).shape[0]
-        if count == 0:
-            raise ValueError("val_loader: yielded no examples")
-        q = {n: t / count for n, t in total.items()}
+        if isinstance(val_loader, QueryGradients):
+            q = {n: g.to(self.fdtype).mean(0, keepdim=True) for n, g in val_loader.grads.items()}
+        else:
+            total: dict[str, torch.Tensor] = {}
+            count = 0
+            for _, grads in self._grad_batches(val_loader, "validation gradients"):
+                for n, g in grads.items():
+                    s = g.to(self.fdtype).sum(0, keepdim=True)
+                    total[n] = total[n] + s if n in total else s
+                count += next(iter(grads.values())).shape[0]
+            if count == 0:
+                raise ValueError("val_loader: yielded no examples")
+            q = {n: t / count for n, t in total.items()}
         return self._dot_with_train(self._precondition(q, train_loader), train_loader)[0]
 
     # --------------------------------------------------------------------------------- persistence
@@ -345,6 +368,7 @@ class HyperINF:
     def _save_state(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"gfim_sum.{n}": f.gfim_sum.contiguous() for n, f in self.factors.items()}
+        tensors.update({f"rank_sum.{n}": f.rank_sum.contiguous() for n, f in self.factors.items() if f.rank_sum is not None})
         inverses = getattr(self.method, "state", {}) if self._prepared_for else {}
         tensors.update({f"method_state.{n}": t.contiguous() for n, t in inverses.items()})
         # write then rename, so an interruption never leaves a half-written checkpoint
@@ -364,7 +388,8 @@ class HyperINF:
         tensors = load_file(str(directory / "factors.safetensors"))
         self.factors = {
             l["name"]: LayerFactor(
-                l["name"], l["rank"], l["dim"], tensors[f"gfim_sum.{l['name']}"].to(self.fdtype), l["count"], l["damping"]
+                l["name"], l["rank"], l["dim"], tensors[f"gfim_sum.{l['name']}"].to(self.fdtype), l["count"], l["damping"],
+                rank_sum=tensors[f"rank_sum.{l['name']}"].to(self.fdtype) if f"rank_sum.{l['name']}" in tensors else None,
             )
             for l in meta["layers"]
         }

@@ -210,6 +210,10 @@ def test_mean_scores_is_mean_of_pairwise(setup):
     mean = attr.mean_scores(batches(query, 3))
     assert mean.shape == (N_TRAIN,)
     assert torch.allclose(mean, pair.mean(0), rtol=1e-9, atol=1e-12 * pair.abs().max())
+    # precomputed query gradients give the same numbers without another forward/backward
+    qg = attr.query_gradients(batches(query, 2))
+    assert torch.allclose(attr.mean_scores(qg), mean, rtol=1e-12, atol=1e-14 * mean.abs().max())
+    assert torch.equal(attr.scores(qg), pair)
 
 
 def test_save_load_and_resume(setup, tmp_path):
@@ -281,3 +285,23 @@ def test_errors(setup):
 
 def test_sign_convention_documented():
     assert "POSITIVE means example k INCREASES the query loss" in SIGN_CONVENTION
+
+
+def test_kronecker_equals_explicit_kronecker_solve(setup, brute):
+    model, train, query = setup
+    layers, gtr, gq = brute
+    attr = HyperINF(model, method="kronecker", progress=False).fit(batches(train, 4))
+
+    def kron(l, q, g):
+        n, r, d = g.shape
+        G_d = torch.einsum("nri,nrj->ij", g, g) / n
+        G_r = torch.einsum("nri,nsi->rs", g, g) / n
+        t = float(G_d.trace())
+        lam = datainf_lambda(g)
+        a, b = (lam * d / r) ** 0.5, (lam * r / d) ** 0.5
+        K = torch.kron(G_r / t**0.5 + a * torch.eye(r, dtype=torch.float64), G_d / t**0.5 + b * torch.eye(d, dtype=torch.float64))
+        return torch.linalg.solve(K, q.reshape(q.shape[0], -1).T).T.reshape(q.shape)
+
+    ref = brute_scores(layers, gtr, gq, kron)
+    s = attr.scores(batches(query, 5))
+    assert (s - ref).abs().max() <= 1e-7 * ref.abs().max()

