@@ -95,8 +95,8 @@ def schulz_inverse(
     active = [True] * B
     cur = 0
 
+    active_dev = torch.ones(B, dtype=torch.int32, device=dev)
     while any(active):
-        active_dev = torch.tensor(active, dtype=torch.int32).to(dev)
         _schulz.launch_residual(A, bufs[cur], R, partials, active_dev, cfg, precision)
         # The one sync of the iteration; tile sums are added in float64.
         r_all = partials.double().sum(1).sqrt().cpu().tolist()
@@ -132,6 +132,7 @@ def schulz_inverse(
             k[i] += 1
         if not any(active):
             break
+        # Matrices only ever leave the active set, so this mask also serves the next residual.
         active_dev = torch.tensor(active, dtype=torch.int32).to(dev)
         _schulz.launch_update(bufs[cur], R, bufs[1 - cur], coef.to(device=dev, dtype=dtype), active_dev, cfg, precision)
         cur = 1 - cur

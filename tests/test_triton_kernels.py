@@ -35,8 +35,8 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double() - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
-def _sym(L: int, d: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
-    a = torch.randn(L, d, d, dtype=torch.float64) * scale
+def _sym(L: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    a = torch.randn(L, d, d, dtype=torch.float64)
     return (a + a.transpose(1, 2)).to(dtype)
 
 
@@ -62,7 +62,12 @@ def test_gfim_matches_float64_einsum(dtype, d, L):
 
 @pytest.mark.parametrize(
     "in_dtype, acc_dtype",
-    [(torch.float64, torch.float32), (torch.bfloat16, torch.float64), (torch.float16, torch.float64), (torch.float32, torch.float64)],
+    [
+        (torch.float64, torch.float32),
+        (torch.bfloat16, torch.float64),
+        (torch.float16, torch.float64),
+        (torch.float32, torch.float64),
+    ],
 )
 def test_gfim_mixed_dtypes(in_dtype, acc_dtype):
     g = torch.randn(2, 15, 40, dtype=torch.float64).to(in_dtype)
@@ -186,8 +191,10 @@ def test_schulz_matches_reference_and_inverse(dtype, d, with_lower):
     assert bool((res <= tol).all())
     inv = torch.linalg.inv(A.double())
     for i in range(len(SPECS)):
-        # ‖I − A·X‖_F bounds ‖X − A⁻¹‖₂/‖A⁻¹‖₂; the Frobenius ratio may exceed the 2-norm one by √d.
-        err = float(torch.linalg.matrix_norm(X[i].double() - inv[i], 2) / torch.linalg.matrix_norm(inv[i], 2))
+        # The residual ‖I − A·X‖_F bounds the relative error ‖X − A⁻¹‖₂/‖A⁻¹‖₂ (1% slack for the
+        # asymmetry of X at rounding level).
+        e2 = torch.linalg.matrix_norm(X[i].double() - inv[i], 2)
+        err = float(e2 / torch.linalg.matrix_norm(inv[i], 2))
         assert err <= float(res[i]) * 1.01 + 1e-12, (i, err, float(res[i]))
         assert _rel(X[i], Xr[i].double()) <= (1e-4 if dtype == torch.float32 else 1e-10)
     if with_lower:
@@ -200,9 +207,9 @@ def test_schulz_matches_reference_and_inverse(dtype, d, with_lower):
 def test_schulz_multi_tile_config():
     # 32-wide tiles with 2-row groups: d = 77 is 3×3 tiles (last group partial), 3 K chunks.
     cfg = kschulz.SchulzConfig(block_m=32, block_n=32, block_k=32, group_m=2, num_warps=1, num_stages=1)
-    A, lam_min = _batch(77, [(1.0, 1e2), (1e-3, 1e3)], torch.float64)
+    A, lam_min = _batch(77, [(1e-3, 1e3)], torch.float64)
     X, it, res, st, Xr, _ = _compare_with_reference(A, 0.9 * lam_min, 1e-8, 100, config=cfg)
-    assert st.tolist() == [reference.CONVERGED] * 2
+    assert st.tolist() == [reference.CONVERGED]
     assert _rel(X, Xr.double()) <= 1e-10
 
 
