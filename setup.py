@@ -24,7 +24,7 @@ def _extensions():
     ext = CppExtension(
         "hyperinf_ext._C",
         sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fopenmp"]},
+        extra_compile_args={"cxx": ["-O3", "-std=c++20", "-fopenmp"]},
         extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -2,7 +2,7 @@
 //
 // Layout of the work for one layer (G = grads[l], [m, d]):
 //   * the upper triangle is covered by row panels S[i0:i1, i0:d] = G[:, i0:i1]ᵀ·G[:, i0:d] of
-//     kPanel rows each, i.e. one wide GEMM per panel (≈ d/kPanel GEMMs per layer, ~0.5 + kPanel/2d
+//     b = panel_rows(d) rows each, i.e. one wide GEMM per panel (d/b GEMMs per layer, ~0.5 + b/2d
 //     of the full GEMM's flops, and wide panels keep BLAS near its full rate);
 //   * the panels land in a scratch S, then acc is updated from S's upper triangle on both sides
 //     (acc[p,q] += S[min(p,q), max(p,q)]): the result is exactly symmetric whenever acc was, and it
@@ -15,22 +15,29 @@
 #include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
 
-#include <cstdlib>
-
 namespace hyperinf {
 namespace {
 
-// Rows per panel.  Measured at d = 768, m = 8000 (fp32, MKL): 128-row panels cost ~0.52–0.58 of
-// the full GEMM's time (1 thread), 256-row panels ~0.56.
-constexpr int64_t kPanel = 128;
+// Rows per panel: d/4 rounded down to a multiple of 32, within [32, 128].  Measured with fp32 MKL,
+// one thread, CPU time, as a fraction of the full GEMM's time: d = 768, m = 8000: 128-row panels
+// 0.66 (flop share 0.58), 192-row 0.68 (lower-triangle panels or a pre-transposed G are no
+// faster); m = 2048: d = 256: 64-row 0.70, 128-row 0.78; d = 128: 32-row 0.78; d = 64: 32-row 0.92.
+// Narrower panels lose more to GEMM efficiency than they save in flops.
+int64_t panel_rows(int64_t d) { return std::min<int64_t>(128, std::max<int64_t>(32, d / 4 / 32 * 32)); }
 // Converted chunk ≈ 2^21 elements (8 MB in fp32): big enough that the chunk GEMMs (k = rows)
 // stay efficient, small enough to live beside the grads.
 constexpr int64_t kChunkElems = int64_t{1} << 21;
 constexpr int64_t kChunkMinRows = 256;
 // Tile edge of the mirror pass: a 64×64 tile of S read transposed stays in L1/L2.
 constexpr int64_t kTile = 64;
-// At or below this d a layer's GEMMs are too small for BLAS threading to pay; layers then run in
-// parallel, one layer per thread with single-threaded BLAS.
+// Threading.  At or below this d a layer's GEMMs are too small for BLAS threading to pay, so with
+// two or more layers each thread takes whole layers (single-threaded BLAS).  Above it, a layer
+// with at least two panels per thread hands its panels out to the threads, largest first
+// (single-threaded GEMMs, one barrier per chunk): triangular panel sizes then balance within a few
+// percent, and on a loaded 2-core box this measured 0.65–0.73 of a full torch.matmul's time where
+// BLAS-threaded panels took 1.1–1.3 (every BLAS call synchronises its threads, which costs dearly
+// as soon as a core is busy elsewhere).  With fewer panels than that (small d, many cores)
+// each panel GEMM is BLAS-threaded instead.
 constexpr int64_t kSmallD = 256;
 
 // BLAS takes a matrix with one unit stride and a leading dimension covering the other extent;
@@ -77,6 +84,8 @@ void accumulate_layer(const at::Tensor& acc_l, const at::Tensor& g_l, at::Tensor
   const int64_t m = g_l.size(0), d = g_l.size(1);
   const bool convert = g_l.scalar_type() != acc_l.scalar_type() || !blas_compatible(g_l);
   const int64_t step = convert ? chunk_rows(m, d) : m;
+  const int64_t panel_b = panel_rows(d);
+  const int64_t n_panels = (d + panel_b - 1) / panel_b;
   if (convert && (!chunk.defined() || chunk.size(0) < step)) {
     chunk = at::empty({step, d}, acc_l.options());
   }
@@ -84,10 +93,9 @@ void accumulate_layer(const at::Tensor& acc_l, const at::Tensor& g_l, at::Tensor
     const int64_t rows = std::min(step, m - c0);
     at::Tensor C = g_l.narrow(0, c0, rows);
     if (convert) C = chunk.narrow(0, 0, rows).copy_(C);
-    const int64_t n_panels = (d + kPanel - 1) / kPanel;
     const auto panel = [&](int64_t p) {
-      const int64_t i0 = p * kPanel;
-      const int64_t b = std::min(kPanel, d - i0);
+      const int64_t i0 = p * panel_b;
+      const int64_t b = std::min(panel_b, d - i0);
       at::Tensor out = S.narrow(0, i0, b).narrow(1, i0, d - i0);
       const at::Tensor lhs = C.narrow(1, i0, b).t();
       const at::Tensor rhs = C.narrow(1, i0, d - i0);
@@ -97,8 +105,7 @@ void accumulate_layer(const at::Tensor& acc_l, const at::Tensor& g_l, at::Tensor
         at::cpu::addmm_(out, lhs, rhs);
       }
     };
-    static const bool par_panels = std::getenv("HYPERINF_PAR_PANELS") != nullptr;
-    if (par_panels && n_panels >= 2) {
+    if (n_panels >= 2 * at::get_num_threads()) {
       parallel_items(n_panels, [&](std::atomic<int64_t>& next) {
         at::AutoDispatchBelowADInplaceOrView worker_guard;
         for (int64_t p; (p = next.fetch_add(1)) < n_panels;) panel(p);

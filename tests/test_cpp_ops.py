@@ -1,0 +1,405 @@
+"""The C++ CPU backend (torch.ops.hyperinf.*, hyperinf_ext/cpp_ops.py) against the torch reference.
+
+Skipped when the extension is not built (``python setup.py build_ext --inplace``).
+
+Tolerances:
+* GFIM is compared normwise, max|acc − ref| / max|ref|, against a float64 einsum of the very
+  values the op sees (grads cast to their dtype first): 2e-5 when accumulating in float32 (m·u32
+  for the m ≤ 2048 rows used here, and far below one bf16/fp16 ulp), 1e-12 in float64.
+* Schulz: iteration counts and statuses must equal reference.schulz_inverse exactly; X agrees with
+  the reference to 1e-10 (relative, max-norm) in float64, and in float32 to within the residual the
+  iteration reached (the two backends round R = I − A·X differently).  Against torch.linalg.inv,
+  ‖X − A⁻¹‖₂ / ‖A⁻¹‖₂ must be within the true residual ‖I − A·X‖_F (evaluated in float64), which
+  bounds it exactly since X − A⁻¹ = −A⁻¹·(I − A·X).
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hyperinf_ext import cpp_ops, ops, reference
+
+pytestmark = pytest.mark.skipif(
+    not cpp_ops.is_available(), reason="hyperinf_ext._C is not built (python setup.py build_ext --inplace)"
+)
+
+
+def _einsum_ref(grads: torch.Tensor) -> torch.Tensor:
+    g = grads.double()
+    return torch.einsum("lmi,lmj->lij", g, g)
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
+
+
+def _gfim_tol(acc_dtype: torch.dtype) -> float:
+    return 1e-12 if acc_dtype == torch.float64 else 2e-5
+
+
+def _spd(d: int, cond: float, scale: float, dtype=torch.float64, negative: bool = False) -> torch.Tensor:
+    """scale·Q·diag(1 … 1/cond)·Qᵀ (eigenvalues geometric), symmetric to the last bit."""
+    Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    ev = torch.logspace(0.0, -math.log10(cond), d, dtype=torch.float64)
+    if negative:
+        ev[-1] = -0.5
+    A = (Q * ev) @ Q.T * scale
+    A = 0.5 * (A + A.T)
+    return A.to(dtype)
+
+
+def _bounds(A: torch.Tensor, lower: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    upper = ops.spectral_upper_bound(A)
+    lo = torch.zeros_like(upper) if lower is None else torch.minimum(lower, upper)
+    return lo, upper
+
+
+# --------------------------------------------------------------------------------------------------
+# registration
+
+
+def test_ops_registered():
+    for name in ("gfim_accumulate_", "schulz_inverse", "schulz_step_"):
+        assert hasattr(torch.ops.hyperinf, name)
+    schema = torch.ops.hyperinf.gfim_accumulate_.default._schema
+    assert schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write
+    assert not torch.ops.hyperinf.schulz_inverse.default._schema.is_mutable
+    assert "cpp" in ops.available_backends("cpu")
+
+
+def test_backend_imports_without_extension():
+    # A fresh interpreter where `hyperinf_ext._C` cannot be imported (as when it was never built):
+    # cpp_ops still imports, reports unavailable, and the dispatcher falls back to torch.
+    code = (
+        "import sys; sys.modules['hyperinf_ext._C'] = None\n"
+        "from hyperinf_ext import cpp_ops, backends\n"
+        "assert not cpp_ops.is_available()\n"
+        "import torch\n"
+        "assert 'cpp' not in backends.available_backends('cpu')\n"
+        "assert backends.select(None, torch.device('cpu'))[0] == 'torch'\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env, timeout=300)
+
+
+# --------------------------------------------------------------------------------------------------
+# GFIM
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("d", [1, 77, 300])
+@pytest.mark.parametrize("L", [1, 5])
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e4])
+def test_gfim_matches_einsum(dtype, d, L, scale):
+    acc_dtype = ops.compute_dtype(dtype)
+    grads = (torch.randn(L, 150, d, dtype=torch.float64) * scale).to(dtype)
+    acc = torch.zeros(L, d, d, dtype=acc_dtype)
+    torch.ops.hyperinf.gfim_accumulate_(acc, grads)
+    assert _rel(acc, _einsum_ref(grads)) <= _gfim_tol(acc_dtype)
+    assert torch.equal(acc, acc.transpose(1, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_gfim_noncontiguous_grads(dtype):
+    L, m, d = 3, 200, 150
+    acc_dtype = ops.compute_dtype(dtype)
+    cases = {
+        "column-major": torch.randn(L, d, m, dtype=torch.float64).to(dtype).transpose(1, 2),
+        "strided rows and columns": torch.randn(L, 2 * m, 3 * d, dtype=torch.float64).to(dtype)[:, ::2, ::3],
+        "expanded rows": torch.randn(L, 1, d, dtype=torch.float64).to(dtype).expand(L, m, d),
+        "layer-strided": torch.randn(m, L, d, dtype=torch.float64).to(dtype).transpose(0, 1),
+    }
+    for name, grads in cases.items():
+        acc = torch.zeros(L, d, d, dtype=acc_dtype)
+        torch.ops.hyperinf.gfim_accumulate_(acc, grads)
+        assert _rel(acc, _einsum_ref(grads)) <= _gfim_tol(acc_dtype), name
+        assert torch.equal(acc, acc.transpose(1, 2)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gfim_streaming_two_calls_equal_one(dtype):
+    L, m, d = 2, 300, 200
+    grads = torch.randn(L, m, d).to(dtype)
+    one = torch.zeros(L, d, d)
+    torch.ops.hyperinf.gfim_accumulate_(one, grads)
+    two = torch.zeros(L, d, d)
+    torch.ops.hyperinf.gfim_accumulate_(two, grads[:, :120])
+    torch.ops.hyperinf.gfim_accumulate_(two, grads[:, 120:])
+    assert _rel(two, one.double()) <= 2e-6
+    assert torch.equal(two, two.transpose(1, 2))
+
+
+def test_gfim_exact_symmetry_from_symmetric_acc():
+    d = 300  # 64-row panels and 64-wide mirror tiles: both end in partial tiles
+    S0 = torch.randn(4, d, d)
+    acc = S0 + S0.transpose(1, 2)
+    grads = torch.randn(4, 500, d, dtype=torch.bfloat16)
+    expected = acc.double() + _einsum_ref(grads)
+    torch.ops.hyperinf.gfim_accumulate_(acc, grads)
+    assert torch.equal(acc, acc.transpose(1, 2))
+    assert _rel(acc, expected) <= 2e-5
+
+
+def test_gfim_nonsymmetric_acc_keeps_both_triangles():
+    # The increment is added to both triangles, so an acc that is not symmetric stays correct.
+    L, m, d = 2, 100, 260
+    acc = torch.randn(L, d, d, dtype=torch.float64)
+    grads = torch.randn(L, m, d, dtype=torch.float64)
+    expected = acc + _einsum_ref(grads)
+    torch.ops.hyperinf.gfim_accumulate_(acc, grads)
+    assert _rel(acc, expected) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gfim_chunked_conversion(dtype):
+    # m above the conversion chunk (2^21 / d rows) so several chunks accumulate into one layer;
+    # float32 grads without a unit stride take the same copy-in-chunks path.
+    L, m, d = 1, 15000, 300
+    base = torch.randn(L, m, 2 * d)
+    grads = base.to(dtype) if dtype != torch.float32 else base[:, :, ::2]
+    grads = grads[:, :, :d]
+    acc = torch.zeros(L, d, d)
+    torch.ops.hyperinf.gfim_accumulate_(acc, grads)
+    assert _rel(acc, _einsum_ref(grads)) <= 1e-4  # m = 15000 fp32 terms per entry
+    assert torch.equal(acc, acc.transpose(1, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gfim_large_d_panels(dtype):
+    # d = 520: five 128-row panels (the last one 8 rows), handed out to threads when there are at
+    # least two per thread; bf16 with m = 9000 also spans three conversion chunks.
+    L, m, d = 2, 9000, 520
+    grads = torch.randn(L, m, d).to(dtype)
+    acc = torch.zeros(L, d, d)
+    torch.ops.hyperinf.gfim_accumulate_(acc, grads)
+    assert _rel(acc, _einsum_ref(grads)) <= 1e-4  # m = 9000 fp32 terms per entry
+    assert torch.equal(acc, acc.transpose(1, 2))
+
+
+def test_results_do_not_depend_on_thread_count():
+    # One thread runs every parallel section inline; results must match the threaded run.
+    grads = [torch.randn(4, 300, 100), torch.randn(1, 700, 520)]
+    A = torch.stack([_spd(60, c, 1.0) for c in (10.0, 1e3, 1e5)])
+    lower, upper = _bounds(A, None)
+    runs = []
+    n = torch.get_num_threads()
+    try:
+        for threads in (1, n):
+            torch.set_num_threads(threads)
+            accs = []
+            for g in grads:
+                acc = torch.zeros(g.shape[0], g.shape[2], g.shape[2])
+                torch.ops.hyperinf.gfim_accumulate_(acc, g)
+                accs.append(acc)
+            runs.append((accs, cpp_ops.schulz_inverse(A, lower, upper, 1e-10, 100)))
+    finally:
+        torch.set_num_threads(n)
+    (acc1, s1), (accn, sn) = runs
+    for a1, an in zip(acc1, accn):
+        assert _rel(a1, an.double()) <= 1e-6
+    assert torch.equal(s1[1], sn[1]) and torch.equal(s1[3], sn[3])
+    assert _rel(s1[0], sn[0]) <= 1e-10
+
+
+def test_gfim_many_small_layers():
+    L, m, d = 96, 2048, 64
+    grads = torch.randn(L, m, d)
+    acc = torch.zeros(L, d, d)
+    torch.ops.hyperinf.gfim_accumulate_(acc, grads)
+    assert _rel(acc, _einsum_ref(grads)) <= 2e-5
+    assert torch.equal(acc, acc.transpose(1, 2))
+
+
+def test_gfim_empty_rows_is_noop():
+    acc = torch.randn(2, 5, 5)
+    before = acc.clone()
+    torch.ops.hyperinf.gfim_accumulate_(acc, torch.zeros(2, 0, 5))
+    assert torch.equal(acc, before)
+
+
+def test_gfim_rejects_bad_layouts():
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.hyperinf.gfim_accumulate_(torch.zeros(1, 4, 4).transpose(1, 2), torch.zeros(1, 3, 4))
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        torch.ops.hyperinf.gfim_accumulate_(torch.zeros(1, 4, 4, dtype=torch.bfloat16), torch.zeros(1, 3, 4))
+    with pytest.raises(RuntimeError, match="grads must be"):
+        torch.ops.hyperinf.gfim_accumulate_(torch.zeros(2, 4, 4), torch.zeros(1, 3, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_gfim_public_api_matches_torch_backend(dtype):
+    grads = torch.randn(3, 16, 4, 90, dtype=torch.float64).to(dtype)  # [L, n, r, d]
+    G_cpp = ops.gfim(grads, backend="cpp")
+    G_ref = ops.gfim(grads, backend="torch")
+    assert G_cpp.dtype == G_ref.dtype
+    assert _rel(G_cpp, G_ref.double()) <= _gfim_tol(G_ref.dtype)
+    acc = torch.zeros(90, 90, dtype=ops.compute_dtype(dtype))
+    ops.gfim_accumulate_(acc, grads[0], backend="cpp")
+    assert _rel(acc, G_ref[0].double() * 16) <= _gfim_tol(acc.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Schulz
+
+
+def _check_against_reference(A, lower, upper, tol, max_iter):
+    X, it, res, st = cpp_ops.schulz_inverse(A, lower, upper, tol, max_iter)
+    Xr, itr, resr, str_ = reference.schulz_inverse(A, lower, upper, tol, max_iter)
+    assert X.dtype == A.dtype and X.shape == A.shape
+    assert (it.dtype, res.dtype, st.dtype) == (torch.int64, torch.float64, torch.int64)
+    assert torch.equal(st, str_), (st, str_)
+    assert torch.equal(it, itr), (it, itr)
+    for i in range(A.shape[0]):
+        if int(st[i]) == reference.DIVERGED:
+            continue
+        if A.dtype == torch.float64:
+            assert _rel(X[i], Xr[i].double()) <= 1e-10, i
+        else:
+            assert _rel(X[i], Xr[i].double()) <= max(float(resr[i]), 1e-5), i
+        if int(st[i]) == reference.CONVERGED:
+            assert float(res[i]) <= tol and float(resr[i]) <= tol
+    return X, it, res, st
+
+
+def _true_residual(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    eye = torch.eye(A.shape[-1], dtype=torch.float64)
+    return torch.linalg.matrix_norm(eye - A.double() @ X.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("with_lower", [False, True])
+def test_schulz_matches_reference_and_inverse(dtype, with_lower):
+    d = 40
+    conds = (1e1, 1e3, 1e6) if dtype == torch.float64 else (1e1, 1e2, 1e4)
+    mats, lows = [], []
+    for scale in (1e-6, 1.0, 1e4):
+        for cond in conds:
+            mats.append(_spd(d, cond, scale, dtype))
+            lows.append(scale / cond * 0.9)  # a valid (slightly loose) lower bound
+    A = torch.stack(mats)
+    lower, upper = _bounds(A, torch.tensor(lows, dtype=torch.float64) if with_lower else None)
+    tol = ops.DEFAULT_TOL[dtype]
+    X, it, res, st = _check_against_reference(A, lower, upper, tol, 100)
+    assert bool((st == reference.CONVERGED).all()), st
+    inv = torch.linalg.inv(A.double())
+    err = torch.linalg.matrix_norm(X.double() - inv, ord=2) / torch.linalg.matrix_norm(inv, ord=2)
+    r_true = _true_residual(A, X)
+    assert bool((err <= r_true * (1 + 1e-6) + 1e-9).all()), (err, r_true)
+    if dtype == torch.float32:
+        assert bool((r_true <= 1.5 * tol).all())
+    if with_lower:  # optimal scaling needs fewer steps than plain Schulz
+        _, it0, _, _ = cpp_ops.schulz_inverse(A, torch.zeros_like(lower), upper, tol, 100)
+        assert bool((it <= it0).all())
+
+
+def test_schulz_large_d_blas_threaded_path():
+    # d above the one-matrix-per-thread cut-off (256): matrices solved in turn, BLAS-threaded GEMMs.
+    A = torch.stack([_spd(300, 1e3, 1.0), _spd(300, 1e2, 5.0)])
+    lower, upper = _bounds(A, torch.tensor([0.9e-3, 4.5e-2], dtype=torch.float64))
+    _check_against_reference(A, lower, upper, 1e-8, 100)
+
+
+def test_schulz_not_pd_diverges():
+    A = torch.stack([_spd(30, 1e2, 1.0, negative=True), _spd(30, 1e2, 1.0)])
+    lower, upper = _bounds(A, None)
+    _, _, _, st = _check_against_reference(A, lower, upper, 1e-8, 200)
+    assert st.tolist() == [reference.DIVERGED, reference.CONVERGED]
+
+
+def test_schulz_float32_at_condition_1e6_stagnates():
+    A = torch.stack([_spd(64, 1e6, 1.0, torch.float32), _spd(64, 1e6, 1e3, torch.float32)])
+    lower, upper = _bounds(A, None)
+    _, _, res, st = _check_against_reference(A, lower, upper, 1e-6, 200)
+    assert st.tolist() == [reference.STAGNATED] * 2
+    assert bool((res > 1e-6).all())
+
+
+@pytest.mark.parametrize("max_iter", [0, 3])
+def test_schulz_max_iter(max_iter):
+    A = torch.stack([_spd(20, 1e4, 1.0), _spd(20, 1e2, 1.0)])
+    lower, upper = _bounds(A, None)
+    _, it, _, st = _check_against_reference(A, lower, upper, 1e-8, max_iter)
+    assert it.tolist() == [max_iter, max_iter]
+    assert st.tolist() == [reference.MAX_ITER] * 2
+
+
+def test_schulz_single_matrix_and_empty_batch():
+    A = _spd(16, 10.0, 2.0).unsqueeze(0)
+    _check_against_reference(A, *_bounds(A, None), 1e-10, 100)
+    X, it, res, st = cpp_ops.schulz_inverse(torch.zeros(0, 3, 3), torch.zeros(0), torch.zeros(0), 1e-8, 10)
+    assert X.shape == (0, 3, 3) and it.shape == res.shape == st.shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_schulz_public_api_matches_torch_backend(dtype):
+    A = torch.stack([_spd(50, c, s, dtype) for c, s in ((10.0, 1e-6), (1e3, 1.0), (1e2, 1e4))]).reshape(3, 1, 50, 50)
+    X, info = ops.schulz_inverse(A, backend="cpp", return_info=True)
+    Xr, info_r = ops.schulz_inverse(A, backend="torch", return_info=True)
+    assert info.backend == "cpp" and info.converged
+    assert torch.equal(info.iterations, info_r.iterations) and info.status == info_r.status
+    assert _rel(X, Xr.double()) <= (1e-10 if dtype == torch.float64 else 1e-3)
+    lam = torch.tensor([1e-7, 1e-3, 1e2], dtype=torch.float64).reshape(3, 1)
+    X2, info2 = ops.schulz_inverse(A, backend="cpp", return_info=True, lower_bound=lam)
+    _, info2_r = ops.schulz_inverse(A, backend="torch", return_info=True, lower_bound=lam)
+    assert torch.equal(info2.iterations, info2_r.iterations) and info2.status == info2_r.status
+
+
+def test_schulz_step_matches_formula():
+    d, beta = 70, 0.9
+    A = _spd(d, 50.0, 1.0)
+    X = torch.eye(d, dtype=torch.float64) * 0.5
+    X_new, R = torch.empty_like(X), torch.empty_like(X)
+    r = torch.ops.hyperinf.schulz_step_(X_new, R, A, X, beta)
+    R_ref = torch.eye(d, dtype=torch.float64) - A @ X
+    assert math.isclose(r, float(torch.linalg.vector_norm(R_ref)), rel_tol=1e-12)
+    assert torch.allclose(R, R_ref, rtol=0, atol=1e-14)
+    assert torch.allclose(X_new, beta * (2 - beta) * X + beta * beta * X @ R_ref, rtol=0, atol=1e-14)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.compile / opcheck
+
+
+def test_torch_compile_traces_both_ops():
+    torch._dynamo.reset()
+
+    def accumulate(acc, grads):
+        torch.ops.hyperinf.gfim_accumulate_(acc, grads)
+        return acc * 0.5
+
+    def invert(A, lower, upper):
+        X, it, res, st = torch.ops.hyperinf.schulz_inverse(A, lower, upper, 1e-8, 100)
+        return X @ A, it, st
+
+    grads = torch.randn(2, 30, 12)
+    acc = torch.zeros(2, 12, 12)
+    out = torch.compile(accumulate, fullgraph=True, backend="aot_eager")(acc, grads)
+    assert _rel(out, 0.5 * _einsum_ref(grads)) <= 2e-5
+    assert _rel(acc, _einsum_ref(grads)) <= 2e-5  # the mutation reached the caller's tensor
+
+    A = torch.stack([_spd(12, 10.0, 1.0), _spd(12, 100.0, 3.0)])
+    lower, upper = _bounds(A, None)
+    XA, it, st = torch.compile(invert, fullgraph=True, backend="aot_eager")(A, lower, upper)
+    assert torch.allclose(XA, torch.eye(12, dtype=torch.float64).expand(2, 12, 12), atol=1e-7)
+    assert st.tolist() == [reference.CONVERGED] * 2 and it.dtype == torch.int64
+    torch._dynamo.reset()
+
+
+def test_opcheck():
+    # Default opcheck suite: schema (mutation/aliasing as declared), autograd registration (the
+    # inputs do not require grad: these ops are not differentiable), fake tensor kernel and AOT
+    # dispatch with dynamic shapes.
+    acc = torch.randn(2, 9, 9)
+    acc = acc + acc.transpose(1, 2)
+    torch.library.opcheck(torch.ops.hyperinf.gfim_accumulate_.default, (acc, torch.randn(2, 7, 9, dtype=torch.bfloat16)))
+    torch.library.opcheck(torch.ops.hyperinf.gfim_accumulate_.default, (acc.double(), torch.randn(2, 7, 9)))
+    A = torch.stack([_spd(8, 10.0, 1.0), _spd(8, 100.0, 2.0)])
+    lower, upper = _bounds(A, None)
+    torch.library.opcheck(torch.ops.hyperinf.schulz_inverse.default, (A, lower, upper, 1e-8, 50))
+    torch.library.opcheck(torch.ops.hyperinf.schulz_inverse.default, (A.float(), lower, upper, 1e-2, 50))
