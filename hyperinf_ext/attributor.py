@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from . import ops
 from .cache import CACHE_MODES, GradientCache
 from .capture import PerSampleGradients, default_loss_fn, find_gradient_layers
-from .damping import check_rule, layer_damping
+from .damping import check_rule, layer_damping, resolve
 from .methods import METHODS, LayerFactor, groups_by_dim, make_method
 
 SIGN_CONVENTION = (
@@ -39,10 +39,12 @@ class HyperINFConfig:
 
     method: str = "hyperinf"
     """Influence method: hyperinf | exact | datainf | lissa | tracin | paper | kronecker (see methods.py)."""
-    damping: float | str = "datainf"
-    """Per-layer damping λ_l: a float, or a rule of damping.py ("datainf", "spectral", "paper")."""
-    damping_scale: float = 0.1
-    """The factor of the "datainf"/"spectral"/"paper" rules."""
+    damping: float | str = "auto"
+    """Per-layer damping λ_l: a float, or a rule of damping.py ("datainf", "spectral", "paper", or
+    "auto" = the method's default: spectral ×10 for hyperinf, chosen by bench/QUALITY.md)."""
+    damping_scale: float | None = None
+    """The factor of the "datainf"/"spectral"/"paper" rules (None = the rule's default, 0.1, or the
+    method default's under "auto")."""
     layers: list[str] | None = None
     """Names (or substrings) of the layers to use; None = every LoRA layer of the active adapter."""
     include_heads: bool = True
@@ -104,7 +106,7 @@ class HyperINF:
         loss_fn: Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor] | None = None,
         method: str = "hyperinf",
         layers: list[str] | None = None,
-        damping: float | str = "datainf",
+        damping: float | str = "auto",
         dtype: torch.dtype | str = torch.float64,
         progress: bool = True,
         config: HyperINFConfig | None = None,
@@ -247,8 +249,9 @@ class HyperINF:
         if self._prepared_for == key and self.method is not None:
             return
         cfg = self.config
+        rule, scale = resolve(cfg.method, cfg.damping, cfg.damping_scale)
         for f in self.factors.values():
-            f.damping = layer_damping(cfg.damping, f.gfim, f.rank, cfg.damping_scale)
+            f.damping = layer_damping(rule, f.gfim, f.rank, scale)
         self.method = make_method(
             cfg.method, backend=cfg.backend, tol=cfg.tol, depth=cfg.lissa_depth, scale_factor=cfg.lissa_scale_factor
         )
@@ -256,8 +259,13 @@ class HyperINF:
         self._prepared_for = key
 
     def use(self, method: str | None = None, *, damping: float | str | None = None, **options: Any) -> "HyperINF":
-        """Switch method and/or damping on the same fitted factors and cached gradients (no refit)."""
+        """Switch method and/or damping on the same fitted factors and cached gradients (no refit).
+
+        A new ``damping`` without ``damping_scale`` takes the rule's default scale.
+        """
         changes = {k: v for k, v in dict(method=method, damping=damping, **options).items() if v is not None}
+        if damping is not None and "damping_scale" not in options:
+            changes["damping_scale"] = None
         self.config = dataclasses.replace(self.config, **changes)
         self._prepared_for = None
         with self._timed("prepare"):

@@ -9,6 +9,9 @@ text has one, its code does not; ours follows the code).  Rules, for G of shape 
                       r times the DataInf value, so independent of how the rank splits the gradient.
 * ``"paper"``         the HyperINF paper's code: the DataInf value plus an absolute 1e-3 added inside
                       its Schulz routine.
+* ``"auto"``          the method's default (METHOD_DEFAULTS): for ``hyperinf`` and ``kronecker`` the
+                      rule chosen by the detection study in bench/QUALITY.md; ``paper`` uses "paper";
+                      every other method the DataInf rule of its own paper.
 """
 from __future__ import annotations
 
@@ -18,8 +21,24 @@ import torch
 
 from .ops import datainf_damping
 
-DAMPING_RULES = ("datainf", "spectral", "paper")
+DAMPING_RULES = ("datainf", "spectral", "paper", "auto")
 PAPER_ABSOLUTE = 1e-3
+DEFAULT_SCALE = 0.1
+# (rule, scale) used when damping="auto"; hyperinf's comes from the study in bench/QUALITY.md
+METHOD_DEFAULTS: dict[str, tuple[str, float]] = {
+    "hyperinf": ("spectral", 10.0),
+    "kronecker": ("spectral", 10.0),
+    "paper": ("paper", DEFAULT_SCALE),
+}
+
+
+def resolve(method: str, rule: float | str, scale: float | None) -> tuple[float | str, float]:
+    """The concrete (rule, scale) for ``method``: expands "auto" and a missing scale."""
+    rule = check_rule(rule)
+    if rule == "auto":
+        rule, default = METHOD_DEFAULTS.get(method, ("datainf", DEFAULT_SCALE))
+        return rule, default if scale is None else float(scale)
+    return rule, DEFAULT_SCALE if scale is None else float(scale)
 
 
 def check_rule(rule: float | str) -> float | str:
@@ -35,9 +54,11 @@ def check_rule(rule: float | str) -> float | str:
     return rule
 
 
-def layer_damping(rule: float | str, G: torch.Tensor, rank: int, scale: float = 0.1) -> float:
+def layer_damping(rule: float | str, G: torch.Tensor, rank: int, scale: float = DEFAULT_SCALE) -> float:
     """λ for one layer.  G: [d, d] the normalised GFIM (1/n)·Σ g_iᵀg_i; rank: r of the gradient."""
     rule = check_rule(rule)
+    if rule == "auto":
+        raise ValueError("damping: resolve 'auto' for a method first (damping.resolve)")
     if isinstance(rule, float):
         return rule
     if rule == "spectral":

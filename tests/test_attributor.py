@@ -119,7 +119,7 @@ def test_exact_equals_brute_force(setup, brute):
 
 def test_hyperinf_equals_exact(setup):
     model, train, query = setup
-    attr = HyperINF(model, progress=False).fit(batches(train, 5))
+    attr = HyperINF(model, progress=False, damping="datainf").fit(batches(train, 5))
     s_hyp = attr.scores(batches(query, 5))
     s_ex = attr.use("exact").scores(batches(query, 5))
     assert (s_hyp - s_ex).abs().max() <= 1e-5 * s_ex.abs().max()
@@ -260,6 +260,12 @@ def test_damping_rules_and_timings(setup):
     attr.use(damping="paper")
     for f in attr.factors.values():
         assert abs(f.damping - (0.1 * float(f.gfim.trace()) / (f.rank * f.dim) + 1e-3)) <= 1e-12
+    attr.use(damping="auto")  # hyperinf's default: spectral ×10
+    for f in attr.factors.values():
+        assert abs(f.damping - 10.0 * float(f.gfim.trace()) / f.dim) <= 1e-12 * f.damping
+    attr.use("datainf")  # "auto" for datainf is its own paper's rule
+    for f in attr.factors.values():
+        assert abs(f.damping - 0.1 * float(f.gfim.trace()) / (f.rank * f.dim)) <= 1e-12 * f.damping
     attr.mean_scores(batches(query, 5))
     assert {"gradients", "gfim", "prepare", "dot"} <= set(attr.timings)
 
@@ -290,7 +296,7 @@ def test_sign_convention_documented():
 def test_kronecker_equals_explicit_kronecker_solve(setup, brute):
     model, train, query = setup
     layers, gtr, gq = brute
-    attr = HyperINF(model, method="kronecker", progress=False).fit(batches(train, 4))
+    attr = HyperINF(model, method="kronecker", damping="datainf", progress=False).fit(batches(train, 4))
 
     def kron(l, q, g):
         n, r, d = g.shape
