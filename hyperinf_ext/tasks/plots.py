@@ -37,10 +37,13 @@ def plot_detection_curves(
     fig = Figure(figsize=(5.5, 4.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for label, (x, y) in curves.items():
-        ax.plot(x, y, label=label, linewidth=1.6)
+    # methods that agree (e.g. hyperinf and exact) draw identical curves: distinct dash patterns keep
+    # every line visible where they overlap
+    styles = ["-", "--", "-.", ":", (0, (5, 1, 1, 1))]
+    for i, (label, (x, y)) in enumerate(curves.items()):
+        ax.plot(x, y, label=label, linewidth=1.6, linestyle=styles[i % len(styles)])
     if random_baseline:
-        ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1.0, label="random")
+        ax.plot([0, 1], [0, 1], linestyle=(0, (1, 2)), color="black", linewidth=1.0, label="random")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("fraction of training data inspected")

@@ -1,0 +1,246 @@
+"""The ``hyperinf-ext`` command line (also ``python -m hyperinf_ext``).
+
+Subcommands:
+
+* ``detect-mislabeled``  flip a fraction of training labels, fine-tune a LoRA model, fit HyperINF
+  once and compare how well each influence method ranks the flipped examples first.
+* ``select-data``        keep the training examples that most lower the validation loss
+  (optionally checking the selection against a random subset of the same size).
+* ``convergence``        Schulz-inverse convergence study (see ``tasks/convergence.py``).
+
+Bad input gives one line ``hyperinf-ext: error: ...`` on stderr and exit code 2.  Heavy libraries
+(torch, transformers, peft, matplotlib) are imported only once a subcommand runs, so ``--help``
+is quick.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+PROG = "hyperinf-ext"
+EXIT_USAGE = 2
+
+__all__ = ["main", "build_parser"]
+
+
+# ------------------------------------------------------------------------------ argument types
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _add_common(p: argparse.ArgumentParser, *, out: str) -> None:
+    p.add_argument("--seed", metavar="N", type=int, default=0, help="seed of every random choice (default: 0)")
+    p.add_argument("--out", metavar="DIR", type=Path, default=Path(out), help=f"output folder (default: {out})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or stage messages")
+    p.add_argument("--threads", metavar="N", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _add_pipeline(p: argparse.ArgumentParser, *, flip_rate: float, out: str) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", metavar="FILE", type=Path, default=None,
+                   help="CSV or JSONL file with text and label columns (default: embedded Rotten Tomatoes)")
+    g.add_argument("--text-column", metavar="NAME", default="text", help="text column of --data (default: text)")
+    g.add_argument("--label-column", metavar="NAME", default="label", help="label column of --data (default: label)")
+    g.add_argument("--n-train", metavar="N", type=int, default=2000, help="training examples (default: 2000)")
+    g.add_argument("--n-val", metavar="N", type=int, default=300, help="validation examples (default: 300)")
+    g.add_argument("--flip-rate", metavar="RATE", type=float, default=flip_rate,
+                   help=f"fraction of training labels flipped, in [0, 1) (default: {flip_rate})")
+    g = p.add_argument_group("model and fine-tuning")
+    g.add_argument("--model", metavar="DIR", type=Path, default=None,
+                   help="base model folder (default: embedded all-MiniLM-L6-v2)")
+    g.add_argument("--adapter", metavar="DIR", type=Path, default=None,
+                   help="saved PEFT adapter folder to start from (then --epochs defaults to 0)")
+    g.add_argument("--rank", metavar="R", type=int, default=8, help="LoRA rank (default: 8)")
+    g.add_argument("--alpha", metavar="A", type=int, default=16, help="LoRA alpha (default: 16)")
+    g.add_argument("--epochs", metavar="N", type=int, default=None,
+                   help="fine-tuning epochs (default: 3, or 0 with --adapter)")
+    g.add_argument("--lr", metavar="LR", type=float, default=3e-4, help="learning rate (default: 3e-4)")
+    g.add_argument("--batch-size", metavar="N", type=int, default=16, help="fine-tuning batch size (default: 16)")
+    g.add_argument("--max-length", metavar="N", type=int, default=64, help="max tokens per text (default: 64)")
+    g.add_argument("--device", metavar="DEV", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    _add_common(p, out=out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="HyperINF influence functions for LoRA-tuned models: mislabeled-data detection, "
+                    "data selection and solver convergence.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "detect-mislabeled", help="rank flipped training labels by influence, per method",
+        description="Flip a fraction of the training labels, fine-tune a LoRA model on them, fit HyperINF "
+                    "once and score every method/damping on the validation set. Writes detection.png, "
+                    "scores.csv and summary.json.",
+    )
+    _add_pipeline(p, flip_rate=0.2, out="hyperinf-out/detect")
+    g = p.add_argument_group("influence")
+    g.add_argument("--methods", metavar="LIST", default="hyperinf,datainf,lissa,tracin,exact",
+                   help="comma list of methods of hyperinf_ext.methods, e.g. hyperinf, datainf, lissa, tracin, exact, "
+                        "paper (default: hyperinf,datainf,lissa,tracin,exact)")
+    g.add_argument("--damping", metavar="LIST", default="datainf",
+                   help="comma list of dampings: numbers > 0 or rules datainf, spectral, paper, auto (each method's "
+                        "own default) (default: datainf, the same rule for every method)")
+    p.set_defaults(func=_cmd_detect)
+
+    p = sub.add_parser(
+        "select-data", help="keep the training examples that most lower the validation loss",
+        description="Fine-tune, fit HyperINF, score the training set on the validation loss and keep the "
+                    "most helpful --fraction (most negative scores). Writes selected.csv and summary.json.",
+    )
+    _add_pipeline(p, flip_rate=0.0, out="hyperinf-out/select")
+    g = p.add_argument_group("selection")
+    g.add_argument("--fraction", metavar="F", type=float, default=0.2, help="fraction of training data kept (default: 0.2)")
+    g.add_argument("--method", metavar="NAME", default="hyperinf", help="influence method, e.g. hyperinf, exact, datainf, lissa, tracin (default: hyperinf)")
+    g.add_argument("--damping", metavar="VALUE", default="datainf", help="damping: a number > 0 or datainf, spectral, paper, auto (default: datainf)")
+    g.add_argument("--evaluate", action="store_true",
+                   help="also fine-tune fresh LoRA models on the selection and on a random subset of the same "
+                        "size, and report both validation accuracies")
+    p.set_defaults(func=_cmd_select)
+
+    p = sub.add_parser(
+        "convergence", help="convergence of the Schulz inverse vs matrix size",
+        description="Run the Schulz-inverse convergence study. Writes convergence.png, .csv and .json.",
+    )
+    p.add_argument("--sizes", metavar="LIST", type=_int_list, default=[64, 256], help="comma list of matrix sizes (default: 64,256)")
+    p.add_argument("--samples", metavar="LIST", type=_int_list, default=[1000],
+                   help="comma list of gradient-sample counts (default: 1000)")
+    p.add_argument("--iterations", metavar="N", type=int, default=30, help="Schulz iterations (default: 30)")
+    _add_common(p, out="hyperinf-out/convergence")
+    p.set_defaults(func=_cmd_convergence)
+    return parser
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def _logger(args: argparse.Namespace) -> Callable[[str], None] | None:
+    if args.no_progress:
+        return None
+    return lambda message: print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def _setup(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        # main() restores the previous count, so in-process callers keep their setting
+        args._previous_threads = torch.get_num_threads()
+        torch.set_num_threads(args.threads)
+
+
+def _restore(args: argparse.Namespace) -> None:
+    previous = getattr(args, "_previous_threads", None)
+    if previous is not None:
+        import torch
+
+        torch.set_num_threads(previous)
+
+
+def _pipeline_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        data=args.data, text_column=args.text_column, label_column=args.label_column,
+        n_train=args.n_train, n_val=args.n_val, flip_rate=args.flip_rate,
+        model=args.model, adapter=args.adapter, rank=args.rank, alpha=args.alpha, epochs=args.epochs,
+        lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+        seed=args.seed, device=args.device, progress=not args.no_progress, out=args.out,
+    )
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from .tasks.mislabeled import DetectConfig, format_table, parse_dampings, parse_methods, run_detect_mislabeled
+
+    cfg = DetectConfig(**_pipeline_kwargs(args), methods=parse_methods(args.methods),
+                       dampings=parse_dampings(args.damping))
+    cfg.validate()  # before _setup/imports of the model stack, so bad input fails fast
+    _setup(args)
+    result = run_detect_mislabeled(cfg, log=_logger(args))
+    print(format_table(result))
+    return 0
+
+
+def _cmd_select(args: argparse.Namespace) -> int:
+    from .tasks.selection import SelectConfig, format_selection, run_select_data
+
+    cfg = SelectConfig(**_pipeline_kwargs(args), fraction=args.fraction, method=args.method,
+                       damping=args.damping, evaluate=args.evaluate)
+    cfg.validate()
+    _setup(args)
+    result = run_select_data(cfg, log=_logger(args))
+    print(format_selection(result))
+    return 0
+
+
+def _cmd_convergence(args: argparse.Namespace) -> int:
+    if args.iterations < 1:
+        raise ValueError(f"--iterations must be >= 1, got {args.iterations}")
+    try:
+        from .tasks.convergence import run_convergence
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.tasks.convergence":
+            raise
+        raise _Unavailable("the convergence task is not available in this installation "
+                           "(hyperinf_ext/tasks/convergence.py is missing)") from None
+    _setup(args)
+    summary = run_convergence(sizes=args.sizes, samples=args.samples, iterations=args.iterations,
+                              seed=args.seed, out_dir=Path(args.out), progress=not args.no_progress)
+    print(summary.get("table", "") if isinstance(summary, dict) else summary)
+    outputs = [str(summary[k]) for k in ("png", "csv", "json") if isinstance(summary, dict) and k in summary]
+    if outputs:
+        print(f"outputs: {', '.join(outputs)}")
+    return 0
+
+
+class _Unavailable(RuntimeError):
+    """A feature this installation lacks (exit code 1, not a usage error)."""
+
+
+# ------------------------------------------------------------------------------ entry point
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 environment problem, 2 bad input)."""
+    from .errors import ConvergenceError  # light; DataError is a ValueError, caught below
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help or an argparse usage error (already printed)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError, ConvergenceError) as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except (_Unavailable, ImportError) as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        _restore(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

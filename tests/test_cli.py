@@ -1,0 +1,271 @@
+"""End-to-end tests of the ``hyperinf-ext`` command line at toy sizes (in-process via ``cli.main``)."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("matplotlib")
+
+from hyperinf_ext.cli import main  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# one thread: on a shared 2-core machine several torch threads per process oversubscribe the CPU
+# and small ops slow down several-fold
+TOY = ["--n-train", "32", "--n-val", "16", "--epochs", "1", "--max-length", "32", "--no-progress", "--threads", "1"]
+ALL_FIVE = "hyperinf,datainf,lissa,tracin,exact"
+
+
+def run_cli(args: list[str]) -> tuple[int, str, str]:
+    """main(args) with stdout/stderr captured (usable from module-scoped fixtures)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    return code, out.getvalue(), err.getvalue()
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------ detect-mislabeled
+
+
+@pytest.fixture(scope="module")
+def detect_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("detect")
+    code, stdout, stderr = run_cli(["detect-mislabeled", *TOY, "--methods", ALL_FIVE, "--out", str(out)])
+    return code, stdout, stderr, out
+
+
+def test_detect_exit_code_and_table(detect_run):
+    code, stdout, stderr, _ = detect_run
+    assert code == 0, stderr
+    assert stderr == ""  # --no-progress: no bars, no stage messages
+    for method in ALL_FIVE.split(","):
+        assert method in stdout
+    assert "ROC-AUC" in stdout and "found@10%" in stdout and "validation accuracy" in stdout
+
+
+def test_detect_outputs(detect_run):
+    code, _, stderr, out = detect_run
+    assert code == 0, stderr
+    assert (out / "detection.png").read_bytes()[:8] == PNG_MAGIC
+
+    rows = read_csv(out / "scores.csv")
+    assert len(rows) == 32  # one row per training example
+    assert [int(r["index"]) for r in rows] == list(range(32))
+    cols = set(rows[0])
+    assert {"index", "text", "label", "original_label", "flipped"} <= cols
+    assert {f"score_{m}" for m in ALL_FIVE.split(",")} <= cols
+    n_flipped = sum(int(r["flipped"]) for r in rows)
+    assert n_flipped == round(0.2 * 32)
+    assert all((r["label"] != r["original_label"]) == (r["flipped"] == "1") for r in rows)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["seed"] == 0 and summary["settings"]["epochs"] == 1
+    assert summary["data"]["n_flipped"] == n_flipped
+    assert 0.0 <= summary["finetune"]["val_accuracy"] <= 1.0
+    assert summary["influence_fit"]["seconds"] > 0
+    assert summary["query_gradient_seconds"] >= 0 and summary["warmup_seconds"] >= 0
+    by_method = {m["method"]: m for m in summary["methods"]}
+    assert set(by_method) == set(ALL_FIVE.split(","))
+    for m in by_method.values():
+        assert m["error"] is None
+        assert 0.0 <= m["auc"] <= 1.0
+        assert 0.0 <= m["found"]["10%"] <= m["found"]["20%"] <= 1.0
+        assert m["seconds"] >= 0
+
+
+def test_detect_hyperinf_agrees_with_exact(detect_run):
+    """HyperINF's Schulz inverse and the Cholesky solve must rank the examples identically."""
+    _, _, _, out = detect_run
+    rows = read_csv(out / "scores.csv")
+    h = [float(r["score_hyperinf"]) for r in rows]
+    e = [float(r["score_exact"]) for r in rows]
+    scale = max(abs(v) for v in e)
+    assert max(abs(a - b) for a, b in zip(h, e)) <= 1e-6 * scale
+
+
+def test_detect_several_dampings_no_finetune(tmp_path):
+    # numeric dampings: with 0 epochs LoRA B is still zero, so the A-layer gradients (and a
+    # trace-based damping) vanish and a Cholesky solve would be reported as failed
+    code, stdout, stderr = run_cli([
+        "detect-mislabeled", "--n-train", "16", "--n-val", "8", "--epochs", "0", "--max-length", "24",
+        "--no-progress", "--threads", "1", "--methods", "exact,tracin", "--damping", "0.001,0.01", "--out", str(tmp_path),
+    ])
+    assert code == 0, stderr
+    cols = set(read_csv(tmp_path / "scores.csv")[0])
+    # tracin ignores the damping: computed once
+    assert {"score_exact@0.001", "score_exact@0.01", "score_tracin"} <= cols
+    assert not any(c.startswith("score_tracin@") for c in cols)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["methods"]) == 3 and summary["finetune"]["history"] == []
+
+
+# ------------------------------------------------------------------------------ select-data
+
+
+def test_select_data_with_evaluate(tmp_path):
+    code, stdout, stderr = run_cli(["select-data", *TOY, "--fraction", "0.25", "--evaluate", "--out", str(tmp_path)])
+    assert code == 0, stderr
+    rows = read_csv(tmp_path / "selected.csv")
+    assert len(rows) == 8  # 0.25 of 32
+    assert list(rows[0]) == ["index", "text", "label", "score"]
+    scores = [float(r["score"]) for r in rows]
+    assert scores == sorted(scores)  # most helpful (most negative) first
+    assert len({r["index"] for r in rows}) == 8
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["selection"]["n_selected"] == 8
+    ev = summary["evaluation"]
+    for name in ("selected", "random"):
+        assert 0.0 <= ev[name]["val_accuracy"] <= 1.0
+    assert "random subset" in stdout and "selected" in stdout
+
+
+def test_select_data_from_saved_adapter(tmp_path):
+    """--adapter: the saved adapter is used as is (0 epochs by default) and scored."""
+    import torch
+
+    from hyperinf_ext.training import load_lora_model
+
+    model = load_lora_model(seed=1)
+    with torch.no_grad():  # a fresh LoRA has B = 0; make it look trained
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    model.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli([
+        "select-data", "--adapter", str(tmp_path / "adapter"), "--n-train", "16", "--n-val", "8",
+        "--max-length", "24", "--no-progress", "--threads", "1", "--fraction", "0.5", "--out", str(out),
+    ])
+    assert code == 0, stderr
+    assert "0 epoch(s)" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["epochs"] == 0 and summary["settings"]["adapter"] == str(tmp_path / "adapter")
+    assert len(read_csv(out / "selected.csv")) == 8
+
+
+# ------------------------------------------------------------------------------ convergence
+
+
+def test_convergence_toy(tmp_path):
+    pytest.importorskip("hyperinf_ext.tasks.convergence")
+    code, stdout, stderr = run_cli([
+        "convergence", "--sizes", "16", "--samples", "50", "--iterations", "10", "--no-progress", "--threads", "1",
+        "--out", str(tmp_path),
+    ])
+    assert code == 0, stderr
+    assert stdout.strip()
+    assert (tmp_path / "convergence.png").read_bytes()[:8] == PNG_MAGIC
+    assert (tmp_path / "convergence.csv").is_file() or (tmp_path / "convergence.json").is_file()
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def assert_one_line_error(code: int, stdout: str, stderr: str, *fragments: str) -> None:
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("hyperinf-ext: error: ")
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_error_missing_data_file(tmp_path):
+    result = run_cli(["detect-mislabeled", *TOY, "--data", str(tmp_path / "nope.csv"), "--out", str(tmp_path)])
+    assert_one_line_error(*result, "nope.csv", "not found")
+
+
+def test_error_unknown_column(tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_text("sentence,label\n" + "".join(f"text {i},{i % 2}\n" for i in range(60)))
+    result = run_cli(["detect-mislabeled", *TOY, "--data", str(data), "--out", str(tmp_path)])
+    assert_one_line_error(*result, "column 'text' not found", "sentence")
+
+
+def test_error_model_not_a_model_folder(tmp_path):
+    folder = tmp_path / "empty_model"
+    folder.mkdir()
+    result = run_cli(["select-data", *TOY, "--model", str(folder), "--out", str(tmp_path)])
+    assert_one_line_error(*result, "not a model folder")
+
+
+def test_error_adapter_not_an_adapter(tmp_path):
+    result = run_cli(["detect-mislabeled", *TOY, "--adapter", str(tmp_path), "--out", str(tmp_path)])
+    assert_one_line_error(*result, "adapter")
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["detect-mislabeled", "--flip-rate", "1.5"], "--flip-rate"),
+        (["detect-mislabeled", "--flip-rate", "-0.1"], "--flip-rate"),
+        (["detect-mislabeled", "--methods", "hyperinf,magic"], "unknown method 'magic'"),
+        (["select-data", "--method", "magic"], "--method: unknown method 'magic'"),
+        (["detect-mislabeled", "--damping", "huge"], "damping"),
+        (["detect-mislabeled", "--damping", "-1"], "damping"),
+        (["select-data", "--fraction", "0"], "--fraction"),
+        (["detect-mislabeled", "--n-train", "100000"], "not enough rows"),
+        (["convergence", "--iterations", "0"], "--iterations"),
+        (["detect-mislabeled", "--device", "tpu"], "--device"),
+    ],
+)
+def test_error_bad_values(tmp_path, args, fragment):
+    result = run_cli([*args, "--no-progress", "--out", str(tmp_path)])
+    assert_one_line_error(*result, fragment)
+
+
+def test_error_cuda_unavailable(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --device cuda would start a real run")
+    result = run_cli(["detect-mislabeled", "--device", "cuda", "--no-progress", "--out", str(tmp_path)])
+    assert_one_line_error(*result, "CUDA is not available")
+
+
+def test_threads_restored_after_main(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    code, _, _ = run_cli(["detect-mislabeled", "--threads", "1", "--flip-rate", "2", "--out", str(tmp_path)])
+    assert code == 2 and torch.get_num_threads() == before
+    code, _, stderr = run_cli(["convergence", "--threads", "0", "--out", str(tmp_path)])
+    assert_one_line_error(code, "", stderr, "--threads")
+
+
+def test_argparse_errors_exit_2():
+    code, _, stderr = run_cli(["detect-mislabeled", "--n-train", "many"])
+    assert code == 2 and "invalid int value" in stderr
+    code, _, _ = run_cli(["no-such-command"])
+    assert code == 2
+
+
+def test_help_in_process():
+    code, stdout, _ = run_cli(["detect-mislabeled", "--help"])
+    assert code == 0 and "--flip-rate" in stdout and "--methods" in stdout
+
+
+def test_python_m_help():
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "hyperinf_ext", "--help"], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for command in ("detect-mislabeled", "select-data", "convergence"):
+        assert command in proc.stdout
