@@ -21,7 +21,6 @@ from .common import (
     Table,
     Target,
     TimerConfig,
-    Timing,
     cpu_backends,
     fmt_ratio,
     fmt_sci,
@@ -179,8 +178,8 @@ def section(quick: bool, timer: TimerConfig) -> Section:
                     + other,
                 ))
             loop, bmm = t["per-sample loop (paper)"], t["torch baddbmm (one batched GEMM)"]
-            sec.notes.append(f"{dn} d={d}: {ours} is {fmt_ratio(loop.median / t_ours)} faster than the per-sample loop and "
-                             f"{fmt_ratio(bmm.median / t_ours)} faster than one batched GEMM.")
+            sec.notes.append(f"GFIM {dn} d={d}: speed-up of {ours} over the per-sample loop {fmt_ratio(loop.median / t_ours)}, "
+                             f"over one batched torch GEMM {fmt_ratio(bmm.median / t_ours)} (< 1× would mean slower).")
             del res
         tab.notes.append("'faster by' = time of that implementation / time of ours (default backend); > 1 means ours is faster.")
         tab.notes.append("GFLOP/s counts the symmetric half n·r·d·(d+1) per layer; the GEMM rows count the full product "
@@ -200,11 +199,15 @@ def section(quick: bool, timer: TimerConfig) -> Section:
     sp = loop.median / tm.median if tm.ok else float("nan")
     bmm = t["torch baddbmm (one batched GEMM)"]
     ceiling = loop.median / bmm.median if bmm.ok else float("nan")
+    bmm_ratio = tm.median / bmm.median if (tm.ok and bmm.ok) else float("nan")
     sec.targets.append(Target(
         f"many small layers (L={cfg.small_L}, d={cfg.small_d}): one batched call ≥ {cfg.small_target:.0f}× faster than a per-layer, per-sample loop",
         bool(sp >= cfg.small_target) if sp == sp else None,
-        f"{fmt_ratio(sp)} (one batched torch GEMM over the same gradients: {fmt_ratio(ceiling)} — the loop's per-sample "
-        f"cost is ≈ {fmt_time(loop.median / (cfg.small_L * cfg.small_n))}, so the GEMM's own flops bound the ratio)"))
+        f"{fmt_ratio(sp)}; one batched torch GEMM (baddbmm) over the same gradients reaches {fmt_ratio(ceiling)}, so "
+        + (f"the target is reachable and ours is {fmt_ratio(bmm_ratio)} the time of that GEMM"
+           if ceiling >= cfg.small_target else
+           f"a plain batched GEMM misses it too (the loop costs only ≈ {fmt_time(loop.median / (cfg.small_L * cfg.small_n))} "
+           f"per sample and layer); ours takes {fmt_ratio(bmm_ratio)} the GEMM's time")))
     return sec
 
 

@@ -336,10 +336,6 @@ def cpu_backends() -> list[str]:
     return [b for b in available_backends("cpu") if b != "triton"]
 
 
-def default_backend() -> str:
-    return cpu_backends()[0]
-
-
 def make_grads(L: int, n: int, r: int, d: int, dtype: torch.dtype, seed: int = 0, decay: float = 0.0) -> torch.Tensor:
     """Per-sample rank-first gradients [L, n, r, d]; column j scaled by (j+1)^-decay (a decaying GFIM spectrum)."""
     g = torch.Generator().manual_seed(seed)
@@ -378,10 +374,6 @@ def gfim_like(L: int, d: int, power: float, dtype: torch.dtype, seed: int = 0) -
     e = torch.arange(1, d + 1, dtype=torch.float64).pow(-power)
     G = (Q * e) @ Q.mT
     return (0.5 * (G + G.mT)).to(dtype)
-
-
-def clear_caches() -> None:
-    _SPD_CACHE.clear()
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -702,7 +694,3 @@ def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     a64, b64 = a.double(), b.double()
     den = float(b64.abs().max())
     return float((a64 - b64).abs().max()) / den if den > 0 else float((a64 - b64).abs().max())
-
-
-def python_cmd() -> list[str]:
-    return [sys.executable]

@@ -26,8 +26,8 @@ PAPER_ABSOLUTE = 1e-3
 DEFAULT_SCALE = 0.1
 # (rule, scale) used when damping="auto"; hyperinf's comes from the study in bench/QUALITY.md
 METHOD_DEFAULTS: dict[str, tuple[str, float]] = {
-    "hyperinf": ("spectral", 10.0),
-    "kronecker": ("spectral", 10.0),
+    "hyperinf": ("spectral", 3.0),
+    "kronecker": ("spectral", 3.0),
     "paper": ("paper", DEFAULT_SCALE),
 }
 
