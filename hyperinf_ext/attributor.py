@@ -252,6 +252,10 @@ class HyperINF:
         rule, scale = resolve(cfg.method, cfg.damping, cfg.damping_scale)
         for f in self.factors.values():
             f.damping = layer_damping(rule, f.gfim, f.rank, scale)
+            if f.damping == 0.0 and not bool(f.gfim_sum.any()):
+                # every gradient of this layer is zero (e.g. lora_A while lora_B is still 0): it adds
+                # nothing to any score, and any positive λ keeps its (zero) solve well posed
+                f.damping = 1.0
         self.method = make_method(
             cfg.method, backend=cfg.backend, tol=cfg.tol, depth=cfg.lissa_depth, scale_factor=cfg.lissa_scale_factor
         )

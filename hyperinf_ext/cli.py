@@ -91,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--methods", metavar="LIST", default="hyperinf,datainf,lissa,tracin,exact",
                    help="comma list of methods of hyperinf_ext.methods, e.g. hyperinf, datainf, lissa, tracin, exact, "
                         "paper (default: hyperinf,datainf,lissa,tracin,exact)")
-    g.add_argument("--damping", metavar="LIST", default="datainf",
-                   help="comma list of dampings: numbers > 0 or rules datainf, spectral, paper, auto (each method's "
-                        "own default) (default: datainf, the same rule for every method)")
+    g.add_argument("--damping", metavar="LIST", default="auto",
+                   help="comma list of dampings: numbers > 0 or rules datainf, spectral, paper, auto (default: auto = "
+                        "each method's own default: spectral x3 for hyperinf, from bench/QUALITY.md; datainf for "
+                        "datainf/lissa/exact). Give e.g. 'datainf' to compare every method at the same damping")
     p.set_defaults(func=_cmd_detect)
 
     p = sub.add_parser(
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("selection")
     g.add_argument("--fraction", metavar="F", type=float, default=0.2, help="fraction of training data kept (default: 0.2)")
     g.add_argument("--method", metavar="NAME", default="hyperinf", help="influence method, e.g. hyperinf, exact, datainf, lissa, tracin (default: hyperinf)")
-    g.add_argument("--damping", metavar="VALUE", default="datainf", help="damping: a number > 0 or datainf, spectral, paper, auto (default: datainf)")
+    g.add_argument("--damping", metavar="VALUE", default="auto", help="damping: a number > 0 or datainf, spectral, paper, auto (default: auto, the method's own default)")
     g.add_argument("--evaluate", action="store_true",
                    help="also fine-tune fresh LoRA models on the selection and on a random subset of the same "
                         "size, and report both validation accuracies")

@@ -135,7 +135,7 @@ class DetectConfig(PipelineConfig):
 
     flip_rate: float = 0.2
     methods: Sequence[str] = ALL_METHODS
-    dampings: Sequence[float | str] = ("datainf",)
+    dampings: Sequence[float | str] = ("auto",)
     out: Path = Path("hyperinf-out/detect")
 
     def validate(self) -> None:

@@ -46,7 +46,7 @@ class SelectConfig(PipelineConfig):
     fraction: float = 0.2
     """Fraction of the training set to keep, in (0, 1]."""
     method: str = "hyperinf"
-    damping: float | str = "datainf"
+    damping: float | str = "auto"
     evaluate: bool = False
     """Also fine-tune fresh LoRA models on the selection and on a random subset of equal size."""
     out: Path = Path("hyperinf-out/select")
