@@ -114,8 +114,9 @@ def section(quick: bool, timer: TimerConfig) -> Section:
             G = accs[bks[0]][0].clone() / n
         t = measure_group(cands, timer, warmup=0)
         base = t["torch baddbmm"]
+        for tm in t.values():
+            tm.scale = 1.0 / Lg  # per-layer times (set on all before any ratio is taken)
         for name, tm in t.items():
-            tm.scale = 1.0 / Lg
             tab.rows.append([DN[dtype], name, fmt_timing(tm), f"{flops_gfim / tm.median / 1e9:.1f}" if tm.ok else "—",
                              fmt_ratio(base.median / tm.median) if tm.ok and base.ok else "—"])
         if t[ours].ok:
