@@ -148,6 +148,20 @@ def report(runs: list[dict], command: str) -> str:
         wt = sum(r["results"][l]["auc"] > r["results"]["tracin"]["auc"] for r in have)
         lines.append(f"| {l} | {_mean_sd(auc)} | {_mean_sd(t10)} | {_mean_sd(t20)} | {wd}/{len(have)} | {wt}/{len(have)} |")
     lines.append("")
+    hyp = [l for l in labels if l.startswith("hyperinf") and all(l in r["results"] for r in runs)]
+    if hyp and runs:
+        mean = {l: statistics.mean(r["results"][l]["auc"] for r in runs) for l in hyp}
+        best = max(mean, key=mean.get)
+        lines += ["## Decision", "",
+                  f"Highest mean AUC among the HyperINF dampings over the {len(runs)} runs recorded: **{best}** "
+                  f"({mean[best]:.3f}); DataInf {statistics.mean(r['results']['datainf']['auc'] for r in runs):.3f}, "
+                  f"TracIn {statistics.mean(r['results']['tracin']['auc'] for r in runs):.3f}. "
+                  "`damping=\"auto\"` for `method=\"hyperinf\"` is hyperinf_ext.damping.METHOD_DEFAULTS; it should name "
+                  "this rule (a test cannot check that: the study takes far longer than the test suite).", ""]
+        missing = [c for c in grid(False) if c.key() not in {json.dumps(r["config"], sort_keys=True) for r in runs}]
+        if missing:
+            lines += ["Configurations of the grid not yet run (rerun `python -m bench.quality`; it resumes): "
+                      + "; ".join(f"seed {c.seed}, flip {c.flip}, n {c.n_train}, rank {c.rank}" for c in missing), ""]
     main = [r for r in runs if r["config"]["n_train"] == 1000 and r["config"]["flip"] == 0.2 and r["config"]["rank"] == 8]
     if main:
         lines += ["## The issue's setting (1,000 train / 200 val, 20% flipped, r = 8, 5 epochs), mean over seeds "
