@@ -273,3 +273,17 @@ def test_unavailable_backend_is_a_clear_error():
 def test_default_backend_is_fastest_available():
     assert BACKENDS[0] == ("cpp" if "cpp" in BACKENDS else "torch")
     assert "torch" in BACKENDS
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_gradient_anywhere_is_caught(backend, bad):
+    grads = torch.randn(2, 7, 3, 41)
+    grads[1, 5, 2, 40] = bad  # last layer, last column: the O(d) diagonal test must still see it
+    with pytest.raises(ValueError, match="grads: contains NaN or Inf"):
+        hx.gfim_accumulate_(torch.zeros(2, 41, 41), grads, backend=backend)
+
+
+def test_overflowing_squares_are_caught():
+    with pytest.raises(ValueError, match="overflow"):
+        hx.gfim(torch.full((2, 1, 3), 1e30))
