@@ -53,7 +53,7 @@ class IhvpConfig:
                     (torch.float64, "datainf", 0.1), (torch.float32, "datainf", 0.1))
     cg_max_iter: int = 3000
     cg_calib_rows: int = 64  # many-RHS CG: iteration count calibrated on this many rows
-    cg_time_budget_s: float = 10.0  # above this (estimated), time fewer CG iterations and extrapolate
+    cg_time_budget_s: float = 6.0  # above this (estimated), time fewer CG iterations and extrapolate
 
 
 FULL = IhvpConfig()

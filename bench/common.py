@@ -603,7 +603,7 @@ def default_damping() -> tuple[Any, float]:
 
 
 def bs1_pipeline(model, train_loader, val_loader, layers, *, dtype=torch.float64, damping: Any = None,
-                 damping_scale: float | None = None) -> dict[str, Any]:
+                 damping_scale: float | None = None, second_pass: int | None = None) -> dict[str, Any]:
     """The paper's code path, influence of every training example on the mean validation loss.
 
     1. for each training example at batch size 1: forward/backward, collect the LoRA (and head)
@@ -612,9 +612,11 @@ def bs1_pipeline(model, train_loader, val_loader, layers, *, dtype=torch.float64
        :func:`default_damping`); inverse of G_l + λ_l·I by the paper's Schulz
        (X₀ = 5e-5·I, 30 iterations) — and, for the accuracy check, by a float64 Cholesky solve;
     3. the mean validation gradient (batch size 1 over the validation set), q̃_l = v_l·H_l⁻¹;
-    4. a second batch-size-1 pass over the training set: score_k = −Σ_l ⟨q̃_l, g_k,l⟩.
+    4. a second batch-size-1 pass over the training set: score_k = −Σ_l ⟨q̃_l, g_k,l⟩ (over the first
+       ``second_pass`` examples only when given: the caller extrapolates its time).
 
-    Returns {"scores_paper", "scores_exact", "stages": {name: seconds}, "paper_status"}.
+    Returns {"scores_paper", "scores_exact" (NaN where not scored), "scored" (bool mask), "stages":
+    {name: seconds}, "paper_status", "damping", "second_pass": (examples scored, n, seconds)}.
     """
     from hyperinf_ext.capture import default_loss_fn
     from hyperinf_ext.damping import layer_damping
@@ -674,19 +676,26 @@ def bs1_pipeline(model, train_loader, val_loader, layers, *, dtype=torch.float64
     q_exact = [(vl / m) @ X for vl, X in zip(v, X_exact)]
 
     s_paper, s_exact, index = [], [], []
+    t_pass2 = time.perf_counter()
     for batch in train_loader:
+        if second_pass is not None and len(index) >= second_pass:
+            break
         gs = example_grads(batch)
         t0 = time.perf_counter()
         s_paper.append(-sum(float((q * g).sum()) for q, g in zip(q_paper, gs)))
         s_exact.append(-sum(float((q * g).sum()) for q, g in zip(q_exact, gs)))
         index.append(int(batch["index"][0]) if "index" in batch else len(index))
         stages["dot"] += time.perf_counter() - t0
-    sp = torch.empty(len(index), dtype=torch.float64)
-    se = torch.empty(len(index), dtype=torch.float64)
-    sp[torch.tensor(index)] = torch.tensor(s_paper, dtype=torch.float64)
-    se[torch.tensor(index)] = torch.tensor(s_exact, dtype=torch.float64)
-    return {"scores_paper": sp, "scores_exact": se, "stages": stages, "paper_status": status,
-            "damping": (damping, damping_scale)}
+    t_pass2 = time.perf_counter() - t_pass2
+    sp = torch.full((n,), float("nan"), dtype=torch.float64)
+    se = torch.full((n,), float("nan"), dtype=torch.float64)
+    scored = torch.zeros(n, dtype=torch.bool)
+    idx = torch.tensor(index, dtype=torch.long)
+    sp[idx] = torch.tensor(s_paper, dtype=torch.float64)
+    se[idx] = torch.tensor(s_exact, dtype=torch.float64)
+    scored[idx] = True
+    return {"scores_paper": sp, "scores_exact": se, "scored": scored, "stages": stages, "paper_status": status,
+            "damping": (damping, damping_scale), "second_pass": (len(index), n, t_pass2)}
 
 
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
