@@ -311,3 +311,60 @@ def test_kronecker_equals_explicit_kronecker_solve(setup, brute):
     ref = brute_scores(layers, gtr, gq, kron)
     s = attr.scores(batches(query, 5))
     assert (s - ref).abs().max() <= 1e-7 * ref.abs().max()
+
+
+def test_gfim_batch_dtype_float32_vs_float64_and_rank_factor():
+    """fp32 gradients: per-batch fp32 GFIM sums (default) agree with exact fp64 products to 1e-5
+    relative (fp32 rounding of each batch's sum); gfim_dtype="float64" matches a float64 reference
+    from the cached gradients to 1e-12; the r×r factor matches its einsum definition."""
+    model = tiny_model(3).float()
+    train = make_data(N_TRAIN, 4)
+    fits = {gd: HyperINF(model, progress=False, gfim_dtype=gd).fit(batches(train, 4)) for gd in ("float32", "float64")}
+    exact = fits["float64"]
+    cached = {}
+    for _, grads in exact.cache:
+        for n, g in grads.items():
+            assert g.dtype == torch.float32
+            cached.setdefault(n, []).append(g.double())
+    for n, parts in cached.items():
+        g = torch.cat(parts)
+        ref = torch.einsum("nri,nrj->ij", g, g)
+        ref_r = torch.einsum("nrd,nsd->rs", g, g)
+        scale = float(ref.abs().max())
+        assert float((exact.factors[n].gfim_sum - ref).abs().max()) <= 1e-12 * scale, n
+        assert float((fits["float32"].factors[n].gfim_sum - ref).abs().max()) <= 1e-5 * scale, n
+        assert torch.equal(fits["float32"].factors[n].gfim_sum, fits["float32"].factors[n].gfim_sum.T)
+        for f in fits.values():
+            assert f.factors[n].gfim_sum.dtype == torch.float64
+            assert float((f.factors[n].rank_sum - ref_r).abs().max()) <= 1e-5 * float(ref_r.abs().max()), n
+    with pytest.raises(ValueError, match="gfim_dtype"):
+        HyperINF(model, progress=False, gfim_dtype="bfloat16")
+
+
+def test_layers_of_equal_dim_and_different_rank():
+    """PEFT's rank_pattern gives layers of the same d different ranks: fit groups them by (d, r)."""
+    torch.manual_seed(5)
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+        max_position_embeddings=32, num_labels=2, attn_implementation="eager",
+    )
+    base = transformers.BertForSequenceClassification(cfg).double()
+    lcfg = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["query", "value"], task_type="SEQ_CLS",
+                           rank_pattern={"query": 2})
+    model = peft.get_peft_model(base, lcfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    train, query = make_data(9, 6), make_data(3, 7)
+    attr = HyperINF(model, progress=False, damping="datainf").fit(batches(train, 4))
+    ranks = {l.rank for l in attr.layers if l.kind == "lora_A"}
+    assert ranks == {2, 3}
+    gtr = per_sample_loop(model, train, attr.layers)
+    for l in attr.layers:
+        g = gtr[l.name]
+        ref = torch.einsum("nri,nrj->ij", g, g)
+        assert float((attr.factors[l.name].gfim_sum - ref).abs().max()) <= 1e-10 * float(ref.abs().max()), l.name
+    s_hyp = attr.scores(batches(query, 3))
+    s_ex = attr.use("exact").scores(batches(query, 3))
+    assert (s_hyp - s_ex).abs().max() <= 1e-5 * s_ex.abs().max()
