@@ -154,9 +154,17 @@ class HyperINF:
     def fdtype(self) -> torch.dtype:
         return _torch_dtype(self.config.dtype)
 
-    def _grad_batches(self, loader: Iterable, desc: str, skip: int = 0) -> Iterator[tuple[torch.Tensor, dict]]:
-        """Per-sample gradients of every batch of ``loader``: (index [B], {layer: [B, r, d]})."""
+    def _grad_batches(
+        self, loader: Iterable, desc: str, skip: int = 0, groups: dict[Any, list[str]] | None = None
+    ) -> Iterator[tuple[torch.Tensor, dict]]:
+        """Per-sample gradients of every batch of ``loader``: (index [B], {layer: [B, r, d]}).
+
+        With ``groups`` ({key: layer names of equal (d, r)}), the gradients of each group are written
+        into one fresh [L, B, r, d] tensor, yielded as a third item {key: tensor}; the per-layer
+        tensors are its slices.
+        """
         offset = 0
+        layer_of = {l.name: l for l in self.layers}
         with PerSampleGradients(self.model, self.layers, dtype=_torch_dtype(self.config.grad_dtype)) as psg:
             for b, batch in enumerate(self._bar(loader, desc)):
                 n = _batch_size(batch)
@@ -165,8 +173,25 @@ class HyperINF:
                 if b < skip:
                     continue
                 with self._timed("gradients"):
-                    grads = psg.compute(batch, self.loss_fn)
-                yield index, grads
+                    if groups is None:
+                        yield index, psg.compute(batch, self.loss_fn)
+                        continue
+                    stacked, out, mixed = {}, {}, []
+                    for key, names in groups.items():
+                        ws = [layer_of[name].module.weight for name in names]
+                        dtype = _torch_dtype(self.config.grad_dtype) or ws[0].dtype
+                        forced = self.config.grad_dtype is not None
+                        if any(w.device != ws[0].device or (not forced and w.dtype != ws[0].dtype) for w in ws):
+                            mixed.append(key)  # rare: weights of one group in several dtypes/devices
+                            continue
+                        first = layer_of[names[0]]
+                        buf = torch.empty(len(names), n, first.rank, first.dim, dtype=dtype, device=ws[0].device)
+                        stacked[key] = buf
+                        out.update({name: buf[i] for i, name in enumerate(names)})
+                    grads = psg.compute(batch, self.loss_fn, out=out)
+                    for key in mixed:
+                        stacked[key] = torch.stack([grads[name].to(grads[groups[key][0]]) for name in groups[key]])
+                yield index, grads, stacked
 
     def _train_batches(self, train_loader: Iterable | None) -> Callable[[], Iterator[tuple[torch.Tensor, dict]]]:
         """A re-iterable source of training gradients: the fit cache, or passes over ``train_loader``."""
@@ -225,10 +250,10 @@ class HyperINF:
             for k, names in groups.items()
         }
         scratch: dict[tuple[int, int], torch.Tensor] = {}
-        for index, grads in self._grad_batches(train_loader, "fit", skip=skip):
+        for index, grads, stacked_groups in self._grad_batches(train_loader, "fit", skip=skip, groups=groups):
             with self._timed("gfim"):
                 for key, names in groups.items():
-                    stacked = torch.stack([grads[n] for n in names])  # [L, B, r, d], contiguous
+                    stacked = stacked_groups[key]  # [L, B, r, d], contiguous; grads[n] are its slices
                     work = self._batch_gfim_dtype(stacked.dtype)
                     if work == fdtype:
                         ops.gfim_accumulate_(accs[key], stacked, backend=self.config.backend)

@@ -55,7 +55,8 @@ class GradientCache:
         if self.mode == "memory":
             self._batches.append((index.cpu(), {k: v.detach().cpu() for k, v in grads.items()}))
         else:
-            tensors = {f"g.{k}": v.detach().cpu().contiguous() for k, v in grads.items()}
+            # safetensors stores whole storages: slices of one stacked buffer are written as copies
+            tensors = {f"g.{k}": _own_storage(v.detach().cpu()) for k, v in grads.items()}
             tensors["index"] = index.cpu().contiguous()
             save_file(tensors, str(self.directory / f"batch_{self.count:07d}.safetensors"))
         self.count += 1
@@ -92,3 +93,11 @@ class GradientCache:
             self.close()
         except Exception:
             pass
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and alone in its storage (a copy when it is a view into a larger one)."""
+    t = t.contiguous()
+    if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t

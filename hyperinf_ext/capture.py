@@ -352,6 +352,7 @@ class _LayerCapture:
         self.layer = layer
         self.dtype = dtype
         self.grad: Tensor | None = None  # [n, rank, dim], summed over calls and tokens
+        self.out: Tensor | None = None  # caller's buffer for ``grad`` (see PerSampleGradients.compute)
         self.calls = 0
 
     def forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -379,10 +380,13 @@ class _LayerCapture:
         g = g.reshape(n, -1, g.shape[-1]).to(self.dtype)
         if self.layer.has_bias:
             x = torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
-        if self.layer.transposed:
-            contrib = torch.bmm(x.transpose(1, 2), g)  # [n, d_in(+1), d_out]
-        else:
-            contrib = torch.bmm(g.transpose(1, 2), x)  # [n, d_out, d_in(+1)]
+        a, b = (x.transpose(1, 2), g) if self.layer.transposed else (g.transpose(1, 2), x)
+        shape = (a.shape[0], a.shape[1], b.shape[2])  # [n, r, d] in the rank-first layout
+        if self.grad is None and self.out is not None and tuple(self.out.shape) == shape:
+            # straight into the caller's buffer (e.g. a slice of a stacked [L, n, r, d]): no copy later
+            self.grad = torch.bmm(a, b, out=self.out)
+            return None
+        contrib = torch.bmm(a, b)
         if self.grad is None:
             self.grad = contrib
         elif self.grad.shape != contrib.shape:
@@ -468,7 +472,9 @@ class PerSampleGradients:
             return batch
         return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
-    def compute(self, batch: Mapping[str, Any], loss_fn: LossFn | None = None) -> dict[str, Tensor]:
+    def compute(
+        self, batch: Mapping[str, Any], loss_fn: LossFn | None = None, out: Mapping[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
         """Per-sample gradients of every captured layer for one batch.
 
         Runs ``loss_fn(model, batch)`` (default :func:`default_loss_fn`) with the
@@ -482,6 +488,10 @@ class PerSampleGradients:
                 Tensors are moved to the captured layers' device if needed.
             loss_fn: ``loss_fn(model, batch) -> Tensor[n]`` of per-example
                 losses; example ``i``'s loss must depend only on row ``i``.
+            out: optional ``{layer.name: Tensor[n, rank, dim]}`` buffers (the
+                layer's dtype and device, any strides BLAS takes, e.g. slices
+                of one stacked tensor) that receive the gradients; the returned
+                dict then holds these very tensors.
 
         Returns:
             ``{layer.name: Tensor[n, layer.rank, layer.dim]}``, detached, in
@@ -497,8 +507,17 @@ class PerSampleGradients:
         params = [p for layer in self.layers for p in layer.parameters]
         modes = [(m, m.training) for m in self.model.modules()]
         flags = [(p, p.requires_grad) for p in params]
+        out = dict(out or {})
+        unknown = sorted(set(out) - {cap.layer.name for cap in self._captures})
+        if unknown:
+            raise ValueError(f"out: no captured layer named {unknown}")
         for cap in self._captures:
             cap.grad, cap.calls = None, 0
+            buf = out.get(cap.layer.name)
+            if buf is not None and (buf.dtype != cap.dtype or buf.device != cap.layer.module.weight.device):
+                raise ValueError(f"out[{cap.layer.name!r}]: expected dtype {cap.dtype} on "
+                                 f"{cap.layer.module.weight.device}, got {buf.dtype} on {buf.device}")
+            cap.out = buf
         try:
             self.model.eval()
             for p in params:
@@ -523,19 +542,27 @@ class PerSampleGradients:
             for cap in self._captures:
                 layer = cap.layer
                 g = cap.grad
-                if g is None:
-                    g = torch.zeros(n, layer.rank, layer.dim, dtype=cap.dtype, device=layer.module.weight.device)
-                elif g.shape != (n, layer.rank, layer.dim):
+                if g is not None and g.shape != (n, layer.rank, layer.dim):
                     raise RuntimeError(
                         f"{layer.name}: per-sample gradient has shape {tuple(g.shape)}, expected "
                         f"{(n, layer.rank, layer.dim)}; the batch axis of the layer input must match the losses"
                     )
+                if cap.out is not None:
+                    if tuple(cap.out.shape) != (n, layer.rank, layer.dim):
+                        raise ValueError(f"out[{layer.name!r}]: expected shape {(n, layer.rank, layer.dim)}, "
+                                         f"got {tuple(cap.out.shape)}")
+                    if g is None:
+                        g = cap.out.zero_()
+                    elif g is not cap.out:
+                        g = cap.out.copy_(g)
+                elif g is None:
+                    g = torch.zeros(n, layer.rank, layer.dim, dtype=cap.dtype, device=layer.module.weight.device)
                 result[layer.name] = g
             return result
         finally:
             self._phase = None
             for cap in self._captures:
-                cap.grad = None
+                cap.grad, cap.out = None, None
             for p, flag in flags:
                 p.requires_grad_(flag)
             for m, training in modes:

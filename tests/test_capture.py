@@ -423,3 +423,31 @@ def test_bad_loss_shape_and_foreign_layers():
         PerSampleGradients(other, layers)
     with pytest.raises(ValueError, match="duplicate"):
         PerSampleGradients(model, layers + layers[:1])
+
+
+def test_out_buffers_receive_the_gradients():
+    """compute(out=...) writes into caller buffers (slices of one stacked tensor, also for a module
+    called twice and for a head with bias) with the same values as without them; bad buffers raise."""
+    torch.manual_seed(0)
+    model = get_peft_model(TwiceNet().double(), LoraConfig(r=2, lora_alpha=3, target_modules=["proj"],
+                                                           modules_to_save=["fc"]))
+    randomize_lora_B(model)
+    layers = find_gradient_layers(model, include_heads=True)
+    batch = {"x": torch.randn(5, 6, dtype=torch.float64), "y": torch.tensor([0, 1, 2, 0, 1])}
+    with PerSampleGradients(model, layers) as psg:
+        plain = {k: v.clone() for k, v in psg.compute(batch, twice_loss).items()}
+        lora = [l for l in layers if l.kind != "head"]
+        stacked = torch.full((len(lora), 5, 2, 6), float("nan"), dtype=torch.float64)
+        head = torch.full((5, 3, 7), float("nan"), dtype=torch.float64)[:, :, :]
+        out = {l.name: stacked[i] for i, l in enumerate(lora)}
+        out[layers[-1].name] = head
+        got = psg.compute(batch, twice_loss, out=out)
+        for layer in layers:
+            assert got[layer.name] is out[layer.name]
+            torch.testing.assert_close(got[layer.name], plain[layer.name], rtol=1e-12, atol=0)
+        with pytest.raises(ValueError, match="expected shape"):
+            psg.compute(batch, twice_loss, out={lora[0].name: torch.zeros(5, 3, 6, dtype=torch.float64)})
+        with pytest.raises(ValueError, match="expected dtype"):
+            psg.compute(batch, twice_loss, out={lora[0].name: torch.zeros(5, 2, 6)})
+        with pytest.raises(ValueError, match="no captured layer"):
+            psg.compute(batch, twice_loss, out={"nope": torch.zeros(5, 2, 6, dtype=torch.float64)})
