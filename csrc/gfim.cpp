@@ -10,10 +10,15 @@
 //   * grads that BLAS cannot take directly (another dtype than acc, or no unit stride) are
 //     converted/copied in chunks of rows, so a huge bf16 grads never gets a full fp32 copy; the
 //     panels then accumulate over chunks in S (in acc's dtype, so fp32 or fp64 accumulation).
+//   * bf16 grads into an fp32 acc on a CPU with AVX512-BF16 skip all of the above: gfim_bf16.cpp
+//     fills S's upper triangle with its own vdpbf16ps micro-kernel (measured ~1.7× fp32 torch.mm).
 #include "hyperinf_ops.h"
 
 #include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
+
+#include <cstdlib>
+#include <cstring>
 
 namespace hyperinf {
 namespace {
@@ -78,10 +83,26 @@ void mirror_add(scalar_t* acc, const scalar_t* S, int64_t d) {
   });
 }
 
+// bf16 grads into an fp32 acc go to the AVX512-BF16 kernel (gfim_bf16.cpp) when the CPU has it,
+// unless HYPERINF_GFIM_BF16_KERNEL=0 (read on every call, so benchmarks can compare both paths in
+// one process; getenv is negligible next to a layer's GEMM).
+bool use_bf16_kernel(const at::Tensor& acc_l, const at::Tensor& g_l) {
+  if (g_l.scalar_type() != at::kBFloat16 || acc_l.scalar_type() != at::kFloat || !gfim_bf16_kernel_usable()) {
+    return false;
+  }
+  const char* env = std::getenv("HYPERINF_GFIM_BF16_KERNEL");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
 // One layer: acc_l [d, d] += g_lᵀ·g_l.  S [d, d] and (when g_l needs converting) chunk [rows, d]
 // are caller-owned scratch in acc's dtype, reused across layers.
 void accumulate_layer(const at::Tensor& acc_l, const at::Tensor& g_l, at::Tensor& S, at::Tensor& chunk) {
   const int64_t m = g_l.size(0), d = g_l.size(1);
+  if (use_bf16_kernel(acc_l, g_l)) {
+    gfim_bf16_upper(g_l, S.mutable_data_ptr<float>(), chunk);  // `chunk` holds its packed rows
+    mirror_add<float>(acc_l.data_ptr<float>(), S.const_data_ptr<float>(), d);
+    return;
+  }
   const bool convert = g_l.scalar_type() != acc_l.scalar_type() || !blas_compatible(g_l);
   const int64_t step = convert ? chunk_rows(m, d) : m;
   const int64_t panel_b = panel_rows(d);
@@ -137,7 +158,13 @@ void gfim_accumulate_cpu(const at::Tensor& acc, const at::Tensor& grads) {
   // The kernel is the whole op: nothing inside it should be recorded by autograd.
   at::AutoDispatchBelowADInplaceOrView guard;
 
-  if (L >= 2 && d <= kSmallD) {
+  // The bf16 kernel splits whole layers whenever they go round evenly or at least twice: per-layer
+  // tile splitting costs three barriers per layer (pack, tiles, mirror), and on the shared 2-core
+  // box that measured 0.84 of a torch.mm's time at d = 768 against 0.56 with one layer per thread
+  // (L = 2, 4), and 0.69 against 0.66 at d = 2048.
+  const int64_t threads = at::get_num_threads();
+  const bool bf16_by_layers = use_bf16_kernel(acc, grads) && L >= threads && (L % threads == 0 || L >= 2 * threads);
+  if (L >= 2 && (d <= kSmallD || bf16_by_layers)) {
     parallel_items(L, [&](std::atomic<int64_t>& next) {
       at::AutoDispatchBelowADInplaceOrView worker_guard;  // TLS: not inherited by pool threads
       at::Tensor S = at::empty({d, d}, acc.options());

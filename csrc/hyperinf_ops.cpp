@@ -34,6 +34,10 @@ TORCH_LIBRARY(hyperinf, m) {
   // One step on [d, d] matrices, for benchmarks: writes R = I − A·X and X_new, returns ‖R‖_F.
   // Returns a Python float, so it is eager-only (no fake kernel).
   m.def("schulz_step_(Tensor(a!) X_new, Tensor(b!) R, Tensor A, Tensor X, float beta) -> float");
+  // Whether gfim_accumulate_ takes the AVX512-BF16 kernel for bf16 grads into an fp32 acc on this
+  // CPU (for tests and benchmarks; HYPERINF_GFIM_BF16_KERNEL=0 still switches it off per call).
+  // No tensor arguments, hence no backend to dispatch on: defined together with its kernel.
+  m.def("gfim_bf16_kernel_available() -> bool", [] { return hyperinf::gfim_bf16_kernel_usable(); });
 }
 
 TORCH_LIBRARY_IMPL(hyperinf, CPU, m) {

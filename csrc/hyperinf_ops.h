@@ -15,6 +15,13 @@ namespace hyperinf {
 // acc[l] += grads[l]ᵀ·grads[l], computed on the upper triangle only and mirrored.
 void gfim_accumulate_cpu(const at::Tensor& acc, const at::Tensor& grads);
 
+// gfim_bf16.cpp: whether this CPU runs the AVX512-BF16 kernel (checked once).
+bool gfim_bf16_kernel_usable();
+// g [m, d] bf16, any strides, m ≥ 1; S [d, d] fp32 row-major.  Overwrites S[i, j] for i ≤ j with
+// (gᵀ·g)[i, j] (entries just below the diagonal may be written too).  `scratch` holds the packed
+// rows between calls (reallocated when too small).  Requires gfim_bf16_kernel_usable().
+void gfim_bf16_upper(const at::Tensor& g, float* S, at::Tensor& scratch);
+
 // A [B, d, d] float32/float64 contiguous; lower/upper [B] float64.
 // Returns (X like A, iterations int64 [B], residual float64 [B], status int64 [B]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> schulz_inverse_cpu(

@@ -64,7 +64,7 @@ def _bounds(A: torch.Tensor, lower: torch.Tensor | None) -> tuple[torch.Tensor, 
 
 
 def test_ops_registered():
-    for name in ("gfim_accumulate_", "schulz_inverse", "schulz_step_"):
+    for name in ("gfim_accumulate_", "schulz_inverse", "schulz_step_", "gfim_bf16_kernel_available"):
         assert hasattr(torch.ops.hyperinf, name)
     schema = torch.ops.hyperinf.gfim_accumulate_.default._schema
     assert schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write
@@ -242,6 +242,143 @@ def test_gfim_public_api_matches_torch_backend(dtype):
     acc = torch.zeros(90, 90, dtype=ops.compute_dtype(dtype))
     ops.gfim_accumulate_(acc, grads[0], backend="cpp")
     assert _rel(acc, G_ref[0].double() * 16) <= _gfim_tol(acc.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# GFIM: the AVX512-BF16 kernel (bf16 grads into an fp32 acc, csrc/gfim_bf16.cpp)
+
+
+def _cpu_has_avx512_bf16() -> bool | None:
+    """The avx512_bf16 flag of /proc/cpuinfo (with the AVX-512 subsets the kernel needs), None off Linux."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return all(flag in flags for flag in ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"))
+
+
+_HAS_BF16_KERNEL = cpp_ops.is_available() and torch.ops.hyperinf.gfim_bf16_kernel_available()
+needs_bf16_kernel = pytest.mark.skipif(not _HAS_BF16_KERNEL, reason="CPU without AVX512-BF16")
+
+
+@pytest.fixture
+def conversion_path(monkeypatch):
+    """Context that routes bf16 grads to the old bf16→fp32 conversion path (read on every call)."""
+
+    class _Switch:
+        def __enter__(self):
+            monkeypatch.setenv("HYPERINF_GFIM_BF16_KERNEL", "0")
+
+        def __exit__(self, *exc):
+            monkeypatch.delenv("HYPERINF_GFIM_BF16_KERNEL")
+
+    return _Switch()
+
+
+def test_gfim_bf16_kernel_available_matches_cpu_flags():
+    flag = _cpu_has_avx512_bf16()
+    if flag is None:
+        pytest.skip("no /proc/cpuinfo")
+    assert torch.ops.hyperinf.gfim_bf16_kernel_available() is flag
+
+
+@needs_bf16_kernel
+def test_gfim_bf16_kernel_is_taken(conversion_path):
+    # vdpbf16ps flushes denormal fp32 results to zero, the fp32 GEMMs of the conversion path do
+    # not: a 1e-21² product (denormal in fp32) tells the two paths apart.
+    grads = torch.full((2, 4, 3), 1e-21).to(torch.bfloat16)
+    acc = torch.zeros(2, 3, 3)
+    torch.ops.hyperinf.gfim_accumulate_(acc, grads)
+    assert torch.equal(acc, torch.zeros_like(acc))
+    with conversion_path:
+        torch.ops.hyperinf.gfim_accumulate_(acc, grads)
+    assert (acc > 0).all()
+
+
+def _bf16_check(acc0: torch.Tensor, grads: torch.Tensor, tol: float = 2e-5) -> torch.Tensor:
+    """Accumulates grads into a copy of acc0; checks it against float64 and for exact symmetry."""
+    acc = acc0.clone()
+    torch.ops.hyperinf.gfim_accumulate_(acc, grads)
+    expected = acc0.double() + _einsum_ref(grads)
+    assert _rel(acc, expected) <= tol
+    assert torch.equal(acc, acc.transpose(1, 2))
+    return acc
+
+
+def _sym_acc(L: int, d: int, scale: float) -> torch.Tensor:
+    A = torch.randn(L, d, d) * scale
+    return A + A.transpose(1, 2)
+
+
+@needs_bf16_kernel
+@pytest.mark.parametrize("d", [1, 7, 33, 64, 100, 257, 768])
+@pytest.mark.parametrize("m", [1, 2, 15, 64, 301])
+@pytest.mark.parametrize("scale", [1e-6, 1e4])
+def test_gfim_bf16_kernel_awkward_sizes(d, m, scale):
+    # d: below, at and across the 16-column vectors and 48-column panels; m = 1 and odd m end in a
+    # zero-padded pair.  L = 3 layers into a non-zero (symmetric) acc.
+    L = 3
+    grads = (torch.randn(L, m, d, dtype=torch.float64) * scale).to(torch.bfloat16)
+    _bf16_check(_sym_acc(L, d, scale * scale * math.sqrt(m)), grads)
+
+
+@needs_bf16_kernel
+@pytest.mark.parametrize("m", [1, 200, 333])
+def test_gfim_bf16_kernel_noncontiguous(m):
+    L, d = 3, 150
+    cases = {
+        "transposed view": torch.randn(L, d, m).to(torch.bfloat16).transpose(1, 2),
+        "slices with step": torch.randn(L, 2 * m, 3 * d).to(torch.bfloat16)[:, ::2, ::3],
+        "expanded rows": torch.randn(L, 1, d).to(torch.bfloat16).expand(L, m, d),
+        "layer-strided": torch.randn(m, L, d).to(torch.bfloat16).transpose(0, 1),
+        "column offset": torch.randn(L, m, d + 5).to(torch.bfloat16)[:, :, 5:],
+    }
+    for name, grads in cases.items():
+        assert not grads.is_contiguous() or m == 1, name
+        _bf16_check(_sym_acc(L, d, 1.0), grads)
+
+
+@needs_bf16_kernel
+def test_gfim_bf16_kernel_matches_conversion_path(conversion_path):
+    L, m, d = 2, 777, 300
+    grads = torch.randn(L, m, d).to(torch.bfloat16)
+    acc0 = _sym_acc(L, d, 10.0)
+    ours = _bf16_check(acc0, grads)
+    old = acc0.clone()
+    with conversion_path:
+        torch.ops.hyperinf.gfim_accumulate_(old, grads)
+    assert _rel(ours, old.double()) <= 2e-5
+
+
+@needs_bf16_kernel
+def test_gfim_bf16_kernel_packed_chunks_and_tile_split():
+    # d = 2048: the packed chunk holds 1792 pairs, so m = 4001 rows take three chunks, the last
+    # one ending in an odd row.  L = 1 splits the tiles of the layer across threads.
+    grads = torch.randn(1, 4001, 2048).to(torch.bfloat16)
+    _bf16_check(_sym_acc(1, 2048, 1.0), grads, tol=1e-4)  # m = 4001 fp32 terms per entry
+
+
+@needs_bf16_kernel
+def test_gfim_bf16_kernel_bitwise_independent_of_threading():
+    # Each tile is summed by one job in a fixed K-block order, whatever the split: whole layers
+    # per thread (L = 4), tiles across threads (one layer per call) and one thread agree bitwise.
+    L, m, d = 4, 1201, 400
+    grads = torch.randn(L, m, d).to(torch.bfloat16)
+    by_layers = torch.zeros(L, d, d)
+    torch.ops.hyperinf.gfim_accumulate_(by_layers, grads)
+    by_tiles = torch.zeros(L, d, d)
+    for l in range(L):
+        torch.ops.hyperinf.gfim_accumulate_(by_tiles[l : l + 1], grads[l : l + 1])
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = torch.zeros(L, d, d)
+        torch.ops.hyperinf.gfim_accumulate_(one_thread, grads)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(by_layers, by_tiles) and torch.equal(by_layers, one_thread)
+    assert _rel(by_layers, _einsum_ref(grads)) <= 2e-5
 
 
 # --------------------------------------------------------------------------------------------------
