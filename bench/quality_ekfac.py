@@ -21,7 +21,8 @@ the mean validation loss with EK-FAC:
 * Curvature: FactorArguments(strategy="ekfac") defaults (float32 covariances, float64
   eigendecomposition). Damping: ScoreArguments(damping_factor=None) = Kronfluence's heuristic
   0.1 x mean eigenvalue (per module). Note that 1.0.1's *default* damping_factor is 1e-8; the heuristic
-  is the documented alternative, used here because it is the one the issue's EK-FAC number used.
+  is the documented alternative, used here because it is the rule EK-FAC libraries recommend
+  (0.1 × mean eigenvalue) and the one our "spectral" rule mirrors.
 * Sign: Kronfluence's pairwise score is the plain product grad f(query)^T (G + lambda I)^-1 grad L(train)
   (kronfluence/module/linear.py compute_pairwise_score, no minus sign anywhere in the score path), i.e.
   Grosse et al. (2023) Eq. 5 *without* its leading minus: a positive score means up-weighting the

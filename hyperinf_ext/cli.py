@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--damping", metavar="LIST", default="auto",
                    help="comma list of dampings: numbers > 0 or rules datainf, spectral, paper, auto (default: auto = "
                         "each method's own default: spectral x3 for hyperinf, from bench/QUALITY.md; datainf for "
-                        "datainf/lissa/exact). Give e.g. 'datainf' to compare every method at the same damping")
+                        "datainf/lissa/exact); rule:factor sets a rule's factor, e.g. spectral:3,spectral:10,datainf. "
+                        "Give e.g. 'datainf' to compare every method at the same damping")
     p.set_defaults(func=_cmd_detect)
 
     p = sub.add_parser(

@@ -144,3 +144,35 @@ def test_shared_validation_gradients_equal_mean_scores(one_thread):
         direct = attr.use(method, damping="datainf").mean_scores(vl).double().numpy()
         np.testing.assert_allclose(shared, direct, rtol=1e-9, atol=1e-12)
         assert timing["seconds"] >= 0 and set(timing) >= {"prepare_seconds", "dot_seconds"}
+
+
+def test_damping_list_with_rule_factors():
+    """--damping accepts rule:factor; score_method passes the factor as damping_scale."""
+    from hyperinf_ext.tasks.mislabeled import parse_dampings, score_method, split_damping
+
+    assert parse_dampings("spectral:3, datainf,1e-3,spectral:3.0,paper:0.5") == ["spectral:3", "datainf", 0.001,
+                                                                                "paper:0.5"]
+    assert split_damping("spectral:3") == ("spectral", 3.0) and split_damping(0.01) == (0.01, None)
+    for bad in ("spectral:x", "spectral:0", "spectral:-1", "auto:3", "0.1:2", "spectral:inf"):
+        with pytest.raises(ValueError, match="--damping"):
+            parse_dampings(bad)
+
+    class FakeAttr:
+        timings: dict = {}
+
+        def __init__(self):
+            self.calls = []
+
+        def use(self, method, **kw):
+            self.calls.append((method, kw))
+
+        def mean_scores(self, queries):
+            import torch
+
+            return torch.zeros(3, dtype=torch.float64)
+
+    attr = FakeAttr()
+    score_method(attr, None, "hyperinf", "spectral:10")
+    score_method(attr, None, "hyperinf", "datainf")
+    assert attr.calls == [("hyperinf", {"damping": "spectral", "damping_scale": 10.0}),
+                          ("hyperinf", {"damping": "datainf"})]

@@ -165,10 +165,24 @@ def parse_methods(value: str | Sequence[str], option: str = "--methods") -> list
 
 
 def parse_dampings(value: str | Sequence[float | str]) -> list[float | str]:
-    """``"datainf,1e-3"`` or a list → validated damping rules (floats must be > 0)."""
+    """``"datainf,1e-3,spectral:3"`` or a list → validated damping rules (floats must be > 0).
+
+    ``rule:scale`` (e.g. ``spectral:3``) gives a rule its factor (``damping_scale``); it is kept as the
+    normalised string ``"spectral:3"``, which :func:`split_damping` takes apart.
+    """
     raw = [d.strip() for d in value.split(",")] if isinstance(value, str) else list(value)
     out: list[float | str] = []
     for d in raw:
+        if isinstance(d, str) and ":" in d:
+            rule, _, factor = d.partition(":")
+            try:
+                scale = float(factor)
+            except ValueError:
+                raise ValueError(f"--damping: {d!r}: the factor after ':' must be a number") from None
+            if rule.strip() not in ("datainf", "spectral", "paper") or not (math.isfinite(scale) and scale > 0):
+                raise ValueError(f"--damping: {d!r}: expected datainf|spectral|paper:<factor > 0>")
+            out.append(f"{rule.strip()}:{scale:g}")
+            continue
         if isinstance(d, str):
             if not d:
                 continue
@@ -191,6 +205,14 @@ def parse_dampings(value: str | Sequence[float | str]) -> list[float | str]:
 
 def damping_label(d: float | str) -> str:
     return f"{d:g}" if isinstance(d, float) else str(d)
+
+
+def split_damping(d: float | str) -> tuple[float | str, float | None]:
+    """A parsed damping → (rule, damping_scale or None): ``"spectral:3"`` → ("spectral", 3.0)."""
+    if isinstance(d, str) and ":" in d:
+        rule, _, factor = d.partition(":")
+        return rule, float(factor)
+    return d, None
 
 
 # ------------------------------------------------------------------------------ shared pipeline
@@ -328,7 +350,8 @@ def score_method(attr: Any, queries: Any, method: str, damping: float | str) -> 
     with the cached training gradients (from ``attr.timings``).
     """
     before = dict(attr.timings)
-    attr.use(method, damping=damping)
+    rule, scale = split_damping(damping)
+    attr.use(method, damping=rule, damping_scale=scale) if scale is not None else attr.use(method, damping=rule)
     scores = attr.mean_scores(queries)
     after = attr.timings
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in _SCORING_STAGES}
