@@ -155,7 +155,9 @@ def per_iteration(d: int, k1: int, k2: int, dtype: torch.dtype, timer: TimerConf
         X0 = torch.eye(d, dtype=dtype) / float(A2.abs().sum(1).max())
         step = "cpp schulz_step_ op (one fused step)"
         cands[step] = lambda: torch.ops.hyperinf.schulz_step_(Xn, Rb, A2, X0, 1.0)
-    t = measure_group(cands, timer, keep_result=True)
+    # sub-10-ms runs (d ≤ 256) are at the mercy of a single preemption: more interleaved rounds
+    many = max(timer.repeats, 25) if d <= 256 else None
+    t = measure_group(cands, timer, keep_result=True, repeats=many, min_repeats=many)
     out = {"mm": t["two torch.mm (A·X, X·R)"], "backends": {}, "step": t.get(step) if step else None}
     for b in bks:
         t1, t2 = t[f"{b} k={k1}"], t[f"{b} k={k2}"]
