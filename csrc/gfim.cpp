@@ -36,7 +36,8 @@ constexpr int64_t kChunkMinRows = 256;
 // Tile edge of the mirror pass: a 64×64 tile of S read transposed stays in L1/L2.
 constexpr int64_t kTile = 64;
 // Threading.  At or below this d a layer's GEMMs are too small for BLAS threading to pay, so with
-// two or more layers each thread takes whole layers (single-threaded BLAS).  Above it, a layer
+// two or more layers each thread takes whole layers (single-threaded BLAS); above it too when the
+// layers go round the threads evenly or at least twice (see gfim_accumulate_cpu).  Otherwise a layer
 // with at least two panels per thread hands its panels out to the threads, largest first
 // (single-threaded GEMMs, one barrier per chunk): triangular panel sizes then balance within a few
 // percent, and on a loaded 2-core box this measured 0.65–0.73 of a full torch.matmul's time where
@@ -158,13 +159,14 @@ void gfim_accumulate_cpu(const at::Tensor& acc, const at::Tensor& grads) {
   // The kernel is the whole op: nothing inside it should be recorded by autograd.
   at::AutoDispatchBelowADInplaceOrView guard;
 
-  // The bf16 kernel splits whole layers whenever they go round evenly or at least twice: per-layer
-  // tile splitting costs three barriers per layer (pack, tiles, mirror), and on the shared 2-core
-  // box that measured 0.84 of a torch.mm's time at d = 768 against 0.56 with one layer per thread
-  // (L = 2, 4), and 0.69 against 0.66 at d = 2048.
+  // Whole layers per thread whenever they go round evenly or at least twice: splitting one layer's
+  // panels (or bf16 tiles) costs barriers per layer and per chunk.  fp32, 2 threads, same process,
+  // load ≈ 2: L = 24, d = 384, m = 256 / 512 / 1024 rows: 1.81× / 2.30× / 1.44× faster by layers;
+  // L = 12, d = 768, m = 2000 / 8000: 1.25× / 1.15×; float64 acc (d = 385, m = 256): 2.11×.  bf16
+  // kernel: 0.56 of a torch.mm's time by layers vs 0.84 by tiles (d = 768, L = 2, 4).
   const int64_t threads = at::get_num_threads();
-  const bool bf16_by_layers = use_bf16_kernel(acc, grads) && L >= threads && (L % threads == 0 || L >= 2 * threads);
-  if (L >= 2 && (d <= kSmallD || bf16_by_layers)) {
+  const bool by_layers = L >= threads && (L % threads == 0 || L >= 2 * threads);
+  if (L >= 2 && (d <= kSmallD || by_layers)) {
     parallel_items(L, [&](std::atomic<int64_t>& next) {
       at::AutoDispatchBelowADInplaceOrView worker_guard;  // TLS: not inherited by pool threads
       at::Tensor S = at::empty({d, d}, acc.options());

@@ -170,11 +170,13 @@ def test_gfim_chunked_conversion(dtype):
     assert torch.equal(acc, acc.transpose(1, 2))
 
 
+@pytest.mark.parametrize("L", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gfim_large_d_panels(dtype):
+def test_gfim_large_d_panels(dtype, L):
     # d = 520: five 128-row panels (the last one 8 rows), handed out to threads when there are at
-    # least two per thread; bf16 with m = 9000 also spans three conversion chunks.
-    L, m, d = 2, 9000, 520
+    # least two per thread (L = 1; with L = 2 and two threads each thread takes a whole layer);
+    # bf16 with m = 9000 also spans three conversion chunks.
+    m, d = 9000, 520
     grads = torch.randn(L, m, d).to(dtype)
     acc = torch.zeros(L, d, d)
     torch.ops.hyperinf.gfim_accumulate_(acc, grads)
