@@ -368,3 +368,33 @@ def test_layers_of_equal_dim_and_different_rank():
     s_hyp = attr.scores(batches(query, 3))
     s_ex = attr.use("exact").scores(batches(query, 3))
     assert (s_hyp - s_ex).abs().max() <= 1e-5 * s_ex.abs().max()
+
+
+def test_hyperinf_float32_warm_start_then_float64_polish():
+    """float64 factors of d ≥ 128: float32 Schulz + float64 polish meets the float64 residual test and
+    matches torch.linalg.inv; a too-ill-conditioned layer takes the all-float64 path; same inverses
+    (to the tolerance) as warm_start=False."""
+    from hyperinf_ext.methods import HyperINFMethod, LayerFactor
+
+    g = torch.Generator().manual_seed(11)
+    factors = {}
+    for i, (d, n, lam) in enumerate([(200, 900, 1.0), (200, 900, 0.05), (129, 400, 1e-7), (64, 300, 1.0)]):
+        x = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.logspace(0, -2, d, dtype=torch.float64)
+        G = x.T @ x / n
+        lam_abs = lam * float(G.diagonal().mean())
+        factors[f"l{i}"] = LayerFactor(f"l{i}", 1, d, x.T @ x, n, damping=lam_abs)
+    warm = HyperINFMethod(backend="cpp")
+    warm.prepare(factors)
+    cold = HyperINFMethod(backend="cpp", warm_start=False)
+    cold.prepare(factors)
+    for name, f in factors.items():
+        A = f.gfim + f.damping * torch.eye(f.dim, dtype=torch.float64)
+        ref = torch.linalg.inv(A)
+        err = float((warm.state[name] - ref).norm() / ref.norm())
+        assert err <= 1e-7, (name, err)
+        assert warm.info[name]["residual"] <= 1e-8
+        assert float((warm.state[name] - cold.state[name]).norm() / ref.norm()) <= 2e-8
+        assert not cold.info[name]["warm_start"]
+    # d = 200 and well conditioned: warm path; κ ~ 1e7 (tiny damping): float64 path; d = 64: float64 path
+    assert warm.info["l0"]["warm_start"] and warm.info["l1"]["warm_start"]
+    assert not warm.info["l2"]["warm_start"] and not warm.info["l3"]["warm_start"]
