@@ -47,7 +47,7 @@ class PipelineConfig:
     n_val: int = 200
     max_length: int = 64
     batch_size: int = 32
-    repeats: int = 2  # ours and forward/backward
+    repeats: int = 4  # ours and forward/backward, interleaved: their difference (the overhead) is small, so it needs several
     bs1_repeats: int = 1
     # the baseline's second batch-size-1 pass (dot products) over this many training examples, its time
     # extrapolated linearly to n_train (None = all); scores are compared on those examples
