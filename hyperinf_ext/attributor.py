@@ -300,11 +300,11 @@ class HyperINF:
 
     def _batch_gfim_dtype(self, grad_dtype: torch.dtype) -> torch.dtype:
         """dtype of one batch's GFIM sums before they join the running sum in ``fdtype``."""
-        work = _torch_dtype(self.config.gfim_dtype) or self.fdtype
-        if grad_dtype == torch.float64 or self.fdtype == torch.float32:
-            # float64 gradients: exact as they come; float32 factors: nothing finer to add into
-            return self.fdtype if grad_dtype != torch.float64 else torch.float64
-        return work
+        if grad_dtype == torch.float64:
+            return torch.float64  # exact as they come
+        if self.fdtype == torch.float32:
+            return torch.float32  # nothing finer to add into
+        return _torch_dtype(self.config.gfim_dtype) or self.fdtype
 
     def _prepare(self) -> None:
         """Damping per layer and the method's per-layer work (e.g. the batched Schulz inverse)."""

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..damping import check_rule
+from ..damping import DAMPING_RULES, check_rule
 from ..data import TextDataset, flip_labels, load_rotten_tomatoes, load_text_file, make_loader, split_dataset
 from ..errors import ConvergenceError
 from .metrics import detection_curve, found_at, roc_auc
@@ -179,9 +179,12 @@ def parse_dampings(value: str | Sequence[float | str]) -> list[float | str]:
                 scale = float(factor)
             except ValueError:
                 raise ValueError(f"--damping: {d!r}: the factor after ':' must be a number") from None
-            if rule.strip() not in ("datainf", "spectral", "paper") or not (math.isfinite(scale) and scale > 0):
-                raise ValueError(f"--damping: {d!r}: expected datainf|spectral|paper:<factor > 0>")
-            out.append(f"{rule.strip()}:{scale:g}")
+            rule = rule.strip()
+            # a factor only scales a named rule; "auto" already picks each method's own factor
+            if rule not in DAMPING_RULES or rule == "auto" or not (math.isfinite(scale) and scale > 0):
+                named = "|".join(r for r in DAMPING_RULES if r != "auto")
+                raise ValueError(f"--damping: {d!r}: expected {named}:<factor > 0>")
+            out.append(f"{rule}:{scale:g}")
             continue
         if isinstance(d, str):
             if not d:
@@ -351,7 +354,8 @@ def score_method(attr: Any, queries: Any, method: str, damping: float | str) -> 
     """
     before = dict(attr.timings)
     rule, scale = split_damping(damping)
-    attr.use(method, damping=rule, damping_scale=scale) if scale is not None else attr.use(method, damping=rule)
+    # without an explicit damping_scale, use() resets it to the rule's default
+    attr.use(method, damping=rule, **({} if scale is None else {"damping_scale": scale}))
     scores = attr.mean_scores(queries)
     after = attr.timings
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in _SCORING_STAGES}
