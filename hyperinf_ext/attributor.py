@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from . import ops
 from .cache import CACHE_MODES, GradientCache
-from .capture import PerSampleGradients, default_loss_fn, find_gradient_layers
+from .capture import ExampleError, PerSampleGradients, default_loss_fn, find_gradient_layers
 from .damping import check_rule, layer_damping, resolve
 from .methods import METHODS, LayerFactor, groups_by_dim, make_method
 
@@ -165,16 +165,21 @@ class HyperINF:
         """
         offset = 0
         layer_of = {l.name: l for l in self.layers}
+        taken = torch.zeros(0, dtype=torch.bool)  # indices already used in this pass
         with PerSampleGradients(self.model, self.layers, dtype=_torch_dtype(self.config.grad_dtype)) as psg:
             for b, batch in enumerate(self._bar(loader, desc)):
                 n = _batch_size(batch)
-                index = batch["index"].long().cpu() if "index" in batch else torch.arange(offset, offset + n)
+                if n == 0:
+                    raise ValueError(f"{desc}: batch {b} is empty (no examples)")
+                index = _batch_index(batch, n, offset, f"{desc}: batch {b}")
+                taken = _take(taken, index, f"{desc}: batch {b}")
                 offset += n
                 if b < skip:
                     continue
                 if groups is None:
                     with self._timed("gradients"):
-                        grads = psg.compute(batch, self.loss_fn)
+                        grads = _compute(psg, batch, self.loss_fn, index, desc)
+                        _check_finite(psg.last_losses, grads.values(), index, desc, stacked=False)
                     yield index, grads  # outside the timer: the consumer's work is not "gradients"
                     continue
                 with self._timed("gradients"):
@@ -190,9 +195,10 @@ class HyperINF:
                         buf = torch.empty(len(names), n, first.rank, first.dim, dtype=dtype, device=ws[0].device)
                         stacked[key] = buf
                         out.update({name: buf[i] for i, name in enumerate(names)})
-                    grads = psg.compute(batch, self.loss_fn, out=out)
+                    grads = _compute(psg, batch, self.loss_fn, index, desc, out=out)
                     for key in mixed:
                         stacked[key] = torch.stack([grads[name].to(grads[groups[key][0]]) for name in groups[key]])
+                    _check_finite(psg.last_losses, stacked.values(), index, desc, stacked=True)
                 yield index, grads, stacked
 
     def _train_batches(self, train_loader: Iterable | None) -> Callable[[], Iterator[tuple[torch.Tensor, dict]]]:
@@ -398,6 +404,11 @@ class HyperINF:
         self._require_fit()
         queries = self.query_gradients(query_loader)
         qidx, q = queries.index, queries.grads
+        if qidx.numel() and int(qidx.max()) >= qidx.numel():
+            raise ValueError(
+                f"query_loader: index must number the {qidx.numel()} query examples 0..{qidx.numel() - 1} "
+                f"(it gives each its row of the scores), got index {int(qidx.max())}"
+            )
         qt = self._precondition(q, train_loader)
         s = self._dot_with_train(qt, train_loader)
         out = torch.empty_like(s)
@@ -520,3 +531,63 @@ def _batch_size(batch: Mapping[str, Any]) -> int:
         if isinstance(v, torch.Tensor):
             return v.shape[0]
     raise ValueError("batch: no tensor to take the batch size from")
+
+
+def _batch_index(batch: Mapping[str, Any], n: int, offset: int, where: str) -> torch.Tensor:
+    """The batch's ``index`` entry, checked ([n] non-negative integers), or positions from ``offset``."""
+    if "index" not in batch:
+        return torch.arange(offset, offset + n)
+    index = batch["index"]
+    if not isinstance(index, torch.Tensor):
+        raise ValueError(f"{where}: index must be a tensor of int64, got {type(index).__name__}")
+    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+        raise ValueError(f"{where}: index must be an integer tensor, got {index.dtype}")
+    if index.dim() != 1 or index.numel() != n:
+        raise ValueError(f"{where}: index must have shape [{n}] (one entry per example), got {tuple(index.shape)}")
+    index = index.long().cpu()
+    if bool((index < 0).any()):
+        raise ValueError(f"{where}: index must be non-negative, got {index[index < 0][:5].tolist()}")
+    return index
+
+
+def _take(taken: torch.Tensor, index: torch.Tensor, where: str) -> torch.Tensor:
+    """Mark ``index`` as used in this pass; a repeated index would merge two examples into one score."""
+    top = int(index.max()) + 1
+    if top > taken.numel():
+        taken = torch.cat([taken, taken.new_zeros(max(top, 2 * taken.numel()) - taken.numel())])
+    sorted_index = index.sort().values
+    repeated = sorted_index[1:][sorted_index[1:] == sorted_index[:-1]]
+    if repeated.numel():
+        raise ValueError(f"{where}: index repeats {repeated.unique()[:5].tolist()} within the batch "
+                         "(every example needs its own index)")
+    again = index[taken[index]]
+    if again.numel():
+        raise ValueError(f"{where}: index {again[:5].tolist()} already used by an earlier batch of this pass "
+                         "(every example needs its own index)")
+    taken[index] = True
+    return taken
+
+
+def _compute(psg: PerSampleGradients, batch: Mapping[str, Any], loss_fn, index: torch.Tensor, desc: str,
+             out: dict | None = None) -> dict[str, torch.Tensor]:
+    """``psg.compute``, with a per-example problem of the loss reported by example index."""
+    try:
+        return psg.compute(batch, loss_fn, out=out)
+    except ExampleError as exc:
+        raise ValueError(f"{desc}: examples {index[exc.rows].tolist()[:10]} (index): {exc.problem}") from None
+
+
+def _check_finite(losses: torch.Tensor, grads: Iterable[torch.Tensor], index: torch.Tensor, desc: str,
+                  *, stacked: bool) -> None:
+    """Raise naming the examples whose loss or gradient is NaN/Inf (they would poison every score)."""
+    bad = ~torch.isfinite(losses).cpu()
+    for g in grads:
+        # a sum is non-finite when any term is: one reduction instead of an isfinite mask per element
+        acc = torch.float64 if g.dtype == torch.float64 else torch.float32  # fp16 sums could overflow
+        per_example = g.sum(dim=(-2, -1), dtype=acc)  # [L, B] or [B]
+        if stacked:
+            per_example = per_example.sum(0)
+        bad |= ~torch.isfinite(per_example).cpu()
+    if bool(bad.any()):
+        raise ValueError(f"{desc}: examples {index[bad].tolist()[:10]} (index) have a non-finite (NaN/Inf) loss "
+                         "or gradient; check their inputs and labels, or the model")

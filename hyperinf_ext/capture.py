@@ -41,12 +41,26 @@ __all__ = [
     "default_loss_fn",
     "model_inputs",
     "MODEL_INPUT_KEYS",
+    "ExampleError",
 ]
 
 #: Batch keys forwarded to the model by :func:`model_inputs`.
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], Tensor]
+
+
+class ExampleError(ValueError):
+    """Some examples of a batch have no valid loss (e.g. no labelled token, a label out of range).
+
+    ``rows`` are their positions in the batch and ``problem`` says what is wrong;
+    :class:`~hyperinf_ext.HyperINF` re-raises it naming the examples' ``index``.
+    """
+
+    def __init__(self, problem: str, rows: Sequence[int]):
+        self.problem = problem
+        self.rows = list(rows)
+        super().__init__(f"batch rows {self.rows[:10]}: {problem}")
 
 
 # --------------------------------------------------------------------------- layers
@@ -267,8 +281,29 @@ def _upcast(logits: Tensor) -> Tensor:
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
+def _check_targets(targets: Tensor, n_classes: int, what: str) -> None:
+    """Targets other than -100 must be valid class ids (cross_entropy fails with a raw error otherwise)."""
+    bad = (targets != -100) & ((targets < 0) | (targets >= n_classes))
+    if bool(bad.any()):
+        rows = bad.reshape(bad.shape[0], -1).any(1).nonzero().squeeze(1).tolist()
+        values = targets[bad].unique()[:5].tolist()
+        raise ExampleError(f"{what} {values} outside [0, {n_classes}) of the model's {n_classes} outputs", rows)
+
+
+def _require_labelled(count: Tensor, what: str) -> None:
+    # An example without a labelled target has no loss, so any influence score for it would be a
+    # meaningless zero: refuse rather than return it.
+    empty = (count == 0).nonzero().squeeze(1).tolist()
+    if empty:
+        raise ExampleError(f"{what}, so they have no loss; drop them from the data", empty)
+
+
 def _classification_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
-    return F.cross_entropy(_upcast(logits), labels.to(logits.device).long(), reduction="none")
+    labels = labels.to(logits.device).long()
+    if labels.dim() == 1 and logits.dim() == 2:
+        _check_targets(labels, logits.shape[-1], "class labels")
+        _require_labelled((labels != -100).long(), "label -100 (ignored)")
+    return F.cross_entropy(_upcast(logits), labels, reduction="none")
 
 
 def _causal_from_logits(logits: Tensor, labels: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -279,12 +314,13 @@ def _causal_from_logits(logits: Tensor, labels: Tensor, attention_mask: Tensor |
         # With left padding the first real token would be "predicted" from a pad
         # position; dropping it keeps an example's loss independent of its padding.
         shift_labels = shift_labels.masked_fill(attention_mask[:, :-1].to(labels.device) == 0, -100)
+    _check_targets(shift_labels, shift_logits.shape[-1], "token labels")
+    count = (shift_labels != -100).sum(dim=1)
+    _require_labelled(count, "no labelled token to predict (labels all -100 after the shift/padding)")
     tok = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
     ).view(shift_labels.shape)
-    count = (shift_labels != -100).sum(dim=1)
-    # clamp keeps examples without labelled tokens at exactly 0 (and in the graph).
-    return tok.sum(dim=1) / count.clamp(min=1).to(tok.dtype)
+    return tok.sum(dim=1) / count.to(tok.dtype)
 
 
 def classification_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
@@ -295,6 +331,10 @@ def classification_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
 
     Returns:
         ``[n]`` losses (float32 for half-precision logits, else the logits' dtype).
+
+    Raises:
+        ExampleError: a label is -100 (an ignored example has no loss) or not a
+            class id of the model.
     """
     return _classification_from_logits(_logits(model, batch), _labels(batch))
 
@@ -307,8 +347,11 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
     so are targets predicted from a position whose ``attention_mask`` is 0 (with
     left padding transformers would score the first real token from a pad
     token; ignoring it makes the loss independent of padding).
-    Each example's loss is the mean over its labelled tokens; an example
-    without labelled tokens gets loss ``0``.
+    Each example's loss is the mean over its labelled tokens.
+
+    Raises:
+        ExampleError: an example has no labelled token (it has no loss), or a
+            label is outside the vocabulary.
 
     Args:
         batch: model inputs (optional ``attention_mask [n, T]``) plus ``labels`` (int ``[n, T]``).

@@ -193,6 +193,16 @@ class DataInf(Method):
     name = "datainf"
     needs_train_pass = True
 
+    def prepare(self, factors):
+        # (F + λI)⁻¹ ≈ (1/n)Σ_i (I − g_i g_iᵀ/(λ + ‖g_i‖²))/λ has no finite limit as λ → 0 (the
+        # component of v outside the gradients' span is divided by λ), so λ = 0 has no answer.
+        zero = [n for n, f in factors.items() if not f.damping > 0]
+        if zero:
+            raise ValueError(
+                f"damping: DataInf's closed form needs λ > 0, got {factors[zero[0]].damping} for "
+                f"{len(zero)} layer(s) (e.g. {zero[0]}); use a positive damping or damping_scale"
+            )
+
     def precondition(self, q, factors, train_batches):
         dtype = torch.float64
         qf = {n: _flat(v).to(dtype) for n, v in q.items()}  # [Q, r·d]

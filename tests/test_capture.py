@@ -14,6 +14,7 @@ peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from hyperinf_ext.capture import (  # noqa: E402
+    ExampleError,
     GradientLayer,
     PerSampleGradients,
     causal_lm_loss,
@@ -142,7 +143,7 @@ def lm_batch(left: bool, vocab: int, seed=2):
     labels = [list(s) for s in seqs]
     labels[0][:2] = [-100, -100]      # prompt tokens not scored
     labels[2][1:4] = [-100] * 3
-    labels[3] = [-100] * len(labels[3])  # nothing labelled -> loss 0
+    labels[3] = [-100] * (len(labels[3]) - 1) + labels[3][-1:]  # only the last token is scored
     ids, mask, lab = pad_batch(seqs, left=left, labels=labels)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": lab}
     if left:
@@ -284,8 +285,6 @@ def test_causal_lm_matches_loop(arch, left):
     expected, exp_losses = reference_grads(model, layers, examples, causal_lm_loss)
     assert_grads_match(got, expected, layers, n=4)
     torch.testing.assert_close(psg.last_losses, exp_losses, rtol=RTOL, atol=ATOL)
-    assert psg.last_losses[3] == 0
-    assert all(got[layer.name][3].abs().max() == 0 for layer in layers)
     if arch == "gpt2":
         assert (layers[0].rank, layers[0].dim, layers[1].rank, layers[1].dim) == (3, 32, 3, 96)
 
@@ -300,14 +299,26 @@ def test_causal_lm_loss_definition():
             self.logits = logits
 
     model = lambda **kw: Out(logits)  # noqa: E731
+    with pytest.raises(ExampleError, match=r"batch rows \[1\]: no labelled token") as info:
+        causal_lm_loss(model, {"input_ids": labels.clamp(min=0), "labels": labels})
+    assert info.value.rows == [1]
+    labels[1, 3] = 0  # one scored token
     loss = causal_lm_loss(model, {"input_ids": labels.clamp(min=0), "labels": labels})
     lp = logits.log_softmax(-1)
     expected0 = -(lp[0, 0, 2] + lp[0, 2, 4]) / 2
-    torch.testing.assert_close(loss, torch.stack([expected0, torch.zeros((), dtype=torch.float64)]))
+    torch.testing.assert_close(loss, torch.stack([expected0, -lp[1, 2, 0]]))
     # a target predicted from a padded position (left padding) is not scored
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     loss = causal_lm_loss(model, {"input_ids": labels.clamp(min=0), "attention_mask": mask, "labels": labels})
     torch.testing.assert_close(loss[0], -lp[0, 2, 4])
+    # the only labelled target of row 0 sits behind padding: nothing left to score
+    mask = torch.tensor([[0, 0, 0, 1], [1, 1, 1, 1]])
+    with pytest.raises(ExampleError, match=r"batch rows \[0\]"):
+        causal_lm_loss(model, {"input_ids": labels.clamp(min=0), "attention_mask": mask, "labels": labels})
+    beyond_vocab = labels.clone()
+    beyond_vocab[0, 1] = 7
+    with pytest.raises(ExampleError, match=r"batch rows \[0\]: token labels \[7\] outside \[0, 5\)"):
+        causal_lm_loss(model, {"input_ids": labels.clamp(min=0), "labels": beyond_vocab})
     cls = default_loss_fn(lambda **kw: Out(logits[:, 0]), {"input_ids": labels, "labels": torch.tensor([3, 0])})
     torch.testing.assert_close(cls, -torch.stack([lp[0, 0, 3], lp[1, 0, 0]]))
 
