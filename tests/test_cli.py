@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -270,3 +271,88 @@ def test_python_m_help():
     assert proc.returncode == 0, proc.stderr
     for command in ("detect-mislabeled", "select-data", "convergence"):
         assert command in proc.stdout
+
+
+# ------------------------------------------------------------------------------ output folder and extras
+
+COMMANDS = [["detect-mislabeled", *TOY], ["select-data", *TOY],
+            ["convergence", "--sizes", "16", "--samples", "50", "--iterations", "5", "--no-progress", "--threads", "1"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0])
+def test_error_out_is_an_existing_file(tmp_path, command):
+    existing = tmp_path / "results.csv"
+    existing.write_text("keep me\n")
+    result = run_cli([*command, "--out", str(existing)])
+    assert_one_line_error(*result, "--out", "results.csv", "exists and is not a folder")
+    assert existing.read_text() == "keep me\n"
+    result = run_cli([*command, "--out", str(existing / "sub")])  # a folder below a file
+    assert_one_line_error(*result, "--out", "cannot create the folder")
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0])
+def test_error_out_not_writable_before_any_work(tmp_path, monkeypatch, command):
+    import hyperinf_ext.tasks.output as output
+    import hyperinf_ext.training as training
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("fine-tuning started before --out was checked")
+
+    # root may write anywhere, so the refusal of a read-only folder is simulated at the write probe
+    monkeypatch.setattr(output.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(training, "finetune", no_work)
+    result = run_cli([*command, "--out", str(tmp_path)])
+    assert_one_line_error(*result, "--out", "not writable", "Permission denied")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_error_out_read_only_folder(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        result = run_cli([*COMMANDS[0], "--out", str(folder)])
+    finally:
+        folder.chmod(0o755)
+    assert_one_line_error(*result, "--out", "not writable")
+
+
+def test_error_three_classes_against_two_label_model(tmp_path):
+    from hyperinf_ext.data import default_model_path
+
+    model = tmp_path / "two_label_model"
+    shutil.copytree(default_model_path(), model, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "onnx*"))
+    config = json.loads((model / "config.json").read_text())
+    config.update(architectures=["BertForSequenceClassification"], id2label={"0": "neg", "1": "pos"})
+    (model / "config.json").write_text(json.dumps(config))
+    data = tmp_path / "three.csv"
+    data.write_text("text,label\n" + "".join(f"review number {i} of the set,{i % 3}\n" for i in range(60)))
+    result = run_cli(["detect-mislabeled", *TOY, "--data", str(data), "--model", str(model), "--out", str(tmp_path)])
+    assert_one_line_error(*result, "classification head has 2 labels but 3 are needed")
+
+
+@pytest.mark.parametrize("command, module", [(COMMANDS[2], "matplotlib"), (COMMANDS[0], "peft"),
+                                             (COMMANDS[1], "transformers")])
+def test_error_missing_extra_names_it(tmp_path, monkeypatch, command, module):
+    monkeypatch.setitem(sys.modules, module, None)  # import and find_spec both see it as missing
+    code, _, stderr = run_cli([*command, "--out", str(tmp_path)])
+    assert code == 1
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert module in lines[0] and "pip install 'hyperinf-ext[app]'" in lines[0]
+    assert not any(tmp_path.iterdir())  # refused before any output
+
+
+def test_error_missing_module_at_run_time_names_the_extra(tmp_path, monkeypatch):
+    import hyperinf_ext.tasks.convergence as convergence
+
+    def missing(**kwargs):
+        raise ModuleNotFoundError("No module named 'peft'", name="peft")
+
+    monkeypatch.setattr(convergence, "run_convergence", missing)
+    code, _, stderr = run_cli([*COMMANDS[2], "--out", str(tmp_path)])
+    assert code == 1 and stderr.strip().splitlines() == [
+        "hyperinf-ext: error: No module named 'peft' (pip install 'hyperinf-ext[app]')"]

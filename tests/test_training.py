@@ -129,3 +129,42 @@ def test_not_a_model_folder(tmp_path):
         load_lora_model(tmp_path / "missing")
     with pytest.raises(DataError, match="adapter_config.json"):
         load_lora_model(adapter=tmp_path)
+
+
+def _labelled(splits, tokenizer, labels):
+    batch = next(iter(make_loader(splits[1], tokenizer, batch_size=4, max_length=MAX_LEN)))
+    return [{**batch, "labels": torch.tensor(labels)}]
+
+
+@pytest.mark.parametrize("labels, shown", [([0, 2, 1, 0], r"\[2\]"), ([0, 1, -1, 0], r"\[-1\]")])
+def test_label_out_of_range(fresh, tokenizer, splits, labels, shown):
+    model = copy.deepcopy(fresh[0])
+    loader = _labelled(splits, tokenizer, labels)
+    for run in (lambda: finetune(model, loader, epochs=1, progress=False), lambda: evaluate(model, loader)):
+        with pytest.raises(DataError, match=rf"labels: class label\(s\) {shown} outside \[0, 2\) of the model's 2"):
+            run()
+    assert all(torch.equal(p, fresh[1][n]) for n, p in _trainable(model).items())  # refused before any step
+
+
+def test_head_with_other_label_count(tmp_path):
+    """A folder whose saved classifier has 2 labels cannot serve 3 classes: say so before loading."""
+    import json
+
+    from hyperinf_ext.data import default_model_path
+
+    config = json.loads((default_model_path() / "config.json").read_text())
+    config.update(architectures=["BertForSequenceClassification"], id2label={"0": "a", "1": "b"})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DataError, match=r"classification head has 2 labels but 3 are needed"):
+        load_lora_model(tmp_path, num_labels=3)
+    del config["id2label"]
+    config["num_labels"] = 4
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DataError, match=r"head has 4 labels but 2 are needed"):
+        load_lora_model(tmp_path, num_labels=2)
+
+
+def test_adapter_with_other_label_count(fresh, tmp_path):
+    fresh[0].save_pretrained(tmp_path)  # a 2-label classifier in modules_to_save
+    with pytest.raises(DataError, match=r"adapter's classification head has 2 labels but 3 are needed"):
+        load_lora_model(adapter=tmp_path, num_labels=3)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .. import ops, reference
+from .output import prepare_output_dir
 
 __all__ = [
     "SOLVERS",
@@ -511,8 +512,7 @@ def run_convergence(
         # λ is Schulz's lower bound and DataInf divides by it: it must be positive.
         raise ValueError(f"damping_scale: expected a finite positive number, got {damping_scale!r}")
     iterations, seed, damping_scale = int(iterations), int(seed), float(damping_scale)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_output_dir(out_dir, "out_dir")  # before the study, not after it
 
     from tqdm.auto import tqdm
 

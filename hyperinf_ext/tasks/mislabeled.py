@@ -30,6 +30,7 @@ from ..damping import DAMPING_RULES, check_rule
 from ..data import TextDataset, flip_labels, load_rotten_tomatoes, load_text_file, make_loader, split_dataset
 from ..errors import ConvergenceError
 from .metrics import detection_curve, found_at, roc_auc
+from .output import prepare_output_dir
 
 __all__ = [
     "ALL_METHODS",
@@ -440,8 +441,7 @@ def run_detect_mislabeled(cfg: DetectConfig, log: Log = None) -> DetectResult:
     cfg.validate()
     methods = parse_methods(list(cfg.methods))
     dampings = parse_dampings(list(cfg.dampings))
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)  # fail on an unwritable folder before minutes of work
+    out = prepare_output_dir(cfg.out)  # fail on an unusable folder before minutes of work
 
     data = prepare_data(cfg)
     n_flipped = int(data.flipped.sum())

@@ -35,6 +35,7 @@ from .mislabeled import (
     train_model,
     validation_gradients,
 )
+from .output import prepare_output_dir
 
 __all__ = ["SelectConfig", "SelectResult", "run_select_data", "format_selection"]
 
@@ -125,8 +126,7 @@ def run_select_data(cfg: SelectConfig, log: Log = None) -> SelectResult:
     """
     t_start = time.perf_counter()
     cfg.validate()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)  # fail on an unwritable folder before minutes of work
+    out = prepare_output_dir(cfg.out)  # fail on an unusable folder before minutes of work
     data = prepare_data(cfg)
     _log(log, f"data: {data.source}: {len(data.train)} train ({int(data.flipped.sum())} flipped) / {len(data.val)} val")
     trained = train_model(cfg, data.train, data.val, log=log)

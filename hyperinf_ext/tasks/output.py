@@ -1,0 +1,32 @@
+"""The output folder of a task, checked before any slow work so that no fine-tuning is lost to it."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["prepare_output_dir"]
+
+
+def prepare_output_dir(path: str | Path, option: str = "--out") -> Path:
+    """Create ``path`` if needed and make sure files can be written into it.
+
+    Raises:
+        ValueError: ``path`` exists and is not a folder, cannot be created, or is not writable
+            (one line naming ``option`` and the path).
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{option} {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{option} {out}: cannot create the folder ({exc.strerror or exc})") from None
+    # os.access answers for the real uid and ignores read-only mounts; a real write is the only proof
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"{option} {out}: the folder is not writable ({exc.strerror or exc})") from None
+    return out
