@@ -162,6 +162,10 @@ class HyperINF:
         With ``groups`` ({key: layer names of equal (d, r)}), the gradients of each group are written
         into one fresh [L, B, r, d] tensor, yielded as a third item {key: tensor}; the per-layer
         tensors are its slices.
+
+        Every batch is checked here, once for all methods: a ValueError names an empty batch, a bad
+        or repeated ``index`` (over the whole pass), and by index the examples without a loss or
+        with a non-finite loss/gradient (which would otherwise turn every score NaN or zero).
         """
         offset = 0
         layer_of = {l.name: l for l in self.layers}
