@@ -194,9 +194,9 @@ class IFAttributorHyperINF(BaseInnerProductAttributor):
             data = tuple(t.to(self.device).unsqueeze(0) for t in batch)
             grads = self._split(self.generate_train_rep(ckpt_idx=ckpt, data=data).detach())
             for name, g in grads.items():
-                f = factors[name]
-                ops.gfim_accumulate_(f.gfim_sum, g.to(self.dtype), backend=self.backend)
-                f.rank_sum += torch.einsum("nrd,nsd->rs", g.to(self.dtype), g.to(self.dtype))
+                f, g = factors[name], g.to(self.dtype)  # products in the factor dtype (HyperINF: fp32 per batch for fp32 grads)
+                ops.gfim_accumulate_(f.gfim_sum, g, backend=self.backend)
+                f.rank_sum += torch.einsum("nrd,nsd->rs", g, g)  # r×r side factor (kronecker method)
                 f.count += g.shape[0]
         if not factors or next(iter(factors.values())).count == 0:
             raise ValueError("full_train_dataloader: yielded no examples")
