@@ -17,7 +17,8 @@ try:
 except ImportError:
     if os.environ.get("CI", "").lower() not in ("", "0", "false"):
         raise  # CI installs dattri (scripts/setup.sh): its absence there is a failure, not a skip
-    pytest.skip("dattri is not installed (pip install 'hyperinf-ext[dattri]'); CI runs this test", allow_module_level=True)
+    pytest.skip("dattri is not installed (pip install 'hyperinf-ext[dattri]'); CI runs this test",
+                allow_module_level=True)
 
 from dattri.task import AttributionTask  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402

@@ -182,19 +182,21 @@ class IFAttributorHyperINF(BaseInnerProductAttributor):
             self.factors[ckpt] = self._fit(ckpt, full_train_dataloader)
             self.methods[ckpt] = self._prepare(self.factors[ckpt])
 
+    def _empty_factor(self, layer: GradientLayer) -> LayerFactor:
+        def zeros(k: int) -> torch.Tensor:
+            return torch.zeros(k, k, dtype=self.dtype, device=self.device)
+
+        return LayerFactor(layer.name, layer.rank, layer.dim, zeros(layer.dim), 0, rank_sum=zeros(layer.rank))
+
     def _fit(self, ckpt: int, loader: Iterable) -> dict[str, LayerFactor]:
-        factors = {
-            b.layer.name: LayerFactor(b.layer.name, b.layer.rank, b.layer.dim,
-                                      torch.zeros(b.layer.dim, b.layer.dim, dtype=self.dtype, device=self.device), 0,
-                                      rank_sum=torch.zeros(b.layer.rank, b.layer.rank, dtype=self.dtype,
-                                                           device=self.device))
-            for b in self.blocks
-        }
+        """Σ_i g_iᵀg_i ([d, d]) and Σ_i g_i·g_iᵀ ([r, r]) per layer over ``loader``, for checkpoint ``ckpt``."""
+        factors = {b.layer.name: self._empty_factor(b.layer) for b in self.blocks}
         for batch in loader:
             data = tuple(t.to(self.device).unsqueeze(0) for t in batch)
             grads = self._split(self.generate_train_rep(ckpt_idx=ckpt, data=data).detach())
             for name, g in grads.items():
-                f, g = factors[name], g.to(self.dtype)  # products in the factor dtype (HyperINF: fp32 per batch for fp32 grads)
+                # products in the factor dtype (HyperINF sums fp32 gradients batch-wise in fp32 by default)
+                f, g = factors[name], g.to(self.dtype)
                 ops.gfim_accumulate_(f.gfim_sum, g, backend=self.backend)
                 f.rank_sum += torch.einsum("nrd,nsd->rs", g, g)  # r×r side factor (kronecker method)
                 f.count += g.shape[0]
