@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .messages import one_line
 from .tasks.output import prepare_output_dir
 
 PROG = "hyperinf-ext"
@@ -251,10 +252,6 @@ class _Unavailable(RuntimeError):
 # ------------------------------------------------------------------------------ entry point
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 1 environment problem, 2 bad input)."""
     from .errors import ConvergenceError  # light; DataError is a ValueError, caught below
@@ -269,15 +266,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
             PermissionError, ConvergenceError) as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except ModuleNotFoundError as exc:
         top = (exc.name or "").split(".")[0]
         hint = f" ({_install_hint([top])})" if top in _EXTRA_OF else ""
-        print(f"{PROG}: error: {_one_line(exc)}{hint}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(exc)}{hint}", file=sys.stderr)
         return 1
     except (_Unavailable, ImportError) as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
