@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 from .messages import one_line
 from .tasks.output import prepare_output_dir
@@ -26,6 +26,8 @@ PROG = "hyperinf-ext"
 EXIT_USAGE = 2
 
 __all__ = ["main", "build_parser"]
+
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------ argument types
@@ -198,29 +200,45 @@ def _require(command: str) -> None:
                            f"{_install_hint(missing)}")
 
 
-def _cmd_detect(args: argparse.Namespace) -> int:
-    from .tasks.mislabeled import DetectConfig, format_table, parse_dampings, parse_methods, run_detect_mislabeled
+def _option(option: str, parse: Callable[[], T]) -> T:
+    """``parse()``, its error reported under ``option``: library messages name the parameter
+    ("damping: ..."), the command line names the option ("--damping: ...")."""
+    try:
+        return parse()
+    except ValueError as exc:
+        _, _, problem = str(exc).partition(": ")
+        raise ValueError(f"{option}: {problem or exc}") from None
 
-    cfg = DetectConfig(**_pipeline_kwargs(args), methods=parse_methods(args.methods),
-                       dampings=parse_dampings(args.damping))
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from .methods import parse_dampings, parse_methods
+    from .tasks.mislabeled import DetectConfig, run_detect_mislabeled
+    from .tasks.report import detection_table
+
+    cfg = DetectConfig(**_pipeline_kwargs(args), methods=_option("--methods", lambda: parse_methods(args.methods)),
+                       dampings=_option("--damping", lambda: parse_dampings(args.damping)))
     cfg.validate()  # before _setup/imports of the model stack, so bad input fails fast
     prepare_output_dir(args.out)
     _setup(args)
     result = run_detect_mislabeled(cfg, log=_logger(args))
-    print(format_table(result))
+    print(detection_table(result))
     return 0
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
-    from .tasks.selection import SelectConfig, format_selection, run_select_data
+    from .methods import parse_dampings, parse_methods
+    from .tasks.report import selection_table
+    from .tasks.selection import SelectConfig, run_select_data
 
-    cfg = SelectConfig(**_pipeline_kwargs(args), fraction=args.fraction, method=args.method,
-                       damping=args.damping, evaluate=args.evaluate)
+    method = _option("--method", lambda: parse_methods([args.method], what="method")[0])
+    damping = _option("--damping", lambda: parse_dampings([args.damping])[0])
+    cfg = SelectConfig(**_pipeline_kwargs(args), fraction=args.fraction, method=method, damping=damping,
+                       evaluate=args.evaluate)
     cfg.validate()
     prepare_output_dir(args.out)
     _setup(args)
     result = run_select_data(cfg, log=_logger(args))
-    print(format_selection(result))
+    print(selection_table(result))
     return 0
 
 
