@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from .messages import one_line
 from .tasks.output import prepare_output_dir
@@ -210,6 +210,15 @@ def _option(option: str, parse: Callable[[], T]) -> T:
         raise ValueError(f"{option}: {problem or exc}") from None
 
 
+def _run_task(args: argparse.Namespace, cfg: Any, run: Callable[..., Any], table: Callable[[Any], str]) -> int:
+    """Check ``cfg`` and the output folder, then run the task and print its table."""
+    cfg.validate()  # before _setup/imports of the model stack, so bad input fails fast
+    prepare_output_dir(args.out)
+    _setup(args)
+    print(table(run(cfg, log=_logger(args))))
+    return 0
+
+
 def _cmd_detect(args: argparse.Namespace) -> int:
     from .methods import parse_dampings, parse_methods
     from .tasks.mislabeled import DetectConfig, run_detect_mislabeled
@@ -217,12 +226,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 
     cfg = DetectConfig(**_pipeline_kwargs(args), methods=_option("--methods", lambda: parse_methods(args.methods)),
                        dampings=_option("--damping", lambda: parse_dampings(args.damping)))
-    cfg.validate()  # before _setup/imports of the model stack, so bad input fails fast
-    prepare_output_dir(args.out)
-    _setup(args)
-    result = run_detect_mislabeled(cfg, log=_logger(args))
-    print(detection_table(result))
-    return 0
+    return _run_task(args, cfg, run_detect_mislabeled, detection_table)
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
@@ -234,12 +238,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
     damping = _option("--damping", lambda: parse_dampings([args.damping])[0])
     cfg = SelectConfig(**_pipeline_kwargs(args), fraction=args.fraction, method=method, damping=damping,
                        evaluate=args.evaluate)
-    cfg.validate()
-    prepare_output_dir(args.out)
-    _setup(args)
-    result = run_select_data(cfg, log=_logger(args))
-    print(selection_table(result))
-    return 0
+    return _run_task(args, cfg, run_select_data, selection_table)
 
 
 def _cmd_convergence(args: argparse.Namespace) -> int:

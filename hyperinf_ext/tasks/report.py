@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
+from ..methods import damping_label
+
 if TYPE_CHECKING:  # the task modules import this one
     from .mislabeled import DetectResult
     from .pipeline import PreparedData
@@ -157,8 +159,6 @@ def detection_table(result: DetectResult) -> str:
 
 def selection_table(result: SelectResult) -> str:
     """Plain-text report of select-data (with the evaluation against a random subset when it ran)."""
-    from ..methods import damping_label
-
     cfg = result.config
     lines = [
         f"Data selection with {cfg.method} (damping {damping_label(cfg.damping)}): kept the "
