@@ -21,7 +21,9 @@ __all__ = [
     "default_loss_fn",
 ]
 
-#: Batch keys forwarded to the model by :func:`model_inputs`.
+#: Batch keys forwarded to the model by :func:`model_inputs`, in the influence passes and in fine-tuning
+#: and evaluation (:mod:`hyperinf_ext.training`) alike: the token keys our Collator makes
+#: (:data:`hyperinf_ext.data.batching.TOKEN_KEYS`) plus what other loaders may carry for the model.
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], Tensor]
