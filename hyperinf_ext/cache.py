@@ -13,7 +13,8 @@ from typing import Iterator
 
 import torch
 
-from .persistence import crash_point, read_json, read_tensors, save_tensors_atomic, write_bytes_atomic
+from . import persistence
+from .persistence import read_json, read_tensors, save_tensors_atomic, write_bytes_atomic
 
 CACHE_MODES = ("memory", "disk", "none")
 
@@ -64,7 +65,7 @@ class GradientCache:
             tensors = {f"g.{k}": _own_storage(v.detach().cpu()) for k, v in grads.items()}
             tensors["index"] = index.cpu().contiguous()
             save_tensors_atomic(self._batch_path(self.count), tensors)
-            crash_point("grads_batch_written")
+            persistence.crash_point("grads_batch_written")
         self.count += 1
         self._write_manifest()
 
