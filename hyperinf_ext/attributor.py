@@ -214,9 +214,14 @@ class HyperINF:
     ) -> "HyperINF":
         """Stream ``train_loader`` once: accumulate each layer's GFIM (and cache gradients).
 
-        With ``checkpoint_dir`` the state is saved every ``checkpoint_every`` batches and a later
-        ``fit`` with the same directory resumes after the last saved batch (the loader must yield the
-        same batches in the same order); the gradient cache then lives in that directory.
+        With ``checkpoint_dir`` the state is committed atomically every ``checkpoint_every`` batches
+        and at the end, and a later ``fit`` with the same directory resumes after the last commit (the
+        loader must yield the same batches in the same order); the gradient cache then lives in that
+        directory.  The directory is locked while a fit uses it (``CheckpointBusyError`` for a second
+        fit); resuming checks the model's parameters, the fit settings and a fingerprint of the batches
+        already consumed, and raises ``ValueError`` when any differs (a finished checkpoint also refuses
+        a longer loader).  If ``fit`` raises, ``scores``/``mean_scores``/``save``/``use`` raise
+        "fit did not complete" until a fit completes (with ``checkpoint_dir``, by resuming).
         """
         self.timings = {}
         ckpt = persistence.Checkpoint(checkpoint_dir) if checkpoint_dir is not None else None

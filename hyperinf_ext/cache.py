@@ -2,6 +2,8 @@
 
 ``memory`` keeps the batches in RAM (fastest; grows with n), ``disk`` writes one safetensors file per
 batch (peak memory independent of n; reading back costs far less than a forward/backward pass).
+Disk files (batches and ``manifest.json``, the count of complete batches) are written atomically, so a
+killed fit leaves the previous count, and a resumed fit overwrites any batch beyond it.
 """
 from __future__ import annotations
 

@@ -260,8 +260,8 @@ def read_state(directory: str | Path) -> StoredState:
     return StoredState(directory, meta, factors_path, layers, tensors)
 
 
-def apply_state(attr: "HyperINF", stored: StoredState) -> None:
-    """Install ``stored`` into ``attr`` after checking every layer's name and shape against its model."""
+def check_layers(attr: "HyperINF", stored: StoredState) -> None:
+    """``ValueError`` unless ``stored`` has ``attr``'s layers, in its order, with its (r, d) shapes."""
     model_layers = {l.name: l for l in attr.layers}
     names = list(model_layers)
     saved = [l["name"] for l in stored.layers]
@@ -281,6 +281,11 @@ def apply_state(attr: "HyperINF", stored: StoredState) -> None:
                 f"rank {layer['rank']} (gradient [r, d] = [{layer['rank']}, {layer['dim']}]), but the model's layer "
                 f"has gradient shape [{m.rank}, {m.dim}]; was the model built with another LoRA rank or hidden size?"
             )
+
+
+def apply_state(attr: "HyperINF", stored: StoredState) -> None:
+    """Install ``stored`` into ``attr`` after checking every layer's name and shape against its model."""
+    check_layers(attr, stored)
     fdtype = attr.fdtype
     t = stored.tensors
     attr.factors = {
@@ -308,6 +313,7 @@ def write_state(
     complete: bool,
     method_state: Mapping[str, torch.Tensor] | None = None,
     fingerprint: "DataFingerprint | None" = None,
+    model_digest: str | None = None,
 ) -> Path:
     """Commit ``attr``'s factors (and ``method_state``, per-layer [d, d]) to ``directory`` atomically.
 
@@ -340,6 +346,7 @@ def write_state(
         "n_train": attr.n_train,
         "batches_done": attr.batches_done,
         "data": fingerprint.as_dict() if fingerprint is not None else None,
+        "model": model_digest,
         "layers": [
             {"name": f.name, "rank": f.rank, "dim": f.dim, "count": f.count, "damping": f.damping}
             for f in attr.factors.values()
@@ -416,6 +423,23 @@ def load_scores(path: str | Path) -> torch.Tensor:
 # -------------------------------------------------------------------------------------- checkpoints
 
 
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach()
+    if t.is_meta:
+        return b""  # no values; its name, dtype and shape are hashed
+    return t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of every parameter's name, dtype, shape and values: a checkpoint resumed with another model
+    (same shapes, other weights) would mix two models' gradients."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, p in model.named_parameters():
+        h.update(f"{name}{p.dtype}{tuple(p.shape)}".encode())
+        h.update(_tensor_bytes(p))
+    return h.hexdigest()
+
+
 def _batch_digest(batch: Any) -> bytes:
     """A hash of a batch's tensors (names, dtypes, shapes, values) and plain values; cheap next to a
     forward/backward pass."""
@@ -427,9 +451,8 @@ def _batch_digest(batch: Any) -> bytes:
     for key, value in items:
         h.update(repr(key).encode())
         if isinstance(value, torch.Tensor):
-            t = value.detach().cpu().contiguous().reshape(-1)
-            h.update(f"{t.dtype}{tuple(value.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes())
+            h.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            h.update(_tensor_bytes(value))
         elif isinstance(value, (str, int, float, bool, type(None), list, tuple)):
             h.update(repr(value).encode())
         # other objects have no stable byte form; the tensors identify the batch
@@ -499,6 +522,12 @@ class Checkpoint:
         self.directory = Path(directory)
         self._fd: int | None = None
         self.stored: StoredState | None = None
+        self._model_digest: str | None = None
+
+    def _model(self, attr: "HyperINF") -> str:
+        if self._model_digest is None:  # the weights do not change during a fit: hash them once
+            self._model_digest = model_fingerprint(attr.model)
+        return self._model_digest
 
     def __enter__(self) -> "Checkpoint":
         try:
@@ -544,6 +573,10 @@ class Checkpoint:
             raise ValueError(f"{self.directory / META}: data fingerprint covers {data['batches']} batches, "
                              f"but batches_done is {stored.meta['batches_done']}")
         _field(data, "digest", str, f"{self.directory / META}: data")
+        check_layers(attr, stored)  # a shape mismatch says more than "another model"
+        if stored.meta.get("model") != self._model(attr):
+            raise ValueError(f"checkpoint_dir {self.directory}: fitted with another model (its parameters differ "
+                             f"from this model's); use another checkpoint_dir, or delete this one to fit afresh")
         apply_state(attr, stored)
         self.stored = stored
         return stored
@@ -558,4 +591,4 @@ class Checkpoint:
     def commit(self, attr: "HyperINF", fingerprint: DataFingerprint, *, complete: bool) -> None:
         if fingerprint.count != attr.batches_done:
             raise RuntimeError(f"internal: fingerprint of {fingerprint.count} batches at batch {attr.batches_done}")
-        write_state(attr, self.directory, complete=complete, fingerprint=fingerprint)
+        write_state(attr, self.directory, complete=complete, fingerprint=fingerprint, model_digest=self._model(attr))

@@ -269,6 +269,15 @@ def test_resume_refuses_other_fit_settings(model, tmp_path):
         HyperINF(model, progress=False).fit(pc.train_batches(), checkpoint_dir=tmp_path / "f")
 
 
+def test_resume_refuses_another_model(model, tmp_path):
+    ck = tmp_path / "ck"
+    with pytest.raises(KeyboardInterrupt):
+        HyperINF(model, progress=False).fit(dying(pc.train_batches(), 3), checkpoint_dir=ck, checkpoint_every=1)
+    other = pc.tiny_model(seed=1)  # same shapes, other weights
+    with pytest.raises(ValueError, match="fitted with another model"):
+        HyperINF(other, progress=False).fit(pc.train_batches(), checkpoint_dir=ck)
+
+
 def test_fingerprint_covers_values_shapes_and_order():
     def fp(batches):
         f = persistence.DataFingerprint()
