@@ -38,6 +38,8 @@ class GradientCache:
                 self._owns_dir = True
             self.directory = Path(directory)
             self.directory.mkdir(parents=True, exist_ok=True)
+            for stale in self.directory.glob("*.tmp*"):  # temporaries of a killed writer
+                stale.unlink(missing_ok=True)
             manifest = self.directory / "manifest.json"
             if manifest.exists():  # resuming an interrupted fit
                 count = read_json(manifest, "gradient-cache manifest").get("batches")

@@ -354,8 +354,8 @@ def write_state(
     }
     write_bytes_atomic(directory / META, json.dumps(meta, indent=1).encode(), step="meta")
     crash_point("meta_committed")
-    for p in directory.iterdir():
-        if p.name != name and (p.name.startswith("factors-") or p.name == "factors.safetensors"):
+    for p in directory.iterdir():  # older generations and temporaries left by killed writers
+        if p.name != name and (p.name.startswith(("factors-", f"{META}.tmp")) or p.name == "factors.safetensors"):
             p.unlink(missing_ok=True)
     return directory
 

@@ -1,8 +1,7 @@
 """Saved factors, fit checkpoints and score files (hyperinf_ext/persistence.py, cache.py).
 
 A tiny float64 LoRA BERT (tests/persist_child.py).  A resumed or reloaded fit must give the
-uninterrupted fit's factors bit for bit (same additions in the same order) and its scores to 1e-12
-relative (float64; equal in practice) — or raise a ValueError/RuntimeError naming the file, layer or
+uninterrupted fit's factors and scores to 1e-12 relative (see RTOL) — or raise a ValueError/RuntimeError naming the file, layer or
 directory.  Crashes are simulated in process (a hook raising at a named write step) and, in
 test_kill_and_resume_subprocess, by killing a fitting subprocess.
 """
@@ -28,7 +27,12 @@ from hyperinf_ext import HyperINF, persistence  # noqa: E402
 from hyperinf_ext.capture import classification_loss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-RTOL = 1e-12  # float64 scores of the same factors and gradients (summed in the same order)
+# A resumed fit adds the same float64 per-batch GFIMs in the same order as the uninterrupted one, so the
+# factors agree to rounding (a BLAS may round a GEMM differently with another thread count or alignment,
+# as in the killed subprocess: ~n·ε ≈ 1e-14 relative); a batch counted twice or lost is off by ≥ 1/7.
+# Scores are compared with the Cholesky method (stable: κ·ε), not Schulz, whose stopping iteration
+# could flip on a rounding-level change.
+RTOL = 1e-12
 
 
 def test_imports_this_checkout():
@@ -42,20 +46,25 @@ def model():
 
 @pytest.fixture(scope="module")
 def ref(model):
-    """The uninterrupted fit: factors and scores."""
+    """The uninterrupted fit (method hyperinf) and its exact-method scores."""
     attr = HyperINF(model, progress=False).fit(pc.train_batches())
-    return attr, attr.scores(pc.query_batches())
+    scores = attr.use("exact").scores(pc.query_batches())
+    attr.use("hyperinf")
+    return attr, scores
+
+
+def close(a, b):
+    return float((a - b).abs().max()) <= RTOL * float(b.abs().max())
 
 
 def assert_same_fit(attr, ref):
     ref_attr, ref_scores = ref
     assert attr.batches_done == ref_attr.batches_done and attr.n_train == ref_attr.n_train
     for n, f in ref_attr.factors.items():
-        assert torch.equal(attr.factors[n].gfim_sum, f.gfim_sum), n
-        assert torch.equal(attr.factors[n].rank_sum, f.rank_sum), n
+        assert close(attr.factors[n].gfim_sum, f.gfim_sum), n
+        assert close(attr.factors[n].rank_sum, f.rank_sum), n
         assert attr.factors[n].count == f.count == pc.N_TRAIN, n
-    s = attr.scores(pc.query_batches())
-    assert (s - ref_scores).abs().max() <= RTOL * ref_scores.abs().max()
+    assert close(attr.use("exact").scores(pc.query_batches()), ref_scores)
 
 
 def dying(loader, at, exc=KeyboardInterrupt):
@@ -215,14 +224,15 @@ def test_load_refuses_non_finite_tensors(model, tmp_path, key, value):
 
 
 def test_save_load_round_trip_reuses_inverses(model, ref, tmp_path):
-    attr, scores = ref
+    attr = ref[0]
+    scores = attr.scores(pc.query_batches())
     attr.save(tmp_path / "f")
     attr.save(tmp_path / "f")  # a second save replaces the first: one factors file remains
     assert len(list((tmp_path / "f").glob("factors*"))) == 1 and committed(tmp_path / "f")["generation"] == 2
     loaded = HyperINF.load(tmp_path / "f", model, progress=False)
     for n in attr.factors:
-        assert torch.equal(loaded.method.state[n], attr.method.state[n])
-    assert torch.equal(loaded.scores(pc.query_batches(), train_loader=pc.train_batches()), scores)
+        assert torch.equal(loaded.method.state[n], attr.method.state[n])  # the stored inverses, bit for bit
+    assert close(loaded.scores(pc.query_batches(), train_loader=pc.train_batches()), scores)
 
 
 # ------------------------------------------------------------------------------------ data fingerprint
@@ -396,8 +406,8 @@ def test_format_1_directories_still_load(model, ref, tmp_path):
         meta.pop(k)
     meta["format"] = 1
     (tmp_path / "meta.json").write_text(json.dumps(meta))
-    loaded = HyperINF.load(tmp_path, model, progress=False)
-    assert torch.equal(loaded.scores(pc.query_batches(), train_loader=pc.train_batches()), scores)
+    loaded = HyperINF.load(tmp_path, model, progress=False).use("exact")
+    assert close(loaded.scores(pc.query_batches(), train_loader=pc.train_batches()), scores)
 
 
 def test_unfinished_checkpoint_is_not_loadable(model, tmp_path):
@@ -434,8 +444,7 @@ def test_lost_gradient_cache_needs_the_train_loader(model, ref, tmp_path):
     attr = HyperINF(model, progress=False).fit(pc.train_batches(), checkpoint_dir=ck)
     with pytest.raises(ValueError, match="train_loader: required"):
         attr.scores(pc.query_batches())
-    s = attr.scores(pc.query_batches(), train_loader=pc.train_batches())
-    assert (s - ref[1]).abs().max() <= RTOL * ref[1].abs().max()
+    assert close(attr.use("exact").scores(pc.query_batches(), train_loader=pc.train_batches()), ref[1])
 
 
 def test_scores_files(tmp_path):
@@ -497,9 +506,12 @@ def test_kill_and_resume_subprocess(model, ref, tmp_path):
         rc, _, err = run_child(ck, 1, crash=crash)
         assert rc == 77, err
         assert committed(ck)["batches_done"] == expect_done, crash
+        leftovers = {p.name for p in ck.rglob("*.tmp*")}
+        assert bool(leftovers) == crash.startswith(("meta_tmp", "grads_manifest_tmp")), leftovers
     rc, seen, err = run_child(ck, 1, kill_after=5, delay=random.uniform(0.0, 0.05))
     assert rc in (-signal.SIGKILL, 0), err
     assert_same_fit(HyperINF(model, progress=False).fit(pc.train_batches(), checkpoint_dir=ck), ref)
+    assert not list(ck.rglob("*.tmp*")) and len(list(ck.glob("factors-*"))) == 1  # a commit cleans up
 
 
 @pytest.mark.slow
