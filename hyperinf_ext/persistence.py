@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -224,7 +225,9 @@ def read_state(directory: str | Path) -> StoredState:
         _nonneg_int(layer, "rank", lw, 1)
         _nonneg_int(layer, "dim", lw, 1)
         _nonneg_int(layer, "count", lw)
-        _field(layer, "damping", (int, float), lw)
+        damping = _field(layer, "damping", (int, float), lw)
+        if not (math.isfinite(damping) and damping >= 0):
+            raise ValueError(f"{lw}: 'damping' must be finite and ≥ 0, got {damping!r}")
     if fmt == 1:
         factors_name, generation = "factors.safetensors", None
     else:

@@ -357,6 +357,7 @@ CORRUPTIONS = {
     "meta a list": (lambda d: (d / "meta.json").write_text("[]"), r"meta\.json: HyperINF metadata must be a JSON object"),
     "missing key": (_edit_meta(lambda m: m.pop("n_train")), r"meta\.json: missing key 'n_train'"),
     "layer missing rank": (_edit_meta(lambda m: m["layers"][2].pop("rank")), r"meta\.json: layers\[2\]: missing key 'rank'"),
+    "damping NaN": (_edit_meta(lambda m: m["layers"][1].update(damping=float("nan"))), r"meta\.json: layers\[1\]: 'damping' must be finite and ≥ 0, got nan"),
     "wrong type": (_edit_meta(lambda m: m.update(batches_done="7")), r"meta\.json: 'batches_done' must be int"),
     "unknown format": (_edit_meta(lambda m: m.update(format=9)), r"meta\.json: unsupported factor format 9"),
     "invalid config": (_edit_meta(lambda m: m["config"].update(colour="red")), r"meta\.json: invalid 'config'"),
