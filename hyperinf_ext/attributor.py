@@ -223,6 +223,9 @@ class HyperINF:
         a longer loader).  If ``fit`` raises, ``scores``/``mean_scores``/``save``/``use`` raise
         "fit did not complete" until a fit completes (with ``checkpoint_dir``, by resuming).
         """
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every: expected a number of batches ≥ 0 (0 = only at the end), "
+                             f"got {checkpoint_every!r}")
         self.timings = {}
         ckpt = persistence.Checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
         # Until the pass completes the factors hold part of the data: scoring or saving them must fail.

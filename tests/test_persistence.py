@@ -129,6 +129,21 @@ def test_crash_inside_a_commit_resumes_exactly(model, ref, tmp_path, monkeypatch
     assert_same_fit(HyperINF(model, progress=False).fit(pc.train_batches(), checkpoint_dir=ck, checkpoint_every=1), ref)
 
 
+@pytest.mark.parametrize("every", [-1, 2.5, "3", True])
+def test_checkpoint_every_is_checked(model, tmp_path, every):
+    with pytest.raises(ValueError, match="checkpoint_every: expected a number of batches ≥ 0"):
+        HyperINF(model, progress=False).fit(pc.train_batches(), checkpoint_dir=tmp_path, checkpoint_every=every)
+
+
+def test_checkpoint_every_0_commits_only_at_the_end(model, ref, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        HyperINF(model, progress=False).fit(dying(pc.train_batches(), 5), checkpoint_dir=tmp_path, checkpoint_every=0)
+    assert not (tmp_path / "meta.json").exists()
+    attr = HyperINF(model, progress=False).fit(pc.train_batches(), checkpoint_dir=tmp_path, checkpoint_every=0)
+    assert committed(tmp_path)["generation"] == 1
+    assert_same_fit(attr, ref)
+
+
 def test_crash_hook_exits_at_the_named_step(tmp_path):
     code = ("import os, sys; os.environ['HYPERINF_EXT_TEST_CRASH_AT'] = 'x:2'; from hyperinf_ext import persistence as p; "
             "p.crash_point('y'); p.crash_point('x'); print('first', flush=True); p.crash_point('x'); print('second')")
