@@ -7,7 +7,13 @@ configuration, one variant per dtype) for ``GPUTarget("cuda", arch, 32)`` and re
 
 Signatures mirror the launches: pointers typed per dtype, every size and stride ``i32``, the
 tile sizes and mode flags as constexprs.  The JIT additionally specializes integer arguments
-(== 1, divisible by 16) at launch; the AOT variants are the generic ones.
+(== 1 becomes a constant, divisible by 16 an attribute) and 16-byte-aligned pointers at launch.  The
+GFIM variants are compiled with the specialisation of the launch the GPU path guarantees for
+fp16/bf16 grads and gets for any contiguous grads with d a multiple of 16 (``gfim.is_pipelinable``):
+d-stride 1, the other strides, ``d_load`` and both pointers divisible by 16 (d and m stay generic).
+Without it the fp16/bf16 loads cannot use cp.async (see kernels/gfim.py), so the generic variant would
+describe code the GPU never runs; ``gfim_source(..., aligned=False)`` still builds it, for comparison.
+The Schulz variants are the generic ones.
 
 Under TRITON_INTERPRET=1 every ``@triton.jit`` function, triton.language's own helpers
 (tl.zeros, tl.sum, ...) included, is an interpreter object that cannot be code-generated in that
@@ -55,13 +61,17 @@ def _options(num_warps: int, num_stages: int) -> dict:
     return {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True}
 
 
-def gfim_source(in_dtype: torch.dtype, acc_dtype: torch.dtype, input_precision: str = "ieee"):
-    """(ASTSource, options) of ``gfim_kernel`` for grads of ``in_dtype`` into an ``acc_dtype`` acc."""
+def gfim_source(in_dtype: torch.dtype, acc_dtype: torch.dtype, input_precision: str = "ieee", aligned: bool = True):
+    """(ASTSource, options) of ``gfim_kernel`` for grads of ``in_dtype`` into an ``acc_dtype`` acc.
+
+    ``aligned``: specialise as the JIT does for a launch on vectorisable grads (module docstring).
+    """
     cfg = _gfim.config(in_dtype, acc_dtype, interpret=False)
     signature = {
         "acc_ptr": "*" + _TRITON_TYPE[acc_dtype],
         "g_ptr": "*" + _TRITON_TYPE[in_dtype],
         "d": "i32",
+        "d_load": "i32",
         "m": "i32",
         "stride_gl": "i32",
         "stride_gm": "i32",
@@ -77,7 +87,13 @@ def gfim_source(in_dtype: torch.dtype, acc_dtype: torch.dtype, input_precision: 
         "CAST_TO_ACC": _gfim.cast_to_acc(in_dtype, acc_dtype, interpret=False),
         "INPUT_PRECISION": input_precision,
     }
-    src = triton.compiler.ASTSource(fn=_gfim.gfim_kernel, signature=signature, constexprs=constexprs)
+    attrs = {}
+    if aligned:
+        signature["stride_gd"] = "constexpr"
+        constexprs["stride_gd"] = 1
+        names = _gfim.gfim_kernel.arg_names
+        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ("acc_ptr", "g_ptr", "d_load", "stride_gl", "stride_gm")}
+    src = triton.compiler.ASTSource(fn=_gfim.gfim_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return src, _options(cfg.num_warps, cfg.num_stages)
 
 

@@ -5,6 +5,15 @@ upper-triangular tile pairs (i <= j) are computed; each program reduces over the
 rows in BLOCK_K chunks with ``tl.dot`` and writes both its tile and the mirrored tile, so every
 output element has exactly one writer (no atomics) and the result is exactly symmetric whenever
 ``acc`` was.
+
+Software pipelining of the loads (cp.async on sm_80+) needs 4/8/16-byte copies.  A 2-byte
+fp16/bf16 element can only be copied that way in vectors, so Triton must prove that the d axis is
+contiguous (stride 1), that the row/layer strides and the base are 16-element aligned, and that the
+load mask is constant over 16 columns; otherwise it falls back to scalar ``ld.global`` +
+``st.shared`` with no async copy at all (4-byte fp32 elements are copied one by one
+asynchronously either way).  ``launch_gfim`` therefore hands fp16/bf16 grads to the GPU kernel in
+that layout, copying them once into a zero-padded buffer when they are not, and the loads are masked
+by the padded width ``d_load`` (a multiple of 16) rather than by d.
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ def gfim_kernel(
     acc_ptr,  # [L, d, d] float32/float64, contiguous
     g_ptr,  # [L, m, d] float16/bfloat16/float32/float64, any strides
     d,
+    d_load,  # columns of grads the loads may read: d, or d rounded up to 16 over zero padding
     m,
     stride_gl,
     stride_gm,
@@ -47,23 +57,26 @@ def gfim_kernel(
     rk = tl.arange(0, BLOCK_K)
     # 64-bit layer offset: L·m·d can exceed 2³¹ elements.
     g_base = g_ptr + layer.to(tl.int64) * stride_gl
-    a_ptrs = g_base + rk[:, None] * stride_gm + ri[None, :] * stride_gd
+    # The left operand is loaded directly as its [BLOCK_D, BLOCK_K] tile (d contiguous down the
+    # columns) rather than loaded [BLOCK_K, BLOCK_D] and tl.trans'ed: on sm_80 Triton pipelines a
+    # transposed register value through registers (ld.global + st.shared) instead of cp.async.
+    a_ptrs = g_base + ri[:, None] * stride_gd + rk[None, :] * stride_gm
     b_ptrs = g_base + rk[:, None] * stride_gm + rj[None, :] * stride_gd
-    mask_i = ri[None, :] < d
-    mask_j = rj[None, :] < d
+    mask_i = ri[:, None] < d_load
+    mask_j = rj[None, :] < d_load
 
     acc_ty = acc_ptr.dtype.element_ty
     c = tl.zeros((BLOCK_D, BLOCK_D), dtype=acc_ty)
     # `//` rather than tl.cdiv: nested jit calls cost ~1 ms each in the interpreter.
     for k in range(0, (m + BLOCK_K - 1) // BLOCK_K):
-        mask_k = rk[:, None] < m - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=mask_k & mask_i, other=0.0)
-        b = tl.load(b_ptrs, mask=mask_k & mask_j, other=0.0)
+        k_left = m - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=(rk[None, :] < k_left) & mask_i, other=0.0)
+        b = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & mask_j, other=0.0)
         if CAST_TO_ACC:
             a = a.to(acc_ty)
             b = b.to(acc_ty)
         # fp16/bf16 operands go straight to the tensor cores with float32 accumulation.
-        c = tl.dot(tl.trans(a), b, c, input_precision=INPUT_PRECISION)
+        c = tl.dot(a, b, c, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_gm
         b_ptrs += BLOCK_K * stride_gm
 
@@ -124,17 +137,49 @@ def num_tile_pairs(d: int, block_d: int) -> int:
     return t * (t + 1) // 2
 
 
+ALIGN = 16  # elements: what Triton's launch-time specialisation calls "divisible by 16"
+
+
+def is_pipelinable(grads: torch.Tensor) -> bool:
+    """Whether grads [L, m, d] already have the layout that lets the GPU kernel vectorise its loads.
+
+    d contiguous, d and the other two strides multiples of ALIGN elements, 16-byte aligned base:
+    exactly what the JIT needs to see to specialise ``stride_gd`` to 1 and the rest to divisible-by-16.
+    """
+    L, m, d = grads.shape
+    return (
+        grads.stride(2) == 1
+        and d % ALIGN == 0
+        and grads.stride(1) % ALIGN == 0
+        and grads.stride(0) % ALIGN == 0
+        and grads.data_ptr() % 16 == 0
+    )
+
+
+def pipelinable_copy(grads: torch.Tensor) -> torch.Tensor:
+    """grads copied into a contiguous [L, m, d₁₆] buffer, zero beyond column d (d₁₆ = d rounded up)."""
+    L, m, d = grads.shape
+    d_pad = triton.cdiv(d, ALIGN) * ALIGN
+    buf = grads.new_zeros(L, m, d_pad) if d_pad != d else torch.empty(L, m, d, dtype=grads.dtype, device=grads.device)
+    buf[:, :, :d].copy_(grads)
+    return buf
+
+
 def launch_gfim(
     acc: torch.Tensor,
     grads: torch.Tensor,
     cfg: GfimConfig,
     *,
     input_precision: str = "ieee",
+    pipelined: bool | None = None,
 ) -> torch.Tensor:
     """One launch of ``gfim_kernel`` over all layers: acc [L, d, d] (fp32/fp64, contiguous) += gᵀg.
 
     grads: [L, m, d] float16/bfloat16/float32/float64 with any strides (no copy is made).
     ``input_precision="tf32"`` lets float32 operands use TF32 tensor cores (≈1e-3 relative error).
+    ``pipelined`` (default: on CUDA for fp16/bf16 grads) first copies grads that lack the
+    vectorisable layout (see the module docstring) into one that has it; the interpreter can be made
+    to run that path too, for its numerics.
     """
     if input_precision not in INPUT_PRECISIONS:
         raise ValueError(f"input_precision: expected one of {INPUT_PRECISIONS}, got {input_precision!r}")
@@ -142,6 +187,11 @@ def launch_gfim(
     if L == 0 or m == 0 or d == 0:
         return acc
     interpret = acc.device.type == "cpu"
+    if pipelined is None:
+        pipelined = not interpret and grads.dtype in LOW_PRECISION
+    if pipelined and not is_pipelinable(grads):
+        grads = pipelinable_copy(grads)
+    d_load = grads.shape[2]
     cast = cast_to_acc(grads.dtype, acc.dtype, interpret)
     operand_dtype = acc.dtype if cast else grads.dtype
     # TF32 is a float32-operand mode only; every other operand dtype has one exact path.
@@ -151,6 +201,7 @@ def launch_gfim(
         acc,
         grads,
         d,
+        d_load,
         m,
         grads.stride(0),
         grads.stride(1),
