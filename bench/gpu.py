@@ -275,7 +275,7 @@ def section_gfim(ctx: "Context", sec: dict) -> None:
                 for i in range(ns):
                     acc_blas.baddbmm_(gs[:, i].transpose(1, 2), gs[:, i])
 
-            with _tf32(dt == "tf32") if ctx.cuda else contextlib.nullcontext():
+            with _tf32(dt == "tf32"):
                 for name, fn, scale in (("ours_s", ours, 1.0), ("cublas_s", blas, 1.0),
                                         ("loop_s", loop, s.n / ns)):
                     est = ctx.clock.once(fn)
@@ -345,7 +345,7 @@ def section_schulz(ctx: "Context", sec: dict) -> None:
 
             row: dict[str, Any] = {"d": d, "L": L, "layers_timed": Lt, "dtype": dt,
                                    "ours_precision": precision, "cublas": "TF32" if dt == "tf32" else "fp32"}
-            with _tf32(dt == "tf32") if ctx.cuda else contextlib.nullcontext():
+            with _tf32(dt == "tf32"):
                 for name, fn in (("ours_s", ours), ("cublas_s", blas)):
                     est = ctx.clock.once(fn)
                     if est * 3 > ctx.section_budget.left():
