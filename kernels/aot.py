@@ -49,6 +49,10 @@ GFIM_VARIANTS = {
     "gfim_fp16": (torch.float16, torch.float32, "ieee"),
     "gfim_fp64": (torch.float64, torch.float64, "ieee"),
 }
+# name -> grads dtype of gfim_tma_kernel (float32 acc), compiled for sm_90+ only: the launcher uses
+# it only there, and below sm_90 Triton lowers its descriptor loads to scalar loads.
+GFIM_TMA_VARIANTS = {"gfim_tma_bf16": torch.bfloat16, "gfim_tma_fp16": torch.float16}
+TMA_MIN_ARCH = 90
 # name suffix -> (matrix dtype, input precision)
 SCHULZ_VARIANTS = {
     "fp32": (torch.float32, "ieee"),
@@ -97,6 +101,25 @@ def gfim_source(in_dtype: torch.dtype, acc_dtype: torch.dtype, input_precision: 
     return src, _options(cfg.num_warps, cfg.num_stages)
 
 
+def gfim_tma_source(in_dtype: torch.dtype):
+    """(ASTSource, options) of ``gfim_tma_kernel`` for fp16/bf16 grads into a float32 acc."""
+    cfg = _gfim.config(in_dtype, torch.float32, interpret=False)
+    block = ",".join(str(b) for b in _gfim.tma_block(cfg))
+    signature = {
+        "acc_ptr": "*fp32",
+        "g_desc": f"tensordesc<{_TRITON_TYPE[in_dtype]}[{block}]>",
+        "d": "i32",
+        "m": "i32",
+        "BLOCK_D": "constexpr",
+        "BLOCK_K": "constexpr",
+        "CAST_TO_ACC": "constexpr",
+    }
+    constexprs = {"BLOCK_D": cfg.block_d, "BLOCK_K": cfg.block_k, "CAST_TO_ACC": False}
+    attrs = {(0,): [["tt.divisibility", 16]]}
+    src = triton.compiler.ASTSource(fn=_gfim.gfim_tma_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return src, _options(cfg.num_warps, cfg.num_stages)
+
+
 def _schulz_constexprs(cfg: _schulz.SchulzConfig, input_precision: str) -> dict:
     return {
         "BLOCK_M": cfg.block_m,
@@ -129,9 +152,11 @@ def schulz_update_source(dtype: torch.dtype, input_precision: str = "ieee"):
     return src, _options(cfg.num_warps, cfg.num_stages)
 
 
-def sources() -> dict:
-    """name -> (ASTSource, options) for every kernel variant."""
+def sources(arch: int = TMA_MIN_ARCH) -> dict:
+    """name -> (ASTSource, options) for every kernel variant used on sm_``arch``."""
     out = {name: gfim_source(*variant) for name, variant in GFIM_VARIANTS.items()}
+    if arch >= TMA_MIN_ARCH:
+        out.update({name: gfim_tma_source(dtype) for name, dtype in GFIM_TMA_VARIANTS.items()})
     for tag, (dtype, precision) in SCHULZ_VARIANTS.items():
         out[f"schulz_residual_{tag}"] = schulz_residual_source(dtype, precision)
         out[f"schulz_update_{tag}"] = schulz_update_source(dtype, precision)
@@ -144,7 +169,7 @@ def _can_codegen() -> bool:
 
 def _compile_here(arch: int) -> dict:
     target = GPUTarget("cuda", arch, 32)
-    return {name: triton.compile(src, target=target, options=opts) for name, (src, opts) in sources().items()}
+    return {name: triton.compile(src, target=target, options=opts) for name, (src, opts) in sources(arch).items()}
 
 
 def _compile_in_child(arch: int) -> dict:
@@ -164,7 +189,7 @@ def _compile_in_child(arch: int) -> dict:
             raise RuntimeError(f"AOT compilation for sm_{arch} failed in the child process:\n{proc.stderr[-4000:]}")
         with open(out) as f:
             groups = json.load(f)
-    srcs = sources()
+    srcs = sources(arch)
     return {
         name: triton.compiler.compiler.CompiledKernel(srcs[name][0], entry["metadata_group"], entry["hash"])
         for name, entry in groups.items()

@@ -28,6 +28,41 @@ INPUT_PRECISIONS = ("ieee", "tf32")
 
 
 @triton.jit
+def _tile_pair(t):
+    """(ti, tj) of the t-th upper-triangular tile pair, enumerated column by column.
+
+    t = tj·(tj+1)/2 + ti with 0 <= ti <= tj.  The float sqrt only seeds tj; the two integer
+    corrections make it exact whatever the rounding of sqrt.
+    """
+    tj = ((tl.sqrt((8 * t + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+    tj = tl.where((tj + 1) * (tj + 2) // 2 <= t, tj + 1, tj)
+    tj = tl.where(tj * (tj + 1) // 2 > t, tj - 1, tj)
+    return t - tj * (tj + 1) // 2, tj
+
+
+@triton.jit
+def _add_symmetric(acc_ptr, c, layer, d, ti, tj, BLOCK_D: tl.constexpr):
+    """acc[layer] += c at tile (ti, tj) and cᵀ at the mirror tile (tj, ti), exactly symmetric."""
+    ri = ti * BLOCK_D + tl.arange(0, BLOCK_D)
+    rj = tj * BLOCK_D + tl.arange(0, BLOCK_D)
+    acc_base = acc_ptr + layer.to(tl.int64) * d * d
+    ct = tl.trans(c)
+    # A diagonal tile is symmetric only up to the summation order of the dot; taking its upper
+    # triangle and mirroring it makes the output exactly symmetric.  Off the diagonal every row
+    # index is below every column index, so this select keeps c unchanged there.
+    c = tl.where(ri[:, None] <= rj[None, :], c, ct)
+    mask_c = (ri[:, None] < d) & (rj[None, :] < d)
+    c_ptrs = acc_base + ri[:, None] * d + rj[None, :]
+    tl.store(c_ptrs, tl.load(c_ptrs, mask=mask_c, other=0.0) + c, mask=mask_c)
+    # Mirror tile (j, i), skipped on the diagonal, which was written whole just above (ri lies
+    # below tj·BLOCK_D exactly when ti < tj; a tensor test since the interpreter rejects a scalar
+    # bool in a mask).
+    mask_t = (rj[:, None] < d) & (ri[None, :] < d) & (ri[None, :] < tj * BLOCK_D)
+    t_ptrs = acc_base + rj[:, None] * d + ri[None, :]
+    tl.store(t_ptrs, tl.load(t_ptrs, mask=mask_t, other=0.0) + ct, mask=mask_t)
+
+
+@triton.jit
 def gfim_kernel(
     acc_ptr,  # [L, d, d] float32/float64, contiguous
     g_ptr,  # [L, m, d] float16/bfloat16/float32/float64, any strides
@@ -42,16 +77,8 @@ def gfim_kernel(
     CAST_TO_ACC: tl.constexpr,  # convert loads to acc's dtype before tl.dot
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (only matters for float32 operands)
 ):
-    # Linear index over upper-triangular tile pairs, enumerated column by column:
-    # t = tj·(tj+1)/2 + ti with 0 <= ti <= tj.  The float sqrt only seeds tj; the two integer
-    # corrections make it exact whatever the rounding of sqrt.
-    t = tl.program_id(0)
     layer = tl.program_id(1)
-    tj = ((tl.sqrt((8 * t + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
-    tj = tl.where((tj + 1) * (tj + 2) // 2 <= t, tj + 1, tj)
-    tj = tl.where(tj * (tj + 1) // 2 > t, tj - 1, tj)
-    ti = t - tj * (tj + 1) // 2
-
+    ti, tj = _tile_pair(tl.program_id(0))
     ri = ti * BLOCK_D + tl.arange(0, BLOCK_D)
     rj = tj * BLOCK_D + tl.arange(0, BLOCK_D)
     rk = tl.arange(0, BLOCK_K)
@@ -79,22 +106,36 @@ def gfim_kernel(
         c = tl.dot(a, b, c, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_gm
         b_ptrs += BLOCK_K * stride_gm
+    _add_symmetric(acc_ptr, c, layer, d, ti, tj, BLOCK_D)
 
-    acc_base = acc_ptr + layer.to(tl.int64) * d * d
-    ct = tl.trans(c)
-    # A diagonal tile is symmetric only up to the summation order of the dot; taking its upper
-    # triangle and mirroring it makes the output exactly symmetric.  Off the diagonal every row
-    # index is below every column index, so this select keeps c unchanged there.
-    c = tl.where(ri[:, None] <= rj[None, :], c, ct)
-    mask_c = (ri[:, None] < d) & (rj[None, :] < d)
-    c_ptrs = acc_base + ri[:, None] * d + rj[None, :]
-    tl.store(c_ptrs, tl.load(c_ptrs, mask=mask_c, other=0.0) + c, mask=mask_c)
-    # Mirror tile (j, i), skipped on the diagonal, which was written whole just above (ri lies
-    # below tj·BLOCK_D exactly when ti < tj; a tensor test since the interpreter rejects a scalar
-    # bool in a mask).
-    mask_t = (rj[:, None] < d) & (ri[None, :] < d) & (ri[None, :] < tj * BLOCK_D)
-    t_ptrs = acc_base + rj[:, None] * d + ri[None, :]
-    tl.store(t_ptrs, tl.load(t_ptrs, mask=mask_t, other=0.0) + ct, mask=mask_t)
+
+@triton.jit
+def gfim_tma_kernel(
+    acc_ptr,  # [L, d, d] float32, contiguous
+    g_desc,  # tensor descriptor of grads [L, m, d] fp16/bf16, block [1, BLOCK_K, BLOCK_D]
+    d,
+    m,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CAST_TO_ACC: tl.constexpr,  # the interpreter's bf16 tl.dot needs float32 operands (cast_to_acc)
+):
+    """gfim_kernel's fp16/bf16 path with its tiles fetched by the tensor-memory accelerator (sm_90).
+
+    The descriptor is 3-D so that a K chunk running past a layer's m rows is zero-filled by the
+    hardware instead of reading the next layer; no masks in the loop.  Below sm_90 (and in the
+    interpreter) Triton lowers descriptor loads to ordinary masked loads.
+    """
+    layer = tl.program_id(1)
+    ti, tj = _tile_pair(tl.program_id(0))
+    c = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    for k in range(0, (m + BLOCK_K - 1) // BLOCK_K):
+        a = g_desc.load([layer, k * BLOCK_K, ti * BLOCK_D]).reshape(BLOCK_K, BLOCK_D)
+        b = g_desc.load([layer, k * BLOCK_K, tj * BLOCK_D]).reshape(BLOCK_K, BLOCK_D)
+        if CAST_TO_ACC:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        c = tl.dot(tl.trans(a), b, c)
+    _add_symmetric(acc_ptr, c, layer, d, ti, tj, BLOCK_D)
 
 
 @dataclass(frozen=True)
@@ -172,6 +213,7 @@ def launch_gfim(
     *,
     input_precision: str = "ieee",
     pipelined: bool | None = None,
+    tma: bool = False,
 ) -> torch.Tensor:
     """One launch of ``gfim_kernel`` over all layers: acc [L, d, d] (fp32/fp64, contiguous) += gᵀg.
 
@@ -179,7 +221,9 @@ def launch_gfim(
     ``input_precision="tf32"`` lets float32 operands use TF32 tensor cores (≈1e-3 relative error).
     ``pipelined`` (default: on CUDA for fp16/bf16 grads) first copies grads that lack the
     vectorisable layout (see the module docstring) into one that has it; the interpreter can be made
-    to run that path too, for its numerics.
+    to run that path too, for its numerics.  ``tma=True`` runs fp16/bf16 grads into a float32 acc
+    through ``gfim_tma_kernel`` (tiles fetched by the sm_90 tensor-memory accelerator; other dtypes
+    ignore it, and so does a GPU below sm_90).  It is opt-in until the GPU check (bench/gpu.py) has timed it against the cp.async path.
     """
     if input_precision not in INPUT_PRECISIONS:
         raise ValueError(f"input_precision: expected one of {INPUT_PRECISIONS}, got {input_precision!r}")
@@ -191,6 +235,10 @@ def launch_gfim(
         pipelined = not interpret and grads.dtype in LOW_PRECISION
     if pipelined and not is_pipelinable(grads):
         grads = pipelinable_copy(grads)
+    if tma and grads.dtype in LOW_PRECISION and acc.dtype == torch.float32 and tma_supported(acc.device):
+        if not is_pipelinable(grads):
+            grads = pipelinable_copy(grads)
+        return _launch_tma(acc, grads, d, cfg, interpret)
     d_load = grads.shape[2]
     cast = cast_to_acc(grads.dtype, acc.dtype, interpret)
     operand_dtype = acc.dtype if cast else grads.dtype
@@ -210,6 +258,39 @@ def launch_gfim(
         BLOCK_K=cfg.block_k,
         CAST_TO_ACC=cast,
         INPUT_PRECISION=precision,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        enable_fp_fusion=True,
+    )
+    return acc
+
+
+def tma_supported(device: torch.device) -> bool:
+    """The TMA kernel runs in the interpreter and on sm_90+ (below, Triton would lower it to scalar loads)."""
+    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def tma_block(cfg: GfimConfig) -> list[int]:
+    """Block shape of gfim_tma_kernel's descriptor: one layer's [BLOCK_K, BLOCK_D] tile."""
+    return [1, cfg.block_k, cfg.block_d]
+
+
+def _launch_tma(acc: torch.Tensor, grads: torch.Tensor, d: int, cfg: GfimConfig, interpret: bool) -> torch.Tensor:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    L, m, _ = grads.shape
+    # Shape [L, m, d] over a buffer whose rows may be padded past d: the hardware zero-fills every
+    # element outside it, the padding columns included.
+    desc = TensorDescriptor(grads, [L, m, d], list(grads.stride()), tma_block(cfg))
+    grid = (num_tile_pairs(d, cfg.block_d), L)
+    gfim_tma_kernel[grid](
+        acc,
+        desc,
+        d,
+        m,
+        BLOCK_D=cfg.block_d,
+        BLOCK_K=cfg.block_k,
+        CAST_TO_ACC=cast_to_acc(grads.dtype, acc.dtype, interpret),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         enable_fp_fusion=True,

@@ -74,6 +74,8 @@ def test_measured_numbers_are_finite(dry_run):
     for r in secs["gfim"]["rows"]:
         assert {"ours_s", "cublas_s", "loop_s", "rate_vs_cublas"} <= set(r), r
     assert {r["dtype"] for r in secs["gfim"]["rows"]} == {"fp32", "tf32", "bf16"}
+    # The interpreter runs the TMA kernel too, so its timing path is exercised.
+    assert all("ours_tma_s" in r for r in secs["gfim"]["rows"] if r["dtype"] == "bf16")
     for r in secs["schulz"]["rows"]:
         assert {"ours_s", "cublas_s", "ratio"} <= set(r), r
     for r in secs["inverse"]["rows"]:

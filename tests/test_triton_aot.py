@@ -21,7 +21,8 @@ from hyperinf_ext.kernels import schulz as kschulz  # noqa: E402
 ARCHS = (80, 90)
 TENSOR_CORE = {80: re.compile(r"\bmma\.sync\.aligned"), 90: re.compile(r"\b(wgmma\.mma_async|mma\.sync\.aligned)")}
 ANY_MMA = re.compile(r"\b(wgmma\.mma_async|mma\.sync)")
-CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global")
+CP_ASYNC = re.compile(r"\bcp\.async\.(c[ag]\.shared\.global|bulk\.tensor)")
+ASYNC_WAIT = re.compile(r"\b(cp\.async\.wait_group|mbarrier\.try_wait)")
 CP_ASYNC_16B = re.compile(r"\bcp\.async\.cg\.shared\.global[^;]*,\s*(16|0x10)\s*[,;]")
 # A register-staged tile load: what the fp16/bf16 GFIM loads fell back to before the layout fix.
 LD_GLOBAL_VEC = re.compile(r"\bld\.global(\.[a-z0-9]+)*\.v[24]\b")
@@ -37,6 +38,8 @@ def test_every_kernel_compiles(compiled):
     expected = set(aot.GFIM_VARIANTS) | {
         f"schulz_{kind}_{tag}" for kind in ("residual", "update") for tag in aot.SCHULZ_VARIANTS
     }
+    if arch >= aot.TMA_MIN_ARCH:
+        expected |= set(aot.GFIM_TMA_VARIANTS)
     assert set(kernels) == expected
     for name, k in kernels.items():
         assert isinstance(k.asm["cubin"], bytes) and len(k.asm["cubin"]) > 0, name
@@ -45,17 +48,20 @@ def test_every_kernel_compiles(compiled):
 
 
 def test_signatures_match_the_kernels():
-    fns = {"gfim": kgfim.gfim_kernel, "schulz_residual": kschulz.schulz_residual_kernel,
-           "schulz_update": kschulz.schulz_update_kernel}
-    for name, (src, opts) in aot.sources().items():
+    # Longest prefix first: gfim_tma_* before gfim_*.
+    fns = {"gfim_tma": kgfim.gfim_tma_kernel, "gfim": kgfim.gfim_kernel,
+           "schulz_residual": kschulz.schulz_residual_kernel, "schulz_update": kschulz.schulz_update_kernel}
+    for name, (src, opts) in aot.sources(90).items():
         fn = next(f for prefix, f in fns.items() if name.startswith(prefix))
         assert list(src.signature) == fn.arg_names, name
         assert opts["num_warps"] >= 1 and opts["num_stages"] >= 1
 
 
-@pytest.mark.parametrize("variant", ["gfim_bf16", "gfim_fp16", "gfim_fp32_tf32"])
+@pytest.mark.parametrize("variant", ["gfim_bf16", "gfim_fp16", "gfim_fp32_tf32", "gfim_tma_bf16", "gfim_tma_fp16"])
 def test_low_precision_gfim_uses_tensor_cores(compiled, variant):
     arch, kernels = compiled
+    if variant not in kernels:
+        pytest.skip(f"{variant} is not built for sm_{arch}")
     assert TENSOR_CORE[arch].search(kernels[variant].asm["ptx"]), f"{variant} on sm_{arch}: no tensor-core mma"
 
 
@@ -90,7 +96,7 @@ def test_every_kernel_pipelines_its_loads(compiled):
     arch, kernels = compiled
     for name, k in kernels.items():
         ptx = k.asm["ptx"]
-        assert CP_ASYNC.search(ptx) and "cp.async.wait_group" in ptx, f"{name} on sm_{arch}: no cp.async"
+        assert CP_ASYNC.search(ptx) and ASYNC_WAIT.search(ptx), f"{name} on sm_{arch}: no async copy"
 
 
 @pytest.mark.parametrize("variant", ["gfim_bf16", "gfim_fp16", "gfim_fp32", "gfim_fp32_tf32"])
@@ -111,11 +117,24 @@ def test_sm90_low_precision_gfim_uses_async_wgmma(compiled):
     arch, kernels = compiled
     if arch != 90:
         pytest.skip("wgmma is sm_90")
-    for name in ("gfim_bf16", "gfim_fp16", "gfim_fp32_tf32"):
+    for name in ("gfim_bf16", "gfim_fp16", "gfim_fp32_tf32", *aot.GFIM_TMA_VARIANTS):
         ptx = kernels[name].asm["ptx"]
         assert re.search(r"\bwgmma\.mma_async", ptx), name
         # The accumulation overlaps the next wgmma group: a wait that leaves one group in flight.
         assert re.search(r"wgmma\.wait_group\.sync\.aligned\s+1\b", ptx), name
+
+
+def test_sm90_tma_variants_use_the_tensor_memory_accelerator(compiled):
+    arch, kernels = compiled
+    if arch < aot.TMA_MIN_ARCH:
+        pytest.skip("TMA is sm_90")
+    for name in aot.GFIM_TMA_VARIANTS:
+        ptx = kernels[name].asm["ptx"]
+        # Both tiles of each K step by bulk tensor copies completing on an mbarrier, no ld.global tiles.
+        assert re.search(r"\bcp\.async\.bulk\.tensor\.3d\.shared::cta\.global\.mbarrier", ptx), name
+        assert "mbarrier.try_wait" in ptx and not LD_GLOBAL_VEC.search(ptx), name
+        # The only global loads left are the epilogue's (acc's previous values).
+        assert not re.search(r"\bld\.global(\.[a-z0-9]+)*\.b16\b", ptx), name
 
 
 def test_pipelinable_layout_rule():
@@ -130,15 +149,16 @@ def test_pipelinable_layout_rule():
 
 
 @pytest.mark.skipif(not __import__("os").environ.get("TRITON_INTERPRET") == "1", reason="interpreter numerics")
+@pytest.mark.parametrize("path", ["pipelined", "tma"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_pipelined_copy_path_numerics(dtype):
-    # The GPU launcher's padded-copy path, run through the interpreter: odd d (padded to 48), a
-    # transposed view, a partial K chunk.
+def test_gpu_layout_paths_numerics(dtype, path):
+    # The GPU launcher's padded-copy path and the TMA kernel, run through the interpreter: odd d
+    # (padded to 48), a transposed view, partial K chunks (the TMA descriptor zero-fills past m).
     L, m, d = 2, 21, 33
     g = torch.randn(L, d, m, dtype=torch.float64).to(dtype).transpose(1, 2)
     cfg = kgfim.config(dtype, torch.float32, interpret=True)
     acc = torch.zeros(L, d, d)
-    kgfim.launch_gfim(acc, g, cfg, pipelined=True)
+    kgfim.launch_gfim(acc, g, cfg, pipelined=True, tma=(path == "tma"))
     g64 = g.double()
     exact = torch.einsum("lmi,lmj->lij", g64, g64)
     assert float((acc.double() - exact).norm() / exact.norm()) <= 1e-5
