@@ -70,6 +70,8 @@ def test_measured_numbers_are_finite(dry_run):
     for name in SECTIONS:
         for path, v in _numbers(secs[name]["rows"], name):
             assert math.isfinite(v), path
+        for r in secs[name]["rows"]:
+            assert not [k for k in r if k.endswith("_error")], (name, r)
     assert secs["tests"]["rows"][0]["passed"] >= 1 and secs["tests"]["rows"][0].get("failed", 0) == 0
     for r in secs["gfim"]["rows"]:
         assert {"ours_s", "cublas_s", "loop_s", "rate_vs_cublas"} <= set(r), r

@@ -7,6 +7,7 @@ software-pipelined with asynchronous copies (16-byte cp.async for the GFIM loads
 asynchronously on sm_90).  The GFIM variants are compiled for the aligned layout the GPU launcher
 guarantees for fp16/bf16 grads; the last tests check that layout rule and the copy that provides it.
 """
+import os
 import re
 
 import pytest
@@ -148,15 +149,17 @@ def test_pipelinable_layout_rule():
     assert torch.equal(buf[:, :, :40], g[:, :, :40]) and not buf[:, :, 40:].any()
 
 
-@pytest.mark.skipif(not __import__("os").environ.get("TRITON_INTERPRET") == "1", reason="interpreter numerics")
+@pytest.mark.skipif(not (os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("HYPERINF_TEST_DEVICE") == "cuda"),
+                    reason="needs the interpreter, or HYPERINF_TEST_DEVICE=cuda (the GPU check)")
 @pytest.mark.parametrize("path", ["pipelined", "tma"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_layout_paths_numerics(dtype, path):
-    # The GPU launcher's padded-copy path and the TMA kernel, run through the interpreter: odd d
-    # (padded to 48), a transposed view, partial K chunks (the TMA descriptor zero-fills past m).
+    # The GPU launcher's padded-copy path and the TMA kernel, through the interpreter (or on the GPU
+    # in the GPU check, where tma=True below sm_90 runs the cp.async kernel instead): odd d (padded
+    # to 48), a transposed view, partial K chunks (the TMA descriptor zero-fills past m).
     L, m, d = 2, 21, 33
     g = torch.randn(L, d, m, dtype=torch.float64).to(dtype).transpose(1, 2)
-    cfg = kgfim.config(dtype, torch.float32, interpret=True)
+    cfg = kgfim.config(dtype, torch.float32, interpret=g.device.type == "cpu")
     acc = torch.zeros(L, d, d)
     kgfim.launch_gfim(acc, g, cfg, pipelined=True, tma=(path == "tma"))
     g64 = g.double()
