@@ -35,6 +35,11 @@ if [ "$DRY" = 1 ]; then
     HYPERINF_INSTALL="dry run: repository on PYTHONPATH, nothing installed"
 else
     export TRITON_INTERPRET=0
+    # Never install into a machine's Python just to find there is no GPU.
+    if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >>"$LOG" 2>&1; then
+        echo "[gpu_check] $PY sees no CUDA device: nothing installed; use --dry on a CPU" | tee -a "$LOG"
+        exit 2
+    fi
     torch_v=$("$PY" -c 'import torch; print(torch.__version__)' 2>>"$LOG")
     PIP=("$PY" -m pip install --no-index --no-build-isolation --no-deps -e .)
     # The C++ ops are CPU ops (the GPU path is Triton), so a failed build costs nothing on the GPU.

@@ -97,3 +97,15 @@ def test_markdown_has_every_section_and_the_targets(dry_run):
     for name in SECTIONS:
         assert f"## {name} — ok" in md, name
     assert "python -m bench.gpu" in md and "--dry" in md
+
+
+def test_without_a_gpu_the_full_check_installs_nothing(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the full check would run")
+    env = dict(os.environ, PYTHON=sys.executable)
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--out", str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "nothing installed" in proc.stdout
+    assert not (tmp_path / "gpu_results.json").exists()
