@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -224,11 +225,15 @@ def section_tests(ctx: "Context", sec: dict) -> None:
         cmd += ["-n", str(max(1, min(8, (os.cpu_count() or 2) // 2)))]
     sec["command"] = " ".join(cmd)
     budget = max(10.0, ctx.section_budget.left())
+    # Own process group: at the budget, pytest AND its xdist workers (which hold the GPU) are ended.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=budget)
-        out, rc = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        out, _ = proc.communicate(timeout=budget)
+        rc: int | str = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
         rc = "timeout"
         sec["notes"].append(f"pytest stopped at its budget of {budget:.0f} s")
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|error|errors|skipped|deselected)", out)}
