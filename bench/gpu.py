@@ -381,6 +381,22 @@ def section_schulz(ctx: "Context", sec: dict) -> None:
             ctx.flush()
 
 
+def _inverse_quality(ctx: "Context", row: dict, A, info_box: dict, d: int) -> None:
+    """Iterations, residual and (d <= 1024) the difference from the float64 inverse of our last run."""
+    import torch
+
+    if "info" not in info_box:
+        return
+    info, X = info_box["info"], info_box["X"]
+    row["iterations_max"] = int(info.iterations.max())
+    row["residual_max"] = float(info.residual.max())
+    if d <= 1024:
+        ref = torch.linalg.inv(A.double())
+        row["inverse_rel_diff_vs_f64"] = float((ref - X.double()).norm() / ref.norm())
+    eye = torch.eye(d, device=ctx.device, dtype=torch.float64)
+    row["identity_residual"] = float((A.double() @ X.double() - eye).norm(dim=(-2, -1)).max())
+
+
 def section_inverse(ctx: "Context", sec: dict) -> None:
     """The whole inverse: ours (Schulz, Triton) vs cuSOLVER Cholesky + cholesky_inverse vs linalg.inv."""
     import torch
@@ -408,16 +424,10 @@ def section_inverse(ctx: "Context", sec: dict) -> None:
         row: dict[str, Any] = {"d": d, "L": L, "layers_timed": Lt, "dtype": "fp32", "kappa": 1e3}
         for name, fn in (("ours_s", ours), ("cholesky_s", chol), ("inv_s", inv)):
             measure(ctx, sec, row, name, fn, L / Lt, f"d={d} L={L}")
-        if "info" in info_box:
-            info = info_box["info"]
-            row["iterations_max"] = int(info.iterations.max())
-            row["residual_max"] = float(info.residual.max())
-            X = info_box["X"]
-            eye = torch.eye(d, device=ctx.device, dtype=torch.float64)
-            row["inverse_rel_diff_vs_f64"] = float(
-                (torch.linalg.inv(A.double()) - X.double()).norm() / torch.linalg.inv(A.double()).norm()
-            ) if d <= 1024 else None
-            row["identity_residual"] = float((A.double() @ X.double() - eye).norm(dim=(-2, -1)).max())
+        try:
+            _inverse_quality(ctx, row, A, info_box, d)
+        except Exception:  # noqa: BLE001
+            row["quality_error"] = traceback.format_exc()[-2000:]
         if Lt < L:
             row["note"] = f"timed on {Lt} of {L} layers, scaled linearly"
         if "ours_s" in row and "cholesky_s" in row:
@@ -474,9 +484,8 @@ def section_attributor(ctx: "Context", sec: dict) -> None:
     import torch
 
     from bench.common import forward_backward
-    from hyperinf_ext import ops
     from hyperinf_ext.attributor import HyperINF
-    from hyperinf_ext.capture import PerSampleGradients, default_loss_fn, find_gradient_layers
+    from hyperinf_ext.capture import find_gradient_layers
 
     s = ctx.sizes
     t0 = time.perf_counter()
@@ -533,6 +542,24 @@ def section_attributor(ctx: "Context", sec: dict) -> None:
 
     # 2. The device-side stages on their own (capture, GFIM on the device, inverse), so the numbers
     # exist even where the attributor itself does not run on this device.
+    try:
+        row["components"] = _components(ctx, model, layers, train, row["forward_backward_train_s"])
+    except Exception:  # noqa: BLE001
+        row["components_error"] = traceback.format_exc()[-3000:]
+    sec["notes"].append("components: per-sample gradient capture (one batched forward/backward with hooks), "
+                        "GFIM accumulation on the device, damped Schulz inverse; train set only, no scoring; "
+                        "its overhead is (capture + GFIM + inverse − forward/backward of the train set) / that.")
+    ctx.flush()
+
+
+def _components(ctx: "Context", model, layers, train: list, fb: float) -> dict[str, Any]:
+    """Capture + GFIM on the device + inverse, timed stage by stage (no attributor involved)."""
+    import torch
+
+    from hyperinf_ext import ops
+    from hyperinf_ext.capture import PerSampleGradients, default_loss_fn
+
+    n_train = sum(int(b["input_ids"].shape[0]) for b in train)
     groups: dict[tuple[int, int], list] = {}
     for l in layers:
         groups.setdefault((l.dim, l.rank), []).append(l)
@@ -563,13 +590,8 @@ def section_attributor(ctx: "Context", sec: dict) -> None:
             "backend": ops.backends.select(None, torch.device(ctx.device))[0],
             "gfim_finite": all(bool(torch.isfinite(a).all()) for a in accs.values()),
             "inverse_finite": bool(torch.isfinite(X).all())}
-    fb = row["forward_backward_train_s"]
     comp["overhead_vs_forward_backward"] = (t_capture + t_gfim + t_inv - fb) / fb
-    row["components"] = comp
-    sec["notes"].append("components: per-sample gradient capture (one batched forward/backward with hooks), "
-                        "GFIM accumulation on the device, damped Schulz inverse; train set only, no scoring; "
-                        "its overhead is (capture + GFIM + inverse − forward/backward of the train set) / that.")
-    ctx.flush()
+    return comp
 
 
 SECTION_FNS: dict[str, Callable[["Context", dict], None]] = {
