@@ -268,6 +268,9 @@ class HyperINF:
                 for l in self.layers
             }
             self.n_train, self.batches_done = 0, 0
+        # The sums live where the gradients are (a CUDA model accumulates on its GPU); factors
+        # restored from a checkpoint come back on the CPU.
+        device = self.layers[0].module.weight.device if self.layers else torch.device("cpu")
         skip = self.batches_done
         loader = ckpt.watch(train_loader, fingerprint) if ckpt is not None else train_loader
         mode = self.config.cache
@@ -284,10 +287,10 @@ class HyperINF:
         groups: dict[tuple[int, int], list[str]] = {}
         for n, f in self.factors.items():
             groups.setdefault((f.dim, f.rank), []).append(n)
-        accs = {k: torch.stack([self.factors[n].gfim_sum for n in names]) for k, names in groups.items()}
+        accs = {k: torch.stack([self.factors[n].gfim_sum for n in names]).to(device) for k, names in groups.items()}
         rank_accs = {
             k: torch.stack([self.factors[n].rank_sum if self.factors[n].rank_sum is not None
-                            else torch.zeros(k[1], k[1], dtype=fdtype) for n in names])
+                            else torch.zeros(k[1], k[1], dtype=fdtype) for n in names]).to(device)
             for k, names in groups.items()
         }
         scratch: dict[tuple[int, int], torch.Tensor] = {}
@@ -425,7 +428,8 @@ class HyperINF:
                     grow = int(index.max()) + 1 - out.shape[1]
                     out = torch.cat([out, out.new_zeros(Q, grow)], 1)
                     seen = torch.cat([seen, seen.new_zeros(grow)])
-                out[:, index] = -(qflat @ g.T)
+                # scores stay on the CPU (n_train can be large); the product runs where the gradients are
+                out[:, index.cpu()] = (-(qflat.to(g.device) @ g.T)).cpu()
                 seen[index] = True
         if not bool(seen.all()):
             missing = (~seen).nonzero().squeeze(1)[:5].tolist()

@@ -327,11 +327,11 @@ def write_state(
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for n, f in attr.factors.items():
-        tensors[f"gfim_sum.{n}"] = f.gfim_sum.contiguous()
+        tensors[f"gfim_sum.{n}"] = f.gfim_sum.cpu().contiguous()
         if f.rank_sum is not None:
-            tensors[f"rank_sum.{n}"] = f.rank_sum.contiguous()
+            tensors[f"rank_sum.{n}"] = f.rank_sum.cpu().contiguous()
     for n, x in (method_state or {}).items():
-        tensors[f"method_state.{n}"] = x.contiguous()
+        tensors[f"method_state.{n}"] = x.cpu().contiguous()
     for key, t in tensors.items():
         # never commit a state that load would refuse
         if not bool(torch.isfinite(t).all()):
