@@ -49,7 +49,7 @@ def _budget(k: int, n: int) -> int:
     return k
 
 
-def random_subset(n: int, k: int, seed: int) -> np.ndarray:
+def random_subset(n: int, k: int, seed: int | Sequence[int]) -> np.ndarray:
     """k distinct indices of range(n), uniformly at random (the baseline every rule is compared with)."""
     k = _budget(k, n)
     return np.random.default_rng(seed).permutation(n)[:k]
