@@ -224,7 +224,8 @@ class MiniLMExperiment:
                     continue
                 rule, scale = split_damping(damping)
                 rule_used, scale_used = resolve(method, rule, scale)
-                extra = {**full, "method": method, "damping": [rule_used, scale_used]}
+                # tracin has no curvature: no damping to report
+                extra = {**full, "method": method, "damping": None if method == "tracin" else [rule_used, scale_used]}
                 t0 = time.perf_counter()
                 try:
                     attr.use(method, damping=rule, **({} if scale is None else {"damping_scale": scale}))
@@ -234,7 +235,7 @@ class MiniLMExperiment:
                     yield label, None, {**extra, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
                     continue
                 lams = [f.damping for f in attr.factors.values()]
-                yield label, s, {**extra, "damping_range": [min(lams), max(lams)],
+                yield label, s, {**extra, "damping_range": None if method == "tracin" else [min(lams), max(lams)],
                                  "seconds": time.perf_counter() - t0}
         finally:
             attr.cache.close()

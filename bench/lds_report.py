@@ -136,7 +136,7 @@ def report(records: list[dict], command: str, *, n_subsets: int | None = None, n
             row, rec = rows[label], by_label.get(label, {})
             damp = rec.get("damping")
             rng = rec.get("damping_range")
-            dtxt = "—" if damp is None else f"{damp[0]} × {damp[1]:g}" + (
+            dtxt = "none" if damp is None else f"{damp[0]} × {damp[1]:g}" + (
                 f" (λ {rng[0]:.2g}…{rng[1]:.2g})" if rng else "")
             diff = (f"{row['diff']:+.3f} [{row['diff_lo']:+.3f}, {row['diff_hi']:+.3f}]" if "diff" in row
                     else ("(the default)" if label == ref else "—"))

@@ -98,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "paper (default: hyperinf,datainf,lissa,tracin,exact)")
     g.add_argument("--damping", metavar="LIST", default="auto",
                    help="comma list of dampings: numbers > 0 or rules datainf, spectral, paper, auto (default: auto = "
-                        "each method's own default: spectral x3 for hyperinf, from bench/QUALITY.md; datainf for "
-                        "datainf/lissa/exact); rule:factor sets a rule's factor, e.g. spectral:3,spectral:10,datainf. "
+                        "each method's own default: spectral x3 for hyperinf and exact (the same estimator), from "
+                        "bench/QUALITY.md; datainf for datainf/lissa; the table prints each row's damping); "
+                        "rule:factor sets a rule's factor, e.g. spectral:3,spectral:10,datainf. "
                         "Give e.g. 'datainf' to compare every method at the same damping")
     p.set_defaults(func=_cmd_detect)
 
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fraction", metavar="F", type=float, default=0.2, help="fraction of training data kept (default: 0.2)")
     g.add_argument("--method", metavar="NAME", default="hyperinf", help="influence method, e.g. hyperinf, exact, datainf, lissa, tracin (default: hyperinf)")
     g.add_argument("--damping", metavar="VALUE", default="auto", help="damping: a number > 0 or datainf, spectral, paper, auto (default: auto, the method's own default)")
+    g.add_argument("--rule", metavar="NAME", default=None,
+                   help="selection rule of hyperinf_ext.selection_rules: top (keep the most helpful), drop-harmful, "
+                        "class-balanced, query-round-robin (LESS) (default: top)")
     g.add_argument("--evaluate", action="store_true",
                    help="also fine-tune fresh LoRA models on the selection and on a random subset of the same "
                         "size, and report both validation accuracies")
@@ -237,7 +241,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
     method = _option("--method", lambda: parse_methods([args.method], what="method")[0])
     damping = _option("--damping", lambda: parse_dampings([args.damping])[0])
     cfg = SelectConfig(**_pipeline_kwargs(args), fraction=args.fraction, method=method, damping=damping,
-                       evaluate=args.evaluate)
+                       evaluate=args.evaluate, **({} if args.rule is None else {"rule": args.rule}))
     return _run_task(args, cfg, run_select_data, selection_table)
 
 

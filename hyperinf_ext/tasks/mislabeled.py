@@ -20,7 +20,8 @@ import numpy as np
 
 from ..errors import ConvergenceError
 from ..messages import one_line
-from ..methods import Damping, damping_label, parse_dampings, parse_methods
+from ..damping import resolve
+from ..methods import Damping, damping_label, parse_dampings, parse_methods, split_damping
 from .metrics import detection_curve, found_at, roc_auc
 from .output import prepare_output_dir
 from .pipeline import Log, PipelineConfig, fit_and_query, log_stage, score_method
@@ -67,6 +68,12 @@ class MethodResult:
     seconds: float = 0.0
     timing: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    damping_rule: str = "-"
+    """The resolved rule and factor ("spectral × 3"; "-" for tracin, which has no curvature)."""
+    damping_values: tuple[float, float] | None = None
+    """Smallest and largest per-layer λ this run used."""
+    same_as: str | None = None
+    """Label of a row this one equals mathematically (same estimator, same damping), e.g. exact for hyperinf."""
 
 
 @dataclass
@@ -190,11 +197,32 @@ def _score_all(
             res.error = one_line(exc)
             continue
         res.timing, res.seconds = timing, timing["seconds"]
+        if method != "tracin":
+            rule, scale = resolve(method, *split_damping(damping))
+            res.damping_rule = f"{damping_label(rule)} × {scale:g}" if isinstance(rule, str) else damping_label(rule)
+            lams = [float(f.damping) for f in attr.factors.values()]
+            res.damping_values = (min(lams), max(lams))
         res.auc = roc_auc(s, flipped)
         res.found = {f"{round(f * 100)}%": found_at(s, flipped, f) for f in FOUND_FRACTIONS}
         scores[res.column] = s
         curves[label] = detection_curve(s, flipped)
+    _mark_equal(results)
     return results, scores, curves
+
+
+# Methods that solve the same system (GFIM + λ) by another route: at equal damping their scores agree to
+# solver tolerance, so a table must not present them as different estimators.
+SAME_ESTIMATOR = {"hyperinf": "exact"}
+
+
+def _mark_equal(results: list[MethodResult]) -> None:
+    """Set ``same_as`` on each row whose estimator and resolved damping equal another row's."""
+    for r in results:
+        twin = SAME_ESTIMATOR.get(r.method)
+        for o in results:
+            if (twin and o.method == twin and not r.error and not o.error
+                    and (o.damping_rule, o.damping_values) == (r.damping_rule, r.damping_values)):
+                r.same_as = o.label
 
 
 def _runs(methods: list[str], dampings: list[Damping]) -> list[tuple[str, Damping]]:

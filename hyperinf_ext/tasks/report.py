@@ -118,13 +118,14 @@ def write_convergence_csv(path: str | Path, curves: Mapping[int, Mapping[int, Ma
 # ------------------------------------------------------------------------------ text tables
 
 
-def column_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    """Fixed-width lines: the first column left-aligned, the others right-aligned, dashes under the header."""
+def column_table(header: Sequence[str], rows: Sequence[Sequence[Any]], left: Sequence[int] = (0,)) -> list[str]:
+    """Fixed-width lines: the ``left`` columns (default: the first) left-aligned, the others right-aligned
+    (numbers), dashes under the header."""
     table = [list(map(str, header)), *(list(map(str, r)) for r in rows)]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
 
     def line(r: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
 
     return [line(table[0]), line(["-" * w for w in widths]), *(line(r) for r in table[1:])]
 
@@ -136,10 +137,12 @@ def detection_table(result: DetectResult) -> str:
     rows = []
     for m in result.methods:
         if m.error:
-            rows.append([m.label, "failed", *([""] * len(found_keys)), m.error])
+            rows.append([m.label, _damping_text(m), "failed", *([""] * len(found_keys)), m.error, ""])
         else:
-            rows.append([m.label, f"{m.auc:.4f}", *(f"{m.found[k]:.3f}" for k in found_keys), f"{m.seconds:.2f}"])
-    rows.append(["random", "0.5000", *(f"{f:.3f}" for f in fractions), ""])
+            note = f"= {m.same_as} (same estimator and damping)" if m.same_as else ""
+            rows.append([m.label, _damping_text(m), f"{m.auc:.4f}", *(f"{m.found[k]:.3f}" for k in found_keys),
+                         f"{m.seconds:.2f}", note])
+    rows.append(["random", "", "0.5000", *(f"{f:.3f}" for f in fractions), "", ""])
     lines = [
         f"Mislabeled-data detection: {result.n_flipped} of {result.n_train} training labels flipped "
         f"({result.source}), {result.n_val} validation examples",
@@ -149,20 +152,36 @@ def detection_table(result: DetectResult) -> str:
         f"(per-example gradients {result.fit_timings.get('gradients', 0.0):.1f} s); "
         f"validation gradient (shared): {result.query_seconds:.1f} s, warm-up pass {result.warmup_seconds:.1f} s",
         "",
-        *column_table(["method", "ROC-AUC", *(f"found@{k}" for k in found_keys), "seconds"], rows),
+        *_strip_right(column_table(["method", "damping (rule: λ per layer)", "ROC-AUC",
+                                    *(f"found@{k}" for k in found_keys), "seconds", "note"], rows,
+                                   left=(0, 1, len(found_keys) + 4))),
         "",
-        "seconds = the method's own work (prepare + scoring against the cached training gradients)",
+        "seconds = the method's own work (prepare + scoring against the cached training gradients); "
+        "each method at the damping shown (damping=auto: its own default)",
         f"outputs: {result.paths['plot']}, {result.paths['scores']}, {result.paths['summary']}",
     ]
     return "\n".join(lines)
+
+
+def _damping_text(m: Any) -> str:
+    """"spectral × 3: 1.2e-04…3.4e-03" (the rule, then the smallest and largest per-layer λ)."""
+    if m.damping_values is None:
+        return m.damping_rule if m.damping_rule != "-" else "none"
+    lo, hi = m.damping_values
+    values = f"{lo:.2g}" if lo == hi else f"{lo:.2g}…{hi:.2g}"
+    return f"{m.damping_rule}: {values}" if m.damping_rule != values else values
+
+
+def _strip_right(lines: list[str]) -> list[str]:
+    return [line.rstrip() for line in lines]
 
 
 def selection_table(result: SelectResult) -> str:
     """Plain-text report of select-data (with the evaluation against a random subset when it ran)."""
     cfg = result.config
     lines = [
-        f"Data selection with {cfg.method} (damping {damping_label(cfg.damping)}): kept the "
-        f"{len(result.selected)} most helpful of {result.n_train} training examples ({result.source})",
+        f"Data selection with {cfg.method} (damping {damping_label(cfg.damping)}), rule {cfg.rule}: kept "
+        f"{len(result.selected)} of {result.n_train} training examples ({result.source})",
         f"fine-tune: {cfg.resolved_epochs} epoch(s) in {result.finetune_seconds:.1f} s, "
         f"validation accuracy {result.val_accuracy:.4f}",
         f"influence: fit {result.fit_seconds:.1f} s, validation gradient {result.query_seconds:.1f} s, "

@@ -2,7 +2,8 @@
 
 Pipeline (:func:`run_select_data`): load/split (optionally flip labels) → fine-tune → fit HyperINF
 once → ``mean_scores`` on the validation set with one method → rank from the most negative score
-(most helpful, see ``attributor.SIGN_CONVENTION``) → write the top ``fraction``.  With
+(most helpful, see ``attributor.SIGN_CONVENTION``) → write the top ``fraction`` (or the selection
+of another ``rule`` of :mod:`hyperinf_ext.selection_rules`).  With
 ``evaluate``, a fresh LoRA is fine-tuned on the selection and on a random subset of the same size
 (same seed, epochs and hyper-parameters) and both validation accuracies are reported.
 """
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from ..methods import Damping, damping_label, parse_dampings, parse_methods
+from ..selection_rules import DEFAULT_RULE, RULES, select
 from .output import prepare_output_dir
 from .pipeline import (
     DEFAULT_EPOCHS,
@@ -43,6 +45,8 @@ class SelectConfig(PipelineConfig):
     """Fraction of the training set to keep, in (0, 1]."""
     method: str = "hyperinf"
     damping: Damping = "auto"
+    rule: str = DEFAULT_RULE
+    """Selection rule (``hyperinf_ext.selection_rules.RULES``); the default keeps the most helpful."""
     evaluate: bool = False
     """Also fine-tune fresh LoRA models on the selection and on a random subset of equal size."""
     out: Path = Path("hyperinf-out/select")
@@ -51,6 +55,8 @@ class SelectConfig(PipelineConfig):
         super().validate()
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"--fraction must be in (0, 1], got {self.fraction}")
+        if self.rule not in RULES:
+            raise ValueError(f"--rule: unknown selection rule {self.rule!r}; expected one of {', '.join(RULES)}")
         self.method = parse_methods([self.method], what="method")[0]
         self.damping = parse_dampings([self.damping])[0]
 
@@ -93,6 +99,7 @@ class SelectResult:
             "data": {"source": self.source, "n_train": self.n_train, "n_val": self.n_val,
                      "n_flipped": self.n_flipped},
             "selection": {
+                "rule": self.config.rule,
                 "method": self.config.method,
                 "damping": damping_label(self.config.damping),
                 "n_selected": len(self.selected),
@@ -127,14 +134,17 @@ def run_select_data(cfg: SelectConfig, log: Log = None) -> SelectResult:
     try:
         log_stage(log, f"scoring: {cfg.method}")
         scores, timing = score_method(run.attr, run.queries, cfg.method, cfg.damping)
+        # the LESS rule ranks per validation example: the same method/damping, one row per query
+        query_scores = (run.attr.scores(run.queries).detach().cpu().double().numpy()
+                        if cfg.rule == "query-round-robin" else None)
     finally:
         run.release()
     if not np.isfinite(scores).all():
         raise ValueError(f"{cfg.method}: scores are not finite (damping {damping_label(cfg.damping)} too small?)")
 
-    # most negative first: up-weighting these lowers the validation loss the most
-    order = np.argsort(scores, kind="stable")
-    selected = [int(i) for i in order[: cfg.n_selected]]
+    # "top": most negative first (up-weighting these lowers the validation loss the most)
+    selected = [int(i) for i in select(cfg.rule, cfg.n_selected, scores=scores, query_scores=query_scores,
+                                       labels=np.asarray(data.train.labels), seed=cfg.seed)]
 
     evaluation = None
     if cfg.evaluate:
