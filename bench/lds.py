@@ -230,6 +230,8 @@ class MiniLMExperiment:
                 try:
                     attr.use(method, damping=rule, **({} if scale is None else {"damping_scale": scale}))
                     s = attr.scores(queries).detach().cpu().double().numpy()
+                    if not np.isfinite(s).all():  # e.g. the paper's fixed-start Schulz diverging
+                        raise ArithmeticError("scores are not finite")
                 except (ValueError, ArithmeticError, RuntimeError) as exc:
                     # a method that fails on this model is reported as failed; the others go on
                     yield label, None, {**extra, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
