@@ -13,7 +13,7 @@ averaged over queries (``hyperinf_ext.tasks.metrics.lds``), with bootstrap inter
 subsets.  Kronfluence EK-FAC is scored on the same full-data model through bench/quality_ekfac.py's code
 path when kronfluence is installed.
 
-Sizes and time.  bench/FACTS (../shared/FACTS.md): 1,000 examples stay at chance for 3 epochs and take off
+Sizes and time.  The shared FACTS.md (measured on this machine): 1,000 examples stay at chance for 3 epochs and take off
 in epoch 4 (0.75 after 5); 2,000 × 3 epochs reach 0.79.  Subsets of 1,000 must train past chance or the
 LDS measures noise, so: n_train = 2,000 (subsets of 1,000), 5 epochs for every model, 200 validation
 queries, M = 32 subsets.  At about 23 s per 1,000 examples per epoch (AMD, idle): 32 subsets × 115 s =

@@ -165,6 +165,40 @@ def _summary(per_seed: dict[int, dict[str, dict]], ref: str | None, labels: Sequ
     return lines
 
 
+def damping_choice(per_seed: dict[int, dict[str, dict]], auc: dict[str, float]) -> tuple[str | None, list[str]]:
+    """The hyperinf damping to make the default, from LDS and detection AUC together.
+
+    Rule: among the hyperinf dampings measured by both studies, rank by mean LDS over seeds and by mean
+    AUC over bench/quality_runs.jsonl (1 = best); choose the smallest sum of the two ranks, ties going to
+    the higher LDS.  Returns the choice (None without an overlap) and Markdown lines stating it.
+    """
+    labels = [l for l, m, _ in CANDIDATES if m == "hyperinf" and l in auc
+              and all(l in rows and np.isfinite(rows[l]["lds"]) for rows in per_seed.values())]
+    if not labels or not per_seed:
+        return None, []
+    mean_lds = {l: statistics.mean(rows[l]["lds"] for rows in per_seed.values()) for l in labels}
+    r_lds = {l: i + 1 for i, l in enumerate(sorted(labels, key=lambda l: -mean_lds[l]))}
+    r_auc = {l: i + 1 for i, l in enumerate(sorted(labels, key=lambda l: -auc[l]))}
+    best = min(labels, key=lambda l: (r_lds[l] + r_auc[l], -mean_lds[l]))
+    lines = ["## Default damping of method='hyperinf' from LDS and detection AUC", "",
+             "Rank by mean LDS over the seeds above and by mean AUC over bench/quality_runs.jsonl (1 = best); "
+             "the default is the smallest sum of the two ranks (ties: higher LDS).", "",
+             "| damping | mean LDS | LDS rank | mean AUC | AUC rank | sum |", "|---|---|---|---|---|---|"]
+    lines += [f"| {l} | {mean_lds[l]:.3f} | {r_lds[l]} | {auc[l]:.3f} | {r_auc[l]} | {r_lds[l] + r_auc[l]} |"
+              for l in labels]
+    lines += ["", f"Choice: **{best}**; the library's default today: {default_label() or '(not a candidate)'}.", ""]
+    return best, lines
+
+
+def quality_auc(path: Path | None = None) -> dict[str, float]:
+    """Mean detection AUC per candidate label over bench/quality_runs.jsonl ({} when absent)."""
+    from bench.quality import HERE, load_runs
+
+    runs = load_runs(path or HERE / "quality_runs.jsonl")
+    labels = {l for r in runs for l in r["results"]}
+    return {l: statistics.mean(r["results"][l]["auc"] for r in runs if l in r["results"]) for l in labels}
+
+
 def write_report(records: list[dict], out: Path, command: str, *, n_subsets: int | None = None,
                  n_boot: int = 1000, labels: Sequence[str] = LABELS, ref: str | None = None) -> str:
     """Write ``out`` (Markdown) and the plot beside it (``lds.png`` for bench/LDS.md); returns the text."""
@@ -172,6 +206,9 @@ def write_report(records: list[dict], out: Path, command: str, *, n_subsets: int
     text, per_seed = report(records, command, n_subsets=n_subsets, n_boot=n_boot, labels=labels, ref=ref)
     if per_seed:
         plot(per_seed, png, labels)
+        _, choice = damping_choice(per_seed, quality_auc())
+        if choice:
+            text = text.replace("## Machine", "\n".join(choice) + "\n## Machine", 1)
         text = text.replace("## Machine", f"![LDS per method]({png.name})\n\n## Machine", 1)
     out.write_text(text)
     return text

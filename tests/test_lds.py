@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bench.lds import LdsConfig, load_records, matrices, run, subset_members
-from bench.lds_report import seed_rows, write_report
+from bench.lds_report import damping_choice, quality_auc, seed_rows, write_report
 from hyperinf_ext.tasks.metrics import lds
 
 RIDGE = 0.05
@@ -111,3 +111,22 @@ def test_resume_after_interruption_gives_identical_records(tmp_path):
     assert sorted(r["subset"] for r in recs if r["kind"] == "subset") == list(range(12))
     p, m = matrices(recs, json.loads(CFG.key()), "exact")
     assert p.shape == (12, 12)
+
+
+def test_damping_choice_combines_lds_and_auc():
+    row = lambda v: {"lds": v, "lo": v, "hi": v}  # noqa: E731
+    per_seed = {0: {"hyperinf, spectral 1": row(0.30), "hyperinf, spectral 3": row(0.28),
+                    "hyperinf, spectral 10": row(0.10), "tracin": row(0.9)},
+                1: {"hyperinf, spectral 1": row(0.32), "hyperinf, spectral 3": row(0.30),
+                    "hyperinf, spectral 10": row(0.12), "tracin": row(0.9)}}
+    auc = {"hyperinf, spectral 1": 0.70, "hyperinf, spectral 3": 0.72, "hyperinf, spectral 10": 0.73}
+    best, lines = damping_choice(per_seed, auc)
+    # ranks (LDS, AUC): spectral 1 (1, 3), spectral 3 (2, 2), spectral 10 (3, 1): a three-way tie on the
+    # sum, broken by the higher LDS; tracin is not a hyperinf damping
+    assert best == "hyperinf, spectral 1" and any("**hyperinf, spectral 1**" in l for l in lines)
+    auc["hyperinf, spectral 1"] = 0.60
+    auc["hyperinf, spectral 10"] = 0.80
+    per_seed[0]["hyperinf, spectral 10"] = per_seed[1]["hyperinf, spectral 10"] = row(0.295)
+    assert damping_choice(per_seed, auc)[0] == "hyperinf, spectral 10"  # ranks (2, 1) beat (1, 3) and (3, 2)
+    assert damping_choice({}, auc) == (None, [])
+    assert quality_auc()["hyperinf, spectral 3"] > 0.5  # read from the committed bench/quality_runs.jsonl
