@@ -188,6 +188,9 @@ def _score_all(
         column = method if len(dampings) == 1 or method == "tracin" else f"{method}@{dl}"
         log_stage(log, f"scoring: {label}")
         res = MethodResult(method, dl, label, f"score_{column}")
+        if method != "tracin":  # tracin has no curvature, hence no damping
+            rule, scale = resolve(method, *split_damping(damping))
+            res.damping_rule = f"{damping_label(rule)} × {scale:g}" if isinstance(rule, str) else damping_label(rule)
         results.append(res)
         try:
             s, timing = score_method(attr, queries, method, damping)
@@ -197,9 +200,7 @@ def _score_all(
             res.error = one_line(exc)
             continue
         res.timing, res.seconds = timing, timing["seconds"]
-        if method != "tracin":
-            rule, scale = resolve(method, *split_damping(damping))
-            res.damping_rule = f"{damping_label(rule)} × {scale:g}" if isinstance(rule, str) else damping_label(rule)
+        if method != "tracin":  # the per-layer λ the method just used
             lams = [float(f.damping) for f in attr.factors.values()]
             res.damping_values = (min(lams), max(lams))
         res.auc = roc_auc(s, flipped)
