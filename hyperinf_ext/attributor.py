@@ -314,7 +314,9 @@ class HyperINF:
                     flat = stacked.reshape(L * B, r, d)
                     if flat.dtype not in (torch.float32, torch.float64):
                         flat = flat.float()
-                    rank_accs[key] += torch.bmm(flat, flat.transpose(1, 2)).view(L, B, r, r).sum(1).to(fdtype)
+                    outer = torch.bmm(flat, flat.transpose(1, 2)).view(L, B, r, r).sum(1).to(fdtype)
+                    # BLAS does not promise a bit-symmetric X·Xᵀ; the Schulz op refuses asymmetric input
+                    rank_accs[key] += 0.5 * (outer + outer.transpose(-1, -2))
             with self._timed("cache"):
                 self.cache.append(index, grads)
             self.n_train = max(self.n_train, int(index.max()) + 1)
