@@ -266,7 +266,8 @@ def begin_fit(comm: Comm, attr: "HyperINF", train_loader: Iterable, checkpoint_d
             "(uneven shards, nothing repeated)")
     if checkpoint_dir is not None:  # each rank commits its own partial sums; the reduction runs after
         checkpoint_dir = Path(checkpoint_dir) / f"rank{comm.rank}-of-{comm.world}"
-    return _IndexRequired(train_loader), checkpoint_dir
+    wrap = _SizedIndexRequired if hasattr(train_loader, "__len__") else _IndexRequired
+    return wrap(train_loader), checkpoint_dir
 
 
 class _IndexRequired:
@@ -275,15 +276,17 @@ class _IndexRequired:
     def __init__(self, loader: Iterable):
         self.loader = loader
 
-    def __len__(self) -> int:
-        return len(self.loader)  # type: ignore[arg-type]
-
     def __iter__(self) -> Iterator:
         for b, batch in enumerate(self.loader):
             if not (hasattr(batch, "keys") and "index" in batch):
                 raise ValueError(f"train_loader: batch {b} has no 'index' entry; under torch.distributed every batch "
                                  "must carry the global training index of its examples")
             yield batch
+
+
+class _SizedIndexRequired(_IndexRequired):
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
 
 
 class ShardSampler(torch.utils.data.Sampler):
