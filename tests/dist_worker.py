@@ -6,8 +6,8 @@ Scenarios (each rank writes OUT_DIR/rank{r}.json with what it saw; the test asse
 * ``equal``    fit/scores/mean_scores/top-k/out=/save+load over a training set of odd size split unevenly
                across the ranks, each compared with a one-process run (distributed=False) of the same
                model and data in float64; then a rank-1 batch without ``index`` (rank 1 raises, the
-               others name it).
-* ``mismatch`` rank 1 builds its model with LoRA rank 4 (the others 3): every rank must raise.
+               others name it); last, rank 1 builds its model with LoRA rank 4 (the others 3): every
+               rank must raise (``mismatch`` runs that alone).
 * ``kill``     rank 1 SIGKILLs itself in the middle of its fit shard: the others must raise naming it.
 """
 import json
@@ -95,6 +95,7 @@ def equal(rank: int, world: int, out: Path) -> dict:
         res["bad_batch"] = "no error"
     except Exception as e:  # noqa: BLE001 — the message is what the test checks
         res["bad_batch"] = f"{type(e).__name__}: {e}"
+    res["mismatch"] = mismatch(rank, world, out)["error"]  # last: it leaves the ranks disagreeing
     return res
 
 
