@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import os
 import time
@@ -211,7 +212,12 @@ def signature(attr: "HyperINF") -> dict[str, Any]:
     from . import __version__
 
     config = dataclasses.asdict(attr.config)
+    # the adapter weights themselves (small): ranks that fine-tuned differently would mix two models
+    digest = hashlib.sha256()
+    for l in attr.layers:
+        digest.update(l.module.weight.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return {
+        "adapter_weights_sha256": digest.hexdigest()[:16],
         "hyperinf_ext": __version__,
         "config": config,
         "layers": {l.name: {"kind": l.kind, "rank": l.rank, "dim": l.dim, "dtype": str(l.module.weight.dtype),
@@ -306,3 +312,55 @@ class ShardSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.n, self.world))
+
+
+def shard_loader(loader: Iterable, comm: "Comm | None" = None) -> Iterable:
+    """``loader`` reduced to this rank's examples (global ``index`` ≡ rank mod world) when distributed.
+
+    For loaders that every rank builds over the whole training set (e.g. the CLI's): each batch is cut
+    to its examples of this rank (every tensor or list entry with the batch's length along dim 0).
+    Loading is repeated on every rank; the gradients — the expensive part — are not.  Outside a process
+    group the loader is returned as it is.
+    """
+    if comm is None:
+        if not is_active():
+            return loader
+        r, w = dist.get_rank(), dist.get_world_size()
+    else:
+        r, w = comm.rank, comm.world
+    return _Sharded(loader, r, w)
+
+
+class _Sharded:
+    def __init__(self, loader: Iterable, rank: int, world: int):
+        self.loader, self.rank, self.world = loader, rank, world
+
+    def __iter__(self) -> Iterator:
+        for b, batch in enumerate(self.loader):
+            if "index" not in batch:
+                raise ValueError(f"train_loader: batch {b} has no 'index' entry to shard it by")
+            index = batch["index"]
+            keep = (index % self.world) == self.rank
+            if not bool(keep.any()):
+                continue
+            n = index.shape[0]
+            rows = keep.nonzero().squeeze(1).tolist()
+            yield type(batch)({k: (v[keep.to(v.device)] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n
+                                   else [v[i] for i in rows] if isinstance(v, list) and len(v) == n else v)
+                               for k, v in batch.items()})
+
+
+def init_from_env(device: str = "cpu") -> bool:
+    """Initialise the default process group from torchrun's environment (WORLD_SIZE > 1); True if done.
+
+    gloo for a CPU ``device``, nccl (with this process's LOCAL_RANK GPU as the current device) for CUDA.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    backend = "gloo"
+    if str(device).startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    return True
