@@ -33,7 +33,9 @@ if TYPE_CHECKING:
 
 TIMEOUT_ENV = "HYPERINF_EXT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for gloo/nccl process groups
-_comm_ids = itertools.count()  # Comms are made in the same order on every rank: equal ids, equal store keys
+# Comms take ids in the order of their first collective, which every rank runs in the same order (as the
+# process group requires): equal ids, equal store keys; a Comm that never communicates takes none.
+_comm_ids = itertools.count()
 
 
 class DistributedError(RuntimeError):
@@ -69,8 +71,14 @@ class Comm:
         self.timeout = float(timeout if timeout is not None else os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
         self._step = 0
         self._broken: str | None = None
-        store = dist.distributed_c10d._get_default_store()
-        self.store = dist.PrefixStore(f"hyperinf_ext/{next(_comm_ids)}/", store)
+        self._store: Any = None  # keyed on first use, so only Comms that do collectives take an id
+
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            base = dist.distributed_c10d._get_default_store()
+            self._store = dist.PrefixStore(f"hyperinf_ext/{next(_comm_ids)}/", base)
+        return self._store
 
     def name(self, p: int) -> str:
         """Group rank p as the launcher numbers it (the global rank)."""

@@ -368,7 +368,10 @@ def score_method(attr: Any, queries: Any, method: str, damping: Damping) -> tupl
     rule, scale = split_damping(damping)
     # without an explicit damping_scale, use() resets it to the rule's default
     attr.use(method, damping=rule, **({} if scale is None else {"damping_scale": scale}))
-    scores = attr.mean_scores(queries, all_ranks=True)  # under torchrun every rank goes on with them
+    from ..distributed import is_active
+
+    # under torchrun every rank goes on with the scores
+    scores = attr.mean_scores(queries, all_ranks=True) if is_active() else attr.mean_scores(queries)
     after = attr.timings
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in _SCORING_STAGES}
     timing = {"seconds": sum(delta.values()), **{f"{k}_seconds": v for k, v in delta.items()}}
