@@ -457,16 +457,10 @@ class HyperINF:
     def _stream(self, qt: dict[str, torch.Tensor], train_loader: Iterable | None, top_k: int | None,
                 out: str | Path | None, all_ranks: bool) -> Any:
         """Score every training example against the preconditioned queries ``qt`` into the chosen sinks."""
-        Q, comm = next(iter(qt.values())).shape[0], self._comm
-        sinks = []
-        if top_k is not None:
-            sinks.append(score_store.TopKSink(Q, top_k, self.fdtype, comm))
-        if out is not None:
-            sinks.append(score_store.FileSink(out, Q, self.n_train, self.fdtype, comm, SIGN_CONVENTION))
-        if not sinks:
-            sinks.append(score_store.DenseSink(Q, self.n_train, self.fdtype, comm))
-        self._dot_with_train(qt, train_loader, _Tee(sinks))
-        return [s.finish(self.n_train, all_ranks) for s in sinks][0]
+        Q = next(iter(qt.values())).shape[0]
+        sinks = score_store.Sinks(Q, self.n_train, self.fdtype, self._comm, top_k=top_k, out=out, sign=SIGN_CONVENTION)
+        self._dot_with_train(qt, train_loader, sinks)
+        return sinks.finish(self.n_train, all_ranks)
 
     def scores(self, query_loader: Iterable | QueryGradients, train_loader: Iterable | None = None, *,
                top_k: int | None = None, out: str | Path | None = None, all_ranks: bool = False) -> Any:
@@ -557,17 +551,6 @@ class HyperINF:
         if score_store.is_store(path):
             return score_store.load(path)
         return persistence.load_scores(path)
-
-
-class _Tee:
-    """One ``add`` to several score sinks."""
-
-    def __init__(self, sinks: list):
-        self.sinks = sinks
-
-    def add(self, block: torch.Tensor, index: torch.Tensor) -> None:
-        for s in self.sinks:
-            s.add(block, index)
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:

@@ -140,6 +140,28 @@ class FileSink:
         return load(self.dir) if all_ranks or comm.rank == 0 else None
 
 
+class Sinks:
+    """What one ``scores`` call feeds: a top-K and/or a file when asked for, else the dense matrix."""
+
+    def __init__(self, n_query: int, n_train: int, dtype: torch.dtype, comm: "Comm | None", *,
+                 top_k: int | None = None, out: str | Path | None = None, sign: str = ""):
+        self.sinks: list[Any] = []
+        if top_k is not None:
+            self.sinks.append(TopKSink(n_query, top_k, dtype, comm))
+        if out is not None:
+            self.sinks.append(FileSink(out, n_query, n_train, dtype, comm, sign))
+        if not self.sinks:
+            self.sinks.append(DenseSink(n_query, n_train, dtype, comm))
+
+    def add(self, block: torch.Tensor, index: torch.Tensor) -> None:
+        for s in self.sinks:
+            s.add(block, index)
+
+    def finish(self, n_train: int, all_ranks: bool) -> Any:
+        """The first sink's result (the top-K when asked for); every sink is finished (files committed)."""
+        return [s.finish(n_train, all_ranks) for s in self.sinks][0]
+
+
 def _np(dtype: torch.dtype) -> Any:
     return {torch.float64: np.float64, torch.float32: np.float32}[dtype]
 
