@@ -5,7 +5,8 @@ Bytes per collective (d = a layer's input dim, r = its LoRA rank, b = bytes of t
 * fit: one all-reduce of the GFIM sums' upper triangles and the rank-side sums, b·(d(d+1)/2 + r(r+1)/2)
   per layer, in buckets of ``BUCKET_BYTES``; two int64 all-reduces (count, n_train);
 * prepare: every layer's inverse is computed on one rank (layers dealt out by cost d³) and broadcast
-  from it, b·d² per layer for hyperinf (b·(d² + r²) for kronecker), one broadcast per owner and dtype;
+  from it — the symmetric inverses as upper triangles, b·d(d+1)/2 per layer for hyperinf (plus
+  b·r(r+1)/2 for kronecker) — one broadcast per owner and dtype;
 * scores: b·n_query·n_local per rank to rank 0 (or to every rank), plus an int32 coverage vector of
   n_train; top-k only 2·n_query·K values and indices per rank.
 """
@@ -123,8 +124,10 @@ def prepare_shared(comm: Comm, method: "Method", factors: dict[str, "LayerFactor
     for attr, per_layer in _per_layer_dicts(method, names).items():
         for n, v in per_layer.items():
             if isinstance(v, torch.Tensor):
+                # an exactly symmetric matrix (the inverses are symmetrised) travels as its upper triangle
+                sym = v.dim() == 2 and v.shape[0] == v.shape[1] and bool(torch.equal(v, v.T))
                 layouts.setdefault(attr, {})[n] = ("tensor", tuple(v.shape), str(v.dtype).replace("torch.", ""),
-                                                   v.device.type)
+                                                   v.device.type, sym)
             elif callable(v) or _has_tensor(v):
                 shareable = False
             else:
@@ -143,9 +146,10 @@ def prepare_shared(comm: Comm, method: "Method", factors: dict[str, "LayerFactor
                     _slot(method, attr)[n] = spec[1]
         for dtype, entries in sorted(by_dtype.items()):
             specs = [layout[a][n] for a, n in entries]
-            sizes = [int(torch.Size(s[1]).numel()) for s in specs]
+            sizes = [s[1][0] * (s[1][0] + 1) // 2 if s[4] else int(torch.Size(s[1]).numel()) for s in specs]
             if src == comm.rank:
-                flat = torch.cat([getattr(method, a)[n].reshape(-1).to(comm.device) for a, n in entries])
+                flat = torch.cat([(_triu(t) if spec[4] else t.reshape(-1)).to(comm.device) for spec, t in
+                                  zip(specs, (getattr(method, a)[n] for a, n in entries))])
             else:
                 flat = torch.empty(sum(sizes), dtype=getattr(torch, dtype), device=comm.device)
             flat = comm.broadcast(flat, src, "prepare: per-layer state")
@@ -153,7 +157,8 @@ def prepare_shared(comm: Comm, method: "Method", factors: dict[str, "LayerFactor
                 continue
             for (a, n), spec, piece in zip(entries, specs, flat.split(sizes)):
                 device = comm.device if spec[3] == comm.device.type else torch.device(spec[3])
-                _slot(method, a)[n] = piece.reshape(spec[1]).to(device).clone()
+                full = _untriu(piece, spec[1][0]) if spec[4] else piece.reshape(spec[1]).clone()
+                _slot(method, a)[n] = full.to(device)
 
 
 def _slot(method: "Method", attr: str) -> dict:

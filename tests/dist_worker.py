@@ -86,6 +86,13 @@ def equal(rank: int, world: int, out: Path) -> dict:
     loaded = HyperINF.load(shared / "factors", tiny_model(), progress=False)
     S_loaded = loaded.scores(query_batches, shard_batches(train, rank, world), all_ranks=True)
     res["loaded"] = maxdiff(S_loaded, S_ref)
+    # with checkpoint_dir each rank commits its own partial sums (rank{r}-of-{w}/); a second fit resumes
+    # from the finished checkpoints and reduces them again
+    ck = HyperINF(tiny_model(), progress=False).fit(shard_batches(train, rank, world), checkpoint_dir=shared / "ck")
+    resumed = HyperINF(tiny_model(), progress=False).fit(shard_batches(train, rank, world), checkpoint_dir=shared / "ck")
+    res["checkpointed"] = max(maxdiff(f.factors[n].gfim_sum, ref.factors[n].gfim_sum) for f in (ck, resumed)
+                              for n in ref.factors)
+    res["checkpoint_dirs"] = sorted(p.name for p in (shared / "ck").iterdir())
     # a failure on one rank between collectives: rank 1's batch lacks its index
     bad = shard_batches(train, rank, world)
     if rank == 1:

@@ -65,9 +65,10 @@ def test_two_ranks_equal_one_process(tmp_path):
     for r, x in enumerate(res):
         assert x["n_train"] == 13 and x["count"] == 13, x
         for key in ("gfim", "rank_sum", "inverse", "scores_hyperinf", "scores_kronecker", "scores_exact",
-                    "topk_values", "streamed", "streamed_reloaded", "loaded"):
+                    "topk_values", "streamed", "streamed_reloaded", "loaded", "checkpointed"):
             assert x[key] <= TOL, (r, key, x[key])
         assert x["topk_index_equal"], r
+        assert x["checkpoint_dirs"] == ["rank0-of-2", "rank1-of-2"], x["checkpoint_dirs"]
     for key in ("rank0_only_hyperinf", "rank0_only_kronecker", "rank0_only_exact", "mean_scores"):
         assert res[0][key] <= TOL, (key, res[0][key])
         assert res[1][key] is True, f"rank 1 got a result for {key} without all_ranks"
