@@ -6,6 +6,9 @@
   waits (polling, with a timeout) until every rank has arrived — a rank that died or stopped is then
   named in a :class:`DistributedError` on every other rank, instead of a collective that blocks for the
   process group's own (30 min) timeout;
+* every rank beats a counter on the store once a second (a daemon thread with its own store client), so
+  a rank that died is named within ``$HYPERINF_EXT_DIST_DEAD_AFTER`` seconds (default 60), long before
+  the timeout, which is left to cover slow ranks;
 * a rank that fails between collectives (bad data, a method error) posts its error on the store
   (:func:`reported`), so the others stop at their next arrival with that error, naming the rank;
 * the first collective of a fit compares what every rank is about to do (:func:`check_consistent`: LoRA
@@ -20,6 +23,7 @@ import dataclasses
 import hashlib
 import itertools
 import os
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -33,6 +37,9 @@ if TYPE_CHECKING:
 
 TIMEOUT_ENV = "HYPERINF_EXT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for gloo/nccl process groups
+DEAD_ENV = "HYPERINF_EXT_DIST_DEAD_AFTER"
+DEFAULT_DEAD_AFTER_S = 60.0  # a rank whose heartbeat stopped this long ago is dead (or hung with the GIL held)
+BEAT_S = 1.0
 # Comms take ids in the order of their first collective, which every rank runs in the same order (as the
 # process group requires): equal ids, equal store keys; a Comm that never communicates takes none.
 _comm_ids = itertools.count()
@@ -72,6 +79,10 @@ class Comm:
         self._step = 0
         self._broken: str | None = None
         self._store: Any = None  # keyed on first use, so only Comms that do collectives take an id
+        self.dead_after = float(os.environ.get(DEAD_ENV, DEFAULT_DEAD_AFTER_S))
+        base = dist.distributed_c10d._get_default_store()
+        self._beats = dist.PrefixStore("hyperinf_ext/beat/", base)
+        _start_heartbeat(base, dist.get_rank())
 
     @property
     def store(self) -> Any:
@@ -108,12 +119,20 @@ class Comm:
             self.store.set(f"{step}/{self.rank}", stage)  # per-rank marker: names the absent on a timeout
             n = self.store.add(f"{step}/n", 1)
             deadline = time.monotonic() + self.timeout
-            delay = 0.0005
+            delay, next_pulse, pulses = 0.0005, time.monotonic() + BEAT_S, {}
             while n < self.world:
                 posted = self._posted_abort()
                 if posted is not None:
                     self._broken = posted
                     raise DistributedError(f"{stage}: {posted}")
+                if time.monotonic() > next_pulse:
+                    next_pulse = time.monotonic() + BEAT_S
+                    dead = self._dead(step, pulses)
+                    if dead:
+                        message = (f"{', '.join(dead)} stopped before this step: no heartbeat for "
+                                   f"{self.dead_after:g} s (it died or hangs; see its own output)")
+                        self.abort(stage, message)
+                        raise DistributedError(f"{stage}: {message}")
                 if time.monotonic() > deadline:
                     absent = [self.name(p) for p in range(self.world) if not self.store.check([f"{step}/{p}"])]
                     message = (f"{', '.join(absent)} did not arrive within {self.timeout:g} s (it died, hangs or is "
@@ -128,6 +147,20 @@ class Comm:
         except Exception as e:  # the store itself is unreachable: whoever hosts it (rank 0 or the launcher) died
             self._broken = f"the rendezvous store is unreachable ({type(e).__name__}: {e})"
             raise DistributedError(f"{stage}: {self._broken} — rank 0 or the launcher died") from None
+
+    def _dead(self, step: int, pulses: dict[int, tuple[int, float]]) -> list[str]:
+        """Absent ranks whose heartbeat has not moved for ``dead_after`` s (a rank yet to beat is not judged)."""
+        now, dead = time.monotonic(), []
+        for p in range(self.world):
+            if self.store.check([f"{step}/{p}"]):
+                continue
+            beats = self._beats.add(str(self._global(p)), 0)
+            last = pulses.get(p)
+            if last is None or last[0] != beats:
+                pulses[p] = (beats, now)
+            elif beats > 0 and now - last[1] > self.dead_after:
+                dead.append(self.name(p))
+        return dead
 
     def _run(self, stage: str, fn: Callable[[], Any]) -> Any:
         self.arrive(stage)
@@ -176,6 +209,31 @@ class Comm:
 
     def _global(self, p: int) -> int:
         return p if self.group is None else dist.get_global_rank(self.group, p)
+
+
+_heartbeat_started = False
+
+
+def _start_heartbeat(base: Any, global_rank: int) -> None:
+    """Once per process: a daemon thread adds 1 to this rank's counter on the store every BEAT_S seconds."""
+    global _heartbeat_started
+    if _heartbeat_started:
+        return
+    try:
+        store = dist.PrefixStore("hyperinf_ext/beat/", base.clone())  # its own connection: stores are not shared
+    except Exception:  # noqa: BLE001 — a store without clone(): no heartbeat, the timeout still applies
+        return
+
+    def beat() -> None:
+        while True:
+            try:
+                store.add(str(global_rank), 1)
+            except Exception:  # noqa: BLE001 — the store is gone; the main thread will say so
+                return
+            time.sleep(BEAT_S)
+
+    threading.Thread(target=beat, name="hyperinf-ext-heartbeat", daemon=True).start()
+    _heartbeat_started = True
 
 
 def resolve(option: "bool | Comm | None") -> Comm | None:

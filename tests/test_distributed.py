@@ -88,7 +88,8 @@ def test_a_killed_rank_ends_the_other_with_its_name(tmp_path):
     port = str(_free_port())
     procs = [subprocess.Popen([sys.executable, str(WORKER), "kill", str(tmp_path)],
                               env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                                       MASTER_PORT=port, HYPERINF_EXT_DIST_TIMEOUT="5"),
+                                       MASTER_PORT=port, HYPERINF_EXT_DIST_TIMEOUT="120",
+                                       HYPERINF_EXT_DIST_DEAD_AFTER="3"),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     try:
         logs = [p.communicate(timeout=LAUNCH_TIMEOUT_S)[0] for p in procs]
@@ -100,4 +101,43 @@ def test_a_killed_rank_ends_the_other_with_its_name(tmp_path):
     assert procs[0].returncode == 0, logs[0][-2000:]
     res = json.loads((tmp_path / "rank0.json").read_text())
     assert res.get("error") and res["error"].startswith("DistributedError"), res
-    assert "rank 1 did not arrive within 5 s" in res["error"], res
+    # named by its stopped heartbeat (3 s), not by the 120 s timeout
+    assert "rank 1 stopped before this step: no heartbeat for 3 s" in res["error"], res
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo group of one process (in this process); a Comm then pretends the world has 2 ranks."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_that_never_arrives_is_named_after_the_timeout(one_rank_group):
+    from hyperinf_ext.distributed import Comm, DistributedError
+
+    comm = Comm(timeout=0.3)
+    comm.world = 2  # rank 1 never comes
+    with pytest.raises(DistributedError, match=r"^fit: rank 1 did not arrive within 0.3 s"):
+        comm.arrive("fit")
+    with pytest.raises(DistributedError, match="an earlier collective failed"):  # broken from then on
+        comm.arrive("scores")
+
+
+def test_a_failure_posted_by_another_rank_stops_the_next_collective(one_rank_group):
+    from hyperinf_ext.distributed import Comm, DistributedError, reported
+
+    comm = Comm(timeout=30)
+    comm.world = 2
+    comm.store.set("abort", "rank 1 failed during fit: ValueError: bad batch")  # what rank 1's reported() posts
+    with pytest.raises(DistributedError, match="rank 1 failed during fit: ValueError: bad batch"):
+        comm.arrive("fit: example counts")
+    other = Comm(timeout=30)  # a failing rank posts its own error and re-raises the original
+    with pytest.raises(KeyError):
+        with reported(other, "scores"):
+            raise KeyError("x")
+    assert other.store.get("abort").decode().startswith("rank 0 failed during scores: KeyError")
