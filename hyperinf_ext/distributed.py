@@ -211,29 +211,33 @@ class Comm:
         return p if self.group is None else dist.get_global_rank(self.group, p)
 
 
-_heartbeat_started = False
+_heartbeat: dict[str, Any] = {"pg": None, "stop": None}  # the process group beaten for, and its stop event
 
 
 def _start_heartbeat(base: Any, global_rank: int) -> None:
-    """Once per process: a daemon thread adds 1 to this rank's counter on the store every BEAT_S seconds."""
-    global _heartbeat_started
-    if _heartbeat_started:
+    """Once per process group: a daemon thread adds 1 to this rank's counter on the store every BEAT_S s."""
+    pg = dist.group.WORLD
+    if _heartbeat["pg"] is pg:
         return
+    if _heartbeat["stop"] is not None:
+        _heartbeat["stop"].set()  # a re-initialised group: the old store's beats end
     try:
         store = dist.PrefixStore("hyperinf_ext/beat/", base.clone())  # its own connection: stores are not shared
     except Exception:  # noqa: BLE001 — a store without clone(): no heartbeat, the timeout still applies
         return
+    stop = threading.Event()
 
     def beat() -> None:
-        while True:
+        while dist.is_initialized():
             try:
                 store.add(str(global_rank), 1)
             except Exception:  # noqa: BLE001 — the store is gone; the main thread will say so
                 return
-            time.sleep(BEAT_S)
+            if stop.wait(BEAT_S):
+                return
 
     threading.Thread(target=beat, name="hyperinf-ext-heartbeat", daemon=True).start()
-    _heartbeat_started = True
+    _heartbeat.update(pg=pg, stop=stop)
 
 
 def resolve(option: "bool | Comm | None") -> Comm | None:
