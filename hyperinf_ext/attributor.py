@@ -16,11 +16,13 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from . import ops, persistence
+from . import distributed as _dist
+from . import ops, persistence, score_store
 from .cache import CACHE_MODES, GradientCache
 from .capture import ExampleError, PerSampleGradients, default_loss_fn, find_gradient_layers
 from .damping import check_rule, layer_damping, resolve
 from .methods import METHODS, LayerFactor, groups_by_dim, make_method
+from .topk import check_k
 
 SIGN_CONVENTION = (
     "score[q, k] = −Σ_l ⟨∇_l L_q · H_l⁻¹, ∇_l L_k⟩ ≈ dL_q/dε_k, the change of query q's loss when "
@@ -112,6 +114,7 @@ class HyperINF:
         dtype: torch.dtype | str = torch.float64,
         progress: bool = True,
         config: HyperINFConfig | None = None,
+        distributed: "bool | _dist.Comm | None" = None,
         **options: Any,
     ):
         if config is None:
@@ -130,6 +133,8 @@ class HyperINF:
         self.method = None
         self._prepared_for: tuple | None = None
         self._fit_error: str | None = None  # why the last fit failed (its factors hold partial data)
+        # torch.distributed: None = use an initialised process group of > 1 rank; False = never
+        self._comm = _dist.resolve(distributed)
 
     # ------------------------------------------------------------------------------------ utilities
 
@@ -237,12 +242,19 @@ class HyperINF:
             raise ValueError(f"checkpoint_every: expected a number of batches ≥ 0 (0 = only at the end), "
                              f"got {checkpoint_every!r}")
         self.timings = {}
+        comm = self._comm
+        if comm is not None:  # consistency checks first; every batch then needs its global index
+            train_loader, checkpoint_dir = _dist.begin_fit(comm, self, train_loader, checkpoint_dir)
         ckpt = persistence.Checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
         # Until the pass completes the factors hold part of the data: scoring or saving them must fail.
         self._fit_error = "fit is still running"
         try:
-            with ckpt if ckpt is not None else contextlib.nullcontext():
+            with ckpt if ckpt is not None else contextlib.nullcontext(), _dist.reported(comm, "fit"):
                 self._accumulate(train_loader, ckpt, checkpoint_every)
+            if comm is not None:
+                from .dist_share import reduce_factors
+
+                reduce_factors(comm, self)  # every rank then holds the sums over all shards
         except BaseException as e:
             resume = (f"; fit again with checkpoint_dir={str(ckpt.directory)!r} to resume from its last checkpoint"
                       if ckpt is not None and ckpt.exists and not isinstance(e, persistence.CheckpointBusyError)
@@ -362,7 +374,12 @@ class HyperINF:
         self.method = make_method(
             cfg.method, backend=cfg.backend, tol=cfg.tol, depth=cfg.lissa_depth, scale_factor=cfg.lissa_scale_factor
         )
-        self.method.prepare(self.factors)
+        if self._comm is not None:
+            from .dist_share import prepare_shared
+
+            prepare_shared(self._comm, self.method, self.factors)  # each layer's inverse on one rank
+        else:
+            self.method.prepare(self.factors)
         self._prepared_for = key
 
     def _prepare_key(self) -> tuple:
@@ -416,33 +433,50 @@ class HyperINF:
         with self._timed("precondition"):
             return self.method.precondition(q, self.factors, lambda: (g for _, g in source()))
 
-    def _dot_with_train(self, qt: dict[str, torch.Tensor], train_loader: Iterable | None) -> torch.Tensor:
-        """−Σ_l ⟨q̃_l, g_k,l⟩ for every query row and training example: [Q, n_train]."""
+    def _dot_with_train(self, qt: dict[str, torch.Tensor], train_loader: Iterable | None, sink: Any) -> None:
+        """−Σ_l ⟨q̃_l, g_k,l⟩ for every query row and training example, fed to ``sink`` block by block."""
         names = list(qt)
         Q = next(iter(qt.values())).shape[0]
         qflat = torch.cat([qt[n].reshape(Q, -1).to(self.fdtype) for n in names], dim=1)  # [Q, P]
-        out = torch.zeros(Q, self.n_train, dtype=self.fdtype)
         seen = torch.zeros(self.n_train, dtype=torch.bool)
-        for index, grads in self._train_batches(train_loader)():
-            with self._timed("dot"):
-                g = torch.cat([grads[n].reshape(index.numel(), -1).to(self.fdtype) for n in names], dim=1)
-                if int(index.max()) >= out.shape[1]:
-                    grow = int(index.max()) + 1 - out.shape[1]
-                    out = torch.cat([out, out.new_zeros(Q, grow)], 1)
-                    seen = torch.cat([seen, seen.new_zeros(grow)])
-                # scores stay on the CPU (n_train can be large); the product runs where the gradients are
-                out[:, index.cpu()] = (-(qflat.to(g.device) @ g.T)).cpu()
-                seen[index] = True
-        if not bool(seen.all()):
-            missing = (~seen).nonzero().squeeze(1)[:5].tolist()
-            raise ValueError(f"train_loader: no gradient for training examples {missing}... (indices not covered)")
-        return out
+        with _dist.reported(self._comm, "scores"):
+            for index, grads in self._train_batches(train_loader)():
+                with self._timed("dot"):
+                    g = torch.cat([grads[n].reshape(index.numel(), -1).to(self.fdtype) for n in names], dim=1)
+                    # scores stay on the CPU (n_train can be large); the product runs where the gradients are
+                    sink.add((-(qflat.to(g.device) @ g.T)).cpu(), index)
+                    if int(index.max()) >= seen.numel():
+                        seen = torch.cat([seen, seen.new_zeros(int(index.max()) + 1 - seen.numel())])
+                    seen[index] = True
+            if self._comm is None and not bool(seen.all()):
+                missing = (~seen).nonzero().squeeze(1)[:5].tolist()
+                raise ValueError(f"train_loader: no gradient for training examples {missing}... (indices not covered)")
+        if self._comm is not None:
+            from .dist_share import check_coverage
 
-    def scores(self, query_loader: Iterable | QueryGradients, train_loader: Iterable | None = None) -> torch.Tensor:
+            check_coverage(self._comm, seen, self.n_train, "scores")
+
+    def _stream(self, qt: dict[str, torch.Tensor], train_loader: Iterable | None, top_k: int | None,
+                out: str | Path | None, all_ranks: bool) -> Any:
+        """Score every training example against the preconditioned queries ``qt`` into the chosen sinks."""
+        Q = next(iter(qt.values())).shape[0]
+        sinks = score_store.Sinks(Q, self.n_train, self.fdtype, self._comm, top_k=top_k, out=out, sign=SIGN_CONVENTION)
+        self._dot_with_train(qt, train_loader, sinks)
+        return sinks.finish(self.n_train, all_ranks)
+
+    def scores(self, query_loader: Iterable | QueryGradients, train_loader: Iterable | None = None, *,
+               top_k: int | None = None, out: str | Path | None = None, all_ranks: bool = False) -> Any:
         """Pairwise influence [n_query, n_train] (see SIGN_CONVENTION), in the factor dtype.
 
         Query gradients are preconditioned once; training gradients come from the fit cache, or from a
         second pass over ``train_loader`` when given.  Rows follow the query ``index`` when present.
+
+        ``top_k=K``: a :class:`~hyperinf_ext.topk.TopKScores` instead — per query the K most positive and
+        K most negative training examples (ties → smaller index), O(n_query·K) memory.  ``out=PATH``: the
+        matrix streams to ``PATH`` (see score_store.py) and comes back memory-mapped (with ``top_k``, the
+        file is written and the top-K returned).  Under torch.distributed every rank passes the whole
+        query set and its shard of the training set; the result is returned on rank 0 (None elsewhere)
+        or, with ``all_ranks``, on every rank.
         """
         self._require_fit()
         queries = self.query_gradients(query_loader)
@@ -452,17 +486,23 @@ class HyperINF:
                 f"query_loader: index must number the {qidx.numel()} query examples 0..{qidx.numel() - 1} "
                 f"(it gives each its row of the scores), got index {int(qidx.max())}"
             )
-        qt = self._precondition(q, train_loader)
-        s = self._dot_with_train(qt, train_loader)
-        out = torch.empty_like(s)
-        out[qidx] = s
-        return out
+        if top_k is not None:
+            check_k(top_k)  # before any gradient is computed
+        if self._comm is not None:
+            from .dist_share import check_same_queries
 
-    def mean_scores(self, val_loader: Iterable | QueryGradients, train_loader: Iterable | None = None) -> torch.Tensor:
+            check_same_queries(self._comm, qidx)
+        order = qidx.argsort()  # qidx is a permutation of 0..Q-1: put the rows in index order once
+        q = {n: g[order.to(g.device)] for n, g in q.items()}
+        return self._stream(self._precondition(q, train_loader), train_loader, top_k, out, all_ranks)
+
+    def mean_scores(self, val_loader: Iterable | QueryGradients, train_loader: Iterable | None = None, *,
+                    all_ranks: bool = False) -> torch.Tensor | None:
         """Influence on the mean validation loss, [n_train] (see SIGN_CONVENTION).
 
         The gradient of the mean loss is the mean of per-example gradients; it is preconditioned
-        once, so this costs one query regardless of the validation set's size.
+        once, so this costs one query regardless of the validation set's size.  Under torch.distributed
+        (whole validation set on every rank) the result is on rank 0, or every rank with ``all_ranks``.
         """
         self._require_fit()
         if isinstance(val_loader, QueryGradients):
@@ -478,13 +518,19 @@ class HyperINF:
             if count == 0:
                 raise ValueError("val_loader: yielded no examples")
             q = {n: t / count for n, t in total.items()}
-        return self._dot_with_train(self._precondition(q, train_loader), train_loader)[0]
+        s = self._stream(self._precondition(q, train_loader), train_loader, None, None, all_ranks)
+        return None if s is None else s[0]
 
     # --------------------------------------------------------------------------------- persistence
     # (the formats, checks and atomic commits live in persistence.py)
 
     def save(self, directory: str | Path) -> Path:
-        """Write factors (safetensors: per-layer GFIM sums and the method's inverses) and meta.json."""
+        """Write factors (safetensors: per-layer GFIM sums and the method's inverses) and meta.json.
+
+        Under torch.distributed rank 0 writes and every rank returns once the files are committed."""
+        if self._comm is not None:
+            _dist.on_rank0(self._comm, "save", lambda: persistence.save(self, directory))
+            return Path(directory)
         return persistence.save(self, directory)
 
     @classmethod
@@ -503,7 +549,9 @@ class HyperINF:
 
     @staticmethod
     def load_scores(path: str | Path) -> torch.Tensor:
-        """The score tensor written by ``save_scores``."""
+        """The score tensor written by ``save_scores``, or the matrix of ``scores(out=PATH)`` memory-mapped."""
+        if score_store.is_store(path):
+            return score_store.load(path)
         return persistence.load_scores(path)
 
 

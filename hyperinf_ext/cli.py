@@ -15,7 +15,10 @@ is quick.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -73,6 +76,9 @@ def _add_pipeline(p: argparse.ArgumentParser, *, flip_rate: float, out: str) -> 
     g.add_argument("--batch-size", metavar="N", type=int, default=16, help="fine-tuning batch size (default: 16)")
     g.add_argument("--max-length", metavar="N", type=int, default=64, help="max tokens per text (default: 64)")
     g.add_argument("--device", metavar="DEV", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--top-k", metavar="K", type=int, default=None,
+                   help="also write topk.safetensors: per validation example the K training examples that most "
+                        "raise and most lower its loss (hyperinf), in O(n_val*K) memory")
     _add_common(p, out=out)
 
 
@@ -163,13 +169,38 @@ def _restore(args: argparse.Namespace) -> None:
         torch.set_num_threads(previous)
 
 
+@contextlib.contextmanager
+def _torchrun(args: argparse.Namespace):
+    """Under torchrun (WORLD_SIZE > 1): join the process group; ranks other than 0 print nothing and
+    write into a temporary folder that is removed, so only rank 0's output remains."""
+    from .distributed import init_from_env
+
+    if not init_from_env(getattr(args, "device", "cpu")):
+        yield
+        return
+    import torch.distributed as dist
+
+    try:
+        if dist.get_rank() == 0:
+            yield
+            return
+        args.no_progress = True
+        with tempfile.TemporaryDirectory(prefix="hyperinf-rank") as scratch, open(os.devnull, "w") as null, \
+                contextlib.redirect_stdout(null):
+            if hasattr(args, "out"):
+                args.out = Path(scratch) / "out"
+            yield
+    finally:
+        dist.destroy_process_group()
+
+
 def _pipeline_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         data=args.data, text_column=args.text_column, label_column=args.label_column,
         n_train=args.n_train, n_val=args.n_val, flip_rate=args.flip_rate,
         model=args.model, adapter=args.adapter, rank=args.rank, alpha=args.alpha, epochs=args.epochs,
         lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
-        seed=args.seed, device=args.device, progress=not args.no_progress, out=args.out,
+        seed=args.seed, device=args.device, progress=not args.no_progress, out=args.out, top_k=args.top_k,
     )
 
 
@@ -284,7 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
     try:
         _require(args.command)
-        return args.func(args)
+        with _torchrun(args):
+            return args.func(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
             PermissionError, ConvergenceError) as exc:
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)

@@ -86,6 +86,8 @@ class PipelineConfig:
     device: str = "cpu"
     progress: bool = True
     out: Path = Path("hyperinf-out")
+    top_k: int | None = None
+    """Also write topk.safetensors: per validation example the K most positive and most negative."""
 
     @property
     def resolved_epochs(self) -> int:
@@ -99,6 +101,8 @@ class PipelineConfig:
             raise ValueError(f"--n-train must be >= 1, got {self.n_train}")
         if self.n_val < 1:
             raise ValueError(f"--n-val must be >= 1, got {self.n_val}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
         if not (isinstance(self.flip_rate, (int, float)) and 0.0 <= self.flip_rate < 1.0):
             raise ValueError(f"--flip-rate must be in [0, 1), got {self.flip_rate}")
         if self.rank < 1 or self.alpha <= 0:
@@ -279,9 +283,11 @@ def fit_attributor(cfg: PipelineConfig, model: Any, train_loader: Any, log: Log 
     from ..attributor import HyperINF
 
     log_stage(log, f"influence: per-example gradients of {len(train_loader.dataset)} training examples")
+    from ..distributed import shard_loader
+
     attr = HyperINF(model, method="tracin", progress=cfg.progress, cache="memory")
     t0 = time.perf_counter()
-    attr.fit(train_loader)
+    attr.fit(shard_loader(train_loader))  # under torchrun: this rank's share of the examples
     return attr, time.perf_counter() - t0
 
 
@@ -330,10 +336,22 @@ def fit_and_query(cfg: PipelineConfig, log: Log = None) -> FittedRun:
     try:
         log_stage(log, f"influence: gradient of the mean validation loss ({len(data.val)} examples)")
         run.queries, run.query_seconds = validation_gradients(attr, loaders.influence_val)
+        if cfg.top_k:
+            write_top_k(cfg, attr, run.queries, log)
     except BaseException:
         run.release()
         raise
     return run
+
+
+def write_top_k(cfg: PipelineConfig, attr: Any, queries: Any, log: Log = None) -> None:
+    """``--top-k K``: out/topk.safetensors, per validation example the K training examples that most raise
+    (positive_*) and most lower (negative_*) its loss under hyperinf at its default damping."""
+    log_stage(log, f"influence: top {cfg.top_k} training examples per validation example -> topk.safetensors")
+    attr.use("hyperinf", damping="auto")
+    top = attr.scores(queries, top_k=cfg.top_k)  # None on ranks other than 0, which write nothing
+    if top is not None:
+        top.save(Path(cfg.out) / "topk.safetensors", method="hyperinf", damping="auto")
 
 
 _SCORING_STAGES = ("prepare", "precondition", "dot")
@@ -350,7 +368,10 @@ def score_method(attr: Any, queries: Any, method: str, damping: Damping) -> tupl
     rule, scale = split_damping(damping)
     # without an explicit damping_scale, use() resets it to the rule's default
     attr.use(method, damping=rule, **({} if scale is None else {"damping_scale": scale}))
-    scores = attr.mean_scores(queries)
+    from ..distributed import is_active
+
+    # under torchrun every rank goes on with the scores
+    scores = attr.mean_scores(queries, all_ranks=True) if is_active() else attr.mean_scores(queries)
     after = attr.timings
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in _SCORING_STAGES}
     timing = {"seconds": sum(delta.values()), **{f"{k}_seconds": v for k, v in delta.items()}}
