@@ -1,0 +1,190 @@
+"""Verified solves of (G + λI): the solver is picked (``"auto"``: the cost model) and its answer checked.
+
+Every function here damps G, runs the chosen solver and measures a relative residual before
+returning; an answer above the tolerance raises :class:`ConvergenceError` instead of being returned.
+``SolveInfo.residual`` bounds (Schulz: exactly; Cholesky: a probe estimate of the same norm; CG: κ
+times the relative residual of the rows) the relative error of the solve.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .. import backends, ops
+from ..errors import ConvergenceError
+from . import cost
+from .direct import (
+    cholesky_factor,
+    cholesky_inverse,
+    cholesky_solve_rows,
+    damp,
+    default_tol,
+    inverse_residual,
+    rows_residual,
+    symmetrise,
+)
+from .krylov import cg
+from .schulz import scaled_schulz
+
+SOLVER_CHOICES = (cost.AUTO,) + cost.SOLVERS
+
+
+@dataclass
+class SolveInfo:
+    """What solved (G + λI): the solver, why, and its verified residual per matrix (float64 CPU)."""
+
+    solver: str  # "schulz" | "cholesky" | "cg"
+    residual: torch.Tensor  # bound of the relative error, shape = the batch of matrices
+    tol: float
+    reason: str
+    backend: str | None = None  # Schulz's backend
+    iterations: torch.Tensor | int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def check_solver(solver: object, name: str = "solver", allowed: tuple[str, ...] = SOLVER_CHOICES) -> str:
+    """Validate a solver name; ``name`` is the argument it came from (``solver`` or its alias ``method``)."""
+    if not isinstance(solver, str) or solver not in allowed:
+        raise ValueError(f"{name}: unknown {name} {solver!r}; expected one of {allowed}")
+    return solver
+
+
+def _bracket(A: torch.Tensor, lam: torch.Tensor) -> tuple[float, float]:
+    """(smallest λ, largest cheap upper bound) over the batch: the worst matrix's bracket."""
+    return float(lam.min()) if lam.numel() else 0.0, float(ops.spectral_upper_bound(A).max())
+
+
+def _pick(solver: str, A: torch.Tensor, lam: torch.Tensor, *, rows: int | None, want: str, backend: str | None,
+          tol: float, polish: bool) -> cost.Choice:
+    if solver != cost.AUTO:
+        return cost.Choice(solver, "requested")
+    if backend is not None:
+        return cost.Choice("schulz", f"backend {backend!r} requested: its Schulz")
+    lower, upper = _bracket(A, lam)
+    name, _ = backends.select(None, A.device)
+    return cost.choose(d=A.shape[-1], batch=max(1, A[..., 0, 0].numel()), rows=rows, dtype=A.dtype, device=A.device,
+                       lower=lower, upper=upper, tol=tol, want=want, schulz_backend=name, polish=polish)
+
+
+def _lower(lam: torch.Tensor) -> torch.Tensor | None:
+    # the damping is a free lower bound of the spectrum of G + λI (G is PSD) — when it is positive
+    return lam if bool((lam > 0).all()) else None
+
+
+def _verified(solver: str, residual: torch.Tensor, tol: float) -> None:
+    bad = ~(residual <= tol)
+    if bool(bad.any()):
+        i = int(bad.reshape(-1).nonzero()[0])
+        raise ConvergenceError(
+            f"{solver}: relative residual {float(residual.reshape(-1)[i]):.3e} > tol {tol:.1e} for matrix {i} "
+            f"({int(bad.sum())} of {bad.numel()} failed): G + damping·I is too ill-conditioned for its dtype; "
+            "use float64 or more damping"
+        )
+
+
+def spd_inverse(
+    G: torch.Tensor,
+    damping,
+    *,
+    solver: str = cost.AUTO,
+    backend: str | None = None,
+    tol: float | None = None,
+    polish: bool = True,
+) -> tuple[torch.Tensor, SolveInfo]:
+    """Damp G, invert, symmetrise: X = (G + λI)⁻¹ [..., d, d] (compute dtype) and its SolveInfo.
+
+    solver: "auto" (cost model, an explicit inverse), "schulz" (scaled, λ as lower bound; float64 with
+    float32 phase + polish when ``polish``) or "cholesky".  Raises ConvergenceError when not verified.
+    """
+    check_solver(solver, allowed=(cost.AUTO, "schulz", "cholesky"))
+    A, lam = damp(G, damping)
+    tol = default_tol(A.dtype) if tol is None else float(tol)
+    choice = _pick(solver, A, lam, rows=None, want="inverse", backend=backend, tol=tol, polish=polish)
+    if choice.solver == "schulz":
+        X, sinfo = scaled_schulz(A, lower=_lower(lam), tol=tol, backend=backend, polish=polish)
+        info = SolveInfo("schulz", sinfo.residual, sinfo.tol, choice.reason, sinfo.backend, sinfo.iterations,
+                         {"warm_start": sinfo.extra.get("warm_start", False)})
+    else:
+        X = cholesky_inverse(A)
+        residual = inverse_residual(A, lambda Z: torch.matmul(Z, X.reshape(-1, *X.shape[-2:]))).reshape(lam.shape)
+        _verified("cholesky", residual, tol)
+        info = SolveInfo("cholesky", residual, tol, choice.reason)
+    return symmetrise(X), info
+
+
+class Factorization:
+    """(G + λI) factored once: ``solve_rows(V [B, k, d]) -> V·(G + λI)⁻¹`` for B = the batch of matrices.
+
+    Schulz keeps the (symmetrised) inverse; Cholesky keeps the factor.  ``info`` is verified.
+    """
+
+    def __init__(self, G: torch.Tensor, damping, *, solver: str = cost.AUTO, backend: str | None = None,
+                 tol: float | None = None, rows: int | None = None):
+        check_solver(solver, allowed=(cost.AUTO, "schulz", "cholesky"))
+        A, lam = damp(G, damping)
+        self.dtype = A.dtype
+        tol = default_tol(A.dtype) if tol is None else float(tol)
+        choice = _pick(solver, A, lam, rows=rows, want="apply", backend=backend, tol=tol, polish=False)
+        if choice.solver == "cg":  # a factorisation is reused: CG has nothing to keep
+            choice = cost.Choice("cholesky", choice.reason + "; cg has no factor to reuse: cholesky", choice.costs)
+        A3 = A.reshape(-1, *A.shape[-2:])
+        if choice.solver == "schulz":
+            X, sinfo = scaled_schulz(A, lower=_lower(lam), tol=tol, backend=backend, polish=False)
+            X3 = symmetrise(X).reshape(A3.shape)
+            self._solve: Callable[[torch.Tensor], torch.Tensor] = lambda V: torch.matmul(V, X3)
+            self.info = SolveInfo("schulz", sinfo.residual, sinfo.tol, choice.reason, sinfo.backend, sinfo.iterations)
+        else:
+            ops._check_symmetric("G", A3)
+            L = cholesky_factor(A3)
+            self._solve = lambda V: cholesky_solve_rows(L, V)
+            residual = inverse_residual(A3, self._solve).reshape(lam.shape)
+            _verified("cholesky", residual, tol)
+            self.info = SolveInfo("cholesky", residual, tol, choice.reason)
+
+    def solve_rows(self, V: torch.Tensor) -> torch.Tensor:
+        return self._solve(V.to(self.dtype))
+
+
+def solve_rows(
+    G: torch.Tensor,
+    damping,
+    V: torch.Tensor,
+    *,
+    solver: str = cost.AUTO,
+    backend: str | None = None,
+    tol: float | None = None,
+    max_iter: int | None = None,
+) -> tuple[torch.Tensor, SolveInfo]:
+    """One-shot V·(G + λI)⁻¹ for G [B, d, d], V [B, k, d]: Schulz, Cholesky or CG, whichever is cheapest.
+
+    CG (float64, λ > 0) stops when κ·‖V − Y·A‖/‖V‖ <= tol (κ = ub/λ, so the bound is on the relative
+    error as for Schulz); when it does not get there in ``max_iter`` (default 2·d + 20) steps, "auto"
+    falls back to Cholesky (recorded in ``info.extra``) and an explicit "cg" raises ConvergenceError.
+    """
+    check_solver(solver)
+    A, lam = damp(G, damping)
+    tol = default_tol(A.dtype) if tol is None else float(tol)
+    choice = _pick(solver, A, lam, rows=V.shape[-2], want="apply", backend=backend, tol=tol, polish=False)
+    if choice.solver == "cg":
+        lower, upper = _bracket(A, lam)
+        if not lower > 0:
+            raise ValueError("solver: 'cg' needs a positive damping (its stopping bound divides by it)")
+        kappa = upper / lower
+        Vc = V.to(A.dtype)
+        steps = 2 * A.shape[-1] + 20 if max_iter is None else max_iter
+        Y, taken = cg(A, Vc, max_iter=steps, tol=tol / kappa)
+        residual = kappa * rows_residual(A.reshape(-1, *A.shape[-2:]), Vc, Y).reshape(lam.shape)
+        info = SolveInfo("cg", residual, tol, choice.reason, iterations=taken, extra={"kappa_bound": kappa})
+        try:
+            _verified("cg", residual, tol)
+            return Y, info
+        except ConvergenceError:
+            if solver != cost.AUTO:
+                raise
+        choice = cost.Choice("cholesky", choice.reason + f"; cg stopped at residual {float(residual.max()):.2e}: "
+                             "fell back to cholesky", choice.costs)
+    fac = Factorization(G, damping, solver=choice.solver, backend=backend, tol=tol, rows=V.shape[-2])
+    fac.info.reason = choice.reason
+    return fac.solve_rows(V), fac.info

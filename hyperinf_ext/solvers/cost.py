@@ -1,0 +1,127 @@
+"""The cost model behind ``solver="auto"``: predicted seconds of each solver for one call.
+
+Costs are flop counts over measured rates (GFLOP/s), per device kind and compute dtype, plus a
+per-step overhead for CG's many small steps.  Iteration counts are predicted from the spectral
+bracket [λ, ub] that the solvers themselves use (λ = the damping, ub = ``ops.spectral_upper_bound``):
+
+* Schulz: the library's own bracket recursion (``reference.initial_scale`` / ``next_bracket``) run
+  on scalars until √d·max|1 − σ| <= tol — a pessimistic count (the residual test usually stops
+  earlier, since the true spectrum lies inside the bracket);  4·d³ flops per step (I − A·X, X·R).
+* Cholesky: d³/3 (factor) + 2d³/3 (explicit inverse) or 2·k·d² per solve of k rows.
+* CG: min(d, ½·√κ·ln(2/tol)) steps (the classical bound with κ = ub/λ) of 2·k·d² flops each.
+
+The rates were measured by ``python -m bench.solver_costs`` (see bench/RESULTS.md, "Solver cost
+model"), which also checks the picks against the solvers timed in the same run.  CUDA has no
+measured constants yet ("to be measured by the GPU check"): there ``auto`` runs Schulz, the solver
+the Triton kernels fuse, which is the conservative choice for a GEMM machine.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import reference
+
+SOLVERS = ("schulz", "cholesky", "cg")
+AUTO = "auto"
+
+# GFLOP/s (and seconds per CG step) on CPU, measured by `python -m bench.solver_costs`
+# (2-core Intel Xeon VM, torch 2.13 CPU, MKL; d = 512, batch of 2 — see bench/RESULTS.md).
+CPU_RATES: dict[torch.dtype, dict[str, float]] = {
+    torch.float64: {"schulz_cpp": 20.0, "schulz_torch": 20.0, "gemm": 25.0, "potrf": 8.0, "potri": 8.0,
+                    "trsm": 6.0, "rows": 15.0, "cg_step_s": 5e-5},
+    torch.float32: {"schulz_cpp": 40.0, "schulz_torch": 40.0, "gemm": 50.0, "potrf": 16.0, "potri": 16.0,
+                    "trsm": 12.0, "rows": 30.0, "cg_step_s": 5e-5},
+}
+UNKNOWN_BRACKET_ITERATIONS = 50  # Schulz with no lower bound (λ = 0): no prediction; a typical count
+
+
+@dataclass
+class Choice:
+    """The solver auto picked, why, and the predicted seconds of every candidate."""
+
+    solver: str
+    reason: str
+    costs: dict[str, float] = field(default_factory=dict)
+
+
+def schulz_iterations(lower: float, upper: float, d: int, tol: float, max_iter: int = 100) -> int:
+    """Predicted scaled-Schulz steps for a matrix with spectrum in [lower, upper] (see module doc)."""
+    if not lower > 0:
+        return UNKNOWN_BRACKET_ITERATIONS
+    lower = min(lower, upper)
+    beta = reference.initial_scale(lower, upper)
+    a, b = beta * lower, beta * upper
+    for k in range(max_iter):
+        if math.sqrt(d) * max(1.0 - a, b - 1.0) <= tol:
+            return k
+        beta, a, b = reference.step_scale(a, b, math.inf)
+        a, b = reference.next_bracket(a, b, beta)
+    return max_iter
+
+
+def cg_iterations(kappa: float, d: int, tol: float) -> int:
+    """Classical CG bound: steps for the A-norm error to fall by tol, capped at d."""
+    if not math.isfinite(kappa):
+        return d
+    return max(1, min(d, math.ceil(0.5 * math.sqrt(kappa) * math.log(2.0 / tol))))
+
+
+def _rates(device: torch.device, dtype: torch.dtype) -> dict[str, float] | None:
+    return CPU_RATES.get(dtype) if device.type == "cpu" else None
+
+
+def choose(
+    *,
+    d: int,
+    batch: int,
+    rows: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    lower: float,
+    upper: float,
+    tol: float,
+    want: str = "apply",
+    schulz_backend: str = "torch",
+    polish: bool = False,
+) -> Choice:
+    """Pick the cheapest of Schulz, Cholesky and (for ``rows`` known, λ > 0) CG.
+
+    d, batch: matrices d×d, ``batch`` of them solved together.  rows: right-hand-side rows per
+    matrix, or None when unknown (a factorisation applied later: only the set-up cost counts).
+    dtype: the compute dtype.  lower/upper: the spectral bracket (worst matrix of the batch).
+    want: "apply" (rows solved), or "inverse" (an explicit X is kept: Schulz or Cholesky inverse).
+    schulz_backend: the backend Schulz would run on; polish: float64 Schulz runs as float32 + polish.
+    """
+    device = torch.device(device)
+    rates = _rates(device, dtype)
+    if rates is None:
+        return Choice("schulz", f"{device.type}: no measured cost constants; Schulz is the GEMM-bound default")
+    g = 1e9
+    costs: dict[str, float] = {}
+    k = 0 if rows is None else rows
+    apply_x = batch * 2.0 * k * d * d / (rates["gemm"] * g)
+    if polish and dtype == torch.float64 and torch.float32 in CPU_RATES:
+        r32 = CPU_RATES[torch.float32]
+        steps = schulz_iterations(lower, upper, d, 1e-3)
+        sch = steps * 4.0 * d**3 / (r32.get(f"schulz_{schulz_backend}", r32["gemm"]) * g) + 2 * 4.0 * d**3 / (rates["gemm"] * g)
+    else:
+        steps = schulz_iterations(lower, upper, d, tol)
+        sch = steps * 4.0 * d**3 / (rates.get(f"schulz_{schulz_backend}", rates["gemm"]) * g)
+    costs["schulz"] = batch * sch + apply_x
+    chol = d**3 / 3.0 / (rates["potrf"] * g)
+    if want == "inverse":
+        chol += 2.0 * d**3 / 3.0 / (rates["potri"] * g) + 2.0 * k * d * d / (rates["gemm"] * g)
+    else:
+        chol += 2.0 * k * d * d / (rates["trsm"] * g)
+    costs["cholesky"] = batch * chol
+    if want == "apply" and rows is not None and lower > 0 and dtype == torch.float64:
+        # float64 only: in float32 CG's attainable residual (~u·κ) is too close to what it must reach
+        steps_cg = cg_iterations(upper / lower, d, tol)
+        costs["cg"] = steps_cg * (batch * 2.0 * k * d * d / (rates["rows"] * g) + rates["cg_step_s"])
+    best = min(costs, key=costs.get)
+    shown = ", ".join(f"{s} {c * 1e3:.3g} ms" for s, c in costs.items())
+    return Choice(best, f"cost model ({device.type}, {str(dtype).replace('torch.', '')}, d={d}, "
+                        f"batch={batch}, rows={rows}): {shown}", costs)
