@@ -22,7 +22,7 @@ from . import ops
 from .cache import CACHE_MODES, GradientCache
 from .capture import ExampleError, PerSampleGradients, default_loss_fn, find_gradient_layers
 from .damping import check_rule, layer_damping, resolve
-from .methods import METHODS, LayerFactor, groups_by_dim, make_method
+from .methods import CURVATURE_SOLVERS, METHODS, LayerFactor, check_solver, groups_by_dim, make_method
 
 SIGN_CONVENTION = (
     "score[q, k] = −Σ_l ⟨∇_l L_q · H_l⁻¹, ∇_l L_k⟩ ≈ dL_q/dε_k, the change of query q's loss when "
@@ -67,12 +67,17 @@ class HyperINFConfig:
     lissa_scale_factor: float = 1.5
     """LiSSA: safety factor on the spectral bound used as its scale."""
     tol: float | None = None
-    """Schulz tolerance on ‖I − A·X‖_F (None = the dtype's default)."""
+    """Schulz tolerance on ‖I − A·X‖_F (None = the dtype's default); also the residual test of the other solvers."""
+    solver: str = "auto"
+    """How hyperinf/kronecker invert G + λI: "auto" (the cost model of solvers/cost.py picks Schulz or
+    Cholesky for the device, dtype, d and number of layers), "schulz" or "cholesky". Each inverse is
+    verified; ``attr.method.info[layer]`` records the solver and its residual."""
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method: unknown method {self.method!r}; expected one of {sorted(METHODS)}")
         self.damping = check_rule(self.damping)
+        check_solver(self.solver, allowed=CURVATURE_SOLVERS)
         if self.cache not in CACHE_MODES:
             raise ValueError(f"cache: unknown mode {self.cache!r}; expected one of {CACHE_MODES}")
         if (self.dtype not in ("float32", "float64") or self.grad_dtype not in (None, "float32", "float64")
@@ -330,7 +335,8 @@ class HyperINF:
                 # nothing to any score, and any positive λ keeps its (zero) solve well posed
                 f.damping = 1.0
         self.method = make_method(
-            cfg.method, backend=cfg.backend, tol=cfg.tol, depth=cfg.lissa_depth, scale_factor=cfg.lissa_scale_factor
+            cfg.method, backend=cfg.backend, tol=cfg.tol, depth=cfg.lissa_depth, scale_factor=cfg.lissa_scale_factor,
+            solver=cfg.solver,
         )
         self.method.prepare(self.factors)
         self._prepared_for = key
@@ -511,7 +517,8 @@ class HyperINF:
         if stored and set(stored) == set(self.factors):
             # reuse the stored inverses bit for bit instead of recomputing them
             self.method = make_method(self.config.method, backend=self.config.backend, tol=self.config.tol,
-                                      depth=self.config.lissa_depth, scale_factor=self.config.lissa_scale_factor)
+                                      depth=self.config.lissa_depth, scale_factor=self.config.lissa_scale_factor,
+                                      solver=self.config.solver)
             self.method.state = {n: t.to(self.fdtype) for n, t in stored.items()}
             self._prepared_for = (self.config.method, self.config.damping, self.config.damping_scale, self.batches_done)
         else:

@@ -33,7 +33,12 @@ def damp(G: torch.Tensor, damping) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def symmetrise(X: torch.Tensor) -> torch.Tensor:
-    """(X + Xᵀ)/2 over the last two axes: an inverse of a symmetric A is symmetric up to rounding."""
+    """(X + Xᵀ)/2 over the last two axes: an inverse of a symmetric A is symmetric up to rounding.
+
+    The result is row-major whatever X's layout (torch.cholesky_inverse returns column-major
+    matrices): products with it then round the same way as with a saved and reloaded copy.
+    """
+    X = X.contiguous()
     return 0.5 * (X + X.transpose(-1, -2))
 
 

@@ -105,20 +105,20 @@ def datainf(
     v: T,
     batches: Iterable[T],
     damping: float | Mapping[str, float],
-    count: int,
+    count: int | Mapping[str, int],
     *,
     callback: Callback | None = None,
 ) -> T:
     """Kwon et al.'s closed form (1/λ)·(v − (1/n)·Σ_i ⟨v, g_i⟩/(λ + ‖g_i‖²)·g_i).
 
     v: [Q, m] (or [m]) rows, or a dict of them; batches: the n training gradients g_i as [B, m]
-    tensors (dicts with v's keys), streamed once; count = n.  Sherman–Morrison inverts each
+    tensors (dicts with v's keys), streamed once; count = n (per key for dicts, or one int).  Sherman–Morrison inverts each
     rank-one term g_iᵀg_i + λI exactly and averages the inverses instead of inverting the average:
     a fixed approximation of (F + λI)⁻¹, not a convergent iteration.  λ must be > 0.
     ``callback(t, estimate)`` sees the estimate from the first t batches (scaled to n).
     """
     vd, single = _as_dict(v)
-    lam = _per_key(damping, vd)
+    lam, n = _per_key(damping, vd), _per_key(count, vd)
     acc = {k: torch.zeros_like(x) for k, x in vd.items()}
     for t, batch in enumerate(batches, start=1):
         bd = {"": batch} if single else batch
@@ -127,7 +127,7 @@ def datainf(
             coef = (x @ g.T) / (lam[k] + (g * g).sum(-1))  # [Q, B]
             acc[k].add_(coef @ g)
         if callback is not None:
-            est = {k: (x - acc[k] / count) / lam[k] for k, x in vd.items()}
+            est = {k: (x - acc[k] / n[k]) / lam[k] for k, x in vd.items()}
             callback(t, est[""] if single else est)
-    out = {k: (x - acc[k] / count) / lam[k] for k, x in vd.items()}
+    out = {k: (x - acc[k] / n[k]) / lam[k] for k, x in vd.items()}
     return out[""] if single else out

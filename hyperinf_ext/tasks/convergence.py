@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .. import ops, reference
+from .. import ops, reference, solvers
 from .output import prepare_output_dir
 
 __all__ = [
@@ -57,7 +57,7 @@ CG = "cg"
 SOLVERS = (SCHULZ, PAPER, LISSA, NEUMANN, DATAINF, CG)
 
 SCALE_DECADES = 3.0  # spread of the per-dimension standard deviations of x
-PAPER_X0 = 5e-5  # the HyperINF code's fixed start X₀ = 5e-5·I
+PAPER_X0 = solvers.PAPER_X0  # the HyperINF code's fixed start X₀ = 5e-5·I
 LISSA_BATCH = 32
 SERIES_SAFETY = 1.5  # s = 1.5·ub(λmax(A)): keeps mini-batch products contractive on average
 TARGET = 1e-6  # the table reports the first iteration at or below this relative error
@@ -197,6 +197,11 @@ def schulz_curve(p: Problem, iterations: int) -> SchulzTrace:
     return SchulzTrace(errors=errors, X=X, iterations=k, residual=r, status=reference.STATUS_NAMES[status])
 
 
+def _recorder(p: Problem, errors: list[float]):
+    """A solver callback appending the relative error of each step's estimate of A⁻¹v to ``errors``."""
+    return lambda t, estimate: errors.append(relative_error(estimate, p.x_star))
+
+
 def paper_schulz_curve(p: Problem, iterations: int, x0: float = PAPER_X0) -> list[float]:
     """Unscaled Schulz X ← X(2I − AX) from X₀ = x0·I, as the HyperINF paper's code runs it.
 
@@ -204,24 +209,17 @@ def paper_schulz_curve(p: Problem, iterations: int, x0: float = PAPER_X0) -> lis
     λmax(A) < 2/x0 = 4·10⁴; beyond that the iterates blow up and the errors become inf/NaN.  They
     are returned unmodified (the plot clips them).
     """
-    eye = torch.eye(p.d, dtype=_DT)
-    X = eye * x0
-    errors = []
-    for _ in range(iterations):
-        X = X @ (2.0 * eye - p.A @ X)
-        errors.append(relative_error(X @ p.v, p.x_star))
+    errors: list[float] = []
+    record = _recorder(p, errors)
+    solvers.paper_schulz(p.A, x0=x0, iterations=iterations, callback=lambda t, X: record(t, X @ p.v))
     return errors
 
 
 def _series(p: Problem, iterations: int, product) -> list[float]:
     # Neumann series of A⁻¹ = (1/s)·Σ_k (I − A/s)^k: u_t = v + (I − A/s)·u_{t−1} with u₀ = v, so
     # u_t/s holds the first t+1 terms (LiSSA's indexing, see methods.LiSSA).
-    s = p.series_scale
-    u = p.v.clone()
-    errors = []
-    for _ in range(iterations):
-        u = p.v + u - product(u) / s
-        errors.append(relative_error(u / s, p.x_star))
+    errors: list[float] = []
+    solvers.neumann(p.v, product, p.series_scale, iterations, callback=_recorder(p, errors))
     return errors
 
 
@@ -245,8 +243,7 @@ def lissa_curve(p: Problem, iterations: int, batch_size: int = LISSA_BATCH) -> l
     m = min(batch_size, p.n)
 
     def product(u: torch.Tensor) -> torch.Tensor:
-        xb = p.x[torch.randperm(p.n, generator=g)[:m]]
-        return xb.T @ (xb @ u) / m + p.lam * u
+        return solvers.fisher_product(u, p.x[torch.randperm(p.n, generator=g)[:m]], p.lam)
 
     return _series(p, iterations, product)
 
@@ -257,9 +254,7 @@ def datainf_curve(p: Problem, iterations: int) -> list[float]:
     It inverts each rank-one term x_i x_iᵀ + λI exactly (Sherman–Morrison) and averages the
     inverses instead of inverting the average, so its error is a fixed approximation bias.
     """
-    x, v, lam = p.x, p.v, p.lam
-    coef = (x @ v) / (lam + (x * x).sum(1))
-    est = (v - (coef @ x) / p.n) / lam
+    est = solvers.datainf(p.v, [p.x], p.lam, p.n)
     return [relative_error(est, p.x_star)] * iterations
 
 
@@ -270,26 +265,8 @@ def cg_curve(p: Problem, iterations: int) -> list[float]:
     the curvature pᵀAp is no longer positive, which only rounding can cause for SPD A) the iterate
     is kept, because another step would divide by zero.
     """
-    A, v = p.A, p.v
-    x = torch.zeros_like(v)
-    r = v.clone()
-    q = r.clone()
-    rr = float(r @ r)
-    errors = []
-    for _ in range(iterations):
-        if rr > 0.0:
-            Aq = A @ q
-            qAq = float(q @ Aq)
-            if qAq > 0.0:
-                alpha = rr / qAq
-                x = x + alpha * q
-                r = r - alpha * Aq
-                rr_new = float(r @ r)
-                q = r + (rr_new / rr) * q
-                rr = rr_new
-            else:
-                rr = 0.0
-        errors.append(relative_error(x, p.x_star))
+    errors: list[float] = []
+    solvers.cg(p.A, p.v, max_iter=iterations, callback=_recorder(p, errors))
     return errors
 
 
