@@ -144,7 +144,10 @@ def test_cost_model_picks():
     assert many.solver == "schulz" and many.costs["schulz"] < many.costs["cholesky"]  # GEMM rows beat TRSM
     easy = cost.choose(d=2048, batch=1, rows=1, device=cpu, lower=1.0, upper=2.0, tol=1e-8, dtype=F64)
     assert easy.solver == "cg"  # κ ≤ 2: a few matrix-vector products beat any factorisation
-    assert "cg" not in cost.choose(d=2048, batch=1, rows=1, device=cpu, lower=1.0, upper=2.0, tol=1e-2,
+    # CG must reach a residual tol/κ that rounding allows: not in float32 at κ = 1e3
+    assert "cg" in cost.choose(d=2048, batch=1, rows=1, device=cpu, lower=1.0, upper=2.0, tol=1e-2,
+                               dtype=torch.float32).costs
+    assert "cg" not in cost.choose(d=2048, batch=1, rows=1, device=cpu, lower=1.0, upper=1e3, tol=1e-2,
                                    dtype=torch.float32).costs
 
 

@@ -7,8 +7,11 @@ bracket [λ, ub] that the solvers themselves use (λ = the damping, ub = ``ops.s
 * Schulz: the library's own bracket recursion (``reference.initial_scale`` / ``next_bracket``) run
   on scalars until √d·max|1 − σ| <= tol — a pessimistic count (the residual test usually stops
   earlier, since the true spectrum lies inside the bracket);  4·d³ flops per step (I − A·X, X·R).
-* Cholesky: d³/3 (factor) + 2d³/3 (explicit inverse) or 2·k·d² per solve of k rows.
-* CG: min(d, ½·√κ·ln(2/tol)) steps (the classical bound with κ = ub/λ) of 2·k·d² flops each.
+* Cholesky: d³/3 (factor) + 2d³/3 (explicit inverse) or 2·k·d² per solve of k rows (TRSM rate).
+* CG: min(d, ½·√κ·ln(2/tol)) steps (the classical bound with κ = ub/λ) of 2·k·d² flops each
+  ("rows" rate, measured on 8 rows) plus a fixed overhead per step; a candidate only when rounding
+  lets it reach the residual it must (:func:`cg_attainable`: κ <= 91 in float32, 2100 in float64).
+* Applying an explicit inverse to k rows: 2·k·d² at the "apply" rate (a GEMM, measured on 1024 rows).
 
 The rates were measured by ``python -m bench.solver_costs`` (see bench/RESULTS.md, "Solver cost
 model"), which also checks the picks against the solvers timed in the same run.  CUDA has no
@@ -27,13 +30,15 @@ from .. import reference
 SOLVERS = ("schulz", "cholesky", "cg")
 AUTO = "auto"
 
-# GFLOP/s (and seconds per CG step) on CPU, measured by `python -m bench.solver_costs`
-# (2-core Intel Xeon VM, torch 2.13 CPU, MKL; d = 512, batch of 2 — see bench/RESULTS.md).
+# GFLOP/s (and seconds per CG step) on CPU, measured by `python -m bench.solver_costs` (fastest of
+# 5 interleaved repeats at d = 512, batch 2; 2-core Intel Xeon VM shared with other jobs, load ~4,
+# torch 2.13 CPU / MKL, 2 threads).  Under that load single rates vary up to ~3× between runs; the
+# picks do not (Cholesky is 3–15× ahead of Schulz for inverses on this CPU), see bench/RESULTS.md.
 CPU_RATES: dict[torch.dtype, dict[str, float]] = {
-    torch.float64: {"schulz_cpp": 20.0, "schulz_torch": 20.0, "gemm": 25.0, "potrf": 8.0, "potri": 8.0,
-                    "trsm": 6.0, "rows": 15.0, "cg_step_s": 5e-5},
-    torch.float32: {"schulz_cpp": 40.0, "schulz_torch": 40.0, "gemm": 50.0, "potrf": 16.0, "potri": 16.0,
-                    "trsm": 12.0, "rows": 30.0, "cg_step_s": 5e-5},
+    torch.float64: {"gemm": 23.9, "schulz_cpp": 14.1, "schulz_torch": 10.0, "potrf": 3.8, "potri": 4.9,
+                    "trsm": 26.0, "rows": 46.3, "cg_step_s": 0.0012},
+    torch.float32: {"gemm": 190.3, "schulz_cpp": 21.0, "schulz_torch": 4.8, "potrf": 2.5, "potri": 9.8,
+                    "trsm": 42.9, "rows": 84.6, "cg_step_s": 0.00048},
 }
 UNKNOWN_BRACKET_ITERATIONS = 50  # Schulz with no lower bound (λ = 0): no prediction; a typical count
 
@@ -69,6 +74,12 @@ def cg_iterations(kappa: float, d: int, tol: float) -> int:
     return max(1, min(d, math.ceil(0.5 * math.sqrt(kappa) * math.log(2.0 / tol))))
 
 
+def cg_attainable(kappa: float, dtype: torch.dtype, tol: float) -> bool:
+    """Whether CG can be asked for tol: it must reach a relative residual tol/κ (κ·residual bounds the
+    error), and rounding keeps its residual above about u·κ — so κ² <= tol/(10·u) with a margin of 10."""
+    return math.isfinite(kappa) and kappa * kappa <= tol / (10.0 * torch.finfo(dtype).eps)
+
+
 def _rates(device: torch.device, dtype: torch.dtype) -> dict[str, float] | None:
     return CPU_RATES.get(dtype) if device.type == "cpu" else None
 
@@ -102,7 +113,7 @@ def choose(
     g = 1e9
     costs: dict[str, float] = {}
     k = 0 if rows is None else rows
-    apply_x = batch * 2.0 * k * d * d / (rates["gemm"] * g)
+    apply_x = batch * 2.0 * k * d * d / (rates["apply"] * g)
     if polish and dtype == torch.float64 and torch.float32 in CPU_RATES:
         r32 = CPU_RATES[torch.float32]
         steps = schulz_iterations(lower, upper, d, 1e-3)
@@ -113,12 +124,11 @@ def choose(
     costs["schulz"] = batch * sch + apply_x
     chol = d**3 / 3.0 / (rates["potrf"] * g)
     if want == "inverse":
-        chol += 2.0 * d**3 / 3.0 / (rates["potri"] * g) + 2.0 * k * d * d / (rates["gemm"] * g)
+        chol += 2.0 * d**3 / 3.0 / (rates["potri"] * g) + 2.0 * k * d * d / (rates["apply"] * g)
     else:
         chol += 2.0 * k * d * d / (rates["trsm"] * g)
     costs["cholesky"] = batch * chol
-    if want == "apply" and rows is not None and lower > 0 and dtype == torch.float64:
-        # float64 only: in float32 CG's attainable residual (~u·κ) is too close to what it must reach
+    if want == "apply" and rows is not None and cg_attainable(upper / lower if lower > 0 else math.inf, dtype, tol):
         steps_cg = cg_iterations(upper / lower, d, tol)
         costs["cg"] = steps_cg * (batch * 2.0 * k * d * d / (rates["rows"] * g) + rates["cg_step_s"])
     best = min(costs, key=costs.get)
