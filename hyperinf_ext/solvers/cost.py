@@ -31,14 +31,15 @@ SOLVERS = ("schulz", "cholesky", "cg")
 AUTO = "auto"
 
 # GFLOP/s (and seconds per CG step) on CPU, measured by `python -m bench.solver_costs` (fastest of
-# 5 interleaved repeats at d = 512, batch 2; 2-core Intel Xeon VM shared with other jobs, load ~4,
-# torch 2.13 CPU / MKL, 2 threads).  Under that load single rates vary up to ~3× between runs; the
-# picks do not (Cholesky is 3–15× ahead of Schulz for inverses on this CPU), see bench/RESULTS.md.
+# 7 interleaved repeats at d = 512, batch 2; 2-core AVX-512 VM shared with other jobs, load average ~8,
+# torch 2.13 CPU / MKL, 2 threads).  Under that load absolute rates vary up to ~3× between runs (MKL's
+# threaded Cholesky suffers most: 2 GFLOP/s here against ~20 on a quiet machine); the picks do not
+# (Cholesky stays 3–15× ahead of Schulz for inverses on this CPU), see bench/RESULTS.md.
 CPU_RATES: dict[torch.dtype, dict[str, float]] = {
-    torch.float64: {"gemm": 23.9, "schulz_cpp": 14.1, "schulz_torch": 10.0, "potrf": 3.8, "potri": 4.9,
-                    "trsm": 26.0, "rows": 46.3, "cg_step_s": 0.0012},
-    torch.float32: {"gemm": 190.3, "schulz_cpp": 21.0, "schulz_torch": 4.8, "potrf": 2.5, "potri": 9.8,
-                    "trsm": 42.9, "rows": 84.6, "cg_step_s": 0.00048},
+    torch.float64: {"apply": 23.7, "cg_step_s": 0.00043, "gemm": 26.4, "potrf": 2.1, "potri": 2.6, "rows": 17.5,
+                    "schulz_cpp": 12.9, "schulz_torch": 8.8, "trsm": 9.9},
+    torch.float32: {"apply": 48.6, "cg_step_s": 0.001, "gemm": 188.1, "potrf": 4.0, "potri": 3.2, "rows": 38.6,
+                    "schulz_cpp": 12.1, "schulz_torch": 11.8, "trsm": 13.5},
 }
 UNKNOWN_BRACKET_ITERATIONS = 50  # Schulz with no lower bound (λ = 0): no prediction; a typical count
 
