@@ -4,8 +4,8 @@
 
 1. Rates: GFLOP/s of each kernel the model counts (batched GEMM, one Schulz iteration per CPU backend,
    Cholesky factor, cholesky_inverse, cholesky_solve on CAL_ROWS rows, the same rows × a matrix, and
-   8 rows × a matrix with the overhead of one CG step, at d = CAL_D, in float64 and float32.  Printed as the CPU_RATES literal
-   of cost.py (paste it there to recalibrate).
+   8 rows × a matrix with the overhead of one CG step, at d = CAL_D, in float64 and float32.
+   Printed as the CPU_RATES literal of cost.py (paste it there to recalibrate).
 2. Check: on a grid of cases (explicit inverse for B layers; inverse-HVP with few and many rows),
    every solver is timed in the same run and the pick of the model *as calibrated in cost.py* is
    compared with the fastest (ratio auto/fastest; error of each against a float64 solve).
@@ -53,7 +53,8 @@ def measure_rates(d: int, B: int, timer: TimerConfig) -> dict[torch.dtype, dict[
         for b in cpu_backends():
             _, info = ops.schulz_inverse(A, lower_bound=1e-2, backend=b, return_info=True, check=False)
             flops[f"schulz_{b}"] = 4.0 * B * d**3 * max(1, int(info.iterations.max()))
-            cands[f"schulz_{b}"] = (lambda b: lambda: ops.schulz_inverse(A, lower_bound=1e-2, backend=b, check=False))(b)
+            cands[f"schulz_{b}"] = (lambda b: lambda: ops.schulz_inverse(A, lower_bound=1e-2, backend=b,
+                                                                         check=False))(b)
         t = {k: v.min for k, v in measure_group(cands, timer).items()}
         r = {k: f / t[k] / g for k, f in flops.items()}
         r["cg_step_s"] = max(t["cg"] / steps - t["rows"], 1e-6)
@@ -87,7 +88,8 @@ def check_picks(quick: bool, timer: TimerConfig) -> Table:
         if what == "inverse":
             A64 = G.double() + lam * torch.eye(d, dtype=torch.float64)
             ref = torch.linalg.inv(A64)
-            cands = {s: (lambda s: lambda: solvers.spd_inverse(G, lamt, solver=s))(s) for s in ("schulz", "cholesky", "auto")}
+            cands = {s: (lambda s: lambda: solvers.spd_inverse(G, lamt, solver=s))(s)
+                     for s in ("schulz", "cholesky", "auto")}
         else:
             V = torch.randn(B, rows, d, dtype=torch.float64).to(dtype)
             A64 = G.double() + lam * torch.eye(d, dtype=torch.float64)
@@ -106,7 +108,8 @@ def check_picks(quick: bool, timer: TimerConfig) -> Table:
                          picked] + [fmt_time(times.get(s, math.nan)) for s in ("schulz", "cholesky", "cg")]
                         + [fmt_ratio(t["auto"].min / fastest), fmt_sci(err)])
         progress(" | ".join(str(c) for c in tab.rows[-1]))
-    tab.notes.append("times: fastest repeat of each solver (damping, solve, verification included), interleaved in the same run; "
+    tab.notes.append("times: fastest repeat of each solver (damping, solve, verification included), "
+                     "interleaved in the same run; "
                      "κ of G + λI; 'auto / fastest' compares auto's own timed run with the fastest explicit solver.")
     return tab
 

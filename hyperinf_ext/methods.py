@@ -141,7 +141,8 @@ class Exact(Method):
     name = "exact"
 
     def prepare(self, factors):
-        self._factor = {n: solvers.Factorization(f.gfim.double(), f.damping, solver="cholesky") for n, f in factors.items()}
+        self._factor = {n: solvers.Factorization(f.gfim.double(), f.damping, solver="cholesky")
+                        for n, f in factors.items()}
         self.info = {n: _layer_info(fac.info, 0) for n, fac in self._factor.items()}
 
     def precondition(self, q, factors, train_batches):

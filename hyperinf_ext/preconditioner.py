@@ -48,7 +48,8 @@ def _as_nrd(name: str, g: object, rd: tuple[int, int] | None) -> torch.Tensor:
         if rd is None:
             raise ValueError(f"{where}: flattened [n, m] gradients need shapes={{{name!r}: (r, d)}}")
         if g.shape[1] != rd[0] * rd[1]:
-            raise ValueError(f"{where}: {g.shape[1]} values per example, but shapes[{name!r}] = {rd} needs {rd[0] * rd[1]}")
+            raise ValueError(f"{where}: {g.shape[1]} values per example, but shapes[{name!r}] = {rd} "
+                             f"needs {rd[0] * rd[1]}")
         return g.reshape(g.shape[0], *rd)
     if rd is not None and tuple(g.shape[1:]) != rd:
         raise ValueError(f"{where}: shape {tuple(g.shape)} does not match shapes[{name!r}] = {rd}")

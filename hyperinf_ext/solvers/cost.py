@@ -118,7 +118,8 @@ def choose(
     if polish and dtype == torch.float64 and torch.float32 in CPU_RATES:
         r32 = CPU_RATES[torch.float32]
         steps = schulz_iterations(lower, upper, d, 1e-3)
-        sch = steps * 4.0 * d**3 / (r32.get(f"schulz_{schulz_backend}", r32["gemm"]) * g) + 2 * 4.0 * d**3 / (rates["gemm"] * g)
+        sch = steps * 4.0 * d**3 / (r32.get(f"schulz_{schulz_backend}", r32["gemm"]) * g)
+        sch += 2 * 4.0 * d**3 / (rates["gemm"] * g)  # two float64 polish steps
     else:
         steps = schulz_iterations(lower, upper, d, tol)
         sch = steps * 4.0 * d**3 / (rates.get(f"schulz_{schulz_backend}", rates["gemm"]) * g)

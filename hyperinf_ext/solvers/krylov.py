@@ -112,7 +112,8 @@ def datainf(
     """Kwon et al.'s closed form (1/λ)·(v − (1/n)·Σ_i ⟨v, g_i⟩/(λ + ‖g_i‖²)·g_i).
 
     v: [Q, m] (or [m]) rows, or a dict of them; batches: the n training gradients g_i as [B, m]
-    tensors (dicts with v's keys), streamed once; count = n (per key for dicts, or one int).  Sherman–Morrison inverts each
+    tensors (dicts with v's keys), streamed once; count = n (per key for dicts, or one int).
+    Sherman–Morrison inverts each
     rank-one term g_iᵀg_i + λI exactly and averages the inverses instead of inverting the average:
     a fixed approximation of (F + λI)⁻¹, not a convergent iteration.  λ must be > 0.
     ``callback(t, estimate)`` sees the estimate from the first t batches (scaled to n).
