@@ -113,8 +113,8 @@ def datainf(
 
     v: [Q, m] (or [m]) rows, or a dict of them; batches: the n training gradients g_i as [B, m]
     tensors (dicts with v's keys), streamed once; count = n (per key for dicts, or one int).
-    Sherman–Morrison inverts each
-    rank-one term g_iᵀg_i + λI exactly and averages the inverses instead of inverting the average:
+    Sherman–Morrison inverts each rank-one term g_iᵀg_i + λI exactly and averages the inverses
+    instead of inverting the average:
     a fixed approximation of (F + λI)⁻¹, not a convergent iteration.  λ must be > 0.
     ``callback(t, estimate)`` sees the estimate from the first t batches (scaled to n).
     """
