@@ -53,7 +53,9 @@ def check_solver(solver: object, name: str = "solver", allowed: tuple[str, ...] 
 
 def _bracket(A: torch.Tensor, lam: torch.Tensor) -> tuple[float, float]:
     """(smallest λ, largest cheap upper bound) over the batch: the worst matrix's bracket."""
-    return float(lam.min()) if lam.numel() else 0.0, float(ops.spectral_upper_bound(A).max())
+    if lam.numel() == 0:
+        return 0.0, 0.0
+    return float(lam.min()), float(ops.spectral_upper_bound(A).max())
 
 
 def _pick(solver: str, A: torch.Tensor, lam: torch.Tensor, *, rows: int | None, want: str, backend: str | None,

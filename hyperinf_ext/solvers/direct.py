@@ -29,6 +29,8 @@ def damp(G: torch.Tensor, damping) -> tuple[torch.Tensor, torch.Tensor]:
     lam = ops._bounds_tensor("damping", damping, G.shape[:-2]).reshape(G.shape[:-2])
     A = G.to(ops.compute_dtype(G.dtype), copy=True)
     A.diagonal(dim1=-2, dim2=-1).add_(lam.to(device=A.device, dtype=A.dtype).unsqueeze(-1))
+    if A.numel() and not bool(torch.isfinite(torch.diagonal(A, dim1=-2, dim2=-1)).all()):
+        raise ValueError(f"damping: G + damping·I overflows {A.dtype} (damping up to {float(lam.max()):.3e})")
     return A, lam
 
 
@@ -49,9 +51,11 @@ def cholesky_factor(A: torch.Tensor) -> torch.Tensor:
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
         raise ConvergenceError(
-            f"cholesky: G + damping·I is not positive definite ({int(bad.sum())} of {bad.numel()} matrices; "
-            f"matrix {i}, minor {int(info.reshape(-1)[i])})"
+            f"cholesky: G + damping·I is not positive definite (or singular to within {A.dtype}'s resolution; "
+            f"{int(bad.sum())} of {bad.numel()} matrices, first: matrix {i}, minor {int(info.reshape(-1)[i])})"
         )
+    if not bool(torch.isfinite(L).all()):
+        raise ConvergenceError(f"cholesky: the factor of G + damping·I is beyond {A.dtype}'s range; rescale G")
     return L
 
 

@@ -30,8 +30,8 @@ def _check_G(G: torch.Tensor) -> int:
     return d
 
 
-def _rows(v: torch.Tensor, G: torch.Tensor, d: int) -> torch.Tensor:
-    """v [..., d] (3-D G: [L, ..., d]) as rows [B, k, d], after checks."""
+def _rows(v: torch.Tensor, G: torch.Tensor, d: int) -> torch.Tensor | None:
+    """v [..., d] (3-D G: [L, ..., d]) as rows [B, k, d] after checks; None when v is empty."""
     ops._check_tensor("v", v, tuple(range(1, 10)))
     if v.shape[-1] != d:
         raise ValueError(f"v: last dimension {v.shape[-1]} does not match G's d = {d}")
@@ -42,12 +42,25 @@ def _rows(v: torch.Tensor, G: torch.Tensor, d: int) -> torch.Tensor:
         L = G.shape[0]
         if v.dim() < 2 or v.shape[0] != L:
             raise ValueError(f"v: with {L} stacked matrices v must be [L={L}, ..., d], got {tuple(v.shape)}")
-        return v.reshape(L, -1, d)
-    return v.reshape(1, -1, d)
+    if v.numel() == 0:
+        return None  # nothing to solve (no rows, or no layers)
+    return v.reshape(G.shape[0], -1, d) if G.dim() == 3 else v.reshape(1, -1, d)
+
+
+def _empty(v: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """The (empty) result for a v without rows: v's shape in the dtype a solve would return."""
+    return v.to(torch.promote_types(v.dtype, ops.compute_dtype(G.dtype)), copy=True)
 
 
 def _out(v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    return out.to(torch.promote_types(v.dtype, out.dtype)).reshape(v.shape)
+    out = out.to(torch.promote_types(v.dtype, out.dtype)).reshape(v.shape)
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(
+            f"v: the result v·(G + damping·I)⁻¹ overflows {out.dtype} (|v| up to {float(v.abs().max()):.3e} times an "
+            "inverse beyond that dtype's range); rescale v or G, add damping"
+            + (", or use float64" if out.dtype != torch.float64 else "")
+        )
+    return out
 
 
 class IHVP:
@@ -59,8 +72,8 @@ class IHVP:
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         v3 = _rows(v, self._G, self._d)
-        if v3.shape[1] == 0:
-            return v.clone()
+        if v3 is None:
+            return _empty(v, self._G)
         return _out(v, self._fac.solve_rows(v3))
 
 
@@ -107,8 +120,8 @@ def inverse_hvp(
     d = _check_G(G)
     solver = resolve_solver(solver, method)
     v3 = _rows(v, G, d)
-    if v3.shape[1] == 0:
-        out, info = v.clone(), None
+    if v3 is None:
+        out, info = _empty(v, G), None
     else:
         Y, info = solve_rows(G, damping, v3, solver=solver, backend=backend, tol=tol)
         out = _out(v, Y)
