@@ -21,8 +21,8 @@ import torch
 from hyperinf_ext import ops, solvers
 from hyperinf_ext.solvers import cost
 
-from .common import Table, TimerConfig, cpu_backends, fmt_ratio, fmt_sci, fmt_time, machine_info, measure_group, \
-    progress, rel_err, spd_batch
+from .common import (Table, TimerConfig, cpu_backends, fmt_ratio, fmt_sci, fmt_time, load_average, machine_info,
+                     measure_group, progress, rel_err, spd_batch)
 
 CAL_D, CAL_B, CAL_ROWS = 512, 2, 1024  # rows: where solving many right-hand sides matters
 CG_MAX_ROWS = 64
@@ -117,10 +117,15 @@ def check_picks(quick: bool, timer: TimerConfig) -> Table:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds): a smoke test")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's); 1 gives stable ratios on a busy shared machine")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     timer = TimerConfig(warmup=1, repeats=3 if args.quick else 7, min_repeats=2, budget_s=2.0 if args.quick else 4.0)
     info = machine_info()
-    print(f"machine: {info.get('cpu', '?')}; threads {torch.get_num_threads()}; torch {torch.__version__}")
+    print(f"machine: {info.get('CPU', info.get('cpu', '?'))}; threads {torch.get_num_threads()}; torch {torch.__version__}; "
+          f"load average {load_average()}")
     d, B = (96, 2) if args.quick else (CAL_D, CAL_B)
     rates = measure_rates(d, B, timer)
     print(f"\n# measured at d = {d}, batch {B}: paste into hyperinf_ext/solvers/cost.py to recalibrate")

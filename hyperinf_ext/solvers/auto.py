@@ -58,16 +58,15 @@ def _bracket(A: torch.Tensor, lam: torch.Tensor) -> tuple[float, float]:
     return float(lam.min()), float(ops.spectral_upper_bound(A).max())
 
 
-def _pick(solver: str, A: torch.Tensor, lam: torch.Tensor, *, rows: int | None, want: str, backend: str | None,
-          tol: float, polish: bool) -> cost.Choice:
+def _pick(solver: str, A: torch.Tensor, bracket: tuple[float, float], *, rows: int | None, want: str,
+          backend: str | None, tol: float, polish: bool) -> cost.Choice:
     if solver != cost.AUTO:
         return cost.Choice(solver, "requested")
     if backend is not None:
         return cost.Choice("schulz", f"backend {backend!r} requested: its Schulz")
-    lower, upper = _bracket(A, lam)
     name, _ = backends.select(None, A.device)
     return cost.choose(d=A.shape[-1], batch=max(1, A[..., 0, 0].numel()), rows=rows, dtype=A.dtype, device=A.device,
-                       lower=lower, upper=upper, tol=tol, want=want, schulz_backend=name, polish=polish)
+                       lower=bracket[0], upper=bracket[1], tol=tol, want=want, schulz_backend=name, polish=polish)
 
 
 def _lower(lam: torch.Tensor) -> torch.Tensor | None:
@@ -103,7 +102,8 @@ def spd_inverse(
     check_solver(solver, allowed=(cost.AUTO, "schulz", "cholesky"))
     A, lam = damp(G, damping)
     tol = default_tol(A.dtype) if tol is None else float(tol)
-    choice = _pick(solver, A, lam, rows=None, want="inverse", backend=backend, tol=tol, polish=polish)
+    bracket = _bracket(A, lam) if solver == cost.AUTO else (0.0, 0.0)
+    choice = _pick(solver, A, bracket, rows=None, want="inverse", backend=backend, tol=tol, polish=polish)
     if choice.solver == "schulz":
         X, sinfo = scaled_schulz(A, lower=_lower(lam), tol=tol, backend=backend, polish=polish)
         info = SolveInfo("schulz", sinfo.residual, sinfo.tol, choice.reason, sinfo.backend, sinfo.iterations,
@@ -126,11 +126,22 @@ class Factorization:
                  tol: float | None = None, rows: int | None = None):
         check_solver(solver, allowed=(cost.AUTO, "schulz", "cholesky"))
         A, lam = damp(G, damping)
-        self.dtype = A.dtype
         tol = default_tol(A.dtype) if tol is None else float(tol)
-        choice = _pick(solver, A, lam, rows=rows, want="apply", backend=backend, tol=tol, polish=False)
+        bracket = _bracket(A, lam) if solver == cost.AUTO else (0.0, 0.0)
+        choice = _pick(solver, A, bracket, rows=rows, want="apply", backend=backend, tol=tol, polish=False)
         if choice.solver == "cg":  # a factorisation is reused: CG has nothing to keep
             choice = cost.Choice("cholesky", choice.reason + "; cg has no factor to reuse: cholesky", choice.costs)
+        self._build(A, lam, choice, backend, tol)
+
+    @classmethod
+    def _of_damped(cls, A: torch.Tensor, lam: torch.Tensor, choice: cost.Choice, backend: str | None,
+                   tol: float) -> "Factorization":
+        self = cls.__new__(cls)
+        self._build(A, lam, choice, backend, tol)
+        return self
+
+    def _build(self, A: torch.Tensor, lam: torch.Tensor, choice: cost.Choice, backend: str | None, tol: float) -> None:
+        self.dtype = A.dtype
         A3 = A.reshape(-1, *A.shape[-2:])
         if choice.solver == "schulz":
             X, sinfo = scaled_schulz(A, lower=_lower(lam), tol=tol, backend=backend, polish=False)
@@ -161,16 +172,17 @@ def solve_rows(
 ) -> tuple[torch.Tensor, SolveInfo]:
     """One-shot V·(G + λI)⁻¹ for G [B, d, d], V [B, k, d]: Schulz, Cholesky or CG, whichever is cheapest.
 
-    CG (float64, λ > 0) stops when κ·‖V − Y·A‖/‖V‖ <= tol (κ = ub/λ, so the bound is on the relative
-    error as for Schulz); when it does not get there in ``max_iter`` (default 2·d + 20) steps, "auto"
-    falls back to Cholesky (recorded in ``info.extra``) and an explicit "cg" raises ConvergenceError.
+    CG (λ > 0) stops when κ·‖V − Y·A‖/‖V‖ <= tol (κ = ub/λ, so the bound is on the relative error as
+    for Schulz); when it does not get there in ``max_iter`` (default 2·d + 20) steps, "auto" falls
+    back to Cholesky (said in ``info.reason``) and an explicit "cg" raises ConvergenceError.
     """
     check_solver(solver)
     A, lam = damp(G, damping)
     tol = default_tol(A.dtype) if tol is None else float(tol)
-    choice = _pick(solver, A, lam, rows=V.shape[-2], want="apply", backend=backend, tol=tol, polish=False)
+    bracket = _bracket(A, lam) if solver in (cost.AUTO, "cg") else (0.0, 0.0)
+    choice = _pick(solver, A, bracket, rows=V.shape[-2], want="apply", backend=backend, tol=tol, polish=False)
     if choice.solver == "cg":
-        lower, upper = _bracket(A, lam)
+        lower, upper = bracket
         if not lower > 0:
             raise ValueError("solver: 'cg' needs a positive damping (its stopping bound divides by it)")
         kappa = upper / lower
@@ -187,6 +199,5 @@ def solve_rows(
                 raise
         choice = cost.Choice("cholesky", choice.reason + f"; cg stopped at residual {float(residual.max()):.2e}: "
                              "fell back to cholesky", choice.costs)
-    fac = Factorization(G, damping, solver=choice.solver, backend=backend, tol=tol, rows=V.shape[-2])
-    fac.info.reason = choice.reason
+    fac = Factorization._of_damped(A, lam, choice, backend, tol)
     return fac.solve_rows(V), fac.info

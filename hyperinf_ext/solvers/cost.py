@@ -30,16 +30,17 @@ from .. import reference
 SOLVERS = ("schulz", "cholesky", "cg")
 AUTO = "auto"
 
-# GFLOP/s (and seconds per CG step) on CPU, measured by `python -m bench.solver_costs` (fastest of
-# 7 interleaved repeats at d = 512, batch 2; 2-core AVX-512 VM shared with other jobs, load average ~8,
-# torch 2.13 CPU / MKL, 2 threads).  Under that load absolute rates vary up to ~3× between runs (MKL's
-# threaded Cholesky suffers most: 2 GFLOP/s here against ~20 on a quiet machine); the picks do not
-# (Cholesky stays 3–15× ahead of Schulz for inverses on this CPU), see bench/RESULTS.md.
+# GFLOP/s (and seconds per CG step) on CPU, measured by `python -m bench.solver_costs --threads 1`
+# (fastest of 7 interleaved repeats at d = 512, batch 2; 2-core AMD EPYC VM, AVX-512, torch 2.13 CPU
+# with MKL).  One thread: the VM was shared (load average 6–8 on 2 cores), and there 2-thread MKL
+# timings varied up to 10× between runs (its threaded Cholesky most), while single-thread ratios —
+# which decide the picks — held.  The check in the same run found auto's pick the fastest solver
+# (within timing noise) in every case; see bench/RESULTS.md, "Solver cost model".
 CPU_RATES: dict[torch.dtype, dict[str, float]] = {
-    torch.float64: {"apply": 23.7, "cg_step_s": 0.00043, "gemm": 26.4, "potrf": 2.1, "potri": 2.6, "rows": 17.5,
-                    "schulz_cpp": 12.9, "schulz_torch": 8.8, "trsm": 9.9},
-    torch.float32: {"apply": 48.6, "cg_step_s": 0.001, "gemm": 188.1, "potrf": 4.0, "potri": 3.2, "rows": 38.6,
-                    "schulz_cpp": 12.1, "schulz_torch": 11.8, "trsm": 13.5},
+    torch.float64: {"apply": 21.9, "cg_step_s": 1e-4, "gemm": 21.6, "potrf": 6.9, "potri": 9.9, "rows": 10.6,
+                    "schulz_cpp": 20.4, "schulz_torch": 19.9, "trsm": 13.7},
+    torch.float32: {"apply": 86.9, "cg_step_s": 1e-6, "gemm": 96.4, "potrf": 28.0, "potri": 32.3, "rows": 28.0,
+                    "schulz_cpp": 73.6, "schulz_torch": 84.5, "trsm": 19.7},
 }
 UNKNOWN_BRACKET_ITERATIONS = 50  # Schulz with no lower bound (λ = 0): no prediction; a typical count
 
