@@ -45,9 +45,10 @@ def measure_rates(d: int, B: int, timer: TimerConfig) -> dict[torch.dtype, dict[
         L = torch.linalg.cholesky(A)
         steps = 30
         flops = {"gemm": 2.0 * B * d**3, "potrf": B * d**3 / 3.0, "potri": 2.0 * B * d**3 / 3.0,
-                 "trsm": 2.0 * B * CAL_ROWS * d * d, "apply": 2.0 * B * CAL_ROWS * d * d, "rows": 2.0 * B * 8 * d * d}
+                 "trsm": 2.0 * B * CAL_ROWS * d * d, "trsm_few": 2.0 * B * 8 * d * d, "apply": 2.0 * B * CAL_ROWS * d * d, "rows": 2.0 * B * 8 * d * d}
         cands = {"gemm": lambda: torch.matmul(A, A), "potrf": lambda: torch.linalg.cholesky_ex(A),
                  "potri": lambda: torch.cholesky_inverse(L), "trsm": lambda: solvers.cholesky_solve_rows(L, V),
+                 "trsm_few": lambda: solvers.cholesky_solve_rows(L, v8),
                  "apply": lambda: torch.matmul(V, A), "rows": lambda: torch.matmul(v8, A),
                  "cg": lambda: solvers.cg(A, v8, max_iter=steps)}
         for b in cpu_backends():

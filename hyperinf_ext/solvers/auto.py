@@ -22,6 +22,7 @@ from .direct import (
     damp,
     default_tol,
     inverse_residual,
+    probe_rows,
     rows_residual,
     symmetrise,
 )
@@ -65,8 +66,25 @@ def _pick(solver: str, A: torch.Tensor, bracket: tuple[float, float], *, rows: i
     if backend is not None:
         return cost.Choice("schulz", f"backend {backend!r} requested: its Schulz")
     name, _ = backends.select(None, A.device)
+    lower, upper = bracket
+    lmax = None
+    if rows is not None and want == "apply" and lower > 0 and cost.cg_attainable(upper / lower, A.dtype, tol):
+        lmax = _lmax_estimate(A)  # CG is a candidate: its step count depends on the true κ
     return cost.choose(d=A.shape[-1], batch=max(1, A[..., 0, 0].numel()), rows=rows, dtype=A.dtype, device=A.device,
-                       lower=bracket[0], upper=bracket[1], tol=tol, want=want, schulz_backend=name, polish=polish)
+                       lower=lower, upper=upper, tol=tol, want=want, schulz_backend=name, polish=polish, lmax=lmax)
+
+
+def _lmax_estimate(A: torch.Tensor, steps: int = 5) -> float:
+    """max over the batch of a Rayleigh quotient after a few power steps (a lower estimate of λmax).
+
+    One vector, 5 steps: 10·d² flops per matrix, a few CG steps' worth, so the estimate cannot cost
+    more than it can save."""
+    A3 = A.reshape(-1, *A.shape[-2:])
+    Z = probe_rows(A3)[:, :1]
+    for _ in range(steps):
+        Z = torch.matmul(Z, A3)
+        Z = Z / torch.linalg.vector_norm(Z, dim=-1, keepdim=True).clamp_min(torch.finfo(Z.dtype).tiny)
+    return float(((torch.matmul(Z, A3) * Z).sum(-1)).max())
 
 
 def _lower(lam: torch.Tensor) -> torch.Tensor | None:

@@ -7,8 +7,10 @@ bracket [λ, ub] that the solvers themselves use (λ = the damping, ub = ``ops.s
 * Schulz: the library's own bracket recursion (``reference.initial_scale`` / ``next_bracket``) run
   on scalars until √d·max|1 − σ| <= tol — a pessimistic count (the residual test usually stops
   earlier, since the true spectrum lies inside the bracket);  4·d³ flops per step (I − A·X, X·R).
-* Cholesky: d³/3 (factor) + 2d³/3 (explicit inverse) or 2·k·d² per solve of k rows (TRSM rate).
-* CG: min(d, ½·√κ·ln(2/tol)) steps (the classical bound with κ = ub/λ) of 2·k·d² flops each
+* Cholesky: d³/3 (factor) + 2d³/3 (explicit inverse) or 2·k·d² per solve of k rows (TRSM rate,
+  measured on 8 and on 1024 rows), plus the verification's 8 probe rows.
+* CG: min(d, ½·√κ·ln(2√κ·κ_ub/tol)) steps (the classical bound; κ from a few power steps for λmax,
+  κ_ub = ub/λ the bound its stopping test uses) of 2·k·d² flops each
   ("rows" rate, measured on 8 rows) plus a fixed overhead per step; a candidate only when rounding
   lets it reach the residual it must (:func:`cg_attainable`: κ <= 91 in float32, 2100 in float64).
 * Applying an explicit inverse to k rows: 2·k·d² at the "apply" rate (a GEMM, measured on 1024 rows).
@@ -37,11 +39,13 @@ AUTO = "auto"
 # which decide the picks — held.  The check in the same run found auto's pick the fastest solver
 # (within timing noise) in every case; see bench/RESULTS.md, "Solver cost model".
 CPU_RATES: dict[torch.dtype, dict[str, float]] = {
-    torch.float64: {"apply": 21.9, "cg_step_s": 1e-4, "gemm": 21.6, "potrf": 6.9, "potri": 9.9, "rows": 10.6,
-                    "schulz_cpp": 20.4, "schulz_torch": 19.9, "trsm": 13.7},
-    torch.float32: {"apply": 86.9, "cg_step_s": 1e-6, "gemm": 96.4, "potrf": 28.0, "potri": 32.3, "rows": 28.0,
-                    "schulz_cpp": 73.6, "schulz_torch": 84.5, "trsm": 19.7},
+    torch.float64: {"apply": 39.6, "cg_step_s": 1e-06, "gemm": 45.2, "potrf": 12.8, "potri": 17.1, "rows": 10.1,
+                    "schulz_cpp": 31.5, "schulz_torch": 28.0, "trsm": 16.1, "trsm_few": 7.4},
+    torch.float32: {"apply": 57.0, "cg_step_s": 1e-06, "gemm": 54.2, "potrf": 29.6, "potri": 18.7, "rows": 26.2,
+                    "schulz_cpp": 71.4, "schulz_torch": 39.8, "trsm": 17.9, "trsm_few": 15.2},
 }
+PROBES = 8  # rows of the Cholesky verification (direct.PROBES)
+FEW_ROWS = 64  # below, solves run at the "trsm_few" rate (measured on 8 rows), above at "trsm" (1024 rows)
 UNKNOWN_BRACKET_ITERATIONS = 50  # Schulz with no lower bound (λ = 0): no prediction; a typical count
 
 
@@ -69,11 +73,17 @@ def schulz_iterations(lower: float, upper: float, d: int, tol: float, max_iter: 
     return max_iter
 
 
-def cg_iterations(kappa: float, d: int, tol: float) -> int:
-    """Classical CG bound: steps for the A-norm error to fall by tol, capped at d."""
+def cg_iterations(kappa: float, d: int, tol: float, kappa_bound: float | None = None) -> int:
+    """CG steps to reach the relative residual tol/κ_bound it is asked for, capped at d.
+
+    From ‖e_k‖_A <= 2ρ^k·‖e_0‖_A, ρ = (√κ − 1)/(√κ + 1) <= exp(−2/√κ), and ‖r‖ <= √κ·‖e‖_A-relative:
+    k = ½·√κ·ln(2·√κ·κ_bound/tol), with κ an estimate of the true condition number (the steps depend on
+    it) and κ_bound the bound the stopping test uses (default κ).
+    """
     if not math.isfinite(kappa):
         return d
-    return max(1, min(d, math.ceil(0.5 * math.sqrt(kappa) * math.log(2.0 / tol))))
+    kb = kappa if kappa_bound is None else kappa_bound
+    return max(1, min(d, math.ceil(0.5 * math.sqrt(kappa) * math.log(2.0 * math.sqrt(kappa) * kb / tol))))
 
 
 def cg_attainable(kappa: float, dtype: torch.dtype, tol: float) -> bool:
@@ -99,6 +109,7 @@ def choose(
     want: str = "apply",
     schulz_backend: str = "torch",
     polish: bool = False,
+    lmax: float | None = None,
 ) -> Choice:
     """Pick the cheapest of Schulz, Cholesky and (for ``rows`` known, λ > 0) CG.
 
@@ -107,6 +118,7 @@ def choose(
     dtype: the compute dtype.  lower/upper: the spectral bracket (worst matrix of the batch).
     want: "apply" (rows solved), or "inverse" (an explicit X is kept: Schulz or Cholesky inverse).
     schulz_backend: the backend Schulz would run on; polish: float64 Schulz runs as float32 + polish.
+    lmax: an estimate of λmax (e.g. a few power steps) for CG's step count; default ``upper``.
     """
     device = torch.device(device)
     rates = _rates(device, dtype)
@@ -126,13 +138,15 @@ def choose(
         sch = steps * 4.0 * d**3 / (rates.get(f"schulz_{schulz_backend}", rates["gemm"]) * g)
     costs["schulz"] = batch * sch + apply_x
     chol = d**3 / 3.0 / (rates["potrf"] * g)
+    probes = 2.0 * PROBES * d * d / (rates["rows"] * g)  # the verification's probe rows times A
     if want == "inverse":
-        chol += 2.0 * d**3 / 3.0 / (rates["potri"] * g) + 2.0 * k * d * d / (rates["apply"] * g)
+        chol += 2.0 * d**3 / 3.0 / (rates["potri"] * g) + 2.0 * k * d * d / (rates["apply"] * g) + 2 * probes
     else:
-        chol += 2.0 * k * d * d / (rates["trsm"] * g)
+        trsm = rates["trsm"] if k >= FEW_ROWS else rates["trsm_few"]  # TRSM on a few rows runs far below peak
+        chol += 2.0 * k * d * d / (trsm * g) + probes + 2.0 * PROBES * d * d / (rates["trsm_few"] * g)
     costs["cholesky"] = batch * chol
     if want == "apply" and rows is not None and cg_attainable(upper / lower if lower > 0 else math.inf, dtype, tol):
-        steps_cg = cg_iterations(upper / lower, d, tol)
+        steps_cg = cg_iterations((lmax if lmax else upper) / lower, d, tol, upper / lower)
         costs["cg"] = steps_cg * (batch * 2.0 * k * d * d / (rates["rows"] * g) + rates["cg_step_s"])
     best = min(costs, key=costs.get)
     shown = ", ".join(f"{s} {c * 1e3:.3g} ms" for s, c in costs.items())
