@@ -16,10 +16,16 @@ from .errors import ConvergenceError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Default Schulz tolerance on ‖I − A·X‖_F (an upper bound of ‖X − A⁻¹‖₂ / ‖A⁻¹‖₂), per compute dtype.
-# float32's rounding floor is about κ·u·√d/2 (measured: 5.6e-3 at κ = 1e4, d = 1024), so 1e-2
-# accepts what float32 can resolve and refuses the rest.
+# Default Schulz acceptance bound on ‖I − A·X‖_F (an upper bound of ‖X − A⁻¹‖₂ / ‖A⁻¹‖₂), per
+# compute dtype.  float32's rounding floor is about κ·u·√d/2 (measured: 5.6e-3 at κ = 1e4, d = 1024),
+# so 1e-2 accepts what float32 can resolve and refuses the rest.
 DEFAULT_TOL = {torch.float32: 1e-2, torch.float64: 1e-8}
+# Where the default run stops, per compute dtype.  float32 iterates on to its rounding floor (the
+# stagnation test ends it) and then accepts the result when the residual is ≤ DEFAULT_TOL: stopping
+# at 1e-2 left float32 Schulz 10–50× less accurate than a float32 Cholesky solve, for one or two
+# iterations (issue #10; bench/RESULTS.md).  float64 stops at 1e-8, a relative error far below
+# anything influence scores resolve; its floor would cost two more float64 iterations.
+DEFAULT_STOP = {torch.float32: 0.0, torch.float64: 1e-8}
 DEFAULT_MAX_ITER = 100
 
 
@@ -30,6 +36,8 @@ DEFAULT_MAX_ITER = 100
 def _check_tensor(name: str, x: object, ndims: Sequence[int], dtypes=FLOAT_DTYPES) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.device.type == "meta":
+        raise ValueError(f"{name}: a meta tensor has no values to compute with; pass a CPU or CUDA tensor")
     if x.dim() not in ndims:
         want = " or ".join(f"{n}-D" for n in ndims)
         raise ValueError(f"{name}: expected a {want} tensor, got shape {tuple(x.shape)}")
@@ -79,6 +87,16 @@ def gfim_accumulate_(acc: torch.Tensor, grads: torch.Tensor, *, backend: str | N
         raise ValueError(f"grads: {grads.shape[0]} layers but acc holds {acc.shape[0]}")
     if grads.device != acc.device:
         raise ValueError(f"grads: on {grads.device} but acc is on {acc.device}")
+    if acc.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "acc: requires grad; the accumulation is not differentiable and writes acc in place "
+            "(pass acc.detach(), or call under torch.no_grad())"
+        )
+    if any(st == 0 and n > 1 for st, n in zip(acc.stride(), acc.shape)) or torch._debug_has_internal_overlap(acc) == 1:
+        raise ValueError(
+            f"acc: elements share memory (strides {acc.stride()}, e.g. from expand()); "
+            "in-place accumulation needs distinct elements: pass acc.clone()"
+        )
     if grads.numel() == 0:
         return acc
     acc3 = acc if acc.dim() == 3 else acc.unsqueeze(0)
@@ -141,12 +159,16 @@ def datainf_damping(G: torch.Tensor, rank: int, scale: float = 0.1) -> float | t
 class SchulzInfo:
     """Diagnostics of a Schulz inverse, one entry per matrix of the batch (shape = A.shape[:-2]).
 
-    residual is ‖I − A·X‖_F, an upper bound of the relative error ‖X − A⁻¹‖₂/‖A⁻¹‖₂.
+    residual is ‖I − A·X‖_F, an upper bound of the relative error ‖X − A⁻¹‖₂/‖A⁻¹‖₂.  tol is the
+    acceptance bound on it; extra["stop"] is where the iteration was told to stop (0.0: at the dtype's
+    rounding floor, float32's default) and extra["scale_exponent"] the power of two each matrix was
+    scaled by (0 for matrices within 2^±64).  "overflow": converged, but the inverse is beyond the
+    dtype's range once the scaling is undone.
     """
 
     iterations: torch.Tensor  # int64
     residual: torch.Tensor  # float64
-    status: list[str]  # "converged" | "stagnated" | "max_iter" | "diverged", flattened batch order
+    status: list[str]  # "converged" | "stagnated" | "max_iter" | "diverged" | "overflow", flattened batch order
     lower: torch.Tensor  # float64, the lower spectral bound used (0 = none)
     upper: torch.Tensor  # float64, the upper spectral bound used
     backend: str
@@ -167,7 +189,14 @@ def spectral_upper_bound(A: torch.Tensor) -> torch.Tensor:
 
 
 def _bounds_tensor(name: str, value, batch_shape: torch.Size) -> torch.Tensor:
-    t = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+    if value is None or isinstance(value, (bool, str, bytes)) or (
+        isinstance(value, torch.Tensor) and (value.dtype == torch.bool or value.is_complex() or value.device.type == "meta")
+    ):
+        raise ValueError(f"{name}: expected a non-negative number or a tensor of them, got {value!r}")
+    try:
+        t = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{name}: expected a non-negative number or a tensor of them, got {value!r} ({e})") from None
     try:
         t = torch.broadcast_to(t, batch_shape).reshape(-1)
     except RuntimeError:
@@ -178,6 +207,8 @@ def _bounds_tensor(name: str, value, batch_shape: torch.Size) -> torch.Tensor:
 
 
 def _check_symmetric(name: str, A: torch.Tensor) -> None:
+    if A.numel() == 0:
+        return
     scale = A.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
     asym = ((A - A.transpose(-1, -2)).abs() / scale).amax()
     if float(asym) > 1e3 * torch.finfo(A.dtype).eps:
@@ -198,80 +229,167 @@ def schulz_inverse(
 
     A: [..., d, d], float16/bfloat16/float32/float64 (low precision is computed in float32).
     Each matrix starts from X₀ = β₀·I with β₀ from its own cheap spectral bounds (upper: min of
-    the max row sum and ‖A‖_F), so the iteration converges whatever the scale of A.  With
-    ``lower_bound`` (a known lower bound of the spectrum, e.g. the damping; float or tensor
+    the max row sum and ‖A‖_F), so the iteration converges whatever the scale of A; each matrix is
+    first scaled by a power of two (exact) so that its bounds and products stay in the dtype's range.
+    With ``lower_bound`` (a known lower bound of the spectrum, e.g. the damping; float or tensor
     broadcasting to the batch) every step is scaled optimally for the current eigenvalue bracket.
-    Stops when ‖I − A·X‖_F <= tol (default 1e-8 in float64, 1e-2 in float32), or on stagnation at
-    the dtype's rounding floor.
+
+    Stopping: with ``tol`` given, when ‖I − A·X‖_F <= tol (or on stagnation at the dtype's rounding
+    floor, which then fails).  By default float64 stops at 1e-8, and float32 iterates to its rounding
+    floor (the stagnation test ends it) and accepts the result when the residual is <= 1e-2, so its
+    accuracy is that of float32 itself (ops.DEFAULT_TOL / DEFAULT_STOP).
 
     Returns X [..., d, d] (float32, or float64 for float64 input), or (X, SchulzInfo) with
-    ``return_info=True``.  Raises ConvergenceError when any matrix ends above ``tol`` or is not
-    positive definite (unless ``check=False``, which returns what was reached; see info.status).
+    ``return_info=True``.  Raises ConvergenceError when any matrix ends above the tolerance, is not
+    positive definite, is too ill-conditioned for the dtype, or has an inverse beyond the dtype's
+    range (unless ``check=False``, which returns what was reached; see info.status).
     """
     _check_tensor("A", A, tuple(range(2, 10)))
     d = _check_square("A", A)
     _check_finite("A", A)
-    if tol is not None and not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
+    if tol is not None and (
+        isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol))
+    ):
         raise ValueError(f"tol: expected a positive finite number, got {tol!r}")
-    if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 0):
+    if max_iter is not None and (not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 0):
         raise ValueError(f"max_iter: expected a non-negative int, got {max_iter!r}")
     cdtype = compute_dtype(A.dtype)
     batch_shape = A.shape[:-2]
     A3 = A.to(cdtype).reshape(-1, d, d).contiguous()
     _check_symmetric("A", A3)
-    tol = DEFAULT_TOL[cdtype] if tol is None else float(tol)
+    if tol is None:
+        accept, stop = DEFAULT_TOL[cdtype], DEFAULT_STOP[cdtype]
+    else:
+        accept = stop = float(tol)
     max_iter = DEFAULT_MAX_ITER if max_iter is None else max_iter
+    lower = torch.zeros(A3.shape[0], dtype=torch.float64) if lower_bound is None else _bounds_tensor(
+        "lower_bound", lower_bound, batch_shape
+    )
+    name, impl = backends.select(backend, A.device)
+    B = A3.shape[0]
+    if B == 0:
+        empty = torch.zeros(batch_shape, dtype=torch.float64)
+        info = SchulzInfo(torch.zeros(batch_shape, dtype=torch.int64), empty, [], empty, empty, name, accept)
+        X = torch.empty_like(A3).reshape(A.shape[:-2] + (d, d))
+        return (X, info) if return_info else X
 
-    upper = spectral_upper_bound(A3).cpu()
-    lower = torch.zeros_like(upper) if lower_bound is None else _bounds_tensor("lower_bound", lower_bound, batch_shape)
-    lower = torch.minimum(lower, upper)
-    diag_min = torch.diagonal(A3, dim1=-2, dim2=-1).amin(-1).double().cpu()
+    # Matrices whose largest entry is far from 1 are scaled by 2^-e into [1/2, 1) first (exact: the
+    # iteration's decisions and residuals are unchanged), so that their bounds and iterates cannot
+    # under- or overflow (‖A‖_F of float64 entries below 1e-154 underflowed to 0, which was then
+    # reported as "not positive definite").  Within 2^±64 nothing is scaled (and nothing copied).
+    amax = A3.abs().amax(dim=(-2, -1)).double().cpu()
+    _, e = torch.frexp(amax)
+    e = torch.where(amax > 0, e, torch.zeros_like(e)).to(torch.float64)
+    scaled = bool((e.abs() > SCALE_FREE_EXPONENT).any())
+    if not scaled:
+        e = torch.zeros_like(e)
+    As = _ldexp(A3, -e) if scaled else A3
+    upper = spectral_upper_bound(As).cpu()
+    lower_s = torch.minimum(_ldexp(lower, -e) if scaled else lower, upper)
+    diag_min = torch.diagonal(As, dim1=-2, dim2=-1).amin(-1).double().cpu()
     not_pd = (diag_min <= 0) | (upper <= 0)
 
-    name, impl = backends.select(backend, A.device)
     if bool(not_pd.any()):
         # A non-positive diagonal entry rules out positive definiteness without iterating.
-        B = A3.shape[0]
-        X = torch.full_like(A3, float("nan"))
+        X = torch.full_like(As, float("nan"))
         iters = torch.zeros(B, dtype=torch.int64)
         resid = torch.full((B,), float("inf"), dtype=torch.float64)
         status = torch.full((B,), reference.DIVERGED, dtype=torch.int64)
         ok = ~not_pd
         if bool(ok.any()):
             idx = ok.nonzero().squeeze(1)
-            Xi, ii, ri, si = impl.schulz_inverse(A3[idx.to(A3.device)].contiguous(), lower[idx], upper[idx], tol, max_iter)
-            X[idx.to(A3.device)], iters[idx], resid[idx], status[idx] = Xi, ii.cpu(), ri.cpu(), si.cpu()
+            Xi, ii, ri, si = impl.schulz_inverse(As[idx.to(As.device)].contiguous(), lower_s[idx], upper[idx], stop, max_iter)
+            X[idx.to(As.device)], iters[idx], resid[idx], status[idx] = Xi, ii.cpu(), ri.cpu().double(), si.cpu()
     else:
-        X, iters, resid, status = impl.schulz_inverse(A3, lower, upper, tol, max_iter)
+        X, iters, resid, status = impl.schulz_inverse(As, lower_s, upper, stop, max_iter)
         iters, resid, status = iters.cpu(), resid.cpu().double(), status.cpu()
+    if scaled:  # (As·2^e)⁻¹ = As⁻¹·2^-e: undo the scaling exactly, unless that leaves the dtype's range
+        X = _ldexp(X, -e)
+
+    names = []
+    for i in range(B):
+        st = int(status[i])
+        if st != reference.DIVERGED and float(resid[i]) <= accept:
+            # With the default, float32 stops by stagnation at its floor (or max_iter) once it is
+            # below the acceptance bound: that is convergence.
+            st = reference.CONVERGED
+        names.append(reference.STATUS_NAMES[st])
+    if any(s == "converged" for s in names):
+        finite = torch.isfinite(X).flatten(1).all(1).cpu()
+        names = ["overflow" if s == "converged" and not bool(finite[i]) else s for i, s in enumerate(names)]
 
     info = SchulzInfo(
         iterations=iters.reshape(batch_shape),
         residual=resid.reshape(batch_shape),
-        status=[reference.STATUS_NAMES[int(s)] for s in status],
-        lower=lower.reshape(batch_shape),
-        upper=upper.reshape(batch_shape),
+        status=names,
+        lower=(_ldexp(lower_s, e) if scaled else lower_s).reshape(batch_shape),
+        upper=(_ldexp(upper, e) if scaled else upper).reshape(batch_shape),
         backend=name,
-        tol=tol,
+        tol=accept,
+        extra={"stop": stop, "scale_exponent": e.reshape(batch_shape)},
     )
     if check and not info.converged:
-        raise ConvergenceError(_failure_message(info, cdtype), info)
+        raise ConvergenceError(_failure_message(info, cdtype, As), info)
     X = X.reshape(A.shape[:-2] + (d, d))
     return (X, info) if return_info else X
 
 
-def _failure_message(info: SchulzInfo, cdtype: torch.dtype) -> str:
+SCALE_FREE_EXPONENT = 64  # matrices with max |entry| in [2^-64, 2^64) are iterated unscaled
+
+
+def _ldexp(T: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """T[i] · 2^k[i] for T [B, ...] and integer-valued float64 k [B], exactly where the result is
+    representable: in steps that keep every factor 2^step finite and normal in T's dtype."""
+    k = k.clone()
+    step_max = int(math.log2(torch.finfo(T.dtype).max)) - 1  # 126 (float32), 1022 (float64)
+    out = None
+    while bool((k != 0).any()):
+        step = k.clamp(-step_max, step_max)
+        f = torch.pow(2.0, step).to(device=T.device, dtype=T.dtype).reshape((-1,) + (1,) * (T.dim() - 1))
+        out = T * f if out is None else out.mul_(f)
+        k -= step
+    return T.clone() if out is None else out
+
+
+def _diverged_reason(A: torch.Tensor, cdtype: torch.dtype) -> str:
+    """Why Schulz diverged on A (one matrix, scaled to max |entry| ~ 1): not positive definite, or
+    positive definite but too ill-conditioned for ``cdtype`` — told apart by float64 eigenvalues."""
+    ev = torch.linalg.eigvalsh(A.double().cpu())
+    lo, hi = float(ev[0]), float(ev[-1].abs().clamp_min(1e-300))
+    u = torch.finfo(cdtype).eps / 2
+    d = A.shape[-1]
+    if lo > 0:
+        return (
+            f"is positive definite but its condition number ({hi / lo:.1e}) is beyond what {cdtype} resolves "
+            f"(the iteration diverged in rounding); use float64 or more damping"
+        )
+    if -lo <= 4 * d * u * hi:
+        return (
+            f"is not positive definite to within {cdtype}'s resolution (smallest eigenvalue {lo / hi:.1e} of the "
+            f"largest: numerically singular in {cdtype}); use float64 or more damping"
+        )
+    return f"is not positive definite (the Schulz residual grew without bound; smallest eigenvalue {lo / hi:.1e} of the largest)"
+
+
+def _failure_message(info: SchulzInfo, cdtype: torch.dtype, A: torch.Tensor | None = None) -> str:
     bad = [i for i, s in enumerate(info.status) if s != "converged"]
     i = bad[0]
     st = info.status[i]
     r = float(info.residual.reshape(-1)[i])
-    what = {
-        "diverged": "is not positive definite (the Schulz residual grew without bound, or a diagonal entry is <= 0)",
-        "stagnated": f"stagnated at residual {r:.3e} > tol {info.tol:.1e}: the condition number is beyond what "
-        f"{cdtype} resolves; use float64 or more damping",
-        "max_iter": f"did not converge in {int(info.iterations.reshape(-1)[i])} iterations "
-        f"(residual {r:.3e} > tol {info.tol:.1e}); raise max_iter or give lower_bound",
-    }[st]
+    if st == "diverged":
+        if A is not None and float(torch.diagonal(A[i]).amin()) > 0:
+            what = _diverged_reason(A[i], cdtype)
+        else:
+            what = "is not positive definite (a diagonal entry is <= 0)"
+    else:
+        what = {
+            "stagnated": f"stagnated at residual {r:.3e} > tol {info.tol:.1e}: the condition number is beyond what "
+            f"{cdtype} resolves; use float64 or more damping",
+            "max_iter": f"did not converge in {int(info.iterations.reshape(-1)[i])} iterations "
+            f"(residual {r:.3e} > tol {info.tol:.1e}); raise max_iter or give lower_bound",
+            "overflow": f"has an inverse beyond {cdtype}'s range (its entries overflow); rescale A"
+            + (" or use float64" if cdtype != torch.float64 else ""),
+        }[st]
     return f"schulz_inverse: {len(bad)} of {len(info.status)} matrices failed; matrix {i} {what}"
 
 
@@ -287,6 +405,8 @@ def _damped(G: torch.Tensor, damping) -> tuple[torch.Tensor, torch.Tensor]:
     lam = _bounds_tensor("damping", damping, G.shape[:-2]).reshape(G.shape[:-2])
     A = G.to(cdtype).clone()
     A.diagonal(dim1=-2, dim2=-1).add_(lam.to(device=G.device, dtype=cdtype).unsqueeze(-1))
+    if A.numel() and not bool(torch.isfinite(torch.diagonal(A, dim1=-2, dim2=-1)).all()):
+        raise ValueError(f"damping: G + damping·I overflows {cdtype} (damping up to {float(lam.max()):.3e})")
     return A, lam
 
 
@@ -324,7 +444,11 @@ def make_ihvp(
     _check_symmetric("G", A)
     Lc, info = torch.linalg.cholesky_ex(A)
     if bool((info != 0).any()):
-        raise ConvergenceError("cholesky: G + damping·I is not positive definite")
+        raise ConvergenceError(
+            f"cholesky: G + damping·I is not positive definite (or singular to within {A.dtype}'s resolution)"
+        )
+    if not bool(torch.isfinite(Lc).all()):
+        raise ConvergenceError(f"cholesky: the factor of G + damping·I is beyond {A.dtype}'s range; rescale G")
 
     def apply_cholesky(v: torch.Tensor) -> torch.Tensor:
         # v·A⁻¹ = (A⁻¹·vᵀ)ᵀ since A is symmetric
@@ -340,18 +464,24 @@ def _apply(v: torch.Tensor, G: torch.Tensor, d: int, solve: Callable[[torch.Tens
     if v.device != G.device:
         raise ValueError(f"v: on {v.device} but G is on {G.device}")
     _check_finite("v", v)
+    out_dtype = torch.promote_types(v.dtype, compute_dtype(G.dtype))
     if G.dim() == 3:
         L = G.shape[0]
         if v.dim() < 2 or v.shape[0] != L:
             raise ValueError(f"v: with {L} stacked matrices v must be [L={L}, ..., d], got {tuple(v.shape)}")
-        v3 = v.reshape(L, -1, d)
-    else:
-        v3 = v.reshape(1, -1, d)
-        if v3.shape[1] == 0:
-            return v.clone()
+    if v.numel() == 0:
+        return v.to(out_dtype, copy=True)
+    v3 = v.reshape(G.shape[0], -1, d) if G.dim() == 3 else v.reshape(1, -1, d)
     out = solve(v3)
     out_dtype = torch.promote_types(v.dtype, out.dtype)
-    return out.to(out_dtype).reshape(v.shape)
+    out = out.to(out_dtype).reshape(v.shape)
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(
+            f"v: the result v·(G + damping·I)⁻¹ overflows {out_dtype} (|v| up to {float(v.abs().max()):.3e} times an "
+            f"inverse beyond that dtype's range); rescale v or G, add damping"
+            + (", or use float64" if out_dtype != torch.float64 else "")
+        )
+    return out
 
 
 def inverse_hvp(

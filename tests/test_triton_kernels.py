@@ -15,6 +15,7 @@ from hyperinf_ext.errors import ConvergenceError  # noqa: E402
 from hyperinf_ext.kernels import gfim as kgfim  # noqa: E402
 from hyperinf_ext.kernels import launchers  # noqa: E402
 from hyperinf_ext.kernels import schulz as kschulz  # noqa: E402
+from _numerics import inverse_reference_slack, inverses_agree, iterations_agree, residual_slack  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not ops.backends.triton_interpreter(), reason="needs TRITON_INTERPRET=1 before triton is imported"
@@ -191,11 +192,12 @@ def test_schulz_matches_reference_and_inverse(dtype, d, with_lower):
     assert bool((res <= tol).all())
     inv = torch.linalg.inv(A.double())
     for i in range(len(SPECS)):
-        # The residual ‖I − A·X‖_F bounds the relative error ‖X − A⁻¹‖₂/‖A⁻¹‖₂ (1% slack for the
-        # asymmetry of X at rounding level).
+        # The exact residual ‖I − A·X‖_F bounds the relative error ‖X − A⁻¹‖₂/‖A⁻¹‖₂; the computed one
+        # is off by its rounding in the dtype, and the float64 reference inverse by its own.
         e2 = torch.linalg.matrix_norm(X[i].double() - inv[i], 2)
         err = float(e2 / torch.linalg.matrix_norm(inv[i], 2))
-        assert err <= float(res[i]) * 1.01 + 1e-12, (i, err, float(res[i]))
+        slack = float(residual_slack(A[i], dtype) + inverse_reference_slack(A[i]))
+        assert err <= float(res[i]) + slack, (i, err, float(res[i]), slack)
         assert _rel(X[i], Xr[i].double()) <= (1e-4 if dtype == torch.float32 else 1e-10)
     if with_lower:
         # The optimal scaling with a known lower bound needs fewer steps than plain Schulz.
@@ -281,8 +283,8 @@ def test_ops_schulz_inverse_triton_equals_torch(dtype):
         assert it.backend == "triton" and it.converged
         assert Xt.shape == A.shape and Xt.dtype == dtype
         assert it.status == ir.status
-        assert torch.equal(it.iterations, ir.iterations)
-        assert _rel(Xt, Xr.double()) <= (1e-4 if dtype == torch.float32 else 1e-10)
+        assert iterations_agree(it.iterations, ir.iterations, it.extra["stop"])
+        assert inverses_agree(Xt, Xr, A, it.residual, ir.residual, ops.compute_dtype(dtype))
 
 
 def test_ops_schulz_non_pd_raises_through_triton():
