@@ -175,9 +175,14 @@ def test_auto_records_solver_and_residual():
 
 def test_unverified_answers_raise():
     G = spd(30, 1e8, 1.0, dtype=torch.float32)  # κ = 1e8 is beyond float32: no solver may pass its check
-    for solver in ("auto", "cholesky", "schulz"):
+    for solver in ("auto", "schulz"):
         with pytest.raises(ConvergenceError):
             solvers.spd_inverse(G, 0.0, solver=solver)
+    with pytest.raises(ConvergenceError, match="cholesky: relative residual"):
+        solvers.spd_inverse(G, 0.0, solver="cholesky", tol=1e-2)
+    # an explicit "cholesky" without tol is the direct baseline as before: residual recorded, not enforced
+    _, info = solvers.spd_inverse(G, 0.0, solver="cholesky")
+    assert info.solver == "cholesky" and float(info.residual) > 1e-2
     A = spd(30, 1e4, 1e-2)
     with pytest.raises(ConvergenceError, match="cg: relative residual"):
         solvers.solve_rows(A.unsqueeze(0), 1e-4, torch.randn(1, 2, 30, dtype=F64), solver="cg", max_iter=2)

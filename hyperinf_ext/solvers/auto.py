@@ -1,7 +1,9 @@
 """Verified solves of (G + λI): the solver is picked (``"auto"``: the cost model) and its answer checked.
 
 Every function here damps G, runs the chosen solver and measures a relative residual before
-returning; an answer above the tolerance raises :class:`ConvergenceError` instead of being returned.
+returning; an answer above the tolerance raises :class:`ConvergenceError` instead of being returned
+(an explicitly requested ``"cholesky"`` without ``tol`` — the direct baseline — records its residual
+and fails only when it is not finite, as before the solvers layer).
 ``SolveInfo.residual`` bounds (Schulz: exactly; Cholesky: a probe estimate of the same norm; CG: κ
 times the relative residual of the rows) the relative error of the solve.
 """
@@ -92,8 +94,10 @@ def _lower(lam: torch.Tensor) -> torch.Tensor | None:
     return lam if bool((lam > 0).all()) else None
 
 
-def _verified(solver: str, residual: torch.Tensor, tol: float) -> None:
-    bad = ~(residual <= tol)
+def _verified(solver: str, residual: torch.Tensor, tol: float, strict: bool = True) -> None:
+    """ConvergenceError unless every residual <= tol.  Not ``strict`` (an explicitly requested Cholesky
+    without ``tol``, the direct baseline as it always was): only a non-finite residual fails."""
+    bad = ~(residual <= tol) if strict else ~torch.isfinite(residual)
     if bool(bad.any()):
         i = int(bad.reshape(-1).nonzero()[0])
         raise ConvergenceError(
@@ -119,17 +123,19 @@ def spd_inverse(
     """
     check_solver(solver, allowed=(cost.AUTO, "schulz", "cholesky"))
     A, lam = damp(G, damping)
+    strict, asked = solver != "cholesky" or tol is not None, tol
     tol = default_tol(A.dtype) if tol is None else float(tol)
     bracket = _bracket(A, lam) if solver == cost.AUTO else (0.0, 0.0)
     choice = _pick(solver, A, bracket, rows=None, want="inverse", backend=backend, tol=tol, polish=polish)
     if choice.solver == "schulz":
-        X, sinfo = scaled_schulz(A, lower=_lower(lam), tol=tol, backend=backend, polish=polish)
+        # Schulz gets the caller's tol (None: ops' default, which in float32 runs to the rounding floor)
+        X, sinfo = scaled_schulz(A, lower=_lower(lam), tol=asked, backend=backend, polish=polish)
         info = SolveInfo("schulz", sinfo.residual, sinfo.tol, choice.reason, sinfo.backend, sinfo.iterations,
                          {"warm_start": sinfo.extra.get("warm_start", False)})
     else:
         X = cholesky_inverse(A)
         residual = inverse_residual(A, lambda Z: torch.matmul(Z, X.reshape(-1, *X.shape[-2:]))).reshape(lam.shape)
-        _verified("cholesky", residual, tol)
+        _verified("cholesky", residual, tol, strict)
         info = SolveInfo("cholesky", residual, tol, choice.reason)
     return symmetrise(X), info
 
@@ -144,25 +150,27 @@ class Factorization:
                  tol: float | None = None, rows: int | None = None):
         check_solver(solver, allowed=(cost.AUTO, "schulz", "cholesky"))
         A, lam = damp(G, damping)
+        strict, asked = solver != "cholesky" or tol is not None, tol
         tol = default_tol(A.dtype) if tol is None else float(tol)
         bracket = _bracket(A, lam) if solver == cost.AUTO else (0.0, 0.0)
         choice = _pick(solver, A, bracket, rows=rows, want="apply", backend=backend, tol=tol, polish=False)
         if choice.solver == "cg":  # a factorisation is reused: CG has nothing to keep
             choice = cost.Choice("cholesky", choice.reason + "; cg has no factor to reuse: cholesky", choice.costs)
-        self._build(A, lam, choice, backend, tol)
+        self._build(A, lam, choice, backend, tol, strict, asked)
 
     @classmethod
     def _of_damped(cls, A: torch.Tensor, lam: torch.Tensor, choice: cost.Choice, backend: str | None,
-                   tol: float) -> "Factorization":
+                   tol: float, strict: bool, asked: float | None) -> "Factorization":
         self = cls.__new__(cls)
-        self._build(A, lam, choice, backend, tol)
+        self._build(A, lam, choice, backend, tol, strict, asked)
         return self
 
-    def _build(self, A: torch.Tensor, lam: torch.Tensor, choice: cost.Choice, backend: str | None, tol: float) -> None:
+    def _build(self, A: torch.Tensor, lam: torch.Tensor, choice: cost.Choice, backend: str | None, tol: float,
+               strict: bool, asked: float | None) -> None:
         self.dtype = A.dtype
         A3 = A.reshape(-1, *A.shape[-2:])
         if choice.solver == "schulz":
-            X, sinfo = scaled_schulz(A, lower=_lower(lam), tol=tol, backend=backend, polish=False)
+            X, sinfo = scaled_schulz(A, lower=_lower(lam), tol=asked, backend=backend, polish=False)
             X3 = symmetrise(X).reshape(A3.shape)
             self._solve: Callable[[torch.Tensor], torch.Tensor] = lambda V: torch.matmul(V, X3)
             self.info = SolveInfo("schulz", sinfo.residual, sinfo.tol, choice.reason, sinfo.backend, sinfo.iterations)
@@ -171,7 +179,7 @@ class Factorization:
             L = cholesky_factor(A3)
             self._solve = lambda V: cholesky_solve_rows(L, V)
             residual = inverse_residual(A3, self._solve).reshape(lam.shape)
-            _verified("cholesky", residual, tol)
+            _verified("cholesky", residual, tol, strict)
             self.info = SolveInfo("cholesky", residual, tol, choice.reason)
 
     def solve_rows(self, V: torch.Tensor) -> torch.Tensor:
@@ -196,6 +204,7 @@ def solve_rows(
     """
     check_solver(solver)
     A, lam = damp(G, damping)
+    strict, asked = solver != "cholesky" or tol is not None, tol
     tol = default_tol(A.dtype) if tol is None else float(tol)
     bracket = _bracket(A, lam) if solver in (cost.AUTO, "cg") else (0.0, 0.0)
     choice = _pick(solver, A, bracket, rows=V.shape[-2], want="apply", backend=backend, tol=tol, polish=False)
@@ -217,5 +226,5 @@ def solve_rows(
                 raise
         choice = cost.Choice("cholesky", choice.reason + f"; cg stopped at residual {float(residual.max()):.2e}: "
                              "fell back to cholesky", choice.costs)
-    fac = Factorization._of_damped(A, lam, choice, backend, tol)
+    fac = Factorization._of_damped(A, lam, choice, backend, tol, strict, asked)
     return fac.solve_rows(V), fac.info

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .. import ops, reference, solvers
+from .. import ops, solvers
 from .output import prepare_output_dir
 
 __all__ = [
@@ -148,53 +148,22 @@ class SchulzTrace:
 
 
 def schulz_curve(p: Problem, iterations: int) -> SchulzTrace:
-    """Scaled Schulz with λ as lower bound, replaying ``reference.schulz_inverse`` step by step.
+    """Scaled Schulz with λ as lower bound: the library's own run, its iterates seen through a callback.
 
     ``errors[t-1]`` is the error of the iterate that ops.schulz_inverse returns with
     ``max_iter=t``: X_t until the iteration stops on its own (stagnation at the float64 floor), the
-    returned iterate afterwards — the library then stops, so the line flattens.  The bounds are the
-    ones ops.schulz_inverse derives (upper from spectral_upper_bound, lower = min(λ, upper)).
+    returned iterate afterwards — the library then stops, so the line flattens.  The run is
+    ``solvers.scaled_schulz`` on the torch (reference) backend, whose loop calls back after every step.
     """
-    A, v, d = p.A, p.v, p.d
-    eye = torch.eye(d, dtype=_DT)
-    up = p.upper
-    lo = min(p.lam, up)
-    limit = reference.divergence_limit(d)
-    beta0 = reference.initial_scale(lo, up)
-    a, b = beta0 * lo, beta0 * up
-    X = eye * beta0
-    X_prev, r_prev, beta = None, math.inf, math.inf
-    k = 0
     errors: list[float] = []
-    # The loop mirrors reference.schulz_inverse line for line (same operations in the same order),
-    # so the iterates are bit-identical to the torch backend's and the stop decisions coincide.
-    while True:
-        R = eye - A @ X
-        r = float(torch.linalg.vector_norm(R))
-        if not math.isfinite(r) or r > limit:
-            status = reference.DIVERGED
-            break
-        if r <= SCHULZ_TOL:
-            status = reference.CONVERGED
-            break
-        if r_prev < reference.QUADRATIC_PHASE and abs(beta - 1.0) < reference.UNSCALED and r > 0.5 * r_prev:
-            status = reference.STAGNATED
-            if r > r_prev:
-                X, r, k = X_prev, r_prev, k - 1
-            break
-        if k == iterations:
-            status = reference.MAX_ITER
-            break
-        beta, a, b = reference.step_scale(a, b, r)
-        X_prev, r_prev = X, r
-        X = beta * (2.0 - beta) * X + beta * beta * (X @ R)
-        a, b = reference.next_bracket(a, b, beta)
-        k += 1
-        errors.append(relative_error(X @ v, p.x_star))
+    record = _recorder(p, errors)
+    X, info = solvers.scaled_schulz(p.A, lower=p.lam, max_iter=iterations, tol=SCHULZ_TOL, backend="torch",
+                                    polish=False, check=False, callback=lambda t, X: record(t, X @ p.v))
+    k = int(info.iterations)
     # A stagnated run may hand back the previous iterate: a budget t >= k then returns it too.
-    final = relative_error(X @ v, p.x_star)
+    final = relative_error(X @ p.v, p.x_star)
     errors = errors[:k] + [final] * (iterations - k)
-    return SchulzTrace(errors=errors, X=X, iterations=k, residual=r, status=reference.STATUS_NAMES[status])
+    return SchulzTrace(errors=errors, X=X, iterations=k, residual=float(info.residual), status=info.status[0])
 
 
 def _recorder(p: Problem, errors: list[float]):
