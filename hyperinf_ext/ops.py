@@ -440,8 +440,8 @@ def make_ihvp(
     """
     if isinstance(G, torch.Tensor):
         if isinstance(damping, str):
-            raise ValueError(f"damping: a matrix G needs a number (or an [L] tensor), got {damping!r}; "
-                             "damping rules need the gradients (pass the gradient dict instead)")
+            raise ValueError(f"damping: expected a non-negative number (or an [L] tensor) for a matrix G, got "
+                             f"{damping!r}; damping rules need the gradients (pass the gradient dict instead)")
         if shapes is not None or damping_scale is not None:
             raise ValueError("shapes/damping_scale: only with gradient dicts (train_grads)")
         from .solvers.ihvp import make_ihvp as matrix_ihvp

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import hyperinf_ext as hx
 from hyperinf_ext.damping import layer_damping
 from hyperinf_ext.preconditioner import make_gradient_ihvp
 
@@ -115,3 +116,22 @@ def test_query_mismatch_names_the_layer(fit, query, match):
 def test_bad_training_input(train, kw, match):
     with pytest.raises(ValueError, match=match):
         make_gradient_ihvp(train(grads(0)), **kw)
+
+
+def test_public_make_ihvp_dispatches_on_the_first_argument():
+    train, query = grads(0), grads(1)
+    via_ops = hx.make_ihvp(train, damping=0.1, solver="cholesky")
+    direct = make_gradient_ihvp(train, damping=0.1, solver="cholesky")
+    for n in query:
+        assert torch.equal(via_ops(query)[n], direct(query)[n])
+    assert hx.make_ihvp(train, damping=0.1, method="schulz").info["head"]["solver"] == "schulz"  # the old name
+    G = torch.einsum("nrd,nre->de", train["head"], train["head"]) / N
+    apply = hx.make_ihvp(G, damping=0.1, solver="cholesky")  # a matrix: the single-matrix API as before
+    torch.testing.assert_close(apply(query["head"]), via_ops(query)["head"], rtol=1e-12, atol=1e-15)
+    assert apply.info.solver == "cholesky" and float(apply.info.residual) < 1e-13
+    with pytest.raises(ValueError, match="solver: unknown solver 'lu'"):
+        hx.make_ihvp(train, solver="lu")
+    with pytest.raises(ValueError, match="damping: expected a non-negative number .* for a matrix G"):
+        hx.make_ihvp(G)
+    with pytest.raises(ValueError, match="shapes/damping_scale: only with gradient dicts"):
+        hx.make_ihvp(G, damping=0.1, shapes={"x": (1, 3)})

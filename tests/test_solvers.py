@@ -61,6 +61,23 @@ def test_schulz_polish_is_used_and_meets_float64_tol():
     assert not info2.extra["warm_start"] and rel(X2, torch.linalg.inv(A)) < 1e-8 + 1e-10
 
 
+def test_scaled_schulz_callback_sees_every_iterate():
+    A = spd(24, 1e3, 1e-2)
+    seen = []
+    X, info = solvers.scaled_schulz(A, lower=1e-2, callback=lambda t, X: seen.append((t, X.clone())))
+    k = int(info.iterations)
+    assert [t for t, _ in seen] == list(range(1, k + 1)) and info.converged and k > 3
+    assert torch.equal(seen[-1][1], X)  # converged: the last iterate is the answer
+    for t in (1, k // 2):  # the iterate seen at step t is what a budget of t steps returns
+        Xt, it = ops.schulz_inverse(A, lower_bound=1e-2, max_iter=t, check=False, return_info=True, backend="torch")
+        assert int(it.iterations) == t and torch.equal(seen[t - 1][1], Xt)
+    with pytest.raises(ValueError, match="callback: per-step callbacks take one matrix"):
+        ops.schulz_inverse(A.expand(2, 24, 24), callback=lambda t, X: None)
+    with pytest.raises(ValueError, match="callback: only the torch"):
+        ops.schulz_inverse(A, backend="cpp" if "cpp" in ops.available_backends("cpu") else "triton",
+                           callback=lambda t, X: None)
+
+
 def test_paper_schulz_callback_once_per_step():
     A = spd(12, 50.0, 1e-2)
     seen = []
