@@ -32,7 +32,7 @@ DN = {torch.float32: "float32", torch.float64: "float64"}
 def measure_rates(d: int, B: int, timer: TimerConfig) -> dict[torch.dtype, dict[str, float]]:
     """{dtype: {kernel: GFLOP/s, "cg_step_s": s}} at size d, batch B (flop counts as in cost.py).
 
-    All kernels of a dtype are timed in one interleaved group (so the machine's load hits them alike
+    The kernels of a dtype are timed in interleaved groups (so the machine's load hits them alike
     and their ratios, which decide the picks, hold even when the absolute rates drift), and each
     rate is taken from its fastest repeat (other work only ever adds time).
     """
@@ -45,7 +45,8 @@ def measure_rates(d: int, B: int, timer: TimerConfig) -> dict[torch.dtype, dict[
         L = torch.linalg.cholesky(A)
         steps = 30
         flops = {"gemm": 2.0 * B * d**3, "potrf": B * d**3 / 3.0, "potri": 2.0 * B * d**3 / 3.0,
-                 "trsm": 2.0 * B * CAL_ROWS * d * d, "trsm_few": 2.0 * B * 8 * d * d, "apply": 2.0 * B * CAL_ROWS * d * d, "rows": 2.0 * B * 8 * d * d}
+                 "trsm": 2.0 * B * CAL_ROWS * d * d, "trsm_few": 2.0 * B * 8 * d * d,
+                 "apply": 2.0 * B * CAL_ROWS * d * d, "rows": 2.0 * B * 8 * d * d}
         cands = {"gemm": lambda: torch.matmul(A, A), "potrf": lambda: torch.linalg.cholesky_ex(A),
                  "potri": lambda: torch.cholesky_inverse(L), "trsm": lambda: solvers.cholesky_solve_rows(L, V),
                  "trsm_few": lambda: solvers.cholesky_solve_rows(L, v8),
@@ -56,7 +57,11 @@ def measure_rates(d: int, B: int, timer: TimerConfig) -> dict[torch.dtype, dict[
             flops[f"schulz_{b}"] = 4.0 * B * d**3 * max(1, int(info.iterations.max()))
             cands[f"schulz_{b}"] = (lambda b: lambda: ops.schulz_inverse(A, lower_bound=1e-2, backend=b,
                                                                          check=False))(b)
+        # few-row kernels in their own group: interleaved with d³ ones they find A evicted from cache,
+        # which the solvers themselves (CG's loop, a solve after a factorisation) do not
+        small = {k: cands.pop(k) for k in ("rows", "trsm_few", "cg")}
         t = {k: v.min for k, v in measure_group(cands, timer).items()}
+        t.update({k: v.min for k, v in measure_group(small, timer).items()})
         r = {k: f / t[k] / g for k, f in flops.items()}
         r["cg_step_s"] = max(t["cg"] / steps - t["rows"], 1e-6)
         out[dtype] = {k: (round(v, 1) if k != "cg_step_s" else float(f"{v:.2g}")) for k, v in sorted(r.items())}
@@ -81,8 +86,8 @@ def _cases(quick: bool) -> list[tuple]:
 
 def check_picks(quick: bool, timer: TimerConfig) -> Table:
     tab = Table("solver=\"auto\" against every solver, same run",
-                ["case", "d", "B", "rows", "dtype", "κ", "auto picks", "schulz", "cholesky", "cg", "auto / fastest",
-                 "auto error vs fp64"])
+                ["case", "d", "B", "rows", "dtype", "κ", "auto picks", "fastest", "schulz", "cholesky", "cg",
+                 "auto / fastest", "auto error vs fp64"])
     for what, d, B, rows, dtype, lam, kappa in _cases(quick):
         G = spd_batch(d, B, lam, kappa, dtype)  # G's spectrum [λ, λκ]; damping λ → A in [2λ, λ(κ+1)]
         lamt = torch.full((B,), lam, dtype=torch.float64)
@@ -106,7 +111,8 @@ def check_picks(quick: bool, timer: TimerConfig) -> Table:
         fastest = min(times.values())
         err = rel_err(t["auto"].result[0], ref) if t["auto"].ok else math.nan
         tab.rows.append([what, d, B, rows if rows else "—", DN[dtype], f"{(kappa + 1) / 2:.3g}",
-                         picked] + [fmt_time(times.get(s, math.nan)) for s in ("schulz", "cholesky", "cg")]
+                         picked, min(times, key=times.get)] + [
+                            fmt_time(times.get(s, math.nan)) for s in ("schulz", "cholesky", "cg")]
                         + [fmt_ratio(t["auto"].min / fastest), fmt_sci(err)])
         progress(" | ".join(str(c) for c in tab.rows[-1]))
     tab.notes.append("times: fastest repeat of each solver (damping, solve, verification included), "
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     timer = TimerConfig(warmup=1, repeats=3 if args.quick else 7, min_repeats=2, budget_s=2.0 if args.quick else 4.0)
     info = machine_info()
-    print(f"machine: {info.get('CPU', info.get('cpu', '?'))}; threads {torch.get_num_threads()}; torch {torch.__version__}; "
+    print(f"machine: {info.get('CPU', '?')}; threads {torch.get_num_threads()}; torch {torch.__version__}; "
           f"load average {load_average()}")
     d, B = (96, 2) if args.quick else (CAL_D, CAL_B)
     rates = measure_rates(d, B, timer)

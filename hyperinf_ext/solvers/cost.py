@@ -33,16 +33,16 @@ SOLVERS = ("schulz", "cholesky", "cg")
 AUTO = "auto"
 
 # GFLOP/s (and seconds per CG step) on CPU, measured by `python -m bench.solver_costs --threads 1`
-# (fastest of 7 interleaved repeats at d = 512, batch 2; 2-core AMD EPYC VM, AVX-512, torch 2.13 CPU
+# (fastest of 7 interleaved repeats at d = 512, batch 2, few-row kernels grouped apart; 2-core AMD EPYC VM, AVX-512, torch 2.13 CPU
 # with MKL).  One thread: the VM was shared (load average 6–8 on 2 cores), and there 2-thread MKL
 # timings varied up to 10× between runs (its threaded Cholesky most), while single-thread ratios —
 # which decide the picks — held.  The check in the same run found auto's pick the fastest solver
 # (within timing noise) in every case; see bench/RESULTS.md, "Solver cost model".
 CPU_RATES: dict[torch.dtype, dict[str, float]] = {
-    torch.float64: {"apply": 39.6, "cg_step_s": 1e-06, "gemm": 45.2, "potrf": 12.8, "potri": 17.1, "rows": 10.1,
-                    "schulz_cpp": 31.5, "schulz_torch": 28.0, "trsm": 16.1, "trsm_few": 7.4},
-    torch.float32: {"apply": 57.0, "cg_step_s": 1e-06, "gemm": 54.2, "potrf": 29.6, "potri": 18.7, "rows": 26.2,
-                    "schulz_cpp": 71.4, "schulz_torch": 39.8, "trsm": 17.9, "trsm_few": 15.2},
+    torch.float64: {"apply": 21.5, "cg_step_s": 0.00024, "gemm": 23.4, "potrf": 5.9, "potri": 9.5, "rows": 23.4,
+                    "schulz_cpp": 19.2, "schulz_torch": 17.9, "trsm": 12.6, "trsm_few": 8.3},
+    torch.float32: {"apply": 44.6, "cg_step_s": 0.00047, "gemm": 51.2, "potrf": 28.9, "potri": 18.9, "rows": 50.0,
+                    "schulz_cpp": 36.4, "schulz_torch": 34.7, "trsm": 18.9, "trsm_few": 23.6},
 }
 PROBES = 8  # rows of the Cholesky verification (direct.PROBES)
 FEW_ROWS = 64  # below, solves run at the "trsm_few" rate (measured on 8 rows), above at "trsm" (1024 rows)
