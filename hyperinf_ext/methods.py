@@ -29,7 +29,7 @@ import torch
 from . import ops, solvers
 from .solvers import check_solver  # noqa: F401  (re-exported: the attributor checks its config with it)
 
-CURVATURE_SOLVERS = ("auto", "schulz", "cholesky")  # what hyperinf/kronecker accept as solver=
+CURVATURE_SOLVERS = solvers.INVERSE_SOLVERS  # what hyperinf/kronecker accept as solver= (they keep inverses)
 GradBatches = Callable[[], Iterable[dict[str, torch.Tensor]]]  # re-iterable: train grads per batch
 
 

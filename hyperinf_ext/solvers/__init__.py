@@ -10,7 +10,7 @@
 Iterative solvers take ``callback(t, estimate)``, called once per step with the current estimate.
 Data flows one way: methods / tasks / bench → solvers → ops → backends.
 """
-from .auto import SOLVER_CHOICES, Factorization, SolveInfo, check_solver, solve_rows, spd_inverse
+from .auto import INVERSE_SOLVERS, SOLVER_CHOICES, Factorization, SolveInfo, check_solver, solve_rows, spd_inverse
 from .cost import Choice, choose
 from .direct import (
     cholesky_factor,
@@ -25,7 +25,7 @@ from .krylov import cg, datainf, fisher_product, neumann
 from .schulz import PAPER_ITERATIONS, PAPER_X0, paper_schulz, scaled_schulz
 
 __all__ = [
-    "SOLVER_CHOICES", "Choice", "Factorization", "PAPER_ITERATIONS", "PAPER_X0", "SolveInfo", "cg",
+    "INVERSE_SOLVERS", "SOLVER_CHOICES", "Choice", "Factorization", "PAPER_ITERATIONS", "PAPER_X0", "SolveInfo", "cg",
     "check_solver", "cholesky_factor", "cholesky_inverse", "cholesky_solve_rows", "choose", "damp", "datainf",
     "fisher_product", "inverse_residual", "neumann", "paper_schulz", "rows_residual", "scaled_schulz",
     "solve_rows", "spd_inverse", "symmetrise",

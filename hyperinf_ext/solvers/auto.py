@@ -32,6 +32,7 @@ from .krylov import cg
 from .schulz import scaled_schulz
 
 SOLVER_CHOICES = (cost.AUTO,) + cost.SOLVERS
+INVERSE_SOLVERS = (cost.AUTO, "schulz", "cholesky")  # those that leave an inverse or a factor to reuse
 
 
 @dataclass
@@ -89,6 +90,16 @@ def _lmax_estimate(A: torch.Tensor, steps: int = 5) -> float:
     return float(((torch.matmul(Z, A3) * Z).sum(-1)).max())
 
 
+def _prepare(G: torch.Tensor, damping, solver: str, tol: float | None, allowed: tuple[str, ...]):
+    """(A = G + λI, λ, verification tol, strict, the caller's tol, the bracket when auto needs it)."""
+    check_solver(solver, allowed=allowed)
+    A, lam = damp(G, damping)
+    strict = solver != "cholesky" or tol is not None  # see the module docstring
+    check_tol = default_tol(A.dtype) if tol is None else float(tol)
+    bracket = _bracket(A, lam) if solver in (cost.AUTO, "cg") else (0.0, 0.0)
+    return A, lam, check_tol, strict, tol, bracket
+
+
 def _lower(lam: torch.Tensor) -> torch.Tensor | None:
     # the damping is a free lower bound of the spectrum of G + λI (G is PSD) — when it is positive
     return lam if bool((lam > 0).all()) else None
@@ -121,11 +132,7 @@ def spd_inverse(
     solver: "auto" (cost model, an explicit inverse), "schulz" (scaled, λ as lower bound; float64 with
     float32 phase + polish when ``polish``) or "cholesky".  Raises ConvergenceError when not verified.
     """
-    check_solver(solver, allowed=(cost.AUTO, "schulz", "cholesky"))
-    A, lam = damp(G, damping)
-    strict, asked = solver != "cholesky" or tol is not None, tol
-    tol = default_tol(A.dtype) if tol is None else float(tol)
-    bracket = _bracket(A, lam) if solver == cost.AUTO else (0.0, 0.0)
+    A, lam, tol, strict, asked, bracket = _prepare(G, damping, solver, tol, INVERSE_SOLVERS)
     choice = _pick(solver, A, bracket, rows=None, want="inverse", backend=backend, tol=tol, polish=polish)
     if choice.solver == "schulz":
         # Schulz gets the caller's tol (None: ops' default, which in float32 runs to the rounding floor)
@@ -148,11 +155,7 @@ class Factorization:
 
     def __init__(self, G: torch.Tensor, damping, *, solver: str = cost.AUTO, backend: str | None = None,
                  tol: float | None = None, rows: int | None = None):
-        check_solver(solver, allowed=(cost.AUTO, "schulz", "cholesky"))
-        A, lam = damp(G, damping)
-        strict, asked = solver != "cholesky" or tol is not None, tol
-        tol = default_tol(A.dtype) if tol is None else float(tol)
-        bracket = _bracket(A, lam) if solver == cost.AUTO else (0.0, 0.0)
+        A, lam, tol, strict, asked, bracket = _prepare(G, damping, solver, tol, INVERSE_SOLVERS)
         choice = _pick(solver, A, bracket, rows=rows, want="apply", backend=backend, tol=tol, polish=False)
         if choice.solver == "cg":  # a factorisation is reused: CG has nothing to keep
             choice = cost.Choice("cholesky", choice.reason + "; cg has no factor to reuse: cholesky", choice.costs)
@@ -202,11 +205,7 @@ def solve_rows(
     for Schulz); when it does not get there in ``max_iter`` (default 2·d + 20) steps, "auto" falls
     back to Cholesky (said in ``info.reason``) and an explicit "cg" raises ConvergenceError.
     """
-    check_solver(solver)
-    A, lam = damp(G, damping)
-    strict, asked = solver != "cholesky" or tol is not None, tol
-    tol = default_tol(A.dtype) if tol is None else float(tol)
-    bracket = _bracket(A, lam) if solver in (cost.AUTO, "cg") else (0.0, 0.0)
+    A, lam, tol, strict, asked, bracket = _prepare(G, damping, solver, tol, SOLVER_CHOICES)
     choice = _pick(solver, A, bracket, rows=V.shape[-2], want="apply", backend=backend, tol=tol, polish=False)
     if choice.solver == "cg":
         lower, upper = bracket
