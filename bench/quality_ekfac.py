@@ -96,6 +96,13 @@ def make_task(names: list[str]):
 
 def ekfac_mean_scores(model, tok, train, val, workdir: str) -> tuple[torch.Tensor, float]:
     """Our-sign EK-FAC influence of each training example on the mean validation loss, and seconds."""
+    pairwise, seconds = ekfac_pairwise_scores(model, tok, train, val, workdir)
+    return pairwise.mean(dim=0), seconds
+
+
+def ekfac_pairwise_scores(model, tok, train, val, workdir: str, max_length: int = 64) -> tuple[torch.Tensor, float]:
+    """Our-sign EK-FAC influence [n_val, n_train] (float64) of each training example on each validation
+    loss, and seconds (also used per query by bench/lds.py).  ``model`` is wrapped and frozen in place."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.utils.dataset import DataLoaderKwargs
@@ -110,9 +117,9 @@ def ekfac_mean_scores(model, tok, train, val, workdir: str) -> tuple[torch.Tenso
     analyzer = Analyzer("quality", model=model, task=task, cpu=True, disable_tqdm=True, output_dir=workdir)
     # Same items as our loaders; Kronfluence iterates sequentially, so column k = training example k. One
     # collate_fn serves both data sets, so it tokenizes the texts (no per-data-set token cache; same output).
-    train_loader = make_loader(train, tok, batch_size=32)
-    val_loader = make_loader(val, tok, batch_size=32)
-    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=Collator(tok, max_length=64)))
+    train_loader = make_loader(train, tok, batch_size=32, max_length=max_length)
+    val_loader = make_loader(val, tok, batch_size=32, max_length=max_length)
+    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=Collator(tok, max_length=max_length)))
     analyzer.fit_all_factors("ekfac", dataset=train_loader.dataset, per_device_batch_size=32,
                              factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
     analyzer.compute_pairwise_scores(
@@ -123,7 +130,7 @@ def ekfac_mean_scores(model, tok, train, val, workdir: str) -> tuple[torch.Tenso
     if tuple(pairwise.shape) != (len(val), len(train)):
         raise RuntimeError(f"pairwise scores of shape {tuple(pairwise.shape)}")
     # Kronfluence: positive = helpful (lowers the query loss); ours: positive = raises it.
-    return -pairwise.double().mean(dim=0), time.perf_counter() - t0
+    return -pairwise.double(), time.perf_counter() - t0
 
 
 def run_one(cfg, recorded: dict, progress: bool) -> dict:

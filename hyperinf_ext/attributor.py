@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from . import ops
+from . import ops, persistence
 from .cache import CACHE_MODES, GradientCache
 from .capture import ExampleError, PerSampleGradients, default_loss_fn, find_gradient_layers
 from .damping import check_rule, layer_damping, resolve
@@ -29,8 +27,6 @@ SIGN_CONVENTION = (
     "training example k is up-weighted: POSITIVE means example k INCREASES the query loss (harmful, "
     "e.g. a mislabeled example); negative means it helps."
 )
-
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -138,6 +134,7 @@ class HyperINF:
         self.cache = GradientCache("none")
         self.method = None
         self._prepared_for: tuple | None = None
+        self._fit_error: str | None = None  # why the last fit failed (its factors hold partial data)
 
     # ------------------------------------------------------------------------------------ utilities
 
@@ -232,17 +229,43 @@ class HyperINF:
     ) -> "HyperINF":
         """Stream ``train_loader`` once: accumulate each layer's GFIM (and cache gradients).
 
-        With ``checkpoint_dir`` the state is saved every ``checkpoint_every`` batches and a later
-        ``fit`` with the same directory resumes after the last saved batch (the loader must yield the
-        same batches in the same order); the gradient cache then lives in that directory.
+        With ``checkpoint_dir`` the state is committed atomically every ``checkpoint_every`` batches
+        and at the end, and a later ``fit`` with the same directory resumes after the last commit (the
+        loader must yield the same batches in the same order); the gradient cache then lives in that
+        directory.  The directory is locked while a fit uses it (``CheckpointBusyError`` for a second
+        fit); resuming checks the model's parameters, the fit settings and a fingerprint of the batches
+        already consumed, and raises ``ValueError`` when any differs (a finished checkpoint also refuses
+        a longer loader).  If ``fit`` raises, ``scores``/``mean_scores``/``save``/``use`` raise
+        "fit did not complete" until a fit completes (with ``checkpoint_dir``, by resuming).
         """
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every: expected a number of batches ≥ 0 (0 = only at the end), "
+                             f"got {checkpoint_every!r}")
         self.timings = {}
+        ckpt = persistence.Checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+        # Until the pass completes the factors hold part of the data: scoring or saving them must fail.
+        self._fit_error = "fit is still running"
+        try:
+            with ckpt if ckpt is not None else contextlib.nullcontext():
+                self._accumulate(train_loader, ckpt, checkpoint_every)
+        except BaseException as e:
+            resume = (f"; fit again with checkpoint_dir={str(ckpt.directory)!r} to resume from its last checkpoint"
+                      if ckpt is not None and ckpt.exists and not isinstance(e, persistence.CheckpointBusyError)
+                      else "")
+            self._fit_error = f"{type(e).__name__}: {e}{resume}"
+            raise
+        self._fit_error = None
+        self._prepared_for = None
+        with self._timed("prepare"):
+            self._prepare()
+        return self
+
+    def _accumulate(self, train_loader: Iterable, ckpt: "persistence.Checkpoint | None", checkpoint_every: int) -> None:
+        """The streaming pass of ``fit``: per-layer GFIM sums, counts and the gradient cache."""
         fdtype = self.fdtype
-        ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        skip = 0
-        if ckpt is not None and (ckpt / "meta.json").exists():
-            self._load_state(ckpt)
-            skip = self.batches_done
+        fingerprint = persistence.DataFingerprint()
+        if ckpt is not None and ckpt.exists:
+            ckpt.restore(self)  # factors and counts of the last commit, checked against model and settings
         else:
             self.factors = {
                 l.name: LayerFactor(l.name, l.rank, l.dim, torch.zeros(l.dim, l.dim, dtype=fdtype), 0,
@@ -250,24 +273,33 @@ class HyperINF:
                 for l in self.layers
             }
             self.n_train, self.batches_done = 0, 0
+        # The sums live where the gradients are (a CUDA model accumulates on its GPU); factors
+        # restored from a checkpoint come back on the CPU.
+        device = self.layers[0].module.weight.device if self.layers else torch.device("cpu")
+        skip = self.batches_done
+        loader = ckpt.watch(train_loader, fingerprint) if ckpt is not None else train_loader
         mode = self.config.cache
         if ckpt is not None and mode != "none":
             mode = "disk"
         self.cache.close()
-        self.cache = GradientCache(mode, (ckpt / "grads") if (ckpt is not None and mode == "disk") else None)
+        self.cache = GradientCache("none")  # stays if the next line raises (e.g. a corrupt cache manifest)
+        self.cache = GradientCache(mode, (ckpt.directory / "grads") if (ckpt is not None and mode == "disk") else None)
+        if self.cache.count < self.batches_done:
+            # the checkpoint's cached gradients are gone: cache nothing rather than a misnumbered tail
+            self.cache = GradientCache("none")
         self.cache.truncate(self.batches_done)
         # Layers of equal (d, r) share one batched GFIM call on their stacked gradients.
         groups: dict[tuple[int, int], list[str]] = {}
         for n, f in self.factors.items():
             groups.setdefault((f.dim, f.rank), []).append(n)
-        accs = {k: torch.stack([self.factors[n].gfim_sum for n in names]) for k, names in groups.items()}
+        accs = {k: torch.stack([self.factors[n].gfim_sum for n in names]).to(device) for k, names in groups.items()}
         rank_accs = {
             k: torch.stack([self.factors[n].rank_sum if self.factors[n].rank_sum is not None
-                            else torch.zeros(k[1], k[1], dtype=fdtype) for n in names])
+                            else torch.zeros(k[1], k[1], dtype=fdtype) for n in names]).to(device)
             for k, names in groups.items()
         }
         scratch: dict[tuple[int, int], torch.Tensor] = {}
-        for index, grads, stacked_groups in self._grad_batches(train_loader, "fit", skip=skip, groups=groups):
+        for index, grads, stacked_groups in self._grad_batches(loader, "fit", skip=skip, groups=groups):
             with self._timed("gfim"):
                 for key, names in groups.items():
                     stacked = stacked_groups[key]  # [L, B, r, d], contiguous; grads[n] are its slices
@@ -287,7 +319,9 @@ class HyperINF:
                     flat = stacked.reshape(L * B, r, d)
                     if flat.dtype not in (torch.float32, torch.float64):
                         flat = flat.float()
-                    rank_accs[key] += torch.bmm(flat, flat.transpose(1, 2)).view(L, B, r, r).sum(1).to(fdtype)
+                    outer = torch.bmm(flat, flat.transpose(1, 2)).view(L, B, r, r).sum(1).to(fdtype)
+                    # BLAS does not promise a bit-symmetric X·Xᵀ; the Schulz op refuses asymmetric input
+                    rank_accs[key] += 0.5 * (outer + outer.transpose(-1, -2))
             with self._timed("cache"):
                 self.cache.append(index, grads)
             self.n_train = max(self.n_train, int(index.max()) + 1)
@@ -296,16 +330,12 @@ class HyperINF:
                 f.count += index.numel()
             if ckpt is not None and checkpoint_every and self.batches_done % checkpoint_every == 0:
                 self._sync_factors(accs, rank_accs, groups)
-                self._save_state(ckpt)
-        self._sync_factors(accs, rank_accs, groups)
-        if ckpt is not None:
-            self._save_state(ckpt)
+                ckpt.commit(self, fingerprint, complete=False)
         if self.batches_done == 0:
             raise ValueError("train_loader: yielded no batches")
-        self._prepared_for = None
-        with self._timed("prepare"):
-            self._prepare()
-        return self
+        self._sync_factors(accs, rank_accs, groups)
+        if ckpt is not None:
+            ckpt.commit(self, fingerprint, complete=True)
 
     def _sync_factors(self, accs: dict, rank_accs: dict, groups: dict[tuple[int, int], list[str]]) -> None:
         for key, names in groups.items():
@@ -323,7 +353,7 @@ class HyperINF:
 
     def _prepare(self) -> None:
         """Damping per layer and the method's per-layer work (e.g. the batched Schulz inverse)."""
-        key = (self.config.method, self.config.damping, self.config.damping_scale, self.batches_done)
+        key = self._prepare_key()
         if self._prepared_for == key and self.method is not None:
             return
         cfg = self.config
@@ -341,11 +371,17 @@ class HyperINF:
         self.method.prepare(self.factors)
         self._prepared_for = key
 
+    def _prepare_key(self) -> tuple:
+        """What the prepared method depends on; equal keys mean ``_prepare`` has nothing to redo."""
+        return (self.config.method, self.config.damping, self.config.damping_scale, self.batches_done)
+
     def use(self, method: str | None = None, *, damping: float | str | None = None, **options: Any) -> "HyperINF":
         """Switch method and/or damping on the same fitted factors and cached gradients (no refit).
 
         A new ``damping`` without ``damping_scale`` takes the rule's default scale.
         """
+        if self._fit_error is not None:
+            raise RuntimeError(f"fit did not complete: {self._fit_error}")
         changes = {k: v for k, v in dict(method=method, damping=damping, **options).items() if v is not None}
         if damping is not None and "damping_scale" not in options:
             changes["damping_scale"] = None
@@ -358,6 +394,8 @@ class HyperINF:
     # ------------------------------------------------------------------------------------- scoring
 
     def _require_fit(self) -> None:
+        if self._fit_error is not None:
+            raise RuntimeError(f"fit did not complete: {self._fit_error}")
         if not self.factors or self.batches_done == 0:
             raise RuntimeError("HyperINF: call fit(train_loader) (or HyperINF.load) before scoring")
 
@@ -398,7 +436,8 @@ class HyperINF:
                     grow = int(index.max()) + 1 - out.shape[1]
                     out = torch.cat([out, out.new_zeros(Q, grow)], 1)
                     seen = torch.cat([seen, seen.new_zeros(grow)])
-                out[:, index] = -(qflat @ g.T)
+                # scores stay on the CPU (n_train can be large); the product runs where the gradients are
+                out[:, index.cpu()] = (-(qflat.to(g.device) @ g.T)).cpu()
                 seen[index] = True
         if not bool(seen.all()):
             missing = (~seen).nonzero().squeeze(1)[:5].tolist()
@@ -448,90 +487,30 @@ class HyperINF:
         return self._dot_with_train(self._precondition(q, train_loader), train_loader)[0]
 
     # --------------------------------------------------------------------------------- persistence
-
-    def _meta(self) -> dict:
-        return {
-            "format": FORMAT_VERSION,
-            "config": dataclasses.asdict(self.config),
-            "n_train": self.n_train,
-            "batches_done": self.batches_done,
-            "layers": [
-                {"name": f.name, "rank": f.rank, "dim": f.dim, "count": f.count, "damping": f.damping}
-                for f in self.factors.values()
-            ],
-        }
-
-    def _save_state(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {f"gfim_sum.{n}": f.gfim_sum.contiguous() for n, f in self.factors.items()}
-        tensors.update({f"rank_sum.{n}": f.rank_sum.contiguous() for n, f in self.factors.items() if f.rank_sum is not None})
-        inverses = getattr(self.method, "state", {}) if self._prepared_for else {}
-        tensors.update({f"method_state.{n}": t.contiguous() for n, t in inverses.items()})
-        # write then rename, so an interruption never leaves a half-written checkpoint
-        save_file(tensors, str(directory / "factors.safetensors.tmp"))
-        (directory / "meta.json.tmp").write_text(json.dumps(self._meta(), indent=1))
-        (directory / "factors.safetensors.tmp").replace(directory / "factors.safetensors")
-        (directory / "meta.json.tmp").replace(directory / "meta.json")
-
-    def _load_state(self, directory: Path) -> None:
-        meta = json.loads((directory / "meta.json").read_text())
-        if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{directory}: unsupported factor format {meta.get('format')!r}")
-        names = [l.name for l in self.layers]
-        stored = [l["name"] for l in meta["layers"]]
-        if stored != names:
-            raise ValueError(f"{directory}: stored layers do not match the model's ({len(stored)} vs {len(names)})")
-        tensors = load_file(str(directory / "factors.safetensors"))
-        self.factors = {
-            l["name"]: LayerFactor(
-                l["name"], l["rank"], l["dim"], tensors[f"gfim_sum.{l['name']}"].to(self.fdtype), l["count"], l["damping"],
-                rank_sum=tensors[f"rank_sum.{l['name']}"].to(self.fdtype) if f"rank_sum.{l['name']}" in tensors else None,
-            )
-            for l in meta["layers"]
-        }
-        self.n_train, self.batches_done = meta["n_train"], meta["batches_done"]
-        self._stored_method_state = {k[len("method_state."):]: v for k, v in tensors.items() if k.startswith("method_state.")}
+    # (the formats, checks and atomic commits live in persistence.py)
 
     def save(self, directory: str | Path) -> Path:
         """Write factors (safetensors: per-layer GFIM sums and the method's inverses) and meta.json."""
-        self._require_fit()
-        directory = Path(directory)
-        self._save_state(directory)
-        return directory
+        return persistence.save(self, directory)
 
     @classmethod
     def load(cls, directory: str | Path, model: torch.nn.Module, *, loss_fn=None, progress: bool = True) -> "HyperINF":
-        """Rebuild an attributor from ``save``; scoring then needs ``train_loader`` (no cache is stored)."""
-        directory = Path(directory)
-        if not (directory / "meta.json").exists():
-            raise ValueError(f"{directory}: no saved HyperINF factors (meta.json missing)")
-        meta = json.loads((directory / "meta.json").read_text())
-        attr = cls(model, loss_fn=loss_fn, progress=progress, config=HyperINFConfig(**meta["config"]))
-        attr._load_state(directory)
-        attr._prepare_from_stored()
-        return attr
+        """Rebuild an attributor from ``save``; scoring then needs ``train_loader`` (no cache is stored).
 
-    def _prepare_from_stored(self) -> None:
-        stored = getattr(self, "_stored_method_state", {})
-        self._prepared_for = None
-        if stored and set(stored) == set(self.factors):
-            # reuse the stored inverses bit for bit instead of recomputing them
-            self.method = make_method(self.config.method, backend=self.config.backend, tol=self.config.tol,
-                                      depth=self.config.lissa_depth, scale_factor=self.config.lissa_scale_factor,
-                                      solver=self.config.solver)
-            self.method.state = {n: t.to(self.fdtype) for n, t in stored.items()}
-            self._prepared_for = (self.config.method, self.config.damping, self.config.damping_scale, self.batches_done)
-        else:
-            self._prepare()
+        Raises ``ValueError`` naming the file when it is missing, corrupt or holds NaN/Inf, and naming
+        the layer when a saved shape differs from ``model``'s (another LoRA rank or hidden size).
+        """
+        return persistence.load(cls, directory, model, loss_fn=loss_fn, progress=progress)
 
     @staticmethod
     def save_scores(path: str | Path, scores: torch.Tensor, **metadata: str) -> None:
         """Write a score tensor to a safetensors file (metadata: string key/values)."""
-        save_file({"scores": scores.contiguous()}, str(path), metadata={"sign": SIGN_CONVENTION, **metadata})
+        persistence.save_scores(path, scores, SIGN_CONVENTION, **metadata)
 
     @staticmethod
     def load_scores(path: str | Path) -> torch.Tensor:
-        return load_file(str(path))["scores"]
+        """The score tensor written by ``save_scores``."""
+        return persistence.load_scores(path)
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:

@@ -2,6 +2,8 @@
 
 ``memory`` keeps the batches in RAM (fastest; grows with n), ``disk`` writes one safetensors file per
 batch (peak memory independent of n; reading back costs far less than a forward/backward pass).
+Disk files (batches and ``manifest.json``, the count of complete batches) are written atomically, so a
+killed fit leaves the previous count, and a resumed fit overwrites any batch beyond it.
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+
+from . import persistence
+from .persistence import read_json, read_tensors, save_tensors_atomic, write_bytes_atomic
 
 CACHE_MODES = ("memory", "disk", "none")
 
@@ -34,9 +38,15 @@ class GradientCache:
                 self._owns_dir = True
             self.directory = Path(directory)
             self.directory.mkdir(parents=True, exist_ok=True)
+            for stale in self.directory.glob("*.tmp*"):  # temporaries of a killed writer
+                stale.unlink(missing_ok=True)
             manifest = self.directory / "manifest.json"
             if manifest.exists():  # resuming an interrupted fit
-                self.count = json.loads(manifest.read_text())["batches"]
+                count = read_json(manifest, "gradient-cache manifest").get("batches")
+                if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                    raise ValueError(f"{manifest}: 'batches' must be a count ≥ 0, got {count!r}; the gradient "
+                                     f"cache is corrupt: delete {self.directory} to rebuild it")
+                self.count = count
 
     @property
     def enabled(self) -> bool:
@@ -58,20 +68,28 @@ class GradientCache:
             # safetensors stores whole storages: slices of one stacked buffer are written as copies
             tensors = {f"g.{k}": _own_storage(v.detach().cpu()) for k, v in grads.items()}
             tensors["index"] = index.cpu().contiguous()
-            save_file(tensors, str(self.directory / f"batch_{self.count:07d}.safetensors"))
+            save_tensors_atomic(self._batch_path(self.count), tensors)
+            persistence.crash_point("grads_batch_written")
         self.count += 1
         self._write_manifest()
 
     def _write_manifest(self) -> None:
         if self.mode == "disk":
-            (self.directory / "manifest.json").write_text(json.dumps({"batches": self.count}))
+            # atomic: a kill while writing must leave the previous count, never an empty file
+            write_bytes_atomic(self.directory / "manifest.json", json.dumps({"batches": self.count}).encode(),
+                               step="grads_manifest")
+
+    def _batch_path(self, i: int) -> Path:
+        return self.directory / f"batch_{i:07d}.safetensors"
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         if self.mode == "memory":
             yield from self._batches[: self.count]
         elif self.mode == "disk":
             for i in range(self.count):
-                t = load_file(str(self.directory / f"batch_{i:07d}.safetensors"))
+                t, _ = read_tensors(self._batch_path(i), f"cached gradients of batch {i}")
+                if "index" not in t:
+                    raise ValueError(f"{self._batch_path(i)}: no 'index' tensor; the gradient cache is corrupt")
                 index = t.pop("index")
                 yield index, {k[2:]: v for k, v in t.items()}
 

@@ -17,14 +17,17 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
+from .messages import one_line
 from .tasks.output import prepare_output_dir
 
 PROG = "hyperinf-ext"
 EXIT_USAGE = 2
 
 __all__ = ["main", "build_parser"]
+
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------ argument types
@@ -95,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "paper (default: hyperinf,datainf,lissa,tracin,exact)")
     g.add_argument("--damping", metavar="LIST", default="auto",
                    help="comma list of dampings: numbers > 0 or rules datainf, spectral, paper, auto (default: auto = "
-                        "each method's own default: spectral x3 for hyperinf, from bench/QUALITY.md; datainf for "
-                        "datainf/lissa/exact); rule:factor sets a rule's factor, e.g. spectral:3,spectral:10,datainf. "
+                        "each method's own default: spectral x3 for hyperinf and exact (the same estimator), from "
+                        "bench/QUALITY.md; datainf for datainf/lissa; the table prints each row's damping); "
+                        "rule:factor sets a rule's factor, e.g. spectral:3,spectral:10,datainf. "
                         "Give e.g. 'datainf' to compare every method at the same damping")
     p.set_defaults(func=_cmd_detect)
 
@@ -110,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fraction", metavar="F", type=float, default=0.2, help="fraction of training data kept (default: 0.2)")
     g.add_argument("--method", metavar="NAME", default="hyperinf", help="influence method, e.g. hyperinf, exact, datainf, lissa, tracin (default: hyperinf)")
     g.add_argument("--damping", metavar="VALUE", default="auto", help="damping: a number > 0 or datainf, spectral, paper, auto (default: auto, the method's own default)")
+    g.add_argument("--rule", metavar="NAME", default=None,
+                   help="selection rule of hyperinf_ext.selection_rules: top (keep the most helpful), drop-harmful, "
+                        "class-balanced, query-round-robin (LESS) (default: top)")
     g.add_argument("--evaluate", action="store_true",
                    help="also fine-tune fresh LoRA models on the selection and on a random subset of the same "
                         "size, and report both validation accuracies")
@@ -197,30 +204,45 @@ def _require(command: str) -> None:
                            f"{_install_hint(missing)}")
 
 
-def _cmd_detect(args: argparse.Namespace) -> int:
-    from .tasks.mislabeled import DetectConfig, format_table, parse_dampings, parse_methods, run_detect_mislabeled
+def _option(option: str, parse: Callable[[], T]) -> T:
+    """``parse()``, its error reported under ``option``: library messages name the parameter
+    ("damping: ..."), the command line names the option ("--damping: ...")."""
+    try:
+        return parse()
+    except ValueError as exc:
+        _, _, problem = str(exc).partition(": ")
+        raise ValueError(f"{option}: {problem or exc}") from None
 
-    cfg = DetectConfig(**_pipeline_kwargs(args), methods=parse_methods(args.methods),
-                       dampings=parse_dampings(args.damping))
+
+def _run_task(args: argparse.Namespace, cfg: Any, run: Callable[..., Any], table: Callable[[Any], str]) -> int:
+    """Check ``cfg`` and the output folder, then run the task and print its table."""
     cfg.validate()  # before _setup/imports of the model stack, so bad input fails fast
     prepare_output_dir(args.out)
     _setup(args)
-    result = run_detect_mislabeled(cfg, log=_logger(args))
-    print(format_table(result))
+    print(table(run(cfg, log=_logger(args))))
     return 0
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from .methods import parse_dampings, parse_methods
+    from .tasks.mislabeled import DetectConfig, run_detect_mislabeled
+    from .tasks.report import detection_table
+
+    cfg = DetectConfig(**_pipeline_kwargs(args), methods=_option("--methods", lambda: parse_methods(args.methods)),
+                       dampings=_option("--damping", lambda: parse_dampings(args.damping)))
+    return _run_task(args, cfg, run_detect_mislabeled, detection_table)
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
-    from .tasks.selection import SelectConfig, format_selection, run_select_data
+    from .methods import parse_dampings, parse_methods
+    from .tasks.report import selection_table
+    from .tasks.selection import SelectConfig, run_select_data
 
-    cfg = SelectConfig(**_pipeline_kwargs(args), fraction=args.fraction, method=args.method,
-                       damping=args.damping, evaluate=args.evaluate)
-    cfg.validate()
-    prepare_output_dir(args.out)
-    _setup(args)
-    result = run_select_data(cfg, log=_logger(args))
-    print(format_selection(result))
-    return 0
+    method = _option("--method", lambda: parse_methods([args.method], what="method")[0])
+    damping = _option("--damping", lambda: parse_dampings([args.damping])[0])
+    cfg = SelectConfig(**_pipeline_kwargs(args), fraction=args.fraction, method=method, damping=damping,
+                       evaluate=args.evaluate, **({} if args.rule is None else {"rule": args.rule}))
+    return _run_task(args, cfg, run_select_data, selection_table)
 
 
 def _cmd_convergence(args: argparse.Namespace) -> int:
@@ -251,10 +273,6 @@ class _Unavailable(RuntimeError):
 # ------------------------------------------------------------------------------ entry point
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 1 environment problem, 2 bad input)."""
     from .errors import ConvergenceError  # light; DataError is a ValueError, caught below
@@ -269,15 +287,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
             PermissionError, ConvergenceError) as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except ModuleNotFoundError as exc:
         top = (exc.name or "").split(".")[0]
         hint = f" ({_install_hint([top])})" if top in _EXTRA_OF else ""
-        print(f"{PROG}: error: {_one_line(exc)}{hint}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(exc)}{hint}", file=sys.stderr)
         return 1
     except (_Unavailable, ImportError) as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -10,8 +10,9 @@ text has one, its code does not; ours follows the code).  Rules, for G of shape 
 * ``"paper"``         the HyperINF paper's code: the DataInf value plus an absolute 1e-3 added inside
                       its Schulz routine.
 * ``"auto"``          the method's default (METHOD_DEFAULTS): for ``hyperinf`` and ``kronecker`` the
-                      rule chosen by the detection study in bench/QUALITY.md; ``paper`` uses "paper";
-                      every other method the DataInf rule of its own paper.
+                      rule chosen by the detection study in bench/QUALITY.md, and ``exact`` (the same
+                      estimator as hyperinf) the same; ``paper`` uses "paper"; every other method the
+                      DataInf rule of its own paper.
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ DEFAULT_SCALE = 0.1
 # (rule, scale) used when damping="auto"; hyperinf's comes from the study in bench/QUALITY.md
 METHOD_DEFAULTS: dict[str, tuple[str, float]] = {
     "hyperinf": ("spectral", 3.0),
+    # exact is hyperinf's estimator solved by Cholesky (its reference): at hyperinf's damping, so the two
+    # agree at their defaults instead of reading as if the exact inverse ranked worse (issue #16)
+    "exact": ("spectral", 3.0),
     "kronecker": ("spectral", 3.0),
     "paper": ("paper", DEFAULT_SCALE),
 }

@@ -32,16 +32,14 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .data import DataError, default_model_path
+# The model inputs of a batch are chosen by the same rule as in the influence passes, so a model
+# is fine-tuned, evaluated and attributed on the same inputs ("labels" and "index" are consumed here).
+from .capture.losses import MODEL_INPUT_KEYS, model_inputs
+from .data.dataset import DataError
+from .data.packaged import default_model_path
+from .messages import one_line
 
 __all__ = ["load_tokenizer", "load_lora_model", "finetune", "evaluate", "MODEL_INPUT_KEYS"]
-
-#: Batch keys forwarded to the model; "labels" and "index" are consumed here.
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _offline() -> None:
@@ -101,7 +99,7 @@ def load_tokenizer(path: str | Path | None = None) -> Any:
         with _quiet_hf():
             return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{p}: cannot load tokenizer ({_one_line(exc)})") from None
+        raise DataError(f"{p}: cannot load tokenizer ({one_line(exc)})") from None
 
 
 def load_lora_model(
@@ -168,7 +166,7 @@ def load_lora_model(
                 dtype=dtype,
             )
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise DataError(f"{p}: cannot load model ({_one_line(exc)})") from None
+            raise DataError(f"{p}: cannot load model ({one_line(exc)})") from None
         if adapter is None:
             cfg = LoraConfig(
                 task_type="SEQ_CLS",
@@ -180,7 +178,7 @@ def load_lora_model(
             try:
                 model = get_peft_model(base, cfg)
             except (ValueError, KeyError, TypeError) as exc:
-                raise DataError(f"{p}: cannot attach LoRA ({_one_line(exc)})") from None
+                raise DataError(f"{p}: cannot attach LoRA ({one_line(exc)})") from None
         else:
             try:
                 model = PeftModel.from_pretrained(
@@ -191,7 +189,7 @@ def load_lora_model(
                 if shape:
                     raise DataError(f"{adapter}: the adapter's classification head has {shape.group(1)} labels but "
                                     f"{int(num_labels)} are needed (the data's classes)") from None
-                raise DataError(f"{adapter}: cannot load adapter ({_one_line(exc)})") from None
+                raise DataError(f"{adapter}: cannot load adapter ({one_line(exc)})") from None
     model.eval()
     return model
 
@@ -217,8 +215,8 @@ def _head_labels(p: Path) -> int | None:
     return int(config.get("num_labels", 2))
 
 
-def _model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: batch[k].to(device) for k in MODEL_INPUT_KEYS if k in batch}
+def _inputs_on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in model_inputs(batch).items()}
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -281,7 +279,7 @@ def finetune(
                 )
                 for batch in bar:
                     labels = batch["labels"].to(device)
-                    logits = model(**_model_inputs(batch, device)).logits
+                    logits = model(**_inputs_on_device(batch, device)).logits
                     _check_labels(labels, logits.shape[-1])
                     # fp32 loss even for low-precision models: log-softmax in
                     # bf16 loses the small differences late in training.
@@ -326,7 +324,7 @@ def evaluate(model: torch.nn.Module, loader: Any) -> dict[str, float]:
     try:
         for batch in loader:
             labels = batch["labels"].to(device)
-            logits = model(**_model_inputs(batch, device)).logits.float()
+            logits = model(**_inputs_on_device(batch, device)).logits.float()
             _check_labels(labels, logits.shape[-1])
             total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += int((logits.argmax(dim=-1) == labels).sum())

@@ -7,7 +7,13 @@ configuration, one variant per dtype) for ``GPUTarget("cuda", arch, 32)`` and re
 
 Signatures mirror the launches: pointers typed per dtype, every size and stride ``i32``, the
 tile sizes and mode flags as constexprs.  The JIT additionally specializes integer arguments
-(== 1, divisible by 16) at launch; the AOT variants are the generic ones.
+(== 1 becomes a constant, divisible by 16 an attribute) and 16-byte-aligned pointers at launch.  The
+GFIM variants are compiled with the specialisation of the launch the GPU path guarantees for
+fp16/bf16 grads and gets for any contiguous grads with d a multiple of 16 (``gfim.is_pipelinable``):
+d-stride 1, the other strides, ``d_load`` and both pointers divisible by 16 (d and m stay generic).
+Without it the fp16/bf16 loads cannot use cp.async (see kernels/gfim.py), so the generic variant would
+describe code the GPU never runs; ``gfim_source(..., aligned=False)`` still builds it, for comparison.
+The Schulz variants are the generic ones.
 
 Under TRITON_INTERPRET=1 every ``@triton.jit`` function, triton.language's own helpers
 (tl.zeros, tl.sum, ...) included, is an interpreter object that cannot be code-generated in that
@@ -43,6 +49,10 @@ GFIM_VARIANTS = {
     "gfim_fp16": (torch.float16, torch.float32, "ieee"),
     "gfim_fp64": (torch.float64, torch.float64, "ieee"),
 }
+# name -> grads dtype of gfim_tma_kernel (float32 acc), compiled for sm_90+ only: the launcher uses
+# it only there, and below sm_90 Triton lowers its descriptor loads to scalar loads.
+GFIM_TMA_VARIANTS = {"gfim_tma_bf16": torch.bfloat16, "gfim_tma_fp16": torch.float16}
+TMA_MIN_ARCH = 90
 # name suffix -> (matrix dtype, input precision)
 SCHULZ_VARIANTS = {
     "fp32": (torch.float32, "ieee"),
@@ -55,13 +65,17 @@ def _options(num_warps: int, num_stages: int) -> dict:
     return {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True}
 
 
-def gfim_source(in_dtype: torch.dtype, acc_dtype: torch.dtype, input_precision: str = "ieee"):
-    """(ASTSource, options) of ``gfim_kernel`` for grads of ``in_dtype`` into an ``acc_dtype`` acc."""
+def gfim_source(in_dtype: torch.dtype, acc_dtype: torch.dtype, input_precision: str = "ieee", aligned: bool = True):
+    """(ASTSource, options) of ``gfim_kernel`` for grads of ``in_dtype`` into an ``acc_dtype`` acc.
+
+    ``aligned``: specialise as the JIT does for a launch on vectorisable grads (module docstring).
+    """
     cfg = _gfim.config(in_dtype, acc_dtype, interpret=False)
     signature = {
         "acc_ptr": "*" + _TRITON_TYPE[acc_dtype],
         "g_ptr": "*" + _TRITON_TYPE[in_dtype],
         "d": "i32",
+        "d_load": "i32",
         "m": "i32",
         "stride_gl": "i32",
         "stride_gm": "i32",
@@ -77,7 +91,32 @@ def gfim_source(in_dtype: torch.dtype, acc_dtype: torch.dtype, input_precision: 
         "CAST_TO_ACC": _gfim.cast_to_acc(in_dtype, acc_dtype, interpret=False),
         "INPUT_PRECISION": input_precision,
     }
-    src = triton.compiler.ASTSource(fn=_gfim.gfim_kernel, signature=signature, constexprs=constexprs)
+    attrs = {}
+    if aligned:
+        signature["stride_gd"] = "constexpr"
+        constexprs["stride_gd"] = 1
+        names = _gfim.gfim_kernel.arg_names
+        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ("acc_ptr", "g_ptr", "d_load", "stride_gl", "stride_gm")}
+    src = triton.compiler.ASTSource(fn=_gfim.gfim_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return src, _options(cfg.num_warps, cfg.num_stages)
+
+
+def gfim_tma_source(in_dtype: torch.dtype):
+    """(ASTSource, options) of ``gfim_tma_kernel`` for fp16/bf16 grads into a float32 acc."""
+    cfg = _gfim.config(in_dtype, torch.float32, interpret=False)
+    block = ",".join(str(b) for b in _gfim.tma_block(cfg))
+    signature = {
+        "acc_ptr": "*fp32",
+        "g_desc": f"tensordesc<{_TRITON_TYPE[in_dtype]}[{block}]>",
+        "d": "i32",
+        "m": "i32",
+        "BLOCK_D": "constexpr",
+        "BLOCK_K": "constexpr",
+        "CAST_TO_ACC": "constexpr",
+    }
+    constexprs = {"BLOCK_D": cfg.block_d, "BLOCK_K": cfg.block_k, "CAST_TO_ACC": False}
+    attrs = {(0,): [["tt.divisibility", 16]]}
+    src = triton.compiler.ASTSource(fn=_gfim.gfim_tma_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return src, _options(cfg.num_warps, cfg.num_stages)
 
 
@@ -113,9 +152,11 @@ def schulz_update_source(dtype: torch.dtype, input_precision: str = "ieee"):
     return src, _options(cfg.num_warps, cfg.num_stages)
 
 
-def sources() -> dict:
-    """name -> (ASTSource, options) for every kernel variant."""
+def sources(arch: int = TMA_MIN_ARCH) -> dict:
+    """name -> (ASTSource, options) for every kernel variant used on sm_``arch``."""
     out = {name: gfim_source(*variant) for name, variant in GFIM_VARIANTS.items()}
+    if arch >= TMA_MIN_ARCH:
+        out.update({name: gfim_tma_source(dtype) for name, dtype in GFIM_TMA_VARIANTS.items()})
     for tag, (dtype, precision) in SCHULZ_VARIANTS.items():
         out[f"schulz_residual_{tag}"] = schulz_residual_source(dtype, precision)
         out[f"schulz_update_{tag}"] = schulz_update_source(dtype, precision)
@@ -128,7 +169,7 @@ def _can_codegen() -> bool:
 
 def _compile_here(arch: int) -> dict:
     target = GPUTarget("cuda", arch, 32)
-    return {name: triton.compile(src, target=target, options=opts) for name, (src, opts) in sources().items()}
+    return {name: triton.compile(src, target=target, options=opts) for name, (src, opts) in sources(arch).items()}
 
 
 def _compile_in_child(arch: int) -> dict:
@@ -148,7 +189,7 @@ def _compile_in_child(arch: int) -> dict:
             raise RuntimeError(f"AOT compilation for sm_{arch} failed in the child process:\n{proc.stderr[-4000:]}")
         with open(out) as f:
             groups = json.load(f)
-    srcs = sources()
+    srcs = sources(arch)
     return {
         name: triton.compiler.compiler.CompiledKernel(srcs[name][0], entry["metadata_group"], entry["hash"])
         for name, entry in groups.items()

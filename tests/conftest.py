@@ -3,12 +3,17 @@
 TRITON_INTERPRET must be set before triton is first imported for the Triton kernels to run on CPU
 tensors; the tests run the kernels through the interpreter (numbers) and compile them ahead of time
 for sm_80/sm_90 (code generation).
+
+HYPERINF_TEST_DEVICE=cuda (set by the GPU check, bench/gpu.py, with TRITON_INTERPRET=0) makes CUDA
+the default device of every test, so the tests that build their tensors with the factory functions
+(tests/test_triton_kernels.py) run the compiled kernels on the GPU against the same float64 references.
 """
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+TEST_DEVICE = os.environ.get("HYPERINF_TEST_DEVICE", "cpu")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -18,3 +23,16 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _test_device():
+    if TEST_DEVICE == "cpu":
+        yield
+        return
+    previous = torch.get_default_device()
+    torch.set_default_device(TEST_DEVICE)
+    try:
+        yield
+    finally:
+        torch.set_default_device(previous)

@@ -112,7 +112,7 @@ def test_exact_equals_brute_force(setup, brute):
         return torch.linalg.solve(A, q.reshape(-1, A.shape[0]).T).T.reshape(q.shape)
 
     ref = brute_scores(layers, gtr, gq, exact)
-    s = HyperINF(model, method="exact", progress=False).fit(batches(train, 4)).scores(batches(query, 2))
+    s = HyperINF(model, method="exact", damping="datainf", progress=False).fit(batches(train, 4)).scores(batches(query, 2))
     assert s.shape == (N_QUERY, N_TRAIN) and s.dtype == torch.float64
     assert (s - ref).abs().max() <= 1e-8 * ref.abs().max()
 
@@ -337,6 +337,8 @@ def test_gfim_batch_dtype_float32_vs_float64_and_rank_factor():
         for f in fits.values():
             assert f.factors[n].gfim_sum.dtype == torch.float64
             assert float((f.factors[n].rank_sum - ref_r).abs().max()) <= 1e-5 * float(ref_r.abs().max()), n
+            # kronecker's Schulz refuses asymmetric input: the r×r sum must be bit-symmetric
+            assert torch.equal(f.factors[n].rank_sum, f.factors[n].rank_sum.T), n
     with pytest.raises(ValueError, match="gfim_dtype"):
         HyperINF(model, progress=False, gfim_dtype="bfloat16")
 

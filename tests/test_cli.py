@@ -100,6 +100,36 @@ def test_detect_hyperinf_agrees_with_exact(detect_run):
     assert max(abs(a - b) for a, b in zip(h, e)) <= 1e-6 * scale
 
 
+def _row(stdout: str, method: str) -> str:
+    return next(line for line in stdout.splitlines() if line.startswith(method + " "))
+
+
+def test_detect_table_marks_equal_estimators(detect_run):
+    """At one damping for all, hyperinf and exact solve the same system: the table says so, once."""
+    _, stdout, _, out = detect_run
+    assert "= exact (same estimator and damping)" in _row(stdout, "hyperinf")
+    for m in ("exact", "datainf", "lissa", "tracin"):
+        assert "same estimator" not in _row(stdout, m)
+    assert "datainf × 0.1" in _row(stdout, "hyperinf") and "datainf × 0.1" in _row(stdout, "exact")
+    assert "none" in _row(stdout, "tracin")
+    by_method = {m["method"]: m for m in json.loads((out / "summary.json").read_text())["methods"]}
+    assert by_method["hyperinf"]["same_as"] == "exact" and by_method["datainf"]["same_as"] is None
+    lo, hi = by_method["exact"]["damping_values"]
+    assert 0 < lo <= hi
+
+
+def test_detect_default_damping_each_method_at_its_own(tmp_path):
+    """damping=auto (the main job): each method at its default, printed; hyperinf and exact share theirs."""
+    code, stdout, stderr = run_cli(["detect-mislabeled", *TOY, "--methods", "hyperinf,exact,datainf,tracin",
+                                    "--out", str(tmp_path)])
+    assert code == 0, stderr
+    assert "spectral × 3" in _row(stdout, "hyperinf") and "spectral × 3" in _row(stdout, "exact")
+    assert "datainf × 0.1" in _row(stdout, "datainf") and "none" in _row(stdout, "tracin")
+    assert "= exact (same estimator and damping)" in _row(stdout, "hyperinf")
+    auc = {m["method"]: m["auc"] for m in json.loads((tmp_path / "summary.json").read_text())["methods"]}
+    assert auc["hyperinf"] == pytest.approx(auc["exact"], abs=1e-9)
+
+
 def test_detect_several_dampings_no_finetune(tmp_path):
     # numeric dampings: with 0 epochs LoRA B is still zero, so the A-layer gradients (and a
     # trace-based damping) vanish and a Cholesky solve would be reported as failed
@@ -135,6 +165,28 @@ def test_select_data_with_evaluate(tmp_path):
     for name in ("selected", "random"):
         assert 0.0 <= ev[name]["val_accuracy"] <= 1.0
     assert "random subset" in stdout and "selected" in stdout
+
+
+@pytest.mark.parametrize("rule", ["class-balanced", "query-round-robin", "drop-harmful"])
+def test_select_data_rules(tmp_path, rule):
+    code, stdout, stderr = run_cli(["select-data", *TOY, "--fraction", "0.5", "--rule", rule, "--out", str(tmp_path)])
+    assert code == 0, stderr
+    rows = read_csv(tmp_path / "selected.csv")
+    assert len(rows) == 16 and len({r["index"] for r in rows}) == 16
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["selection"]["rule"] == rule and f"rule {rule}" in stdout
+    if rule == "class-balanced":
+        from hyperinf_ext.data import load_rotten_tomatoes, split_dataset
+        from hyperinf_ext.selection_rules import class_quotas
+
+        train, _ = split_dataset(load_rotten_tomatoes(), 32, 16, seed=0)
+        kept = [train.labels[int(r["index"])] for r in rows]
+        assert {c: kept.count(c) for c in set(train.labels)} == class_quotas(train.labels, 16)
+
+
+def test_select_data_unknown_rule(tmp_path):
+    code, _, stderr = run_cli(["select-data", *TOY, "--rule", "best", "--out", str(tmp_path)])
+    assert code == 2 and "--rule: unknown selection rule 'best'" in stderr
 
 
 def test_select_data_from_saved_adapter(tmp_path):
@@ -218,10 +270,12 @@ def test_error_adapter_not_an_adapter(tmp_path):
     [
         (["detect-mislabeled", "--flip-rate", "1.5"], "--flip-rate"),
         (["detect-mislabeled", "--flip-rate", "-0.1"], "--flip-rate"),
-        (["detect-mislabeled", "--methods", "hyperinf,magic"], "unknown method 'magic'"),
+        (["detect-mislabeled", "--methods", "hyperinf,magic"], "--methods: unknown method 'magic'"),
         (["select-data", "--method", "magic"], "--method: unknown method 'magic'"),
-        (["detect-mislabeled", "--damping", "huge"], "damping"),
-        (["detect-mislabeled", "--damping", "-1"], "damping"),
+        (["detect-mislabeled", "--damping", "huge"], "--damping: unknown rule 'huge'"),
+        (["detect-mislabeled", "--damping", "-1"], "--damping"),
+        (["detect-mislabeled", "--damping", "spectral:x"], "--damping: 'spectral:x'"),
+        (["select-data", "--damping", "0"], "--damping: a numeric damping must be > 0"),
         (["select-data", "--fraction", "0"], "--fraction"),
         (["detect-mislabeled", "--n-train", "100000"], "not enough rows"),
         (["convergence", "--iterations", "0"], "--iterations"),

@@ -10,6 +10,7 @@ import torch
 
 from hyperinf_ext import ops
 from hyperinf_ext.tasks import convergence as C
+from hyperinf_ext.tasks import report
 
 D, N, T = 16, 50, 30
 
@@ -169,13 +170,14 @@ def test_run_convergence_outputs(tmp_path):
 def test_plot_and_json_tolerate_divergence(tmp_path):
     nan, inf = float("nan"), float("inf")
     curves = {4: {10: {C.SCHULZ: [1e-1, 1e-20, 0.0], C.PAPER: [1e10, inf, nan]}}}
-    C._write_png(tmp_path / "x.png", curves, {(4, 10): {"condition_number": 10.0, "damping": 0.1}}, 3)
+    report.plot_convergence(tmp_path / "x.png", curves, {(4, 10): {"condition_number": 10.0, "damping": 0.1}}, 3,
+                            target=C.TARGET, clip=C.PLOT_CLIP, styles=C.LINE_STYLES)
     assert (tmp_path / "x.png").stat().st_size > 0
-    rows = C._table_rows(curves, 3)
-    C._write_json(tmp_path / "x.json", {}, [], rows)
+    rows = C.table_rows(curves, 3)
+    report.write_json(tmp_path / "x.json", {"settings": {}, "problems": [], "table": rows}, nonfinite="string")
     paper = json.loads((tmp_path / "x.json").read_text(encoding="utf-8"))["table"][1]
     assert paper["errors"] == {"1": 1e10, "3": "nan"} and paper["first_iteration_below_target"] is None
-    assert "nan" in C.format_table(rows, 3)
+    assert "nan" in report.convergence_table(rows, C.TARGET)
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from hyperinf_ext.data import (
     DataError,
     TextDataset,
     default_model_path,
+    encode_texts,
     flip_labels,
     load_rotten_tomatoes,
     load_text_file,
@@ -278,6 +279,19 @@ def test_make_loader_indices_cover_once(tokenizer, shuffle, sort):
     assert sorted(seen) == list(range(len(ds)))
     if not shuffle and not sort:
         assert seen == list(range(len(ds)))
+
+
+def test_loader_from_shared_encodings_matches_its_own_tokenization(tokenizer):
+    ds = _toy()
+    encodings = encode_texts(ds, tokenizer, max_length=12)
+    for kw in ({"batch_size": 8, "sort_by_length": True}, {"batch_size": 5, "shuffle": True, "seed": 3}):
+        own = list(make_loader(ds, tokenizer, max_length=12, **kw))
+        shared = list(make_loader(ds, tokenizer, max_length=12, encodings=encodings, **kw))
+        assert len(own) == len(shared)
+        for a, b in zip(own, shared):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="encodings"):
+        make_loader(ds, tokenizer, encodings=encodings[:-1])
 
 
 def test_sorted_shuffle_shuffles_batches_not_examples(tokenizer):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hyperinf_ext.tasks.metrics import detection_curve, found_at, roc_auc
-from hyperinf_ext.tasks.plots import plot_detection_curves
+from hyperinf_ext.tasks.report import plot_detection_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -124,7 +124,7 @@ def test_shared_validation_gradients_equal_mean_scores(one_thread):
 
     from hyperinf_ext.attributor import HyperINF
     from hyperinf_ext.data import load_rotten_tomatoes, make_loader, split_dataset
-    from hyperinf_ext.tasks.mislabeled import score_method, validation_gradients
+    from hyperinf_ext.tasks.pipeline import score_method, validation_gradients
     from hyperinf_ext.training import load_lora_model, load_tokenizer
 
     tok = load_tokenizer()
@@ -147,14 +147,15 @@ def test_shared_validation_gradients_equal_mean_scores(one_thread):
 
 
 def test_damping_list_with_rule_factors():
-    """--damping accepts rule:factor; score_method passes the factor as damping_scale."""
-    from hyperinf_ext.tasks.mislabeled import parse_dampings, score_method, split_damping
+    """Damping lists accept rule:factor; score_method passes the factor as damping_scale."""
+    from hyperinf_ext.methods import parse_dampings, split_damping
+    from hyperinf_ext.tasks.pipeline import score_method
 
     assert parse_dampings("spectral:3, datainf,1e-3,spectral:3.0,paper:0.5") == ["spectral:3", "datainf", 0.001,
                                                                                 "paper:0.5"]
     assert split_damping("spectral:3") == ("spectral", 3.0) and split_damping(0.01) == (0.01, None)
     for bad in ("spectral:x", "spectral:0", "spectral:-1", "auto:3", "0.1:2", "spectral:inf"):
-        with pytest.raises(ValueError, match="--damping"):
+        with pytest.raises(ValueError, match="^damping: "):  # the parameter, not a CLI option (the CLI adds it)
             parse_dampings(bad)
 
     class FakeAttr:
@@ -176,3 +177,33 @@ def test_damping_list_with_rule_factors():
     score_method(attr, None, "hyperinf", "datainf")
     assert attr.calls == [("hyperinf", {"damping": "spectral", "damping_scale": 10.0}),
                           ("hyperinf", {"damping": "datainf"})]
+
+
+def test_pipeline_tokenizes_each_split_once():
+    """build_loaders: one tokenizer call per split, shared by the fine-tuning, evaluation and influence loaders."""
+    pytest.importorskip("transformers")
+    from hyperinf_ext.data import load_rotten_tomatoes, split_dataset
+    from hyperinf_ext.tasks.pipeline import PipelineConfig, PreparedData, build_loaders
+    from hyperinf_ext.training import load_tokenizer
+
+    tok = load_tokenizer()
+    calls = []
+
+    def counting(texts, **kw):
+        calls.append(len(texts))
+        return tok(texts, **kw)
+
+    counting.pad_token_id = tok.pad_token_id
+    counting.padding_side = tok.padding_side
+    train, val = split_dataset(load_rotten_tomatoes(), 20, 8, seed=0)
+    data = PreparedData(train, val, list(train.labels), np.zeros(20, dtype=bool), "rt", 28)
+    for fit_batch, separate_val in ((32, False), (4, True)):
+        calls.clear()
+        cfg = PipelineConfig(n_train=20, n_val=8, batch_size=6, fit_batch_size=fit_batch, max_length=24)
+        loaders = build_loaders(cfg, data, counting)
+        assert calls == [20, 8]
+        assert (loaders.influence_val is not loaders.evaluation) == separate_val
+        for loader, n in ((loaders.finetune, 20), (loaders.influence_train, 20), (loaders.evaluation, 8),
+                          (loaders.influence_val, 8)):
+            assert sorted(i for b in loader for i in b["index"].tolist()) == list(range(n))
+        assert calls == [20, 8]  # iterating pads the cached token ids, it does not tokenize again

