@@ -10,7 +10,7 @@ import os
 from setuptools import setup
 
 PACKAGES = ["hyperinf_ext", "hyperinf_ext.capture", "hyperinf_ext.data", "hyperinf_ext.kernels", "hyperinf_ext.integrations",
-            "hyperinf_ext.tasks"]
+            "hyperinf_ext.solvers", "hyperinf_ext.tasks"]
 # kernels/ lives at the top of the repository (design card) but installs inside the package: the
 # top-level name `kernels` is taken on PyPI.
 PACKAGE_DIR = {"hyperinf_ext": "hyperinf_ext", "hyperinf_ext.kernels": "kernels"}

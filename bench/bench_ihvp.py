@@ -88,6 +88,7 @@ def ihvp_case(cfg: IhvpConfig, dtype: torch.dtype, rule, scale, timer: TimerConf
 
     methods = {f"ours: make_ihvp schulz [{b}]": dict(method="schulz", backend=b) for b in cpu_backends()}
     methods["make_ihvp cholesky"] = dict(method="cholesky")
+    methods["default: make_ihvp (solver=auto)"] = dict()
     factor_c = {name: (lambda kw: (lambda: ops.make_ihvp(G, damping=lam, **kw)))(kw) for name, kw in methods.items()}
     tf = measure_group(factor_c, timer, keep_result=True)
     out = {"kappa": kappa, "lam": lam, "damping": desc, "rows": {"few": V["few"].shape[1], "many": V["many"].shape[1]}, "res": {}}

@@ -8,9 +8,10 @@ recorded.  A per-candidate time budget caps the repeats of slow cases (at least 
 Baselines written here (the library is not used for them):
 * :func:`gfim_loop_`         the paper's per-sample loop ``G += g_iᵀ·g_i``;
 * :func:`gfim_batched_`      one batched GEMM over the stacked gradients (torch.baddbmm);
-* :func:`paper_schulz`       Schulz from the paper's fixed start X₀ = 5e-5·I, 30 iterations;
-* :func:`batched_cg`         conjugate gradients for many right-hand sides at once;
 * :func:`bs1_pipeline`       the paper's batch-size-1 influence pipeline (see its docstring).
+Baseline solvers come from ``hyperinf_ext.solvers`` (each algorithm has one home): the paper's
+fixed-start Schulz (:func:`paper_schulz`), Cholesky (:func:`cholesky_inverse`) and conjugate
+gradients for many right-hand sides at once (:func:`batched_cg`).
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+
+from hyperinf_ext import solvers  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -421,21 +424,9 @@ def gfim_batched_(acc: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
 
 
 def paper_schulz(A: torch.Tensor, x0: float | None = None, iterations: int | None = None) -> torch.Tensor:
-    """Schulz from the paper's fixed start: X₀ = x0·I, then ``iterations`` × X ← X·(2I − A·X), batched.
-
-    Defaults are the constants of :class:`hyperinf_ext.methods.PaperSchulz` (5e-5 and 30).
-    """
-    from hyperinf_ext.methods import PaperSchulz
-
-    x0 = PaperSchulz.X0_SCALE if x0 is None else x0
-    iterations = PaperSchulz.ITERATIONS if iterations is None else iterations
-    d = A.shape[-1]
-    eye = torch.eye(d, dtype=A.dtype, device=A.device)
-    X = (x0 * eye).expand(A.shape).clone()
-    two_eye = 2 * eye
-    for _ in range(iterations):
-        X = X @ (two_eye - A @ X)
-    return X
+    """Schulz from the paper's fixed start (``hyperinf_ext.solvers.paper_schulz``; defaults 5e-5 and 30)."""
+    kw = {k: v for k, v in dict(x0=x0, iterations=iterations).items() if v is not None}
+    return solvers.paper_schulz(A, **kw)
 
 
 def schulz_status(A: torch.Tensor, X: torch.Tensor, tol: float) -> tuple[list[str], torch.Tensor]:
@@ -474,8 +465,8 @@ def inverse_f64(A: torch.Tensor) -> torch.Tensor:
 
 
 def cholesky_inverse(A: torch.Tensor) -> torch.Tensor:
-    """Direct baseline: Cholesky factor then torch.cholesky_inverse (batched)."""
-    return torch.cholesky_inverse(torch.linalg.cholesky(A))
+    """Direct baseline: Cholesky factor then torch.cholesky_inverse (``hyperinf_ext.solvers.cholesky_inverse``)."""
+    return solvers.cholesky_inverse(A)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -483,28 +474,12 @@ def cholesky_inverse(A: torch.Tensor) -> torch.Tensor:
 
 
 def batched_cg(A: torch.Tensor, B: torch.Tensor, iterations: int, track: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Solve X·A = B (A [L, d, d] SPD, so A·Xᵀ = Bᵀ) for every row of B [L, k, d] by plain CG.
+    """Solve X·A = B for every row of B [L, k, d] by exactly ``iterations`` CG steps (``solvers.cg``).
 
-    Each row is an independent CG run, all rows and layers advanced together; exactly
-    ``iterations`` steps (no residual test, so no extra work: the count is chosen by
-    :func:`cg_iterations_for` to reach a target accuracy).  ``track(i, X)`` sees the iterate.
+    No residual test, so no extra work: the count is chosen by :func:`cg_iterations_for` to reach a
+    target accuracy.  ``track(i, X)`` sees the iterate.
     """
-    X = torch.zeros_like(B)
-    R = B.clone()
-    P = R.clone()
-    rs = (R * R).sum(-1, keepdim=True)
-    tiny = torch.finfo(B.dtype).tiny
-    for i in range(iterations):
-        AP = torch.matmul(P, A)  # rows: p·A (A symmetric)
-        alpha = rs / (P * AP).sum(-1, keepdim=True).clamp_min(tiny)
-        X.addcmul_(alpha, P)
-        R.addcmul_(alpha, AP, value=-1.0)
-        rs_new = (R * R).sum(-1, keepdim=True)
-        P.mul_(rs_new / rs.clamp_min(tiny)).add_(R)
-        rs = rs_new
-        if track is not None:
-            track(i + 1, X)
-    return X
+    return solvers.cg(A, B, max_iter=iterations, callback=track)[0]
 
 
 def cg_iterations_for(A: torch.Tensor, B: torch.Tensor, ref: torch.Tensor, target: float, max_iter: int) -> tuple[int | None, float]:

@@ -1,8 +1,9 @@
 """hyperinf-ext: kernel-accelerated HyperINF influence functions for LoRA-tuned models.
 
 Kernel-level API (tensors in, tensors out): :func:`gfim`, :func:`gfim_accumulate_`,
-:func:`datainf_damping`, :func:`schulz_inverse`, :func:`inverse_hvp`, :func:`make_ihvp`,
-:func:`available_backends`.  Model-level API: :class:`HyperINF` (imported lazily, it needs peft).
+:func:`datainf_damping`, :func:`schulz_inverse`, :func:`inverse_hvp`, :func:`make_ihvp` (one matrix,
+or gradient dicts in → preconditioned gradient dicts out), :func:`available_backends`; the solvers
+behind ``solver="auto"`` are in :mod:`hyperinf_ext.solvers`.  Model-level API: :class:`HyperINF` (imported lazily, it needs peft).
 """
 from .errors import ConvergenceError
 from .ops import (

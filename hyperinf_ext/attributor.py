@@ -21,7 +21,7 @@ from . import ops, persistence, score_store
 from .cache import CACHE_MODES, GradientCache
 from .capture import ExampleError, PerSampleGradients, default_loss_fn, find_gradient_layers
 from .damping import check_rule, layer_damping, resolve
-from .methods import METHODS, LayerFactor, groups_by_dim, make_method
+from .methods import CURVATURE_SOLVERS, METHODS, LayerFactor, check_solver, groups_by_dim, make_method
 from .topk import check_k
 
 SIGN_CONVENTION = (
@@ -65,12 +65,17 @@ class HyperINFConfig:
     lissa_scale_factor: float = 1.5
     """LiSSA: safety factor on the spectral bound used as its scale."""
     tol: float | None = None
-    """Schulz tolerance on ‖I − A·X‖_F (None = the dtype's default)."""
+    """Schulz tolerance on ‖I − A·X‖_F (None = the dtype's default); also the residual test of the other solvers."""
+    solver: str = "auto"
+    """How hyperinf/kronecker invert G + λI: "auto" (the cost model of solvers/cost.py picks Schulz or
+    Cholesky for the device, dtype, d and number of layers), "schulz" or "cholesky". Each inverse is
+    verified; ``attr.method.info[layer]`` records the solver and its residual."""
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method: unknown method {self.method!r}; expected one of {sorted(METHODS)}")
         self.damping = check_rule(self.damping)
+        check_solver(self.solver, allowed=CURVATURE_SOLVERS)
         if self.cache not in CACHE_MODES:
             raise ValueError(f"cache: unknown mode {self.cache!r}; expected one of {CACHE_MODES}")
         if (self.dtype not in ("float32", "float64") or self.grad_dtype not in (None, "float32", "float64")
@@ -372,7 +377,8 @@ class HyperINF:
                 # nothing to any score, and any positive λ keeps its (zero) solve well posed
                 f.damping = 1.0
         self.method = make_method(
-            cfg.method, backend=cfg.backend, tol=cfg.tol, depth=cfg.lissa_depth, scale_factor=cfg.lissa_scale_factor
+            cfg.method, backend=cfg.backend, tol=cfg.tol, depth=cfg.lissa_depth, scale_factor=cfg.lissa_scale_factor,
+            solver=cfg.solver,
         )
         if self._comm is not None:
             from .dist_share import prepare_shared

@@ -5,7 +5,8 @@ the attributor then scores train example k against query q as  −Σ_l ⟨q̃_l,
 ``attributor.SIGN_CONVENTION``).  Curvatures:
 
 * ``hyperinf``  H_l = G_l + λ_l·I with the GFIM G_l = (1/n)·Σ_i g_iᵀg_i (d×d, acting on the right of the
-  rank-first gradient, i.e. I_r ⊗ G_l), inverted by scaled Schulz with λ_l as a lower spectral bound.
+  rank-first gradient, i.e. I_r ⊗ G_l), inverted by the solver ``solver="auto"`` picks (scaled Schulz
+  with λ_l as a lower spectral bound, or Cholesky; see ``solvers.cost``), verified either way.
 * ``exact``     the same H_l, solved by a float64 Cholesky factorisation (the direct baseline).
 * ``datainf``   Kwon et al.'s closed form for the flattened per-layer Fisher (1/n)Σ vec(g_i)vec(g_i)ᵀ + λI:
   q̃ = (1/λ)·(q − (1/n)·Σ_i ⟨q, g_i⟩/(λ + ‖g_i‖²)·g_i).
@@ -26,9 +27,11 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from . import ops
+from . import ops, solvers
 from .damping import DAMPING_RULES, check_rule
+from .solvers import check_solver  # noqa: F401  (re-exported: the attributor checks its config with it)
 
+CURVATURE_SOLVERS = solvers.INVERSE_SOLVERS  # what hyperinf/kronecker accept as solver= (they keep inverses)
 GradBatches = Callable[[], Iterable[dict[str, torch.Tensor]]]  # re-iterable: train grads per batch
 
 
@@ -86,89 +89,52 @@ class TracIn(Method):
 
 
 class HyperINFMethod(Method):
-    """GFIM + scaled Schulz inverse, batched over layers of equal d.
+    """GFIM + damping, inverted per group of layers of equal d by a verified solver (``solvers.spd_inverse``).
 
-    float64 factors of d ≥ WARM_MIN_D with a bounded condition number are inverted in two phases:
-    scaled Schulz in float32 to ‖I − A·X‖_F ≤ WARM_TOL (float32 GEMMs run about twice as fast), then
-    plain float64 Schulz steps X ← X + X·(I − A·X), which square the residual, until the float64
-    tolerance holds.  The result meets the same residual test as an all-float64 run; when the
-    float32 phase or the polish falls short, the all-float64 run is done instead.
+    ``solver`` option: "auto" (default: the cost model picks scaled Schulz or Cholesky), "schulz"
+    (float64 factors of d >= 128 with λmax/λ <= 1e4 run float32 Schulz + float64 polish to the same
+    residual test) or "cholesky".  ``info[layer]`` records the solver, its residual and iterations.
     """
 
     name = "hyperinf"
-    WARM_MIN_D = 128  # below, a float64 iteration is too cheap for a float32 phase to pay
-    WARM_TOL = 1e-3  # two float64 steps then reach ~1e-12
-    WARM_MAX_KAPPA = 1e4  # bound on λmax/λ: above, float32 rounding (~κ·ε·√d) would stall the first phase
-    WARM_MAX_POLISH = 4
 
     def prepare(self, factors):
         self.info = {}
         for d, names in groups_by_dim(factors).items():
             G = torch.stack([factors[n].gfim for n in names])
             lam = torch.tensor([factors[n].damping for n in names], dtype=torch.float64)
-            A = G.clone()
-            A.diagonal(dim1=-2, dim2=-1).add_(lam.to(A).unsqueeze(-1))
-            lower = lam if bool((lam > 0).all()) else None
-            tol = self.options.get("tol")
-            warm = self._warm_start(A, lower, tol) if self.options.get("warm_start", True) else None
-            if warm is not None:
-                X, iterations, residual = warm
-            else:
-                X, info = ops.schulz_inverse(A, lower_bound=lower, backend=self.backend, return_info=True, tol=tol)
-                iterations, residual = info.iterations, info.residual
-            X = 0.5 * (X + X.transpose(-1, -2))
+            X, info = solvers.spd_inverse(G, lam, solver=self.options.get("solver") or "auto", backend=self.backend,
+                                          tol=self.options.get("tol"), polish=self.options.get("warm_start", True))
             for i, n in enumerate(names):
                 self.state[n] = X[i]
-                self.info[n] = {"iterations": int(iterations[i]), "residual": float(residual[i]),
-                                "warm_start": warm is not None}
-
-    def _warm_start(self, A: torch.Tensor, lower: torch.Tensor | None, tol: float | None):
-        """(X float64 [B, d, d], iterations [B], residual [B]) by float32 Schulz + float64 polish, or None."""
-        if A.dtype != torch.float64 or A.shape[-1] < self.WARM_MIN_D or lower is None:
-            return None
-        if float((ops.spectral_upper_bound(A) / lower).max()) > self.WARM_MAX_KAPPA:
-            return None
-        tol = ops.DEFAULT_TOL[torch.float64] if tol is None else float(tol)
-        X32, info = ops.schulz_inverse(A.float(), lower_bound=lower, backend=self.backend, return_info=True,
-                                       tol=max(self.WARM_TOL, tol), check=False)
-        if any(s != "converged" for s in info.status):
-            return None
-        X = X32.double()
-        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
-        for step in range(self.WARM_MAX_POLISH + 1):
-            R = torch.baddbmm(eye, A, X, alpha=-1)  # I − A·X
-            residual = torch.linalg.matrix_norm(R)
-            if not bool(torch.isfinite(residual).all()):
-                return None
-            if bool((residual <= tol).all()):
-                return X, info.iterations + step, residual
-            if step < self.WARM_MAX_POLISH:
-                X = torch.baddbmm(X, X, R)  # X + X·R: the residual squares
-        return None
+                self.info[n] = _layer_info(info, i)
 
     def precondition(self, q, factors, train_batches):
         return {n: torch.matmul(v.to(self.state[n].dtype), self.state[n]) for n, v in q.items()}
+
+
+def _layer_info(info: solvers.SolveInfo, i: int) -> dict:
+    its = info.iterations
+    return {"solver": info.solver, "residual": float(info.residual.reshape(-1)[i]),
+            "iterations": None if its is None else int(torch.as_tensor(its).reshape(-1)[i]),
+            "warm_start": bool(info.extra.get("warm_start", False)), "reason": info.reason}
 
 
 class PaperSchulz(HyperINFMethod):
     """The paper's code: X₀ = 5e-5·I, 30 unscaled Schulz steps, no convergence test (a baseline)."""
 
     name = "paper"
-    X0_SCALE = 5e-5
-    ITERATIONS = 30
+    X0_SCALE = solvers.PAPER_X0
+    ITERATIONS = solvers.PAPER_ITERATIONS
 
     def prepare(self, factors):
         self.info = {}
         for n, f in factors.items():
-            A = f.gfim.clone()
-            A.diagonal().add_(f.damping)
-            eye = torch.eye(f.dim, dtype=A.dtype, device=A.device)
-            X = self.X0_SCALE * eye
-            for _ in range(self.ITERATIONS):
-                X = X @ (2 * eye - A @ X)
+            A, _ = solvers.damp(f.gfim, f.damping)
+            X = solvers.paper_schulz(A, x0=self.X0_SCALE, iterations=self.ITERATIONS)
             self.state[n] = X
-            resid = float(torch.linalg.matrix_norm(eye - A @ X))
-            self.info[n] = {"iterations": self.ITERATIONS, "residual": resid}
+            resid = float(torch.linalg.matrix_norm(torch.eye(f.dim, dtype=A.dtype, device=A.device) - A @ X))
+            self.info[n] = {"solver": "paper", "iterations": self.ITERATIONS, "residual": resid}
 
 
 class Exact(Method):
@@ -177,12 +143,13 @@ class Exact(Method):
     name = "exact"
 
     def prepare(self, factors):
-        self._apply = {
-            n: ops.make_ihvp(f.gfim.double(), damping=f.damping, method="cholesky") for n, f in factors.items()
-        }
+        self._factor = {n: solvers.Factorization(f.gfim.double(), f.damping, solver="cholesky")
+                        for n, f in factors.items()}
+        self.info = {n: _layer_info(fac.info, 0) for n, fac in self._factor.items()}
 
     def precondition(self, q, factors, train_batches):
-        return {n: self._apply[n](v.double()) for n, v in q.items()}
+        return {n: self._factor[n].solve_rows(v.double().reshape(1, -1, v.shape[-1])).reshape(v.shape)
+                for n, v in q.items()}
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -206,29 +173,21 @@ class DataInf(Method):
             )
 
     def precondition(self, q, factors, train_batches):
-        dtype = torch.float64
-        qf = {n: _flat(v).to(dtype) for n, v in q.items()}  # [Q, r·d]
-        acc = {n: torch.zeros_like(v) for n, v in qf.items()}
-        for grads in train_batches():
-            for n, v in qf.items():
-                g = _flat(grads[n]).to(dtype)  # [B, r·d]
-                coef = (v @ g.T) / (factors[n].damping + (g * g).sum(1))  # [Q, B]
-                acc[n].add_(coef @ g)
-        out = {}
-        for n, v in qf.items():
-            f = factors[n]
-            out[n] = ((v - acc[n] / f.count) / f.damping).reshape(q[n].shape)
-        return out
+        qf = {n: _flat(v).to(torch.float64) for n, v in q.items()}  # [Q, r·d]
+        batches = ({n: _flat(grads[n]).to(torch.float64) for n in qf} for grads in train_batches())
+        out = solvers.datainf(qf, batches, {n: factors[n].damping for n in qf}, {n: factors[n].count for n in qf})
+        return {n: out[n].reshape(q[n].shape) for n in q}
 
 
 class LiSSA(Method):
     """Agarwal et al. (2017) on the flattened per-layer Fisher F = (1/n)Σ vec(g_i)vec(g_i)ᵀ, convergent scale.
 
     u₀ = q; u_{j+1} = q + u_j − (u_j·(F_B + λI))/s over ``depth`` mini-batches B (cycling through the
-    training gradients in order); returns u/s.  The series converges when s > λmax(F + λI); since
-    ⟨u, g⟩² ≤ r·Σ_a (u_a·g_a)², λmax(F) ≤ min(r·λmax(G), trace(G)) with G the GFIM, so
-    s = scale_factor·(min(r·ub(G), trace(G)) + λ), ub the cheap upper bound of ops.  (Research code
-    that uses a fixed scale of 10 with the sign flipped diverges or solves the wrong system.)
+    training gradients in order); returns u/s (``solvers.neumann`` with ``solvers.fisher_product``).
+    The series converges when s > λmax(F + λI); since ⟨u, g⟩² ≤ r·Σ_a (u_a·g_a)², λmax(F) ≤
+    min(r·λmax(G), trace(G)) with G the GFIM, so s = scale_factor·(min(r·ub(G), trace(G)) + λ), ub the
+    cheap upper bound of ops.  (Research code that uses a fixed scale of 10 with the sign flipped
+    diverges or solves the wrong system.)
     """
 
     name = "lissa"
@@ -242,29 +201,31 @@ class LiSSA(Method):
             self.scale[n] = self.options.get("scale_factor", 1.5) * (bound + f.damping)
 
     def precondition(self, q, factors, train_batches):
-        dtype = torch.float64
         depth = int(self.options.get("depth", 100))
-        qf = {n: _flat(v).to(dtype) for n, v in q.items()}
-        u = {n: v.clone() for n, v in qf.items()}
-        steps = 0
-        while steps < depth:
-            progressed = False
-            for grads in train_batches():
-                for n, v in qf.items():
-                    g = _flat(grads[n]).to(dtype)
-                    Hu = (u[n] @ g.T) @ g / g.shape[0] + factors[n].damping * u[n]
-                    u[n] = v + u[n] - Hu / self.scale[n]
-                steps += 1
-                progressed = True
-                if steps >= depth:
-                    break
-            if not progressed:
-                raise ValueError("lissa: the training gradients are empty")
-        return {n: (u[n] / self.scale[n]).reshape(q[n].shape) for n in qf}
+        qf = {n: _flat(v).to(torch.float64) for n, v in q.items()}
+        stream = _cycle(train_batches)
+
+        def product(u: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            grads = next(stream)
+            return {n: solvers.fisher_product(u[n], _flat(grads[n]).to(torch.float64), factors[n].damping) for n in u}
+
+        out = solvers.neumann(qf, product, {n: self.scale[n] for n in qf}, depth)
+        return {n: out[n].reshape(q[n].shape) for n in qf}
+
+
+def _cycle(train_batches: GradBatches):
+    """The training gradient batches in order, again and again; ValueError if there are none."""
+    while True:
+        empty = True
+        for grads in train_batches():
+            empty = False
+            yield grads
+        if empty:
+            raise ValueError("lissa: the training gradients are empty")
 
 
 class Kronecker(Method):
-    """Two-sided GFIM: corrects I_r ⊗ G_d with the rank-side factor G_r (both inverted by Schulz).
+    """Two-sided GFIM: corrects I_r ⊗ G_d with the rank-side factor G_r (both inverted by a verified solver).
 
     With t = trace(G_d) = trace(G_r) = trace(F), F ≈ (G_r/√t) ⊗ (G_d/√t).  The damping λ of the
     flattened curvature is split between the factors as in K-FAC: a = π√λ, b = √λ/π with
@@ -274,7 +235,8 @@ class Kronecker(Method):
     name = "kronecker"
 
     def prepare(self, factors):
-        self.left, self.right = {}, {}
+        self.left, self.right, self.info = {}, {}, {}
+        solver = self.options.get("solver") or "auto"
         for n, f in factors.items():
             if f.rank_sum is None:
                 raise ValueError("kronecker: the fit did not accumulate the rank-side factor")
@@ -284,8 +246,9 @@ class Kronecker(Method):
             root = t**0.5 if t > 0 else 1.0
             pi = (f.dim / f.rank) ** 0.5
             a, b = pi * f.damping**0.5, f.damping**0.5 / pi
-            self.left[n] = _spd_inverse(G_r / root, a, self.backend)
-            self.right[n] = _spd_inverse(G_d / root, b, self.backend)
+            self.left[n], left = solvers.spd_inverse(G_r / root, a, solver=solver, backend=self.backend, polish=False)
+            self.right[n], right = solvers.spd_inverse(G_d / root, b, solver=solver, backend=self.backend, polish=False)
+            self.info[n] = {"left": _layer_info(left, 0), "right": _layer_info(right, 0)}
 
     def precondition(self, q, factors, train_batches):
         out = {}
@@ -293,13 +256,6 @@ class Kronecker(Method):
             v = v.to(self.right[n].dtype)
             out[n] = torch.matmul(torch.matmul(self.left[n], v), self.right[n])
         return out
-
-
-def _spd_inverse(G: torch.Tensor, lam: float, backend: str | None) -> torch.Tensor:
-    A = G.clone()
-    A.diagonal().add_(lam)
-    X = ops.schulz_inverse(A, lower_bound=lam if lam > 0 else None, backend=backend)
-    return 0.5 * (X + X.T)
 
 
 METHODS: dict[str, type[Method]] = {

@@ -224,6 +224,7 @@ def schulz_inverse(
     backend: str | None = None,
     return_info: bool = False,
     check: bool = True,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
 ):
     """Inverse of a batch of symmetric positive-definite matrices by scaled Schulz iteration.
 
@@ -243,6 +244,10 @@ def schulz_inverse(
     ``return_info=True``.  Raises ConvergenceError when any matrix ends above the tolerance, is not
     positive definite, is too ill-conditioned for the dtype, or has an inverse beyond the dtype's
     range (unless ``check=False``, which returns what was reached; see info.status).
+
+    ``callback(k, X_k)`` sees every iterate of a single matrix A [d, d] (it runs the torch reference
+    loop, the only backend that reports steps; X_k is of A scaled by 2^-e when A's entries lie
+    outside 2^±64, see info.extra["scale_exponent"]).
     """
     _check_tensor("A", A, tuple(range(2, 10)))
     d = _check_square("A", A)
@@ -253,6 +258,13 @@ def schulz_inverse(
         raise ValueError(f"tol: expected a positive finite number, got {tol!r}")
     if max_iter is not None and (not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 0):
         raise ValueError(f"max_iter: expected a non-negative int, got {max_iter!r}")
+    if callback is not None:
+        if A.dim() != 2:
+            raise ValueError(f"callback: per-step callbacks take one matrix [d, d], got shape {tuple(A.shape)}")
+        if backend not in (None, "torch"):
+            raise ValueError(f"callback: only the torch (reference) backend reports its steps, not {backend!r}")
+        backend = "torch"
+    steps = {} if callback is None else {"callback": callback}
     cdtype = compute_dtype(A.dtype)
     batch_shape = A.shape[:-2]
     A3 = A.to(cdtype).reshape(-1, d, d).contiguous()
@@ -298,10 +310,11 @@ def schulz_inverse(
         ok = ~not_pd
         if bool(ok.any()):
             idx = ok.nonzero().squeeze(1)
-            Xi, ii, ri, si = impl.schulz_inverse(As[idx.to(As.device)].contiguous(), lower_s[idx], upper[idx], stop, max_iter)
+            Xi, ii, ri, si = impl.schulz_inverse(As[idx.to(As.device)].contiguous(), lower_s[idx], upper[idx], stop, max_iter,
+                                                 **steps)
             X[idx.to(As.device)], iters[idx], resid[idx], status[idx] = Xi, ii.cpu(), ri.cpu().double(), si.cpu()
     else:
-        X, iters, resid, status = impl.schulz_inverse(As, lower_s, upper, stop, max_iter)
+        X, iters, resid, status = impl.schulz_inverse(As, lower_s, upper, stop, max_iter, **steps)
         iters, resid, status = iters.cpu(), resid.cpu().double(), status.cpu()
     if scaled:  # (As·2^e)⁻¹ = As⁻¹·2^-e: undo the scaling exactly, unless that leaves the dtype's range
         X = _ldexp(X, -e)
@@ -394,94 +407,51 @@ def _failure_message(info: SchulzInfo, cdtype: torch.dtype, A: torch.Tensor | No
 
 
 # --------------------------------------------------------------------------------------------------
-# inverse-HVP
+# inverse-HVP: ``hyperinf_ext.solvers`` picks the solver ("auto"), runs and verifies it; gradient
+# dicts go to ``hyperinf_ext.preconditioner``.  Both build on this module, hence the local imports.
 
-IHVP_METHODS = ("schulz", "cholesky")
-
-
-def _damped(G: torch.Tensor, damping) -> tuple[torch.Tensor, torch.Tensor]:
-    """(G + λ·I in the compute dtype, λ as a float64 tensor of the batch shape)."""
-    cdtype = compute_dtype(G.dtype)
-    lam = _bounds_tensor("damping", damping, G.shape[:-2]).reshape(G.shape[:-2])
-    A = G.to(cdtype).clone()
-    A.diagonal(dim1=-2, dim2=-1).add_(lam.to(device=G.device, dtype=cdtype).unsqueeze(-1))
-    if A.numel() and not bool(torch.isfinite(torch.diagonal(A, dim1=-2, dim2=-1)).all()):
-        raise ValueError(f"damping: G + damping·I overflows {cdtype} (damping up to {float(lam.max()):.3e})")
-    return A, lam
+IHVP_SOLVERS = ("auto", "schulz", "cholesky", "cg")
 
 
 def make_ihvp(
-    G: torch.Tensor,
+    G,
     *,
-    damping: float | torch.Tensor,
-    method: str = "schulz",
+    damping: float | str | torch.Tensor = "auto",
+    solver: str | None = None,
     backend: str | None = None,
     tol: float | None = None,
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Factor (G + damping·I) once and return ``apply(v) -> v·(G + damping·I)⁻¹``.
+    method: str | None = None,
+    shapes: dict[str, tuple[int, int]] | None = None,
+    damping_scale: float | None = None,
+):
+    """Factor (G + damping·I) once and return ``apply(v) -> v·(G + damping·I)⁻¹``; or, given gradients, the same per layer.
 
-    G: [d, d] or [L, d, d] (damping a float or [L]).  ``apply`` takes v [..., d] (for 3-D G:
-    [L, ..., d]) and returns the same shape, in the promoted dtype of v and the compute dtype.
-    ``"schulz"`` inverts with the damping as a free lower spectral bound; ``"cholesky"`` is the direct
-    baseline (torch.linalg.cholesky + cholesky_solve).
+    * ``G`` a tensor [d, d] or [L, d, d]: ``damping`` a number (or [L]); ``apply`` takes v [..., d]
+      (for 3-D G: [L, ..., d]) and returns the same shape, in the promoted dtype of v and the compute
+      dtype; ``apply.info`` records the solver and its verified residual (:class:`solvers.SolveInfo`).
+    * ``G`` = ``train_grads``, a dict {layer: [n, r, d]} (or an iterable of such dicts, streamed; or
+      flattened [n, r·d] with ``shapes={layer: (r, d)}``): returns a callable mapping query gradient
+      dicts to preconditioned dicts of the same names and shapes, with ``.factors`` for saving
+      (see :func:`hyperinf_ext.preconditioner.make_gradient_ihvp`; ``damping`` "auto" = HyperINF's rule).
+
+    solver (alias ``method``, its old name): "auto" (default: the cost model of ``solvers.cost``;
+    Schulz when a ``backend`` is given), "schulz" (scaled, the damping as a free lower spectral bound)
+    or "cholesky".  The result is verified against ``tol`` or ConvergenceError is raised.
     """
-    _check_tensor("G", G, (2, 3))
-    d = _check_square("G", G)
-    _check_finite("G", G)
-    if method not in IHVP_METHODS:
-        raise ValueError(f"method: unknown method {method!r}; expected one of {IHVP_METHODS}")
-    A, lam = _damped(G, damping)
-    if method == "schulz":
-        lower = lam if bool((lam > 0).all()) else None
-        X = schulz_inverse(A, lower_bound=lower, backend=backend, tol=tol)
-        X = 0.5 * (X + X.transpose(-1, -2))  # X is a polynomial in A: symmetric up to rounding
+    if isinstance(G, torch.Tensor):
+        if isinstance(damping, str):
+            raise ValueError(f"damping: expected a non-negative number (or an [L] tensor) for a matrix G, got "
+                             f"{damping!r}; damping rules need the gradients (pass the gradient dict instead)")
+        if shapes is not None or damping_scale is not None:
+            raise ValueError("shapes/damping_scale: only with gradient dicts (train_grads)")
+        from .solvers.ihvp import make_ihvp as matrix_ihvp
 
-        def apply_schulz(v: torch.Tensor) -> torch.Tensor:
-            return _apply(v, G, d, lambda v3: torch.matmul(v3.to(X.dtype), X))
+        return matrix_ihvp(G, damping=damping, solver=solver, backend=backend, tol=tol, method=method)
+    from .preconditioner import make_gradient_ihvp
+    from .solvers.ihvp import resolve_solver
 
-        return apply_schulz
-
-    _check_symmetric("G", A)
-    Lc, info = torch.linalg.cholesky_ex(A)
-    if bool((info != 0).any()):
-        raise ConvergenceError(
-            f"cholesky: G + damping·I is not positive definite (or singular to within {A.dtype}'s resolution)"
-        )
-    if not bool(torch.isfinite(Lc).all()):
-        raise ConvergenceError(f"cholesky: the factor of G + damping·I is beyond {A.dtype}'s range; rescale G")
-
-    def apply_cholesky(v: torch.Tensor) -> torch.Tensor:
-        # v·A⁻¹ = (A⁻¹·vᵀ)ᵀ since A is symmetric
-        return _apply(v, G, d, lambda v3: torch.cholesky_solve(v3.to(Lc.dtype).transpose(-1, -2), Lc).transpose(-1, -2))
-
-    return apply_cholesky
-
-
-def _apply(v: torch.Tensor, G: torch.Tensor, d: int, solve: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    _check_tensor("v", v, tuple(range(1, 10)))
-    if v.shape[-1] != d:
-        raise ValueError(f"v: last dimension {v.shape[-1]} does not match G's d = {d}")
-    if v.device != G.device:
-        raise ValueError(f"v: on {v.device} but G is on {G.device}")
-    _check_finite("v", v)
-    out_dtype = torch.promote_types(v.dtype, compute_dtype(G.dtype))
-    if G.dim() == 3:
-        L = G.shape[0]
-        if v.dim() < 2 or v.shape[0] != L:
-            raise ValueError(f"v: with {L} stacked matrices v must be [L={L}, ..., d], got {tuple(v.shape)}")
-    if v.numel() == 0:
-        return v.to(out_dtype, copy=True)
-    v3 = v.reshape(G.shape[0], -1, d) if G.dim() == 3 else v.reshape(1, -1, d)
-    out = solve(v3)
-    out_dtype = torch.promote_types(v.dtype, out.dtype)
-    out = out.to(out_dtype).reshape(v.shape)
-    if not bool(torch.isfinite(out).all()):
-        raise ValueError(
-            f"v: the result v·(G + damping·I)⁻¹ overflows {out_dtype} (|v| up to {float(v.abs().max()):.3e} times an "
-            f"inverse beyond that dtype's range); rescale v or G, add damping"
-            + (", or use float64" if out_dtype != torch.float64 else "")
-        )
-    return out
+    return make_gradient_ihvp(G, damping=damping, solver=resolve_solver(solver, method), shapes=shapes,
+                              damping_scale=damping_scale, backend=backend, tol=tol)
 
 
 def inverse_hvp(
@@ -489,15 +459,21 @@ def inverse_hvp(
     v: torch.Tensor,
     *,
     damping: float | torch.Tensor,
-    method: str = "schulz",
+    solver: str | None = None,
     backend: str | None = None,
     tol: float | None = None,
-) -> torch.Tensor:
+    method: str | None = None,
+    return_info: bool = False,
+):
     """v·(G + damping·I)⁻¹ for v [..., r, d] or [..., d] (same shape out); G [d, d] or [L, d, d].
 
-    See :func:`make_ihvp` for the methods; to apply one factorisation to many v, use make_ihvp.
+    Knowing the right-hand sides, "auto" also considers conjugate gradients.  Returns the result, or
+    (result, SolveInfo) with ``return_info``.  See :func:`make_ihvp` for the solvers; to apply one
+    factorisation to many v, use make_ihvp.
     """
-    return make_ihvp(G, damping=damping, method=method, backend=backend, tol=tol)(v)
+    from .solvers.ihvp import inverse_hvp as solve
+
+    return solve(G, v, damping=damping, solver=solver, backend=backend, tol=tol, method=method, return_info=return_info)
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:

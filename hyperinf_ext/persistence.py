@@ -398,7 +398,7 @@ def prepare_from_stored(attr: "HyperINF", method_state: Mapping[str, torch.Tenso
     if method_state and set(method_state) == set(attr.factors):
         cfg = attr.config
         attr.method = make_method(cfg.method, backend=cfg.backend, tol=cfg.tol, depth=cfg.lissa_depth,
-                                  scale_factor=cfg.lissa_scale_factor)
+                                  scale_factor=cfg.lissa_scale_factor, solver=cfg.solver)
         attr.method.state = {n: t.to(attr.fdtype) for n, t in method_state.items()}
         attr._prepared_for = attr._prepare_key()
     else:

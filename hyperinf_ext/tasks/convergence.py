@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .. import ops, reference
+from .. import ops, solvers
 from .output import prepare_output_dir
 from .report import convergence_table, plot_convergence, write_convergence_csv, write_json
 
@@ -57,7 +57,7 @@ CG = "cg"
 SOLVERS = (SCHULZ, PAPER, LISSA, NEUMANN, DATAINF, CG)
 
 SCALE_DECADES = 3.0  # spread of the per-dimension standard deviations of x
-PAPER_X0 = 5e-5  # the HyperINF code's fixed start X₀ = 5e-5·I
+PAPER_X0 = solvers.PAPER_X0  # the HyperINF code's fixed start X₀ = 5e-5·I
 LISSA_BATCH = 32
 SERIES_SAFETY = 1.5  # s = 1.5·ub(λmax(A)): keeps mini-batch products contractive on average
 TARGET = 1e-6  # the table reports the first iteration at or below this relative error
@@ -149,53 +149,27 @@ class SchulzTrace:
 
 
 def schulz_curve(p: Problem, iterations: int) -> SchulzTrace:
-    """Scaled Schulz with λ as lower bound, replaying ``reference.schulz_inverse`` step by step.
+    """Scaled Schulz with λ as lower bound: the library's own run, its iterates seen through a callback.
 
     ``errors[t-1]`` is the error of the iterate that ops.schulz_inverse returns with
     ``max_iter=t``: X_t until the iteration stops on its own (stagnation at the float64 floor), the
-    returned iterate afterwards — the library then stops, so the line flattens.  The bounds are the
-    ones ops.schulz_inverse derives (upper from spectral_upper_bound, lower = min(λ, upper)).
+    returned iterate afterwards — the library then stops, so the line flattens.  The run is
+    ``solvers.scaled_schulz`` on the torch (reference) backend, whose loop calls back after every step.
     """
-    A, v, d = p.A, p.v, p.d
-    eye = torch.eye(d, dtype=_DT)
-    up = p.upper
-    lo = min(p.lam, up)
-    limit = reference.divergence_limit(d)
-    beta0 = reference.initial_scale(lo, up)
-    a, b = beta0 * lo, beta0 * up
-    X = eye * beta0
-    X_prev, r_prev, beta = None, math.inf, math.inf
-    k = 0
     errors: list[float] = []
-    # The loop mirrors reference.schulz_inverse line for line (same operations in the same order),
-    # so the iterates are bit-identical to the torch backend's and the stop decisions coincide.
-    while True:
-        R = eye - A @ X
-        r = float(torch.linalg.vector_norm(R))
-        if not math.isfinite(r) or r > limit:
-            status = reference.DIVERGED
-            break
-        if r <= SCHULZ_TOL:
-            status = reference.CONVERGED
-            break
-        if r_prev < reference.QUADRATIC_PHASE and abs(beta - 1.0) < reference.UNSCALED and r > 0.5 * r_prev:
-            status = reference.STAGNATED
-            if r > r_prev:
-                X, r, k = X_prev, r_prev, k - 1
-            break
-        if k == iterations:
-            status = reference.MAX_ITER
-            break
-        beta, a, b = reference.step_scale(a, b, r)
-        X_prev, r_prev = X, r
-        X = beta * (2.0 - beta) * X + beta * beta * (X @ R)
-        a, b = reference.next_bracket(a, b, beta)
-        k += 1
-        errors.append(relative_error(X @ v, p.x_star))
+    record = _recorder(p, errors)
+    X, info = solvers.scaled_schulz(p.A, lower=p.lam, max_iter=iterations, tol=SCHULZ_TOL, backend="torch",
+                                    polish=False, check=False, callback=lambda t, X: record(t, X @ p.v))
+    k = int(info.iterations)
     # A stagnated run may hand back the previous iterate: a budget t >= k then returns it too.
-    final = relative_error(X @ v, p.x_star)
+    final = relative_error(X @ p.v, p.x_star)
     errors = errors[:k] + [final] * (iterations - k)
-    return SchulzTrace(errors=errors, X=X, iterations=k, residual=r, status=reference.STATUS_NAMES[status])
+    return SchulzTrace(errors=errors, X=X, iterations=k, residual=float(info.residual), status=info.status[0])
+
+
+def _recorder(p: Problem, errors: list[float]):
+    """A solver callback appending the relative error of each step's estimate of A⁻¹v to ``errors``."""
+    return lambda t, estimate: errors.append(relative_error(estimate, p.x_star))
 
 
 def paper_schulz_curve(p: Problem, iterations: int, x0: float = PAPER_X0) -> list[float]:
@@ -205,24 +179,17 @@ def paper_schulz_curve(p: Problem, iterations: int, x0: float = PAPER_X0) -> lis
     λmax(A) < 2/x0 = 4·10⁴; beyond that the iterates blow up and the errors become inf/NaN.  They
     are returned unmodified (the plot clips them).
     """
-    eye = torch.eye(p.d, dtype=_DT)
-    X = eye * x0
-    errors = []
-    for _ in range(iterations):
-        X = X @ (2.0 * eye - p.A @ X)
-        errors.append(relative_error(X @ p.v, p.x_star))
+    errors: list[float] = []
+    record = _recorder(p, errors)
+    solvers.paper_schulz(p.A, x0=x0, iterations=iterations, callback=lambda t, X: record(t, X @ p.v))
     return errors
 
 
 def _series(p: Problem, iterations: int, product) -> list[float]:
     # Neumann series of A⁻¹ = (1/s)·Σ_k (I − A/s)^k: u_t = v + (I − A/s)·u_{t−1} with u₀ = v, so
     # u_t/s holds the first t+1 terms (LiSSA's indexing, see methods.LiSSA).
-    s = p.series_scale
-    u = p.v.clone()
-    errors = []
-    for _ in range(iterations):
-        u = p.v + u - product(u) / s
-        errors.append(relative_error(u / s, p.x_star))
+    errors: list[float] = []
+    solvers.neumann(p.v, product, p.series_scale, iterations, callback=_recorder(p, errors))
     return errors
 
 
@@ -246,8 +213,7 @@ def lissa_curve(p: Problem, iterations: int, batch_size: int = LISSA_BATCH) -> l
     m = min(batch_size, p.n)
 
     def product(u: torch.Tensor) -> torch.Tensor:
-        xb = p.x[torch.randperm(p.n, generator=g)[:m]]
-        return xb.T @ (xb @ u) / m + p.lam * u
+        return solvers.fisher_product(u, p.x[torch.randperm(p.n, generator=g)[:m]], p.lam)
 
     return _series(p, iterations, product)
 
@@ -258,9 +224,7 @@ def datainf_curve(p: Problem, iterations: int) -> list[float]:
     It inverts each rank-one term x_i x_iᵀ + λI exactly (Sherman–Morrison) and averages the
     inverses instead of inverting the average, so its error is a fixed approximation bias.
     """
-    x, v, lam = p.x, p.v, p.lam
-    coef = (x @ v) / (lam + (x * x).sum(1))
-    est = (v - (coef @ x) / p.n) / lam
+    est = solvers.datainf(p.v, [p.x], p.lam, p.n)
     return [relative_error(est, p.x_star)] * iterations
 
 
@@ -271,26 +235,8 @@ def cg_curve(p: Problem, iterations: int) -> list[float]:
     the curvature pᵀAp is no longer positive, which only rounding can cause for SPD A) the iterate
     is kept, because another step would divide by zero.
     """
-    A, v = p.A, p.v
-    x = torch.zeros_like(v)
-    r = v.clone()
-    q = r.clone()
-    rr = float(r @ r)
-    errors = []
-    for _ in range(iterations):
-        if rr > 0.0:
-            Aq = A @ q
-            qAq = float(q @ Aq)
-            if qAq > 0.0:
-                alpha = rr / qAq
-                x = x + alpha * q
-                r = r - alpha * Aq
-                rr_new = float(r @ r)
-                q = r + (rr_new / rr) * q
-                rr = rr_new
-            else:
-                rr = 0.0
-        errors.append(relative_error(x, p.x_star))
+    errors: list[float] = []
+    solvers.cg(p.A, p.v, max_iter=iterations, callback=_recorder(p, errors))
     return errors
 
 

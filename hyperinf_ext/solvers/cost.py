@@ -1,0 +1,154 @@
+"""The cost model behind ``solver="auto"``: predicted seconds of each solver for one call.
+
+Costs are flop counts over measured rates (GFLOP/s), per device kind and compute dtype, plus a
+per-step overhead for CG's many small steps.  Iteration counts are predicted from the spectral
+bracket [λ, ub] that the solvers themselves use (λ = the damping, ub = ``ops.spectral_upper_bound``):
+
+* Schulz: the library's own bracket recursion (``reference.initial_scale`` / ``next_bracket``) run
+  on scalars until √d·max|1 − σ| <= tol — a pessimistic count (the residual test usually stops
+  earlier, since the true spectrum lies inside the bracket);  4·d³ flops per step (I − A·X, X·R).
+* Cholesky: d³/3 (factor) + 2d³/3 (explicit inverse) or 2·k·d² per solve of k rows (TRSM rate,
+  measured on 8 and on 1024 rows), plus the verification's 8 probe rows.
+* CG: min(d, ½·√κ·ln(2√κ·κ_ub/tol)) steps (the classical bound; κ from a few power steps for λmax,
+  κ_ub = ub/λ the bound its stopping test uses) of 2·k·d² flops each
+  ("rows" rate, measured on 8 rows) plus a fixed overhead per step; a candidate only when rounding
+  lets it reach the residual it must (:func:`cg_attainable`: κ <= 91 in float32, 2100 in float64).
+* Applying an explicit inverse to k rows: 2·k·d² at the "apply" rate (a GEMM, measured on 1024 rows).
+
+The rates were measured by ``python -m bench.solver_costs`` (see bench/RESULTS.md, "Solver cost
+model"), which also checks the picks against the solvers timed in the same run.  CUDA has no
+measured constants yet ("to be measured by the GPU check"): there ``auto`` runs Schulz, the solver
+the Triton kernels fuse, which is the conservative choice for a GEMM machine.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import reference
+
+SOLVERS = ("schulz", "cholesky", "cg")
+AUTO = "auto"
+
+# GFLOP/s (and seconds per CG step) on CPU, measured by `python -m bench.solver_costs --threads 1`
+# (fastest of 7 interleaved repeats at d = 512, batch 2, few-row kernels grouped apart; 2-core AMD EPYC VM, AVX-512, torch 2.13 CPU
+# with MKL).  One thread: the VM was shared (load average 6–8 on 2 cores), and there 2-thread MKL
+# timings varied up to 10× between runs (its threaded Cholesky most), while single-thread ratios —
+# which decide the picks — held.  The check in the same run found auto's pick the fastest solver
+# (within timing noise) in every case; see bench/RESULTS.md, "Solver cost model".
+CPU_RATES: dict[torch.dtype, dict[str, float]] = {
+    torch.float64: {"apply": 21.5, "cg_step_s": 0.00024, "gemm": 23.4, "potrf": 5.9, "potri": 9.5, "rows": 23.4,
+                    "schulz_cpp": 19.2, "schulz_torch": 17.9, "trsm": 12.6, "trsm_few": 8.3},
+    torch.float32: {"apply": 44.6, "cg_step_s": 0.00047, "gemm": 51.2, "potrf": 28.9, "potri": 18.9, "rows": 50.0,
+                    "schulz_cpp": 36.4, "schulz_torch": 34.7, "trsm": 18.9, "trsm_few": 23.6},
+}
+PROBES = 8  # rows of the Cholesky verification (direct.PROBES)
+FEW_ROWS = 64  # below, solves run at the "trsm_few" rate (measured on 8 rows), above at "trsm" (1024 rows)
+UNKNOWN_BRACKET_ITERATIONS = 50  # Schulz with no lower bound (λ = 0): no prediction; a typical count
+
+
+@dataclass
+class Choice:
+    """The solver auto picked, why, and the predicted seconds of every candidate."""
+
+    solver: str
+    reason: str
+    costs: dict[str, float] = field(default_factory=dict)
+
+
+def schulz_iterations(lower: float, upper: float, d: int, tol: float, max_iter: int = 100) -> int:
+    """Predicted scaled-Schulz steps for a matrix with spectrum in [lower, upper] (see module doc)."""
+    if not lower > 0:
+        return UNKNOWN_BRACKET_ITERATIONS
+    lower = min(lower, upper)
+    beta = reference.initial_scale(lower, upper)
+    a, b = beta * lower, beta * upper
+    for k in range(max_iter):
+        if math.sqrt(d) * max(1.0 - a, b - 1.0) <= tol:
+            return k
+        beta, a, b = reference.step_scale(a, b, math.inf)
+        a, b = reference.next_bracket(a, b, beta)
+    return max_iter
+
+
+def cg_iterations(kappa: float, d: int, tol: float, kappa_bound: float | None = None) -> int:
+    """CG steps to reach the relative residual tol/κ_bound it is asked for, capped at d.
+
+    From ‖e_k‖_A <= 2ρ^k·‖e_0‖_A, ρ = (√κ − 1)/(√κ + 1) <= exp(−2/√κ), and ‖r‖ <= √κ·‖e‖_A-relative:
+    k = ½·√κ·ln(2·√κ·κ_bound/tol), with κ an estimate of the true condition number (the steps depend on
+    it) and κ_bound the bound the stopping test uses (default κ).
+    """
+    if not math.isfinite(kappa):
+        return d
+    kb = kappa if kappa_bound is None else kappa_bound
+    return max(1, min(d, math.ceil(0.5 * math.sqrt(kappa) * math.log(2.0 * math.sqrt(kappa) * kb / tol))))
+
+
+def cg_attainable(kappa: float, dtype: torch.dtype, tol: float) -> bool:
+    """Whether CG can be asked for tol: it must reach a relative residual tol/κ (κ·residual bounds the
+    error), and rounding keeps its residual above about u·κ — so κ² <= tol/(10·u) with a margin of 10."""
+    return math.isfinite(kappa) and kappa * kappa <= tol / (10.0 * torch.finfo(dtype).eps)
+
+
+def _rates(device: torch.device, dtype: torch.dtype) -> dict[str, float] | None:
+    return CPU_RATES.get(dtype) if device.type == "cpu" else None
+
+
+def choose(
+    *,
+    d: int,
+    batch: int,
+    rows: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    lower: float,
+    upper: float,
+    tol: float,
+    want: str = "apply",
+    schulz_backend: str = "torch",
+    polish: bool = False,
+    lmax: float | None = None,
+) -> Choice:
+    """Pick the cheapest of Schulz, Cholesky and (for ``rows`` known, λ > 0) CG.
+
+    d, batch: matrices d×d, ``batch`` of them solved together.  rows: right-hand-side rows per
+    matrix, or None when unknown (a factorisation applied later: only the set-up cost counts).
+    dtype: the compute dtype.  lower/upper: the spectral bracket (worst matrix of the batch).
+    want: "apply" (rows solved), or "inverse" (an explicit X is kept: Schulz or Cholesky inverse).
+    schulz_backend: the backend Schulz would run on; polish: float64 Schulz runs as float32 + polish.
+    lmax: an estimate of λmax (e.g. a few power steps) for CG's step count; default ``upper``.
+    """
+    device = torch.device(device)
+    rates = _rates(device, dtype)
+    if rates is None:
+        return Choice("schulz", f"{device.type}: no measured cost constants; Schulz is the GEMM-bound default")
+    g = 1e9
+    costs: dict[str, float] = {}
+    k = 0 if rows is None else rows
+    apply_x = batch * 2.0 * k * d * d / (rates["apply"] * g)
+    if polish and dtype == torch.float64 and torch.float32 in CPU_RATES:
+        r32 = CPU_RATES[torch.float32]
+        steps = schulz_iterations(lower, upper, d, 1e-3)
+        sch = steps * 4.0 * d**3 / (r32.get(f"schulz_{schulz_backend}", r32["gemm"]) * g)
+        sch += 2 * 4.0 * d**3 / (rates["gemm"] * g)  # two float64 polish steps
+    else:
+        steps = schulz_iterations(lower, upper, d, tol)
+        sch = steps * 4.0 * d**3 / (rates.get(f"schulz_{schulz_backend}", rates["gemm"]) * g)
+    costs["schulz"] = batch * sch + apply_x
+    chol = d**3 / 3.0 / (rates["potrf"] * g)
+    probes = 2.0 * PROBES * d * d / (rates["rows"] * g)  # the verification's probe rows times A
+    if want == "inverse":
+        chol += 2.0 * d**3 / 3.0 / (rates["potri"] * g) + 2.0 * k * d * d / (rates["apply"] * g) + 2 * probes
+    else:
+        trsm = rates["trsm"] if k >= FEW_ROWS else rates["trsm_few"]  # TRSM on a few rows runs far below peak
+        chol += 2.0 * k * d * d / (trsm * g) + probes + 2.0 * PROBES * d * d / (rates["trsm_few"] * g)
+    costs["cholesky"] = batch * chol
+    if want == "apply" and rows is not None and cg_attainable(upper / lower if lower > 0 else math.inf, dtype, tol):
+        steps_cg = cg_iterations((lmax if lmax else upper) / lower, d, tol, upper / lower)
+        costs["cg"] = steps_cg * (batch * 2.0 * k * d * d / (rates["rows"] * g) + rates["cg_step_s"])
+    best = min(costs, key=costs.get)
+    shown = ", ".join(f"{s} {c * 1e3:.3g} ms" for s, c in costs.items())
+    return Choice(best, f"cost model ({device.type}, {str(dtype).replace('torch.', '')}, d={d}, "
+                        f"batch={batch}, rows={rows}): {shown}", costs)

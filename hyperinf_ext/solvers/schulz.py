@@ -1,0 +1,106 @@
+"""Schulz inverses: the library's scaled Schulz (with its float32 → float64 polish) and the paper's.
+
+Both take A [..., d, d] symmetric positive definite and return X ≈ A⁻¹ of the same shape.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from .direct import Callback
+
+# float32 phase + float64 polish (scaled_schulz with polish=True): float64 matrices of d >= POLISH_MIN_D
+# with a known lower bound and λmax/λ <= POLISH_MAX_KAPPA are inverted by float32 Schulz to
+# ‖I − A·X‖_F <= POLISH_TOL (float32 GEMMs run about twice as fast on CPU), then by plain float64 steps
+# X ← X + X·(I − A·X), which square the residual, until the float64 tolerance holds.
+POLISH_MIN_D = 128  # below, a float64 iteration is too cheap for a float32 phase to pay
+POLISH_TOL = 1e-3  # two float64 steps then reach ~1e-12
+POLISH_MAX_KAPPA = 1e4  # above, float32 rounding (~κ·ε·√d) would stall the first phase
+POLISH_MAX_STEPS = 4
+
+# The HyperINF paper's code: X₀ = 5e-5·I, then 30 unscaled steps, no residual test.
+PAPER_X0 = 5e-5
+PAPER_ITERATIONS = 30
+
+
+def scaled_schulz(
+    A: torch.Tensor,
+    *,
+    lower: float | torch.Tensor | None = None,
+    tol: float | None = None,
+    max_iter: int | None = None,
+    backend: str | None = None,
+    polish: bool = True,
+    check: bool = True,
+    callback: Callback | None = None,
+) -> tuple[torch.Tensor, ops.SchulzInfo]:
+    """X ≈ A⁻¹ by ``ops.schulz_inverse`` (lower: a lower spectral bound, e.g. the damping), plus info.
+
+    With ``polish`` (and float64 A eligible, see POLISH_*), the float32 phase + float64 polish is
+    tried first; it meets the same residual test as the all-float64 run, which is done instead when
+    it falls short.  ``info.extra["warm_start"]`` says which ran.  ``callback(k, X_k)`` sees every
+    iterate of the reference loop (it forces the torch backend and skips the polish).
+    """
+    if callback is None and polish:
+        warm = _float32_then_polish(A, lower, tol, backend)
+        if warm is not None:
+            return warm
+    X, info = ops.schulz_inverse(A, lower_bound=lower, tol=tol, max_iter=max_iter, backend=backend,
+                                 return_info=True, check=check, **({} if callback is None else {"callback": callback}))
+    info.extra["warm_start"] = False
+    return X, info
+
+
+def _float32_then_polish(A, lower, tol, backend) -> tuple[torch.Tensor, ops.SchulzInfo] | None:
+    if A.dtype != torch.float64 or A.shape[-1] < POLISH_MIN_D or lower is None:
+        return None
+    lower_t = torch.as_tensor(lower, dtype=torch.float64)
+    if not bool((lower_t > 0).all()):
+        return None
+    if float((ops.spectral_upper_bound(A).cpu() / lower_t).max()) > POLISH_MAX_KAPPA:
+        return None
+    tol = ops.DEFAULT_TOL[torch.float64] if tol is None else float(tol)
+    X32, info = ops.schulz_inverse(A.float(), lower_bound=lower, backend=backend, return_info=True,
+                                   tol=max(POLISH_TOL, tol), check=False)
+    if not info.converged:
+        return None
+    A3 = A.reshape(-1, *A.shape[-2:])
+    X = X32.double().reshape(A3.shape)
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A3)
+    for step in range(POLISH_MAX_STEPS + 1):
+        R = torch.baddbmm(eye, A3, X, alpha=-1)  # I − A·X
+        residual = torch.linalg.matrix_norm(R)
+        if not bool(torch.isfinite(residual).all()):
+            return None
+        if bool((residual <= tol).all()):
+            info.iterations = info.iterations + step
+            info.residual = residual.cpu().reshape(info.residual.shape)
+            info.tol = tol
+            info.extra["warm_start"] = True
+            return X.reshape(A.shape), info
+        if step < POLISH_MAX_STEPS:
+            X = torch.baddbmm(X, X, R)  # X + X·R: the residual squares
+    return None
+
+
+def paper_schulz(
+    A: torch.Tensor,
+    *,
+    x0: float = PAPER_X0,
+    iterations: int = PAPER_ITERATIONS,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """The paper's Schulz: X₀ = x0·I, then ``iterations`` × X ← X·(2I − A·X), batched over A [..., d, d].
+
+    No scaling and no residual test: the eigenvalues σ of x0·A evolve as σ ↦ σ(2 − σ), so it
+    converges only when λmax(A) < 2/x0 (4·10⁴ for the paper's start) and otherwise blows up; the
+    iterates are returned as they are (a baseline, not a verified solver).
+    """
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    X = (x0 * eye).expand(A.shape).clone()
+    two_eye = 2.0 * eye
+    for t in range(1, iterations + 1):
+        X = X @ (two_eye - A @ X)
+        if callback is not None:
+            callback(t, X)
+    return X

@@ -1,0 +1,224 @@
+"""The solvers layer against float64 references: awkward sizes, scales and dtypes; callbacks; auto."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hyperinf_ext import ConvergenceError, ops, solvers
+from hyperinf_ext.solvers import cost, ihvp
+
+F64 = torch.float64
+
+
+def spd(d: int, kappa: float, scale: float = 1.0, seed: int = 0, dtype=F64) -> torch.Tensor:
+    """Q·diag(e)·Qᵀ with e log-spaced over [scale, scale·κ], built in float64, exactly symmetric."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))
+    e = scale * torch.logspace(0, math.log10(kappa), d, dtype=F64)
+    A = (Q * e) @ Q.T
+    return (0.5 * (A + A.T)).to(dtype)
+
+
+def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm((x.double() - ref).flatten()) / torch.linalg.vector_norm(ref.flatten()))
+
+
+def eps(dtype) -> float:
+    return torch.finfo(ops.compute_dtype(dtype)).eps
+
+
+CASES = [(1, 1.0, 1e-6), (3, 10.0, 1e4), (17, 1e3, 1e-3), (130, 1e3, 1.0)]  # (d, κ, scale)
+
+
+# ---------------------------------------------------------------------------------------- inverses
+
+
+@pytest.mark.parametrize("d, kappa, scale", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("solver", ["schulz", "cholesky", "auto"])
+def test_spd_inverse_matches_float64(d, kappa, scale, dtype, solver):
+    G = spd(d, kappa, scale, dtype=dtype)
+    lam = 0.5 * scale  # the spectrum of G + λI lies in [1.5·scale, (κ + 0.5)·scale]
+    X, info = solvers.spd_inverse(G, lam, solver=solver)
+    A64 = G.double() + lam * torch.eye(d, dtype=F64)
+    k = float(torch.linalg.cond(A64))
+    assert X.dtype == ops.compute_dtype(dtype) and X.shape == (d, d) and torch.equal(X, X.T)
+    assert info.solver in ("schulz", "cholesky") and (solver == "auto" or info.solver == solver)
+    assert float(info.residual) <= info.tol
+    # the residual bounds the relative error of the computed X; rounding of A itself adds ~κ·u
+    assert rel(X, torch.linalg.inv(A64)) <= float(info.residual) + 20 * math.sqrt(d) * k * eps(dtype)
+
+
+def test_schulz_polish_is_used_and_meets_float64_tol():
+    G = torch.stack([spd(160, 1e2, seed=s) for s in range(2)])  # ub/λ <= 1e4: eligible for the float32 phase
+    X, info = solvers.spd_inverse(G, 1.0, solver="schulz")
+    assert info.extra["warm_start"] and bool((info.residual <= 1e-8).all())
+    A = G + torch.eye(160, dtype=F64)
+    assert rel(X, torch.linalg.inv(A)) < 1e-8 + 1e-10
+    X2, info2 = solvers.spd_inverse(G, 1.0, solver="schulz", polish=False)
+    assert not info2.extra["warm_start"] and rel(X2, torch.linalg.inv(A)) < 1e-8 + 1e-10
+
+
+def test_scaled_schulz_callback_sees_every_iterate():
+    A = spd(24, 1e3, 1e-2)
+    seen = []
+    X, info = solvers.scaled_schulz(A, lower=1e-2, callback=lambda t, X: seen.append((t, X.clone())))
+    k = int(info.iterations)
+    assert [t for t, _ in seen] == list(range(1, k + 1)) and info.converged and k > 3
+    assert torch.equal(seen[-1][1], X)  # converged: the last iterate is the answer
+    for t in (1, k // 2):  # the iterate seen at step t is what a budget of t steps returns
+        Xt, it = ops.schulz_inverse(A, lower_bound=1e-2, max_iter=t, check=False, return_info=True, backend="torch")
+        assert int(it.iterations) == t and torch.equal(seen[t - 1][1], Xt)
+    with pytest.raises(ValueError, match="callback: per-step callbacks take one matrix"):
+        ops.schulz_inverse(A.expand(2, 24, 24), callback=lambda t, X: None)
+    with pytest.raises(ValueError, match="callback: only the torch"):
+        ops.schulz_inverse(A, backend="cpp" if "cpp" in ops.available_backends("cpu") else "triton",
+                           callback=lambda t, X: None)
+
+
+def test_paper_schulz_callback_once_per_step():
+    A = spd(12, 50.0, 1e-2)
+    seen = []
+    X = solvers.paper_schulz(A, iterations=6, callback=lambda t, X: seen.append((t, X.clone())))
+    assert [t for t, _ in seen] == list(range(1, 7)) and torch.equal(seen[-1][1], X)
+    for t, Xt in seen:
+        assert torch.equal(Xt, solvers.paper_schulz(A, iterations=t))
+    # from 5e-5·I it converges only while λmax < 4e4, and does so slowly: the baseline, unverified
+    assert rel(solvers.paper_schulz(A, iterations=80), torch.linalg.inv(A)) < 1e-10
+
+
+# ------------------------------------------------------------------------------------- row solvers
+
+
+@pytest.mark.parametrize("d, kappa, scale", CASES)
+def test_cg_rows_and_callback(d, kappa, scale):
+    A = torch.stack([spd(d, kappa, scale, seed=s) for s in range(2)])
+    V = torch.randn(2, 3, d, dtype=F64)
+    ref = torch.linalg.solve(A, V.mT).mT
+    seen = []
+    X, steps = solvers.cg(A, V, max_iter=3 * d + 10, tol=1e-13, callback=lambda t, X: seen.append((t, X.clone())))
+    assert [t for t, _ in seen] == list(range(1, steps + 1)) and torch.equal(seen[-1][1], X)
+    k = kappa  # exact: the spectrum is constructed
+    assert rel(X, ref) <= 10 * 1e-13 * k + 100 * d * k * eps(F64)
+    # the iterate seen at step t is what t steps return
+    t = max(1, steps // 2)
+    assert torch.equal(seen[t - 1][1], solvers.cg(A, V, max_iter=t)[0])
+
+
+def test_cg_freezes_converged_rows():
+    A = spd(4, 10.0)
+    v = torch.zeros(2, 4, dtype=F64)
+    v[1] = torch.randn(4, dtype=F64)
+    X, _ = solvers.cg(A, v, max_iter=40)  # far past d: no 0/0
+    assert torch.equal(X[0], torch.zeros(4, dtype=F64)) and bool(torch.isfinite(X).all())
+    assert rel(X[1], torch.linalg.solve(A, v[1])) < 1e-12
+
+
+def test_neumann_is_the_truncated_series():
+    A = spd(6, 20.0, 0.1)
+    v = torch.randn(6, dtype=F64)
+    s = 1.5 * float(torch.linalg.eigvalsh(A)[-1])
+    seen = []
+    out = solvers.neumann(v, lambda u: A @ u, s, 5, callback=lambda t, est: seen.append(est.clone()))
+    assert len(seen) == 5 and torch.equal(seen[-1], out)
+    M = torch.eye(6, dtype=F64) - A / s
+    for t, est in enumerate(seen, start=1):
+        series = sum(torch.linalg.matrix_power(M, k) @ v for k in range(t + 1)) / s
+        torch.testing.assert_close(est, series, rtol=1e-12, atol=0)
+    far = solvers.neumann(v, lambda u: A @ u, s, 2000)
+    assert rel(far, torch.linalg.solve(A, v)) < 1e-10
+    # dict form: keys advance together, each with its own scale
+    both = solvers.neumann({"a": v, "b": 2 * v}, lambda u: {k: A @ x for k, x in u.items()}, {"a": s, "b": s}, 5)
+    torch.testing.assert_close(both["a"], out, rtol=0, atol=0)
+    torch.testing.assert_close(both["b"], 2 * out, rtol=1e-15, atol=0)
+
+
+def test_datainf_is_averaged_sherman_morrison():
+    g = torch.randn(9, 5, dtype=F64)
+    v = torch.randn(2, 5, dtype=F64)
+    lam = 0.3
+    eye = torch.eye(5, dtype=F64)
+    avg = sum(torch.linalg.inv(torch.outer(x, x) + lam * eye) for x in g) / 9
+    seen = []
+    out = solvers.datainf(v, [g[:4], g[4:]], lam, 9, callback=lambda t, est: seen.append(t))
+    torch.testing.assert_close(out, v @ avg, rtol=1e-12, atol=1e-14)
+    assert seen == [1, 2]
+    d = solvers.datainf({"x": v}, [{"x": g}], {"x": lam}, {"x": 9})
+    torch.testing.assert_close(d["x"], out, rtol=1e-13, atol=0)
+
+
+# ---------------------------------------------------------------------------------------- auto
+
+
+def test_cost_model_picks():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    kw = dict(lower=1e-3, upper=1.0, tol=1e-8, dtype=F64)
+    assert cost.choose(d=768, batch=12, rows=None, device=cpu, want="inverse", **kw).solver == "cholesky"
+    assert cost.choose(d=768, batch=12, rows=None, device=cuda, want="inverse", **kw).solver == "schulz"
+    many = cost.choose(d=64, batch=1, rows=10**7, device=cpu, **kw)
+    assert many.solver == "schulz" and many.costs["schulz"] < many.costs["cholesky"]  # GEMM rows beat TRSM
+    easy = cost.choose(d=2048, batch=1, rows=1, device=cpu, lower=1.0, upper=2.0, tol=1e-8, dtype=F64)
+    assert easy.solver == "cg"  # κ ≤ 2: a few matrix-vector products beat any factorisation
+    # CG must reach a residual tol/κ that rounding allows: not in float32 at κ = 1e3
+    assert "cg" in cost.choose(d=2048, batch=1, rows=1, device=cpu, lower=1.0, upper=2.0, tol=1e-2,
+                               dtype=torch.float32).costs
+    assert "cg" not in cost.choose(d=2048, batch=1, rows=1, device=cpu, lower=1.0, upper=1e3, tol=1e-2,
+                                   dtype=torch.float32).costs
+
+
+@pytest.mark.parametrize("kappa", [2.0, 1e2, 1e4, 1e6])
+def test_schulz_iteration_prediction_is_an_upper_bound(kappa):
+    d, lam = 40, 1e-2
+    A = spd(d, kappa, lam)
+    _, info = ops.schulz_inverse(A, lower_bound=lam, return_info=True)
+    predicted = cost.schulz_iterations(lam, float(ops.spectral_upper_bound(A)), d, info.tol)
+    assert int(info.iterations) <= predicted <= int(info.iterations) + 8
+
+
+def test_auto_records_solver_and_residual():
+    G = spd(20, 1e3, 1e-3)
+    v = torch.randn(3, 20, dtype=F64)
+    out, info = ihvp.inverse_hvp(G, v, damping=1e-3, return_info=True)
+    assert info.solver in cost.SOLVERS and "cost model" in info.reason and float(info.residual.max()) <= info.tol
+    ref = torch.linalg.solve(G + 1e-3 * torch.eye(20, dtype=F64), v.T).T
+    assert rel(out, ref) <= 1e-8
+    apply = ihvp.make_ihvp(G, damping=1e-3)
+    assert apply.info.solver in ("schulz", "cholesky") and rel(apply(v), ref) <= 1e-8
+    # an explicit backend means that backend's Schulz
+    assert ihvp.make_ihvp(G, damping=1e-3, backend="torch").info.solver == "schulz"
+
+
+def test_unverified_answers_raise():
+    G = spd(30, 1e8, 1.0, dtype=torch.float32)  # κ = 1e8 is beyond float32: no solver may pass its check
+    for solver in ("auto", "schulz"):
+        with pytest.raises(ConvergenceError):
+            solvers.spd_inverse(G, 0.0, solver=solver)
+    with pytest.raises(ConvergenceError, match="cholesky: relative residual"):
+        solvers.spd_inverse(G, 0.0, solver="cholesky", tol=1e-2)
+    # an explicit "cholesky" without tol is the direct baseline as before: residual recorded, not enforced
+    _, info = solvers.spd_inverse(G, 0.0, solver="cholesky")
+    assert info.solver == "cholesky" and float(info.residual) > 1e-2
+    A = spd(30, 1e4, 1e-2)
+    with pytest.raises(ConvergenceError, match="cg: relative residual"):
+        solvers.solve_rows(A.unsqueeze(0), 1e-4, torch.randn(1, 2, 30, dtype=F64), solver="cg", max_iter=2)
+    with pytest.raises(ConvergenceError, match="not positive definite"):
+        solvers.spd_inverse(-torch.eye(3, dtype=F64), 0.0, solver="cholesky")
+
+
+def test_auto_falls_back_from_cg_and_says_so(monkeypatch):
+    A = spd(30, 1e4, 1e-2).unsqueeze(0)
+    monkeypatch.setattr(cost, "choose", lambda **kw: cost.Choice("cg", "cost model (forced)"))
+    Y, info = solvers.solve_rows(A, 1e-4, torch.randn(1, 2, 30, dtype=F64), max_iter=2)
+    assert info.solver == "cholesky" and "fell back" in info.reason and float(info.residual.max()) <= info.tol
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(solver="lu"), r"solver: unknown solver 'lu'"),
+    (dict(method="lu"), r"method: unknown method 'lu'"),
+    (dict(solver="cg"), r"solver: 'cg' solves given right-hand sides"),
+])
+def test_bad_solver_names(bad, match):
+    with pytest.raises(ValueError, match=match):
+        ihvp.make_ihvp(torch.eye(3, dtype=F64), damping=0.1, **bad)
