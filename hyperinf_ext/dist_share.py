@@ -128,7 +128,7 @@ def prepare_shared(comm: Comm, method: "Method", factors: dict[str, "LayerFactor
                 sym = v.dim() == 2 and v.shape[0] == v.shape[1] and bool(torch.equal(v, v.T))
                 layouts.setdefault(attr, {})[n] = ("tensor", tuple(v.shape), str(v.dtype).replace("torch.", ""),
                                                    v.device.type, sym)
-            elif callable(v) or _has_tensor(v):
+            elif not _plain_data(v):
                 shareable = False
             else:
                 layouts.setdefault(attr, {})[n] = ("object", v)
@@ -167,13 +167,17 @@ def _slot(method: "Method", attr: str) -> dict:
     return getattr(method, attr)
 
 
-def _has_tensor(v: Any) -> bool:
-    if isinstance(v, torch.Tensor):
+def _plain_data(v: Any) -> bool:
+    """True for values that travel safely as pickled objects: numbers, strings and containers of them.
+
+    Tensors inside containers, callables and arbitrary objects (e.g. a factorisation holding closures)
+    are not: the method is then prepared on every rank instead."""
+    if v is None or isinstance(v, (bool, int, float, str)):
         return True
     if isinstance(v, dict):
-        return any(_has_tensor(x) for x in v.values())
+        return all(isinstance(k, str) and _plain_data(x) for k, x in v.items())
     if isinstance(v, (list, tuple)):
-        return any(_has_tensor(x) for x in v)
+        return all(_plain_data(x) for x in v)
     return False
 
 
