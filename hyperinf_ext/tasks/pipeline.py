@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -19,7 +19,11 @@ import torch
 from ..data.batching import encode_texts, make_loader
 from ..data.dataset import TextDataset, flip_labels, split_dataset
 from ..data.files import load_text_file
+from ..data.instruction import (
+    InstructionDataset, encode_instructions, ensure_pad_token, load_instruction_file, rotten_tomatoes_instructions,
+)
 from ..data.packaged import load_rotten_tomatoes
+from ..llm import is_causal_lm, model_label, resolve_model
 from ..methods import Damping, split_damping
 
 __all__ = [
@@ -32,6 +36,8 @@ __all__ = [
     "Loaders",
     "build_loaders",
     "finetune_loader",
+    "model_dir",
+    "is_causal",
     "load_model",
     "TrainedModel",
     "train_model",
@@ -62,15 +68,18 @@ class PipelineConfig:
     """Settings shared by the data → fine-tune → fit pipeline of every task."""
 
     data: Path | None = None
-    """CSV/JSONL file with text and label columns; None = the embedded Rotten Tomatoes data."""
+    """CSV/JSONL file with text and label columns (prompt/response or messages for a causal LM);
+    None = the embedded Rotten Tomatoes data (as sentiment instructions for a causal LM)."""
     text_column: str = "text"
     label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
     n_train: int = 2000
     n_val: int = 300
     flip_rate: float = 0.0
     """Fraction of training labels flipped (seeded), in [0, 1)."""
-    model: Path | None = None
-    """Base model folder; None = the embedded all-MiniLM-L6-v2."""
+    model: Path | str | None = None
+    """Base model folder, "smollm2" (the embedded causal LM) or "minilm"/None (the embedded all-MiniLM-L6-v2)."""
     adapter: Path | None = None
     """A saved PEFT adapter to start from instead of a fresh LoRA."""
     rank: int = 8
@@ -121,7 +130,7 @@ class PipelineConfig:
         out = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
         out["epochs"] = self.resolved_epochs
         out["data"] = str(self.data) if self.data is not None else "rotten_tomatoes (embedded)"
-        out["model"] = str(self.model) if self.model is not None else "all-MiniLM-L6-v2 (embedded)"
+        out["model"] = model_label(self.model)
         return out
 
 
@@ -138,6 +147,8 @@ class PreparedData:
     flipped: np.ndarray  # bool [n_train]
     source: str
     n_rows: int
+    causal: bool = False
+    """Instruction data for a causal LM (labels index ``train.label_names``, the distinct responses)."""
 
     @property
     def label_names(self) -> list[str]:
@@ -149,9 +160,18 @@ class PreparedData:
         return max(self.train.num_classes, self.val.num_classes)
 
 
-def prepare_data(cfg: PipelineConfig) -> PreparedData:
-    """Load, split and (when ``cfg.flip_rate > 0``) flip training labels, all seeded with ``cfg.seed``."""
-    if cfg.data is None:
+def prepare_data(cfg: PipelineConfig, causal: bool = False) -> PreparedData:
+    """Load, split and (when ``cfg.flip_rate > 0``) flip training labels, all seeded with ``cfg.seed``.
+
+    ``causal``: instruction data (:class:`InstructionDataset`); flipping a label swaps the response
+    for another response of the data set.
+    """
+    if causal:
+        ds = load_instruction(cfg.data, cfg)
+        source = "rotten_tomatoes instructions (embedded)" if cfg.data is None else str(cfg.data)
+        if cfg.flip_rate > 0 and ds.num_classes < 2:
+            raise ValueError(f"--flip-rate: {source} has a single distinct response; nothing to flip to")
+    elif cfg.data is None:
         ds = load_rotten_tomatoes()
         source = "rotten_tomatoes (embedded)"
     else:
@@ -165,7 +185,14 @@ def prepare_data(cfg: PipelineConfig) -> PreparedData:
         flipped_np = flipped.numpy().astype(bool)
     else:
         flipped_np = np.zeros(len(train), dtype=bool)
-    return PreparedData(train, val, original, flipped_np, source, len(ds))
+    return PreparedData(train, val, original, flipped_np, source, len(ds), causal)
+
+
+def load_instruction(path: Path | None, cfg: PipelineConfig) -> InstructionDataset:
+    """Instruction file ``path`` (cfg's prompt/response columns), or the embedded Rotten Tomatoes set."""
+    if path is None:
+        return rotten_tomatoes_instructions()
+    return load_instruction_file(path, cfg.prompt_column, cfg.response_column)
 
 
 @dataclass
@@ -183,6 +210,8 @@ class Loaders:
     """Validation split, length-sorted batches of max(``cfg.fit_batch_size``, 32) (accuracy and loss)."""
     influence_val: Any
     """Validation split, length-sorted batches of ``cfg.fit_batch_size`` (validation gradients)."""
+    notes: list[str] = field(default_factory=list)
+    """What tokenizing changed, for the log (pad token, truncated prompts)."""
 
 
 def finetune_loader(cfg: PipelineConfig, ds: TextDataset, tokenizer: Any, encodings: Sequence[dict]) -> Any:
@@ -193,8 +222,20 @@ def finetune_loader(cfg: PipelineConfig, ds: TextDataset, tokenizer: Any, encodi
 
 def build_loaders(cfg: PipelineConfig, data: PreparedData, tokenizer: Any) -> Loaders:
     """Tokenize each split once and build the fine-tuning, evaluation and influence loaders over it."""
-    train_enc = encode_texts(data.train, tokenizer, cfg.max_length)
-    val_enc = encode_texts(data.val, tokenizer, cfg.max_length)
+    notes = []
+    if data.causal:
+        note = ensure_pad_token(tokenizer)
+        notes += [note] if note else []
+        train_encoded = encode_instructions(data.train, tokenizer, cfg.max_length)
+        val_encoded = encode_instructions(data.val, tokenizer, cfg.max_length)
+        train_enc, val_enc = train_encoded.encodings, val_encoded.encodings
+        cut = train_encoded.truncated + val_encoded.truncated
+        if cut:
+            notes.append(f"{cut} prompt(s) longer than --max-length {cfg.max_length} lost tokens from their "
+                         "middle (responses are never truncated)")
+    else:
+        train_enc = encode_texts(data.train, tokenizer, cfg.max_length)
+        val_enc = encode_texts(data.val, tokenizer, cfg.max_length)
 
     def sorted_loader(ds: TextDataset, encodings: list[dict], batch_size: int) -> Any:
         return make_loader(ds, tokenizer, batch_size=batch_size, sort_by_length=True, max_length=cfg.max_length,
@@ -212,22 +253,44 @@ def build_loaders(cfg: PipelineConfig, data: PreparedData, tokenizer: Any) -> Lo
         influence_train=sorted_loader(data.train, train_enc, cfg.fit_batch_size),
         evaluation=evaluation,
         influence_val=influence_val,
+        notes=notes,
     )
 
 
 # ------------------------------------------------------------------------------ model
 
 
+def model_dir(cfg: PipelineConfig, log: Log = None) -> Path:
+    """The base model folder (the embedded SmolLM2 is de-quantised and cached on first use)."""
+    return resolve_model(cfg.model, log=log)
+
+
+def is_causal(cfg: PipelineConfig) -> bool:
+    """Whether ``cfg.model`` is a causal LM (instruction data) rather than a classifier."""
+    return str(cfg.model) == "smollm2" or (cfg.model not in (None, "minilm") and is_causal_lm(cfg.model))
+
+
 def load_model(cfg: PipelineConfig, num_labels: int, *, adapter: Path | None | str = "config") -> Any:
-    """The LoRA model on ``cfg.device``; ``adapter="config"`` uses ``cfg.adapter``, None a fresh LoRA."""
+    """The LoRA model on ``cfg.device``; ``adapter="config"`` uses ``cfg.adapter``, None a fresh LoRA.
+
+    A causal LM gets LoRA on its q/v projections (``causal.load_causal_lora_model``); ``num_labels``
+    is then unused.
+    """
     from ..training import load_lora_model
 
+    adapter_dir = cfg.adapter if adapter == "config" else adapter
+    if is_causal(cfg):
+        from ..causal import load_causal_lora_model
+
+        model = load_causal_lora_model(model_dir(cfg), rank=cfg.rank, alpha=cfg.alpha, adapter=adapter_dir,
+                                       seed=cfg.seed)
+        return model.to(cfg.device)
     model = load_lora_model(
-        cfg.model,
+        model_dir(cfg),
         num_labels=num_labels,
         rank=cfg.rank,
         alpha=cfg.alpha,
-        adapter=cfg.adapter if adapter == "config" else adapter,
+        adapter=adapter_dir,
         seed=cfg.seed,
     )
     return model.to(cfg.device)
@@ -252,18 +315,23 @@ def train_model(
     what: str = "fine-tune",
 ) -> TrainedModel:
     """Fine-tune ``model`` (``epochs``, default ``cfg.resolved_epochs``) on ``train_loader``, then evaluate."""
+    from ..capture.losses import causal_lm_loss
+    from ..causal import evaluate_causal
     from ..training import evaluate, finetune
 
+    causal = is_causal(cfg)
     epochs = cfg.resolved_epochs if epochs is None else epochs
     t0 = time.perf_counter()
     history: list[dict] = []
     if epochs > 0:
         log_stage(log, f"{what}: {len(train_loader.dataset)} examples, {epochs} epoch(s)")
         history = finetune(model, train_loader, epochs=epochs, lr=cfg.lr, seed=cfg.seed, progress=cfg.progress,
-                           log=(lambda s: log_stage(log, f"  {s}")) if log else None)
+                           log=(lambda s: log_stage(log, f"  {s}")) if log else None,
+                           loss_fn=causal_lm_loss if causal else None)
     seconds = time.perf_counter() - t0
-    val_metrics = evaluate(model, eval_loader)
-    log_stage(log, f"{what}: validation accuracy {val_metrics['accuracy']:.4f}")
+    val_metrics = (evaluate_causal if causal else evaluate)(model, eval_loader)
+    what_acc = "answer exact-match accuracy" if causal else "accuracy"
+    log_stage(log, f"{what}: validation {what_acc} {val_metrics['accuracy']:.4f}, loss {val_metrics['loss']:.4f}")
     return TrainedModel(model, history, seconds, val_metrics)
 
 
@@ -320,10 +388,13 @@ def fit_and_query(cfg: PipelineConfig, log: Log = None) -> FittedRun:
     """Prepare the data, fine-tune, fit HyperINF once and compute the validation gradients."""
     from ..training import load_tokenizer
 
-    data = prepare_data(cfg)
+    folder = model_dir(cfg, log)  # first, so a missing model fails before the data work
+    data = prepare_data(cfg, causal=is_causal(cfg))
     log_stage(log, f"data: {data.source}: {len(data.train)} train ({int(data.flipped.sum())} flipped) / "
                    f"{len(data.val)} val")
-    loaders = build_loaders(cfg, data, load_tokenizer(cfg.model))
+    loaders = build_loaders(cfg, data, load_tokenizer(folder))
+    for note in loaders.notes:
+        log_stage(log, f"data: {note}")
     trained = train_model(cfg, load_model(cfg, data.num_labels), loaders.finetune, loaders.evaluation, log=log)
     attr, fit_seconds = fit_attributor(cfg, trained.model, loaders.influence_train, log=log)
     run = FittedRun(data, loaders, trained, attr, fit_seconds, dict(attr.timings), None, 0.0)
