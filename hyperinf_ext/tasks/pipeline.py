@@ -46,6 +46,7 @@ __all__ = [
     "FittedRun",
     "fit_and_query",
     "score_method",
+    "self_score_method",
 ]
 
 DEFAULT_EPOCHS = 3
@@ -421,8 +422,16 @@ def score_method(attr: Any, queries: Any, method: str, damping: Damping) -> tupl
     rule, scale = split_damping(damping)
     # without an explicit damping_scale, use() resets it to the rule's default
     attr.use(method, damping=rule, **({} if scale is None else {"damping_scale": scale}))
-    scores = attr.mean_scores(queries)
+    scores = attr.mean_scores(queries) if queries is not None else attr.self_scores()
     after = attr.timings
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in _SCORING_STAGES}
     timing = {"seconds": sum(delta.values()), **{f"{k}_seconds": v for k, v in delta.items()}}
     return scores.detach().cpu().double().numpy(), timing
+
+
+def self_score_method(attr: Any, method: str, damping: Damping) -> tuple[np.ndarray, dict[str, float]]:
+    """Self-influence ``g_kᵀH⁻¹g_k`` of every training example under one method/damping (``attr.self_scores``).
+
+    Returns (scores [n_train] float64, timing) as :func:`score_method`; high = suspicious.
+    """
+    return score_method(attr, None, method, damping)
