@@ -418,11 +418,15 @@ def score_method(attr: Any, queries: Any, method: str, damping: Damping) -> tupl
     where ``timing["seconds"]`` is the method's own work: prepare + preconditioning + dot products
     with the cached training gradients (from ``attr.timings``).
     """
+    return _timed_scores(attr, method, damping, lambda: attr.mean_scores(queries))
+
+
+def _timed_scores(attr: Any, method: str, damping: Damping, compute: Callable[[], Any]) -> tuple[np.ndarray, dict]:
     before = dict(attr.timings)
     rule, scale = split_damping(damping)
     # without an explicit damping_scale, use() resets it to the rule's default
     attr.use(method, damping=rule, **({} if scale is None else {"damping_scale": scale}))
-    scores = attr.mean_scores(queries) if queries is not None else attr.self_scores()
+    scores = compute()
     after = attr.timings
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in _SCORING_STAGES}
     timing = {"seconds": sum(delta.values()), **{f"{k}_seconds": v for k, v in delta.items()}}
@@ -434,4 +438,4 @@ def self_score_method(attr: Any, method: str, damping: Damping) -> tuple[np.ndar
 
     Returns (scores [n_train] float64, timing) as :func:`score_method`; high = suspicious.
     """
-    return score_method(attr, None, method, damping)
+    return _timed_scores(attr, method, damping, lambda: attr.self_scores())
