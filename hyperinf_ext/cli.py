@@ -94,7 +94,9 @@ def _add_pipeline(p: argparse.ArgumentParser, *, flip_rate: float, out: str) -> 
                    help="fine-tuning epochs (default: 3, or 0 with --adapter)")
     g.add_argument("--lr", metavar="LR", type=float, default=3e-4, help="learning rate (default: 3e-4)")
     g.add_argument("--batch-size", metavar="N", type=int, default=16, help="fine-tuning batch size (default: 16)")
-    g.add_argument("--max-length", metavar="N", type=int, default=64, help="max tokens per text (default: 64)")
+    g.add_argument("--max-length", metavar="N", type=int, default=None,
+                   help="max tokens per example (default: 64, or 128 for a causal LM: its prompts carry the chat "
+                        "template and the question)")
     g.add_argument("--device", metavar="DEV", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     _add_common(p, out=out)
 
@@ -217,9 +219,17 @@ def _pipeline_kwargs(args: argparse.Namespace) -> dict:
         prompt_column=args.prompt_column, response_column=args.response_column,
         n_train=args.n_train, n_val=args.n_val, flip_rate=args.flip_rate,
         model=args.model, adapter=args.adapter, rank=args.rank, alpha=args.alpha, epochs=args.epochs,
-        lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+        lr=args.lr, batch_size=args.batch_size, max_length=_max_length(args),
         seed=args.seed, device=args.device, progress=not args.no_progress, out=args.out,
     )
+
+
+def _max_length(args: argparse.Namespace) -> int:
+    if args.max_length is not None:
+        return args.max_length
+    from .tasks.family import is_causal
+
+    return 128 if is_causal(args) else 64
 
 
 # What each command imports beyond the core install, and the extra that provides it.

@@ -100,3 +100,14 @@ def test_embedded_smollm2_loads_once_and_answers(tmp_path, monkeypatch):
     with torch.no_grad():
         out = base.generate(ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+def test_max_length_default_is_longer_for_a_causal_lm(files):
+    from hyperinf_ext.cli import _max_length, build_parser
+
+    folder, _ = files
+    parse = build_parser().parse_args
+    assert _max_length(parse(["detect-mislabeled"])) == 64
+    assert _max_length(parse(["detect-mislabeled", "--model", "smollm2"])) == 128
+    assert _max_length(parse(["select-data", "--model", str(folder)])) == 128
+    assert _max_length(parse(["select-data", "--model", str(folder), "--max-length", "40"])) == 40

@@ -29,7 +29,8 @@ def write_markdown(path: str | Path, summary: dict[str, Any], records: Sequence[
         "",
         "Score = change of the query's loss when the training example is up-weighted: **helpful** examples "
         "(negative scores) lowered it — the model answers this way because of them; **harmful** ones "
-        "(positive scores) pushed against the answer (e.g. mislabeled or contradicting examples).",
+        "(positive scores) pushed against the answer (e.g. mislabeled or contradicting examples). The harmful "
+        "list holds each query's highest scores, which may still be negative when no example raised its loss.",
         "",
     ]
     for rec in records:
