@@ -111,3 +111,16 @@ def test_max_length_default_is_longer_for_a_causal_lm(files):
     assert _max_length(parse(["detect-mislabeled", "--model", "smollm2"])) == 128
     assert _max_length(parse(["select-data", "--model", str(folder)])) == 128
     assert _max_length(parse(["select-data", "--model", str(folder), "--max-length", "40"])) == 40
+
+
+def test_self_signal_alone_skips_the_validation_gradients(files, tmp_path, capsys):
+    folder, data = files
+    out = tmp_path / "self"
+    code = main(["detect-mislabeled", "--model", str(folder), "--data", str(data), "--flip-rate", "0.25",
+                 "--methods", "exact,tracin", "--signal", "self", "--out", str(out), *COMMON])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["query_gradient_seconds"] == 0.0
+    assert [(m["method"], m["signal"]) for m in summary["methods"]] == [("exact", "self"), ("tracin", "self")]
+    assert "self-influence g·H⁻¹·g (no validation set used)" in captured.out

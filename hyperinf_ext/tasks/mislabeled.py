@@ -140,7 +140,7 @@ def run_detect_mislabeled(cfg: DetectConfig, log: Log = None) -> DetectResult:
     dampings = parse_dampings(list(cfg.dampings))
     out = prepare_output_dir(cfg.out)  # fail on an unusable folder before minutes of work
 
-    run = fit_and_query(cfg, log)
+    run = fit_and_query(cfg, log, queries="validation" in cfg.signals)
     data, trained, attr, queries = run.data, run.trained, run.attr, run.queries
     n_flipped = int(data.flipped.sum())
     # The first pass over the cached gradients pays one-off costs (fresh float64 buffers, page
@@ -149,7 +149,7 @@ def run_detect_mislabeled(cfg: DetectConfig, log: Log = None) -> DetectResult:
     try:
         t0 = time.perf_counter()
         attr.use("tracin")
-        attr.mean_scores(queries)
+        attr.mean_scores(queries) if queries is not None else attr.self_scores()
         warmup_seconds = time.perf_counter() - t0
         results, scores, curves = _score_all(attr, queries, methods, dampings, data.flipped, log, cfg.signals)
     finally:

@@ -358,8 +358,12 @@ class FittedRun:
         self.attr = self.queries = None
 
 
-def fit_and_query(cfg: PipelineConfig, log: Log = None) -> FittedRun:
-    """Prepare the data, fine-tune, fit HyperINF once and compute the validation gradients."""
+def fit_and_query(cfg: PipelineConfig, log: Log = None, *, queries: bool = True) -> FittedRun:
+    """Prepare the data, fine-tune, fit HyperINF once and compute the validation gradients.
+
+    ``queries=False`` skips the validation gradients (``run.queries`` stays None): self-influence
+    alone does not need them, and on an LLM they cost a backward pass per validation example.
+    """
     from ..training import load_tokenizer
 
     folder = model_dir(cfg, log)  # first, so a missing model fails before the data work
@@ -373,8 +377,9 @@ def fit_and_query(cfg: PipelineConfig, log: Log = None) -> FittedRun:
     attr, fit_seconds = fit_attributor(cfg, trained.model, loaders.influence_train, log=log)
     run = FittedRun(data, loaders, trained, attr, fit_seconds, dict(attr.timings), None, 0.0)
     try:
-        log_stage(log, f"influence: gradient of the mean validation loss ({len(data.val)} examples)")
-        run.queries, run.query_seconds = validation_gradients(attr, loaders.influence_val)
+        if queries:
+            log_stage(log, f"influence: gradient of the mean validation loss ({len(data.val)} examples)")
+            run.queries, run.query_seconds = validation_gradients(attr, loaders.influence_val)
     except BaseException:
         run.release()
         raise

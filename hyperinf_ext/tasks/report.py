@@ -129,6 +129,19 @@ def column_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[s
     return [line(table[0]), line(["-" * w for w in widths]), *(line(r) for r in table[1:])]
 
 
+_SIGNAL_TEXT = {
+    "validation": "influence on the mean validation loss",
+    "self": "self-influence g·H⁻¹·g (no validation set used)",
+    "both": "influence on the mean validation loss, and self-influence g·H⁻¹·g (rows marked · self)",
+}
+
+
+def _accuracy_name(cfg: Any) -> str:
+    from .family import is_causal
+
+    return "answer exact-match accuracy" if is_causal(cfg) else "accuracy"
+
+
 def detection_table(result: DetectResult) -> str:
     """Plain-text report of detect-mislabeled: one row per method/damping, then the shared costs."""
     fractions = result.found_fractions
@@ -144,7 +157,8 @@ def detection_table(result: DetectResult) -> str:
         f"Mislabeled-data detection: {result.n_flipped} of {result.n_train} training labels flipped "
         f"({result.source}), {result.n_val} validation examples",
         f"fine-tune: {result.config.resolved_epochs} epoch(s) in {result.finetune_seconds:.1f} s, "
-        f"validation accuracy {result.val_accuracy:.4f}",
+        f"validation {_accuracy_name(result.config)} {result.val_accuracy:.4f}",
+        f"suspicion score: {_SIGNAL_TEXT[getattr(result.config, 'signal', 'validation')]}",
         f"influence fit (shared by all methods): {result.fit_seconds:.1f} s "
         f"(per-example gradients {result.fit_timings.get('gradients', 0.0):.1f} s); "
         f"validation gradient (shared): {result.query_seconds:.1f} s, warm-up pass {result.warmup_seconds:.1f} s",
