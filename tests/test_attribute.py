@@ -138,3 +138,27 @@ def test_attribute_bad_input_exit_2(llm_files, tmp_path, capsys, argv, message):
     code = main(["attribute", *[x for kv in base.items() for x in kv], "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_attribute_on_a_classifier_maps_query_labels_to_the_training_classes(tmp_path, capsys):
+    """Text/label files with a (tiny, random) BERT classifier; the query file names its classes in another order."""
+    from tiny_llm import make_tokenizer
+
+    folder = tmp_path / "bert"
+    tok = make_tokenizer(chat_template=False)
+    cfg = transformers.BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=64, num_labels=2)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(str(folder))  # no head: a fresh classifier is attached
+    tok.save_pretrained(str(folder))
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\n" + "".join(f"{r['prompt']},{r['response']}\n" for r in sentiment_rows(10)))
+    query = tmp_path / "query.csv"
+    query.write_text("text,label\na lovely film,positive\na dull film,positive\n")  # one class only: still valid
+    out = tmp_path / "out"
+    code = main(["attribute", "--model", str(folder), "--train", str(train), "--query", str(query), "--epochs", "1",
+                 "--top-k", "3", "--out", str(out), "--no-progress", "--threads", "1"])
+    assert code == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "attribution.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in records] == ["positive", "positive"] and records[1]["text"] == "a dull film"
+    assert all(len(r["helpful"]) == 3 and {"text", "label", "score"} <= set(r["helpful"][0]) for r in records)

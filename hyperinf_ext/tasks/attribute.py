@@ -74,7 +74,7 @@ def _load(cfg: AttributeConfig, causal: bool) -> tuple[TextDataset, TextDataset]
     if causal:
         return load_instruction(cfg.train, cfg), load_instruction(cfg.query, cfg)
     train = load_text_file(cfg.train, cfg.text_column, cfg.label_column)
-    query = load_text_file(cfg.query, cfg.text_column, cfg.label_column)
+    query = load_text_file(cfg.query, cfg.text_column, cfg.label_column, min_classes=1)
     if train.label_names != query.label_names:
         # class ids are positions in label_names: both files must name the same classes
         query_names = [query.label_names[y] for y in query.labels]
