@@ -402,8 +402,12 @@ def score_method(attr: Any, queries: Any, method: str, damping: Damping) -> tupl
 def _timed_scores(attr: Any, method: str, damping: Damping, compute: Callable[[], Any]) -> tuple[np.ndarray, dict]:
     before = dict(attr.timings)
     rule, scale = split_damping(damping)
-    # without an explicit damping_scale, use() resets it to the rule's default
-    attr.use(method, damping=rule, **({} if scale is None else {"damping_scale": scale}))
+    cfg = getattr(attr, "config", None)
+    if cfg is None or getattr(attr, "method", None) is None or (cfg.method, cfg.damping, cfg.damping_scale) != (
+            method, rule, scale):
+        # without an explicit damping_scale, use() resets it to the rule's default; when the attributor
+        # is already set up this way (the second signal of a run), use() would redo the same inverses
+        attr.use(method, damping=rule, **({} if scale is None else {"damping_scale": scale}))
     scores = compute()
     after = attr.timings
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in _SCORING_STAGES}
