@@ -57,7 +57,9 @@ def main() -> None:
         return dict(attr.timings)
 
     layers = HyperINF(model, progress=False).layers
-    ours()  # warm-up (first-call costs)
+    # warm-up (first-call costs of the model and hooks) on one batch, not a whole run: on 2 cores a run is minutes
+    first = next(iter(loaders[0]))
+    HyperINF(model, method="tracin", progress=False).fit([first])
     t_ours, t_fb, stages = [], [], {}
     for _ in range(args.repeats):
         t0 = time.perf_counter()
