@@ -53,7 +53,9 @@ def test_select_data_on_a_causal_lm_evaluates_loss_and_exact_match(files, tmp_pa
     out = tmp_path / "select"
     code = main(["select-data", "--model", str(folder), "--data", str(data), "--fraction", "0.5", "--evaluate",
                  "--out", str(out), *COMMON])
-    assert code == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "val loss" in captured.out and "answer exact-match accuracy" in captured.out
     ev = json.loads((out / "summary.json").read_text())["evaluation"]
     assert ev["n_examples"] == 6
     for name in ("selected", "random"):

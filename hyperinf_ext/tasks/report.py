@@ -178,7 +178,7 @@ def selection_table(result: SelectResult) -> str:
         f"Data selection with {cfg.method} (damping {damping_label(cfg.damping)}): kept the "
         f"{len(result.selected)} most helpful of {result.n_train} training examples ({result.source})",
         f"fine-tune: {cfg.resolved_epochs} epoch(s) in {result.finetune_seconds:.1f} s, "
-        f"validation accuracy {result.val_accuracy:.4f}",
+        f"validation {_accuracy_name(cfg)} {result.val_accuracy:.4f}",
         f"influence: fit {result.fit_seconds:.1f} s, validation gradient {result.query_seconds:.1f} s, "
         f"{cfg.method} {result.method_seconds:.2f} s",
     ]
@@ -187,11 +187,14 @@ def selection_table(result: SelectResult) -> str:
                      f"(overall {result.n_flipped} of {result.n_train})")
     if result.evaluation:
         ev = result.evaluation
-        rows = [("selected (influence)", ev["n_examples"], f"{ev['selected']['val_accuracy']:.4f}"),
-                ("random subset", ev["n_examples"], f"{ev['random']['val_accuracy']:.4f}"),
-                ("main model (full set)", result.n_train, f"{ev['full_train_val_accuracy']:.4f}")]
-        lines += ["", f"evaluation: fresh LoRA, {ev['epochs']} epoch(s), seed {cfg.seed}"]
-        lines += column_table(("training set", "examples", "val accuracy"), rows)
+        rows = [("selected (influence)", ev["n_examples"], f"{ev['selected']['val_accuracy']:.4f}",
+                 f"{ev['selected']['val_loss']:.4f}"),
+                ("random subset", ev["n_examples"], f"{ev['random']['val_accuracy']:.4f}",
+                 f"{ev['random']['val_loss']:.4f}"),
+                ("main model (full set)", result.n_train, f"{ev['full_train_val_accuracy']:.4f}", "")]
+        lines += ["", f"evaluation: fresh LoRA, {ev['epochs']} epoch(s), seed {cfg.seed}; accuracy = "
+                      f"{_accuracy_name(cfg)}"]
+        lines += column_table(("training set", "examples", "val accuracy", "val loss"), rows)
     lines.append(f"outputs: {result.paths['selected']}, {result.paths['summary']}")
     return "\n".join(lines)
 
