@@ -4,7 +4,7 @@ Pipeline (:func:`run_attribute`): load the training and query files (prompt/resp
 causal LM, text/label rows for a classifier) → the LoRA model (a saved ``--adapter``, fine-tuned only
 when ``--epochs N`` asks) → fit HyperINF once over the training set → precondition the query
 gradients once → stream the training gradients batch by batch through :class:`~.topk.TopK`, so memory
-stays O(n_query·k) → per query the k most HELPFUL (most negative score: up-weighting them lowers the
+stays O(n_query·k) (the training gradients are cached on disk, not in memory) → per query the k most HELPFUL (most negative score: up-weighting them lowers the
 query's loss) and k most HARMFUL (most positive) training examples.
 
 Outputs: ``attribution.jsonl`` (one object per query), ``report.md`` (readable) and ``summary.json``.
@@ -114,7 +114,8 @@ def run_attribute(cfg: AttributeConfig, log: Log = None) -> dict[str, Any]:
         log_stage(log, f"data: {note}")
     trained = train_model(cfg, load_model(cfg, max(train.num_classes, 2)), loaders.finetune, loaders.evaluation,
                           log=log, what="fine-tune" if cfg.resolved_epochs else "model")
-    attr, fit_seconds = fit_attributor(cfg, trained.model, loaders.influence_train, log=log)
+    # the training gradients wait on disk, so memory holds the model, the queries and O(n_query·k) scores
+    attr, fit_seconds = fit_attributor(cfg, trained.model, loaders.influence_train, log=log, cache="disk")
     try:
         t0 = time.perf_counter()
         rule, scale = split_damping(cfg.damping)

@@ -312,8 +312,10 @@ def train_model(
 # ------------------------------------------------------------------------------ influence
 
 
-def fit_attributor(cfg: PipelineConfig, model: Any, train_loader: Any, log: Log = None) -> tuple[Any, float]:
-    """Fit HyperINF once over ``train_loader`` (gradients cached in memory); returns (attributor, wall seconds).
+def fit_attributor(cfg: PipelineConfig, model: Any, train_loader: Any, log: Log = None,
+                   cache: str = "memory") -> tuple[Any, float]:
+    """Fit HyperINF once over ``train_loader`` (gradients cached in ``cache``: memory or disk); returns
+    (attributor, wall seconds).
 
     The attributor starts as ``tracin`` so the fit's closing ``prepare`` is free: every method's own
     preparation is then timed in :func:`score_method`, not hidden in the shared fit time.
@@ -321,7 +323,7 @@ def fit_attributor(cfg: PipelineConfig, model: Any, train_loader: Any, log: Log 
     from ..attributor import HyperINF
 
     log_stage(log, f"influence: per-example gradients of {len(train_loader.dataset)} training examples")
-    attr = HyperINF(model, method="tracin", progress=cfg.progress, cache="memory")
+    attr = HyperINF(model, method="tracin", progress=cfg.progress, cache=cache)
     t0 = time.perf_counter()
     attr.fit(train_loader)
     return attr, time.perf_counter() - t0
