@@ -474,6 +474,9 @@ class HyperINF:
 
         Gradients come from the fit cache, or from ``train_loader`` (for ``datainf``/``lissa``, whose
         preconditioning re-reads the training gradients, that pass is kept in a temporary disk cache).
+        Cost: one preconditioning per chunk — for ``datainf`` a pass over the training gradients, for
+        ``lissa`` ``lissa_depth`` mini-batch steps — so a larger ``chunk_size`` (memory: chunk_size
+        gradients) means fewer passes.
         """
         self._require_fit()
         self._prepare()
