@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--evaluate", action="store_true",
                    help="also fine-tune fresh LoRA models on the selection and on a random subset of the same "
                         "size, and report both validation accuracies")
+    g.add_argument("--balance", action="store_true",
+                   help="keep each label's (response's) share of the training set, the most helpful of each "
+                        "(without it the selection can be a single class)")
     p.set_defaults(func=_cmd_select)
 
     p = sub.add_parser(
@@ -303,7 +306,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
     method = _option("--method", lambda: parse_methods([args.method], what="method")[0])
     damping = _option("--damping", lambda: parse_dampings([args.damping])[0])
     cfg = SelectConfig(**_pipeline_kwargs(args), fraction=args.fraction, method=method, damping=damping,
-                       evaluate=args.evaluate)
+                       evaluate=args.evaluate, balance=args.balance)
     return _run_task(args, cfg, run_select_data, selection_table)
 
 

@@ -52,12 +52,15 @@ def test_select_data_on_a_causal_lm_evaluates_loss_and_exact_match(files, tmp_pa
     folder, data = files
     out = tmp_path / "select"
     code = main(["select-data", "--model", str(folder), "--data", str(data), "--fraction", "0.5", "--evaluate",
-                 "--out", str(out), *COMMON])
+                 "--balance", "--out", str(out), *COMMON])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "val loss" in captured.out and "answer exact-match accuracy" in captured.out
     ev = json.loads((out / "summary.json").read_text())["evaluation"]
     assert ev["n_examples"] == 6
+    with open(out / "selected.csv") as f:
+        picked = [r["label"] for r in csv.DictReader(f)]
+    assert len(picked) == 6 and picked.count("positive") in (2, 3, 4)  # the split's share, rounded
     for name in ("selected", "random"):
         assert 0.0 <= ev[name]["val_accuracy"] <= 1.0 and ev[name]["val_loss"] > 0
 
@@ -149,3 +152,24 @@ def test_causal_lm_influence_and_evaluation_batches_default_to_8(files):
     cfg.fit_batch_size = 5
     loaders = build_loaders(cfg, prepare_data(cfg, causal=True), load_tokenizer(folder))
     assert [len(b) for b in loaders.influence_train.batch_sampler.batches] == [5, 5, 2]
+
+
+def test_balanced_selection_keeps_each_label_share():
+    import numpy as np
+
+    from hyperinf_ext.tasks.selection import balanced_selection
+
+    rng = np.random.default_rng(0)
+    labels = [0] * 12 + [1] * 6 + [2] * 2
+    scores = rng.normal(size=20)
+    scores[:12] -= 5  # label 0 looks most helpful: an unbalanced top-k would take only label 0
+    order = np.argsort(scores, kind="stable")
+    chosen = balanced_selection(order, labels, 10)
+    assert len(chosen) == 10
+    assert [sum(labels[i] == c for i in chosen) for c in range(3)] == [6, 3, 1]
+    for c in range(3):  # within a label, its most helpful (lowest scores) are taken
+        members = [i for i in range(20) if labels[i] == c]
+        best = sorted(members, key=lambda i: scores[i])[: sum(labels[i] == c for i in chosen)]
+        assert sorted(i for i in chosen if labels[i] == c) == sorted(best)
+    assert chosen == [i for i in order.tolist() if i in set(chosen)]  # most helpful first
+    assert balanced_selection(order, labels, 7) and sum(1 for _ in balanced_selection(order, labels, 7)) == 7

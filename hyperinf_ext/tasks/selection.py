@@ -32,7 +32,7 @@ from .pipeline import (
 )
 from .report import write_json, write_selection
 
-__all__ = ["SelectConfig", "SelectResult", "run_select_data"]
+__all__ = ["SelectConfig", "SelectResult", "run_select_data", "balanced_selection"]
 
 
 @dataclass
@@ -44,6 +44,9 @@ class SelectConfig(PipelineConfig):
     method: str = "hyperinf"
     damping: Damping = "auto"
     evaluate: bool = False
+    balance: bool = False
+    """Keep each label's (each response's) share of the training set, taking the most helpful of each:
+    ranking all examples at once can fill the selection with one class."""
     """Also fine-tune fresh LoRA models on the selection and on a random subset of equal size."""
     out: Path = Path("hyperinf-out/select")
 
@@ -134,7 +137,10 @@ def run_select_data(cfg: SelectConfig, log: Log = None) -> SelectResult:
 
     # most negative first: up-weighting these lowers the validation loss the most
     order = np.argsort(scores, kind="stable")
-    selected = [int(i) for i in order[: cfg.n_selected]]
+    if cfg.balance:
+        selected = balanced_selection(order, data.train.labels, cfg.n_selected)
+    else:
+        selected = [int(i) for i in order[: cfg.n_selected]]
 
     evaluation = None
     if cfg.evaluate:
@@ -153,6 +159,28 @@ def run_select_data(cfg: SelectConfig, log: Log = None) -> SelectResult:
     result.total_seconds = time.perf_counter() - t_start
     write_json(paths["summary"], result.summary())
     return result
+
+
+def balanced_selection(order: np.ndarray, labels: list[int], k: int) -> list[int]:
+    """The first examples of ``order`` (most helpful first) with each label's share of ``labels`` kept.
+
+    Label c gets ``k·n_c/n`` places, rounded by largest remainder so they sum to ``k``; within a label the
+    order of ``order`` decides.  Returns the chosen indices in ``order``'s order.
+    """
+    labels_arr = np.asarray(labels)
+    classes, counts = np.unique(labels_arr, return_counts=True)
+    exact = k * counts / counts.sum()
+    quota = np.floor(exact).astype(int)
+    for j in np.argsort(-(exact - quota), kind="stable")[: k - int(quota.sum())]:
+        quota[j] += 1
+    left = dict(zip(classes.tolist(), quota.tolist()))
+    chosen = []
+    for i in order.tolist():
+        c = int(labels_arr[i])
+        if left[c] > 0:
+            chosen.append(int(i))
+            left[c] -= 1
+    return chosen
 
 
 def _evaluate_selection(cfg: SelectConfig, run: FittedRun, selected: list[int], log: Log) -> dict[str, Any]:
