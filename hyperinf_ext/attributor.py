@@ -527,6 +527,90 @@ class HyperINF:
         s = self._stream(self._precondition(q, train_loader), train_loader, None, None, all_ranks)
         return None if s is None else s[0]
 
+    def score_batches(
+        self, query_loader: Iterable | QueryGradients, train_loader: Iterable | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``scores`` streamed by training batch: yields (train index [B] int64, scores [Q, B] in the factor
+        dtype), rows in query-index order, so a caller can reduce them (e.g. top-k) in O(Q·B) memory."""
+        self._require_fit()
+        queries = self.query_gradients(query_loader)
+        qidx = queries.index
+        if qidx.numel() and (int(qidx.max()) >= qidx.numel()):
+            raise ValueError(f"query_loader: index must number the {qidx.numel()} query examples "
+                             f"0..{qidx.numel() - 1}, got index {int(qidx.max())}")
+        qt = self._precondition(queries.grads, train_loader)
+        names = list(qt)
+        order = torch.argsort(qidx)  # row r of the output is query r
+        qflat = torch.cat([qt[n].reshape(qidx.numel(), -1).to(self.fdtype) for n in names], dim=1)[order]
+        for index, grads in self._train_batches(train_loader)():
+            with self._timed("dot"):
+                g = torch.cat([grads[n].reshape(index.numel(), -1).to(self.fdtype) for n in names], dim=1)
+                block = -(qflat @ g.T)
+            yield index, block
+
+    def self_scores(self, train_loader: Iterable | None = None, *, chunk_size: int = 256) -> torch.Tensor:
+        """Self-influence ``g_kᵀ·H⁻¹·g_k`` of every training example, [n_train] in the factor dtype.
+
+        Each training gradient is preconditioned by the current method exactly as a query would be
+        (``hyperinf``/``exact``/``kronecker`` through their inverses, ``datainf``/``lissa`` streaming
+        over the training gradients, ``tracin`` = ‖g_k‖²), ``chunk_size`` examples at a time, and
+        dotted with itself.  Large values mark examples the model bends most for — the usual
+        mislabeled-data signal without a validation set.  Sign: POSITIVE for a positive-definite
+        curvature, i.e. minus the diagonal of ``scores(train as queries)``.
+
+        Gradients come from the fit cache, or from ``train_loader`` (for ``datainf``/``lissa``, whose
+        preconditioning re-reads the training gradients, that pass is kept in a temporary disk cache).
+        Cost: one preconditioning per chunk — for ``datainf`` a pass over the training gradients, for
+        ``lissa`` ``lissa_depth`` mini-batch steps — so a larger ``chunk_size`` (memory: chunk_size
+        gradients) means fewer passes.
+        """
+        self._require_fit()
+        self._prepare()
+        spill = None
+        if train_loader is not None and self.method.needs_train_pass:
+            # a nested gradient pass inside the outer one would share the model's hooks: spill instead
+            spill = GradientCache("disk")
+            for index, grads in self._grad_batches(train_loader, "train gradients"):
+                spill.append(index, grads)
+            source = lambda: iter(spill)  # noqa: E731
+        else:
+            source = self._train_batches(train_loader)
+        out = torch.zeros(self.n_train, dtype=self.fdtype)
+        seen = torch.zeros(self.n_train, dtype=torch.bool)
+        idx: list[torch.Tensor] = []
+        parts: dict[str, list[torch.Tensor]] = {}
+
+        def flush() -> None:
+            index = torch.cat(idx)
+            q = {n: torch.cat(p) for n, p in parts.items()}
+            with self._timed("precondition"):
+                qt = self.method.precondition(q, self.factors, lambda: (g for _, g in source()))
+            with self._timed("dot"):
+                s = sum((qt[n].to(self.fdtype) * q[n].to(self.fdtype)).sum(dim=(-2, -1)) for n in qt)
+            if int(index.max()) >= out.numel():
+                raise ValueError(f"train_loader: index {int(index.max())} beyond the {out.numel()} fitted examples")
+            out[index] = s
+            seen[index] = True
+            idx.clear()
+            parts.clear()
+
+        try:
+            for index, grads in source():
+                idx.append(index)
+                for n, g in grads.items():
+                    parts.setdefault(n, []).append(g)
+                if sum(i.numel() for i in idx) >= chunk_size:
+                    flush()
+            if idx:
+                flush()
+        finally:
+            if spill is not None:
+                spill.close()
+        missing = (~seen).nonzero().squeeze(1)
+        if missing.numel():
+            raise ValueError(f"train_loader: no gradient for training examples {missing[:5].tolist()} (indices not covered)")
+        return out
+
     # --------------------------------------------------------------------------------- persistence
     # (the formats, checks and atomic commits live in persistence.py)
 

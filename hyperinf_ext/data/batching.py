@@ -38,7 +38,8 @@ class Collator:
 
     * ``input_ids``, ``attention_mask``: ``(B, L)``
     * ``token_type_ids``: ``(B, L)``, only if the tokenizer produces them
-    * ``labels``: ``(B,)``
+    * ``labels``: ``(B,)``, or ``(B, L)`` token labels (−100 = no target) when the cached
+      encodings carry ``labels`` (instruction data)
     * ``index``: ``(B,)`` -- each example's position in the source dataset
 
     Args:
@@ -71,7 +72,8 @@ class Collator:
             batch = {k: v.long() for k, v in enc.items() if k in TOKEN_KEYS}
         else:
             batch = self._pad([self.cache[int(i)] for _, _, i in items])
-        batch["labels"] = labels
+        # token-level labels (instruction data, see data.instruction) come padded from the cache
+        batch.setdefault("labels", labels)
         batch["index"] = index
         return batch
 
@@ -86,6 +88,7 @@ class Collator:
             "input_ids": pad_id,
             "attention_mask": 0,
             "token_type_ids": getattr(tok, "pad_token_type_id", 0) or 0,
+            "labels": -100,  # token-level labels: padding is never a target
         }
         left = getattr(tok, "padding_side", "right") == "left"
         width = max(len(e["input_ids"]) for e in encs)

@@ -89,7 +89,7 @@ def _is_int_label(v: Any) -> bool:
 
 
 def load_text_file(
-    path: str | Path, text_column: str = "text", label_column: str = "label"
+    path: str | Path, text_column: str = "text", label_column: str = "label", *, min_classes: int = 2
 ) -> TextDataset:
     """Load a labelled text-classification file.
 
@@ -104,7 +104,8 @@ def load_text_file(
         * otherwise -> every label is taken as a string and mapped to ids in
           sorted order, e.g. ``{"neg", "pos"}`` -> ``neg=0, pos=1``.
 
-    Rows whose text is empty after stripping are skipped; duplicates are kept.
+    Rows whose text is empty after stripping are skipped; duplicates are kept.  ``min_classes=1``
+    accepts a file of one class (e.g. queries to attribute, whose classes come from the training file).
 
     Raises:
         DataError: missing file, unknown extension, empty file, missing column
@@ -172,7 +173,7 @@ def load_text_file(
         labels = [to_id[s] for s in as_str]
 
     present = sorted(set(labels))
-    if len(present) < 2:
+    if len(present) < min_classes:
         only = label_names[present[0]]
         raise DataError(
             f"{path}: column '{label_column}' has a single class ('{only}'); need at least two"

@@ -6,8 +6,10 @@ noisy labels, fit :class:`HyperINF` ONCE with the gradients cached, validation g
 every method/damping, ``attr.use(...)`` + ``mean_scores`` (all methods share the cached gradients) →
 ROC-AUC and detection curves of "flipped vs clean" with the score as suspicion.
 
-Sign: a positive score means up-weighting the example raises the validation loss
-(``attributor.SIGN_CONVENTION``), so mislabeled examples should score HIGH.
+Signals (``signal``): "validation" — the influence on the mean validation loss; a positive score means
+up-weighting the example raises the validation loss (``attributor.SIGN_CONVENTION``), so mislabeled
+examples should score HIGH; "self" — the self-influence ``g_kᵀH⁻¹g_k`` (``attr.self_scores``), which
+needs no clean validation set: examples the model bends most for score HIGH; "both".
 """
 from __future__ import annotations
 
@@ -24,14 +26,15 @@ from ..damping import resolve
 from ..methods import Damping, damping_label, parse_dampings, parse_methods, split_damping
 from .metrics import detection_curve, found_at, roc_auc
 from .output import prepare_output_dir
-from .pipeline import Log, PipelineConfig, fit_and_query, log_stage, score_method
+from .pipeline import Log, PipelineConfig, fit_and_query, log_stage, score_method, self_score_method
 from .report import plot_detection_curves, write_detection_scores, write_json
 
-__all__ = ["ALL_METHODS", "DetectConfig", "MethodResult", "DetectResult", "run_detect_mislabeled"]
+__all__ = ["ALL_METHODS", "SIGNALS", "DetectConfig", "MethodResult", "DetectResult", "run_detect_mislabeled"]
 
 ALL_METHODS: tuple[str, ...] = ("hyperinf", "datainf", "lissa", "tracin", "exact")
 """The methods compared by default (``paper`` is available but not run unless asked for)."""
 FOUND_FRACTIONS = (0.1, 0.2)
+SIGNALS = ("validation", "self", "both")
 
 
 @dataclass
@@ -41,10 +44,18 @@ class DetectConfig(PipelineConfig):
     flip_rate: float = 0.2
     methods: Sequence[str] = ALL_METHODS
     dampings: Sequence[Damping] = ("auto",)
+    signal: str = "validation"
+    """Suspicion score: "validation" (influence on the validation loss), "self" (self-influence) or "both"."""
     out: Path = Path("hyperinf-out/detect")
+
+    @property
+    def signals(self) -> tuple[str, ...]:
+        return ("validation", "self") if self.signal == "both" else (self.signal,)
 
     def validate(self) -> None:
         super().validate()
+        if self.signal not in SIGNALS:
+            raise ValueError(f"--signal must be one of {', '.join(SIGNALS)}, got {self.signal!r}")
         parse_methods(list(self.methods))
         parse_dampings(list(self.dampings))
         if round(self.flip_rate * self.n_train) < 1:
@@ -63,6 +74,7 @@ class MethodResult:
     damping: str
     label: str
     column: str
+    signal: str = "validation"
     auc: float | None = None
     found: dict[str, float] = field(default_factory=dict)  # "10%" -> fraction of flipped found
     seconds: float = 0.0
@@ -135,7 +147,7 @@ def run_detect_mislabeled(cfg: DetectConfig, log: Log = None) -> DetectResult:
     dampings = parse_dampings(list(cfg.dampings))
     out = prepare_output_dir(cfg.out)  # fail on an unusable folder before minutes of work
 
-    run = fit_and_query(cfg, log)
+    run = fit_and_query(cfg, log, queries="validation" in cfg.signals)
     data, trained, attr, queries = run.data, run.trained, run.attr, run.queries
     n_flipped = int(data.flipped.sum())
     # The first pass over the cached gradients pays one-off costs (fresh float64 buffers, page
@@ -144,9 +156,9 @@ def run_detect_mislabeled(cfg: DetectConfig, log: Log = None) -> DetectResult:
     try:
         t0 = time.perf_counter()
         attr.use("tracin")
-        attr.mean_scores(queries)
+        attr.mean_scores(queries) if queries is not None else attr.self_scores()
         warmup_seconds = time.perf_counter() - t0
-        results, scores, curves = _score_all(attr, queries, methods, dampings, data.flipped, log)
+        results, scores, curves = _score_all(attr, queries, methods, dampings, data.flipped, log, cfg.signals)
     finally:
         run.release()  # the cached gradients are the run's largest allocation
 
@@ -173,27 +185,38 @@ def run_detect_mislabeled(cfg: DetectConfig, log: Log = None) -> DetectResult:
 
 
 def _score_all(
-    attr: Any, queries: Any, methods: list[str], dampings: list[Damping], flipped: np.ndarray, log: Log
+    attr: Any, queries: Any, methods: list[str], dampings: list[Damping], flipped: np.ndarray, log: Log,
+    signals: Sequence[str] = ("validation",),
 ) -> tuple[list[MethodResult], dict[str, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Score every method/damping run; returns (results, scores by CSV column, detection curves by label).
+    """Score every method/damping run under every signal; returns (results, scores by CSV column,
+    detection curves by label).  Validation scores go to ``score_<run>`` columns, self-influence to
+    ``self_<run>`` (labels gain " · self" when both signals are shown).
 
     A run whose solver fails (or gives non-finite scores) is reported as failed; the others go on.
     """
     results: list[MethodResult] = []
     scores: dict[str, np.ndarray] = {}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for method, damping in _runs(methods, dampings):
+    for (method, damping), signal in ((r, sig) for r in _runs(methods, dampings) for sig in signals):
         dl = damping_label(damping) if method != "tracin" else "-"
         label = method if len(dampings) == 1 or method == "tracin" else f"{method} (λ={dl})"
         column = method if len(dampings) == 1 or method == "tracin" else f"{method}@{dl}"
-        log_stage(log, f"scoring: {label}")
-        res = MethodResult(method, dl, label, f"score_{column}")
+        if signal == "self":
+            label += " · self" if len(signals) > 1 else ""
+            column = f"self_{column}"
+        else:
+            column = f"score_{column}"
+        log_stage(log, f"scoring: {label}" + (" (self-influence)" if signal == "self" else ""))
+        res = MethodResult(method, dl, label, column, signal)
         if method != "tracin":  # tracin has no curvature, hence no damping
             rule, scale = resolve(method, *split_damping(damping))
             res.damping_rule = f"{damping_label(rule)} × {scale:g}" if isinstance(rule, str) else damping_label(rule)
         results.append(res)
         try:
-            s, timing = score_method(attr, queries, method, damping)
+            if signal == "self":
+                s, timing = self_score_method(attr, method, damping)
+            else:
+                s, timing = score_method(attr, queries, method, damping)
             if not np.isfinite(s).all():
                 raise ConvergenceError(f"{label}: scores are not finite (damping too small?)")
         except ConvergenceError as exc:

@@ -130,6 +130,19 @@ def column_table(header: Sequence[str], rows: Sequence[Sequence[Any]], left: Seq
     return [line(table[0]), line(["-" * w for w in widths]), *(line(r) for r in table[1:])]
 
 
+_SIGNAL_TEXT = {
+    "validation": "influence on the mean validation loss",
+    "self": "self-influence g·H⁻¹·g (no validation set used)",
+    "both": "influence on the mean validation loss, and self-influence g·H⁻¹·g (rows marked · self)",
+}
+
+
+def _accuracy_name(cfg: Any) -> str:
+    from .family import is_causal
+
+    return "answer exact-match accuracy" if is_causal(cfg) else "accuracy"
+
+
 def detection_table(result: DetectResult) -> str:
     """Plain-text report of detect-mislabeled: one row per method/damping, then the shared costs."""
     fractions = result.found_fractions
@@ -147,7 +160,8 @@ def detection_table(result: DetectResult) -> str:
         f"Mislabeled-data detection: {result.n_flipped} of {result.n_train} training labels flipped "
         f"({result.source}), {result.n_val} validation examples",
         f"fine-tune: {result.config.resolved_epochs} epoch(s) in {result.finetune_seconds:.1f} s, "
-        f"validation accuracy {result.val_accuracy:.4f}",
+        f"validation {_accuracy_name(result.config)} {result.val_accuracy:.4f}",
+        f"suspicion score: {_SIGNAL_TEXT[getattr(result.config, 'signal', 'validation')]}",
         f"influence fit (shared by all methods): {result.fit_seconds:.1f} s "
         f"(per-example gradients {result.fit_timings.get('gradients', 0.0):.1f} s); "
         f"validation gradient (shared): {result.query_seconds:.1f} s, warm-up pass {result.warmup_seconds:.1f} s",
@@ -183,7 +197,7 @@ def selection_table(result: SelectResult) -> str:
         f"Data selection with {cfg.method} (damping {damping_label(cfg.damping)}), rule {cfg.rule}: kept "
         f"{len(result.selected)} of {result.n_train} training examples ({result.source})",
         f"fine-tune: {cfg.resolved_epochs} epoch(s) in {result.finetune_seconds:.1f} s, "
-        f"validation accuracy {result.val_accuracy:.4f}",
+        f"validation {_accuracy_name(cfg)} {result.val_accuracy:.4f}",
         f"influence: fit {result.fit_seconds:.1f} s, validation gradient {result.query_seconds:.1f} s, "
         f"{cfg.method} {result.method_seconds:.2f} s",
     ]
@@ -192,11 +206,14 @@ def selection_table(result: SelectResult) -> str:
                      f"(overall {result.n_flipped} of {result.n_train})")
     if result.evaluation:
         ev = result.evaluation
-        rows = [("selected (influence)", ev["n_examples"], f"{ev['selected']['val_accuracy']:.4f}"),
-                ("random subset", ev["n_examples"], f"{ev['random']['val_accuracy']:.4f}"),
-                ("main model (full set)", result.n_train, f"{ev['full_train_val_accuracy']:.4f}")]
-        lines += ["", f"evaluation: fresh LoRA, {ev['epochs']} epoch(s), seed {cfg.seed}"]
-        lines += column_table(("training set", "examples", "val accuracy"), rows)
+        rows = [("selected (influence)", ev["n_examples"], f"{ev['selected']['val_accuracy']:.4f}",
+                 f"{ev['selected']['val_loss']:.4f}"),
+                ("random subset", ev["n_examples"], f"{ev['random']['val_accuracy']:.4f}",
+                 f"{ev['random']['val_loss']:.4f}"),
+                ("main model (full set)", result.n_train, f"{ev['full_train_val_accuracy']:.4f}", "")]
+        lines += ["", f"evaluation: fresh LoRA, {ev['epochs']} epoch(s), seed {cfg.seed}; accuracy = "
+                      f"{_accuracy_name(cfg)}"]
+        lines += column_table(("training set", "examples", "val accuracy", "val loss"), rows)
     lines.append(f"outputs: {result.paths['selected']}, {result.paths['summary']}")
     return "\n".join(lines)
 
