@@ -76,3 +76,57 @@ def inverses_agree(X: torch.Tensor, Xr: torch.Tensor, A: torch.Tensor, res: torc
     r, rr = res.double().reshape(-1), res_r.double().reshape(-1)
     diff = torch.linalg.matrix_norm(X3 - R3, 2) / torch.linalg.matrix_norm(R3, 2)
     return bool((diff <= (r + rr + 2 * s) / (1 - rr - s).clamp_min(1e-3)).all())
+
+
+def gfim_acc_slack(grads: torch.Tensor, acc_dtype: torch.dtype, acc0: torch.Tensor | None = None,
+                   norm: str = "fro", input_roundoff: float = 0.0) -> float:
+    """Bound on ‖acc − ref‖/‖ref‖ for acc = acc0 + Σ_rows gᵀg accumulated in ``acc_dtype`` from grads
+    [L, m, d] (already rounded to the dtype the op sees), ref the float64 einsum of the same values:
+    each entry sums m products plus acc0, so |acc − ref| ≤ γ_{m+1}·(|acc0| + |g|ᵀ|g|) entrywise
+    (any order, FMA or not: Higham §3.1), plus the reference's own γ_{m+1} in float64.  ``norm`` is
+    "fro" (‖·‖_F) or "max" (max |·|).  A missing row panel, layer, chunk or a transposed operand moves
+    whole entries by O(1) relative to ‖ref‖ and stays far above this.  ``input_roundoff``: the unit
+    roundoff the op rounds its inputs to before multiplying, where the reference does not (TF32:
+    2⁻¹¹), adding (2u_in + u_in²)·|g|ᵀ|g| per entry."""
+    g = grads.double().reshape(-1, grads.shape[-2], grads.shape[-1])
+    m = g.shape[1]
+    exact = torch.matmul(g.transpose(-1, -2), g)
+    absprod = torch.matmul(g.abs().transpose(-1, -2), g.abs())
+    if acc0 is not None:
+        a0 = acc0.double().reshape(exact.shape)
+        exact, absprod = exact + a0, absprod + a0.abs()
+    if norm == "max":
+        num, den = float(absprod.abs().max()), float(exact.abs().max())
+    else:
+        num, den = fro(absprod), fro(exact)
+    u_in = 2 * input_roundoff + input_roundoff**2
+    return ((m + 3) * (unit_roundoff(acc_dtype) + U64) + u_in) * num / max(den, 1e-300)
+
+
+def agree_slack(slack: float) -> float:
+    """Two results each within ``slack`` (relative) of one exact value are within 2·slack/(1 − slack)
+    of each other, relative to either of them."""
+    return 2 * slack / (1 - slack)
+
+
+def schulz_runs_agree(it_a: torch.Tensor, st_a: torch.Tensor, it_b: torch.Tensor, st_b: torch.Tensor,
+                      A: torch.Tensor, dtype: torch.dtype, tol: float) -> bool:
+    """Statuses and iteration counts of two Schulz runs on the same batch A [B, d, d], per matrix.
+    Where ``tol`` is above the rounding of the computed residual (residual_slack in ``dtype``), both
+    runs take the same stopping decisions: status and count are equal.  Where it is not, the stop
+    (converged below tol, or stagnated at the rounding floor just above it) is decided by rounding
+    noise that another summation order moves: either of converged/stagnated, counts within 2
+    (iterations_agree's rule for stop = 0).  Diverged and max-iter statuses must always agree."""
+    from hyperinf_ext import reference
+
+    noisy = (residual_slack(A, dtype) >= tol).reshape(-1)
+    it_a, it_b, st_a, st_b = (t.reshape(-1) for t in (it_a, it_b, st_a, st_b))
+    soft = {reference.CONVERGED, reference.STAGNATED}
+    for i in range(it_a.numel()):
+        sa, sb = int(st_a[i]), int(st_b[i])
+        if bool(noisy[i]):
+            if not (sa == sb or {sa, sb} <= soft) or abs(int(it_a[i]) - int(it_b[i])) > 2:
+                return False
+        elif sa != sb or int(it_a[i]) != int(it_b[i]):
+            return False
+    return True

@@ -94,6 +94,8 @@ def test_finetune_deterministic(fresh, tokenizer, splits, trained):
     model = copy.deepcopy(fresh[0])
     loader = make_loader(splits[0], tokenizer, batch_size=16, shuffle=True, sort_by_length=True, max_length=MAX_LEN)
     history = finetune(model, loader, epochs=1, progress=False)
+    # bit-equal: the same float ops in the same order in one process (same seed, same batches, same
+    # thread count), so the same roundings
     assert history[0]["loss"] == trained[1][0]["loss"]
     ref = _trainable(trained[0])
     for n, p in _trainable(model).items():
@@ -117,6 +119,7 @@ def test_adapter_round_trip(trained, tokenizer, splits, tmp_path):
     reloaded = load_lora_model(adapter=tmp_path)
     assert sum(p.numel() for p in reloaded.parameters() if p.requires_grad) == 74_498
     batch = next(iter(make_loader(splits[1], tokenizer, batch_size=32, max_length=MAX_LEN)))
+    # the adapter round-trips its float32 bytes, and both forwards run the same ops on the same batch
     assert torch.equal(_logits(model, batch), _logits(reloaded, batch))
 
 

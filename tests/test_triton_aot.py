@@ -18,6 +18,7 @@ triton = pytest.importorskip("triton")
 from hyperinf_ext.kernels import aot  # noqa: E402
 from hyperinf_ext.kernels import gfim as kgfim  # noqa: E402
 from hyperinf_ext.kernels import schulz as kschulz  # noqa: E402
+from _numerics import gfim_acc_slack  # noqa: E402
 
 ARCHS = (80, 90)
 TENSOR_CORE = {80: re.compile(r"\bmma\.sync\.aligned"), 90: re.compile(r"\b(wgmma\.mma_async|mma\.sync\.aligned)")}
@@ -164,5 +165,8 @@ def test_gpu_layout_paths_numerics(dtype, path):
     kgfim.launch_gfim(acc, g, cfg, pipelined=True, tma=(path == "tma"))
     g64 = g.double()
     exact = torch.einsum("lmi,lmj->lij", g64, g64)
-    assert float((acc.double() - exact).norm() / exact.norm()) <= 1e-5
+    # fp32 sum of m = 21 exact bf16/fp16 products: the a-priori bound (_numerics.gfim_acc_slack, ≈ 24·6e-8
+    # times ‖|g|ᵀ|g|‖_F/‖gᵀg‖_F ≈ 5e-6, was a fixed 1e-5); a padding column read as data, a TMA tile not
+    # zero-filled past m or a lost K chunk is off by ≥ 1e-1
+    assert float((acc.double() - exact).norm() / exact.norm()) <= gfim_acc_slack(g, torch.float32)
     assert torch.equal(acc, acc.transpose(1, 2))
