@@ -81,7 +81,8 @@ FULL = Sizes(
     batch=16,
     # test_triton_aot.py is code generation, checked on the CPU already; only its numerics test of
     # the GPU layout paths (padded copy, TMA) runs on the device.
-    tests=["tests/test_triton_kernels.py", "tests/test_triton_aot.py::test_gpu_layout_paths_numerics"],
+    tests=["tests/test_triton_kernels.py", "tests/test_triton_aot.py::test_gpu_layout_paths_numerics",
+           "tests/test_mixed_schulz.py::test_cuda_matches_the_cpu_emulation"],
     pytest_k=None,
     test_timeout=120,
     budget={"tests": 0.22, "gfim": 0.14, "schulz": 0.10, "inverse": 0.16, "attributor": 0.38},
@@ -440,8 +441,48 @@ def section_inverse(ctx: "Context", sec: dict) -> None:
                     "value": f"ours {row['ours_s']:.3g} s vs {row['cholesky_s']:.3g} s ({row['ours_vs_cholesky']:.2f}×)"})
         sec["rows"].append(row)
         info_box.clear()
+        _mixed_schulz_columns(ctx, sec, A, d, L, Lt, row)
         del A
         ctx.flush()
+
+
+def _mixed_schulz_columns(ctx: "Context", sec: dict, A, d: int, L: int, Lt: int, row: dict) -> None:
+    """Issue #15 part 2: mixed-precision Schulz (bf16 / TF32 GEMMs, then float32; solvers/mixed.py) vs
+    all-float32 Schulz, both with the damping as lower bound (as the library calls them), on the same
+    batch A [Lt, d, d] (κ ≈ 1e3), added as columns of the case's row (beside cuSOLVER's cholesky_s).
+    Decides whether ``solver="schulz"`` goes mixed on CUDA (README, "Which solver when")."""
+    import torch
+
+    from hyperinf_ext import ops
+    from hyperinf_ext.solvers.mixed import mixed_schulz
+
+    lam = 0.999 * 4.0 / 1e3  # _spd_batch's damping (κ = 1e3), a lower bound of the spectrum
+    infos: dict[str, Any] = {}
+    cands = {
+        "fp32_schulz_triton_s": lambda: ops.schulz_inverse(A, lower_bound=lam, backend="triton", return_info=True),
+        "fp32_schulz_cublas_s": lambda: ops.schulz_inverse(A, lower_bound=lam, backend="torch", return_info=True),
+        "mixed_bf16_s": lambda: mixed_schulz(A, lower=lam, low="bf16"),
+        "mixed_tf32_s": lambda: mixed_schulz(A, lower=lam, low="tf32"),
+    }
+    for name, fn in cands.items():
+        def run(fn=fn, name=name) -> None:
+            infos[name] = fn()[1]
+        measure(ctx, sec, row, name, run, L / Lt, f"d={d} L={L} mixed")
+    for name, info in infos.items():
+        tag = name.removesuffix("_s")
+        row[f"{tag}_iterations"] = int(info.iterations.max())
+        row[f"{tag}_residual_max"] = float(info.residual.max())
+        if "low_steps" in info.extra:
+            row[f"{tag}_low_steps"] = int(info.extra["low_steps"].max())
+            row[f"{tag}_path"] = ",".join(sorted(set(info.extra["path"])))
+    best = min((row[k] for k in ("mixed_bf16_s", "mixed_tf32_s") if k in row), default=None)
+    fp32 = min((row[k] for k in ("fp32_schulz_triton_s", "fp32_schulz_cublas_s") if k in row), default=None)
+    if best is not None and fp32 is not None:
+        row["mixed_vs_fp32"] = best / fp32
+        sec["targets"].append({"name": f"d={d} L={L}: mixed Schulz faster than all-fp32 Schulz (makes it the CUDA default)",
+                               "met": row["mixed_vs_fp32"] < 1.0, "value": f"{row['mixed_vs_fp32']:.2f}×"})
+    if best is not None and row.get("cholesky_s"):
+        row["mixed_vs_cholesky"] = best / row["cholesky_s"]
 
 
 def _llama_lora(ctx: "Context"):

@@ -2,6 +2,7 @@
 
 * :mod:`.direct`  damping, symmetrising, Cholesky, residual checks
 * :mod:`.schulz`  scaled Schulz (+ float32 → float64 polish) and the paper's fixed-start Schulz
+* :mod:`.mixed`   mixed-precision Schulz: bf16/TF32 GEMMs, then float32 (``scaled_schulz(precision="mixed")``)
 * :mod:`.krylov`  conjugate gradients, the Neumann series / LiSSA, DataInf's closed form
 * :mod:`.cost`    the cost model behind ``solver="auto"``
 * :mod:`.auto`    verified solves (pick, solve, check the residual or raise ConvergenceError)
@@ -22,11 +23,12 @@ from .direct import (
     symmetrise,
 )
 from .krylov import cg, datainf, fisher_product, neumann
-from .schulz import PAPER_ITERATIONS, PAPER_X0, paper_schulz, scaled_schulz
+from .mixed import mixed_schulz
+from .schulz import MIXED_PRECISIONS, PAPER_ITERATIONS, PAPER_X0, paper_schulz, scaled_schulz
 
 __all__ = [
-    "INVERSE_SOLVERS", "SOLVER_CHOICES", "Choice", "Factorization", "PAPER_ITERATIONS", "PAPER_X0", "SolveInfo", "cg",
+    "INVERSE_SOLVERS", "MIXED_PRECISIONS", "SOLVER_CHOICES", "Choice", "Factorization", "PAPER_ITERATIONS", "PAPER_X0", "SolveInfo", "cg",
     "check_solver", "cholesky_factor", "cholesky_inverse", "cholesky_solve_rows", "choose", "damp", "datainf",
-    "fisher_product", "inverse_residual", "neumann", "paper_schulz", "rows_residual", "scaled_schulz",
+    "fisher_product", "inverse_residual", "mixed_schulz", "neumann", "paper_schulz", "rows_residual", "scaled_schulz",
     "solve_rows", "spd_inverse", "symmetrise",
 ]

@@ -8,6 +8,11 @@ import torch
 
 from .. import ops
 from .direct import Callback
+from .mixed import mixed_schulz
+
+# precision= of scaled_schulz: None runs ops.schulz_inverse in A's dtype (plus the float64 polish);
+# the mixed ones run solvers/mixed.py (bf16 or TF32 GEMMs, then float32; opt-in until measured on a GPU).
+MIXED_PRECISIONS = {"mixed": "bf16", "mixed-bf16": "bf16", "mixed-tf32": "tf32"}
 
 # float32 phase + float64 polish (scaled_schulz with polish=True): float64 matrices of d >= POLISH_MIN_D
 # with a known lower bound and λmax/λ <= POLISH_MAX_KAPPA are inverted by float32 Schulz to
@@ -33,6 +38,7 @@ def scaled_schulz(
     polish: bool = True,
     check: bool = True,
     callback: Callback | None = None,
+    precision: str | None = None,
 ) -> tuple[torch.Tensor, ops.SchulzInfo]:
     """X ≈ A⁻¹ by ``ops.schulz_inverse`` (lower: a lower spectral bound, e.g. the damping), plus info.
 
@@ -40,7 +46,17 @@ def scaled_schulz(
     tried first; it meets the same residual test as the all-float64 run, which is done instead when
     it falls short.  ``info.extra["warm_start"]`` says which ran.  ``callback(k, X_k)`` sees every
     iterate of the reference loop (it forces the torch backend and skips the polish).
+
+    ``precision="mixed"`` (= "mixed-bf16") or "mixed-tf32": low-precision GEMMs first, float32 steps to
+    finish (solvers/mixed.py; float32 result, the float32 tolerance; ``backend`` and ``polish`` do not
+    apply).  info.extra["path"] says per matrix whether the mixed run or its all-float32 fallback ran.
     """
+    if precision is not None:
+        if precision not in MIXED_PRECISIONS:
+            raise ValueError(f"precision: expected None or one of {sorted(MIXED_PRECISIONS)}, got {precision!r}")
+        if callback is not None:
+            raise ValueError("precision: the mixed run reports no per-step callback")
+        return mixed_schulz(A, lower=lower, tol=tol, max_iter=max_iter, low=MIXED_PRECISIONS[precision], check=check)
     if callback is None and polish:
         warm = _float32_then_polish(A, lower, tol, backend)
         if warm is not None:
