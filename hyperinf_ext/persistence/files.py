@@ -92,15 +92,13 @@ def read_json(path: str | Path, what: str) -> dict:
     """A JSON object from ``path``; ``ValueError`` naming the file when missing, unreadable or corrupt."""
     path = Path(path)
     try:
-        text = path.read_text()
+        obj = json.loads(path.read_text())
     except FileNotFoundError:
         raise ValueError(f"{path}: missing ({what})") from None
+    except json.JSONDecodeError as e:  # before UnicodeDecodeError: both are ValueErrors, neither the other
+        raise ValueError(f"{path}: {what} is not valid JSON ({e}); the file is corrupt or truncated") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read {what} ({e})") from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: {what} is not valid JSON ({e}); the file is corrupt or truncated") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: {what} must be a JSON object, got {type(obj).__name__}")
     return obj
