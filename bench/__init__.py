@@ -5,5 +5,12 @@
 * ``python -m pytest bench/ --benchmark-only`` runs the pytest-benchmark modules at modest sizes.
 
 Every module ``bench_<name>.py`` holds a ``section(quick, timer)`` used by ``compare`` and the
-pytest-benchmark tests; ``common.py`` holds the timing helper, machine description and baselines.
+pytest-benchmark tests; ``timing.py`` holds the timing helper, machine description and formatting,
+``inputs.py`` the synthetic inputs and pipeline setup, ``baselines.py`` the baselines and references.
 """
+import os
+
+# Every benchmark runs offline, whichever bench module is imported first (before transformers is).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

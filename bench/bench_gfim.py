@@ -16,22 +16,10 @@ import torch
 
 from hyperinf_ext import ops
 
-from .common import (
-    Section,
-    Table,
-    Target,
-    TimerConfig,
-    cpu_backends,
-    fmt_ratio,
-    fmt_sci,
-    fmt_time,
-    fmt_timing,
-    gfim_batched_,
-    gfim_loop_,
-    make_grads,
-    measure_group,
-    progress,
-)
+from .baselines import gfim_batched_, gfim_loop_
+from .inputs import cpu_backends, make_grads
+from .timing import (Section, Table, Target, TimerConfig, fmt_ratio, fmt_sci, fmt_time, fmt_timing, measure_group,
+                     progress)
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 

@@ -1,6 +1,6 @@
 """Inverse-HVP v·(G + λI)⁻¹ with few right-hand sides (one mean validation gradient: r rows) and many
 (one per validation example: n_val·r rows): ours (make_ihvp "schulz", every CPU backend) vs
-make_ihvp "cholesky" vs batched conjugate gradients (bench.common.batched_cg) run to the same accuracy.
+make_ihvp "cholesky" vs batched conjugate gradients (bench.baselines.batched_cg) run to the same accuracy.
 
 G: L synthetic GFIMs with a power-law spectrum e_i = (i+1)^-p; λ by the DataInf rule
 (0.1·trace(G)/(r·d), the library's default).  Times include the factorisation; they are measured as
@@ -18,24 +18,9 @@ import torch
 
 from hyperinf_ext import ops
 
-from .common import (
-    Section,
-    Table,
-    TimerConfig,
-    batched_cg,
-    cg_iterations_for,
-    cpu_backends,
-    default_damping,
-    fmt_ratio,
-    fmt_sci,
-    fmt_time,
-    fmt_timing,
-    gfim_like,
-    measure_group,
-    progress,
-    rel_err,
-    solve_rows_f64,
-)
+from .baselines import batched_cg, cg_iterations_for, rel_err, solve_rows_f64
+from .inputs import cpu_backends, default_damping, gfim_like
+from .timing import Section, Table, TimerConfig, fmt_ratio, fmt_sci, fmt_time, fmt_timing, measure_group, progress
 
 DN = {torch.float32: "fp32", torch.float64: "fp64"}
 

@@ -17,25 +17,10 @@ import torch
 from hyperinf_ext import ops, solvers
 from hyperinf_ext.methods import PaperSchulz
 
-from .common import (
-    Section,
-    Table,
-    Target,
-    TimerConfig,
-    cholesky_inverse,
-    cpu_backends,
-    fmt_ratio,
-    fmt_sci,
-    fmt_time,
-    fmt_timing,
-    inverse_f64,
-    measure_group,
-    progress,
-    paper_schulz,
-    schulz_status,
-    spd_batch,
-    status_summary,
-)
+from .baselines import cholesky_inverse, inverse_f64, paper_schulz, schulz_status, status_summary
+from .inputs import cpu_backends, spd_batch
+from .timing import (Section, Table, Target, TimerConfig, fmt_ratio, fmt_sci, fmt_time, fmt_timing, measure_group,
+                     progress)
 
 DN = {torch.float32: "fp32", torch.float64: "fp64"}
 
@@ -137,7 +122,7 @@ def inverse_case(case: InvCase, timer: TimerConfig) -> tuple[list, dict]:
 
 
 def rel_err_safe(X: torch.Tensor, ref: torch.Tensor) -> float:
-    from .common import rel_err
+    from .baselines import rel_err
 
     if not bool(torch.isfinite(X).all()):
         return float("inf")

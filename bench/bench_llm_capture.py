@@ -35,7 +35,7 @@ def main() -> None:
     from hyperinf_ext.llm import smollm2_model_dir
     from hyperinf_ext.training import load_tokenizer
 
-    from .common import forward_backward
+    from .baselines import forward_backward
 
     folder = smollm2_model_dir(log=print)
     tok = load_tokenizer(folder)

@@ -15,25 +15,9 @@ import torch
 
 from hyperinf_ext import ops
 
-from .common import (
-    Section,
-    Table,
-    TimerConfig,
-    cholesky_inverse,
-    cpu_backends,
-    default_damping,
-    fmt_ratio,
-    fmt_sci,
-    fmt_time,
-    fmt_timing,
-    gfim_batched_,
-    inverse_f64,
-    make_grads,
-    measure_group,
-    progress,
-    rel_err,
-    status_summary,
-)
+from .baselines import cholesky_inverse, gfim_batched_, inverse_f64, rel_err, status_summary
+from .inputs import cpu_backends, default_damping, make_grads
+from .timing import Section, Table, TimerConfig, fmt_ratio, fmt_sci, fmt_time, fmt_timing, measure_group, progress
 
 DN = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp64"}
 

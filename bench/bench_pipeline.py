@@ -2,7 +2,7 @@
 nonzero; no fine-tuning): HyperINF.fit + mean_scores, ours vs the paper's batch-size-1 code path.
 
 * ours: sort_by_length loaders, batch 32, cache="memory" (one backward per training example);
-* baseline: ``bench.common.bs1_pipeline`` (batch size 1, per-sample GFIM loop, paper Schulz, a second
+* baseline: ``bench.baselines.bs1_pipeline`` (batch size 1, per-sample GFIM loop, paper Schulz, a second
   batch-size-1 pass over the training set for the dot products);
 * forward/backward: the same batched passes ours makes, with no hooks — the model's own cost, so
   influence overhead = ours − forward/backward.
@@ -23,23 +23,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from .common import (
-    REPO,
-    Section,
-    Table,
-    Target,
-    TimerConfig,
-    bs1_pipeline,
-    fmt_ratio,
-    fmt_sci,
-    fmt_time,
-    fmt_timing,
-    forward_backward,
-    max_rel_diff,
-    measure_group,
-    progress,
-    pipeline_setup,
-)
+from .baselines import bs1_pipeline, forward_backward, max_rel_diff
+from .inputs import pipeline_setup
+from .timing import (REPO, Section, Table, Target, TimerConfig, fmt_ratio, fmt_sci, fmt_time, fmt_timing,
+                     measure_group, progress)
 
 
 @dataclass
@@ -250,7 +237,7 @@ def section(quick: bool, timer: TimerConfig) -> Section:
             tab.notes.append(f"batch-size-1 baseline: its second pass over train was run on {done} of {total} examples "
                              f"({fmt_time(secs)}) and its time extrapolated linearly (+{fmt_time(secs * (total / done - 1))}); "
                              f"scores compared on those {done} examples.")
-        from .common import status_summary
+        from .baselines import status_summary
 
         rule, scale = bs1.result["damping"]
         tab.notes.append(f"damping (both): rule {rule!r}, scale {scale:g} — HyperINF's default configuration.")

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from . import bench_gfim, bench_ihvp, bench_inverse, bench_llm_layers, bench_pipeline
-from .common import Section, TimerConfig, fmt_time, load_average, machine_info
+from .timing import Section, TimerConfig, fmt_time, load_average, machine_info
 
 SECTIONS = {
     "gfim": bench_gfim,

@@ -524,7 +524,7 @@ def section_attributor(ctx: "Context", sec: dict) -> None:
     """HyperINF end to end on a synthetic Llama LoRA model vs the model's own forward/backward."""
     import torch
 
-    from bench.common import forward_backward
+    from bench.baselines import forward_backward
     from hyperinf_ext.attributor import HyperINF
     from hyperinf_ext.capture import find_gradient_layers
 

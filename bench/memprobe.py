@@ -48,7 +48,8 @@ def main(argv=None) -> None:
     from hyperinf_ext import HyperINF
     from hyperinf_ext.data import make_loader
 
-    from .common import forward_backward, pipeline_setup
+    from .baselines import forward_backward
+    from .inputs import pipeline_setup
 
     s = pipeline_setup(a.n, a.n_val, seed=a.seed)
     train = make_loader(s.train, s.tokenizer, batch_size=a.batch_size, sort_by_length=True, max_length=a.max_length)

@@ -21,8 +21,10 @@ import torch
 from hyperinf_ext import ops, solvers
 from hyperinf_ext.solvers import cost
 
-from .common import (Table, TimerConfig, cpu_backends, fmt_ratio, fmt_sci, fmt_time, load_average, machine_info,
-                     measure_group, progress, rel_err, spd_batch)
+from .baselines import rel_err
+from .inputs import cpu_backends, spd_batch
+from .timing import (Table, TimerConfig, fmt_ratio, fmt_sci, fmt_time, load_average, machine_info, measure_group,
+                     progress)
 
 CAL_D, CAL_B, CAL_ROWS = 512, 2, 1024  # rows: where solving many right-hand sides matters
 CG_MAX_ROWS = 64

@@ -69,7 +69,7 @@ class GradientCache:
             tensors = {f"g.{k}": _own_storage(v.detach().cpu()) for k, v in grads.items()}
             tensors["index"] = index.cpu().contiguous()
             save_tensors_atomic(self._batch_path(self.count), tensors)
-            persistence.crash_point("grads_batch_written")
+            persistence.files.crash_point("grads_batch_written")
         self.count += 1
         self._write_manifest()
 

@@ -1,4 +1,4 @@
-"""Exceptions raised by hyperinf-ext."""
+"""Exceptions raised by hyperinf-ext (their one home; modules re-export the ones their callers import)."""
 from __future__ import annotations
 
 from typing import Any
@@ -14,3 +14,19 @@ class ConvergenceError(RuntimeError):
     def __init__(self, message: str, info: Any = None):
         super().__init__(message)
         self.info = info
+
+
+class DataError(ValueError):
+    """A user-facing data/model-location problem.
+
+    The message is always a single line naming the file, column or problem,
+    so a CLI can print it verbatim instead of a traceback.
+    """
+
+
+class CheckpointBusyError(RuntimeError):
+    """Another fit holds the checkpoint directory's lock."""
+
+
+class DistributedError(RuntimeError):
+    """Another rank died, timed out or failed; the message names it."""

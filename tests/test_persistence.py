@@ -124,7 +124,7 @@ def test_crash_inside_a_commit_resumes_exactly(model, ref, tmp_path, monkeypatch
             if len(seen) == 3:
                 raise Killed(name)
 
-    monkeypatch.setattr(persistence, "crash_point", crash)
+    monkeypatch.setattr(persistence.files, "crash_point", crash)  # the writers' module
     ck = tmp_path / "ck"
     with pytest.raises(Killed):
         HyperINF(model, progress=False).fit(pc.train_batches(), checkpoint_dir=ck, checkpoint_every=1)

@@ -1,0 +1,196 @@
+"""Fit checkpoints: the locked ``checkpoint_dir`` (``Checkpoint``), and the fingerprints of the model
+and of the batches consumed that a resumed fit is checked against."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+
+import torch
+
+from ..errors import CheckpointBusyError
+from .files import json_field, json_int
+from .state import META, StoredState, apply_state, check_layers, read_state, write_state
+
+if TYPE_CHECKING:
+    from ..attributor import HyperINF
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: checkpoints are not locked
+    fcntl = None
+
+LOCK = "lock"
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach()
+    if t.is_meta:
+        return b""  # no values; its name, dtype and shape are hashed
+    return t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of every parameter's name, dtype, shape and values: a checkpoint resumed with another model
+    (same shapes, other weights) would mix two models' gradients."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, p in model.named_parameters():
+        h.update(f"{name}{p.dtype}{tuple(p.shape)}".encode())
+        h.update(_tensor_bytes(p))
+    return h.hexdigest()
+
+
+def _batch_digest(batch: Any) -> bytes:
+    """A hash of a batch's tensors (names, dtypes, shapes, values) and plain values; cheap next to a
+    forward/backward pass."""
+    h = hashlib.blake2b(digest_size=16)
+    if isinstance(batch, Mapping):
+        items = sorted(batch.items(), key=lambda kv: str(kv[0]))
+    else:
+        items = [("", batch)]
+    for key, value in items:
+        h.update(repr(key).encode())
+        if isinstance(value, torch.Tensor):
+            h.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            h.update(_tensor_bytes(value))
+        elif isinstance(value, (str, int, float, bool, type(None), list, tuple)):
+            h.update(repr(value).encode())
+        # other objects have no stable byte form; the tensors identify the batch
+    return h.digest()
+
+
+class DataFingerprint:
+    """Chained hash of the batches a fit consumed: after k batches, h_k = H(h_{k−1} ‖ H(batch_k))."""
+
+    def __init__(self):
+        self.count = 0
+        self._digest = b""
+
+    def update(self, batch: Any) -> None:
+        self._digest = hashlib.blake2b(self._digest + _batch_digest(batch), digest_size=16).digest()
+        self.count += 1
+
+    @property
+    def digest(self) -> str:
+        return self._digest.hex()
+
+    def as_dict(self) -> dict:
+        return {"batches": self.count, "digest": self.digest}
+
+
+class _Watched:
+    """Passes a loader's batches through, fingerprinting them and checking them against a checkpoint."""
+
+    def __init__(self, loader: Iterable, fingerprint: DataFingerprint, expected: dict | None, complete: bool,
+                 where: Path):
+        self.loader, self.fingerprint, self.expected, self.complete, self.where = loader, fingerprint, expected, complete, where
+
+    def __iter__(self) -> Iterator:
+        k = self.expected["batches"] if self.expected else 0
+        redo = "use another checkpoint_dir, or delete this one to fit afresh"
+        for batch in self.loader:
+            self.fingerprint.update(batch)
+            n = self.fingerprint.count
+            if n == k and self.fingerprint.digest != self.expected["digest"]:
+                raise ValueError(f"checkpoint_dir {self.where}: the loader's first {k} batches differ from the data "
+                                 f"this checkpoint was fitted on (data fingerprint mismatch); {redo}")
+            if self.complete and n > k:
+                raise ValueError(f"checkpoint_dir {self.where}: holds a finished fit of {k} batches, but the loader "
+                                 f"yields more; {redo}")
+            yield batch
+        if self.fingerprint.count < k:
+            raise ValueError(f"checkpoint_dir {self.where}: the loader yielded {self.fingerprint.count} batches, "
+                             f"but this checkpoint has already consumed {k}; {redo}")
+
+
+class _SizedWatched(_Watched):
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+# settings that change the accumulated numbers: a resumed fit must use the checkpoint's
+_FIT_SETTINGS = ("dtype", "gfim_dtype", "grad_dtype", "include_heads", "layers")
+
+
+class Checkpoint:
+    """A fit's ``checkpoint_dir``, held exclusively (an flock on ``lock``) inside ``with``.
+
+    The OS drops the lock when the process ends, so a killed fit never leaves the directory locked.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self._fd: int | None = None
+        self.stored: StoredState | None = None
+        self._model_digest: str | None = None
+
+    def _model(self, attr: "HyperINF") -> str:
+        if self._model_digest is None:  # the weights do not change during a fit: hash them once
+            self._model_digest = model_fingerprint(attr.model)
+        return self._model_digest
+
+    def __enter__(self) -> "Checkpoint":
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"checkpoint_dir {self.directory}: cannot create it ({e})") from None
+        if fcntl is not None:
+            fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise CheckpointBusyError(
+                    f"checkpoint_dir {self.directory}: in use by another fit (its lock file {LOCK} is held); "
+                    f"wait for that fit to finish or use another directory"
+                ) from None
+            self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    @property
+    def exists(self) -> bool:
+        return (self.directory / META).exists()
+
+    def restore(self, attr: "HyperINF") -> StoredState:
+        """Install the last committed state into ``attr`` (factors, counts); check it fits ``attr``."""
+        stored = read_state(self.directory)
+        saved_cfg = stored.meta["config"]
+        ours = dataclasses.asdict(attr.config)
+        diff = [f"{k}: {saved_cfg.get(k)!r} saved, {ours[k]!r} now" for k in _FIT_SETTINGS if saved_cfg.get(k) != ours[k]]
+        if diff:
+            raise ValueError(f"checkpoint_dir {self.directory}: fitted with other settings ({'; '.join(diff)}); "
+                             f"use the same settings, or another checkpoint_dir")
+        if stored.meta.get("data") is None:
+            raise ValueError(f"checkpoint_dir {self.directory}: {META} has no data fingerprint (written by save() "
+                             f"or by an older version, not a resumable fit checkpoint); use another checkpoint_dir")
+        data = json_field(stored.meta, "data", dict, str(self.directory / META))
+        if json_int(data, "batches", f"{self.directory / META}: data") != stored.meta["batches_done"]:
+            raise ValueError(f"{self.directory / META}: data fingerprint covers {data['batches']} batches, "
+                             f"but batches_done is {stored.meta['batches_done']}")
+        json_field(data, "digest", str, f"{self.directory / META}: data")
+        check_layers(attr, stored)  # a shape mismatch says more than "another model"
+        if stored.meta.get("model") != self._model(attr):
+            raise ValueError(f"checkpoint_dir {self.directory}: fitted with another model (its parameters differ "
+                             f"from this model's); use another checkpoint_dir, or delete this one to fit afresh")
+        apply_state(attr, stored)
+        self.stored = stored
+        return stored
+
+    def watch(self, loader: Iterable, fingerprint: DataFingerprint) -> Iterable:
+        """``loader`` with every batch fingerprinted; with a restored state, checked against it."""
+        expected = self.stored.meta["data"] if self.stored is not None else None
+        complete = self.stored is not None and self.stored.complete
+        cls = _SizedWatched if hasattr(loader, "__len__") else _Watched
+        return cls(loader, fingerprint, expected, complete, self.directory)
+
+    def commit(self, attr: "HyperINF", fingerprint: DataFingerprint, *, complete: bool) -> None:
+        if fingerprint.count != attr.batches_done:
+            raise RuntimeError(f"internal: fingerprint of {fingerprint.count} batches at batch {attr.batches_done}")
+        write_state(attr, self.directory, complete=complete, fingerprint=fingerprint, model_digest=self._model(attr))
