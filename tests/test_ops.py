@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import hyperinf_ext as hx
-from _numerics import gfim_slack, inverse_reference_slack, residual_slack
+from _numerics import gfim_slack, inverse_reference_slack, rank_gram_slack, residual_slack
 from hyperinf_ext.backends import torch as torch_backend
 
 BACKENDS = hx.available_backends("cpu")
@@ -50,6 +50,48 @@ def test_gfim_matches_float64_reference(backend, dtype, scale):
     tol = gfim_slack(grads, G.dtype)
     assert (G.double() - ref).norm() <= tol * ref.norm()
     assert torch.equal(G, G.T)
+
+
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e2])
+def test_rank_gram_matches_float64_einsum(acc_dtype, dtype, scale):
+    # [L, n, r, d] with odd sizes, non-contiguous (r and d swapped in memory), accumulated in two calls.
+    grads = (torch.randn(3, 7, 37, 5, dtype=torch.float64) * scale).transpose(-1, -2).to(dtype)
+    acc = torch.zeros(3, 5, 5, dtype=acc_dtype)
+    hx.ops.rank_gram_accumulate_(acc, grads[:, :3])
+    out = hx.ops.rank_gram_accumulate_(acc, grads[:, 3:])
+    assert out is acc and acc.dtype == acc_dtype
+    ref = torch.einsum("lnid,lnjd->lij", grads.double(), grads.double())
+    assert (acc.double() - ref).norm() <= 2 * rank_gram_slack(grads, acc_dtype) * ref.norm()
+    assert torch.equal(acc, acc.transpose(1, 2))
+
+
+def test_rank_gram_rejects_bad_input():
+    acc, g = torch.zeros(2, 4, 4), torch.randn(2, 3, 4, 6)
+    bad = [
+        (torch.zeros(2, 4, 4, dtype=torch.float16), g, "acc: unsupported dtype"),
+        (torch.zeros(4, 4), g, "acc: expected a 3-D"),
+        (torch.zeros(2, 4, 5), g, "acc: matrices must be square"),
+        (torch.zeros(2, 8, 8)[:, ::2, ::2], g, "acc: must be contiguous"),
+        (acc, torch.randn(3, 4, 6), "grads: expected a 4-D"),
+        (acc, torch.randn(3, 3, 4, 6), "does not match acc"),
+        (acc, torch.randn(2, 3, 5, 6), "does not match acc"),
+        (acc, g.to(torch.int32), "grads: unsupported dtype"),
+        (acc, torch.randn(2, 3, 4, 6, device="meta"), "grads: a meta tensor"),
+        (torch.zeros(1, 4, 4).expand(2, 4, 4), g, "acc: elements share memory"),
+        (torch.zeros(2, 4, 4, requires_grad=True), g, "acc: requires grad"),
+        ("acc", g, "acc: expected a torch.Tensor"),
+    ]
+    for a, gr, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            hx.ops.rank_gram_accumulate_(a, gr)
+    g_nan = g.clone()
+    g_nan[1, 2, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match="grads: contains NaN or Inf"):
+        hx.ops.rank_gram_accumulate_(torch.zeros(2, 4, 4), g_nan)
+    empty = torch.zeros(2, 4, 4)
+    assert torch.equal(hx.ops.rank_gram_accumulate_(empty, torch.randn(2, 0, 4, 6)), torch.zeros(2, 4, 4))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
