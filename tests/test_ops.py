@@ -508,3 +508,38 @@ def test_gfim_accumulate_refuses_acc_requiring_grad(backend):
     with torch.no_grad():  # allowed where torch allows in-place updates of a leaf (e.g. optimizers)
         hx.gfim_accumulate_(acc, torch.ones(2, 1, 3), backend=backend)
     assert bool((acc == 2).all())
+
+
+# ------------------------------------------------------------------------------------ Schulz schedule
+
+
+def test_schulz_schedule_decisions():
+    from hyperinf_ext import reference as ref
+
+    s = ref.SchulzSchedule(d=4, tol=1e-3, max_iter=3)
+    assert s.start(0.5, 2.0) == ref.initial_scale(0.5, 2.0)
+    assert s.decide(float("nan")) == ref.DIVERGED
+    s.start(0.5, 2.0)
+    assert s.decide(ref.divergence_limit(4) * 1.01) == ref.DIVERGED
+    s.start(0.5, 2.0)
+    assert s.decide(1e-3) == ref.CONVERGED and (s.iterations, s.residual, s.rollback) == (0, 1e-3, False)
+    # β and the bracket follow step_scale / next_bracket; MAX_ITER after max_iter steps above tol.
+    beta0 = s.start(0.5, 2.0)
+    a, b = beta0 * 0.5, beta0 * 2.0
+    for r in (0.9, 0.6, 0.45):
+        assert s.decide(r) is None
+        beta, a, b = ref.step_scale(a, b, r)
+        assert s.next_beta() == beta
+        a, b = ref.next_bracket(a, b, beta)
+    assert s.decide(0.2) == ref.MAX_ITER and s.iterations == 3
+    # Unscaled steps (no lower bound: β = 1) in the quadratic phase: a residual that fails to halve
+    # stagnates; one that grew rolls back to the previous iterate.
+    s = ref.SchulzSchedule(d=4, tol=1e-9, max_iter=100)
+    s.start(0.0, 1.0)
+    for r in (0.9, 0.3):
+        assert s.decide(r) is None and s.next_beta() == 1.0
+    assert s.decide(0.2) == ref.STAGNATED and not s.rollback and (s.iterations, s.residual) == (2, 0.2)
+    s.start(0.0, 1.0)
+    for r in (0.9, 0.3):
+        assert s.decide(r) is None and s.next_beta() == 1.0
+    assert s.decide(0.31) == ref.STAGNATED and s.rollback and (s.iterations, s.residual) == (1, 0.3)
