@@ -9,10 +9,11 @@ import os
 
 from setuptools import setup
 
-PACKAGES = ["hyperinf_ext", "hyperinf_ext.capture", "hyperinf_ext.data", "hyperinf_ext.kernels", "hyperinf_ext.integrations",
+PACKAGES = ["hyperinf_ext", "hyperinf_ext.backends", "hyperinf_ext.capture", "hyperinf_ext.data", "hyperinf_ext.kernels", "hyperinf_ext.integrations",
             "hyperinf_ext.solvers", "hyperinf_ext.tasks"]
 # kernels/ lives at the top of the repository (design card) but installs inside the package: the
-# top-level name `kernels` is taken on PyPI.
+# top-level name `kernels` is taken on PyPI.  Editable installs map it through setuptools' finder; a
+# source checkout without install gets the same name from hyperinf_ext/__init__.py's _map_source_kernels.
 PACKAGE_DIR = {"hyperinf_ext": "hyperinf_ext", "hyperinf_ext.kernels": "kernels"}
 
 

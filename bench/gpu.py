@@ -269,7 +269,7 @@ def section_gfim(ctx: "Context", sec: dict) -> None:
     import torch
 
     from hyperinf_ext.kernels import gfim as kgfim
-    from hyperinf_ext.kernels import launchers
+    from hyperinf_ext.backends import triton as launchers
 
     s = ctx.sizes
     m = s.n * s.r

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-import hyperinf_ext.cpp_ops  # noqa: F401  (registers torch.ops.hyperinf.*)
+import hyperinf_ext.backends.cpp  # noqa: F401  (registers torch.ops.hyperinf.*)
 
 
 def _time(fn) -> float:

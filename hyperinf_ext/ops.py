@@ -1,20 +1,30 @@
 """The public kernel-level API: argument checks (once, here) and dispatch to a backend.
 
-Every function validates shapes, dtypes, devices and finiteness, brings tensors to the layout the
+Every function validates shapes, dtypes, devices and finiteness (helpers in ``checks.py``), brings tensors to the layout the
 backends expect (see ``reference.py``) and calls ``backends.select`` — the single dispatch point.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
 from . import backends, reference
+from .checks import (  # noqa: F401  (re-exported: callers use ops._check_* etc. by these names)
+    FLOAT_DTYPES,
+    _bounds_tensor,
+    _check_accumulated,
+    _check_accumulator,
+    _check_finite,
+    _check_square,
+    _check_symmetric,
+    _check_tensor,
+    _diverged_reason,
+    _failure_message,
+)
 from .errors import ConvergenceError
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Default Schulz acceptance bound on ‖I − A·X‖_F (an upper bound of ‖X − A⁻¹‖₂ / ‖A⁻¹‖₂), per
 # compute dtype.  float32's rounding floor is about κ·u·√d/2 (measured: 5.6e-3 at κ = 1e4, d = 1024),
@@ -27,36 +37,6 @@ DEFAULT_TOL = {torch.float32: 1e-2, torch.float64: 1e-8}
 # anything influence scores resolve; its floor would cost two more float64 iterations.
 DEFAULT_STOP = {torch.float32: 0.0, torch.float64: 1e-8}
 DEFAULT_MAX_ITER = 100
-
-
-# --------------------------------------------------------------------------------------------------
-# argument checks
-
-
-def _check_tensor(name: str, x: object, ndims: Sequence[int], dtypes=FLOAT_DTYPES) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.device.type == "meta":
-        raise ValueError(f"{name}: a meta tensor has no values to compute with; pass a CPU or CUDA tensor")
-    if x.dim() not in ndims:
-        want = " or ".join(f"{n}-D" for n in ndims)
-        raise ValueError(f"{name}: expected a {want} tensor, got shape {tuple(x.shape)}")
-    if x.dtype not in dtypes:
-        raise ValueError(f"{name}: unsupported dtype {x.dtype}; expected one of {list(dtypes)}")
-    return x
-
-
-def _check_finite(name: str, x: torch.Tensor) -> None:
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name}: contains NaN or Inf")
-
-
-def _check_square(name: str, A: torch.Tensor) -> int:
-    if A.shape[-1] != A.shape[-2]:
-        raise ValueError(f"{name}: matrices must be square, got shape {tuple(A.shape)}")
-    if A.shape[-1] == 0:
-        raise ValueError(f"{name}: matrices are empty (d = 0)")
-    return A.shape[-1]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -87,16 +67,7 @@ def gfim_accumulate_(acc: torch.Tensor, grads: torch.Tensor, *, backend: str | N
         raise ValueError(f"grads: {grads.shape[0]} layers but acc holds {acc.shape[0]}")
     if grads.device != acc.device:
         raise ValueError(f"grads: on {grads.device} but acc is on {acc.device}")
-    if acc.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            "acc: requires grad; the accumulation is not differentiable and writes acc in place "
-            "(pass acc.detach(), or call under torch.no_grad())"
-        )
-    if any(st == 0 and n > 1 for st, n in zip(acc.stride(), acc.shape)) or torch._debug_has_internal_overlap(acc) == 1:
-        raise ValueError(
-            f"acc: elements share memory (strides {acc.stride()}, e.g. from expand()); "
-            "in-place accumulation needs distinct elements: pass acc.clone()"
-        )
+    _check_accumulator("acc", acc)
     if grads.numel() == 0:
         return acc
     acc3 = acc if acc.dim() == 3 else acc.unsqueeze(0)
@@ -108,13 +79,29 @@ def gfim_accumulate_(acc: torch.Tensor, grads: torch.Tensor, *, backend: str | N
         work = acc3.contiguous()
         impl.gfim_accumulate_(work, g3)
         acc3.copy_(work)
-    # diag(acc) += Σ g², so any NaN/Inf in grads (or a square overflowing the accumulator) shows
-    # there: an O(d) test instead of a pass over the gradients, which cost as much as the GEMM itself.
-    if not bool(torch.isfinite(torch.diagonal(acc3, dim1=-2, dim2=-1)).all()):
-        raise ValueError(
-            "grads: contains NaN or Inf (or values whose squares overflow the accumulator); "
-            "acc now holds non-finite values"
-        )
+    _check_accumulated("grads", acc3)
+    return acc
+
+
+def rank_gram_accumulate_(acc: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Add Σ_i g_i·g_iᵀ into ``acc`` in place (the r×r factor sum of LoRA gradients); returns ``acc``.
+
+    acc: [L, r, r] float32 or float64, contiguous.  grads: [L, n, r, d], any float dtype and strides.
+    Products are accumulated in acc's dtype (torch backend, one batched GEMM); the added matrix is
+    exactly symmetric (its upper triangle mirrored).  Non-finite gradients raise ValueError after the
+    accumulation, leaving acc non-finite, as in ``gfim_accumulate_``.
+    """
+    _check_tensor("acc", acc, (3,), (torch.float32, torch.float64))
+    _check_tensor("grads", grads, (4,))
+    r = _check_square("acc", acc)
+    _check_accumulator("acc", acc, contiguous=True)
+    if grads.shape[0] != acc.shape[0] or grads.shape[2] != r:
+        raise ValueError(f"grads: shape {tuple(grads.shape)} does not match acc {tuple(acc.shape)}: expected [L, n, r, d] with L, r of acc")
+    if grads.device != acc.device:
+        raise ValueError(f"grads: on {grads.device} but acc is on {acc.device}")
+    if grads.numel():
+        backends.select("torch", acc.device)[1].rank_gram_accumulate_(acc, grads)
+    _check_accumulated("grads", acc)
     return acc
 
 
@@ -186,33 +173,6 @@ def spectral_upper_bound(A: torch.Tensor) -> torch.Tensor:
     row = A64.abs().sum(-1).amax(-1)
     fro = torch.linalg.matrix_norm(A64)
     return torch.minimum(row, fro)
-
-
-def _bounds_tensor(name: str, value, batch_shape: torch.Size) -> torch.Tensor:
-    if value is None or isinstance(value, (bool, str, bytes)) or (
-        isinstance(value, torch.Tensor) and (value.dtype == torch.bool or value.is_complex() or value.device.type == "meta")
-    ):
-        raise ValueError(f"{name}: expected a non-negative number or a tensor of them, got {value!r}")
-    try:
-        t = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{name}: expected a non-negative number or a tensor of them, got {value!r} ({e})") from None
-    try:
-        t = torch.broadcast_to(t, batch_shape).reshape(-1)
-    except RuntimeError:
-        raise ValueError(f"{name}: shape {tuple(t.shape)} does not broadcast to the batch {tuple(batch_shape)}")
-    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-        raise ValueError(f"{name}: must be finite and non-negative")
-    return t.clone()
-
-
-def _check_symmetric(name: str, A: torch.Tensor) -> None:
-    if A.numel() == 0:
-        return
-    scale = A.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
-    asym = ((A - A.transpose(-1, -2)).abs() / scale).amax()
-    if float(asym) > 1e3 * torch.finfo(A.dtype).eps:
-        raise ValueError(f"{name}: matrices must be symmetric (max relative asymmetry {float(asym):.2e})")
 
 
 def schulz_inverse(
@@ -362,48 +322,6 @@ def _ldexp(T: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         out = T * f if out is None else out.mul_(f)
         k -= step
     return T.clone() if out is None else out
-
-
-def _diverged_reason(A: torch.Tensor, cdtype: torch.dtype) -> str:
-    """Why Schulz diverged on A (one matrix, scaled to max |entry| ~ 1): not positive definite, or
-    positive definite but too ill-conditioned for ``cdtype`` — told apart by float64 eigenvalues."""
-    ev = torch.linalg.eigvalsh(A.double().cpu())
-    lo, hi = float(ev[0]), float(ev[-1].abs().clamp_min(1e-300))
-    u = torch.finfo(cdtype).eps / 2
-    d = A.shape[-1]
-    if lo > 0:
-        return (
-            f"is positive definite but its condition number ({hi / lo:.1e}) is beyond what {cdtype} resolves "
-            f"(the iteration diverged in rounding); use float64 or more damping"
-        )
-    if -lo <= 4 * d * u * hi:
-        return (
-            f"is not positive definite to within {cdtype}'s resolution (smallest eigenvalue {lo / hi:.1e} of the "
-            f"largest: numerically singular in {cdtype}); use float64 or more damping"
-        )
-    return f"is not positive definite (the Schulz residual grew without bound; smallest eigenvalue {lo / hi:.1e} of the largest)"
-
-
-def _failure_message(info: SchulzInfo, cdtype: torch.dtype, A: torch.Tensor | None = None) -> str:
-    bad = [i for i, s in enumerate(info.status) if s != "converged"]
-    i = bad[0]
-    st = info.status[i]
-    r = float(info.residual.reshape(-1)[i])
-    if st == "diverged":
-        if A is not None and float(torch.diagonal(A[i]).amin()) > 0:
-            what = _diverged_reason(A[i], cdtype)
-        else:
-            what = "is not positive definite (a diagonal entry is <= 0)"
-    else:
-        what = {
-            "stagnated": f"stagnated at residual {r:.3e} > tol {info.tol:.1e}: the condition number is beyond what "
-            f"{cdtype} resolves; use float64 or more damping",
-            "max_iter": f"did not converge in {int(info.iterations.reshape(-1)[i])} iterations "
-            f"(residual {r:.3e} > tol {info.tol:.1e}); raise max_iter or give lower_bound",
-            "overflow": f"has an inverse beyond {cdtype}'s range (its entries overflow); rescale A"
-            + (" or use float64" if cdtype != torch.float64 else ""),
-        }[st]
-    return f"schulz_inverse: {len(bad)} of {len(info.status)} matrices failed; matrix {i} {what}"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,23 +1,17 @@
-"""Plain-torch versions of every op: readable, and the oracle the other backends are tested against.
+"""The Schulz specification: status codes, the scaling/bracket rules and the one per-matrix schedule.
 
-These functions do no argument checking (``ops.py`` does that once) and assume the layouts that
-``ops.py`` hands to every backend:
+Every backend iterates X_{k+1} = β_k·X_k(2I − β_k·A·X_k) on each SPD matrix A [d, d], and every
+Python driver of that iteration — the torch loop (``backends/torch.py``) and the Triton host driver
+(``backends/triton.py``) — takes its decisions from :class:`SchulzSchedule`: the start X₀ = β₀·I,
+each step's β, the eigenvalue bracket, and when to stop with which status.  The C++ twin
+(``csrc/schulz.cpp``) implements the same rules and is tested for identical decisions.
 
-* ``gfim_accumulate_(acc, grads)``: ``acc`` is ``[L, d, d]`` (float32 or float64, contiguous),
-  ``grads`` is ``[L, m, d]`` with ``m = n·r`` rows (any float dtype, any strides).
-* ``schulz_inverse(A, lower, upper, tol, max_iter)``: ``A`` is ``[B, d, d]`` float32/float64
-  contiguous, ``lower``/``upper`` are ``[B]`` float64 spectral bounds of each matrix
-  (``0 <= lower < upper``, ``lower == 0`` meaning "unknown").
-
-The Schulz algorithm below is THE specification: the C++ and Triton backends implement the same
-steps, so iteration counts and statuses agree across backends.
+Layout the backends receive from ``ops.py`` (no checks below): A [B, d, d] float32/float64
+contiguous, lower/upper [B] float64 spectral bounds (0 <= lower < upper, lower == 0 = "unknown").
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
-
-import torch
 
 # Status codes of one matrix after `schulz_inverse`, shared by every backend.
 CONVERGED = 0  # residual <= tol
@@ -31,16 +25,6 @@ STATUS_NAMES = {CONVERGED: "converged", STAGNATED: "stagnated", MAX_ITER: "max_i
 # phase: a step that fails to halve the residual means rounding error dominates (stagnation).
 QUADRATIC_PHASE = 0.5
 UNSCALED = 1e-2  # |β − 1| below this counts as an unscaled step
-
-
-def gfim_accumulate_(acc: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    """acc[l] += grads[l]ᵀ·grads[l].  acc: [L, d, d] fp32/fp64; grads: [L, m, d]. Returns acc."""
-    g = grads.to(acc.dtype)
-    prod = torch.matmul(g.transpose(-1, -2), g)
-    # BLAS does not promise a bit-symmetric product: keep the upper triangle and mirror it, as SYRK does.
-    upper = torch.triu(prod)
-    acc.add_(upper + torch.triu(prod, diagonal=1).transpose(-1, -2))
-    return acc
 
 
 def initial_scale(lower: float, upper: float) -> float:
@@ -82,70 +66,77 @@ def divergence_limit(d: int) -> float:
     return 2.0 * math.sqrt(d) + 1.0
 
 
-def schulz_inverse(
-    A: torch.Tensor,
-    lower: torch.Tensor,
-    upper: torch.Tensor,
-    tol: float,
-    max_iter: int,
-    callback: Callable[[int, torch.Tensor], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of each SPD matrix in ``A`` by scaled Schulz (Newton–Schulz) iteration.
+class SchulzSchedule:
+    """The decisions of scaled Schulz on ONE matrix; the driver owns the iterates and the GEMMs.
 
-    A: [B, d, d] float32/float64. lower, upper: [B] float64 bounds on the spectrum of each matrix.
-    Returns (X [B, d, d] same dtype as A, iterations [B] int64, residual [B] float64, status [B] int64).
+    Per matrix, with R_k = I − A·X_k and r_k = ‖R_k‖_F::
 
-    Per matrix, with R_k = I − A·X_k and r_k = ‖R_k‖_F:
-      X₀ = β₀·I, β₀ = initial_scale(lower, upper); bracket [a, b] = [β₀·lower, β₀·upper].
-      for k = 0, 1, ...:
-        r_k; stop CONVERGED if r_k <= tol; DIVERGED if r_k is not finite or > divergence_limit(d);
-        STAGNATED if r_{k-1} < QUADRATIC_PHASE and |β_{k-1} − 1| < UNSCALED and r_k > r_{k-1}/2
-        (the iterate with the smaller residual is the one returned); MAX_ITER if k == max_iter.
-        β, a, b = step_scale(a, b, r_k)
-        X_{k+1} = β(2 − β)·X_k + β²·X_k·R_k      (= βX_k(2I − βA X_k), with R_k computed exactly once)
-        a, b = next_bracket(a, b, β)
-    ``iterations`` counts the updates applied to the returned X.  ``callback(k, X_k)`` (this backend
-    only) sees every iterate X_k, k = 1, 2, ..., matrix after matrix — how the convergence study
-    records its error curves from this very loop.
+        beta0 = s.start(lower, upper)          # X₀ = β₀·I, bracket [β₀·lower, β₀·upper]
+        loop:
+            r_k = ‖I − A·X_k‖_F
+            status = s.decide(r_k)             # None: keep iterating
+            if status is not None:             # s.rollback: return X_{k−1} instead of X_k
+                break
+            beta = s.next_beta()               # X_{k+1} = β(2 − β)·X_k + β²·X_k·R_k
+        s.iterations, s.residual               # of the returned iterate
+
+    ``decide`` stops CONVERGED if r_k <= tol; DIVERGED if r_k is not finite or > divergence_limit(d);
+    STAGNATED if r_{k−1} < QUADRATIC_PHASE and |β_{k−1} − 1| < UNSCALED and r_k > r_{k−1}/2 (rolling
+    back to X_{k−1} when r_k > r_{k−1}); MAX_ITER if k == max_iter.  All arithmetic is Python float
+    (IEEE double), as in the C++ twin, so every driver takes the same decisions on the same residuals.
     """
-    B, d, _ = A.shape
-    eye = torch.eye(d, dtype=A.dtype, device=A.device)
-    X_out = torch.empty_like(A)
-    iters = torch.zeros(B, dtype=torch.int64)
-    resid = torch.zeros(B, dtype=torch.float64)
-    status = torch.zeros(B, dtype=torch.int64)
-    limit = divergence_limit(d)
-    for i in range(B):
-        lo, up = float(lower[i]), float(upper[i])
-        beta0 = initial_scale(lo, up)
-        a, b = beta0 * lo, beta0 * up
-        X = eye * beta0
-        X_prev, r_prev, beta = None, math.inf, math.inf
-        k = 0
-        while True:
-            R = eye - A[i] @ X
-            r = float(torch.linalg.vector_norm(R))
-            if not math.isfinite(r) or r > limit:
-                st = DIVERGED
-                break
-            if r <= tol:
-                st = CONVERGED
-                break
-            if r_prev < QUADRATIC_PHASE and abs(beta - 1.0) < UNSCALED and r > 0.5 * r_prev:
-                st = STAGNATED
-                if r > r_prev:
-                    X, r, k = X_prev, r_prev, k - 1
-                break
-            if k == max_iter:
-                st = MAX_ITER
-                break
-            beta, a, b = step_scale(a, b, r)
-            X_prev, r_prev = X, r
-            X = beta * (2.0 - beta) * X + beta * beta * (X @ R)
-            a, b = next_bracket(a, b, beta)
-            k += 1
-            if callback is not None:
-                callback(k, X)
-        X_out[i] = X
-        iters[i], resid[i], status[i] = k, r, st
-    return X_out, iters, resid, status
+
+    __slots__ = ("tol", "max_iter", "limit", "a", "b", "k", "r", "r_prev", "beta", "status", "rollback")
+
+    def __init__(self, d: int, tol: float, max_iter: int) -> None:
+        self.tol, self.max_iter = float(tol), int(max_iter)
+        self.limit = divergence_limit(d)
+
+    def start(self, lower: float, upper: float) -> float:
+        """Reset for a matrix with spectral bounds [lower, upper]; returns β₀ (X₀ = β₀·I)."""
+        beta0 = initial_scale(lower, upper)
+        self.a, self.b = beta0 * lower, beta0 * upper
+        self.k, self.r, self.r_prev, self.beta = 0, math.inf, math.inf, math.inf
+        self.status: int | None = None
+        self.rollback = False
+        return beta0
+
+    def decide(self, residual: float) -> int | None:
+        """Status to stop with at residual r_k = ‖I − A·X_k‖_F, or None to take another step."""
+        r = self.r = float(residual)
+        if not math.isfinite(r) or r > self.limit:
+            self.status = DIVERGED
+        elif r <= self.tol:
+            self.status = CONVERGED
+        elif self.r_prev < QUADRATIC_PHASE and abs(self.beta - 1.0) < UNSCALED and r > 0.5 * self.r_prev:
+            self.status = STAGNATED
+            # Rounding has taken over: return whichever of X_{k−1}, X_k has the smaller residual.
+            if r > self.r_prev:
+                self.rollback = True
+                self.r, self.k = self.r_prev, self.k - 1
+        elif self.k == self.max_iter:
+            self.status = MAX_ITER
+        return self.status
+
+    def next_beta(self) -> float:
+        """β_k of the step from X_k (after ``decide`` returned None); advances the bracket and k."""
+        beta, a, b = step_scale(self.a, self.b, self.r)
+        self.beta, self.r_prev = beta, self.r
+        self.a, self.b = next_bracket(a, b, beta)
+        self.k += 1
+        return beta
+
+    @property
+    def iterations(self) -> int:
+        """Updates applied to the iterate this schedule returns (after a rollback: one fewer)."""
+        return self.k
+
+    @property
+    def residual(self) -> float:
+        """‖I − A·X‖_F of the returned iterate."""
+        return self.r
+
+
+def update_coefficients(beta: float) -> tuple[float, float]:
+    """(c1, c2) of X_{k+1} = c1·X_k + c2·X_k·R_k for the step β: (β(2 − β), β²)."""
+    return beta * (2.0 - beta), beta * beta

@@ -20,11 +20,13 @@ Under TRITON_INTERPRET=1 every ``@triton.jit`` function, triton.language's own h
 process.  ``compile_all`` then compiles in a child process with TRITON_INTERPRET=0 and loads the
 results back from Triton's on-disk cache, so it works from the interpreter test session too.
 
-Command line: ``python -m hyperinf_ext.kernels.aot --arch 90 [--out result.json]``.
+Command line: ``python -m <package>.kernels.aot --arch 90 [--out result.json]`` (the package that
+installs this directory as its ``kernels`` subpackage).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -174,13 +176,17 @@ def _compile_here(arch: int) -> dict:
 
 def _compile_in_child(arch: int) -> dict:
     """compile_all in a TRITON_INTERPRET=0 child; rebuild the kernels from the cache files it names."""
-    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # This file does not know the package it is installed in: the child runs this module under the
+    # name it was imported as, with the directory above the top-level package on its path.
+    module = __spec__.name
+    top = importlib.import_module(module.split(".")[0])
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(top.__file__)))
     env = dict(os.environ, TRITON_INTERPRET="0")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "aot.json")
         proc = subprocess.run(
-            [sys.executable, "-m", "hyperinf_ext.kernels.aot", "--arch", str(arch), "--out", out],
+            [sys.executable, "-m", module, "--arch", str(arch), "--out", out],
             env=env,
             capture_output=True,
             text=True,

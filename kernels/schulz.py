@@ -1,6 +1,6 @@
 """Batched Schulz-iteration kernels: the two GEMMs of one step, with their epilogues fused.
 
-One Schulz step on matrix b (see ``hyperinf_ext.reference.schulz_inverse``) is
+One Schulz step on matrix b (the scaled Schulz iteration of the package's torch backend) is
 
 * residual: R = I − A·X and the squared Frobenius norm of R (``schulz_residual_kernel``),
 * update:   X_new = c1·X + c2·(X·R) with c1 = β(2 − β), c2 = β² (``schulz_update_kernel``).
@@ -8,7 +8,9 @@ One Schulz step on matrix b (see ``hyperinf_ext.reference.schulz_inverse``) is
 Both kernels run over all B matrices of a batch in one launch (grid = (output tiles, B)); a
 per-matrix ``active`` flag makes the programs of finished matrices return at once, so a batch
 whose matrices converge at different steps costs only the work of the ones still iterating.
-All matrices are [B, d, d] contiguous float32 or float64; the dtype of the pointers selects the
+Both share one tiled-GEMM body (``_product_tile``) and tile order (``_grouped_tile``).  The step
+coefficients and the stop decisions come from the host driver.  All matrices are [B, d, d]
+contiguous float32 or float64; the dtype of the pointers selects the
 dot precision (float32: "ieee" FMA, or "tf32x3" compensated TF32 tensor cores; float64: DMMA).
 """
 from __future__ import annotations
@@ -23,9 +25,59 @@ import triton.language as tl
 # a residual that must reach 1e-2 at condition 1e4).
 INPUT_PRECISIONS = ("ieee", "tf32x3")
 
-# The GEMM main loop is written out in both kernels rather than shared through a @triton.jit
-# helper: the interpreter re-patches triton.language on every nested jit call (~1 ms each), which
-# dominated its run time.  For the same reason the kernels use `//` instead of tl.cdiv.
+# The main loop is one @triton.jit helper called once per program (not once per K step): the
+# interpreter re-patches triton.language on every nested jit call (~1 ms each), so per-step helpers
+# would dominate its run time.  For the same reason the kernels use `//` instead of tl.cdiv.
+
+
+@triton.jit
+def _grouped_tile(pid, d, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Row and column indices (rm [BLOCK_M], rn [BLOCK_N]) of output tile ``pid`` of a [d, d] product.
+
+    Grouped order: GROUP_M tile rows are swept together so the left panels they share stay in L2
+    while the right operand streams.
+    """
+    grid_m = (d + BLOCK_M - 1) // BLOCK_M
+    grid_n = (d + BLOCK_N - 1) // BLOCK_N
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    group_size = tl.minimum(grid_m - first_m, GROUP_M)
+    rm = (first_m + (pid % width) % group_size) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = ((pid % width) // group_size) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rm, rn
+
+
+@triton.jit
+def _product_tile(
+    left_ptr,
+    right_ptr,
+    off,
+    rm,
+    rn,
+    d,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """(Left·Right)[rm, rn] of two [d, d] row-major matrices starting at element ``off``.
+
+    Returns a [BLOCK_M, BLOCK_N] tile in the operands' dtype; rows/columns past d read as zero.
+    """
+    rk = tl.arange(0, BLOCK_K)
+    mask_m = rm[:, None] < d
+    mask_n = rn[None, :] < d
+    l_ptrs = left_ptr + off + rm[:, None] * d + rk[None, :]
+    r_ptrs = right_ptr + off + rk[:, None] * d + rn[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=left_ptr.dtype.element_ty)
+    for k in range(0, (d + BLOCK_K - 1) // BLOCK_K):
+        left = d - k * BLOCK_K
+        lt = tl.load(l_ptrs, mask=mask_m & (rk[None, :] < left), other=0.0)
+        rt = tl.load(r_ptrs, mask=(rk[:, None] < left) & mask_n, other=0.0)
+        acc = tl.dot(lt, rt, acc, input_precision=INPUT_PRECISION)
+        l_ptrs += BLOCK_K
+        r_ptrs += BLOCK_K * d
+    return acc
 
 
 @triton.jit
@@ -47,33 +99,12 @@ def schulz_residual_kernel(
     b = tl.program_id(1)
     if tl.load(active_ptr + b) == 0:
         return
-    # Grouped tile order: GROUP_M tile rows are swept together so the A panels they share stay
-    # in L2 while X streams.
-    grid_m = (d + BLOCK_M - 1) // BLOCK_M
-    grid_n = (d + BLOCK_N - 1) // BLOCK_N
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    group_size = tl.minimum(grid_m - first_m, GROUP_M)
-    rm = (first_m + (pid % width) % group_size) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = ((pid % width) // group_size) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    mask_m = rm[:, None] < d
-    mask_n = rn[None, :] < d
-
+    rm, rn = _grouped_tile(pid, d, BLOCK_M, BLOCK_N, GROUP_M)
     # 64-bit matrix offset: B·d² can exceed 2³¹ elements.
     off = b.to(tl.int64) * d * d
-    a_ptrs = a_ptr + off + rm[:, None] * d + rk[None, :]
-    x_ptrs = x_ptr + off + rk[:, None] * d + rn[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=a_ptr.dtype.element_ty)
-    for k in range(0, (d + BLOCK_K - 1) // BLOCK_K):
-        left = d - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=mask_m & (rk[None, :] < left), other=0.0)
-        x = tl.load(x_ptrs, mask=(rk[:, None] < left) & mask_n, other=0.0)
-        acc = tl.dot(a, x, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K * d
+    acc = _product_tile(a_ptr, x_ptr, off, rm, rn, d, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
 
-    mask = mask_m & mask_n
+    mask = (rm[:, None] < d) & (rn[None, :] < d)
     eye = tl.where(rm[:, None] == rn[None, :], 1.0, 0.0).to(acc.dtype)
     # Padding rows/columns must contribute nothing to the norm (the padded diagonal would be 1).
     r = tl.where(mask, eye - acc, 0.0)
@@ -100,33 +131,14 @@ def schulz_update_kernel(
     b = tl.program_id(1)
     if tl.load(active_ptr + b) == 0:
         return
-    grid_m = (d + BLOCK_M - 1) // BLOCK_M
-    grid_n = (d + BLOCK_N - 1) // BLOCK_N
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    group_size = tl.minimum(grid_m - first_m, GROUP_M)
-    rm = (first_m + (pid % width) % group_size) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = ((pid % width) // group_size) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    mask_m = rm[:, None] < d
-    mask_n = rn[None, :] < d
-
+    rm, rn = _grouped_tile(pid, d, BLOCK_M, BLOCK_N, GROUP_M)
     off = b.to(tl.int64) * d * d
-    x_ptrs = x_ptr + off + rm[:, None] * d + rk[None, :]
-    r_ptrs = r_ptr + off + rk[:, None] * d + rn[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=x_ptr.dtype.element_ty)
-    for k in range(0, (d + BLOCK_K - 1) // BLOCK_K):
-        left = d - k * BLOCK_K
-        x = tl.load(x_ptrs, mask=mask_m & (rk[None, :] < left), other=0.0)
-        r = tl.load(r_ptrs, mask=(rk[:, None] < left) & mask_n, other=0.0)
-        acc = tl.dot(x, r, acc, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_K
-        r_ptrs += BLOCK_K * d
+    acc = _product_tile(x_ptr, r_ptr, off, rm, rn, d, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
 
     # The "2X − XAX" combination of Schulz, scaled by β, fused into the epilogue.
     c1 = tl.load(coef_ptr + 2 * b)
     c2 = tl.load(coef_ptr + 2 * b + 1)
-    mask = mask_m & mask_n
+    mask = (rm[:, None] < d) & (rn[None, :] < d)
     idx = off + rm[:, None] * d + rn[None, :]
     x = tl.load(x_ptr + idx, mask=mask, other=0.0)
     tl.store(out_ptr + idx, c1 * x + c2 * acc, mask=mask)

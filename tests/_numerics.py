@@ -56,6 +56,18 @@ def gfim_slack(grads: torch.Tensor, acc_dtype: torch.dtype) -> float:
     return (m + 2) * (unit_roundoff(acc_dtype) + U64) * ratio
 
 
+def rank_gram_slack(grads: torch.Tensor, acc_dtype: torch.dtype) -> float:
+    """Bound on ‖Σ_i g_i·g_iᵀ computed in acc_dtype − exact‖_F relative to the exact sum, for grads
+    [L, n, r, d]: the same γ_m bound as ``gfim_slack`` on the r×r side, with m = n·d products summed
+    per entry (plus the float64 reference's own γ_m)."""
+    L, n, r, d = grads.shape
+    g = grads.double().permute(0, 2, 1, 3).reshape(L, r, n * d)
+    exact = torch.matmul(g, g.transpose(-1, -2))
+    absprod = torch.matmul(g.abs(), g.abs().transpose(-1, -2))
+    ratio = fro(absprod) / max(fro(exact), 1e-300)
+    return (n * d + 2) * (unit_roundoff(acc_dtype) + U64) * ratio
+
+
 def iterations_agree(it_a: torch.Tensor, it_b: torch.Tensor, stop: float) -> bool:
     """Iteration counts of two backends on the same input.  Stopping at a tolerance above the
     rounding noise, they take the same decisions; stopping at the rounding floor (float32's default,

@@ -1,4 +1,4 @@
-"""The C++ CPU backend (torch.ops.hyperinf.*, hyperinf_ext/cpp_ops.py) against the torch reference.
+"""The C++ CPU backend (torch.ops.hyperinf.*, hyperinf_ext/backends/cpp.py) against the torch reference.
 
 Skipped when the extension is not built (``python setup.py build_ext --inplace``).
 
@@ -12,7 +12,7 @@ Tolerances:
   these tests target (a dropped or doubled row panel, conversion chunk or layer, a transposed
   operand, an unmirrored tile) moves max|·| by ≥ 1e-1 relative.  Exact symmetry (torch.equal) is
   guaranteed by construction: the op mirrors each upper tile bitwise.
-* Schulz: statuses and iteration counts must equal reference.schulz_inverse wherever tol is above
+* Schulz: statuses and iteration counts must equal the torch backend's wherever tol is above
   the residual's rounding (schulz_runs_agree; at the rounding floor the stop is a rounding tie);
   X agrees with the reference within the two residuals plus their rounding (inverses_agree: both
   are within their residual of A⁻¹; the two backends round R = I − A·X differently).  Against torch.linalg.inv,
@@ -29,7 +29,9 @@ import sys
 import pytest
 import torch
 
-from hyperinf_ext import cpp_ops, ops, reference
+from hyperinf_ext import ops, reference
+from hyperinf_ext.backends import cpp as cpp_ops
+from hyperinf_ext.backends import torch as torch_backend
 from _numerics import (agree_slack, gfim_acc_slack, inverse_reference_slack, inverses_agree, iterations_agree,
                        residual_slack, schulz_runs_agree)
 
@@ -82,7 +84,8 @@ def test_backend_imports_without_extension():
     # cpp_ops still imports, reports unavailable, and the dispatcher falls back to torch.
     code = (
         "import sys; sys.modules['hyperinf_ext._C'] = None\n"
-        "from hyperinf_ext import cpp_ops, backends\n"
+        "from hyperinf_ext import backends\n"
+        "from hyperinf_ext.backends import cpp as cpp_ops\n"
         "assert not cpp_ops.is_available()\n"
         "import torch\n"
         "assert 'cpp' not in backends.available_backends('cpu')\n"
@@ -411,7 +414,7 @@ def test_gfim_bf16_kernel_bitwise_independent_of_threading():
 
 def _check_against_reference(A, lower, upper, tol, max_iter):
     X, it, res, st = cpp_ops.schulz_inverse(A, lower, upper, tol, max_iter)
-    Xr, itr, resr, str_ = reference.schulz_inverse(A, lower, upper, tol, max_iter)
+    Xr, itr, resr, str_ = torch_backend.schulz_inverse(A, lower, upper, tol, max_iter)
     assert X.dtype == A.dtype and X.shape == A.shape
     assert (it.dtype, res.dtype, st.dtype) == (torch.int64, torch.float64, torch.int64)
     # equal statuses and counts where tol is above the residual's rounding (was torch.equal always)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import hyperinf_ext as hx
-from _numerics import gfim_slack, inverse_reference_slack, residual_slack
-from hyperinf_ext import reference
+from _numerics import gfim_slack, inverse_reference_slack, rank_gram_slack, residual_slack
+from hyperinf_ext.backends import torch as torch_backend
 
 BACKENDS = hx.available_backends("cpu")
 
@@ -50,6 +50,48 @@ def test_gfim_matches_float64_reference(backend, dtype, scale):
     tol = gfim_slack(grads, G.dtype)
     assert (G.double() - ref).norm() <= tol * ref.norm()
     assert torch.equal(G, G.T)
+
+
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e2])
+def test_rank_gram_matches_float64_einsum(acc_dtype, dtype, scale):
+    # [L, n, r, d] with odd sizes, non-contiguous (r and d swapped in memory), accumulated in two calls.
+    grads = (torch.randn(3, 7, 37, 5, dtype=torch.float64) * scale).transpose(-1, -2).to(dtype)
+    acc = torch.zeros(3, 5, 5, dtype=acc_dtype)
+    hx.ops.rank_gram_accumulate_(acc, grads[:, :3])
+    out = hx.ops.rank_gram_accumulate_(acc, grads[:, 3:])
+    assert out is acc and acc.dtype == acc_dtype
+    ref = torch.einsum("lnid,lnjd->lij", grads.double(), grads.double())
+    assert (acc.double() - ref).norm() <= 2 * rank_gram_slack(grads, acc_dtype) * ref.norm()
+    assert torch.equal(acc, acc.transpose(1, 2))
+
+
+def test_rank_gram_rejects_bad_input():
+    acc, g = torch.zeros(2, 4, 4), torch.randn(2, 3, 4, 6)
+    bad = [
+        (torch.zeros(2, 4, 4, dtype=torch.float16), g, "acc: unsupported dtype"),
+        (torch.zeros(4, 4), g, "acc: expected a 3-D"),
+        (torch.zeros(2, 4, 5), g, "acc: matrices must be square"),
+        (torch.zeros(2, 8, 8)[:, ::2, ::2], g, "acc: must be contiguous"),
+        (acc, torch.randn(3, 4, 6), "grads: expected a 4-D"),
+        (acc, torch.randn(3, 3, 4, 6), "does not match acc"),
+        (acc, torch.randn(2, 3, 5, 6), "does not match acc"),
+        (acc, g.to(torch.int32), "grads: unsupported dtype"),
+        (acc, torch.randn(2, 3, 4, 6, device="meta"), "grads: a meta tensor"),
+        (torch.zeros(1, 4, 4).expand(2, 4, 4), g, "acc: elements share memory"),
+        (torch.zeros(2, 4, 4, requires_grad=True), g, "acc: requires grad"),
+        ("acc", g, "acc: expected a torch.Tensor"),
+    ]
+    for a, gr, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            hx.ops.rank_gram_accumulate_(a, gr)
+    g_nan = g.clone()
+    g_nan[1, 2, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match="grads: contains NaN or Inf"):
+        hx.ops.rank_gram_accumulate_(torch.zeros(2, 4, 4), g_nan)
+    empty = torch.zeros(2, 4, 4)
+    assert torch.equal(hx.ops.rank_gram_accumulate_(empty, torch.randn(2, 0, 4, 6)), torch.zeros(2, 4, 4))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -148,7 +190,7 @@ def test_schulz_agrees_with_reference_counts(backend):
     lower = torch.tensor([1e3 / 1e2, 1e-3 / 1e5])
     X, info = hx.schulz_inverse(A, lower_bound=lower, backend=backend, return_info=True)
     up = hx.ops.spectral_upper_bound(A)
-    Xr, it, res, st = reference.schulz_inverse(A, lower, up, hx.ops.DEFAULT_TOL[torch.float64], 100)
+    Xr, it, res, st = torch_backend.schulz_inverse(A, lower, up, hx.ops.DEFAULT_TOL[torch.float64], 100)
     assert torch.equal(info.iterations.reshape(-1), it)
     # Both are within their residual of A⁻¹ (up to the residuals' rounding): so within the sum of each other.
     slack = info.residual + res + 2 * residual_slack(A, torch.float64)
@@ -466,3 +508,38 @@ def test_gfim_accumulate_refuses_acc_requiring_grad(backend):
     with torch.no_grad():  # allowed where torch allows in-place updates of a leaf (e.g. optimizers)
         hx.gfim_accumulate_(acc, torch.ones(2, 1, 3), backend=backend)
     assert bool((acc == 2).all())
+
+
+# ------------------------------------------------------------------------------------ Schulz schedule
+
+
+def test_schulz_schedule_decisions():
+    from hyperinf_ext import reference as ref
+
+    s = ref.SchulzSchedule(d=4, tol=1e-3, max_iter=3)
+    assert s.start(0.5, 2.0) == ref.initial_scale(0.5, 2.0)
+    assert s.decide(float("nan")) == ref.DIVERGED
+    s.start(0.5, 2.0)
+    assert s.decide(ref.divergence_limit(4) * 1.01) == ref.DIVERGED
+    s.start(0.5, 2.0)
+    assert s.decide(1e-3) == ref.CONVERGED and (s.iterations, s.residual, s.rollback) == (0, 1e-3, False)
+    # β and the bracket follow step_scale / next_bracket; MAX_ITER after max_iter steps above tol.
+    beta0 = s.start(0.5, 2.0)
+    a, b = beta0 * 0.5, beta0 * 2.0
+    for r in (0.9, 0.6, 0.45):
+        assert s.decide(r) is None
+        beta, a, b = ref.step_scale(a, b, r)
+        assert s.next_beta() == beta
+        a, b = ref.next_bracket(a, b, beta)
+    assert s.decide(0.2) == ref.MAX_ITER and s.iterations == 3
+    # Unscaled steps (no lower bound: β = 1) in the quadratic phase: a residual that fails to halve
+    # stagnates; one that grew rolls back to the previous iterate.
+    s = ref.SchulzSchedule(d=4, tol=1e-9, max_iter=100)
+    s.start(0.0, 1.0)
+    for r in (0.9, 0.3):
+        assert s.decide(r) is None and s.next_beta() == 1.0
+    assert s.decide(0.2) == ref.STAGNATED and not s.rollback and (s.iterations, s.residual) == (2, 0.2)
+    s.start(0.0, 1.0)
+    for r in (0.9, 0.3):
+        assert s.decide(r) is None and s.next_beta() == 1.0
+    assert s.decide(0.31) == ref.STAGNATED and s.rollback and (s.iterations, s.residual) == (1, 0.3)

@@ -12,9 +12,10 @@ import torch
 triton = pytest.importorskip("triton")
 
 from hyperinf_ext import ops, reference  # noqa: E402
+from hyperinf_ext.backends import torch as torch_backend  # noqa: E402
+from hyperinf_ext.backends import triton as launchers  # noqa: E402
 from hyperinf_ext.errors import ConvergenceError  # noqa: E402
 from hyperinf_ext.kernels import gfim as kgfim  # noqa: E402
-from hyperinf_ext.kernels import launchers  # noqa: E402
 from hyperinf_ext.kernels import schulz as kschulz  # noqa: E402
 from _numerics import (U64, agree_slack, cond2, gfim_acc_slack, inverse_reference_slack, inverses_agree,  # noqa: E402
                        iterations_agree, residual_slack, schulz_runs_agree)
@@ -180,7 +181,7 @@ def _compare_with_reference(A, lower, tol, max_iter, **kw):
     upper = ops.spectral_upper_bound(A)
     lower = torch.minimum(lower, upper)
     X, it, res, st = launchers.schulz_inverse(A, lower, upper, tol, max_iter, **kw)
-    Xr, itr, resr, str_ = reference.schulz_inverse(A, lower, upper, tol, max_iter)
+    Xr, itr, resr, str_ = torch_backend.schulz_inverse(A, lower, upper, tol, max_iter)
     assert X.dtype == A.dtype and X.shape == A.shape
     assert it.dtype == torch.int64 and res.dtype == torch.float64 and st.dtype == torch.int64
     # equal decisions where tol is above the residual's rounding (was exact equality everywhere)
@@ -216,7 +217,7 @@ def test_schulz_matches_reference_and_inverse(dtype, d, with_lower):
     if with_lower:
         # The optimal scaling with a known lower bound needs fewer steps than plain Schulz.
         zeros = torch.zeros(len(SPECS), dtype=torch.float64)
-        _, it0, _, _ = reference.schulz_inverse(A, zeros, ops.spectral_upper_bound(A), tol, 100)
+        _, it0, _, _ = torch_backend.schulz_inverse(A, zeros, ops.spectral_upper_bound(A), tol, 100)
         assert bool((it <= it0).all())
 
 
@@ -268,7 +269,7 @@ def test_schulz_fp32_stagnates_at_condition_1e6():
     upper = ops.spectral_upper_bound(A)
     for lower in (torch.zeros(2, dtype=torch.float64), 0.9 * lam_min):
         X, it, res, st = launchers.schulz_inverse(A, lower, upper, 1e-2, 100)
-        Xr, itr, resr, str_ = reference.schulz_inverse(A, lower, upper, 1e-2, 100)
+        Xr, itr, resr, str_ = torch_backend.schulz_inverse(A, lower, upper, 1e-2, 100)
         assert st.tolist() == str_.tolist() == [reference.STAGNATED, reference.CONVERGED]
         # At the rounding floor the step where the residual stops halving is a rounding tie:
         # counts within 2 there (iterations_agree's rule), equal on the well-conditioned matrix.

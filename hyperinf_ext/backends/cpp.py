@@ -2,7 +2,7 @@
 
 Loading ``_C`` registers the operator library ``hyperinf`` with its CPU kernels; this module adds
 the fake (meta) kernels that let ``torch.compile`` trace the ops, and exposes the two backend
-functions of the layouts documented in ``reference.py``.  When ``_C`` was not built this module
+functions of the layouts documented in ``backends/torch.py``.  When ``_C`` was not built this module
 still imports, and :func:`is_available` returns False.
 
 Ops (CPU tensors):
@@ -12,7 +12,7 @@ Ops (CPU tensors):
   ``acc[l] += grads[l]ᵀ·grads[l]`` accumulated in acc's dtype (exactly symmetric when acc was).
 * ``torch.ops.hyperinf.schulz_inverse(A, lower, upper, tol, max_iter) -> (X, iterations, residual, status)``:
   A [B, d, d] float32/float64, lower/upper [B] float64; X like A, iterations/status int64 [B],
-  residual float64 [B]; the algorithm and status codes of ``reference.schulz_inverse``.
+  residual float64 [B]; the decisions and status codes of ``reference.SchulzSchedule``.
 * ``torch.ops.hyperinf.schulz_step_(X_new, R, A, X, beta) -> float``: one Schulz step on [d, d]
   matrices for benchmarks (eager only): R = I − A·X, X_new = β(2−β)·X + β²·X·R, returns ‖R‖_F.
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 try:
-    from . import _C  # noqa: F401  (loading the shared object registers torch.ops.hyperinf.*)
+    from .. import _C  # noqa: F401  (loading the shared object registers torch.ops.hyperinf.*)
 except (ImportError, OSError):
     _C = None
 

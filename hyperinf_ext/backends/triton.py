@@ -1,19 +1,16 @@
-"""The Triton backend: the two functions of the backend contract (see ``hyperinf_ext.reference``).
+"""The "triton" backend: host drivers of the Triton kernels (``kernels/``, installed as ``hyperinf_ext.kernels``).
 
-``hyperinf_ext.backends`` loads this module as the "triton" backend.  Tensors on CUDA run the
-compiled kernels; CPU tensors run through the Triton interpreter (TRITON_INTERPRET=1 set before
-triton is imported), with smaller tiles.
+Tensors on CUDA run the compiled kernels; CPU tensors run through the Triton interpreter
+(TRITON_INTERPRET=1 set before triton is imported), with smaller tiles.  The kernels know nothing
+of the package: the Schulz decisions are taken here, by ``reference.SchulzSchedule``.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from hyperinf_ext import reference
-
-from . import gfim as _gfim
-from . import schulz as _schulz
+from ..kernels import gfim as _gfim
+from ..kernels import schulz as _schulz
+from ..reference import SchulzSchedule, update_coefficients
 
 __all__ = ["gfim_accumulate_", "schulz_inverse"]
 
@@ -51,15 +48,15 @@ def schulz_inverse(
     input_precision: str = "ieee",
     config: _schulz.SchulzConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scaled Schulz inverse of each SPD matrix of A, step for step as ``reference.schulz_inverse``.
+    """Scaled Schulz inverse of each SPD matrix of A, step for step as the torch backend's.
 
     A: [B, d, d] float32/float64 contiguous; lower, upper: [B] float64 (CPU) spectral bounds.
     Returns (X [B, d, d] A's dtype and device, iterations [B] int64, residual [B] float64,
     status [B] int64), the last three on the CPU.
 
     Each iteration is two launches over the whole batch (residual + norm, then update) and one
-    device→host read of the per-tile norms; the stop rules, β and the eigenvalue bracket are the
-    reference's scalar helpers run on the host per matrix.  X lives in two buffers used
+    device→host read of the per-tile norms; the stop rules, β and the eigenvalue bracket are one
+    ``reference.SchulzSchedule`` per matrix, run on the host.  X lives in two buffers used
     alternately, so the previous iterate (the stagnation rollback target) is always the other one.
     ``input_precision="tf32x3"`` runs float32 products on TF32 tensor cores with error compensation
     (close to, but not bit-for-bit, fp32 FMA; iteration counts may then differ from the reference
@@ -71,65 +68,32 @@ def schulz_inverse(
     dev, dtype = A.device, A.dtype
     cfg = config or _schulz.config(dtype, _interpret(dev))
     precision = input_precision if dtype == torch.float32 else "ieee"
-    limit = reference.divergence_limit(d)
 
-    lo = [float(v) for v in lower.reshape(-1).tolist()]
-    up = [float(v) for v in upper.reshape(-1).tolist()]
-    beta0 = [reference.initial_scale(lo[i], up[i]) for i in range(B)]
-    brk_a = [beta0[i] * lo[i] for i in range(B)]
-    brk_b = [beta0[i] * up[i] for i in range(B)]
-
+    schedules = [SchulzSchedule(d, tol, max_iter) for _ in range(B)]
+    beta0 = [s.start(lo, up) for s, lo, up in zip(schedules, lower.reshape(-1).tolist(), upper.reshape(-1).tolist())]
     bufs = (torch.zeros_like(A), torch.empty_like(A))
     bufs[0].diagonal(dim1=-2, dim2=-1).copy_(torch.tensor(beta0, dtype=dtype).to(dev).unsqueeze(-1))
     R = torch.empty_like(A)
     partials = torch.empty(B, _schulz.num_tiles(d, cfg), dtype=dtype, device=dev)
     coef = torch.zeros(B, 2, dtype=torch.float64)
 
-    iters = torch.zeros(B, dtype=torch.int64)
-    resid = torch.zeros(B, dtype=torch.float64)
-    status = torch.zeros(B, dtype=torch.int64)
     final_buf = [0] * B  # which of `bufs` holds the returned X of each matrix
-    r_prev = [math.inf] * B
-    beta = [math.inf] * B
-    k = [0] * B
     active = [True] * B
     cur = 0
-
     active_dev = torch.ones(B, dtype=torch.int32, device=dev)
     while any(active):
         _schulz.launch_residual(A, bufs[cur], R, partials, active_dev, cfg, precision)
         # The one sync of the iteration; tile sums are added in float64.
         r_all = partials.double().sum(1).sqrt().cpu().tolist()
-        for i in range(B):
+        for i, s in enumerate(schedules):
             if not active[i]:
                 continue
-            r = r_all[i]
-            st, fb = None, cur
-            if not math.isfinite(r) or r > limit:
-                st = reference.DIVERGED
-            elif r <= tol:
-                st = reference.CONVERGED
-            elif (
-                r_prev[i] < reference.QUADRATIC_PHASE
-                and abs(beta[i] - 1.0) < reference.UNSCALED
-                and r > 0.5 * r_prev[i]
-            ):
-                st = reference.STAGNATED
-                if r > r_prev[i]:
-                    # X_{k-1} is intact in the other buffer: this round's update has not run.
-                    fb, r, k[i] = 1 - cur, r_prev[i], k[i] - 1
-            elif k[i] == max_iter:
-                st = reference.MAX_ITER
-            if st is not None:
-                final_buf[i] = fb
-                iters[i], resid[i], status[i] = k[i], r, st
+            if s.decide(r_all[i]) is not None:
+                # On rollback X_{k-1} is intact in the other buffer: this round's update has not run.
+                final_buf[i] = 1 - cur if s.rollback else cur
                 active[i] = False
                 continue
-            b_, brk_a[i], brk_b[i] = reference.step_scale(brk_a[i], brk_b[i], r)
-            beta[i], r_prev[i] = b_, r
-            coef[i, 0], coef[i, 1] = b_ * (2.0 - b_), b_ * b_
-            brk_a[i], brk_b[i] = reference.next_bracket(brk_a[i], brk_b[i], b_)
-            k[i] += 1
+            coef[i, 0], coef[i, 1] = update_coefficients(s.next_beta())
         if not any(active):
             break
         # Matrices only ever leave the active set, so this mask also serves the next residual.
@@ -142,4 +106,7 @@ def schulz_inverse(
     if take:
         idx = torch.tensor(take, dtype=torch.int64, device=dev)
         X[idx] = bufs[1][idx]
+    iters = torch.tensor([s.iterations for s in schedules], dtype=torch.int64)
+    resid = torch.tensor([s.residual for s in schedules], dtype=torch.float64)
+    status = torch.tensor([s.status for s in schedules], dtype=torch.int64)
     return X, iters, resid, status

@@ -1,35 +1,45 @@
 """Which backends are present, and the one place that picks a backend for a call.
 
-A backend is a module-like object with two functions of the layouts documented in ``reference.py``:
+The host-side drivers live here, one module per backend: ``torch`` (the plain-torch oracle),
+``cpp`` (wrappers of the C++ extension ``hyperinf_ext._C`` and its fake kernels) and ``triton``
+(host drivers of the Triton kernels in the top-level ``kernels/`` directory).  Each has the functions
 ``gfim_accumulate_(acc [L,d,d], grads [L,m,d])`` and
-``schulz_inverse(A [B,d,d], lower [B], upper [B], tol, max_iter) -> (X, iterations, residual, status)``.
+``schulz_inverse(A [B,d,d], lower [B], upper [B], tol, max_iter) -> (X, iterations, residual, status)``
+(layouts in ``backends/torch.py``); ops without a kernel of their own (``rank_gram_accumulate_``)
+run on the torch backend.
 """
 from __future__ import annotations
 
 import os
 from types import ModuleType
 
-import torch
-
-from . import reference
+# Aliased: importing the submodule `backends.torch` binds the package attribute `torch`, which would
+# shadow the library under its plain name in this module.
+import torch as _torch
 
 BACKENDS = ("torch", "cpp", "triton")
 
 
+def _load_torch() -> ModuleType:
+    from . import torch as torch_backend
+
+    return torch_backend
+
+
 def _load_cpp() -> ModuleType | None:
     try:
-        from . import cpp_ops
+        from . import cpp
     except (ImportError, OSError):
         return None
-    return cpp_ops if cpp_ops.is_available() else None
+    return cpp if cpp.is_available() else None
 
 
 def _load_triton() -> ModuleType | None:
     try:
-        from .kernels import launchers
+        from . import triton as triton_backend
     except ImportError:
         return None
-    return launchers
+    return triton_backend
 
 
 _LOADED: dict[str, ModuleType | None] = {}
@@ -37,7 +47,7 @@ _LOADED: dict[str, ModuleType | None] = {}
 
 def _module(name: str) -> ModuleType | None:
     if name not in _LOADED:
-        _LOADED[name] = {"torch": lambda: reference, "cpp": _load_cpp, "triton": _load_triton}[name]()
+        _LOADED[name] = {"torch": _load_torch, "cpp": _load_cpp, "triton": _load_triton}[name]()
     return _LOADED[name]
 
 
@@ -46,7 +56,7 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _usable(name: str, device: torch.device) -> bool:
+def _usable(name: str, device: _torch.device) -> bool:
     if _module(name) is None:
         return False
     if name == "torch":
@@ -57,7 +67,7 @@ def _usable(name: str, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and triton_interpreter())
 
 
-def available_backends(device: torch.device | str | None = None) -> list[str]:
+def available_backends(device: _torch.device | str | None = None) -> list[str]:
     """Backends usable for tensors on ``device`` (default: CUDA if present, else CPU), fastest first.
 
     ``"torch"`` is always there; ``"cpp"`` when the extension ``hyperinf_ext._C`` was built (CPU
@@ -65,13 +75,13 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     was set before import (CPU tensors then run through the Triton interpreter).
     """
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+        device = "cuda" if _torch.cuda.is_available() else "cpu"
+    device = _torch.device(device)
     order = ("triton", "torch") if device.type == "cuda" else ("cpp", "torch", "triton")
     return [name for name in order if _usable(name, device)]
 
 
-def select(backend: str | None, device: torch.device) -> tuple[str, ModuleType]:
+def select(backend: str | None, device: _torch.device) -> tuple[str, ModuleType]:
     """The one dispatch point: the requested backend, or the fastest for ``device`` when None.
 
     On the CPU the default is the C++ backend (then torch); the Triton interpreter is never picked
