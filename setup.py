@@ -7,10 +7,11 @@ Set ``HYPERINF_NO_EXT=1`` to skip the C++ extension (the package then runs on it
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = ["hyperinf_ext", "hyperinf_ext.backends", "hyperinf_ext.capture", "hyperinf_ext.data", "hyperinf_ext.kernels", "hyperinf_ext.integrations",
-            "hyperinf_ext.solvers", "hyperinf_ext.tasks"]
+# Every package under hyperinf_ext/ (found, so a new subpackage cannot be left out of a wheel), plus
+# the Triton kernels mapped into it.
+PACKAGES = find_packages(include=["hyperinf_ext", "hyperinf_ext.*"]) + ["hyperinf_ext.kernels"]
 # kernels/ lives at the top of the repository (design card) but installs inside the package: the
 # top-level name `kernels` is taken on PyPI.  Editable installs map it through setuptools' finder; a
 # source checkout without install gets the same name from hyperinf_ext/__init__.py's _map_source_kernels.

@@ -21,8 +21,8 @@
 // whenever L allows, and then all of this runs inline.)
 // Rows are packed in chunks of ≤ 2^22 words (16 MB), so a huge m never gets a full packed copy.
 //
-// Measured (bench/probe_gfim_bf16.py, m = 8000, 2 Zen 4 cores shared with other jobs, ratios
-// taken within one process; GFLOP/s count our symmetric half m·d·(d+1), a GEMM 2·m·d²):
+// Measured (a one-off probe, m = 8000, 2 Zen 4 cores shared with other jobs, ratios taken within one
+// process; bench/RESULTS.md's GFIM section, `python -m bench.compare --only gfim`, tracks it since; GFLOP/s count our symmetric half m·d·(d+1), a GEMM 2·m·d²):
 //   L = 12, d = 768:  100 GFLOP/s = 81 % of torch.mm bf16 (123), 0.61 of its time; old path 24 %
 //   L = 12, d = 2048: 103 GFLOP/s = 77 % of torch.mm bf16 (133), 0.65 of its time; old path 31 %
 //   L = 1 (tiles split across threads): 0.94 (d = 768) and 0.78 (d = 2048) of torch.mm's time

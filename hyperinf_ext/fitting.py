@@ -138,13 +138,7 @@ class FitPass:
                         ops.gfim_accumulate_(buf, stacked, backend=self.config.backend)
                         accs[key] += buf
                     # r×r side factor Σ_i g_i·g_iᵀ: one batched GEMM, n·r²·d flops (small next to the d×d one)
-                    L, B, r, d = stacked.shape
-                    flat = stacked.reshape(L * B, r, d)
-                    if flat.dtype not in (torch.float32, torch.float64):
-                        flat = flat.float()
-                    outer = torch.bmm(flat, flat.transpose(1, 2)).view(L, B, r, r).sum(1).to(fdtype)
-                    # BLAS does not promise a bit-symmetric X·Xᵀ; the Schulz op refuses asymmetric input
-                    rank_accs[key] += 0.5 * (outer + outer.transpose(-1, -2))
+                    ops.rank_gram_accumulate_(rank_accs[key], stacked)
             with self._timed("cache"):
                 self.cache.append(index, grads)
             self.n_train = max(self.n_train, int(index.max()) + 1)
