@@ -19,6 +19,7 @@ sharing of factors, inverses and scores across ranks in ``dist_share.py``.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import os
@@ -203,7 +204,19 @@ class Comm:
         return p if self.group is None else dist.get_global_rank(self.group, p)
 
 
-_heartbeat: dict[str, Any] = {"pg": None, "stop": None}  # the process group beaten for, and its stop event
+_heartbeat: dict[str, Any] = {"pg": None, "stop": None, "thread": None}  # the group beaten for, its stop event
+
+
+@atexit.register
+def _stop_heartbeat() -> None:
+    """Stop and join the beat thread before the interpreter tears down: a daemon thread still inside a
+    store call while the store (or, on rank 0, its server) is destroyed aborts the process ("terminate
+    called without an active exception") — seen under load when a script exits right after its work."""
+    if _heartbeat["stop"] is not None:
+        _heartbeat["stop"].set()
+    thread = _heartbeat["thread"]
+    if thread is not None and thread.is_alive():
+        thread.join(timeout=4 * BEAT_S)
 
 
 def _start_heartbeat(base: Any, global_rank: int) -> None:
@@ -228,5 +241,6 @@ def _start_heartbeat(base: Any, global_rank: int) -> None:
             if stop.wait(BEAT_S):
                 return
 
-    threading.Thread(target=beat, name="hyperinf-ext-heartbeat", daemon=True).start()
-    _heartbeat.update(pg=pg, stop=stop)
+    thread = threading.Thread(target=beat, name="hyperinf-ext-heartbeat", daemon=True)
+    thread.start()
+    _heartbeat.update(pg=pg, stop=stop, thread=thread)

@@ -142,3 +142,29 @@ def schulz_runs_agree(it_a: torch.Tensor, st_a: torch.Tensor, it_b: torch.Tensor
         elif sa != sb or int(it_a[i]) != int(it_b[i]):
             return False
     return True
+
+
+# torch 2.13's CPU build (MKL) fails batched LU — torch.linalg.inv/solve on a [B>1, d, d] input —
+# with "Pivots given to lu_solve must all be greater or equal to 1" once any torch.set_num_threads(n>=2)
+# has run in the process (the CLI's --threads restore, test_cpp_ops' thread sweep); one matrix at a
+# time is unaffected.  The references below go matrix by matrix so test order cannot break them.
+def ref_inv(A: torch.Tensor) -> torch.Tensor:
+    """torch.linalg.inv of each matrix of A [..., d, d], one LU at a time (same dtype as A)."""
+    if A.dim() == 2:
+        return torch.linalg.inv(A)
+    flat = A.reshape(-1, *A.shape[-2:])
+    return torch.stack([torch.linalg.inv(a) for a in flat]).reshape(A.shape)
+
+
+def ref_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """torch.linalg.solve(A, B) for A [..., d, d] and B [..., d, k] or [d] (broadcast as linalg.solve
+    does), one LU at a time."""
+    if A.dim() == 2:
+        return torch.linalg.solve(A, B)
+    vector = B.dim() == A.dim() - 1
+    Bm = B.unsqueeze(-1) if vector else B
+    shape = torch.broadcast_shapes(A.shape[:-2], Bm.shape[:-2])
+    Af = A.expand(*shape, *A.shape[-2:]).reshape(-1, *A.shape[-2:])
+    Bf = Bm.expand(*shape, *Bm.shape[-2:]).reshape(-1, *Bm.shape[-2:])
+    X = torch.stack([torch.linalg.solve(a, b) for a, b in zip(Af, Bf)]).reshape(*shape, *Bm.shape[-2:])
+    return X.squeeze(-1) if vector else X

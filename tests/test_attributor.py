@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 from hyperinf_ext import HyperINF  # noqa: E402
 from hyperinf_ext.attributor import SIGN_CONVENTION  # noqa: E402
 from hyperinf_ext.capture import classification_loss  # noqa: E402
+from _numerics import ref_inv, ref_solve
 
 N_TRAIN, N_QUERY, VOCAB = 14, 5, 50
 
@@ -109,7 +110,7 @@ def test_exact_equals_brute_force(setup, brute):
     def exact(l, q, g):
         G = torch.einsum("nri,nrj->ij", g, g) / g.shape[0]
         A = G + datainf_lambda(g) * torch.eye(G.shape[0], dtype=torch.float64)
-        return torch.linalg.solve(A, q.reshape(-1, A.shape[0]).T).T.reshape(q.shape)
+        return ref_solve(A, q.reshape(-1, A.shape[0]).T).T.reshape(q.shape)
 
     ref = brute_scores(layers, gtr, gq, exact)
     s = HyperINF(model, method="exact", damping="datainf", progress=False).fit(batches(train, 4)).scores(batches(query, 2))
@@ -182,7 +183,7 @@ def test_lissa_converges_to_flattened_fisher_solve(setup, brute):
         lam = attr.factors[l.name].damping
         F = gf.T @ gf / gf.shape[0] + lam * torch.eye(gf.shape[1], dtype=torch.float64)
         assert attr.method.scale[l.name] > float(torch.linalg.eigvalsh(F).max())  # convergent scale
-        return torch.linalg.solve(F, q.reshape(q.shape[0], -1).T).T.reshape(q.shape)
+        return ref_solve(F, q.reshape(q.shape[0], -1).T).T.reshape(q.shape)
 
     ref = brute_scores(layers, gtr, gq, solve)
     s = attr.scores(batches(query, 5))
@@ -306,7 +307,7 @@ def test_kronecker_equals_explicit_kronecker_solve(setup, brute):
         lam = datainf_lambda(g)
         a, b = (lam * d / r) ** 0.5, (lam * r / d) ** 0.5
         K = torch.kron(G_r / t**0.5 + a * torch.eye(r, dtype=torch.float64), G_d / t**0.5 + b * torch.eye(d, dtype=torch.float64))
-        return torch.linalg.solve(K, q.reshape(q.shape[0], -1).T).T.reshape(q.shape)
+        return ref_solve(K, q.reshape(q.shape[0], -1).T).T.reshape(q.shape)
 
     ref = brute_scores(layers, gtr, gq, kron)
     s = attr.scores(batches(query, 5))
@@ -391,7 +392,7 @@ def test_hyperinf_float32_warm_start_then_float64_polish():
     cold.prepare(factors)
     for name, f in factors.items():
         A = f.gfim + f.damping * torch.eye(f.dim, dtype=torch.float64)
-        ref = torch.linalg.inv(A)
+        ref = ref_inv(A)
         err = float((warm.state[name] - ref).norm() / ref.norm())
         assert err <= 1e-7, (name, err)
         assert warm.info[name]["residual"] <= 1e-8

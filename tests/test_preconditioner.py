@@ -7,6 +7,7 @@ import torch
 import hyperinf_ext as hx
 from hyperinf_ext.damping import layer_damping
 from hyperinf_ext.preconditioner import make_gradient_ihvp
+from _numerics import ref_solve
 
 F64 = torch.float64
 N = 23
@@ -24,7 +25,7 @@ def reference(train: dict, query: dict, lam: dict) -> dict:
     for n, g in train.items():
         G = torch.einsum("nrd,nre->de", g.double(), g.double()) / g.shape[0]
         A = G + lam[n] * torch.eye(G.shape[0], dtype=F64)
-        out[n] = torch.linalg.solve(A, query[n].double().reshape(-1, G.shape[0]).T).T.reshape(query[n].shape)
+        out[n] = ref_solve(A, query[n].double().reshape(-1, G.shape[0]).T).T.reshape(query[n].shape)
     return out
 
 
