@@ -223,3 +223,21 @@ def test_auto_falls_back_from_cg_and_says_so(monkeypatch):
 def test_bad_solver_names(bad, match):
     with pytest.raises(ValueError, match=match):
         ihvp.make_ihvp(torch.eye(3, dtype=F64), damping=0.1, **bad)
+
+
+def test_solvers_right_after_set_num_threads():
+    """torch 2.13's batched LU (linalg.inv/solve) breaks once set_num_threads(n>=2) has run; no solver of
+    ours may lean on it, since users set threads (the CLI's --threads does).  Error bound: κ·d·u64."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    try:
+        G = torch.stack([spd(96, 1e3, seed=s) for s in range(3)])
+        ref = ref_inv(G + 0.5 * torch.eye(96, dtype=F64))
+        for solver in ("auto", "schulz", "cholesky"):
+            X, _ = solvers.spd_inverse(G, 0.5, solver=solver)
+            assert rel(X, ref) < 1e-10, solver
+            F = solvers.Factorization(G, 0.5, solver=solver)
+            V = torch.randn(3, 4, 96, dtype=F64, generator=torch.Generator().manual_seed(1))
+            assert rel(F.solve_rows(V), V @ ref) < 1e-10, solver
+    finally:
+        torch.set_num_threads(before)
