@@ -12,9 +12,10 @@ Subcommands:
 ``--model smollm2`` runs any of the pipeline commands on the embedded causal LM (instruction data:
 prompt/response or chat messages; the default data becomes the Rotten Tomatoes sentiment instructions).
 
-Bad input gives one line ``hyperinf-ext: error: ...`` on stderr and exit code 2.  Heavy libraries
-(torch, transformers, peft, matplotlib) are imported only once a subcommand runs, so ``--help``
-is quick.
+The options of each subcommand are built in ``cli_args.py``; this module checks what the
+installation provides and dispatches to the task.  Bad input gives one line ``hyperinf-ext: error: ...``
+on stderr and exit code 2.  Heavy libraries (torch, transformers, peft, matplotlib) are imported only
+once a subcommand runs, so ``--help`` is quick.
 """
 from __future__ import annotations
 
@@ -26,176 +27,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
+from .cli_args import PROG, build_parser
 from .messages import one_line
 from .tasks.output import prepare_output_dir
 
-PROG = "hyperinf-ext"
 EXIT_USAGE = 2
 
 __all__ = ["main", "build_parser"]
 
 T = TypeVar("T")
-
-
-# ------------------------------------------------------------------------------ argument types
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _model(text: str) -> str | Path:
-    """``--model``: the names smollm2/minilm, else a model folder."""
-    return text if text in ("smollm2", "minilm") else Path(text)
-
-
-def _add_model(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--model", metavar="DIR|smollm2|minilm", type=_model, default=None,
-                   help="base model: a folder, smollm2 (embedded SmolLM2-135M-Instruct, a causal LM: instruction "
-                        "data) or minilm (embedded all-MiniLM-L6-v2 classifier; the default)")
-    g.add_argument("--adapter", metavar="DIR", type=Path, default=None,
-                   help="saved PEFT adapter folder to start from (then --epochs defaults to 0)")
-
-
-def _add_columns(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--text-column", metavar="NAME", default="text", help="text column (classifiers; default: text)")
-    g.add_argument("--label-column", metavar="NAME", default="label", help="label column (classifiers; default: label)")
-    g.add_argument("--prompt-column", metavar="NAME", default="prompt",
-                   help="prompt column (causal LMs; default: prompt; rows may hold chat 'messages' instead)")
-    g.add_argument("--response-column", metavar="NAME", default="response",
-                   help="response column (causal LMs; default: response)")
-
-
-def _add_common(p: argparse.ArgumentParser, *, out: str) -> None:
-    p.add_argument("--seed", metavar="N", type=int, default=0, help="seed of every random choice (default: 0)")
-    p.add_argument("--out", metavar="DIR", type=Path, default=Path(out), help=f"output folder (default: {out})")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars or stage messages")
-    p.add_argument("--threads", metavar="N", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-
-
-def _add_pipeline(p: argparse.ArgumentParser, *, flip_rate: float, out: str) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--data", metavar="FILE", type=Path, default=None,
-                   help="CSV or JSONL file: text/label columns for a classifier, prompt/response (or messages) for "
-                        "a causal LM (default: embedded Rotten Tomatoes, as sentiment instructions for a causal LM)")
-    _add_columns(g)
-    g.add_argument("--n-train", metavar="N", type=int, default=2000, help="training examples (default: 2000)")
-    g.add_argument("--n-val", metavar="N", type=int, default=300, help="validation examples (default: 300)")
-    g.add_argument("--flip-rate", metavar="RATE", type=float, default=flip_rate,
-                   help=f"fraction of training labels flipped, in [0, 1) (default: {flip_rate})")
-    g = p.add_argument_group("model and fine-tuning")
-    _add_model(g)
-    g.add_argument("--rank", metavar="R", type=int, default=8, help="LoRA rank (default: 8)")
-    g.add_argument("--alpha", metavar="A", type=int, default=16, help="LoRA alpha (default: 16)")
-    g.add_argument("--epochs", metavar="N", type=int, default=None,
-                   help="fine-tuning epochs (default: 3, or 0 with --adapter)")
-    g.add_argument("--lr", metavar="LR", type=float, default=3e-4, help="learning rate (default: 3e-4)")
-    g.add_argument("--batch-size", metavar="N", type=int, default=16, help="fine-tuning batch size (default: 16)")
-    g.add_argument("--max-length", metavar="N", type=int, default=None,
-                   help="max tokens per example (default: 64, or 128 for a causal LM: its prompts carry the chat "
-                        "template and the question)")
-    g.add_argument("--device", metavar="DEV", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    p.add_argument("--top-k", metavar="K", type=int, default=None,
-                   help="also write topk.safetensors: per validation example the K training examples that most "
-                        "raise and most lower its loss (hyperinf), in O(n_val*K) memory")
-    _add_common(p, out=out)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="HyperINF influence functions for LoRA-tuned models: mislabeled-data detection, "
-                    "data selection and solver convergence.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser(
-        "detect-mislabeled", help="rank flipped training labels by influence, per method",
-        description="Flip a fraction of the training labels, fine-tune a LoRA model on them, fit HyperINF "
-                    "once and score every method/damping on the validation set. Writes detection.png, "
-                    "scores.csv and summary.json.",
-    )
-    _add_pipeline(p, flip_rate=0.2, out="hyperinf-out/detect")
-    g = p.add_argument_group("influence")
-    g.add_argument("--methods", metavar="LIST", default="hyperinf,datainf,lissa,tracin,exact",
-                   help="comma list of methods of hyperinf_ext.methods, e.g. hyperinf, datainf, lissa, tracin, exact, "
-                        "paper (default: hyperinf,datainf,lissa,tracin,exact)")
-    g.add_argument("--damping", metavar="LIST", default="auto",
-                   help="comma list of dampings: numbers > 0 or rules datainf, spectral, paper, auto (default: auto = "
-                        "each method's own default: spectral x3 for hyperinf and exact (the same estimator), from "
-                        "bench/QUALITY.md; datainf for datainf/lissa; the table prints each row's damping); "
-                        "rule:factor sets a rule's factor, e.g. spectral:3,spectral:10,datainf. "
-                        "Give e.g. 'datainf' to compare every method at the same damping")
-    g.add_argument("--signal", choices=("validation", "self", "both"), default="validation",
-                   help="suspicion score: influence on the validation loss, self-influence g·H⁻¹·g (no clean "
-                        "validation set needed), or both (default: validation)")
-    p.set_defaults(func=_cmd_detect)
-
-    p = sub.add_parser(
-        "select-data", help="keep the training examples that most lower the validation loss",
-        description="Fine-tune, fit HyperINF, score the training set on the validation loss and keep the "
-                    "most helpful --fraction (most negative scores). Writes selected.csv and summary.json.",
-    )
-    _add_pipeline(p, flip_rate=0.0, out="hyperinf-out/select")
-    g = p.add_argument_group("selection")
-    g.add_argument("--fraction", metavar="F", type=float, default=0.2, help="fraction of training data kept (default: 0.2)")
-    g.add_argument("--method", metavar="NAME", default="hyperinf", help="influence method, e.g. hyperinf, exact, datainf, lissa, tracin (default: hyperinf)")
-    g.add_argument("--damping", metavar="VALUE", default="auto", help="damping: a number > 0 or datainf, spectral, paper, auto (default: auto, the method's own default)")
-    g.add_argument("--rule", metavar="NAME", default=None,
-                   help="selection rule of hyperinf_ext.selection_rules: top (keep the most helpful), drop-harmful, "
-                        "class-balanced, query-round-robin (LESS) (default: top)")
-    g.add_argument("--evaluate", action="store_true",
-                   help="also fine-tune fresh LoRA models on the selection and on a random subset of the same "
-                        "size, and report both validation accuracies")
-    g.add_argument("--balance", action="store_true",
-                   help="same as --rule class-balanced: keep each label's (response's) share of the training set, "
-                        "the most helpful of each (without it the selection can be a single class)")
-    p.set_defaults(func=_cmd_select)
-
-    p = sub.add_parser(
-        "attribute", help="per query, the training examples that most helped and most harmed its answer",
-        description="Fit HyperINF on the training file and write, for every query, the top-k most helpful and "
-                    "most harmful training examples with their texts and scores: attribution.jsonl, report.md, "
-                    "summary.json. Uses --adapter as given; fine-tunes only with --epochs N.",
-    )
-    g = p.add_argument_group("data")
-    g.add_argument("--train", metavar="FILE", type=Path, required=True, help="training examples (CSV or JSONL)")
-    g.add_argument("--query", metavar="FILE", type=Path, required=True, help="query examples, same format")
-    _add_columns(g)
-    g.add_argument("--max-length", metavar="N", type=int, default=128, help="max tokens per example (default: 128)")
-    g = p.add_argument_group("model")
-    _add_model(g)
-    g.add_argument("--epochs", metavar="N", type=int, default=0, help="fine-tune N epochs first (default: 0)")
-    g.add_argument("--rank", metavar="R", type=int, default=8, help="LoRA rank of a fresh adapter (default: 8)")
-    g.add_argument("--alpha", metavar="A", type=int, default=16, help="LoRA alpha (default: 16)")
-    g.add_argument("--lr", metavar="LR", type=float, default=3e-4, help="learning rate (default: 3e-4)")
-    g.add_argument("--batch-size", metavar="N", type=int, default=16, help="batch size (default: 16)")
-    g.add_argument("--device", metavar="DEV", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    g = p.add_argument_group("influence")
-    g.add_argument("--top-k", metavar="K", type=int, default=10, help="examples per query and side (default: 10)")
-    g.add_argument("--method", metavar="NAME", default="hyperinf", help="influence method (default: hyperinf)")
-    g.add_argument("--damping", metavar="VALUE", default="auto", help="damping (default: auto)")
-    _add_common(p, out="hyperinf-out/attribute")
-    p.set_defaults(func=_cmd_attribute)
-
-    p = sub.add_parser(
-        "convergence", help="convergence of the Schulz inverse vs matrix size",
-        description="Run the Schulz-inverse convergence study. Writes convergence.png, .csv and .json.",
-    )
-    p.add_argument("--sizes", metavar="LIST", type=_int_list, default=[64, 256], help="comma list of matrix sizes (default: 64,256)")
-    p.add_argument("--samples", metavar="LIST", type=_int_list, default=[1000],
-                   help="comma list of gradient-sample counts (default: 1000)")
-    p.add_argument("--iterations", metavar="N", type=int, default=30, help="Schulz iterations (default: 30)")
-    _add_common(p, out="hyperinf-out/convergence")
-    p.set_defaults(func=_cmd_convergence)
-    return parser
 
 
 # ------------------------------------------------------------------------------ commands
@@ -394,6 +234,15 @@ class _Unavailable(RuntimeError):
     """A feature this installation lacks (exit code 1, not a usage error)."""
 
 
+# What runs each subcommand of ``cli_args.COMMANDS``.
+_RUN: dict[str, Callable[[argparse.Namespace], int]] = {
+    "detect-mislabeled": _cmd_detect,
+    "select-data": _cmd_select,
+    "attribute": _cmd_attribute,
+    "convergence": _cmd_convergence,
+}
+
+
 # ------------------------------------------------------------------------------ entry point
 
 
@@ -409,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _require(args.command, getattr(args, "model", None))
         with _torchrun(args):
-            return args.func(args)
+            return _RUN[args.command](args)
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
             PermissionError, ConvergenceError) as exc:
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -25,6 +25,11 @@ from .checks import (  # noqa: F401  (re-exported: callers use ops._check_* etc.
     _failure_message,
 )
 from .errors import ConvergenceError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .solvers.ihvp import SolverOptions
 
 # Default Schulz acceptance bound on ‖I − A·X‖_F (an upper bound of ‖X − A⁻¹‖₂ / ‖A⁻¹‖₂), per
 # compute dtype.  float32's rounding floor is about κ·u·√d/2 (measured: 5.6e-3 at κ = 1e4, d = 1024),
@@ -335,12 +340,9 @@ def make_ihvp(
     G,
     *,
     damping: float | str | torch.Tensor = "auto",
-    solver: str | None = None,
-    backend: str | None = None,
-    tol: float | None = None,
-    method: str | None = None,
     shapes: dict[str, tuple[int, int]] | None = None,
     damping_scale: float | None = None,
+    **options: Unpack[SolverOptions],
 ):
     """Factor (G + damping·I) once and return ``apply(v) -> v·(G + damping·I)⁻¹``; or, given gradients, the same per layer.
 
@@ -352,9 +354,10 @@ def make_ihvp(
       dicts to preconditioned dicts of the same names and shapes, with ``.factors`` for saving
       (see :func:`hyperinf_ext.preconditioner.make_gradient_ihvp`; ``damping`` "auto" = HyperINF's rule).
 
-    solver (alias ``method``, its old name): "auto" (default: the cost model of ``solvers.cost``;
-    Schulz when a ``backend`` is given), "schulz" (scaled, the damping as a free lower spectral bound)
-    or "cholesky".  The result is verified against ``tol`` or ConvergenceError is raised.
+    ``options`` (:class:`solvers.ihvp.SolverOptions`): solver (alias ``method``, its old name) "auto"
+    (default: the cost model of ``solvers.cost``; Schulz when a ``backend`` is given), "schulz" (scaled,
+    the damping as a free lower spectral bound) or "cholesky"; backend; tol.  The result is verified
+    against ``tol`` or ConvergenceError is raised.
     """
     if isinstance(G, torch.Tensor):
         if isinstance(damping, str):
@@ -364,24 +367,18 @@ def make_ihvp(
             raise ValueError("shapes/damping_scale: only with gradient dicts (train_grads)")
         from .solvers.ihvp import make_ihvp as matrix_ihvp
 
-        return matrix_ihvp(G, damping=damping, solver=solver, backend=backend, tol=tol, method=method)
+        return matrix_ihvp(G, damping=damping, **options)
     from .preconditioner import make_gradient_ihvp
-    from .solvers.ihvp import resolve_solver
+    from .solvers.ihvp import solver_options
 
-    return make_gradient_ihvp(G, damping=damping, solver=resolve_solver(solver, method), shapes=shapes,
-                              damping_scale=damping_scale, backend=backend, tol=tol)
+    solver, backend, tol = solver_options(options, "make_ihvp")
+    return make_gradient_ihvp(G, damping=damping, solver=solver, shapes=shapes, damping_scale=damping_scale,
+                              backend=backend, tol=tol)
 
 
 def inverse_hvp(
-    G: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    damping: float | torch.Tensor,
-    solver: str | None = None,
-    backend: str | None = None,
-    tol: float | None = None,
-    method: str | None = None,
-    return_info: bool = False,
+    G: torch.Tensor, v: torch.Tensor, *, damping: float | torch.Tensor, return_info: bool = False,
+    **options: Unpack[SolverOptions],
 ):
     """v·(G + damping·I)⁻¹ for v [..., r, d] or [..., d] (same shape out); G [d, d] or [L, d, d].
 
@@ -391,7 +388,7 @@ def inverse_hvp(
     """
     from .solvers.ihvp import inverse_hvp as solve
 
-    return solve(G, v, damping=damping, solver=solver, backend=backend, tol=tol, method=method, return_info=return_info)
+    return solve(G, v, damping=damping, return_info=return_info, **options)
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:

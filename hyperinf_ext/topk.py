@@ -1,8 +1,12 @@
 """Streaming per-query top-K: the K most positive and K most negative training examples per query.
 
-A :class:`TopK` takes score blocks ``[n_query, B]`` with their training indices ``[B]`` in any order and
-keeps, per query, only the K largest and K smallest scores: memory O(n_query·K), never
-O(n_query·n_train).  Parts built on other batches or other ranks merge with :meth:`TopK.merge`.
+The one home of top-K over score matrices that arrive in column blocks (``attr.scores(top_k=K)``, the
+``attribute`` task): memory O(n_query·K), never O(n_query·n_train).
+
+* :func:`merge_topk` merges a block of columns into one side's running top-k (the algorithm).
+* :class:`TopKSide` keeps one side (the largest or the smallest values) of every row.
+* :class:`TopK` keeps both sides, merges parts built on other batches or other ranks
+  (:meth:`TopK.merge`) and returns a :class:`TopKScores`.
 
 Ties are broken deterministically by the training index (the smaller index first), so the kept set is a
 function of the scores alone — independent of the batch order, the batch size and the rank split: each
@@ -16,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+__all__ = ["TopKScores", "TopK", "TopKSide", "merge_topk", "side_of_matrix", "topk_of_matrix", "check_k"]
+
 _NO_INDEX = torch.iinfo(torch.int64).max  # an empty slot: loses every tie, so real examples come first
 
 
@@ -28,6 +34,62 @@ def _best(values: torch.Tensor, index: torch.Tensor, k: int, largest: bool) -> t
     values, index = values.gather(1, order), index.gather(1, order)
     order = values.argsort(dim=1, descending=largest, stable=True)[:, :k]
     return values.gather(1, order), index.gather(1, order)
+
+
+def merge_topk(
+    values: torch.Tensor, indices: torch.Tensor, block: torch.Tensor, block_index: torch.Tensor, k: int,
+    largest: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge a new block of columns into each row's running top-k (one side).
+
+    Args:
+        values, indices: the running top-k, [Q, m] (float) and [Q, m] (int64), m ≤ k (m = 0 at start).
+        block: the new scores [Q, B]; block_index: their column indices [B] int64.
+        k: how many to keep (≥ 1); largest: keep the largest (else the smallest) values.
+
+    Returns:
+        (values [Q, min(k, m + B)] in block's dtype, indices [Q, min(k, m + B)] int64), best first.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if block.dim() != 2 or block_index.shape != (block.shape[1],):
+        raise ValueError(f"block must be [Q, B] with block_index [B], got {tuple(block.shape)} and "
+                         f"{tuple(block_index.shape)}")
+    new_idx = block_index.to(torch.int64).unsqueeze(0).expand(block.shape[0], -1)
+    return _best(torch.cat([values.to(block.dtype), block], 1), torch.cat([indices, new_idx], 1), k, largest)
+
+
+@dataclass
+class TopKSide:
+    """Running top-k of every row, one side: ``update`` with column blocks, read ``values``/``indices`` [Q, ≤k].
+
+    Starts empty (``values`` None) unless given [Q, k] buffers; :class:`TopK` starts its sides full of
+    empty slots (±inf, index ``_NO_INDEX``) so a part always has the [Q, K] shape other ranks expect.
+    """
+
+    k: int
+    largest: bool
+    values: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+
+    def update(self, block: torch.Tensor, block_index: torch.Tensor) -> None:
+        """Take in scores ``block`` [Q, B] of the columns ``block_index`` [B] int64."""
+        if self.values is None:
+            self.values = block.new_zeros(block.shape[0], 0)
+            self.indices = torch.zeros(block.shape[0], 0, dtype=torch.int64)
+        self.values, self.indices = merge_topk(self.values, self.indices, block, block_index, self.k, self.largest)
+
+    def take(self, other: "TopKSide") -> None:
+        """Fold in another part's kept values and indices (same rows, any columns)."""
+        values = torch.cat([self.values, other.values.to(self.values.dtype)], 1)
+        self.values, self.indices = _best(values, torch.cat([self.indices, other.indices], 1), self.k, self.largest)
+
+
+def side_of_matrix(scores: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One side's top-k of each row of a full matrix [Q, N]: (values [Q, min(k, N)], indices [Q, min(k, N)])."""
+    side = TopKSide(k, largest)
+    side.update(scores, torch.arange(scores.shape[1]))
+    return side.values, side.indices
 
 
 @dataclass
@@ -77,61 +139,58 @@ def check_k(k: object) -> int:
 
 
 class TopK:
-    """Running top-K per query; ``update`` with score blocks, ``merge`` partial results, ``result``."""
+    """Running top-K per query, both sides; ``update`` with score blocks, ``merge`` partial results, ``result``."""
 
     def __init__(self, n_query: int, k: int, dtype: torch.dtype = torch.float64):
         self.k = check_k(k)
-        self.pos_v = torch.full((n_query, k), -torch.inf, dtype=dtype)
-        self.neg_v = torch.full((n_query, k), torch.inf, dtype=dtype)
-        self.pos_i = torch.full((n_query, k), _NO_INDEX, dtype=torch.int64)
-        self.neg_i = self.pos_i.clone()
+        empty = torch.full((n_query, k), _NO_INDEX, dtype=torch.int64)
+        self.pos = TopKSide(k, True, torch.full((n_query, k), -torch.inf, dtype=dtype), empty)
+        self.neg = TopKSide(k, False, torch.full((n_query, k), torch.inf, dtype=dtype), empty.clone())
         self.seen = 0  # training examples taken in (so far, over the merged parts)
 
     @property
     def n_query(self) -> int:
-        return self.pos_v.shape[0]
+        return self.pos.values.shape[0]
 
     def update(self, block: torch.Tensor, index: torch.Tensor) -> None:
         """Take in scores ``block`` [Q, B] of the training examples ``index`` [B] int64."""
         if block.dim() != 2 or block.shape != (self.n_query, index.numel()):
             raise ValueError(f"top_k: a score block must be [{self.n_query}, {index.numel()}], got {tuple(block.shape)}")
-        block = block.to(self.pos_v.dtype).cpu()
-        idx = index.to(torch.int64).cpu().expand(self.n_query, -1)
-        self._take(block, idx, block, idx)
+        block, index = block.to(self.pos.values.dtype).cpu(), index.reshape(-1).cpu()
+        self.pos.update(block, index)
+        self.neg.update(block, index)
         self.seen += index.numel()
-
-    def _take(self, pos_v, pos_i, neg_v, neg_i) -> None:
-        self.pos_v, self.pos_i = _best(torch.cat([self.pos_v, pos_v], 1), torch.cat([self.pos_i, pos_i], 1), self.k, True)
-        self.neg_v, self.neg_i = _best(torch.cat([self.neg_v, neg_v], 1), torch.cat([self.neg_i, neg_i], 1), self.k, False)
 
     def merge(self, other: "TopK") -> None:
         """Fold in another part (other batches, another rank) of the same queries and K."""
         if other.k != self.k or other.n_query != self.n_query:
             raise ValueError(f"top_k: cannot merge K={other.k} × {other.n_query} queries into K={self.k} × {self.n_query}")
-        self._take(other.pos_v, other.pos_i, other.neg_v, other.neg_i)
+        self.pos.take(other.pos)
+        self.neg.take(other.neg)
         self.seen += other.seen
 
     def state(self) -> list[torch.Tensor]:
         """The four [Q, K] tensors (for sending to another rank); :meth:`from_state` rebuilds."""
-        return [self.pos_v, self.pos_i, self.neg_v, self.neg_i]
+        return [self.pos.values, self.pos.indices, self.neg.values, self.neg.indices]
 
     @classmethod
     def from_state(cls, tensors: list[torch.Tensor], seen: int) -> "TopK":
         pos_v, pos_i, neg_v, neg_i = tensors
         part = cls(pos_v.shape[0], pos_v.shape[1], pos_v.dtype)
-        part.pos_v, part.pos_i, part.neg_v, part.neg_i = pos_v, pos_i, neg_v, neg_i
+        part.pos.values, part.pos.indices, part.neg.values, part.neg.indices = pos_v, pos_i, neg_v, neg_i
         part.seen = seen
         return part
 
     def result(self) -> TopKScores:
         """The kept examples, trimmed to K' = min(K, examples seen)."""
         k = min(self.k, self.seen)
-        return TopKScores(self.pos_v[:, :k].clone(), self.pos_i[:, :k].clone(), self.neg_v[:, :k].clone(),
-                          self.neg_i[:, :k].clone(), n_train=self.seen)
+        return TopKScores(self.pos.values[:, :k].clone(), self.pos.indices[:, :k].clone(),
+                          self.neg.values[:, :k].clone(), self.neg.indices[:, :k].clone(), n_train=self.seen)
 
 
 def topk_of_matrix(scores: torch.Tensor, k: int) -> TopKScores:
     """The same selection on a full [Q, n_train] matrix (columns = training indices 0..n_train-1)."""
-    t = TopK(scores.shape[0], k, scores.dtype)
-    t.update(scores, torch.arange(scores.shape[1]))
-    return t.result()
+    k, scores = check_k(k), scores.cpu()
+    pos_v, pos_i = side_of_matrix(scores, k, largest=True)
+    neg_v, neg_i = side_of_matrix(scores, k, largest=False)
+    return TopKScores(pos_v, pos_i, neg_v, neg_i, n_train=scores.shape[1])

@@ -8,7 +8,8 @@ One Schulz step on matrix b (the scaled Schulz iteration of the package's torch 
 Both kernels run over all B matrices of a batch in one launch (grid = (output tiles, B)); a
 per-matrix ``active`` flag makes the programs of finished matrices return at once, so a batch
 whose matrices converge at different steps costs only the work of the ones still iterating.
-Both share one tiled-GEMM body (``_product_tile``) and tile order (``_grouped_tile``).  The step
+Both run one program (``_schulz_step_tile``: grouped tile order, the tiled GEMM ``_product_tile``
+and the epilogue of the step, chosen at compile time).  The step
 coefficients and the stop decisions come from the host driver.  All matrices are [B, d, d]
 contiguous float32 or float64; the dtype of the pointers selects the
 dot precision (float32: "ieee" FMA, or "tf32x3" compensated TF32 tensor cores; float64: DMMA).
@@ -25,26 +26,10 @@ import triton.language as tl
 # a residual that must reach 1e-2 at condition 1e4).
 INPUT_PRECISIONS = ("ieee", "tf32x3")
 
-# The main loop is one @triton.jit helper called once per program (not once per K step): the
-# interpreter re-patches triton.language on every nested jit call (~1 ms each), so per-step helpers
-# would dominate its run time.  For the same reason the kernels use `//` instead of tl.cdiv.
-
-
-@triton.jit
-def _grouped_tile(pid, d, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Row and column indices (rm [BLOCK_M], rn [BLOCK_N]) of output tile ``pid`` of a [d, d] product.
-
-    Grouped order: GROUP_M tile rows are swept together so the left panels they share stay in L2
-    while the right operand streams.
-    """
-    grid_m = (d + BLOCK_M - 1) // BLOCK_M
-    grid_n = (d + BLOCK_N - 1) // BLOCK_N
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    group_size = tl.minimum(grid_m - first_m, GROUP_M)
-    rm = (first_m + (pid % width) % group_size) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = ((pid % width) // group_size) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return rm, rn
+# The program and its main loop are @triton.jit helpers called once per program (not once per K
+# step): the interpreter re-patches triton.language on every nested jit call (~1 ms each), so
+# per-step helpers would dominate its run time.  For the same reason the kernels use `//` instead of
+# tl.cdiv.
 
 
 @triton.jit
@@ -81,6 +66,52 @@ def _product_tile(
 
 
 @triton.jit
+def _schulz_step_tile(left_ptr, right_ptr, out_ptr, aux_ptr, active_ptr, d, n_tiles, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                      INPUT_PRECISION: tl.constexpr, RESIDUAL: tl.constexpr):
+    """The program of both kernels: output tile program_id(0) of matrix program_id(1), P = Left·Right.
+
+    RESIDUAL: out = I − P and aux[b, tile] = Σ out² (Left = A, Right = X, aux = partials [B, n_tiles]);
+    else out = c1·Left + c2·P (Left = X, Right = R, aux = coef [B, 2]).  Programs of inactive
+    matrices (active[b] == 0) do nothing.
+    """
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    if tl.load(active_ptr + b) != 0:
+        # Grouped tile order: GROUP_M tile rows are swept together so the left panels they share stay
+        # in L2 while the right operand streams.
+        grid_m = (d + BLOCK_M - 1) // BLOCK_M
+        grid_n = (d + BLOCK_N - 1) // BLOCK_N
+        width = GROUP_M * grid_n
+        first_m = (pid // width) * GROUP_M
+        group_size = tl.minimum(grid_m - first_m, GROUP_M)
+        rm = (first_m + (pid % width) % group_size) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = ((pid % width) // group_size) * BLOCK_N + tl.arange(0, BLOCK_N)
+        # 64-bit matrix offset: B·d² can exceed 2³¹ elements.
+        off = b.to(tl.int64) * d * d
+        acc = _product_tile(left_ptr, right_ptr, off, rm, rn, d, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+        mask = (rm[:, None] < d) & (rn[None, :] < d)
+        idx = off + rm[:, None] * d + rn[None, :]
+        if RESIDUAL:
+            eye = tl.where(rm[:, None] == rn[None, :], 1.0, 0.0).to(acc.dtype)
+            # Padding rows/columns must contribute nothing to the norm (the padded diagonal would be 1).
+            r = tl.where(mask, eye - acc, 0.0)
+            tl.store(out_ptr + idx, r, mask=mask)
+            # Per-tile partial sums, added up on the host in float64: deterministic, unlike atomics.
+            tl.store(aux_ptr + b.to(tl.int64) * n_tiles + pid, tl.sum(r * r))
+        else:
+            # The "2X − XAX" combination of Schulz, scaled by β, fused into the epilogue.
+            c1 = tl.load(aux_ptr + 2 * b)
+            c2 = tl.load(aux_ptr + 2 * b + 1)
+            x = tl.load(left_ptr + idx, mask=mask, other=0.0)
+            tl.store(out_ptr + idx, c1 * x + c2 * acc, mask=mask)
+
+
+# The two kernels are entry points with the argument lists ``kernels/aot.py`` compiles; their
+# program is ``_schulz_step_tile``.
+
+
+@triton.jit
 def schulz_residual_kernel(
     a_ptr,  # [B, d, d] the matrices to invert
     x_ptr,  # [B, d, d] current iterates X
@@ -95,22 +126,9 @@ def schulz_residual_kernel(
     GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    if tl.load(active_ptr + b) == 0:
-        return
-    rm, rn = _grouped_tile(pid, d, BLOCK_M, BLOCK_N, GROUP_M)
-    # 64-bit matrix offset: B·d² can exceed 2³¹ elements.
-    off = b.to(tl.int64) * d * d
-    acc = _product_tile(a_ptr, x_ptr, off, rm, rn, d, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
-
-    mask = (rm[:, None] < d) & (rn[None, :] < d)
-    eye = tl.where(rm[:, None] == rn[None, :], 1.0, 0.0).to(acc.dtype)
-    # Padding rows/columns must contribute nothing to the norm (the padded diagonal would be 1).
-    r = tl.where(mask, eye - acc, 0.0)
-    tl.store(r_ptr + off + rm[:, None] * d + rn[None, :], r, mask=mask)
-    # Per-tile partial sums, added up on the host in float64: deterministic, unlike atomics.
-    tl.store(part_ptr + b.to(tl.int64) * n_tiles + pid, tl.sum(r * r))
+    """R = I − A·X and the per-tile Σ R² of one output tile of one matrix."""
+    _schulz_step_tile(a_ptr, x_ptr, r_ptr, part_ptr, active_ptr, d, n_tiles,
+                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, INPUT_PRECISION, True)
 
 
 @triton.jit
@@ -127,21 +145,9 @@ def schulz_update_kernel(
     GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    if tl.load(active_ptr + b) == 0:
-        return
-    rm, rn = _grouped_tile(pid, d, BLOCK_M, BLOCK_N, GROUP_M)
-    off = b.to(tl.int64) * d * d
-    acc = _product_tile(x_ptr, r_ptr, off, rm, rn, d, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
-
-    # The "2X − XAX" combination of Schulz, scaled by β, fused into the epilogue.
-    c1 = tl.load(coef_ptr + 2 * b)
-    c2 = tl.load(coef_ptr + 2 * b + 1)
-    mask = (rm[:, None] < d) & (rn[None, :] < d)
-    idx = off + rm[:, None] * d + rn[None, :]
-    x = tl.load(x_ptr + idx, mask=mask, other=0.0)
-    tl.store(out_ptr + idx, c1 * x + c2 * acc, mask=mask)
+    """X_new = c1·X + c2·X·R of one output tile of one matrix."""
+    _schulz_step_tile(x_ptr, r_ptr, out_ptr, coef_ptr, active_ptr, d, 0,
+                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, INPUT_PRECISION, False)
 
 
 @dataclass(frozen=True)

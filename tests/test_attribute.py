@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from hyperinf_ext.tasks.topk import TopK, merge_topk, topk_of_matrix
+from hyperinf_ext.topk import TopKSide, merge_topk, side_of_matrix
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -27,7 +27,7 @@ def test_streaming_topk_equals_full_sort_with_ties(seed, largest):
     Q, N, k = 3, 37, 5
     scores = torch.randint(0, 6, (Q, N), generator=g).double()  # many ties
     perm = torch.randperm(N, generator=g)  # blocks arrive in any column order
-    top = TopK(k, largest)
+    top = TopKSide(k, largest)
     for start in range(0, N, 4 + seed):
         cols = perm[start : start + 4 + seed]
         top.update(scores[:, cols], cols)
@@ -35,7 +35,7 @@ def test_streaming_topk_equals_full_sort_with_ties(seed, largest):
         expected = brute_topk(scores[q].tolist(), k, largest)
         assert top.indices[q].tolist() == expected
         assert top.values[q].tolist() == [scores[q, j].item() for j in expected]
-    values, indices = topk_of_matrix(scores, k, largest)
+    values, indices = side_of_matrix(scores, k, largest)
     assert torch.equal(indices, top.indices) and torch.equal(values, top.values)
 
 

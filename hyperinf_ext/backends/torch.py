@@ -6,7 +6,8 @@ No argument checking here (``ops.py`` does that once); layouts as ``ops.py`` han
   (m = n·r rows, any float dtype, any strides).
 * ``rank_gram_accumulate_(acc, grads)``: acc [L, r, r] float32/float64 contiguous, grads [L, n, r, d].
 * ``schulz_inverse(A, lower, upper, tol, max_iter)``: A [B, d, d] float32/float64 contiguous,
-  lower/upper [B] float64; the decisions are ``reference.SchulzSchedule``'s.
+  lower/upper [B] float64; the decisions are ``reference.SchulzSchedule``'s and the host loop is
+  ``schulz_driver``'s (this module and the Triton backend supply only the GEMM steps).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from ..reference import SchulzSchedule, update_coefficients
+from .schulz_driver import SchulzDriver
 
 
 def _add_mirrored_(acc: torch.Tensor, prod: torch.Tensor) -> torch.Tensor:
@@ -39,43 +40,43 @@ def rank_gram_accumulate_(acc: torch.Tensor, grads: torch.Tensor) -> torch.Tenso
     return _add_mirrored_(acc, torch.bmm(g, g.transpose(1, 2)))
 
 
-def schulz_inverse(
-    A: torch.Tensor,
-    lower: torch.Tensor,
-    upper: torch.Tensor,
-    tol: float,
-    max_iter: int,
-    callback: Callable[[int, torch.Tensor], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of each SPD matrix in ``A`` by scaled Schulz (Newton–Schulz) iteration.
+class _TorchSteps:
+    """The two GEMMs of a Schulz step in plain torch, one matrix at a time (``schulz_driver.SchulzSteps``).
 
-    A: [B, d, d] float32/float64. lower, upper: [B] float64 bounds on the spectrum of each matrix.
-    Returns (X [B, d, d] same dtype as A, iterations [B] int64, residual [B] float64, status [B] int64).
-
-    The step is X_{k+1} = β(2 − β)·X_k + β²·X_k·R_k (= βX_k(2I − βA X_k), R_k computed exactly once);
-    start, β, stop and status come from ``reference.SchulzSchedule``.  ``iterations`` counts the
-    updates applied to the returned X.  ``callback(k, X_k)`` (this backend only) sees every iterate
-    X_k, k = 1, 2, ..., matrix after matrix — how the convergence study records its error curves
-    from this very loop.
+    ``callback(k, X_k)`` (this backend only) sees every iterate X_k, k = 1, 2, ..., as it is formed —
+    how the convergence study records its error curves from this very loop.
     """
-    B, d, _ = A.shape
-    eye = torch.eye(d, dtype=A.dtype, device=A.device)
-    X_out = torch.empty_like(A)
-    iters = torch.zeros(B, dtype=torch.int64)
-    resid = torch.zeros(B, dtype=torch.float64)
-    status = torch.zeros(B, dtype=torch.int64)
-    schedule = SchulzSchedule(d, tol, max_iter)
-    for i in range(B):
-        X = eye * schedule.start(float(lower[i]), float(upper[i]))
-        X_prev = None
-        while True:
-            R = eye - A[i] @ X
-            if schedule.decide(float(torch.linalg.vector_norm(R))) is not None:
-                break
-            c1, c2 = update_coefficients(schedule.next_beta())
-            X_prev, X = X, c1 * X + c2 * (X @ R)
-            if callback is not None:
-                callback(schedule.iterations, X)
-        X_out[i] = X_prev if schedule.rollback else X
-        iters[i], resid[i], status[i] = schedule.iterations, schedule.residual, schedule.status
-    return X_out, iters, resid, status
+
+    def __init__(self, A: torch.Tensor, *, callback: Callable[[int, torch.Tensor], None] | None = None):
+        self.A, self.callback = A, callback
+        self.eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+        self.steps = [0] * A.shape[0]
+
+    def residual(self, X: torch.Tensor, R: torch.Tensor, active: list[bool]) -> list[float]:
+        norms = [0.0] * len(active)
+        for b in (b for b, on in enumerate(active) if on):
+            R[b] = self.eye - self.A[b] @ X[b]
+            norms[b] = float(torch.linalg.vector_norm(R[b]))
+        return norms
+
+    def update(self, X: torch.Tensor, R: torch.Tensor, out: torch.Tensor, coef: list[tuple[float, float]],
+               active: list[bool]) -> None:
+        for b in (b for b, on in enumerate(active) if on):
+            c1, c2 = coef[b]
+            X_new = c1 * X[b] + c2 * (X[b] @ R[b])
+            out[b] = X_new
+            self.steps[b] += 1
+            if self.callback is not None:
+                self.callback(self.steps[b], X_new)
+
+
+_DOC = """``schulz_inverse(A, lower, upper, tol, max_iter, *, callback=None)``.
+
+The inverse of each SPD matrix in A by scaled Schulz (Newton–Schulz) iteration; A [B, d, d]
+float32/float64, lower/upper [B] float64 bounds on each spectrum.  Returns (X [B, d, d] A's dtype,
+iterations [B] int64, residual [B] float64, status [B] int64).  The step is X_{k+1} = β(2 − β)·X_k +
+β²·X_k·R_k (= βX_k(2I − βA X_k), R_k computed exactly once); start, β, stop and status come from
+``reference.SchulzSchedule``, the loop from ``schulz_driver``; ``iterations`` counts the updates
+applied to the returned X.  Matrix after matrix, so the memory beyond A and X is that of one matrix.
+"""
+schulz_inverse = SchulzDriver(_TorchSteps, one_at_a_time=True, doc=_DOC)

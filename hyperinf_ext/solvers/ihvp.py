@@ -5,13 +5,41 @@ gradient-dict front-end of ``make_ihvp`` lives in ``hyperinf_ext.preconditioner`
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 
 from .. import ops
 from . import cost
 from .auto import Factorization, SolveInfo, check_solver, solve_rows
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+
+class SolverOptions(TypedDict, total=False):
+    """The solver keywords of every IHVP entry point (these and ``ops.make_ihvp``/``ops.inverse_hvp``), declared once.
+
+    solver: "auto" (default), "schulz", "cholesky" (and "cg" where the right-hand sides are given);
+    method: the old name of ``solver`` (an alias); backend: whose Schulz kernel runs (None: the
+    fastest for G's device); tol: the residual the result must reach (None: the dtype's default).
+    """
+
+    solver: str | None
+    backend: str | None
+    tol: float | None
+    method: str | None
+
+
+def solver_options(options: dict, where: str) -> tuple[str, str | None, float | None]:
+    """(solver, backend, tol) from :class:`SolverOptions` keywords, the ``method`` alias resolved.
+
+    A keyword that is not a solver option raises TypeError, as it would for an explicit signature.
+    """
+    unknown = sorted(set(options) - SolverOptions.__optional_keys__)
+    if unknown:
+        raise TypeError(f"{where}() got an unexpected keyword argument {unknown[0]!r}")
+    return resolve_solver(options.get("solver"), options.get("method")), options.get("backend"), options.get("tol")
 
 
 def resolve_solver(solver: str | None, method: str | None) -> str:
@@ -77,48 +105,34 @@ class IHVP:
         return _out(v, self._fac.solve_rows(v3))
 
 
-def make_ihvp(
-    G: torch.Tensor,
-    *,
-    damping: float | torch.Tensor,
-    solver: str | None = None,
-    backend: str | None = None,
-    tol: float | None = None,
-    method: str | None = None,
-) -> Callable[[torch.Tensor], torch.Tensor]:
+def make_ihvp(G: torch.Tensor, *, damping: float | torch.Tensor, **options: Unpack[SolverOptions]) -> IHVP:
     """Factor (G + damping·I) once and return ``apply(v) -> v·(G + damping·I)⁻¹`` (an :class:`IHVP`).
 
     G: [d, d] or [L, d, d] (damping a float or [L]).  ``apply`` takes v [..., d] (for 3-D G:
     [L, ..., d]) and returns the same shape, in the promoted dtype of v and the compute dtype.
-    solver (alias ``method``): "auto" (default: the cost model of ``solvers.cost``; Schulz when a
-    ``backend`` is given), "schulz" (the damping as a free lower spectral bound) or "cholesky".
+    ``options`` (:class:`SolverOptions`): solver (alias ``method``) "auto" (default: the cost model of
+    ``solvers.cost``; Schulz when a ``backend`` is given), "schulz" (the damping as a free lower
+    spectral bound) or "cholesky"; backend; tol.
     The factorisation is verified (``apply.info.residual`` <= tol) or ConvergenceError is raised.
     """
     d = _check_G(G)
-    solver = resolve_solver(solver, method)
+    solver, backend, tol = solver_options(options, "make_ihvp")
     if solver == "cg":
         raise ValueError("solver: 'cg' solves given right-hand sides; use inverse_hvp (make_ihvp keeps a factor)")
     return IHVP(G, d, Factorization(G, damping, solver=solver, backend=backend, tol=tol))
 
 
 def inverse_hvp(
-    G: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    damping: float | torch.Tensor,
-    solver: str | None = None,
-    backend: str | None = None,
-    tol: float | None = None,
-    method: str | None = None,
-    return_info: bool = False,
-):
+    G: torch.Tensor, v: torch.Tensor, *, damping: float | torch.Tensor, return_info: bool = False,
+    **options: Unpack[SolverOptions],
+) -> torch.Tensor | tuple[torch.Tensor, SolveInfo | None]:
     """v·(G + damping·I)⁻¹ for v [..., r, d] or [..., d] (same shape out); G [d, d] or [L, d, d].
 
     Knowing the rows, "auto" also considers conjugate gradients (float64).  Returns the result, or
     (result, SolveInfo) with ``return_info``.  See :func:`make_ihvp` for the solvers.
     """
     d = _check_G(G)
-    solver = resolve_solver(solver, method)
+    solver, backend, tol = solver_options(options, "inverse_hvp")
     v3 = _rows(v, G, d)
     if v3 is None:
         out, info = _empty(v, G), None

