@@ -8,7 +8,8 @@ Written here (the library is not used for them):
 Baseline solvers come from ``hyperinf_ext.solvers`` (each algorithm has one home): the paper's
 fixed-start Schulz (:func:`paper_schulz`), Cholesky (:func:`cholesky_inverse`) and conjugate
 gradients for many right-hand sides at once (:func:`batched_cg`); float64 references
-(:func:`inverse_f64`, :func:`solve_rows_f64`) and the error measures (:func:`rel_err`, :func:`max_rel_diff`).
+(:func:`inverse_f64`, :func:`solve_rows_f64`, one matrix at a time), the ``torch.linalg.inv`` baseline
+(:func:`inv_per_matrix`) and the error measures (:func:`rel_err`, :func:`max_rel_diff`).
 """
 from __future__ import annotations
 
@@ -92,11 +93,27 @@ def status_summary(status: Iterable[str]) -> str:
     return ", ".join(f"{v} {k}" for k, v in counts.items())
 
 
+def _matrices(A: torch.Tensor) -> torch.Tensor:
+    """A [..., d, d] as a [B, d, d] view (B = 1 for a single matrix)."""
+    return A.reshape(-1, *A.shape[-2:])
+
+
 def inverse_f64(A: torch.Tensor) -> torch.Tensor:
-    """The float64 reference inverse: torch.linalg.solve(A, I) on A cast to float64."""
+    """The float64 reference inverse: torch.linalg.solve(A, I) on A cast to float64, one matrix at a time.
+
+    One at a time: torch 2.13's CPU build (MKL) fails batched LU solves/inverses ("Pivots given to
+    lu_solve must all be greater or equal to 1") once the process has run with 2+ threads; single
+    matrices are unaffected.
+    """
     A64 = A.double()
-    eye = torch.eye(A.shape[-1], dtype=torch.float64).expand(A64.shape)
-    return torch.linalg.solve(A64, eye)
+    eye = torch.eye(A.shape[-1], dtype=torch.float64, device=A.device)
+    return torch.stack([torch.linalg.solve(a, eye) for a in _matrices(A64)]).reshape(A64.shape)
+
+
+def inv_per_matrix(A: torch.Tensor) -> torch.Tensor:
+    """The ``torch.linalg.inv`` baseline, one matrix at a time (the batched call fails in torch 2.13's
+    CPU build after set_num_threads(>= 2): see :func:`inverse_f64`)."""
+    return torch.stack([torch.linalg.inv(a) for a in _matrices(A)]).reshape(A.shape)
 
 
 def cholesky_inverse(A: torch.Tensor) -> torch.Tensor:
@@ -136,8 +153,12 @@ def cg_iterations_for(A: torch.Tensor, B: torch.Tensor, ref: torch.Tensor, targe
 
 
 def solve_rows_f64(A: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """Reference V·A⁻¹ in float64 (A [L, d, d], V [L, k, d])."""
-    return torch.linalg.solve(A.double(), V.double().transpose(-1, -2)).transpose(-1, -2)
+    """Reference V·A⁻¹ in float64 (A [L, d, d], V [L, k, d]; or A [d, d], V [k, d]), one matrix at a time
+    (see :func:`inverse_f64` for why)."""
+    A64, V64 = A.double(), V.double()
+    if A64.dim() == 2:
+        return torch.linalg.solve(A64, V64.transpose(-1, -2)).transpose(-1, -2)
+    return torch.stack([torch.linalg.solve(a, v.transpose(-1, -2)).transpose(-1, -2) for a, v in zip(A64, V64)])
 
 
 def rank_first(layer, grads: list[torch.Tensor]) -> torch.Tensor:

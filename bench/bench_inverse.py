@@ -1,7 +1,11 @@
 """Inverse of batches of SPD matrices: ours (scaled Schulz, every CPU backend, lower_bound = damping)
-vs Schulz from the paper's fixed start (X₀ = 5e-5·I, 30 iterations) vs torch.linalg.inv vs Cholesky
-(torch.linalg.cholesky + torch.cholesky_inverse); time, iterations, status and error against a
-float64 solve of the same (rounded) input.  Plus the cost of one Schulz iteration against its two GEMMs.
+vs Schulz from the paper's fixed start (X₀ = 5e-5·I, 30 iterations) vs torch.linalg.inv (one matrix at
+a time: batched, it fails in torch 2.13's CPU build once 2+ threads ran) vs Cholesky
+(torch.linalg.cholesky + torch.cholesky_inverse) vs the library's default, ``solvers.spd_inverse``
+with solver="auto" (damping, cost-model pick, verification and symmetrisation included); time,
+iterations, status and error against a float64 solve of the same (rounded) input, and the default's
+time against the fastest method of the same run (target: <= DEFAULT_TARGET×).  Plus the cost of one
+Schulz iteration against its two GEMMs.
 
 Matrices: Q·diag(e)·Qᵀ with e log-spaced in [λ, λ·κ] (λ plays the damping, the lower bound we pass).
 
@@ -9,6 +13,7 @@ pytest-benchmark: ``python -m pytest bench/bench_inverse.py --benchmark-only`` (
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import pytest
@@ -17,12 +22,15 @@ import torch
 from hyperinf_ext import ops, solvers
 from hyperinf_ext.methods import PaperSchulz
 
-from .baselines import cholesky_inverse, inverse_f64, paper_schulz, schulz_status, status_summary
+from .baselines import cholesky_inverse, inv_per_matrix, inverse_f64, paper_schulz, schulz_status, status_summary
 from .inputs import cpu_backends, spd_batch
 from .timing import (Section, Table, Target, TimerConfig, fmt_ratio, fmt_sci, fmt_time, fmt_timing, measure_group,
                      progress)
 
 DN = {torch.float32: "fp32", torch.float64: "fp64"}
+DEFAULT_TARGET = 1.15  # the default (solver="auto") within this factor of the fastest method of the same run
+DEFAULT = "default: solvers.spd_inverse (solver=auto)"
+INV = "torch.linalg.inv (one matrix at a time)"
 
 
 @dataclass
@@ -83,14 +91,19 @@ def inverse_case(case: InvCase, timer: TimerConfig) -> tuple[list, dict]:
             post[name] = "schulz"
         if dtype in case.paper_dtypes:
             cands[f"paper Schulz (X₀={PaperSchulz.X0_SCALE:g}·I, {PaperSchulz.ITERATIONS} it.)"] = lambda: paper_schulz(A)
-        cands["torch.linalg.inv"] = lambda: torch.linalg.inv(A)
-        cands["Cholesky + cholesky_inverse"] = lambda: cholesky_inverse(A)
+        direct = {INV: lambda: inv_per_matrix(A), "Cholesky + cholesky_inverse": lambda: cholesky_inverse(A)}
         # the library's default: G = A − λI damped by λ, solver="auto" (picked, verified, symmetrised)
         G = A - case.lam * torch.eye(case.d, dtype=dtype)
-        cands["default: solvers.spd_inverse (solver=auto)"] = lambda: solvers.spd_inverse(G, case.lam)
-        post["default: solvers.spd_inverse (solver=auto)"] = "auto"
-        t = measure_group(cands, timer, keep_result=True, warmup=case.warmup, repeats=case.repeats,
-                          min_repeats=case.repeats)
+        direct[DEFAULT] = lambda: solvers.spd_inverse(G, case.lam)
+        post[DEFAULT] = "auto"
+        if case.repeats == 1:
+            # the largest case: one run of the slow iterative methods, the usual repeats of the direct
+            # ones and the default (their ratios, which the default's target is about, stay interleaved)
+            t = measure_group(cands, timer, keep_result=True, warmup=case.warmup, repeats=1, min_repeats=1)
+            t.update(measure_group(direct, timer, keep_result=True))
+        else:
+            t = measure_group({**cands, **direct}, timer, keep_result=True, warmup=case.warmup,
+                              repeats=case.repeats, min_repeats=case.repeats)
         tol = ops.DEFAULT_TOL[dtype]
         for name, tm in t.items():
             res = tm.result
@@ -164,10 +177,61 @@ def per_iteration(d: int, k1: int, k2: int, dtype: torch.dtype, timer: TimerConf
     return out
 
 
+def default_vs_fastest(rows: list, dtype) -> dict | None:
+    """The default's row against the fastest other method (same case, dtype) that returned a finite answer.
+
+    rows: (method, dtype, Timing, iterations, status, error).  None when the default was not run; an entry
+    with ratio = inf and ``raised`` when it raised (e.g. ConvergenceError: verification failed).
+    """
+    mine = [(n, tm, it, err) for n, dt, tm, it, st, err in rows if dt == dtype and n == DEFAULT]
+    if not mine:
+        return None
+    _, tm, picked, err = mine[0]
+    others = {n: (t, e) for n, dt, t, it, st, e in rows if dt == dtype and n != DEFAULT and t.ok and math.isfinite(e)}
+    if not others:
+        return None
+    best = min(others, key=lambda n: others[n][0].median)
+    if not tm.ok:
+        msg = (tm.error or "no result").split(" for matrix")[0]
+        return {"picked": f"raised {msg}", "time": math.nan, "error": math.nan, "fastest": best,
+                "fastest_time": others[best][0].median, "fastest_error": others[best][1], "ratio": math.inf,
+                "raised": True}
+    return {"picked": picked, "time": tm.median, "error": err, "fastest": best, "fastest_time": others[best][0].median,
+            "fastest_error": others[best][1], "ratio": tm.median / others[best][0].median}
+
+
+def default_table(title: str, entries: list[tuple[str, dict]], target: float) -> Table:
+    tab = Table(title, ["case", "default solver (auto's pick)", "default time", "fastest other method", "its time",
+                        "default / fastest", "default error vs fp64 solve", "fastest's error"])
+    for case, e in entries:
+        over = "" if e["ratio"] <= target else " (over)"
+        tab.rows.append([case, e["picked"], fmt_time(e["time"]) if math.isfinite(e["time"]) else "—", e["fastest"],
+                         fmt_time(e["fastest_time"]), (fmt_ratio(e["ratio"]) + over) if math.isfinite(e["ratio"]) else "—",
+                         fmt_sci(e["error"]), fmt_sci(e["fastest_error"])])
+    return tab
+
+
+def default_target(what: str, entries: list[tuple[str, dict]], target: float) -> Target:
+    if not entries:
+        return Target(f"default (solver=auto) within {target}× of the fastest method, every {what} case", None,
+                      "the default did not run")
+    timed = [(c, e) for c, e in entries if math.isfinite(e["ratio"])]
+    worst_case, worst = max(timed or entries, key=lambda ce: ce[1]["ratio"])
+    over = [c for c, e in entries if e["ratio"] > target]
+    return Target(
+        f"default (solver=auto) within {target}× of the fastest method, every {what} case",
+        not over,
+        f"{len(entries) - len(over)} of {len(entries)} cases; worst timed {fmt_ratio(worst['ratio'])} ({worst_case}: "
+        f"{worst['picked']} vs {worst['fastest']})" + (f"; over: {'; '.join(over)}" if over else "")
+        + "".join(f"; {c}: the default {e['picked']}" for c, e in entries if e.get("raised")),
+    )
+
+
 def section(quick: bool, timer: TimerConfig) -> Section:
     cfg = QUICK if quick else FULL
     sec = Section("Inverse (Schulz vs baselines)")
     bks = cpu_backends()
+    defaults: list[tuple[str, dict]] = []
     for case in cfg.cases:
         rows, _ = inverse_case(case, timer)
         scale = cfg.batch / case.B
@@ -185,27 +249,50 @@ def section(quick: bool, timer: TimerConfig) -> Section:
             ratio = fmt_ratio(tm.median / base) if (base and tm.ok) else "—"
             tab.rows.append([name, DN[dtype], fmt_timing(tm), ratio, iters, status, fmt_sci(err)])
         if case.warmup == 0:
-            tab.notes.append("no separate warm-up run here: the smaller cases above ran the same code just before.")
+            tab.notes.append("no separate warm-up run of the Schulz methods here: the smaller cases above ran the same code just before.")
         if case.repeats == 1:
-            tab.notes.append("one timed run per method at this size (time budget of the full run).")
+            tab.notes.append("one timed run of each Schulz method at this size (time budget of the full run); the direct "
+                             "methods and the default get the usual warm-up and repeats, interleaved with each other.")
         if case.B < cfg.batch:
             tab.notes.append(f"timed on {case.B} matri{'x' if case.B == 1 else 'ces'}, times ×{scale:g} (linear in the batch).")
         tab.notes.append("'time / ours' = method time / ours on the default backend in the same dtype (> 1: ours is faster).")
+        tab.notes.append(f"'{INV}': batched torch.linalg.inv fails in torch 2.13's CPU build once the process ran with "
+                         "2+ threads (MKL: \"Pivots given to lu_solve must all be greater or equal to 1\"); one matrix at a "
+                         "time it works, and that is what is timed.  The fp64 reference is a float64 LU solve, also per matrix.")
+        tab.notes.append(f"'{DEFAULT}': the library's default on G = A − λI with damping λ: the iterations column "
+                         "says which solver the cost model picked, the status column its verified residual; its time "
+                         "includes damping, the pick, the verification and symmetrisation.")
         sec.tables.append(tab)
+        for dtype in case.dtypes:
+            e = default_vs_fastest(rows, dtype)
+            if e is not None:
+                defaults.append((f"d={case.d}, [{case.lam:g}, {case.lam * case.kappa:g}], {DN[dtype]}", e))
         # facts for advice
         for dtype in case.dtypes:
-            ok = {name: tm.median for name, dt, tm, *_ in rows if dt == dtype and tm.ok}
+            ok = {name: tm.median for name, dt, tm, *_ in rows if dt == dtype and tm.ok and name != DEFAULT}
             if ok and dtype in ours_t and case.kappa == 1e4:
                 best = min(ok, key=ok.get)
                 chol = ok.get("Cholesky + cholesky_inverse", float("nan"))
+                e = default_vs_fastest(rows, dtype)
+                dflt = ("" if e is None else f"; the default (solver=auto) {e['picked']}" if e.get("raised") else
+                        f"; the default (solver=auto) picks {e['picked']}: {fmt_ratio(e['ratio'])} the fastest's time")
                 sec.advice.append(f"explicit inverse, batch of {cfg.batch} d={case.d} {DN[dtype]}, eigenvalues in "
                                   f"[{case.lam:g}, {case.lam * case.kappa:g}]: fastest is **{best}** ({fmt_time(ok[best])}); "
                                   f"ours (Schulz) takes {fmt_ratio(ours_t[dtype] / ok[best])} its time"
-                                  + ("." if best.startswith("Cholesky") else f", Cholesky {fmt_ratio(chol / ok[best])}."))
+                                  + ("" if best.startswith("Cholesky") else f", Cholesky {fmt_ratio(chol / ok[best])}")
+                                  + dflt + ".")
         for name, dtype, tm, iters, status, err in rows:
             if name.startswith("paper"):
                 sec.notes.append(f"d={case.d}, eigenvalues [{case.lam:g}, {case.lam * case.kappa:g}], {DN[dtype]}: paper Schulz → {status}, "
                                  f"error {fmt_sci(err)}.")
+    dtab = default_table(f"Default solver (solvers.spd_inverse, solver=\"auto\") against the fastest method of the same run "
+                         f"(batch of {cfg.batch})", defaults, DEFAULT_TARGET)
+    dtab.notes.append("'fastest other method': the fastest of every other method timed on the same case and dtype that "
+                      "returned a finite answer (both Schulz backends, paper Schulz, torch.linalg.inv one matrix at a "
+                      f"time, Cholesky + cholesky_inverse); target: default / fastest ≤ {DEFAULT_TARGET}×.  The default "
+                      "also damps, verifies (8 probe rows) and symmetrises; the baselines do not.")
+    sec.tables.append(dtab)
+    sec.targets.append(default_target("explicit-inverse", defaults, DEFAULT_TARGET))
     # per-iteration cost
     tab = Table("Cost of one Schulz iteration vs its two GEMMs (one matrix, max_iter = k, check=False)",
                 ["d", "dtype", "backend", "marginal: (t(k2) − t(k1))/(k2 − k1)", "t(k2)/k2", "two torch.mm",
@@ -242,7 +329,7 @@ def section(quick: bool, timer: TimerConfig) -> Section:
 # pytest-benchmark
 
 
-METHODS = [f"schulz:{b}" for b in cpu_backends()] + ["paper", "inv", "cholesky"]
+METHODS = [f"schulz:{b}" for b in cpu_backends()] + ["paper", "inv", "cholesky", "default"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -259,7 +346,11 @@ def test_inverse(benchmark, method, d, dtype):
     elif method == "paper":
         X = benchmark(lambda: paper_schulz(A))
     elif method == "inv":
-        X = benchmark(lambda: torch.linalg.inv(A))
+        X = benchmark(lambda: inv_per_matrix(A))
+    elif method == "default":
+        G = A - lam * torch.eye(d, dtype=dtype)
+        X, info = benchmark(lambda: solvers.spd_inverse(G, lam))
+        benchmark.extra_info["solver"] = info.solver
     else:
         X = benchmark(lambda: cholesky_inverse(A))
     benchmark.extra_info["rel_err_vs_fp64"] = rel_err_safe(X, inverse_f64(A))

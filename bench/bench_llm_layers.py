@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from hyperinf_ext import ops
+from hyperinf_ext import ops, solvers
 
 from .baselines import cholesky_inverse, gfim_batched_, inverse_f64, rel_err, status_summary
 from .inputs import cpu_backends, default_damping, make_grads
@@ -117,11 +117,14 @@ def section(quick: bool, timer: TimerConfig) -> Section:
     A.diagonal().add_(lam)
     A = 0.5 * (A + A.T)
     ref = inverse_f64(A)
+    Gs = 0.5 * (G + G.T)  # the default damps G itself: the same matrix A is, before damping
+    default = "default: solvers.spd_inverse (solver=auto)"
     cands = {
         f"ours: scaled Schulz [{bks[0]}] (lower_bound = damping)":
             lambda: ops.schulz_inverse(A, lower_bound=lam, backend=bks[0], return_info=True, check=False),
         "Cholesky + cholesky_inverse": lambda: cholesky_inverse(A),
-        "torch.linalg.inv": lambda: torch.linalg.inv(A),
+        "torch.linalg.inv": lambda: torch.linalg.inv(A),  # one matrix: unaffected by the batched-LU bug
+        default: lambda: solvers.spd_inverse(Gs, lam),
     }
     # The Schulz inverse at this size is the slowest single call of the suite: one timed run, no warm-up
     # (the GFIM calls above warmed the BLAS); the direct methods get the usual repeats.
@@ -133,6 +136,7 @@ def section(quick: bool, timer: TimerConfig) -> Section:
                  f"κ ≤ {kappa_bound:.1e})",
                  ["method", "time", "iterations / status", "rel. error vs fp64 solve", "GFLOP/s"])
     iters = None
+    default_solver = None
     for name, tm in ti.items():
         if not tm.ok:
             itab.rows.append([name, fmt_timing(tm), "—", "—", "—"])
@@ -143,6 +147,13 @@ def section(quick: bool, timer: TimerConfig) -> Section:
             st = f"{iters} it., {status_summary(info.status)}"
             fl = (2 * iters + 1) * 2 * d ** 3
             per_layer["inverse (Schulz)"] = tm.median
+        elif name == default:
+            X, sinfo = tm.result
+            default_solver = sinfo.solver
+            st = f"auto → {sinfo.solver}, residual {float(sinfo.residual.max()):.1e}"
+            it_d = int(sinfo.iterations.max()) if sinfo.solver == "schulz" else None
+            fl = (2 * it_d + 1) * 2 * d ** 3 if it_d else d ** 3
+            per_layer["inverse (default)"] = tm.median
         else:
             X, st = tm.result, "direct"
             fl = d ** 3 if name.startswith("Chol") else 2 * d ** 3
@@ -150,21 +161,33 @@ def section(quick: bool, timer: TimerConfig) -> Section:
                 per_layer["inverse (Cholesky)"] = tm.median
         itab.rows.append([name, fmt_timing(tm), st, fmt_sci(rel_err(X, ref)), f"{fl / tm.median / 1e9:.1f}"])
         tm.result = None
-    itab.notes.append("Schulz flops = (2·iterations + 1) GEMMs of 2d³; Cholesky + cholesky_inverse counted as d³/3 + 2d³/3; inv (LU + inverse) as 2d³.")
+    itab.notes.append("Schulz flops = (2·iterations + 1) GEMMs of 2d³; Cholesky + cholesky_inverse counted as d³/3 + 2d³/3; inv (LU + inverse) as 2d³; "
+                      "the default as the solver it picked (its damping, verification and symmetrisation included in its time).")
+    fastest = {n: t.median for n, t in ti.items() if t.ok and n != default}
+    if default in per_layer and fastest:
+        best = min(fastest, key=fastest.get)
+        itab.notes.append(f"default / fastest ({best}): {fmt_ratio(per_layer['inverse (default)'] / fastest[best])} "
+                          "(target ≤ 1.15×, as for the inverse section).")
     sec.tables.append(itab)
 
     # extrapolation
+    dname = f"inverse (default: {default_solver})" if default_solver else "inverse (default)"
     etab = Table(f"Extrapolation to {cfg.L_target} layers of d = {d}, r = {r}, n = {n}",
-                 ["where", "GFIM (fp32 grads)", "GFIM (bf16 grads)", "inverse (Schulz)", f"total, {cfg.L_target} layers (bf16 GFIM + Schulz)"])
+                 ["where", "GFIM (fp32 grads)", "GFIM (bf16 grads)", "inverse (Schulz)", dname,
+                  f"total, {cfg.L_target} layers (bf16 GFIM + default inverse)"])
     g32, g16, inv = per_layer.get("gfim fp32"), per_layer.get("gfim bf16"), per_layer.get("inverse (Schulz)")
+    inv_d = per_layer.get("inverse (default)")
     L = cfg.L_target
     if g32 and inv:
         g16_ = g16 if g16 else g32
         etab.rows.append([f"this CPU (measured per layer × {L})", fmt_time(g32 * L), fmt_time(g16_ * L), fmt_time(inv * L),
-                          fmt_time((g16_ + inv) * L)])
+                          fmt_time(inv_d * L) if inv_d else "—", fmt_time((g16_ + inv_d) * L) if inv_d else "—"])
+        if inv_d:
+            etab.notes.append(f"with Schulz instead of the default on this CPU: {fmt_time((g16_ + inv) * L)} for {L} layers "
+                              f"(the default spends {fmt_ratio(inv_d / inv)} the inverse time of Schulz).")
         if "inverse (Cholesky)" in per_layer:
-            etab.notes.append(f"with Cholesky instead of Schulz on this CPU: {fmt_time((g16_ + per_layer['inverse (Cholesky)']) * L)} "
-                              f"for {L} layers ({fmt_ratio(inv / per_layer['inverse (Cholesky)'])} less inverse time).")
+            etab.notes.append(f"bare Cholesky + cholesky_inverse (no damping, verification or symmetrisation): "
+                              f"{fmt_time((g16_ + per_layer['inverse (Cholesky)']) * L)} for {L} layers.")
     if iters is not None:
         fl_g = flops_gfim * L
         fl_s = (2 * iters + 1) * 2 * d ** 3 * L
@@ -174,11 +197,13 @@ def section(quick: bool, timer: TimerConfig) -> Section:
             t_s32 = fl_s / (peak["fp32"] * 1e12)
             t_s3 = fl_s / (peak["tf32"] / 3 * 1e12)
             etab.rows.append([f"{gpu} at assumed peak (lower bound)", f"≥ {fmt_time(t_g32)} (fp32 FMA)", f"≥ {fmt_time(t_g16)} (bf16 mma)",
-                              f"≥ {fmt_time(t_s32)} (fp32 FMA) / ≥ {fmt_time(t_s3)} (tf32x3)", f"≥ {fmt_time(t_g16 + t_s3)}"])
+                              f"≥ {fmt_time(t_s32)} (fp32 FMA) / ≥ {fmt_time(t_s3)} (tf32x3)",
+                              f"Schulz (auto on CUDA): as left", f"≥ {fmt_time(t_g16 + t_s3)}"])
         etab.notes.append(f"GPU rows: measured flop counts ({fl_g / 1e12:.2f} TFLOP of GFIM, {fl_s / 1e12:.2f} TFLOP of Schulz at the "
                           f"measured {iters} iterations) divided by ASSUMED spec-sheet peaks {GPU_PEAKS} (TFLOP/s); "
                           "tf32x3 = three TF32 tensor-core products per fp32 product.  The PTX table below says which "
-                          "kernel variant uses tensor cores.")
+                          "kernel variant uses tensor cores.  On CUDA solver=\"auto\" runs Schulz (no measured GPU cost "
+                          "constants), so there the default inverse is the Schulz column.")
         etab.notes.append(f"GFIM time grows linearly with n (here {n}); the inverse does not depend on n.")
     sec.tables.append(etab)
     progress("AOT-compiling the Triton kernels (PTX facts)")

@@ -18,7 +18,6 @@ Where a case is timed on a subset of its layers and scaled linearly, the table s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -31,7 +30,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -246,18 +245,10 @@ def section_tests(ctx: "Context", sec: dict) -> None:
 
 
 def _tf32(enabled: bool):
-    import torch
+    """TF32 on/off for float32 CUDA matmuls in a block: the library's helper (imported late, like torch here)."""
+    from hyperinf_ext.solvers.mixed import tf32_matmul
 
-    @contextlib.contextmanager
-    def cm() -> Iterator[None]:
-        old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = old
-
-    return cm()
+    return tf32_matmul(enabled)
 
 
 def _layers_timed(ctx: "Context", d: int, L: int) -> int:

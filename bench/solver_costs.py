@@ -1,6 +1,7 @@
 """Calibrate and check the cost model of ``solver="auto"`` (hyperinf_ext/solvers/cost.py).
 
-    python -m bench.solver_costs [--quick]
+    python -m bench.solver_costs [--quick] [--threads N]
+    python -m bench.compare --only solver_costs      # the same, as a section of bench/RESULTS.md
 
 1. Rates: GFLOP/s of each kernel the model counts (batched GEMM, one Schulz iteration per CPU backend,
    Cholesky factor, cholesky_inverse, cholesky_solve on CAL_ROWS rows, the same rows × a matrix, and
@@ -21,9 +22,9 @@ import torch
 from hyperinf_ext import ops, solvers
 from hyperinf_ext.solvers import cost
 
-from .baselines import rel_err
+from .baselines import inverse_f64, rel_err, solve_rows_f64
 from .inputs import cpu_backends, spd_batch
-from .timing import (Table, TimerConfig, fmt_ratio, fmt_sci, fmt_time, load_average, machine_info, measure_group,
+from .timing import (Section, Table, Target, TimerConfig, fmt_ratio, fmt_sci, fmt_time, load_average, machine_info, measure_group,
                      progress)
 
 CAL_D, CAL_B, CAL_ROWS = 512, 2, 1024  # rows: where solving many right-hand sides matters
@@ -86,7 +87,7 @@ def _cases(quick: bool) -> list[tuple]:
     return cases
 
 
-def check_picks(quick: bool, timer: TimerConfig) -> Table:
+def check_picks(quick: bool, timer: TimerConfig, ratios: list | None = None) -> Table:
     tab = Table("solver=\"auto\" against every solver, same run",
                 ["case", "d", "B", "rows", "dtype", "κ", "auto picks", "fastest", "schulz", "cholesky", "cg",
                  "auto / fastest", "auto error vs fp64"])
@@ -95,13 +96,13 @@ def check_picks(quick: bool, timer: TimerConfig) -> Table:
         lamt = torch.full((B,), lam, dtype=torch.float64)
         if what == "inverse":
             A64 = G.double() + lam * torch.eye(d, dtype=torch.float64)
-            ref = torch.linalg.inv(A64)
+            ref = inverse_f64(A64)  # one matrix at a time: batched LU fails in torch 2.13 CPU after 2+ threads
             cands = {s: (lambda s: lambda: solvers.spd_inverse(G, lamt, solver=s))(s)
                      for s in ("schulz", "cholesky", "auto")}
         else:
             V = torch.randn(B, rows, d, dtype=torch.float64).to(dtype)
             A64 = G.double() + lam * torch.eye(d, dtype=torch.float64)
-            ref = torch.linalg.solve(A64, V.double().mT).mT
+            ref = solve_rows_f64(A64, V)
             # CG only where it can compete (float64, few rows): with thousands of rows it runs for minutes
             cg_ok = dtype == torch.float64 and rows <= CG_MAX_ROWS
             names = ("schulz", "cholesky", "cg", "auto") if cg_ok else ("schulz", "cholesky", "auto")
@@ -112,6 +113,9 @@ def check_picks(quick: bool, timer: TimerConfig) -> Table:
         times = {s: t[s].min for s in cands if s != "auto" and t[s].ok}
         fastest = min(times.values())
         err = rel_err(t["auto"].result[0], ref) if t["auto"].ok else math.nan
+        if ratios is not None and t["auto"].ok:
+            ratios.append((f"{what} d={d} B={B}" + (f" rows={rows}" if rows else "") + f" {DN[dtype]} κ={(kappa + 1) / 2:.3g}",
+                           t["auto"].min / fastest, picked, min(times, key=times.get)))
         tab.rows.append([what, d, B, rows if rows else "—", DN[dtype], f"{(kappa + 1) / 2:.3g}",
                          picked, min(times, key=times.get)] + [
                             fmt_time(times.get(s, math.nan)) for s in ("schulz", "cholesky", "cg")]
@@ -123,6 +127,49 @@ def check_picks(quick: bool, timer: TimerConfig) -> Table:
     return tab
 
 
+def timer_for(quick: bool) -> TimerConfig:
+    return TimerConfig(warmup=1, repeats=3 if quick else 7, min_repeats=2, budget_s=2.0 if quick else 4.0)
+
+
+def rates_table(rates: dict, d: int, B: int) -> Table:
+    keys = sorted({k for r in rates.values() for k in r})
+    tab = Table(f"Measured rates (GFLOP/s; CG step overhead in s) at d = {d}, batch {B}, this run",
+                ["dtype"] + keys + ["cost.py's CPU_RATES (what auto uses)"])
+    for dtype, r in rates.items():
+        used = cost.CPU_RATES.get(dtype, {})
+        tab.rows.append([DN[dtype]] + [r.get(k, "—") for k in keys]
+                        + [", ".join(f"{k} {used[k]:g}" for k in keys if k in used) or "—"])
+    tab.notes.append("Each rate from the fastest of the interleaved repeats of its kernel (flop counts as in cost.py); "
+                     "'rows', 'trsm_few' and CG in their own group.  These are this run's measurements; the picks below use "
+                     "the constants in cost.py (calibrated by `python -m bench.solver_costs --threads 1`; paste the "
+                     "printed CPU_RATES there to recalibrate).")
+    return tab
+
+
+def section(quick: bool, timer: TimerConfig) -> Section:
+    """bench.compare's section: rates and the check of auto's picks, with this module's own timer (7 repeats,
+    fastest kept), at the thread count compare set."""
+    t = timer_for(quick)
+    sec = Section("Solver cost model (`solver=\"auto\"`)")
+    d, B = (96, 2) if quick else (CAL_D, CAL_B)
+    rates = measure_rates(d, B, t)
+    sec.tables.append(rates_table(rates, d, B))
+    ratios: list = []
+    tab = check_picks(quick, t, ratios)
+    tab.notes.append(f"torch threads in this run: {torch.get_num_threads()}; cost.py's constants were calibrated with one thread.")
+    sec.tables.append(tab)
+    if ratios:
+        wrong = [c for c, r, picked, best in ratios if picked != best]
+        worst = max(ratios, key=lambda x: x[1])
+        sec.targets.append(Target(
+            "solver=\"auto\" within 1.15× of the fastest explicit solver (cost-model check grid, fastest repeats)",
+            all(r <= 1.15 for _, r, _, _ in ratios),
+            f"{sum(r <= 1.15 for _, r, _, _ in ratios)} of {len(ratios)} cases; worst {fmt_ratio(worst[1])} ({worst[0]}: auto "
+            f"picked {worst[2]}, fastest {worst[3]}); the pick was the fastest solver in {len(ratios) - len(wrong)} of "
+            f"{len(ratios)}" + (f" (not in: {'; '.join(wrong)})" if wrong else "")))
+    return sec
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds): a smoke test")
@@ -131,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    timer = TimerConfig(warmup=1, repeats=3 if args.quick else 7, min_repeats=2, budget_s=2.0 if args.quick else 4.0)
+    timer = timer_for(args.quick)
     info = machine_info()
     print(f"machine: {info.get('CPU', '?')}; threads {torch.get_num_threads()}; torch {torch.__version__}; "
           f"load average {load_average()}")

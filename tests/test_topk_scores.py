@@ -124,7 +124,9 @@ def test_an_unfinished_score_file_is_refused(fitted, tmp_path):
 
 
 def _probe(n_train: int) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    # a fixed mmap threshold: every block over 64 KiB is mapped on allocation and unmapped on free, so
+    # each call's peak is its own (glibc's adaptive threshold lets a repeat call reuse freed heap)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
     return subprocess.Popen([sys.executable, "-m", "bench.memprobe_scores", "--n-train", str(n_train),
                              "--n-query", "800", "--top-k", "10"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
