@@ -241,3 +241,131 @@ def test_solvers_right_after_set_num_threads():
             assert rel(F.solve_rows(V), V @ ref) < 1e-10, solver
     finally:
         torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------- the lean Cholesky path and auto's fallback
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("shape", [(5,), (), (2, 3)])
+def test_auto_cholesky_inverse_is_exactly_symmetric_and_verified(dtype, shape):
+    d, lam = 40, 1e-2
+    G = torch.stack([spd(d, 1e3, 1e-2, seed=s) for s in range(max(1, math.prod(shape)))]).reshape(*shape, d, d).to(dtype)
+    G_before = G.clone()
+    X, info = solvers.spd_inverse(G, lam)
+    assert info.solver == "cholesky" and "cost model" in info.reason
+    assert torch.equal(G, G_before)  # the damping went into a fresh buffer, not into G
+    assert X.shape == G.shape and X.dtype == dtype and X.is_contiguous() and torch.equal(X, X.mT)
+    assert info.residual.shape == shape and bool((info.residual <= info.tol).all())
+    A64 = G.double() + lam * torch.eye(d, dtype=F64)
+    k = float(cond2_max(A64))
+    # the residual (a probe estimate of ‖I − X·A‖_F) bounds the relative error; the rounding of A adds ~κ·u
+    assert rel(X, ref_inv(A64)) <= float(info.residual.max()) + 20 * math.sqrt(d) * k * eps(dtype)
+
+
+def cond2_max(A: torch.Tensor) -> torch.Tensor:
+    ev = torch.linalg.eigvalsh(A.double().reshape(-1, *A.shape[-2:]))
+    return (ev[..., -1] / ev[..., 0]).max()
+
+
+def _spoiled_cholesky(monkeypatch, factor: float = 1.5):
+    """auto's Cholesky inverse returns factor·X (a wrong answer its own check must reject)."""
+    from hyperinf_ext.solvers import auto, direct
+
+    def bad(G, lam):
+        X, _ = direct.verified_cholesky_inverse(G, lam)
+        X = factor * X
+        return X, direct.inverse_residual_f64(G, lam, X)
+
+    monkeypatch.setattr(auto, "verified_cholesky_inverse", bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_auto_falls_back_to_schulz_when_cholesky_fails_verification(monkeypatch, dtype):
+    d, lam = 48, 1e-2
+    G = torch.stack([spd(d, 1e2, 1e-2, seed=s) for s in range(3)]).to(dtype)
+    _spoiled_cholesky(monkeypatch)
+    X, info = solvers.spd_inverse(G, lam)
+    assert info.solver == "schulz" and "cholesky failed verification" in info.reason and "fell back to schulz" in info.reason
+    assert bool((info.residual <= info.tol).all()) and torch.equal(X, X.mT)
+    A64 = G.double() + lam * torch.eye(d, dtype=F64)
+    k = float(cond2_max(A64))
+    # Schulz's residual ‖I − A·X‖_F bounds the relative error; rounding of A and of the symmetrisation add ~κ·u
+    assert rel(X, ref_inv(A64)) <= float(info.residual.max()) + 20 * math.sqrt(d) * k * eps(dtype)
+    # an explicit "cholesky" never falls back
+    with pytest.raises(ConvergenceError, match="cholesky: relative residual"):
+        solvers.spd_inverse(G, lam, solver="cholesky", tol=ops.DEFAULT_TOL[dtype])
+
+
+def test_factorization_falls_back_to_schulz_when_cholesky_fails_verification(monkeypatch):
+    from hyperinf_ext.solvers import auto
+
+    d, lam = 48, 1e-2
+    G = torch.stack([spd(d, 1e2, 1e-2, seed=s) for s in range(2)])
+    real = auto.cholesky_factor
+    monkeypatch.setattr(auto, "cholesky_factor", lambda A: 0.8 * real(A))  # a wrong factor
+    F = solvers.Factorization(G, lam)
+    assert F.info.solver == "schulz" and "fell back to schulz" in F.info.reason
+    V = torch.randn(2, 3, d, dtype=F64, generator=torch.Generator().manual_seed(2))
+    A64 = G + lam * torch.eye(d, dtype=F64)
+    ref = ref_solve(A64, V.mT).mT
+    k = float(cond2_max(A64))
+    assert rel(F.solve_rows(V), ref) <= float(F.info.residual.max()) + 20 * math.sqrt(d) * k * eps(F64)
+    with pytest.raises(ConvergenceError, match="cholesky: relative residual"):
+        solvers.Factorization(G, lam, solver="cholesky", tol=1e-8)
+
+
+def test_auto_raises_naming_both_attempts_when_nothing_verifies():
+    G = spd(30, 1e8, 1.0, dtype=torch.float32)  # beyond float32 for Cholesky and Schulz alike
+    with pytest.raises(ConvergenceError, match=r"cholesky failed .*fallback schulz failed"):
+        solvers.spd_inverse(G, 0.0)
+
+
+def test_float32_residual_is_remeasured_in_float64_before_failing():
+    """Near float32's limit the float32 evaluation of the probe residual carries its own rounding (≈ √d·u·κ):
+    a residual above tol is measured again with float64 products of the same stored X before the check
+    fails.  tol is set between the two measurements (both are computed here, so no BLAS-specific value)."""
+    from hyperinf_ext.solvers import direct
+
+    d, lam = 128, 1e-3
+    G = torch.stack([spd(d, 3e4, 1e-3, seed=s) for s in range(2)]).float()
+    lamt = direct.damping_tensor(G, lam)
+    X, r32 = direct.verified_cholesky_inverse(G, lamt)
+    r64 = direct.inverse_residual_f64(G, lamt, X)
+    if not float(r32.max()) > 1.05 * float(r64.max()):
+        pytest.skip(f"float32 evaluation not above the float64 one here ({float(r32.max()):.2e} vs {float(r64.max()):.2e})")
+    tol = 0.5 * (float(r32.max()) + float(r64.max()))
+    X2, info = solvers.spd_inverse(G, lam, tol=tol)
+    assert info.solver == "cholesky" and "re-measured in float64" in info.reason
+    torch.testing.assert_close(info.residual, r64, rtol=0, atol=0)
+    assert torch.equal(X2, X)
+
+
+def test_cholesky_residual_is_the_finiteness_check():
+    # a NaN in the upper triangle is not read by the factorisation, but the residual multiplies all of G
+    G = spd(20, 10.0)
+    G[7, 2] = float("nan")  # (the factorisation reads the other triangle)
+    with pytest.raises(ConvergenceError, match="cholesky: relative residual nan"):
+        solvers.spd_inverse(G, 0.1, solver="cholesky")
+    with pytest.raises(ValueError, match="NaN or Inf"):  # auto: its Schulz fallback then refuses the input
+        solvers.spd_inverse(G, 0.1)
+    # an inverse beyond float32's range: X overflows to inf, so the residual is not finite
+    tiny = torch.eye(8) * 1e-39
+    with pytest.raises(ConvergenceError):
+        solvers.spd_inverse(tiny, 0.0, solver="cholesky")
+
+
+def test_auto_inverse_skips_the_spectral_bound_when_cholesky_wins_anyway(monkeypatch):
+    from hyperinf_ext.solvers import auto
+
+    calls = []
+    real = auto._bracket
+    monkeypatch.setattr(auto, "_bracket", lambda A, lam: calls.append(1) or real(A, lam))
+    G = torch.stack([spd(64, 1e3, seed=s) for s in range(4)])
+    _, info = solvers.spd_inverse(G, 1e-2)
+    assert info.solver == "cholesky" and "schulz >=" in info.reason and not calls
+    solvers.Factorization(G, 1e-2)
+    assert not calls
+    # the bracket is still computed where it decides the pick (a one-shot solve: CG is a candidate)
+    solvers.solve_rows(G, 1e-2, torch.randn(4, 2, 64, dtype=F64))
+    assert calls

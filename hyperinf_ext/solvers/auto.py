@@ -19,14 +19,16 @@ from ..errors import ConvergenceError
 from . import cost
 from .direct import (
     cholesky_factor,
-    cholesky_inverse,
     cholesky_solve_rows,
     damp,
+    damping_tensor,
     default_tol,
     inverse_residual,
+    inverse_residual_f64,
     probe_rows,
     rows_residual,
     symmetrise,
+    verified_cholesky_inverse,
 )
 from .krylov import cg
 from .schulz import scaled_schulz
@@ -62,19 +64,31 @@ def _bracket(A: torch.Tensor, lam: torch.Tensor) -> tuple[float, float]:
     return float(lam.min()), float(ops.spectral_upper_bound(A).max())
 
 
-def _pick(solver: str, A: torch.Tensor, bracket: tuple[float, float], *, rows: int | None, want: str,
-          backend: str | None, tol: float, polish: bool) -> cost.Choice:
+def _pick(solver: str, A: torch.Tensor, bracket: Callable[[], tuple[float, float]], *, rows: int | None, want: str,
+          backend: str | None, tol: float, polish: bool, lam: torch.Tensor | None = None,
+          dtype: torch.dtype | None = None) -> cost.Choice:
+    """The solver to run.  ``bracket()`` is called only when the pick depends on it: an explicit inverse or a
+    factorisation is first costed with Schulz at its fewest steps (cost.choose with upper=None), and when
+    another solver wins even so, no spectral bound is computed.  A may be G (undamped: only its shape,
+    device and dtype are read then; ``dtype`` the compute dtype, ``lam`` the damping)."""
     if solver != cost.AUTO:
         return cost.Choice(solver, "requested")
     if backend is not None:
         return cost.Choice("schulz", f"backend {backend!r} requested: its Schulz")
     name, _ = backends.select(None, A.device)
-    lower, upper = bracket
+    dtype = A.dtype if dtype is None else dtype
+    common = dict(d=A.shape[-1], batch=max(1, A[..., 0, 0].numel()), rows=rows, dtype=dtype, device=A.device,
+                  tol=tol, want=want, schulz_backend=name, polish=polish)
+    if want == "inverse" or rows is None:
+        low = float(lam.min()) if lam is not None and lam.numel() else 0.0
+        quick = cost.choose(lower=low, upper=None, **common)
+        if quick.solver != "schulz":
+            return quick
+    lower, upper = bracket()
     lmax = None
-    if rows is not None and want == "apply" and lower > 0 and cost.cg_attainable(upper / lower, A.dtype, tol):
+    if rows is not None and want == "apply" and lower > 0 and cost.cg_attainable(upper / lower, dtype, tol):
         lmax = _lmax_estimate(A)  # CG is a candidate: its step count depends on the true κ
-    return cost.choose(d=A.shape[-1], batch=max(1, A[..., 0, 0].numel()), rows=rows, dtype=A.dtype, device=A.device,
-                       lower=lower, upper=upper, tol=tol, want=want, schulz_backend=name, polish=polish, lmax=lmax)
+    return cost.choose(lower=lower, upper=upper, lmax=lmax, **common)
 
 
 def _lmax_estimate(A: torch.Tensor, steps: int = 5) -> float:
@@ -91,13 +105,23 @@ def _lmax_estimate(A: torch.Tensor, steps: int = 5) -> float:
 
 
 def _prepare(G: torch.Tensor, damping, solver: str, tol: float | None, allowed: tuple[str, ...]):
-    """(A = G + λI, λ, verification tol, strict, the caller's tol, the bracket when auto needs it)."""
+    """(A = G + λI, λ, verification tol, strict, the caller's tol, the bracket — a callable, evaluated once)."""
     check_solver(solver, allowed=allowed)
     A, lam = damp(G, damping)
     strict = solver != "cholesky" or tol is not None  # see the module docstring
     check_tol = default_tol(A.dtype) if tol is None else float(tol)
-    bracket = _bracket(A, lam) if solver in (cost.AUTO, "cg") else (0.0, 0.0)
-    return A, lam, check_tol, strict, tol, bracket
+    return A, lam, check_tol, strict, tol, _lazy_bracket(A, lam)
+
+
+def _lazy_bracket(A: torch.Tensor, lam: torch.Tensor) -> Callable[[], tuple[float, float]]:
+    memo: list = []
+
+    def get() -> tuple[float, float]:
+        if not memo:
+            memo.append(_bracket(A, lam))
+        return memo[0]
+
+    return get
 
 
 def _lower(lam: torch.Tensor) -> torch.Tensor | None:
@@ -118,6 +142,17 @@ def _verified(solver: str, residual: torch.Tensor, tol: float, strict: bool = Tr
         )
 
 
+def _recheck(residual: torch.Tensor, tol: float, strict: bool, dtype: torch.dtype,
+             precise: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, str]:
+    """A float32 residual above tol (but finite) is measured again with float64 products (``precise()``):
+    near float32's conditioning limit the float32 evaluation's own rounding (≈ √d·u·κ) is as large as the
+    residual it measures.  The re-measured value of the same stored answer is what the check then uses."""
+    if (strict and dtype == torch.float32 and bool(torch.isfinite(residual).all())
+            and not bool((residual <= tol).all())):
+        return precise().reshape(residual.shape), "; residual re-measured in float64"
+    return residual, ""
+
+
 def spd_inverse(
     G: torch.Tensor,
     damping,
@@ -131,19 +166,64 @@ def spd_inverse(
 
     solver: "auto" (cost model, an explicit inverse), "schulz" (scaled, λ as lower bound; float64 with
     float32 phase + polish when ``polish``) or "cholesky".  Raises ConvergenceError when not verified.
+    X is exactly symmetric (X == Xᵀ) and row-major.
+
+    Cholesky runs in one buffer (:func:`direct.verified_cholesky_inverse`: damping, factor and inverse
+    in place, a probe residual that is also the finiteness check).  When "auto" picked Cholesky and
+    its answer fails verification (not positive definite in the dtype, or residual > tol — float32
+    near its conditioning limit), Schulz is run instead (it iterates to its own rounding floor and is
+    verified exactly), and ``info.reason`` says so; when Schulz fails too, ConvergenceError names both.
+    An explicitly requested "cholesky" never falls back.
     """
-    A, lam, tol, strict, asked, bracket = _prepare(G, damping, solver, tol, INVERSE_SOLVERS)
-    choice = _pick(solver, A, bracket, rows=None, want="inverse", backend=backend, tol=tol, polish=polish)
-    if choice.solver == "schulz":
-        # Schulz gets the caller's tol (None: ops' default, which in float32 runs to the rounding floor)
-        X, sinfo = scaled_schulz(A, lower=_lower(lam), tol=asked, backend=backend, polish=polish)
-        info = SolveInfo("schulz", sinfo.residual, sinfo.tol, choice.reason, sinfo.backend, sinfo.iterations,
-                         {"warm_start": sinfo.extra.get("warm_start", False)})
-    else:
-        X = cholesky_inverse(A)
-        residual = inverse_residual(A, lambda Z: torch.matmul(Z, X.reshape(-1, *X.shape[-2:]))).reshape(lam.shape)
-        _verified("cholesky", residual, tol, strict)
-        info = SolveInfo("cholesky", residual, tol, choice.reason)
+    check_solver(solver, allowed=INVERSE_SOLVERS)
+    lam = damping_tensor(G, damping)
+    cdtype = ops.compute_dtype(G.dtype)
+    strict = solver != "cholesky" or tol is not None  # see the module docstring
+    check_tol = default_tol(cdtype) if tol is None else float(tol)
+    damped: list = []
+
+    def A_of() -> torch.Tensor:  # G + λI, made once and only when Schulz or the bracket needs it
+        if not damped:
+            damped.append(damp(G, lam)[0])
+        return damped[0]
+
+    choice = _pick(solver, G, lambda: _bracket(A_of(), lam), rows=None, want="inverse", backend=backend,
+                   tol=check_tol, polish=polish, lam=lam, dtype=cdtype)
+    if choice.solver != "schulz":
+        try:
+            X, residual = verified_cholesky_inverse(G, lam)
+            residual, note = _recheck(residual.reshape(lam.shape), check_tol, strict, cdtype,
+                                      lambda: inverse_residual_f64(G, lam, X))
+            _verified("cholesky", residual, check_tol, strict)
+            return X, SolveInfo("cholesky", residual, check_tol, choice.reason + note)
+        except ConvergenceError as e:
+            if solver != cost.AUTO:
+                raise
+            failed = str(e)
+        choice = cost.Choice("schulz", choice.reason + f"; cholesky failed verification ({_short(failed)}): "
+                             "fell back to schulz", choice.costs)
+        try:
+            return _schulz_inverse(A_of(), lam, choice, tol, backend, polish)
+        except ConvergenceError as e:
+            raise ConvergenceError(f"auto: cholesky failed ({_short(failed)}), then its fallback schulz failed "
+                                   f"({_short(str(e))}): G + damping·I is too ill-conditioned for {cdtype}; "
+                                   "use float64 or more damping") from e
+    return _schulz_inverse(A_of(), lam, choice, tol, backend, polish)
+
+
+def _short(msg: str) -> str:
+    """A solver's error message without its closing advice (what failed and by how much)."""
+    for advice in (": G + damping·I is too ill-conditioned", ": the condition number is beyond"):
+        msg = msg.split(advice)[0]
+    return msg
+
+
+def _schulz_inverse(A: torch.Tensor, lam: torch.Tensor, choice: cost.Choice, asked: float | None,
+                    backend: str | None, polish: bool) -> tuple[torch.Tensor, SolveInfo]:
+    # Schulz gets the caller's tol (None: ops' default, which in float32 runs to the rounding floor)
+    X, sinfo = scaled_schulz(A, lower=_lower(lam), tol=asked, backend=backend, polish=polish)
+    info = SolveInfo("schulz", sinfo.residual, sinfo.tol, choice.reason, sinfo.backend, sinfo.iterations,
+                     {"warm_start": sinfo.extra.get("warm_start", False)})
     return symmetrise(X), info
 
 
@@ -156,20 +236,22 @@ class Factorization:
     def __init__(self, G: torch.Tensor, damping, *, solver: str = cost.AUTO, backend: str | None = None,
                  tol: float | None = None, rows: int | None = None):
         A, lam, tol, strict, asked, bracket = _prepare(G, damping, solver, tol, INVERSE_SOLVERS)
-        choice = _pick(solver, A, bracket, rows=rows, want="apply", backend=backend, tol=tol, polish=False)
+        choice = _pick(solver, A, bracket, rows=rows, want="apply", backend=backend, tol=tol, polish=False, lam=lam)
         if choice.solver == "cg":  # a factorisation is reused: CG has nothing to keep
             choice = cost.Choice("cholesky", choice.reason + "; cg has no factor to reuse: cholesky", choice.costs)
-        self._build(A, lam, choice, backend, tol, strict, asked)
+        self._build(A, lam, choice, backend, tol, strict, asked, fallback=solver == cost.AUTO)
 
     @classmethod
     def _of_damped(cls, A: torch.Tensor, lam: torch.Tensor, choice: cost.Choice, backend: str | None,
-                   tol: float, strict: bool, asked: float | None) -> "Factorization":
+                   tol: float, strict: bool, asked: float | None, fallback: bool = False) -> "Factorization":
         self = cls.__new__(cls)
-        self._build(A, lam, choice, backend, tol, strict, asked)
+        self._build(A, lam, choice, backend, tol, strict, asked, fallback)
         return self
 
     def _build(self, A: torch.Tensor, lam: torch.Tensor, choice: cost.Choice, backend: str | None, tol: float,
-               strict: bool, asked: float | None) -> None:
+               strict: bool, asked: float | None, fallback: bool = False) -> None:
+        """Factor A by ``choice``; with ``fallback`` (auto), a Cholesky that fails verification hands over
+        to Schulz (said in info.reason), and ConvergenceError names both when Schulz fails too."""
         self.dtype = A.dtype
         A3 = A.reshape(-1, *A.shape[-2:])
         if choice.solver == "schulz":
@@ -179,11 +261,27 @@ class Factorization:
             self.info = SolveInfo("schulz", sinfo.residual, sinfo.tol, choice.reason, sinfo.backend, sinfo.iterations)
         else:
             ops._check_symmetric("G", A3)
-            L = cholesky_factor(A3)
-            self._solve = lambda V: cholesky_solve_rows(L, V)
-            residual = inverse_residual(A3, self._solve).reshape(lam.shape)
-            _verified("cholesky", residual, tol, strict)
-            self.info = SolveInfo("cholesky", residual, tol, choice.reason)
+            try:
+                L = cholesky_factor(A3)
+                solve = lambda V: cholesky_solve_rows(L, V)  # noqa: E731
+                residual, note = _recheck(inverse_residual(A3, solve).reshape(lam.shape), tol, strict, A3.dtype,
+                                          lambda: inverse_residual(A3, solve, precise=True))
+                _verified("cholesky", residual, tol, strict)
+            except ConvergenceError as e:
+                if not fallback:
+                    raise
+                failed = _short(str(e))
+                try:
+                    self._build(A, lam, cost.Choice("schulz", choice.reason + f"; cholesky failed verification "
+                                                    f"({failed}): fell back to schulz", choice.costs),
+                                backend, tol, strict, asked)
+                except ConvergenceError as e2:
+                    raise ConvergenceError(f"auto: cholesky failed ({failed}), then its fallback schulz failed "
+                                           f"({_short(str(e2))}): G + damping·I is too ill-conditioned for "
+                                           f"{A.dtype}; use float64 or more damping") from e2
+                return
+            self._solve = solve
+            self.info = SolveInfo("cholesky", residual, tol, choice.reason + note)
 
     def solve_rows(self, V: torch.Tensor) -> torch.Tensor:
         return self._solve(V.to(self.dtype))
@@ -206,9 +304,9 @@ def solve_rows(
     back to Cholesky (said in ``info.reason``) and an explicit "cg" raises ConvergenceError.
     """
     A, lam, tol, strict, asked, bracket = _prepare(G, damping, solver, tol, SOLVER_CHOICES)
-    choice = _pick(solver, A, bracket, rows=V.shape[-2], want="apply", backend=backend, tol=tol, polish=False)
+    choice = _pick(solver, A, bracket, rows=V.shape[-2], want="apply", backend=backend, tol=tol, polish=False, lam=lam)
     if choice.solver == "cg":
-        lower, upper = bracket
+        lower, upper = bracket()
         if not lower > 0:
             raise ValueError("solver: 'cg' needs a positive damping (its stopping bound divides by it)")
         kappa = upper / lower
@@ -225,5 +323,5 @@ def solve_rows(
                 raise
         choice = cost.Choice("cholesky", choice.reason + f"; cg stopped at residual {float(residual.max()):.2e}: "
                              "fell back to cholesky", choice.costs)
-    fac = Factorization._of_damped(A, lam, choice, backend, tol, strict, asked)
+    fac = Factorization._of_damped(A, lam, choice, backend, tol, strict, asked, fallback=solver == cost.AUTO)
     return fac.solve_rows(V), fac.info

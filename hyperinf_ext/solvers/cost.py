@@ -33,19 +33,24 @@ SOLVERS = ("schulz", "cholesky", "cg")
 AUTO = "auto"
 
 # GFLOP/s (and seconds per CG step) on CPU, measured by `python -m bench.solver_costs --threads 1`
-# (fastest of 7 interleaved repeats at d = 512, batch 2, few-row kernels grouped apart; 2-core AMD EPYC VM, AVX-512, torch 2.13 CPU
-# with MKL).  One thread: the VM was shared (load average 6–8 on 2 cores), and there 2-thread MKL
-# timings varied up to 10× between runs (its threaded Cholesky most), while single-thread ratios —
-# which decide the picks — held.  The check in the same run found auto's pick the fastest solver
-# (within timing noise) in every case; see bench/RESULTS.md, "Solver cost model".
+# on 2026-12-01 04:13 UTC (fastest of 7 interleaved repeats at d = 512, batch 2, few-row kernels grouped
+# apart; 2-core AMD EPYC VM, AVX-512, torch 2.13.0+cpu with MKL 2024.2, load average 6 on the 2 cores:
+# the VM was shared).  A second run 4 minutes earlier agreed within 10% on every constant.  One thread:
+# on this shared VM 2-thread MKL timings varied up to 10× between runs (its threaded Cholesky most),
+# while single-thread ratios — which decide the picks — held.  Against the previous calibration the GEMM
+# rates doubled (another load on the VM then), the float32 potrf rate fell (28.9 → 19.2) and the CG
+# per-step overhead is 0.03 ms, not 0.24/0.47 ms (so CG wins few-row, well-conditioned float32 solves
+# too).  The check in the same run found auto's pick the fastest solver in every case of its grid; see
+# bench/RESULTS.md, "Solver cost model".
 CPU_RATES: dict[torch.dtype, dict[str, float]] = {
-    torch.float64: {"apply": 21.5, "cg_step_s": 0.00024, "gemm": 23.4, "potrf": 5.9, "potri": 9.5, "rows": 23.4,
-                    "schulz_cpp": 19.2, "schulz_torch": 17.9, "trsm": 12.6, "trsm_few": 8.3},
-    torch.float32: {"apply": 44.6, "cg_step_s": 0.00047, "gemm": 51.2, "potrf": 28.9, "potri": 18.9, "rows": 50.0,
-                    "schulz_cpp": 36.4, "schulz_torch": 34.7, "trsm": 18.9, "trsm_few": 23.6},
+    torch.float64: {"apply": 52.6, "cg_step_s": 0.000027, "gemm": 51.3, "potrf": 12.1, "potri": 22.7, "rows": 32.1,
+                    "schulz_cpp": 49.3, "schulz_torch": 45.1, "trsm": 35.5, "trsm_few": 16.2},
+    torch.float32: {"apply": 107.5, "cg_step_s": 0.000034, "gemm": 109.3, "potrf": 19.2, "potri": 44.9, "rows": 62.2,
+                    "schulz_cpp": 101.5, "schulz_torch": 97.0, "trsm": 48.5, "trsm_few": 29.2},
 }
 PROBES = 8  # rows of the Cholesky verification (direct.PROBES)
 FEW_ROWS = 64  # below, solves run at the "trsm_few" rate (measured on 8 rows), above at "trsm" (1024 rows)
+MIN_SCHULZ_STEPS = 1  # no spectral bracket computed: Schulz's cost is at least one step (its residual test needs one)
 UNKNOWN_BRACKET_ITERATIONS = 50  # Schulz with no lower bound (λ = 0): no prediction; a typical count
 
 
@@ -104,7 +109,7 @@ def choose(
     dtype: torch.dtype,
     device: torch.device,
     lower: float,
-    upper: float,
+    upper: float | None,
     tol: float,
     want: str = "apply",
     schulz_backend: str = "torch",
@@ -115,7 +120,10 @@ def choose(
 
     d, batch: matrices d×d, ``batch`` of them solved together.  rows: right-hand-side rows per
     matrix, or None when unknown (a factorisation applied later: only the set-up cost counts).
-    dtype: the compute dtype.  lower/upper: the spectral bracket (worst matrix of the batch).
+    dtype: the compute dtype.  lower/upper: the spectral bracket (worst matrix of the batch); upper None:
+    not computed — Schulz is then costed at its fewest steps (MIN_SCHULZ_STEPS, a lower bound of its
+    cost whatever the spectrum) and CG is not a candidate, so a pick other than Schulz holds for every
+    bracket (auto computes the bracket only when this optimistic Schulz wins, or for CG).
     want: "apply" (rows solved), or "inverse" (an explicit X is kept: Schulz or Cholesky inverse).
     schulz_backend: the backend Schulz would run on; polish: float64 Schulz runs as float32 + polish.
     lmax: an estimate of λmax (e.g. a few power steps) for CG's step count; default ``upper``.
@@ -128,7 +136,11 @@ def choose(
     costs: dict[str, float] = {}
     k = 0 if rows is None else rows
     apply_x = batch * 2.0 * k * d * d / (rates["apply"] * g)
-    if polish and dtype == torch.float64 and torch.float32 in CPU_RATES:
+    if upper is None:
+        # a lower bound of either path: the float32 phase + polish costs more than one float64 step
+        # (two float64 polish steps alone do), so one step at the dtype's own rate bounds both
+        sch = MIN_SCHULZ_STEPS * 4.0 * d**3 / (rates.get(f"schulz_{schulz_backend}", rates["gemm"]) * g)
+    elif polish and dtype == torch.float64 and torch.float32 in CPU_RATES:
         r32 = CPU_RATES[torch.float32]
         steps = schulz_iterations(lower, upper, d, 1e-3)
         sch = steps * 4.0 * d**3 / (r32.get(f"schulz_{schulz_backend}", r32["gemm"]) * g)
@@ -145,10 +157,10 @@ def choose(
         trsm = rates["trsm"] if k >= FEW_ROWS else rates["trsm_few"]  # TRSM on a few rows runs far below peak
         chol += 2.0 * k * d * d / (trsm * g) + probes + 2.0 * PROBES * d * d / (rates["trsm_few"] * g)
     costs["cholesky"] = batch * chol
-    if want == "apply" and rows is not None and cg_attainable(upper / lower if lower > 0 else math.inf, dtype, tol):
+    if want == "apply" and rows is not None and upper is not None and cg_attainable(upper / lower if lower > 0 else math.inf, dtype, tol):
         steps_cg = cg_iterations((lmax if lmax else upper) / lower, d, tol, upper / lower)
         costs["cg"] = steps_cg * (batch * 2.0 * k * d * d / (rates["rows"] * g) + rates["cg_step_s"])
     best = min(costs, key=costs.get)
-    shown = ", ".join(f"{s} {c * 1e3:.3g} ms" for s, c in costs.items())
+    shown = ", ".join(f"{s} {'>= ' if s == 'schulz' and upper is None else ''}{c * 1e3:.3g} ms" for s, c in costs.items())
     return Choice(best, f"cost model ({device.type}, {str(dtype).replace('torch.', '')}, d={d}, "
                         f"batch={batch}, rows={rows}): {shown}", costs)

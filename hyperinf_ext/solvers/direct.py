@@ -20,17 +20,27 @@ PROBES = 8
 PROBE_SEED = 0
 
 
+def damping_tensor(G: torch.Tensor, damping) -> torch.Tensor:
+    """λ as a float64 CPU tensor of G's batch shape (checked: non-negative, finite, broadcasting)."""
+    return ops._bounds_tensor("damping", damping, G.shape[:-2]).reshape(G.shape[:-2])
+
+
+def _add_damping_(A: torch.Tensor, lam: torch.Tensor) -> None:
+    """A += λ·I in place (A [..., d, d] in the compute dtype); ValueError when the diagonal overflows."""
+    A.diagonal(dim1=-2, dim2=-1).add_(lam.to(device=A.device, dtype=A.dtype).reshape(A.shape[:-2]).unsqueeze(-1))
+    if A.numel() and not bool(torch.isfinite(torch.diagonal(A, dim1=-2, dim2=-1)).all()):
+        raise ValueError(f"damping: G + damping·I overflows {A.dtype} (damping up to {float(lam.max()):.3e})")
+
+
 def damp(G: torch.Tensor, damping) -> tuple[torch.Tensor, torch.Tensor]:
     """(A = G + λ·I in G's compute dtype, λ as a float64 CPU tensor of the batch shape).
 
     G: [..., d, d] (float16/bfloat16 are lifted to float32, float32/float64 kept); damping: a
     non-negative float or a tensor broadcasting to G.shape[:-2].  A is a fresh tensor.
     """
-    lam = ops._bounds_tensor("damping", damping, G.shape[:-2]).reshape(G.shape[:-2])
+    lam = damping_tensor(G, damping)
     A = G.to(ops.compute_dtype(G.dtype), copy=True)
-    A.diagonal(dim1=-2, dim2=-1).add_(lam.to(device=A.device, dtype=A.dtype).unsqueeze(-1))
-    if A.numel() and not bool(torch.isfinite(torch.diagonal(A, dim1=-2, dim2=-1)).all()):
-        raise ValueError(f"damping: G + damping·I overflows {A.dtype} (damping up to {float(lam.max()):.3e})")
+    _add_damping_(A, lam)
     return A, lam
 
 
@@ -44,16 +54,21 @@ def symmetrise(X: torch.Tensor) -> torch.Tensor:
     return 0.5 * (X + X.transpose(-1, -2))
 
 
-def cholesky_factor(A: torch.Tensor) -> torch.Tensor:
-    """Lower Cholesky factor of each SPD matrix of A [..., d, d]; ConvergenceError if one is not SPD."""
-    L, info = torch.linalg.cholesky_ex(A)
+def _check_spd(info: torch.Tensor, dtype: torch.dtype) -> None:
+    """ConvergenceError unless every ``info`` of ``cholesky_ex`` is 0 (each matrix factored)."""
     bad = (info != 0).reshape(-1)
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
         raise ConvergenceError(
-            f"cholesky: G + damping·I is not positive definite (or singular to within {A.dtype}'s resolution; "
+            f"cholesky: G + damping·I is not positive definite (or singular to within {dtype}'s resolution; "
             f"{int(bad.sum())} of {bad.numel()} matrices, first: matrix {i}, minor {int(info.reshape(-1)[i])})"
         )
+
+
+def cholesky_factor(A: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of each SPD matrix of A [..., d, d]; ConvergenceError if one is not SPD."""
+    L, info = torch.linalg.cholesky_ex(A)
+    _check_spd(info, A.dtype)
     if not bool(torch.isfinite(L).all()):
         raise ConvergenceError(f"cholesky: the factor of G + damping·I is beyond {A.dtype}'s range; rescale G")
     return L
@@ -72,22 +87,111 @@ def cholesky_inverse(A: torch.Tensor, callback: Callback | None = None) -> torch
     return X
 
 
+_PROBE_CACHE: dict[tuple, torch.Tensor] = {}
+_PROBE_CACHE_SIZE = 16
+
+
 def probe_rows(A: torch.Tensor) -> torch.Tensor:
-    """Fixed random rows Z [B, PROBES, d] (seeded, so a check is reproducible) in A's dtype/device."""
+    """Fixed random rows Z [B, PROBES, d] (seeded, so a check is reproducible) in A's dtype/device.
+
+    The same rows every call (cached per shape, dtype and device; callers must not write to them).
+    No entry is zero, so a NaN or ±inf anywhere in a matrix Z is multiplied by reaches the residual.
+    """
     B, d = A.reshape(-1, *A.shape[-2:]).shape[0], A.shape[-1]
-    g = torch.Generator().manual_seed(PROBE_SEED)
-    return torch.randn(B, PROBES, d, generator=g, dtype=torch.float64).to(device=A.device, dtype=A.dtype)
+    key = (B, d, A.dtype, A.device)
+    Z = _PROBE_CACHE.get(key)
+    if Z is None:
+        g = torch.Generator().manual_seed(PROBE_SEED)
+        Z = torch.randn(B, PROBES, d, generator=g, dtype=torch.float64)
+        Z = torch.where(Z == 0, torch.ones_like(Z), Z).to(device=A.device, dtype=A.dtype)
+        if len(_PROBE_CACHE) >= _PROBE_CACHE_SIZE:
+            _PROBE_CACHE.pop(next(iter(_PROBE_CACHE)))
+        _PROBE_CACHE[key] = Z
+    return Z
 
 
-def inverse_residual(A: torch.Tensor, solve: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def inverse_residual(A: torch.Tensor, solve: Callable[[torch.Tensor], torch.Tensor], precise: bool = False) -> torch.Tensor:
     """Estimate of ‖I − X·A‖_F per matrix (float64 CPU [B]) for the solve ``Z ↦ Z·X`` of rows [B, k, d].
 
     ‖I − X·A‖_F bounds ‖X − A⁻¹‖₂/‖A⁻¹‖₂, the same quantity Schulz's residual test bounds.
+    ``precise``: the product with A and the difference in float64 (the solve itself in A's dtype), so
+    that the rounding of the check does not add to the residual of the solve it checks.
     """
     A3 = A.reshape(-1, *A.shape[-2:])
     Z = probe_rows(A3)
-    R = Z - torch.matmul(solve(Z), A3)
-    return (torch.linalg.vector_norm(R.double(), dim=(-2, -1)) / PROBES**0.5).cpu()
+    if precise:
+        R = Z.double() - torch.matmul(solve(Z).double(), A3.double())
+    else:
+        R = Z - torch.matmul(solve(Z), A3)
+    return (torch.linalg.vector_norm(R, dim=(-2, -1), dtype=torch.float64) / PROBES**0.5).cpu()
+
+
+def inverse_residual_f64(G: torch.Tensor, lam: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """The probe estimate of ‖I − X·(G + λI)‖_F (as :func:`verified_cholesky_inverse`'s) with every
+    product in float64: the residual of the stored X itself, without a float32 evaluation's rounding
+    (about √d·u·κ, as large as the residual near float32's limit).  float64 CPU [B]."""
+    d = G.shape[-1]
+    G3, X3 = G.reshape(-1, d, d), X.reshape(-1, d, d)
+    Z = probe_rows(G3).double()
+    Y = torch.matmul(Z, X3.double())
+    lam_b = lam.to(device=Y.device, dtype=torch.float64).reshape(-1, 1, 1)
+    R = Z - torch.baddbmm(Y * lam_b, Y, G3.double())
+    return (torch.linalg.vector_norm(R, dim=(-2, -1)) / PROBES**0.5).cpu()
+
+
+_POTRI_SYMMETRIC: dict[tuple, bool] = {}
+
+
+def _potri_is_symmetric(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.cholesky_inverse writes both triangles, equal (LAPACK potri computes one; torch's
+    CPU kernel mirrors it into the other).  Checked once per device kind and dtype on a small batch;
+    where it does not hold, :func:`verified_cholesky_inverse` symmetrises explicitly."""
+    key = (device.type, dtype)
+    if key not in _POTRI_SYMMETRIC:
+        g = torch.Generator().manual_seed(1)
+        M = torch.randn(2, 37, 37, generator=g, dtype=torch.float64)
+        A = (M @ M.mT + 37 * torch.eye(37, dtype=torch.float64)).to(device=device, dtype=dtype)
+        X = torch.cholesky_inverse(torch.linalg.cholesky(A))
+        _POTRI_SYMMETRIC[key] = bool(torch.equal(X, X.mT))
+    return _POTRI_SYMMETRIC[key]
+
+
+def verified_cholesky_inverse(G: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X = (G + λI)⁻¹ [..., d, d], its residual estimate [batch] float64 CPU) by Cholesky, in one buffer.
+
+    The lean path of an explicit inverse: G + λI is written into one fresh buffer, factored in place
+    (``cholesky_ex(out=)``) and inverted in place (``cholesky_inverse(out=)``), so the call allocates
+    what a bare ``cholesky`` + ``cholesky_inverse`` does, or less.  X is returned row-major and exactly
+    symmetric (X == Xᵀ bit for bit: torch's kernel mirrors potri's triangle, checked once per device
+    kind and dtype, else symmetrised here).  ConvergenceError when a matrix is not positive definite.
+
+    The residual is :func:`inverse_residual`'s probe estimate of ‖I − X·A‖_F, computed as
+    Z − (Z·X)·G − λ·(Z·X) (no copy of A is kept).  It is also the finiteness check: every entry of X
+    and of G is multiplied by a non-zero probe entry, so a NaN or ±inf in either (an inverse beyond the
+    dtype's range, a non-finite G) makes the residual non-finite, which no tolerance accepts.
+    """
+    d = G.shape[-1]
+    cdtype = ops.compute_dtype(G.dtype)
+    G3 = G.reshape(-1, d, d)
+    if G3.dtype != cdtype:
+        G3 = G3.to(cdtype)
+    buf = G3.clone(memory_format=torch.contiguous_format)  # A = G + λI, then L, then X: one allocation
+    _add_damping_(buf, lam)
+    # buf.mT is the column-major layout LAPACK works in; as a matrix it is Aᵀ = A
+    col = buf.mT
+    info = torch.empty(buf.shape[:-2], dtype=torch.int32, device=buf.device)
+    L, info = torch.linalg.cholesky_ex(col, out=(col, info))
+    _check_spd(info, cdtype)
+    Xc = torch.cholesky_inverse(L, out=L)
+    X = Xc.mT if _potri_is_symmetric(buf.device, cdtype) else symmetrise(Xc)
+    if not X.is_contiguous():  # the out= buffers were not used as given: a row-major copy
+        X = X.contiguous()
+    Z = probe_rows(G3)
+    Y = torch.matmul(Z, X)
+    lam_b = lam.to(device=Y.device, dtype=Y.dtype).reshape(-1, 1, 1)
+    R = Z - torch.baddbmm(Y * lam_b, Y, G3)  # Z·(I − X·A), A = G + λI
+    residual = (torch.linalg.vector_norm(R, dim=(-2, -1), dtype=torch.float64) / PROBES**0.5).cpu()
+    return X.reshape(G.shape[:-2] + (d, d)), residual
 
 
 def rows_residual(A: torch.Tensor, V: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
