@@ -543,3 +543,21 @@ def test_schulz_schedule_decisions():
     for r in (0.9, 0.3):
         assert s.decide(r) is None and s.next_beta() == 1.0
     assert s.decide(0.31) == ref.STAGNATED and s.rollback and (s.iterations, s.residual) == (1, 0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finite_check_takes_overflowing_sums_and_finds_one_bad_entry(dtype):
+    """The finiteness check's fast path is a sum: finite entries whose sum overflows must pass, and one
+    NaN/±inf anywhere (among huge or ordinary entries, any layout) must be refused."""
+    from hyperinf_ext.checks import _check_finite
+
+    big = torch.full((5, 7), torch.finfo(dtype).max / 4, dtype=dtype)
+    _check_finite("x", big)
+    _check_finite("x", big.t())
+    for base in (big, torch.ones(5, 7, dtype=dtype)):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            for pos in ((0, 0), (4, 6), (2, 3)):
+                y = base.clone()
+                y[pos] = bad
+                with pytest.raises(ValueError, match="NaN or Inf"):
+                    _check_finite("y", y.t())
