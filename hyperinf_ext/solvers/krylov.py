@@ -88,7 +88,11 @@ def neumann(
     u = {k: x.clone() for k, x in vd.items()}
     for t in range(1, iterations + 1):
         Hu = prod(u)
-        u = {k: vd[k] + u[k] - Hu[k] / s[k] for k in vd}
+        for k in vd:
+            # in place: with LiSSA's self-influence u is [chunk, r·d] over every layer (GBs for an LLM),
+            # and the out-of-place update made three such temporaries per step
+            h = Hu[k].clone() if Hu[k].data_ptr() == u[k].data_ptr() else Hu[k]
+            u[k].sub_(h, alpha=1.0 / s[k]).add_(vd[k])
         if callback is not None:
             est = {k: u[k] / s[k] for k in u}
             callback(t, est[""] if single else est)
@@ -98,6 +102,8 @@ def neumann(
 
 def fisher_product(u: torch.Tensor, g: torch.Tensor, damping: float) -> torch.Tensor:
     """u·(F_B + λI) for the mini-batch Fisher F_B = (1/B)·gᵀg: u [..., m], g [B, m] flattened gradients."""
+    if u.dim() == 2:
+        return torch.addmm(u, u @ g.T, g, beta=damping, alpha=1.0 / g.shape[0])  # one [Q, m] result, no temporaries
     return (u @ g.T) @ g / g.shape[0] + damping * u
 
 
