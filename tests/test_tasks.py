@@ -207,3 +207,18 @@ def test_pipeline_tokenizes_each_split_once():
                           (loaders.influence_val, 8)):
             assert sorted(i for b in loader for i in b["index"].tolist()) == list(range(n))
         assert calls == [20, 8]  # iterating pads the cached token ids, it does not tokenize again
+
+
+def test_equal_rows_are_marked_within_one_signal():
+    """With --signal both, hyperinf's validation row equals exact's validation row, its self row exact's
+    self row — never across signals (the scores differ)."""
+    from hyperinf_ext.tasks.mislabeled import MethodResult, _mark_equal
+
+    rows = [MethodResult("hyperinf", "auto", label, label, signal) for label, signal in
+            (("hyperinf", "validation"), ("hyperinf · self", "self"))]
+    rows += [MethodResult("exact", "auto", label, label, signal) for label, signal in
+             (("exact", "validation"), ("exact · self", "self"))]
+    for r in rows:
+        r.damping_rule, r.damping_values = "spectral × 3", (1e-3, 2e-3)
+    _mark_equal(rows)
+    assert [r.same_as for r in rows] == ["exact", "exact · self", None, None]

@@ -240,11 +240,11 @@ SAME_ESTIMATOR = {"hyperinf": "exact"}
 
 
 def _mark_equal(results: list[MethodResult]) -> None:
-    """Set ``same_as`` on each row whose estimator and resolved damping equal another row's."""
+    """Set ``same_as`` on each row whose estimator, signal and resolved damping equal another row's."""
     for r in results:
         twin = SAME_ESTIMATOR.get(r.method)
         for o in results:
-            if (twin and o.method == twin and not r.error and not o.error
+            if (twin and o.method == twin and o.signal == r.signal and not r.error and not o.error
                     and (o.damping_rule, o.damping_values) == (r.damping_rule, r.damping_values)):
                 r.same_as = o.label
 
