@@ -108,6 +108,18 @@ def test_cg_rows_and_callback(d, kappa, scale):
     assert torch.equal(seen[t - 1][1], solvers.cg(A, V, max_iter=t)[0])
 
 
+def test_cg_checkpoint_gives_up_or_goes_on():
+    A = spd(60, 1e4, 1e-2).unsqueeze(0)
+    V = torch.randn(1, 3, 60, dtype=F64)
+    # a residual target no 4 steps reach: it returns after step 4, with exactly 4 steps' iterate
+    X, steps = solvers.cg(A, V, max_iter=200, tol=1e-12, checkpoint=(4, 1e-12))
+    assert steps == 4 and torch.equal(X, solvers.cg(A, V, max_iter=4)[0])
+    # a target every row has met (r = 1e6 > any residual growth): the run is the run without checkpoint
+    X2, s2 = solvers.cg(A, V, max_iter=200, tol=1e-12, checkpoint=(4, 1e6))
+    X3, s3 = solvers.cg(A, V, max_iter=200, tol=1e-12)
+    assert s2 == s3 > 4 and torch.equal(X2, X3)
+
+
 def test_cg_freezes_converged_rows():
     A = spd(4, 10.0)
     v = torch.zeros(2, 4, dtype=F64)
@@ -206,6 +218,55 @@ def test_unverified_answers_raise():
         solvers.solve_rows(A.unsqueeze(0), 1e-4, torch.randn(1, 2, 30, dtype=F64), solver="cg", max_iter=2)
     with pytest.raises(ConvergenceError, match="not positive definite"):
         solvers.spd_inverse(-torch.eye(3, dtype=F64), 0.0, solver="cholesky")
+
+
+def power_law_gfim(d: int, p: float, seed: int = 0) -> torch.Tensor:
+    """Q·diag((i+1)^-p)·Qᵀ: the decaying spectrum of a LoRA layer's GFIM (max eigenvalue 1)."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))
+    G = (Q * torch.arange(1, d + 1, dtype=F64).pow(-p)) @ Q.T
+    return 0.5 * (G + G.T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_auto_picks_cg_on_few_rows_and_meets_its_bound(dtype):
+    """A GFIM-like spectrum at HyperINF's damping, a few rows: CG within a step budget, verified.
+    Error bound: the verified residual (κ_ub·relative residual bounds the relative error) plus the
+    float64 reference's own 2·d·u64·κ."""
+    d = 512
+    G = power_law_gfim(d, 1.0).unsqueeze(0)
+    lam = 0.1
+    V = torch.randn(1, 2, d, dtype=F64)
+    Y, info = solvers.solve_rows(G.to(dtype), lam, V.to(dtype))
+    assert info.solver == "cg" and info.iterations < d
+    choice_steps = int(info.reason.split("cg within ")[1].split(" steps")[0])
+    assert info.iterations <= choice_steps
+    A = G[0] + lam * torch.eye(d, dtype=F64)
+    ref = ref_solve(A, V[0].T).T
+    kappa = float(torch.linalg.eigvalsh(A).max()) / lam
+    assert rel(Y[0], ref) <= float(info.residual.max()) + 2 * d * eps(F64) * kappa
+    assert float(info.residual.max()) <= info.tol
+
+
+def test_cost_model_budgets_cg_at_the_break_even():
+    kw = dict(d=768, batch=2, rows=8, device=torch.device("cpu"), lower=1.0, upper=30.0, tol=1e-8, dtype=F64)
+    c = cost.choose(**kw)
+    assert c.solver == "cg" and c.cg_steps is not None
+    rates = cost.CPU_RATES[F64]
+    per_step = 2 * 2.0 * 8 * 768 * 768 / (rates["rows"] * 1e9) + rates["cg_step_s"]
+    # the budget: where CG would cost what Cholesky costs (and never below the expected steps)
+    assert c.cg_steps == max(math.ceil(c.costs["cg"] / per_step), math.floor(c.costs["cholesky"] / per_step))
+    assert c.cg_steps * per_step <= c.costs["cholesky"] + per_step
+    assert cost.choose(**{**kw, "rows": 2400}).cg_steps is None  # not CG: no budget
+
+
+def test_auto_cg_that_lags_gives_up_at_half_its_budget(monkeypatch):
+    A = spd(60, 1e4, 1e-2).unsqueeze(0)  # κ 1e4: 8 steps do not come near
+    monkeypatch.setattr(cost, "choose", lambda **kw: cost.Choice("cg", "cost model (forced)", {}, 8))
+    V = torch.randn(1, 2, 60, dtype=F64)
+    Y, info = solvers.solve_rows(A, 1e-4, V)
+    assert info.solver == "cholesky" and "after 4 steps (gave up at half its budget of 8)" in info.reason
+    assert rel(Y[0], ref_solve(A[0] + 1e-4 * torch.eye(60, dtype=F64), V[0].T).T) <= float(info.residual.max()) + 1e-9
 
 
 def test_auto_falls_back_from_cg_and_says_so(monkeypatch):

@@ -25,7 +25,6 @@ from .direct import (
     default_tol,
     inverse_residual,
     inverse_residual_f64,
-    probe_rows,
     rows_residual,
     symmetrise,
     verified_cholesky_inverse,
@@ -85,23 +84,7 @@ def _pick(solver: str, A: torch.Tensor, bracket: Callable[[], tuple[float, float
         if quick.solver != "schulz":
             return quick
     lower, upper = bracket()
-    lmax = None
-    if rows is not None and want == "apply" and lower > 0 and cost.cg_attainable(upper / lower, dtype, tol):
-        lmax = _lmax_estimate(A)  # CG is a candidate: its step count depends on the true κ
-    return cost.choose(lower=lower, upper=upper, lmax=lmax, **common)
-
-
-def _lmax_estimate(A: torch.Tensor, steps: int = 5) -> float:
-    """max over the batch of a Rayleigh quotient after a few power steps (a lower estimate of λmax).
-
-    One vector, 5 steps: 10·d² flops per matrix, a few CG steps' worth, so the estimate cannot cost
-    more than it can save."""
-    A3 = A.reshape(-1, *A.shape[-2:])
-    Z = probe_rows(A3)[:, :1]
-    for _ in range(steps):
-        Z = torch.matmul(Z, A3)
-        Z = Z / torch.linalg.vector_norm(Z, dim=-1, keepdim=True).clamp_min(torch.finfo(Z.dtype).tiny)
-    return float(((torch.matmul(Z, A3) * Z).sum(-1)).max())
+    return cost.choose(lower=lower, upper=upper, **common)
 
 
 def _prepare(G: torch.Tensor, damping, solver: str, tol: float | None, allowed: tuple[str, ...]):
@@ -300,8 +283,11 @@ def solve_rows(
     """One-shot V·(G + λI)⁻¹ for G [B, d, d], V [B, k, d]: Schulz, Cholesky or CG, whichever is cheapest.
 
     CG (λ > 0) stops when κ·‖V − Y·A‖/‖V‖ <= tol (κ = ub/λ, so the bound is on the relative error as
-    for Schulz); when it does not get there in ``max_iter`` (default 2·d + 20) steps, "auto" falls
-    back to Cholesky (said in ``info.reason``) and an explicit "cg" raises ConvergenceError.
+    for Schulz).  An explicit "cg" runs up to ``max_iter`` (default 2·d + 20) steps and raises
+    ConvergenceError when it does not get there; "auto" gives CG the step budget of its pick
+    (``cost.Choice.cg_steps``: where Cholesky would have been cheaper; ``max_iter`` overrides it) and
+    gives up at half of it when the residual lags (cost module doc), then falls back to Cholesky (said
+    in ``info.reason``).
     """
     A, lam, tol, strict, asked, bracket = _prepare(G, damping, solver, tol, SOLVER_CHOICES)
     choice = _pick(solver, A, bracket, rows=V.shape[-2], want="apply", backend=backend, tol=tol, polish=False, lam=lam)
@@ -311,8 +297,16 @@ def solve_rows(
             raise ValueError("solver: 'cg' needs a positive damping (its stopping bound divides by it)")
         kappa = upper / lower
         Vc = V.to(A.dtype)
-        steps = 2 * A.shape[-1] + 20 if max_iter is None else max_iter
-        Y, taken = cg(A, Vc, max_iter=steps, tol=tol / kappa)
+        checkpoint = None
+        if max_iter is not None:
+            steps = max_iter
+        elif choice.cg_steps is not None:
+            steps = choice.cg_steps
+            if steps >= 4:
+                checkpoint = (steps // 2, (tol / kappa) ** cost.CG_CHECK_PROGRESS)
+        else:
+            steps = 2 * A.shape[-1] + 20
+        Y, taken = cg(A, Vc, max_iter=steps, tol=tol / kappa, checkpoint=checkpoint)
         residual = kappa * rows_residual(A.reshape(-1, *A.shape[-2:]), Vc, Y).reshape(lam.shape)
         info = SolveInfo("cg", residual, tol, choice.reason, iterations=taken, extra={"kappa_bound": kappa})
         try:
@@ -321,7 +315,8 @@ def solve_rows(
         except ConvergenceError:
             if solver != cost.AUTO:
                 raise
-        choice = cost.Choice("cholesky", choice.reason + f"; cg stopped at residual {float(residual.max()):.2e}: "
-                             "fell back to cholesky", choice.costs)
+        gave_up = f" (gave up at half its budget of {steps})" if checkpoint and taken == checkpoint[0] else ""
+        choice = cost.Choice("cholesky", choice.reason + f"; cg stopped at residual {float(residual.max()):.2e} "
+                             f"after {taken} steps{gave_up}: fell back to cholesky", choice.costs)
     fac = Factorization._of_damped(A, lam, choice, backend, tol, strict, asked, fallback=solver == cost.AUTO)
     return fac.solve_rows(V), fac.info

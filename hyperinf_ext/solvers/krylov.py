@@ -23,6 +23,7 @@ def cg(
     max_iter: int,
     tol: float | None = None,
     callback: Callback | None = None,
+    checkpoint: tuple[int, float] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Solve X·A = V row by row by conjugate gradients from X₀ = 0; returns (X, steps taken).
 
@@ -31,7 +32,9 @@ def cg(
     zero, or whose curvature pᵀAp is not positive (only rounding does that for SPD A), is frozen at
     its iterate, since another step would divide by zero.  With ``tol`` the loop stops once every
     row's recursive residual is <= tol·‖v‖; otherwise it runs ``max_iter`` steps (no test, no extra
-    work).  ``callback(t, X)`` sees the iterate (V's shape) after each step t.
+    work).  ``callback(t, X)`` sees the iterate (V's shape) after each step t.  ``checkpoint=(t, r)``:
+    after step t, give up (return the iterate and t) unless every row's recursive residual is <= r·‖v‖ —
+    a run that cannot finish within its step budget stops there instead of spending the rest.
     """
     d = A.shape[-1]
     A3 = A if A.dim() == 3 else A.unsqueeze(0)
@@ -41,6 +44,7 @@ def cg(
     P = R.clone()
     rs = (R * R).sum(-1, keepdim=True)
     stop = None if tol is None else (tol * tol) * rs
+    check_at, needed = (0, None) if checkpoint is None else (checkpoint[0], (checkpoint[1] ** 2) * rs)
     for t in range(1, max_iter + 1):
         AP = torch.matmul(P, A3)  # rows: p·A (A symmetric)
         pAp = (P * AP).sum(-1, keepdim=True)
@@ -55,6 +59,8 @@ def cg(
         if callback is not None:
             callback(t, X.reshape(V.shape))
         if stop is not None and bool((rs <= stop).all()):
+            return X.reshape(V.shape), t
+        if t == check_at and not bool((rs <= needed).all()):
             return X.reshape(V.shape), t
     return X.reshape(V.shape), max_iter
 
