@@ -11,28 +11,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from tiny_bert import tiny_bert_lora  # noqa: E402
 
 VOCAB, N_TRAIN, BATCH = 50, 14, 2
 
 
 def tiny_model(rank: int = 3, hidden: int = 16, seed: int = 0) -> torch.nn.Module:
-    import peft
-    import transformers
-
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
-        max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        attn_implementation="eager",
-    )
-    base = transformers.BertForSequenceClassification(cfg).double()
-    lcfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["query", "value"], task_type="SEQ_CLS")
-    model = peft.get_peft_model(base, lcfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)  # PEFT starts B at zero; nonzero B makes every layer's gradient informative
-    return model
+    return tiny_bert_lora(vocab=VOCAB, hidden=hidden, rank=rank, seed=seed)
 
 
 def make_data(n: int, seed: int) -> dict:

@@ -15,25 +15,13 @@ from hyperinf_ext import HyperINF  # noqa: E402
 from hyperinf_ext.attributor import SIGN_CONVENTION  # noqa: E402
 from hyperinf_ext.capture import classification_loss  # noqa: E402
 from _numerics import ref_inv, ref_solve
+from tiny_bert import tiny_bert_lora
 
 N_TRAIN, N_QUERY, VOCAB = 14, 5, 50
 
 
 def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-        max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-        attn_implementation="eager",
-    )
-    base = transformers.BertForSequenceClassification(cfg).double()
-    lcfg = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["query", "value"], task_type="SEQ_CLS", lora_dropout=0.1)
-    model = peft.get_peft_model(base, lcfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)  # PEFT starts B at zero; nonzero B makes every layer's gradient informative
-    return model
+    return tiny_bert_lora(vocab=VOCAB, layers=2, dropout=0.1, seed=seed, lora_dropout=0.1)
 
 
 def make_data(n, seed, index_offset=0):
@@ -346,19 +334,7 @@ def test_gfim_batch_dtype_float32_vs_float64_and_rank_factor():
 
 def test_layers_of_equal_dim_and_different_rank():
     """PEFT's rank_pattern gives layers of the same d different ranks: fit groups them by (d, r)."""
-    torch.manual_seed(5)
-    cfg = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
-        max_position_embeddings=32, num_labels=2, attn_implementation="eager",
-    )
-    base = transformers.BertForSequenceClassification(cfg).double()
-    lcfg = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["query", "value"], task_type="SEQ_CLS",
-                           rank_pattern={"query": 2})
-    model = peft.get_peft_model(base, lcfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)
+    model = tiny_bert_lora(vocab=VOCAB, dropout=0.1, seed=5, rank_pattern={"query": 2})  # BertConfig's dropout
     train, query = make_data(9, 6), make_data(3, 7)
     attr = HyperINF(model, progress=False, damping="datainf").fit(batches(train, 4))
     ranks = {l.rank for l in attr.layers if l.kind == "lora_A"}

@@ -26,24 +26,13 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from hyperinf_ext import HyperINF  # noqa: E402
 from hyperinf_ext.capture import classification_loss  # noqa: E402
 from hyperinf_ext.integrations.dattri import IFAttributorHyperINF, lora_blocks  # noqa: E402
+from tiny_bert import tiny_bert_lora  # noqa: E402
 
 VOCAB, N_TRAIN, N_TEST, T = 40, 10, 4, 7
 
 
 def tiny_model():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=12, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
-        max_position_embeddings=16, num_labels=2, attn_implementation="eager",
-    )
-    base = transformers.BertForSequenceClassification(cfg).double()
-    lcfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS")
-    model = peft.get_peft_model(base, lcfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)  # PEFT starts lora_B at zero, which zeroes lora_A's gradients
-    return model.eval()
+    return tiny_bert_lora(vocab=VOCAB, hidden=12, intermediate=16, max_positions=16, rank=2, dropout=0.1).eval()
 
 
 def make_data(n, seed):

@@ -13,6 +13,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402
+from tiny_bert import nonzero_lora_b, tiny_bert_lora  # noqa: E402
 
 from hyperinf_ext import HyperINF  # noqa: E402
 from hyperinf_ext.integrations.transformers import HyperINFCallback  # noqa: E402
@@ -21,21 +22,7 @@ VOCAB, N = 40, 11
 
 
 def bert_lora():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=12, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=16, max_position_embeddings=16, num_labels=2,
-                                  attn_implementation="eager")
-    base = transformers.BertForSequenceClassification(cfg).double()
-    lcfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS")
-    return nonzero_b(peft.get_peft_model(base, lcfg))
-
-
-def nonzero_b(model):
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)  # PEFT starts lora_B at zero, which makes lora_A's gradients vanish
-    return model
+    return tiny_bert_lora(vocab=VOCAB, hidden=12, intermediate=16, max_positions=16, rank=2, dropout=0.1)
 
 
 def llama_lora():
@@ -45,7 +32,7 @@ def llama_lora():
                                    attn_implementation="eager")
     base = transformers.LlamaForCausalLM(cfg).double()
     lcfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    return nonzero_b(peft.get_peft_model(base, lcfg))
+    return nonzero_lora_b(peft.get_peft_model(base, lcfg))
 
 
 def dataset(n=N, seed=1, causal=False):
