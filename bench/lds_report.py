@@ -165,26 +165,46 @@ def _summary(per_seed: dict[int, dict[str, dict]], ref: str | None, labels: Sequ
     return lines
 
 
+# A default damping must not carry units: "paper" adds an absolute 1e-3 to DataInf's value, which suits
+# the gradient scale of the model it was tuned on (λ ≈ 1e-3 on MiniLM) and no other; it is measured and
+# shown, but not eligible.  The other rules are relative to G (its trace), so they carry over.
+SCALE_FREE = ("datainf", "spectral")
+
+
 def damping_choice(per_seed: dict[int, dict[str, dict]], auc: dict[str, float]) -> tuple[str | None, list[str]]:
     """The hyperinf damping to make the default, from LDS and detection AUC together.
 
-    Rule: among the hyperinf dampings measured by both studies, rank by mean LDS over seeds and by mean
-    AUC over bench/quality_runs.jsonl (1 = best); choose the smallest sum of the two ranks, ties going to
-    the higher LDS.  Returns the choice (None without an overlap) and Markdown lines stating it.
+    Rule: among the hyperinf dampings measured by both studies whose rule is scale-free (SCALE_FREE),
+    score = mean LDS / the best mean LDS + (mean AUC − ½) / (the best mean AUC − ½): each metric as the
+    fraction of the best candidate's margin over chance (LDS 0, AUC ½), so the two weigh alike however
+    wide their spreads; choose the highest score (ties: higher LDS).  Every hyperinf damping is listed,
+    the ineligible ones with the score they would have had.  Returns the choice (None without an
+    overlap) and Markdown lines stating it.
     """
     labels = [l for l, m, _ in CANDIDATES if m == "hyperinf" and l in auc
               and all(l in rows and np.isfinite(rows[l]["lds"]) for rows in per_seed.values())]
     if not labels or not per_seed:
         return None, []
+    rule_of = {l: d.split(":")[0] for l, m, d in CANDIDATES}
+    eligible = [l for l in labels if rule_of[l] in SCALE_FREE]
+    if not eligible:
+        return None, []
     mean_lds = {l: statistics.mean(rows[l]["lds"] for rows in per_seed.values()) for l in labels}
-    r_lds = {l: i + 1 for i, l in enumerate(sorted(labels, key=lambda l: -mean_lds[l]))}
-    r_auc = {l: i + 1 for i, l in enumerate(sorted(labels, key=lambda l: -auc[l]))}
-    best = min(labels, key=lambda l: (r_lds[l] + r_auc[l], -mean_lds[l]))
+    top_lds, top_auc = max(mean_lds[l] for l in eligible), max(auc[l] for l in eligible)
+
+    def score(l: str) -> float:
+        return mean_lds[l] / top_lds + (auc[l] - 0.5) / (top_auc - 0.5)
+
+    best = max(eligible, key=lambda l: (score(l), mean_lds[l]))
     lines = ["## Default damping of method='hyperinf' from LDS and detection AUC", "",
-             "Rank by mean LDS over the seeds above and by mean AUC over bench/quality_runs.jsonl (1 = best); "
-             "the default is the smallest sum of the two ranks (ties: higher LDS).", "",
-             "| damping | mean LDS | LDS rank | mean AUC | AUC rank | sum |", "|---|---|---|---|---|---|"]
-    lines += [f"| {l} | {mean_lds[l]:.3f} | {r_lds[l]} | {auc[l]:.3f} | {r_auc[l]} | {r_lds[l] + r_auc[l]} |"
+             "Score = mean LDS over the seeds above / the best of them + (mean AUC over bench/quality_runs.jsonl − ½) / "
+             "(the best − ½): each metric as the fraction of the best candidate's margin over chance, so both weigh "
+             "alike. Eligible: the scale-free rules (λ relative to G). `paper` adds an absolute 1e-3, tuned to one "
+             "model's gradient scale, so it is shown (score against the same bests) but not eligible.", "",
+             "| damping | mean LDS | LDS / best | mean AUC | (AUC − ½) / (best − ½) | score | eligible |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {l} | {mean_lds[l]:.3f} | {mean_lds[l] / top_lds:.3f} | {auc[l]:.3f} | "
+              f"{(auc[l] - 0.5) / (top_auc - 0.5):.3f} | {score(l):.3f} | {'yes' if l in eligible else 'no (units)'} |"
               for l in labels]
     lines += ["", f"Choice: **{best}**; the library's default today: {default_label() or '(not a candidate)'}.", ""]
     return best, lines

@@ -172,9 +172,10 @@ def decision_lines(runs: list[dict], labels: list[str], mean: dict, best: str, e
             out.append(f"| {other} | {m:+.3f} ± {sd:.3f} | {wins}/{k} |")
     if best != default:
         m, sd, _, _ = _paired(runs, default, best)
-        verdict = ("smaller than its spread across runs: the two are not distinguishable on this study, and the "
-                   "default was kept (it was chosen on the first runs, before the rest of the grid)"
-                   if abs(m) < sd else "larger than its spread: consider switching the default")
+        verdict = ("smaller than its spread across runs: the two are not distinguishable on this study. The "
+                   "default is chosen from this AUC and the linear datamodeling score together (bench/LDS.md, "
+                   "bench/lds_report.damping_choice)"
+                   if abs(m) < sd else "larger than its spread: weigh it against the LDS of bench/LDS.md")
         out += ["", f"The default trails the best damping by {abs(m):.3f} AUC on average, {verdict}."]
     return out
 

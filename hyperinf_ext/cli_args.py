@@ -89,8 +89,8 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
                         "paper (default: hyperinf,datainf,lissa,tracin,exact)")
     g.add_argument("--damping", metavar="LIST", default="auto",
                    help="comma list of dampings: numbers > 0 or rules datainf, spectral, paper, auto (default: auto = "
-                        "each method's own default: spectral x3 for hyperinf and exact (the same estimator), from "
-                        "bench/QUALITY.md; datainf for datainf/lissa; the table prints each row's damping); "
+                        "each method's own default: spectral x1 for hyperinf and exact (the same estimator), from "
+                        "bench/LDS.md and bench/QUALITY.md; datainf for datainf/lissa; the table prints each row's damping); "
                         "rule:factor sets a rule's factor, e.g. spectral:3,spectral:10,datainf. "
                         "Give e.g. 'datainf' to compare every method at the same damping")
     g.add_argument("--signal", choices=("validation", "self", "both"), default="validation",

@@ -25,7 +25,7 @@ class HyperINFConfig:
     """Influence method: hyperinf | exact | datainf | lissa | tracin | paper | kronecker (see methods.py)."""
     damping: float | str = "auto"
     """Per-layer damping λ_l: a float, or a rule of damping.py ("datainf", "spectral", "paper", or
-    "auto" = the method's default: spectral ×3 for hyperinf, chosen by bench/QUALITY.md)."""
+    "auto" = the method's default: spectral ×1 for hyperinf, chosen from bench/LDS.md and bench/QUALITY.md)."""
     damping_scale: float | None = None
     """The factor of the "datainf"/"spectral"/"paper" rules (None = the rule's default, 0.1, or the
     method default's under "auto")."""

@@ -123,7 +123,7 @@ def test_detect_default_damping_each_method_at_its_own(tmp_path):
     code, stdout, stderr = run_cli(["detect-mislabeled", *TOY, "--methods", "hyperinf,exact,datainf,tracin",
                                     "--out", str(tmp_path)])
     assert code == 0, stderr
-    assert "spectral × 3" in _row(stdout, "hyperinf") and "spectral × 3" in _row(stdout, "exact")
+    assert "spectral × 1" in _row(stdout, "hyperinf") and "spectral × 1" in _row(stdout, "exact")
     assert "datainf × 0.1" in _row(stdout, "datainf") and "none" in _row(stdout, "tracin")
     assert "= exact (same estimator and damping)" in _row(stdout, "hyperinf")
     auc = {m["method"]: m["auc"] for m in json.loads((tmp_path / "summary.json").read_text())["methods"]}

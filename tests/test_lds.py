@@ -117,17 +117,18 @@ def test_resume_after_interruption_gives_identical_records(tmp_path):
 def test_damping_choice_combines_lds_and_auc():
     row = lambda v: {"lds": v, "lo": v, "hi": v}  # noqa: E731
     per_seed = {0: {"hyperinf, spectral 1": row(0.30), "hyperinf, spectral 3": row(0.28),
-                    "hyperinf, spectral 10": row(0.10), "tracin": row(0.9)},
+                    "hyperinf, spectral 10": row(0.10), "hyperinf, paper damping": row(0.5), "tracin": row(0.9)},
                 1: {"hyperinf, spectral 1": row(0.32), "hyperinf, spectral 3": row(0.30),
-                    "hyperinf, spectral 10": row(0.12), "tracin": row(0.9)}}
-    auc = {"hyperinf, spectral 1": 0.70, "hyperinf, spectral 3": 0.72, "hyperinf, spectral 10": 0.73}
+                    "hyperinf, spectral 10": row(0.12), "hyperinf, paper damping": row(0.5), "tracin": row(0.9)}}
+    auc = {"hyperinf, spectral 1": 0.70, "hyperinf, spectral 3": 0.72, "hyperinf, spectral 10": 0.73,
+           "hyperinf, paper damping": 0.73}
     best, lines = damping_choice(per_seed, auc)
-    # ranks (LDS, AUC): spectral 1 (1, 3), spectral 3 (2, 2), spectral 10 (3, 1): a three-way tie on the
-    # sum, broken by the higher LDS; tracin is not a hyperinf damping
-    assert best == "hyperinf, spectral 1" and any("**hyperinf, spectral 1**" in l for l in lines)
-    auc["hyperinf, spectral 1"] = 0.60
-    auc["hyperinf, spectral 10"] = 0.80
-    per_seed[0]["hyperinf, spectral 10"] = per_seed[1]["hyperinf, spectral 10"] = row(0.295)
-    assert damping_choice(per_seed, auc)[0] == "hyperinf, spectral 10"  # ranks (2, 1) beat (1, 3) and (3, 2)
+    # scores: spectral 1 = 1 + 0.2/0.23 = 1.870, spectral 3 = 0.29/0.31 + 0.22/0.23 = 1.892,
+    # spectral 10 = 0.11/0.31 + 1 = 1.355; paper would top both metrics but carries units (not eligible);
+    # tracin is not a hyperinf damping
+    assert best == "hyperinf, spectral 3" and any("**hyperinf, spectral 3**" in l for l in lines)
+    assert any(l.startswith("| hyperinf, paper damping |") and "no (units)" in l for l in lines)
+    auc["hyperinf, spectral 1"] = 0.72  # now 1 + 0.22/0.23 = 1.957 beats spectral 3's 1.892
+    assert damping_choice(per_seed, auc)[0] == "hyperinf, spectral 1"
     assert damping_choice({}, auc) == (None, [])
     assert quality_auc()["hyperinf, spectral 3"] > 0.5  # read from the committed bench/quality_runs.jsonl
