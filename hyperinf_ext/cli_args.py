@@ -106,12 +106,13 @@ def _add_select(p: argparse.ArgumentParser) -> None:
     g.add_argument("--damping", metavar="VALUE", default="auto", help="damping: a number > 0 or datainf, spectral, paper, auto (default: auto, the method's own default)")
     g.add_argument("--rule", metavar="NAME", default=None,
                    help="selection rule of hyperinf_ext.selection_rules: top (keep the most helpful), drop-harmful, "
-                        "class-balanced, query-round-robin (LESS) (default: top)")
+                        "class-balanced, query-round-robin (LESS) (default: class-balanced, which beat random subsets most "
+                        "reliably in bench/SELECTION.md)")
     g.add_argument("--evaluate", action="store_true",
                    help="also fine-tune fresh LoRA models on the selection and on a random subset of the same "
                         "size, and report both validation accuracies")
     g.add_argument("--balance", action="store_true",
-                   help="same as --rule class-balanced: keep each label's (response's) share of the training set, "
+                   help="same as --rule class-balanced (the default rule): keep each label's (response's) share of the training set, "
                         "the most helpful of each (without it the selection can be a single class)")
 
 

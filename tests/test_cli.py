@@ -161,13 +161,14 @@ def test_select_data_with_evaluate(tmp_path):
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["selection"]["n_selected"] == 8
+    assert summary["selection"]["rule"] == "class-balanced"  # the default rule (bench/SELECTION.md)
     ev = summary["evaluation"]
     for name in ("selected", "random"):
         assert 0.0 <= ev[name]["val_accuracy"] <= 1.0
     assert "random subset" in stdout and "selected" in stdout
 
 
-@pytest.mark.parametrize("rule", ["class-balanced", "query-round-robin", "drop-harmful"])
+@pytest.mark.parametrize("rule", ["class-balanced", "query-round-robin", "drop-harmful", "top"])
 def test_select_data_rules(tmp_path, rule):
     code, stdout, stderr = run_cli(["select-data", *TOY, "--fraction", "0.5", "--rule", rule, "--out", str(tmp_path)])
     assert code == 0, stderr
