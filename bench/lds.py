@@ -16,15 +16,17 @@ path when kronfluence is installed.
 Sizes and time.  The shared FACTS.md (measured on this machine): 1,000 examples stay at chance for 3 epochs and take off
 in epoch 4 (0.75 after 5); 2,000 × 3 epochs reach 0.79.  Subsets of 1,000 must train past chance or the
 LDS measures noise, so: n_train = 2,000 (subsets of 1,000), 5 epochs for every model, 200 validation
-queries, M = 32 subsets.  At about 23 s per 1,000 examples per epoch (AMD, idle): 32 subsets × 115 s =
-61 min, the full model 4 min, fit + 15 score sets about 2 min, EK-FAC about 3 min: about 70 min per seed
-on an idle AMD 2-core machine, 1.5–1.7× that on the Intel ones (``--epochs 4`` saves a fifth).  Each
+queries, M = 32 subsets.  Measured on an idle 2-core AMD machine: about 41 s per subset model, 26 min
+per seed, plus about 4 min for the full model, the 14 score sets and Kronfluence EK-FAC.  Each
 subset model is appended as soon as it is measured, so an interrupted run resumes where it stopped.
 
     python -m bench.lds                  # seeds 0 and 1, M = 32 (about 2.5 h), resumable -> bench/lds_runs.jsonl
     python -m bench.lds --seeds 2        # one more seed
     python -m bench.lds --smoke          # tiny sizes (64 train, 4 subsets, 1 epoch) -> /tmp, about 2 min
     python -m bench.lds --report-only    # rewrite bench/LDS.md (+ bench/lds.png) from the records
+    python -m bench.lds --model smollm2 --seeds 0 --subsets 12
+                                         # the smaller grid on the embedded LLM (300/60, 3 epochs, LLM_LABELS)
+                                         # -> bench/lds_llm_runs.jsonl, bench/LDS_LLM.md
 
 Records (JSON lines): ``{"kind": "subset", "config", "subset": j, "val_loss": [Q], ...}`` per subset model
 and ``{"kind": "scores", "config", "label", "n_subsets": M, "predicted": [M][Q], ...}`` per score set
@@ -65,6 +67,11 @@ CANDIDATES: list[tuple[str, str, str]] = [
     ("paper code", "paper", "auto"),
 ]
 LABELS = [c[0] for c in CANDIDATES] + [EKFAC]
+# The smaller grid on the embedded LLM (issue #16): the default, its neighbours, the paper's damping
+# and every other method at its own default.  No EK-FAC: bench/quality_ekfac.py drives a classifier.
+LLM_LABELS = ["hyperinf, datainf damping", "hyperinf, paper damping", "hyperinf, spectral 1", "hyperinf, spectral 3",
+              "hyperinf, spectral 10", "datainf", "lissa", "tracin", "kronecker"]
+LLM_DEFAULTS = dict(n_train=300, n_val=60, epochs=3, max_length=128)  # the LLM section of the README
 
 
 @dataclass(frozen=True)
@@ -78,9 +85,13 @@ class LdsConfig:
     rank: int = 8
     max_length: int = 64
     fraction: float = 0.5
+    model: str | None = None  # None: the embedded MiniLM classifier; "smollm2": the embedded LLM
 
     def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        d = asdict(self)
+        if d["model"] is None:
+            del d["model"]  # the MiniLM records were written before the field existed
+        return json.dumps(d, sort_keys=True)
 
 
 def subset_members(n_train: int, fraction: float, seed: int, j: int) -> np.ndarray:
@@ -177,19 +188,21 @@ def matrices(records: list[dict], cfg_key: dict, label: str, n_subsets: int | No
 # ------------------------------------------------------------------------------ the embedded default
 
 
-class MiniLMExperiment:
-    """all-MiniLM-L6-v2 + LoRA on Rotten Tomatoes, through hyperinf_ext.tasks.pipeline."""
+class PipelineExperiment:
+    """An embedded model + LoRA on Rotten Tomatoes, through hyperinf_ext.tasks.pipeline: all-MiniLM-L6-v2
+    as a classifier, or (``cfg.model="smollm2"``) SmolLM2-135M-Instruct on the reviews as sentiment
+    instructions, its loss the mean over the answer tokens."""
 
     def __init__(self, cfg: LdsConfig, progress: bool = False, ekfac: bool = True):
-        from hyperinf_ext.tasks.pipeline import PipelineConfig, build_loaders, prepare_data
+        from hyperinf_ext.tasks.pipeline import PipelineConfig, build_loaders, is_causal, model_dir, prepare_data
         from hyperinf_ext.training import load_tokenizer
 
         self.cfg, self.ekfac = cfg, ekfac
         self.pcfg = PipelineConfig(n_train=cfg.n_train, n_val=cfg.n_val, flip_rate=0.0, rank=cfg.rank,
                                    alpha=2 * cfg.rank, epochs=cfg.epochs, max_length=cfg.max_length,
-                                   seed=cfg.seed, progress=progress)
-        self.data = prepare_data(self.pcfg)
-        self.loaders = build_loaders(self.pcfg, self.data, load_tokenizer())
+                                   seed=cfg.seed, progress=progress, model=cfg.model)
+        self.data = prepare_data(self.pcfg, causal=is_causal(self.pcfg))
+        self.loaders = build_loaders(self.pcfg, self.data, load_tokenizer(model_dir(self.pcfg)))
 
     def train(self, members: np.ndarray | None) -> Any:
         """Fine-tune a fresh LoRA (the shared initial adapter) on ``members`` (None: all); a TrainedModel."""
@@ -241,7 +254,7 @@ class MiniLMExperiment:
                                  "seconds": time.perf_counter() - t0}
         finally:
             attr.cache.close()
-        if EKFAC in labels and self.ekfac and _have_kronfluence():
+        if EKFAC in labels and self.ekfac and self.cfg.model is None and _have_kronfluence():
             from bench.quality_ekfac import ekfac_pairwise_scores
 
             with tempfile.TemporaryDirectory(prefix="lds_ekfac_", dir="/tmp") as workdir:
@@ -258,18 +271,18 @@ def _have_kronfluence() -> bool:
 
 
 def per_example_losses(model: Any, loader: Any) -> list[float]:
-    """Cross-entropy of every example of ``loader``, in dataset order (placed by ``batch["index"]``)."""
+    """The loss influence is computed on (``capture.default_loss_fn``: cross-entropy of a classifier, the
+    mean over the labelled tokens of a causal LM) of every example of ``loader``, in dataset order
+    (placed by ``batch["index"]``)."""
     import torch
-    import torch.nn.functional as F
 
-    from hyperinf_ext.capture import model_inputs
+    from hyperinf_ext.capture.losses import default_loss_fn
 
     out = np.full(len(loader.dataset), np.nan)
     model.eval()
     with torch.no_grad():
         for batch in loader:
-            logits = model(**model_inputs(batch)).logits.float()
-            out[batch["index"].numpy()] = F.cross_entropy(logits, batch["labels"], reduction="none").numpy()
+            out[batch["index"].numpy()] = default_loss_fn(model, batch).double().cpu().numpy()
     if np.isnan(out).any():
         raise RuntimeError("per_example_losses: the loader did not cover every example")
     return out.tolist()
@@ -281,25 +294,38 @@ def per_example_losses(model: Any, loader: Any) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.lds", description=__doc__.splitlines()[0])
     p.add_argument("--seeds", default="0,1", help="comma list of seeds (default: 0,1)")
-    p.add_argument("--subsets", type=int, default=32, help="subset models per seed, M (default: 32)")
+    p.add_argument("--subsets", type=int, default=None, help="subset models per seed, M (default: 32; 16 for smollm2)")
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-val", type=int, default=200)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--model", choices=("minilm", "smollm2"), default="minilm",
+                   help="smollm2: the smaller grid on the embedded LLM (default sizes 300/60, 3 epochs, max length "
+                        "128, 16 subsets; records bench/lds_llm_runs.jsonl, report bench/LDS_LLM.md)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples per interval (default: 1000)")
     p.add_argument("--no-ekfac", action="store_true", help="skip Kronfluence EK-FAC even when installed")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (64 train, 16 val, 4 subsets, 1 epoch) -> /tmp")
-    p.add_argument("--runs", type=Path, default=HERE / "lds_runs.jsonl")
-    p.add_argument("--out", type=Path, default=HERE / "LDS.md")
+    p.add_argument("--runs", type=Path, default=None, help="default bench/lds_runs.jsonl (lds_llm_runs.jsonl)")
+    p.add_argument("--out", type=Path, default=None, help="default bench/LDS.md (LDS_LLM.md)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--progress", action="store_true")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the records")
     args = p.parse_args(argv)
-    base = LdsConfig(n_train=args.n_train, n_val=args.n_val, epochs=args.epochs, max_length=args.max_length)
+    llm = args.model == "smollm2"
+    if llm:  # the LLM's sizes unless given
+        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])}
+        for k, v in LLM_DEFAULTS.items():
+            if k not in given:
+                setattr(args, k, v)
+    args.subsets = args.subsets or (16 if llm else 32)
+    args.runs = args.runs or HERE / ("lds_llm_runs.jsonl" if llm else "lds_runs.jsonl")
+    args.out = args.out or HERE / ("LDS_LLM.md" if llm else "LDS.md")
+    base = LdsConfig(n_train=args.n_train, n_val=args.n_val, epochs=args.epochs, max_length=args.max_length,
+                     model="smollm2" if llm else None)
     if args.smoke:
-        base = LdsConfig(n_train=64, n_val=16, epochs=1, max_length=32)
+        base = LdsConfig(n_train=64, n_val=16, epochs=1, max_length=32, model=base.model)
         args.subsets, args.n_boot = 4, 200
-        if args.runs == HERE / "lds_runs.jsonl":
+        if args.runs.parent == HERE:
             args.runs, args.out = Path("/tmp/hyperinf_lds_smoke.jsonl"), Path("/tmp/hyperinf_LDS_smoke.md")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     configs = [replace(base, seed=s) for s in seeds]
@@ -307,17 +333,18 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-        labels = [l for l in LABELS if not (l == EKFAC and (args.no_ekfac or not _have_kronfluence()))]
-        if EKFAC not in labels:
+        labels = LLM_LABELS if llm else [l for l in LABELS if not (l == EKFAC and (args.no_ekfac or not _have_kronfluence()))]
+        if EKFAC not in labels and not llm:
             print(f"[lds] {EKFAC} skipped ({'--no-ekfac' if args.no_ekfac else 'kronfluence is not installed'})")
         for cfg in configs:
             print(f"[lds] {cfg}", flush=True)
-            exp = MiniLMExperiment(cfg, progress=args.progress, ekfac=not args.no_ekfac)
+            exp = PipelineExperiment(cfg, progress=args.progress, ekfac=not args.no_ekfac)
             run(exp, cfg, args.runs, args.subsets, labels, log=lambda s: print(s, flush=True))
     from bench.lds_report import write_report
 
-    command = "python -m bench.lds" + (" --smoke" if args.smoke else "")
-    text = write_report(load_records(args.runs), args.out, command, n_subsets=args.subsets, n_boot=args.n_boot)
+    command = "python -m bench.lds" + (" --model smollm2" if llm else "") + (" --smoke" if args.smoke else "")
+    text = write_report(load_records(args.runs), args.out, command, n_subsets=args.subsets, n_boot=args.n_boot,
+                        labels=LLM_LABELS if llm else LABELS, choose_damping=not llm)
     print(text)
     return 0
 

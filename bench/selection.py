@@ -109,12 +109,12 @@ def _append(path: Path, record: dict) -> None:
 
 
 class MiniLMSelection:
-    """The embedded default through bench.lds.MiniLMExperiment (same data, recipe and initial adapter)."""
+    """The embedded default through bench.lds.PipelineExperiment (same data, recipe and initial adapter)."""
 
     def __init__(self, cfg: LdsConfig, progress: bool = False):
-        from bench.lds import MiniLMExperiment
+        from bench.lds import PipelineExperiment
 
-        self.exp = MiniLMExperiment(cfg, progress=progress, ekfac=False)
+        self.exp = PipelineExperiment(cfg, progress=progress, ekfac=False)
 
     def scores(self) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         from hyperinf_ext.damping import METHOD_DEFAULTS

@@ -132,3 +132,16 @@ def test_damping_choice_combines_lds_and_auc():
     assert damping_choice(per_seed, auc)[0] == "hyperinf, spectral 1"
     assert damping_choice({}, auc) == (None, [])
     assert quality_auc()["hyperinf, spectral 3"] > 0.5  # read from the committed bench/quality_runs.jsonl
+
+
+def test_config_key_keeps_the_minilm_records():
+    """The model field joined LdsConfig after the MiniLM records were written: their key must not change,
+    and an LLM config must never match them."""
+    from pathlib import Path
+
+    plain = json.loads(LdsConfig(seed=0).key())
+    assert "model" not in plain and plain["n_train"] == 2000
+    llm = json.loads(LdsConfig(seed=0, model="smollm2").key())
+    assert llm["model"] == "smollm2" and llm != plain
+    committed = load_records(Path(__file__).resolve().parents[1] / "bench" / "lds_runs.jsonl")
+    assert any(r["config"] == plain for r in committed)  # seed 0 of bench/LDS.md is still found

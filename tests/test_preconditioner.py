@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hyperinf_ext as hx
-from hyperinf_ext.damping import layer_damping
+from hyperinf_ext.damping import METHOD_DEFAULTS, layer_damping
 from hyperinf_ext.preconditioner import make_gradient_ihvp
 from _numerics import ref_solve
 
@@ -48,7 +48,8 @@ def test_dict_matches_float64_formula(solver):
 def test_auto_damping_is_hyperinf_default_and_streaming_is_the_same():
     train, query = grads(0), grads(1)
     one = make_gradient_ihvp(train)
-    lam = {n: layer_damping("spectral", f.gfim, f.rank, 3.0) for n, f in one.factors.items()}
+    rule, scale = METHOD_DEFAULTS["hyperinf"]  # damping="auto" of the dict API is method="hyperinf"'s default
+    lam = {n: layer_damping(rule, f.gfim, f.rank, scale) for n, f in one.factors.items()}
     assert {n: f.damping for n, f in one.factors.items()} == lam
     ref = reference(train, query, lam)
     streamed = make_gradient_ihvp(({n: g[i:i + 5] for n, g in train.items()} for i in range(0, N, 5)))
