@@ -71,7 +71,9 @@ LABELS = [c[0] for c in CANDIDATES] + [EKFAC]
 # and every other method at its own default.  No EK-FAC: bench/quality_ekfac.py drives a classifier.
 LLM_LABELS = ["hyperinf, datainf damping", "hyperinf, paper damping", "hyperinf, spectral 1", "hyperinf, spectral 3",
               "hyperinf, spectral 10", "datainf", "lissa", "tracin", "kronecker"]
-LLM_DEFAULTS = dict(n_train=300, n_val=60, epochs=3, max_length=128)  # the LLM section of the README
+# Sizes per model, when not given on the command line (the LLM's: its section of the README)
+SIZES = {"minilm": dict(n_train=2000, n_val=200, epochs=5, max_length=64, subsets=32),
+         "smollm2": dict(n_train=300, n_val=60, epochs=3, max_length=128, subsets=16)}
 
 
 @dataclass(frozen=True)
@@ -295,10 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.lds", description=__doc__.splitlines()[0])
     p.add_argument("--seeds", default="0,1", help="comma list of seeds (default: 0,1)")
     p.add_argument("--subsets", type=int, default=None, help="subset models per seed, M (default: 32; 16 for smollm2)")
-    p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--n-val", type=int, default=200)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--n-train", type=int, default=None, help="default: 2000 (300 for smollm2)")
+    p.add_argument("--n-val", type=int, default=None, help="default: 200 (60 for smollm2)")
+    p.add_argument("--epochs", type=int, default=None, help="default: 5 (3 for smollm2)")
+    p.add_argument("--max-length", type=int, default=None, help="default: 64 (128 for smollm2)")
     p.add_argument("--model", choices=("minilm", "smollm2"), default="minilm",
                    help="smollm2: the smaller grid on the embedded LLM (default sizes 300/60, 3 epochs, max length "
                         "128, 16 subsets; records bench/lds_llm_runs.jsonl, report bench/LDS_LLM.md)")
@@ -312,12 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the records")
     args = p.parse_args(argv)
     llm = args.model == "smollm2"
-    if llm:  # the LLM's sizes unless given
-        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])}
-        for k, v in LLM_DEFAULTS.items():
-            if k not in given:
-                setattr(args, k, v)
-    args.subsets = args.subsets or (16 if llm else 32)
+    for k, v in SIZES[args.model].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     args.runs = args.runs or HERE / ("lds_llm_runs.jsonl" if llm else "lds_runs.jsonl")
     args.out = args.out or HERE / ("LDS_LLM.md" if llm else "LDS.md")
     base = LdsConfig(n_train=args.n_train, n_val=args.n_val, epochs=args.epochs, max_length=args.max_length,

@@ -10,8 +10,8 @@ text has one, its code does not; ours follows the code).  Rules, for G of shape 
 * ``"paper"``         the HyperINF paper's code: the DataInf value plus an absolute 1e-3 added inside
                       its Schulz routine.
 * ``"auto"``          the method's default (METHOD_DEFAULTS): for ``hyperinf`` and ``kronecker`` the
-                      rule chosen from LDS (bench/LDS.md) and detection AUC (bench/QUALITY.md), and ``exact`` (the same
-                      estimator as hyperinf) the same; ``paper`` uses "paper"; every other method the
+                      rule chosen from LDS (bench/LDS.md) and detection AUC (bench/QUALITY.md), and
+                      ``exact`` (the same estimator as hyperinf) the same; ``paper`` uses "paper"; every other method the
                       DataInf rule of its own paper.
 """
 from __future__ import annotations

@@ -178,17 +178,14 @@ def spectral_upper_bound(A: torch.Tensor) -> torch.Tensor:
     Below float64 the sums run in float32 (a float64 copy of A cost 4× the sums) and the result is
     raised by 2·d·u32, far above the summation's rounding, so it stays an upper bound; an overflow
     there (entries near float32's range) repeats the sums in float64."""
+    def bound(M: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(M.abs().sum(-1).amax(-1), torch.linalg.matrix_norm(M)).double()
+
     if A.dtype != torch.float64:
-        A32 = A.float()
-        row = A32.abs().sum(-1).amax(-1)
-        fro = torch.linalg.matrix_norm(A32)
-        ub = torch.minimum(row, fro).double() * (1.0 + 2.0 * A.shape[-1] * torch.finfo(torch.float32).eps)
+        ub = bound(A.float()) * (1.0 + 2.0 * A.shape[-1] * torch.finfo(torch.float32).eps)
         if bool(torch.isfinite(ub).all()):
             return ub
-    A64 = A.double()
-    row = A64.abs().sum(-1).amax(-1)
-    fro = torch.linalg.matrix_norm(A64)
-    return torch.minimum(row, fro)
+    return bound(A.double())
 
 
 def schulz_inverse(

@@ -89,17 +89,15 @@ def schulz_iterations(lower: float, upper: float, d: int, tol: float, max_iter: 
     return max_iter
 
 
-def cg_iterations(kappa: float, d: int, tol: float, kappa_bound: float | None = None) -> int:
-    """The classical bound of the CG steps to reach the relative residual tol/κ_bound, capped at d.
+def cg_iterations(kappa: float, d: int, tol: float) -> int:
+    """The classical bound of the CG steps to reach the relative residual tol/κ, capped at d.
 
     From ‖e_k‖_A <= 2ρ^k·‖e_0‖_A, ρ = (√κ − 1)/(√κ + 1) <= exp(−2/√κ), and ‖r‖ <= √κ·‖e‖_A-relative:
-    k = ½·√κ·ln(2·√κ·κ_bound/tol), with κ the condition number (the steps depend on it) and κ_bound
-    the bound the stopping test uses (default κ).
+    k = ½·√κ·ln(2·√κ·κ/tol), κ the bound ub/λ that CG's stopping test also uses.
     """
     if not math.isfinite(kappa):
         return d
-    kb = kappa if kappa_bound is None else kappa_bound
-    return max(1, min(d, math.ceil(0.5 * math.sqrt(kappa) * math.log(2.0 * math.sqrt(kappa) * kb / tol))))
+    return max(1, min(d, math.ceil(0.5 * math.sqrt(kappa) * math.log(2.0 * math.sqrt(kappa) * kappa / tol))))
 
 
 def cg_attainable(kappa: float, dtype: torch.dtype, tol: float) -> bool:
@@ -170,14 +168,14 @@ def choose(
         chol += 2.0 * k * d * d / (trsm * g) + probes + 2.0 * PROBES * d * d / (rates["trsm_few"] * g)
     costs["cholesky"] = batch * chol
     per_step = batch * 2.0 * k * d * d / (rates["rows"] * g) + rates["cg_step_s"]
+    expected = 0
     if want == "apply" and rows is not None and upper is not None and cg_attainable(upper / lower if lower > 0 else math.inf, dtype, tol):
         expected = math.ceil(CG_EXPECTED_FRACTION * cg_iterations(upper / lower, d, tol))
         costs["cg"] = expected * per_step
     best = min(costs, key=costs.get)
     budget = None
-    if best == "cg":
-        others = min(c for s, c in costs.items() if s != "cg")
-        budget = max(math.ceil(costs["cg"] / per_step), math.floor(others / per_step))
+    if best == "cg":  # the steps at which the next cheapest solver would have cost the same
+        budget = max(expected, math.floor(min(c for s, c in costs.items() if s != "cg") / per_step))
     shown = ", ".join(f"{s} {'>= ' if s == 'schulz' and upper is None else ''}{c * 1e3:.3g} ms" for s, c in costs.items())
     return Choice(best, f"cost model ({device.type}, {str(dtype).replace('torch.', '')}, d={d}, "
                         f"batch={batch}, rows={rows}): {shown}"
