@@ -8,14 +8,40 @@ import glob
 import os
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 # Every package under hyperinf_ext/ (found, so a new subpackage cannot be left out of a wheel), plus
 # the Triton kernels mapped into it.
 PACKAGES = find_packages(include=["hyperinf_ext", "hyperinf_ext.*"]) + ["hyperinf_ext.kernels"]
 # kernels/ lives at the top of the repository (design card) but installs inside the package: the
-# top-level name `kernels` is taken on PyPI.  Editable installs map it through setuptools' finder; a
-# source checkout without install gets the same name from hyperinf_ext/__init__.py's _map_source_kernels.
+# top-level name `kernels` belongs to Hugging Face's package, which transformers imports.  The folder has
+# no __init__.py, so it never shadows that package from a checkout (kernels/README.md); the installed
+# subpackage gets the one below.  A source checkout or an editable install gets the same package from
+# hyperinf_ext/__init__.py's _map_source_kernels.
 PACKAGE_DIR = {"hyperinf_ext": "hyperinf_ext", "hyperinf_ext.kernels": "kernels"}
+KERNELS_INIT = '''"""Triton kernels, their tile configurations and the ahead-of-time compilation helper.
+
+Installed from the repository's kernels/ folder (see its README.md); importing needs triton.
+"""
+'''
+
+
+class BuildPy(build_py):
+    """build_py that gives the installed ``hyperinf_ext.kernels`` its ``__init__.py``."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # editable: the package comes from the checkout (hyperinf_ext._map_source_kernels)
+        target = os.path.join(self.build_lib, "hyperinf_ext", "kernels", "__init__.py")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "w") as f:
+            f.write(KERNELS_INIT)
+
+    def check_package(self, package, package_dir):
+        if package == "hyperinf_ext.kernels":
+            return None  # no __init__.py in the source folder, on purpose (written by run)
+        return super().check_package(package, package_dir)
 
 
 def _extensions():
@@ -34,4 +60,5 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
+cmdclass["build_py"] = BuildPy
 setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)

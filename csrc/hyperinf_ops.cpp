@@ -1,7 +1,7 @@
 // Operator library `hyperinf` (torch.ops.hyperinf.*) and its CPU kernels.
 //
 // The schemas live here, in C++, so the ops exist as soon as the shared object is loaded;
-// hyperinf_ext/cpp_ops.py adds the fake (meta) kernels torch.compile needs.
+// hyperinf_ext/backends/cpp.py adds the fake (meta) kernels torch.compile needs.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -5,32 +5,36 @@ Kernel-level API (tensors in, tensors out): :func:`gfim`, :func:`gfim_accumulate
 or gradient dicts in → preconditioned gradient dicts out), :func:`available_backends`; the solvers
 behind ``solver="auto"`` are in :mod:`hyperinf_ext.solvers`.  Model-level API: :class:`HyperINF` (imported lazily, it needs peft).
 """
+import importlib.machinery as _ilm
 import importlib.util as _ilu
 import os as _os
 import sys as _sys
 
 
 def _map_source_kernels() -> None:
-    """Source checkout: import the top-level ``kernels/`` directory as ``hyperinf_ext.kernels``.
+    """Source checkout: register the top-level ``kernels/`` folder as the package ``hyperinf_ext.kernels``.
 
-    setup.py installs ``kernels/`` as this subpackage (``package_dir``), so installed copies and
-    wheels find it inside the package.  Run from a source checkout (tests, PYTHONPATH=repo) the
-    directory sits beside the package instead; register it under the same name, so each kernel file
-    has exactly one import path.  Only where ``../setup.py`` marks a checkout, and before any
-    import system lookup, which could resolve another tree's editable install.
+    ``kernels/`` has no ``__init__.py`` so that it can never be imported as a top-level ``kernels``
+    (the name of Hugging Face's package, which transformers imports): see kernels/README.md.  A wheel
+    gets the subpackage from setup.py, with a generated ``__init__.py``; run from a source checkout
+    (tests, PYTHONPATH=repo, an editable install) the folder sits beside the package instead, and this
+    makes the package module by hand, so each kernel file has exactly one import path.  Only where
+    ``../setup.py`` marks a checkout, and before any import system lookup, which could resolve another
+    tree's editable install.
     """
     here = _os.path.dirname(_os.path.abspath(__file__))
     root = _os.path.dirname(here)
-    init = _os.path.join(root, "kernels", "__init__.py")
+    folder = _os.path.join(root, "kernels")
     name = f"{__name__}.kernels"
     if name in _sys.modules or _os.path.isdir(_os.path.join(here, "kernels")):
         return
-    if not (_os.path.isfile(_os.path.join(root, "setup.py")) and _os.path.isfile(init)):
+    if not (_os.path.isfile(_os.path.join(root, "setup.py")) and _os.path.isfile(_os.path.join(folder, "gfim.py"))):
         return
-    spec = _ilu.spec_from_file_location(name, init, submodule_search_locations=[_os.path.dirname(init)])
+    spec = _ilm.ModuleSpec(name, None, is_package=True)
+    spec.submodule_search_locations.append(folder)
     module = _ilu.module_from_spec(spec)
+    module.__doc__ = "Triton kernels (the checkout's kernels/ folder; see kernels/README.md)."
     _sys.modules[name] = module
-    spec.loader.exec_module(module)  # kernels/__init__.py imports nothing (no triton needed here)
     globals()["kernels"] = module  # the attribute the import system sets for a found subpackage
 
 

@@ -200,7 +200,7 @@ class HyperINF(FitPass, Scoring):
             raise RuntimeError("HyperINF: call fit(train_loader) (or HyperINF.load) before scoring")
 
     # --------------------------------------------------------------------------------- persistence
-    # (the formats, checks and atomic commits live in persistence.py)
+    # (the formats, checks and atomic commits live in persistence/)
 
     def save(self, directory: str | Path) -> Path:
         """Write factors (safetensors: per-layer GFIM sums and the method's inverses) and meta.json.

@@ -112,7 +112,7 @@ def make_gradient_ihvp(
     iterable of such dicts (batches, streamed: memory independent of n), or flattened [n, r·d] tensors
     with ``shapes={layer: (r, d)}``.  Any float dtype; GFIMs are summed in float32 (float64 for
     float64 gradients).  damping: a float or a rule of ``damping.py`` ("auto" = HyperINF's default,
-    3 × the mean eigenvalue); solver: "auto" | "schulz" | "cholesky" (verified: ConvergenceError
+    ``METHOD_DEFAULTS["hyperinf"]``: today 1 × the mean eigenvalue); solver: "auto" | "schulz" | "cholesky" (verified: ConvergenceError
     otherwise).  Mismatched layers, shapes or dtypes raise ValueError naming the layer.
     """
     check_solver(solver, allowed=CURVATURE_SOLVERS)

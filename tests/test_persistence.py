@@ -1,4 +1,4 @@
-"""Saved factors, fit checkpoints and score files (hyperinf_ext/persistence.py, cache.py).
+"""Saved factors, fit checkpoints and score files (hyperinf_ext/persistence/, cache.py).
 
 A tiny float64 LoRA BERT (tests/persist_child.py).  A resumed or reloaded fit must give the
 uninterrupted fit's factors and scores to 1e-12 relative (see RTOL) — or raise a ValueError/RuntimeError naming the file, layer or

@@ -4,7 +4,7 @@
 gradients (``vmap(grad(loss))`` of its ``AttributionTask``, flattened over the selected parameters) and
 does the train × test dot products; this adapter reshapes each LoRA layer's slice of those flat
 gradients rank-first — lora_A ``[r, d_in]`` as stored, lora_B ``[d_out, r]`` transposed to
-``[r, d_out]``, biases as an extra column (heads, lora_A) or row (lora_B), as ``capture.py`` does —
+``[r, d_out]``, biases as an extra column (heads, lora_A) or row (lora_B), as ``capture/layers.py`` does —
 accumulates the per-layer GFIM during ``cache`` and preconditions test gradients with the chosen
 method (``hyperinf``: damped GFIM, scaled Schulz inverse) in ``transform_test_rep``.
 
