@@ -81,7 +81,7 @@ def _bounds_tensor(name: str, value, batch_shape: torch.Size) -> torch.Tensor:
     ):
         raise ValueError(f"{name}: expected a non-negative number or a tensor of them, got {value!r}")
     try:
-        t = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+        t = torch.as_tensor(value, dtype=torch.float64, device="cpu").detach()
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{name}: expected a non-negative number or a tensor of them, got {value!r} ({e})") from None
     try:

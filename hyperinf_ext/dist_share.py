@@ -51,9 +51,9 @@ def reduce_factors(comm: Comm, attr: "HyperINF") -> None:
     """
     names = sorted(attr.factors)
     local = attr.factors[names[0]].count
-    counts = torch.tensor([local], dtype=torch.int64)
+    counts = torch.tensor([local], dtype=torch.int64, device="cpu")
     comm.all_reduce_(counts, "fit: example counts")
-    top = torch.tensor([attr.n_train], dtype=torch.int64)
+    top = torch.tensor([attr.n_train], dtype=torch.int64, device="cpu")
     comm.all_reduce_(top, "fit: n_train", op=torch.distributed.ReduceOp.MAX)
     total, n_train = int(counts), int(top)
     if total > n_train:
@@ -195,10 +195,11 @@ def check_same_queries(comm: Comm, qidx: torch.Tensor) -> None:
 
 def check_coverage(comm: Comm, seen: torch.Tensor, n_train: int, stage: str) -> None:
     """Every training index 0..n_train-1 scored on exactly one rank (same error on every rank)."""
-    counts = torch.zeros(n_train, dtype=torch.int32)
+    counts = torch.zeros(n_train, dtype=torch.int32, device="cpu")
     k = min(seen.numel(), n_train)
     counts[:k] = seen[:k].to(torch.int32)
-    beyond = torch.tensor([int(seen[n_train:].any()) if seen.numel() > n_train else 0], dtype=torch.int64)
+    beyond = torch.tensor([int(seen[n_train:].any()) if seen.numel() > n_train else 0], dtype=torch.int64,
+                          device="cpu")
     comm.all_reduce_(counts, f"{stage}: coverage")
     comm.all_reduce_(beyond, f"{stage}: coverage")
     missing = (counts == 0).nonzero().squeeze(1)[:5].tolist()

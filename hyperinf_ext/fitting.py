@@ -35,7 +35,7 @@ class FitPass:
         """
         offset = 0
         layer_of = {l.name: l for l in self.layers}
-        taken = torch.zeros(0, dtype=torch.bool)  # indices already used in this pass
+        taken = torch.zeros(0, dtype=torch.bool, device="cpu")  # indices already used in this pass
         with PerSampleGradients(self.model, self.layers, dtype=_torch_dtype(self.config.grad_dtype)) as psg:
             for b, batch in enumerate(self._bar(loader, desc)):
                 n = _batch_size(batch)
@@ -91,8 +91,8 @@ class FitPass:
             ckpt.restore(self)  # factors and counts of the last commit, checked against model and settings
         else:
             self.factors = {
-                l.name: LayerFactor(l.name, l.rank, l.dim, torch.zeros(l.dim, l.dim, dtype=fdtype), 0,
-                                    rank_sum=torch.zeros(l.rank, l.rank, dtype=fdtype))
+                l.name: LayerFactor(l.name, l.rank, l.dim, torch.zeros(l.dim, l.dim, dtype=fdtype, device="cpu"), 0,
+                                    rank_sum=torch.zeros(l.rank, l.rank, dtype=fdtype, device="cpu"))
                 for l in self.layers
             }
             self.n_train, self.batches_done = 0, 0
@@ -118,7 +118,7 @@ class FitPass:
         accs = {k: torch.stack([self.factors[n].gfim_sum for n in names]).to(device) for k, names in groups.items()}
         rank_accs = {
             k: torch.stack([self.factors[n].rank_sum if self.factors[n].rank_sum is not None
-                            else torch.zeros(k[1], k[1], dtype=fdtype) for n in names]).to(device)
+                            else torch.zeros(k[1], k[1], dtype=fdtype, device="cpu") for n in names]).to(device)
             for k, names in groups.items()
         }
         scratch: dict[tuple[int, int], torch.Tensor] = {}
@@ -182,7 +182,7 @@ def _batch_size(batch: Mapping[str, Any]) -> int:
 def _batch_index(batch: Mapping[str, Any], n: int, offset: int, where: str) -> torch.Tensor:
     """The batch's ``index`` entry, checked ([n] non-negative integers), or positions from ``offset``."""
     if "index" not in batch:
-        return torch.arange(offset, offset + n)
+        return torch.arange(offset, offset + n, device="cpu")
     index = batch["index"]
     if not isinstance(index, torch.Tensor):
         raise ValueError(f"{where}: index must be a tensor of int64, got {type(index).__name__}")

@@ -102,7 +102,7 @@ class HyperINFMethod(Method):
         self.info = {}
         for d, names in groups_by_dim(factors).items():
             G = torch.stack([factors[n].gfim for n in names])
-            lam = torch.tensor([factors[n].damping for n in names], dtype=torch.float64)
+            lam = torch.tensor([factors[n].damping for n in names], dtype=torch.float64, device="cpu")
             X, info = solvers.spd_inverse(G, lam, solver=self.options.get("solver") or "auto", backend=self.backend,
                                           tol=self.options.get("tol"), polish=self.options.get("warm_start", True))
             for i, n in enumerate(names):
@@ -116,7 +116,7 @@ class HyperINFMethod(Method):
 def _layer_info(info: solvers.SolveInfo, i: int) -> dict:
     its = info.iterations
     return {"solver": info.solver, "residual": float(info.residual.reshape(-1)[i]),
-            "iterations": None if its is None else int(torch.as_tensor(its).reshape(-1)[i]),
+            "iterations": None if its is None else int(torch.as_tensor(its, device="cpu").reshape(-1)[i]),
             "warm_start": bool(info.extra.get("warm_start", False)), "reason": info.reason}
 
 

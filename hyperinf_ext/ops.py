@@ -247,14 +247,14 @@ def schulz_inverse(
     else:
         accept = stop = float(tol)
     max_iter = DEFAULT_MAX_ITER if max_iter is None else max_iter
-    lower = torch.zeros(A3.shape[0], dtype=torch.float64) if lower_bound is None else _bounds_tensor(
+    lower = torch.zeros(A3.shape[0], dtype=torch.float64, device="cpu") if lower_bound is None else _bounds_tensor(
         "lower_bound", lower_bound, batch_shape
     )
     name, impl = backends.select(backend, A.device)
     B = A3.shape[0]
     if B == 0:
-        empty = torch.zeros(batch_shape, dtype=torch.float64)
-        info = SchulzInfo(torch.zeros(batch_shape, dtype=torch.int64), empty, [], empty, empty, name, accept)
+        empty = torch.zeros(batch_shape, dtype=torch.float64, device="cpu")
+        info = SchulzInfo(torch.zeros(batch_shape, dtype=torch.int64, device="cpu"), empty, [], empty, empty, name, accept)
         X = torch.empty_like(A3).reshape(A.shape[:-2] + (d, d))
         return (X, info) if return_info else X
 
@@ -277,9 +277,9 @@ def schulz_inverse(
     if bool(not_pd.any()):
         # A non-positive diagonal entry rules out positive definiteness without iterating.
         X = torch.full_like(As, float("nan"))
-        iters = torch.zeros(B, dtype=torch.int64)
-        resid = torch.full((B,), float("inf"), dtype=torch.float64)
-        status = torch.full((B,), reference.DIVERGED, dtype=torch.int64)
+        iters = torch.zeros(B, dtype=torch.int64, device="cpu")
+        resid = torch.full((B,), float("inf"), dtype=torch.float64, device="cpu")
+        status = torch.full((B,), reference.DIVERGED, dtype=torch.int64, device="cpu")
         ok = ~not_pd
         if bool(ok.any()):
             idx = ok.nonzero().squeeze(1)

@@ -37,7 +37,7 @@ class DenseSink:
 
     def __init__(self, n_query: int, n_train: int, dtype: torch.dtype, comm: "Comm | None"):
         self.comm = comm
-        self.out = torch.zeros(n_query, n_train if comm is None else 0, dtype=dtype)
+        self.out = torch.zeros(n_query, n_train if comm is None else 0, dtype=dtype, device="cpu")
         self.blocks: list[torch.Tensor] = []
         self.indices: list[torch.Tensor] = []
 
@@ -57,7 +57,7 @@ class DenseSink:
         from .dist_share import gather_columns
 
         values = torch.cat(self.blocks, 1) if self.blocks else self.out
-        index = torch.cat(self.indices) if self.indices else torch.zeros(0, dtype=torch.int64)
+        index = torch.cat(self.indices) if self.indices else torch.zeros(0, dtype=torch.int64, device="cpu")
         self.blocks, self.indices = [], []
         return gather_columns(self.comm, values, index, n_train, all_ranks, "scores: gather")
 

@@ -49,7 +49,7 @@ class Scoring:
         names = list(qt)
         Q = next(iter(qt.values())).shape[0]
         qflat = torch.cat([qt[n].reshape(Q, -1).to(self.fdtype) for n in names], dim=1)  # [Q, P]
-        seen = torch.zeros(self.n_train, dtype=torch.bool)
+        seen = torch.zeros(self.n_train, dtype=torch.bool, device="cpu")
         with _dist.reported(self._comm, "scores"):
             for index, grads in self._train_batches(train_loader)():
                 with self._timed("dot"):
@@ -180,8 +180,8 @@ class Scoring:
             source = lambda: iter(spill)  # noqa: E731
         else:
             source = self._train_batches(train_loader)
-        out = torch.zeros(self.n_train, dtype=self.fdtype)
-        seen = torch.zeros(self.n_train, dtype=torch.bool)
+        out = torch.zeros(self.n_train, dtype=self.fdtype, device="cpu")
+        seen = torch.zeros(self.n_train, dtype=torch.bool, device="cpu")
         idx: list[torch.Tensor] = []
         parts: dict[str, list[torch.Tensor]] = {}
 

@@ -76,7 +76,7 @@ class TopKSide:
         """Take in scores ``block`` [Q, B] of the columns ``block_index`` [B] int64."""
         if self.values is None:
             self.values = block.new_zeros(block.shape[0], 0)
-            self.indices = torch.zeros(block.shape[0], 0, dtype=torch.int64)
+            self.indices = torch.zeros(block.shape[0], 0, dtype=torch.int64, device=block_index.device)
         self.values, self.indices = merge_topk(self.values, self.indices, block, block_index, self.k, self.largest)
 
     def take(self, other: "TopKSide") -> None:
@@ -88,7 +88,7 @@ class TopKSide:
 def side_of_matrix(scores: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One side's top-k of each row of a full matrix [Q, N]: (values [Q, min(k, N)], indices [Q, min(k, N)])."""
     side = TopKSide(k, largest)
-    side.update(scores, torch.arange(scores.shape[1]))
+    side.update(scores, torch.arange(scores.shape[1], device=scores.device))
     return side.values, side.indices
 
 
@@ -143,9 +143,9 @@ class TopK:
 
     def __init__(self, n_query: int, k: int, dtype: torch.dtype = torch.float64):
         self.k = check_k(k)
-        empty = torch.full((n_query, k), _NO_INDEX, dtype=torch.int64)
-        self.pos = TopKSide(k, True, torch.full((n_query, k), -torch.inf, dtype=dtype), empty)
-        self.neg = TopKSide(k, False, torch.full((n_query, k), torch.inf, dtype=dtype), empty.clone())
+        empty = torch.full((n_query, k), _NO_INDEX, dtype=torch.int64, device="cpu")
+        self.pos = TopKSide(k, True, torch.full((n_query, k), -torch.inf, dtype=dtype, device="cpu"), empty)
+        self.neg = TopKSide(k, False, torch.full((n_query, k), torch.inf, dtype=dtype, device="cpu"), empty.clone())
         self.seen = 0  # training examples taken in (so far, over the merged parts)
 
     @property

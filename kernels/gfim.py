@@ -102,8 +102,9 @@ def gfim_kernel(
         if CAST_TO_ACC:
             a = a.to(acc_ty)
             b = b.to(acc_ty)
-        # fp16/bf16 operands go straight to the tensor cores with float32 accumulation.
-        c = tl.dot(a, b, c, input_precision=INPUT_PRECISION)
+        # fp16/bf16 operands go straight to the tensor cores with float32 accumulation.  out_dtype is
+        # spelled out: Triton 3.6 (the lent GPUs') requires it to equal acc's dtype and defaults to fp32.
+        c = tl.dot(a, b, c, input_precision=INPUT_PRECISION, out_dtype=acc_ty)
         a_ptrs += BLOCK_K * stride_gm
         b_ptrs += BLOCK_K * stride_gm
     _add_symmetric(acc_ptr, c, layer, d, ti, tj, BLOCK_D)
@@ -134,7 +135,7 @@ def gfim_tma_kernel(
         if CAST_TO_ACC:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        c = tl.dot(tl.trans(a), b, c)
+        c = tl.dot(tl.trans(a), b, c, out_dtype=tl.float32)
     _add_symmetric(acc_ptr, c, layer, d, ti, tj, BLOCK_D)
 
 

@@ -54,12 +54,14 @@ def _product_tile(
     mask_n = rn[None, :] < d
     l_ptrs = left_ptr + off + rm[:, None] * d + rk[None, :]
     r_ptrs = right_ptr + off + rk[:, None] * d + rn[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=left_ptr.dtype.element_ty)
+    acc_ty = left_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
     for k in range(0, (d + BLOCK_K - 1) // BLOCK_K):
         left = d - k * BLOCK_K
         lt = tl.load(l_ptrs, mask=mask_m & (rk[None, :] < left), other=0.0)
         rt = tl.load(r_ptrs, mask=(rk[:, None] < left) & mask_n, other=0.0)
-        acc = tl.dot(lt, rt, acc, input_precision=INPUT_PRECISION)
+        # out_dtype spelled out: Triton 3.6 requires it to equal acc's dtype (fp64 here) and defaults to fp32.
+        acc = tl.dot(lt, rt, acc, input_precision=INPUT_PRECISION, out_dtype=acc_ty)
         l_ptrs += BLOCK_K
         r_ptrs += BLOCK_K * d
     return acc

@@ -19,6 +19,20 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def pytest_configure(config):
+    # An unusable device (a typo, no GPU on this machine) fails the session at once with one message,
+    # rather than every test with a device error of its own.
+    if TEST_DEVICE != "cpu":
+        try:
+            torch.empty(0, device=TEST_DEVICE)
+        except (RuntimeError, AssertionError) as e:
+            raise pytest.UsageError(f"HYPERINF_TEST_DEVICE={TEST_DEVICE!r} is not usable here: {e}") from None
+
+
+def pytest_report_header(config):
+    return f"HYPERINF_TEST_DEVICE={TEST_DEVICE} (default device of every test), TRITON_INTERPRET={os.environ['TRITON_INTERPRET']}"
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

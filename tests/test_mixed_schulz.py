@@ -24,8 +24,11 @@ D = 96
 
 def _spd(d: int, kappa: float, seed: int) -> tuple[torch.Tensor, float]:
     """float32 SPD [d, d] with log-spaced eigenvalues in [1/κ, 1], and its exact λmin (the lower bound)."""
+    # A CPU generator draws on the CPU whatever the default device (HYPERINF_TEST_DEVICE): the same
+    # matrices everywhere, then moved to where the test runs.
     gen = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=gen))
+    draw = torch.randn(d, d, dtype=torch.float64, generator=gen, device="cpu").to(torch.get_default_device())
+    Q, _ = torch.linalg.qr(draw)
     lam = torch.logspace(0, -math.log10(kappa), d, dtype=torch.float64)
     A = (Q * lam) @ Q.T
     return (0.5 * (A + A.T)).float(), float(lam.min())

@@ -248,8 +248,9 @@ def test_schulz_max_iter_and_zero_budget():
 def test_schulz_non_pd_diverges_while_batchmate_converges():
     # Positive diagonal (so ops' cheap check would let it through) but one negative eigenvalue.
     d = 33
-    gen = torch.Generator().manual_seed(3)
-    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    gen = torch.Generator().manual_seed(3)  # CPU draw, then to the test device (HYPERINF_TEST_DEVICE)
+    draw = torch.randn(d, d, generator=gen, dtype=torch.float64, device="cpu").to(torch.get_default_device())
+    q, _ = torch.linalg.qr(draw)
     ev = torch.linspace(1.0, 0.1, d, dtype=torch.float64)
     ev[-1] = -0.3
     bad = (q * ev) @ q.T

@@ -65,6 +65,6 @@ def schulz_inverse(
 
     Returns (X [B, d, d] like A, iterations int64 [B], residual float64 [B], status int64 [B]).
     """
-    lower = torch.as_tensor(lower, dtype=torch.float64).cpu()
-    upper = torch.as_tensor(upper, dtype=torch.float64).cpu()
+    lower = torch.as_tensor(lower, dtype=torch.float64, device="cpu")
+    upper = torch.as_tensor(upper, dtype=torch.float64, device="cpu")
     return tuple(torch.ops.hyperinf.schulz_inverse(A.contiguous(), lower, upper, float(tol), int(max_iter)))

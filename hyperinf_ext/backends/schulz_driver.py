@@ -66,7 +66,7 @@ def _iterate(A: torch.Tensor, lower: list[float], upper: list[float], tol: float
     schedules = [SchulzSchedule(d, tol, max_iter) for _ in range(B)]
     beta0 = [s.start(lo, up) for s, lo, up in zip(schedules, lower, upper)]
     bufs = (torch.zeros_like(A), torch.empty_like(A))
-    bufs[0].diagonal(dim1=-2, dim2=-1).copy_(torch.tensor(beta0, dtype=A.dtype).to(A.device).unsqueeze(-1))
+    bufs[0].diagonal(dim1=-2, dim2=-1).copy_(torch.tensor(beta0, dtype=A.dtype, device=A.device).unsqueeze(-1))
     R = torch.empty_like(A)
     coef = [(0.0, 0.0)] * B
     final_buf = [0] * B  # which of `bufs` holds the returned X of each matrix
@@ -93,7 +93,7 @@ def _iterate(A: torch.Tensor, lower: list[float], upper: list[float], tol: float
     if take:
         idx = torch.tensor(take, dtype=torch.int64, device=A.device)
         X[idx] = bufs[1][idx]
-    iters = torch.tensor([s.iterations for s in schedules], dtype=torch.int64)
-    resid = torch.tensor([s.residual for s in schedules], dtype=torch.float64)
-    status = torch.tensor([s.status for s in schedules], dtype=torch.int64)
+    iters = torch.tensor([s.iterations for s in schedules], dtype=torch.int64, device="cpu")
+    resid = torch.tensor([s.residual for s in schedules], dtype=torch.float64, device="cpu")
+    status = torch.tensor([s.status for s in schedules], dtype=torch.int64, device="cpu")
     return X, iters, resid, status

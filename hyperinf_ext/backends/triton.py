@@ -60,7 +60,7 @@ class _TritonSteps:
     def _active_mask(self, active: list[bool]) -> torch.Tensor:
         # Matrices only ever leave the active set, so its size tells whether the device copy is current.
         if sum(active) != self._n_active:
-            self._active, self._n_active = torch.tensor(active, dtype=torch.int32).to(self.A.device), sum(active)
+            self._active, self._n_active = torch.tensor(active, dtype=torch.int32, device=self.A.device), sum(active)
         return self._active
 
     def residual(self, X: torch.Tensor, R: torch.Tensor, active: list[bool]) -> list[float]:
@@ -70,7 +70,7 @@ class _TritonSteps:
 
     def update(self, X: torch.Tensor, R: torch.Tensor, out: torch.Tensor, coef: list[tuple[float, float]],
                active: list[bool]) -> None:
-        c = torch.tensor(coef, dtype=torch.float64).to(device=self.A.device, dtype=self.A.dtype)
+        c = torch.tensor(coef, dtype=torch.float64, device="cpu").to(device=self.A.device, dtype=self.A.dtype)
         _schulz.launch_update(X, R, out, c, self._active_mask(active), self.cfg, self.precision)
 
 

@@ -59,8 +59,8 @@ class Collator:
 
     def __call__(self, items: Sequence[tuple[str, int, int]]) -> dict[str, torch.Tensor]:
         texts = [t for t, _, _ in items]
-        labels = torch.tensor([int(y) for _, y, _ in items], dtype=torch.long)
-        index = torch.tensor([int(i) for _, _, i in items], dtype=torch.long)
+        labels = torch.tensor([int(y) for _, y, _ in items], dtype=torch.long, device="cpu")
+        index = torch.tensor([int(i) for _, _, i in items], dtype=torch.long, device="cpu")
         if self.cache is None:
             enc = self.tokenizer(
                 texts,
@@ -96,13 +96,13 @@ class Collator:
         for key, pv in pad_values.items():
             if key not in encs[0]:
                 continue
-            t = torch.full((len(encs), width), pv, dtype=torch.long)
+            t = torch.full((len(encs), width), pv, dtype=torch.long, device="cpu")
             for r, e in enumerate(encs):
                 seq = e[key]
                 if left:
-                    t[r, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+                    t[r, width - len(seq):] = torch.tensor(seq, dtype=torch.long, device="cpu")
                 else:
-                    t[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+                    t[r, : len(seq)] = torch.tensor(seq, dtype=torch.long, device="cpu")
             out[key] = t
         return out
 
@@ -128,7 +128,7 @@ class _LengthBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         if self.shuffle:
-            perm = torch.randperm(len(self.batches), generator=self.generator).tolist()
+            perm = torch.randperm(len(self.batches), generator=self.generator, device="cpu").tolist()
         else:
             perm = range(len(self.batches))
         for b in perm:

@@ -77,7 +77,7 @@ def split_dataset(
             f"{n_train + n_val}, data set has {len(ds)}"
         )
     g = torch.Generator().manual_seed(int(seed))
-    perm = torch.randperm(len(ds), generator=g).tolist()
+    perm = torch.randperm(len(ds), generator=g, device="cpu").tolist()
     return ds.subset(perm[:n_train]), ds.subset(perm[n_train : n_train + n_val])
 
 
@@ -114,8 +114,8 @@ def flip_labels(
         raise ValueError(f"labels must lie in [0, {num_classes}), got range [{min(ys)}, {max(ys)}]")
     k = int(round(fraction * n))
     g = torch.Generator().manual_seed(int(seed))
-    chosen = torch.randperm(n, generator=g)[:k]
-    flipped = torch.zeros(n, dtype=torch.bool)
+    chosen = torch.randperm(n, generator=g, device="cpu")[:k]
+    flipped = torch.zeros(n, dtype=torch.bool, device="cpu")
     flipped[chosen] = True
     new = list(ys)
     if num_classes == 2:
@@ -123,7 +123,7 @@ def flip_labels(
             new[i] = 1 - new[i]
     else:
         # A shift in [1, C-1] modulo C is uniform over the other classes.
-        shifts = torch.randint(1, num_classes, (k,), generator=g).tolist()
+        shifts = torch.randint(1, num_classes, (k,), generator=g, device="cpu").tolist()
         for i, s in zip(chosen.tolist(), shifts):
             new[i] = (new[i] + s) % num_classes
     return new, flipped

@@ -64,7 +64,7 @@ class ExampleBatches:
         if self.need_labels and batch.get("labels") is None:
             raise ValueError(f"collator: batches have no 'labels' (keys: {sorted(batch)}); the default loss needs "
                              "them — use a collator that sets labels, or pass loss_fn=...")
-        batch["index"] = torch.arange(start, stop, dtype=torch.long)
+        batch["index"] = torch.arange(start, stop, dtype=torch.long, device="cpu")
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -102,7 +102,7 @@ def probe_rows(A: torch.Tensor) -> torch.Tensor:
     Z = _PROBE_CACHE.get(key)
     if Z is None:
         g = torch.Generator().manual_seed(PROBE_SEED)
-        Z = torch.randn(B, PROBES, d, generator=g, dtype=torch.float64)
+        Z = torch.randn(B, PROBES, d, generator=g, dtype=torch.float64, device="cpu")
         Z = torch.where(Z == 0, torch.ones_like(Z), Z).to(device=A.device, dtype=A.dtype)
         if len(_PROBE_CACHE) >= _PROBE_CACHE_SIZE:
             _PROBE_CACHE.pop(next(iter(_PROBE_CACHE)))
@@ -149,8 +149,8 @@ def _potri_is_symmetric(device: torch.device, dtype: torch.dtype) -> bool:
     key = (device.type, dtype)
     if key not in _POTRI_SYMMETRIC:
         g = torch.Generator().manual_seed(1)
-        M = torch.randn(2, 37, 37, generator=g, dtype=torch.float64)
-        A = (M @ M.mT + 37 * torch.eye(37, dtype=torch.float64)).to(device=device, dtype=dtype)
+        M = torch.randn(2, 37, 37, generator=g, dtype=torch.float64, device="cpu")
+        A = (M @ M.mT + 37 * torch.eye(37, dtype=torch.float64, device="cpu")).to(device=device, dtype=dtype)
         X = torch.cholesky_inverse(torch.linalg.cholesky(A))
         _POTRI_SYMMETRIC[key] = bool(torch.equal(X, X.mT))
     return _POTRI_SYMMETRIC[key]

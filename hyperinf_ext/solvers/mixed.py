@@ -79,18 +79,36 @@ def round_to_low(x: torch.Tensor, low: str) -> torch.Tensor:
 
 @contextlib.contextmanager
 def tf32_matmul(enabled: bool) -> Iterator[None]:
-    """Within the block, float32 CUDA matmuls may (``enabled``) or may not use TF32 tensor cores; restored after."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
+    """Within the block, float32 CUDA matmuls may (``enabled``) or may not use TF32 tensor cores; restored after.
+
+    Through ``torch.backends.cuda.matmul.fp32_precision`` ("tf32"/"ieee") where torch has it: torch
+    deprecates the legacy ``allow_tf32`` flag, and a process that sets both kinds of flag gets a
+    RuntimeError from torch when it reads one back.  Older torch: ``allow_tf32``.
+    """
+    flags = torch.backends.cuda.matmul
+    if hasattr(flags, "fp32_precision"):
+        name, value = "fp32_precision", "tf32" if enabled else "ieee"
+    else:
+        name, value = "allow_tf32", enabled
+    old = getattr(flags, name)
+    setattr(flags, name, value)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+        setattr(flags, name, old)
 
 
 class _LowGemm:
     """The low phase's two GEMMs on float32 [B, d, d] operands, float32 results.
 
+    Reductions: torch lets cuBLAS reduce bf16 GEMMs in reduced precision by default
+    (``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction``, True): split-K partial sums
+    may be rounded to bf16 before they are added, a further relative error of about u_bf16 per
+    rounding of a partial sum (log₂ of the split count of them at most), on top of the inputs'
+    rounding.  That is within the hand-over test's resolution (HANDOVER_FACTOR·u·√d with u = u_bf16):
+    the low phase only ever claims bf16 accuracy, and the float32 finish (TF32 off) owns the result.
+    The CPU emulation rounds inputs only and accumulates in float32, so a GPU run's low-phase residuals
+    may differ from it by those roundings, not by more.
     CUDA: bf16 tensor-core GEMMs (float32 accumulation and epilogue, bf16 output widened: R keeps its
     relative accuracy since I − A·X is formed in the epilogue before rounding) or TF32 GEMMs.
     Elsewhere: the same rounding emulated (inputs rounded, float32 GEMM).
@@ -258,23 +276,23 @@ def mixed_schulz(
 
     def all_fp32(idx: torch.Tensor):
         sub = A3[idx.to(A3.device)]
-        lo = None if lower is None else torch.broadcast_to(torch.as_tensor(lower, dtype=torch.float64),
+        lo = None if lower is None else torch.broadcast_to(torch.as_tensor(lower, dtype=torch.float64, device="cpu"),
                                                            batch_shape).reshape(-1)[idx]
         return ops.schulz_inverse(sub, lower_bound=lo, tol=tol, max_iter=max_iter, return_info=True, check=False)
 
     finite = bool(torch.isfinite(A3).all()) if B else True
-    amax = A3.abs().amax(dim=(-2, -1)).double().cpu() if B else torch.zeros(0, dtype=torch.float64)
+    amax = A3.abs().amax(dim=(-2, -1)).double().cpu() if B else torch.zeros(0, dtype=torch.float64, device="cpu")
     # Entries far from 1 (bounds, iterates could leave the range) or non-finite input: ops handles them.
     if B == 0 or not finite or bool(((amax > 2.0 ** 64) | (amax < 2.0 ** -64)).any()):
         X, info = ops.schulz_inverse(A3, lower_bound=None if lower is None else torch.broadcast_to(
-            torch.as_tensor(lower, dtype=torch.float64), batch_shape).reshape(-1) if B else lower,
+            torch.as_tensor(lower, dtype=torch.float64, device="cpu"), batch_shape).reshape(-1) if B else lower,
             tol=tol, max_iter=max_iter, return_info=True, check=check)
         info.extra.update(path=["fp32"] * B, low=low)
         return X.reshape(A.shape), info
 
     upper = ops.spectral_upper_bound(A3).cpu()
-    lo_t = torch.zeros(B, dtype=torch.float64) if lower is None else torch.broadcast_to(
-        torch.as_tensor(lower, dtype=torch.float64).cpu(), batch_shape).reshape(-1).clone()
+    lo_t = torch.zeros(B, dtype=torch.float64, device="cpu") if lower is None else torch.broadcast_to(
+        torch.as_tensor(lower, dtype=torch.float64, device="cpu"), batch_shape).reshape(-1).clone()
     lo_t = torch.minimum(lo_t, upper)
     beta0 = [reference.initial_scale(float(l), float(u)) for l, u in zip(lo_t, upper)]
     a = [b0 * float(l) for b0, l in zip(beta0, lo_t)]
@@ -299,13 +317,13 @@ def mixed_schulz(
     budget = max(0, max_iter - max(lowp["steps"]))
     fin = _scaled_phase(gemm32, X_low, list(lowp["a"]), b_fin, stop=stop, max_steps=budget, handover=None, R0=R32)
     X = fin["X"]
-    iters = torch.tensor([s + t for s, t in zip(lowp["steps"], fin["steps"])], dtype=torch.int64)
-    resid = torch.tensor(fin["residual"], dtype=torch.float64)
+    iters = torch.tensor([s + t for s, t in zip(lowp["steps"], fin["steps"])], dtype=torch.int64, device="cpu")
+    resid = torch.tensor(fin["residual"], dtype=torch.float64, device="cpu")
     status = list(fin["status"])
     path = ["mixed"] * B
     ok = [st != reference.DIVERGED and r <= accept for st, r in zip(status, fin["residual"])]
     if not all(ok):  # fall short of the all-float32 test: redo those matrices in float32
-        idx = torch.tensor([i for i in range(B) if not ok[i]])
+        idx = torch.tensor([i for i in range(B) if not ok[i]], dtype=torch.int64, device="cpu")
         Xf, inf = all_fp32(idx)
         X[idx.to(X.device)] = Xf
         for j, i in enumerate(idx.tolist()):
@@ -317,10 +335,10 @@ def mixed_schulz(
         iterations=iters.reshape(batch_shape), residual=resid.reshape(batch_shape), status=names,
         lower=lo_t.reshape(batch_shape), upper=upper.reshape(batch_shape), backend=f"mixed-{low}", tol=accept,
         extra={"stop": stop, "path": path, "low": low,
-               "low_steps": torch.tensor(lowp["steps"], dtype=torch.int64).reshape(batch_shape),
-               "fp32_steps": torch.tensor(fin["steps"], dtype=torch.int64).reshape(batch_shape),
-               "handover_residual": torch.tensor(lowp["residual"], dtype=torch.float64).reshape(batch_shape),
-               "mixed_residual": torch.tensor(fin["residual"], dtype=torch.float64).reshape(batch_shape)},
+               "low_steps": torch.tensor(lowp["steps"], dtype=torch.int64, device="cpu").reshape(batch_shape),
+               "fp32_steps": torch.tensor(fin["steps"], dtype=torch.int64, device="cpu").reshape(batch_shape),
+               "handover_residual": torch.tensor(lowp["residual"], dtype=torch.float64, device="cpu").reshape(batch_shape),
+               "mixed_residual": torch.tensor(fin["residual"], dtype=torch.float64, device="cpu").reshape(batch_shape)},
     )
     if check and not info.converged:
         raise ConvergenceError(f"mixed-precision Schulz: statuses {info.status}, residuals {info.residual.tolist()}"

@@ -70,7 +70,7 @@ def scaled_schulz(
 def _float32_then_polish(A, lower, tol, backend) -> tuple[torch.Tensor, ops.SchulzInfo] | None:
     if A.dtype != torch.float64 or A.shape[-1] < POLISH_MIN_D or lower is None:
         return None
-    lower_t = torch.as_tensor(lower, dtype=torch.float64)
+    lower_t = torch.as_tensor(lower, dtype=torch.float64, device="cpu")
     if not bool((lower_t > 0).all()):
         return None
     if float((ops.spectral_upper_bound(A).cpu() / lower_t).max()) > POLISH_MAX_KAPPA:

@@ -77,13 +77,13 @@ def make_problem(d: int, n: int, seed: int, damping_scale: float = 0.1, x_scale:
     """
     data_seed, lissa_seed = _seeds(seed, d, n)
     g = torch.Generator().manual_seed(data_seed)
-    sigma = torch.logspace(0.0, -SCALE_DECADES, d, dtype=_DT)[torch.randperm(d, generator=g)]
-    x = torch.randn(n, d, generator=g, dtype=_DT) * sigma * x_scale
-    v = torch.randn(d, generator=g, dtype=_DT)
+    sigma = torch.logspace(0.0, -SCALE_DECADES, d, dtype=_DT, device="cpu")[torch.randperm(d, generator=g, device="cpu")]
+    x = torch.randn(n, d, generator=g, dtype=_DT, device="cpu") * sigma * x_scale
+    v = torch.randn(d, generator=g, dtype=_DT, device="cpu")
     G = x.T @ x / n
     G = 0.5 * (G + G.T)  # exactly symmetric, as ops.schulz_inverse checks
     lam = damping_scale * float(torch.diagonal(G).sum()) / d
-    A = G + lam * torch.eye(d, dtype=_DT)
+    A = G + lam * torch.eye(d, dtype=_DT, device="cpu")
     x_star = torch.linalg.solve(A, v)
     upper = float(ops.spectral_upper_bound(A))
     return Problem(d=d, n=n, x=x, A=A, v=v, x_star=x_star, lam=lam, upper=upper, lissa_seed=lissa_seed)
@@ -174,7 +174,7 @@ def lissa_curve(p: Problem, iterations: int, batch_size: int = LISSA_BATCH) -> l
     m = min(batch_size, p.n)
 
     def product(u: torch.Tensor) -> torch.Tensor:
-        return solvers.fisher_product(u, p.x[torch.randperm(p.n, generator=g)[:m]], p.lam)
+        return solvers.fisher_product(u, p.x[torch.randperm(p.n, generator=g, device="cpu")[:m]], p.lam)
 
     return _series(p, iterations, product)
 

@@ -170,7 +170,7 @@ def _evaluate_selection(cfg: SelectConfig, run: FittedRun, selected: list[int], 
     train, loaders = run.data.train, run.loaders
     k = len(selected)
     g = torch.Generator().manual_seed(int(cfg.seed))
-    random_idx = torch.randperm(len(train), generator=g)[:k].tolist()
+    random_idx = torch.randperm(len(train), generator=g, device="cpu")[:k].tolist()
     epochs = cfg.evaluation_epochs
     out: dict[str, Any] = {"n_examples": k, "epochs": epochs, "full_train_val_accuracy": run.trained.val["accuracy"]}
     for name, idx in (("selected", selected), ("random", random_idx)):
