@@ -67,7 +67,7 @@ def paper_schulz(A: torch.Tensor, x0: float | None = None, iterations: int | Non
 
 def schulz_status(A: torch.Tensor, X: torch.Tensor, tol: float) -> tuple[list[str], torch.Tensor]:
     """Per matrix: 'converged' / 'not converged' / 'diverged' from the residual ‖I − A·X‖_F (float64)."""
-    from hyperinf_ext.reference import divergence_limit
+    from hyperinf_ext.backends.schedule import divergence_limit
 
     A64, X64 = A.double(), X.double()
     if A64.dim() == 2:
@@ -201,7 +201,7 @@ def bs1_pipeline(model, train_loader, val_loader, layers, *, dtype=torch.float64
     {name: seconds}, "paper_status", "damping", "second_pass": (examples scored, n, seconds)}.
     """
     from hyperinf_ext.capture import default_loss_fn
-    from hyperinf_ext.damping import layer_damping
+    from hyperinf_ext.curvature.damping import layer_damping
 
     if damping is None:
         damping, default_scale = default_damping()

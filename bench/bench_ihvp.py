@@ -1,8 +1,8 @@
 """Inverse-HVP v·(G + λI)⁻¹ with few right-hand sides (one mean validation gradient: r rows) and many
 (one per validation example: n_val·r rows): ours (make_ihvp "schulz", every CPU backend) vs
 make_ihvp "cholesky" vs batched conjugate gradients (bench.baselines.batched_cg) run to the same accuracy,
-and the library's defaults (solver="auto"): the one-shot ``ops.inverse_hvp(G, v, damping=λ)`` (knows
-the rows: Schulz, Cholesky or CG) and ``ops.make_ihvp(G, damping=λ)`` then apply (a factor to reuse:
+and the library's defaults (solver="auto"): the one-shot ``hyperinf_ext.inverse_hvp(G, v, damping=λ)`` (knows
+the rows: Schulz, Cholesky or CG) and ``hyperinf_ext.make_ihvp(G, damping=λ)`` then apply (a factor to reuse:
 Schulz or Cholesky), each against the fastest method of the same run (target: <= DEFAULT_TARGET×).
 
 G: L synthetic GFIMs with a power-law spectrum e_i = (i+1)^-p; λ by the DataInf rule
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+import hyperinf_ext
 from hyperinf_ext import ops
 
 from .baselines import batched_cg, cg_iterations_for, rel_err, solve_rows_f64
@@ -54,7 +55,7 @@ QUICK = IhvpConfig(d=96, L=2, r=4, n_val=16, cg_max_iter=600, cg_calib_rows=32, 
 
 def case_damping(G: torch.Tensor, r: int, rule, scale) -> tuple[torch.Tensor, str]:
     """Per-layer λ [L] (float64) by ``rule`` (None: HyperINF's default rule) and its description."""
-    from hyperinf_ext.damping import layer_damping
+    from hyperinf_ext.curvature.damping import layer_damping
 
     if rule is None:
         rule, scale = default_damping()
@@ -80,14 +81,14 @@ def ihvp_case(cfg: IhvpConfig, dtype: torch.dtype, rule, scale, timer: TimerConf
     methods = {f"ours: make_ihvp schulz [{b}]": dict(method="schulz", backend=b) for b in cpu_backends()}
     methods["make_ihvp cholesky"] = dict(method="cholesky")
     methods[MAKE_DEFAULT] = dict()
-    factor_c = {name: (lambda kw: (lambda: ops.make_ihvp(G, damping=lam, **kw)))(kw) for name, kw in methods.items()}
+    factor_c = {name: (lambda kw: (lambda: hyperinf_ext.make_ihvp(G, damping=lam, **kw)))(kw) for name, kw in methods.items()}
     tf = measure_group(factor_c, timer, keep_result=True)
     out = {"kappa": kappa, "lam": lam, "damping": desc, "rows": {"few": V["few"].shape[1], "many": V["many"].shape[1]}, "res": {}}
     applies = {name: t.result for name, t in tf.items() if t.ok}
     for kind, v in V.items():
         cands = {name: (lambda f: (lambda: f(v)))(f) for name, f in applies.items()}
         # the one-shot default, interleaved with the applies (it factors and solves in one timed call)
-        cands[ONE_SHOT] = lambda: ops.inverse_hvp(G, v, damping=lam, return_info=True)
+        cands[ONE_SHOT] = lambda: hyperinf_ext.inverse_hvp(G, v, damping=lam, return_info=True)
         ta = measure_group(cands, timer, keep_result=True)
         for name in methods:
             tfac = tf[name]
@@ -253,13 +254,13 @@ def section(quick: bool, timer: TimerConfig) -> Section:
             else:
                 sec.advice.append(f"{DN[dtype]}: Cholesky is faster both to factor ({fmt_ratio(f_s / f_c)}) and to apply "
                                   f"({fmt_ratio(a_s / a_c)} per row): on this CPU it wins at any number of RHS rows (d={cfg.d}, κ≈{res['kappa']:.0e}).")
-    t1 = default_table(f"Default one-shot inverse-HVP (ops.inverse_hvp, solver=\"auto\") against the fastest method of "
+    t1 = default_table(f"Default one-shot inverse-HVP (hyperinf_ext.inverse_hvp, solver=\"auto\") against the fastest method of "
                        f"the same run (L = {cfg.L}, d = {cfg.d})", one_shot, DEFAULT_TARGET)
     t1.notes.append("'fastest other method': the fastest of ours (Schulz, each backend), make_ihvp cholesky and CG "
                     "(run to ours' accuracy) on the same case, totals including the factorisation; target: default / "
                     f"fastest ≤ {DEFAULT_TARGET}×.  The default also damps, picks and verifies its answer.")
     sec.tables.append(t1)
-    t2 = default_table(f"Default factorisation (ops.make_ihvp, solver=\"auto\", then apply) against the same fastest "
+    t2 = default_table(f"Default factorisation (hyperinf_ext.make_ihvp, solver=\"auto\", then apply) against the same fastest "
                        "method", factored, DEFAULT_TARGET)
     t2.notes.append("make_ihvp does not know the rows it will be applied to and keeps a factor to reuse, so CG (no "
                     "factor) is never its pick: where CG is the fastest one-shot method this ratio is above 1 by design "
@@ -295,12 +296,12 @@ def test_ihvp(benchmark, ihvp_inputs, method, kind):
     benchmark.group = f"ihvp L={BL} d={BD} fp64 {kind} RHS ({v.shape[1]} rows), incl. factorisation"
     ref = solve_rows_f64(A, v)
     if method == "cg":
-        target = rel_err(ops.inverse_hvp(G, v, damping=lam, method="schulz"), ref)
+        target = rel_err(hyperinf_ext.inverse_hvp(G, v, damping=lam, method="schulz"), ref)
         k, _ = cg_iterations_for(A, v, ref, target, 3000)
         assert k is not None
         y = benchmark(lambda: batched_cg(A, v, k))
         benchmark.extra_info["cg_iterations"] = k
     else:
         m, _, b = method.partition(":")
-        y = benchmark(lambda: ops.inverse_hvp(G, v, damping=lam, method=m, backend=b or None))
+        y = benchmark(lambda: hyperinf_ext.inverse_hvp(G, v, damping=lam, method=m, backend=b or None))
     benchmark.extra_info["rel_err_vs_fp64"] = rel_err(y, ref)

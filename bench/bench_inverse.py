@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from hyperinf_ext import ops, solvers
-from hyperinf_ext.methods import PaperSchulz
+from hyperinf_ext.curvature.methods import PaperSchulz
 
 from .baselines import cholesky_inverse, inv_per_matrix, inverse_f64, paper_schulz, schulz_status, status_summary
 from .inputs import cpu_backends, spd_batch

@@ -29,11 +29,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from hyperinf_ext import HyperINF
-    from hyperinf_ext.causal import load_causal_lora_model
-    from hyperinf_ext.data import make_loader, split_dataset
-    from hyperinf_ext.data.instruction import encode_instructions, ensure_pad_token, rotten_tomatoes_instructions
-    from hyperinf_ext.llm import smollm2_model_dir
-    from hyperinf_ext.training import load_tokenizer
+    from hyperinf_ext.app.models.causal import load_causal_lora_model
+    from hyperinf_ext.app.data import make_loader, split_dataset
+    from hyperinf_ext.app.data.instruction import encode_instructions, ensure_pad_token, rotten_tomatoes_instructions
+    from hyperinf_ext.app.models.llm import smollm2_model_dir
+    from hyperinf_ext.app.models.training import load_tokenizer
 
     from .baselines import forward_backward
 

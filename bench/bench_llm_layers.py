@@ -109,7 +109,7 @@ def section(quick: bool, timer: TimerConfig) -> Section:
 
     # inverse of one layer (float32): ours vs direct, with HyperINF's default damping rule
     progress(f"llm inverse d={d}")
-    from hyperinf_ext.damping import layer_damping
+    from hyperinf_ext.curvature.damping import layer_damping
 
     rule, scale = default_damping()
     lam = layer_damping(rule, G, r, scale)

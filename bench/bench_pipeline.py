@@ -66,7 +66,7 @@ QUICK = PipelineConfig(n_train=24, n_val=8, warm_train=0, warm_val=0, repeats=1,
 
 
 def loaders(setup, cfg: PipelineConfig, n_train: int | None = None, n_val: int | None = None):
-    from hyperinf_ext.data import make_loader
+    from hyperinf_ext.app.data import make_loader
 
     train = setup.train if n_train is None else setup.train.subset(range(n_train))
     val = setup.val if n_val is None else setup.val.subset(range(n_val))

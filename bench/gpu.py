@@ -82,8 +82,8 @@ FULL = Sizes(
     batch=16,
     # test_triton_aot.py is code generation, checked on the CPU already; only its numerics test of
     # the GPU layout paths (padded copy, TMA) runs on the device.
-    tests=["tests/test_triton_kernels.py", "tests/test_triton_aot.py::test_gpu_layout_paths_numerics",
-           "tests/test_mixed_schulz.py::test_cuda_matches_the_cpu_emulation"],
+    tests=["tests/ops/test_triton_kernels.py", "tests/ops/test_triton_aot.py::test_gpu_layout_paths_numerics",
+           "tests/solvers/test_mixed_schulz.py::test_cuda_matches_the_cpu_emulation"],
     pytest_k=None,
     test_timeout=120,
     budget={"tests": 0.22, "gfim": 0.13, "schulz": 0.10, "inverse": 0.15, "attributor": 0.34, "gfim_tma": 0.06},
@@ -104,7 +104,7 @@ DRY = Sizes(
     n_query=4,
     seq=16,
     batch=4,
-    tests=["tests/test_triton_kernels.py"],
+    tests=["tests/ops/test_triton_kernels.py"],
     pytest_k="test_gfim_tf32_flag",
     test_timeout=60,
     budget={"tests": 0.3, "gfim": 0.1, "schulz": 0.1, "inverse": 0.1, "attributor": 0.3, "gfim_tma": 0.1},
@@ -636,7 +636,7 @@ def section_attributor(ctx: "Context", sec: dict) -> None:
     import torch
 
     from bench.baselines import forward_backward
-    from hyperinf_ext.attributor import HyperINF
+    from hyperinf_ext.attributor.hyperinf import HyperINF
     from hyperinf_ext.capture import find_gradient_layers
 
     s = ctx.sizes

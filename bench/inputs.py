@@ -74,8 +74,8 @@ class PipelineSetup:
 
 def pipeline_setup(n_train: int, n_val: int, seed: int = 0) -> PipelineSetup:
     """The embedded default model (random LoRA init, lora_B nonzero) and a Rotten Tomatoes split."""
-    from hyperinf_ext.data import load_rotten_tomatoes, split_dataset
-    from hyperinf_ext.training import load_lora_model, load_tokenizer
+    from hyperinf_ext.app.data import load_rotten_tomatoes, split_dataset
+    from hyperinf_ext.app.models.training import load_lora_model, load_tokenizer
 
     model = load_lora_model(seed=seed)
     randomize_lora_B(model, seed=seed)
@@ -86,11 +86,11 @@ def pipeline_setup(n_train: int, n_val: int, seed: int = 0) -> PipelineSetup:
 
 def default_damping() -> tuple[Any, float]:
     """The (rule, scale) HyperINF uses with its default configuration (read from the library)."""
-    from hyperinf_ext.attributor import HyperINFConfig
+    from hyperinf_ext.attributor.hyperinf import HyperINFConfig
 
     cfg = HyperINFConfig()
     try:
-        from hyperinf_ext.damping import resolve
+        from hyperinf_ext.curvature.methods import resolve
     except ImportError:  # older library: no "auto" rule
         return cfg.damping, getattr(cfg, "damping_scale", None) or 0.1
     return resolve(cfg.method, cfg.damping, cfg.damping_scale)

@@ -9,7 +9,7 @@ validation query.  Separately fine-tune the full-data model with the same recipe
 score every (method, damping) of ``CANDIDATES`` per query: scores [Q, n_train], sign as the library's
 (positive = up-weighting raises the query loss).  Predicted effect of subset S on query q = the sum of
 the scores of S's members; LDS = Spearman across subsets of predicted vs measured loss, per query,
-averaged over queries (``hyperinf_ext.tasks.metrics.lds``), with bootstrap intervals over queries and
+averaged over queries (``hyperinf_ext.app.tasks.metrics.lds``), with bootstrap intervals over queries and
 subsets.  Kronfluence EK-FAC is scored on the same full-data model through bench/quality_ekfac.py's code
 path when kronfluence is installed.
 
@@ -49,7 +49,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 EKFAC = "kronfluence EK-FAC"
 
-# (label, method, damping as hyperinf_ext.methods.parse_dampings reads it)
+# (label, method, damping as hyperinf_ext.curvature.methods.parse_dampings reads it)
 CANDIDATES: list[tuple[str, str, str]] = [
     ("hyperinf, datainf damping", "hyperinf", "datainf"),
     ("hyperinf, paper damping", "hyperinf", "paper"),
@@ -191,13 +191,13 @@ def matrices(records: list[dict], cfg_key: dict, label: str, n_subsets: int | No
 
 
 class PipelineExperiment:
-    """An embedded model + LoRA on Rotten Tomatoes, through hyperinf_ext.tasks.pipeline: all-MiniLM-L6-v2
+    """An embedded model + LoRA on Rotten Tomatoes, through hyperinf_ext.app.tasks.pipeline: all-MiniLM-L6-v2
     as a classifier, or (``cfg.model="smollm2"``) SmolLM2-135M-Instruct on the reviews as sentiment
     instructions, its loss the mean over the answer tokens."""
 
     def __init__(self, cfg: LdsConfig, progress: bool = False, ekfac: bool = True):
-        from hyperinf_ext.tasks.pipeline import PipelineConfig, build_loaders, is_causal, model_dir, prepare_data
-        from hyperinf_ext.training import load_tokenizer
+        from hyperinf_ext.app.tasks.pipeline import PipelineConfig, build_loaders, is_causal, model_dir, prepare_data
+        from hyperinf_ext.app.models.training import load_tokenizer
 
         self.cfg, self.ekfac = cfg, ekfac
         self.pcfg = PipelineConfig(n_train=cfg.n_train, n_val=cfg.n_val, flip_rate=0.0, rank=cfg.rank,
@@ -208,7 +208,7 @@ class PipelineExperiment:
 
     def train(self, members: np.ndarray | None) -> Any:
         """Fine-tune a fresh LoRA (the shared initial adapter) on ``members`` (None: all); a TrainedModel."""
-        from hyperinf_ext.tasks.pipeline import finetune_loader, load_model, train_model
+        from hyperinf_ext.app.tasks.pipeline import finetune_loader, load_model, train_model
 
         # a fresh LoRA seeded with cfg.seed: every model starts from the same adapter
         model = load_model(self.pcfg, self.data.num_labels, adapter=None)
@@ -225,9 +225,9 @@ class PipelineExperiment:
                 "val_accuracy": trained.val["accuracy"]}
 
     def score_sets(self, labels: Sequence[str]) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
-        from hyperinf_ext.damping import resolve
-        from hyperinf_ext.methods import split_damping
-        from hyperinf_ext.tasks.pipeline import fit_attributor, validation_gradients
+        from hyperinf_ext.curvature.methods import resolve
+        from hyperinf_ext.curvature.methods import split_damping
+        from hyperinf_ext.app.tasks.pipeline import fit_attributor, validation_gradients
 
         trained = self.train(None)
         full = {"full_val_accuracy": trained.val["accuracy"], "full_val_loss": trained.val["loss"]}

@@ -15,14 +15,14 @@ from typing import Sequence
 import numpy as np
 
 from bench.lds import CANDIDATES, LABELS, matrices
-from hyperinf_ext.tasks.metrics import bootstrap_ci, lds, lds_interval
+from hyperinf_ext.app.tasks.metrics import bootstrap_ci, lds, lds_interval
 
 LEVEL = 0.95
 
 
 def default_label() -> str | None:
-    """The candidate equal to the library's default for method="hyperinf" (damping.METHOD_DEFAULTS)."""
-    from hyperinf_ext.damping import METHOD_DEFAULTS
+    """The candidate equal to the library's default for method="hyperinf" (curvature.methods.METHOD_DEFAULTS)."""
+    from hyperinf_ext.curvature.methods import METHOD_DEFAULTS
 
     rule, scale = METHOD_DEFAULTS["hyperinf"]
     want = {f"{rule}:{scale:g}", rule if scale == 0.1 else None}

@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     from hyperinf_ext import HyperINF
-    from hyperinf_ext.data import make_loader
+    from hyperinf_ext.app.data import make_loader
 
     from .baselines import forward_backward
     from .inputs import pipeline_setup

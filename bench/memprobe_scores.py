@@ -5,7 +5,7 @@
 Prints one JSON line: for each call, the peak RSS *growth* during it (MB) — the kernel's VmHWM reset
 before the call (``/proc/self/clear_refs`` = 5) minus the RSS just before it — and what the full
 [n_query, n_train] float64 matrix takes.  The query gradients are computed and the training gradients
-cached (memory) before either call, so the growth is the scoring's own.  Used by tests/test_topk_scores.py.
+cached (memory) before either call, so the growth is the scoring's own.  Used by tests/attributor/test_topk_scores.py.
 """
 from __future__ import annotations
 

@@ -75,8 +75,8 @@ def train_config(cfg: RunConfig, progress: bool):
     the tokenizer, the training set (with the flipped labels) and validation set, the bool mask of
     flipped training labels, the validation accuracy and the wall time of data + fine-tuning + evaluation.
     """
-    from hyperinf_ext.data import flip_labels, load_rotten_tomatoes, make_loader, split_dataset
-    from hyperinf_ext.training import evaluate, finetune, load_lora_model, load_tokenizer
+    from hyperinf_ext.app.data import flip_labels, load_rotten_tomatoes, make_loader, split_dataset
+    from hyperinf_ext.app.models.training import evaluate, finetune, load_lora_model, load_tokenizer
 
     t0 = time.perf_counter()
     train, val = split_dataset(load_rotten_tomatoes(), cfg.n_train, cfg.n_val, cfg.seed)
@@ -92,8 +92,8 @@ def train_config(cfg: RunConfig, progress: bool):
 
 def run_one(cfg: RunConfig, progress: bool) -> dict:
     from hyperinf_ext import HyperINF
-    from hyperinf_ext.data import make_loader
-    from hyperinf_ext.tasks.metrics import found_at, roc_auc
+    from hyperinf_ext.app.data import make_loader
+    from hyperinf_ext.app.tasks.metrics import found_at, roc_auc
 
     model, tok, train, val, flipped, acc, t_train = train_config(cfg, progress)
     val_loader = make_loader(val, tok, batch_size=32, sort_by_length=True)
@@ -151,7 +151,7 @@ def _paired(runs: list[dict], a: str, b: str) -> tuple[float, float, int, int]:
 
 def decision_lines(runs: list[dict], labels: list[str], mean: dict, best: str, ekfac_txt: str) -> list[str]:
     """The default's standing, from the library's own METHOD_DEFAULTS (nothing typed in)."""
-    from hyperinf_ext.damping import METHOD_DEFAULTS
+    from hyperinf_ext.curvature.methods import METHOD_DEFAULTS
 
     rule, scale = METHOD_DEFAULTS["hyperinf"]
     default = next((c[0] for c in CANDIDATES if c[1:] == ("hyperinf", rule, scale)), None)
@@ -161,7 +161,7 @@ def decision_lines(runs: list[dict], labels: list[str], mean: dict, best: str, e
     if default is None or default not in mean:
         return out + [f"The library's default for method='hyperinf' ({rule} × {scale}) is not among the candidates."]
     out += ["", f"The library's default, `damping=\"auto\"` for `method=\"hyperinf\"` = {rule} × {scale} "
-            f"(hyperinf_ext.damping.METHOD_DEFAULTS), is the candidate **{default}**: mean AUC {mean[default]:.3f}. "
+            f"(hyperinf_ext.curvature.methods.METHOD_DEFAULTS), is the candidate **{default}**: mean AUC {mean[default]:.3f}. "
             "Paired differences over the runs (default − other: mean ± sd, runs won):", "",
             "| other | default − other | wins |", "|---|---|---|"]
     for other in [best, "datainf", "tracin", EKFAC, "paper code (X0=5e-5·I, 30 it., +1e-3)", "lissa"]:

@@ -107,7 +107,7 @@ def ekfac_pairwise_scores(model, tok, train, val, workdir: str, max_length: int 
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.utils.dataset import DataLoaderKwargs
 
-    from hyperinf_ext.data import Collator, make_loader
+    from hyperinf_ext.app.data import Collator, make_loader
 
     t0 = time.perf_counter()
     torch.manual_seed(0)  # the true-Fisher factors sample labels from the model: make them reproducible
@@ -135,8 +135,8 @@ def ekfac_pairwise_scores(model, tok, train, val, workdir: str, max_length: int 
 
 def run_one(cfg, recorded: dict, progress: bool) -> dict:
     from hyperinf_ext import HyperINF
-    from hyperinf_ext.data import make_loader
-    from hyperinf_ext.tasks.metrics import found_at, roc_auc
+    from hyperinf_ext.app.data import make_loader
+    from hyperinf_ext.app.tasks.metrics import found_at, roc_auc
     from scipy.stats import spearmanr
 
     model, tok, train, val, flipped, acc, t_train = train_config(cfg, progress)

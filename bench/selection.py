@@ -5,7 +5,7 @@ AdamW 3e-4, batch 16, max length 64, 5 epochs — the setting the issue measured
 --n-train 1000 --n-val 200 --epochs 5``) on the full training set, fit HyperINF once and score with the
 library's default (``method="hyperinf"``, ``damping="auto"``) every training example against every
 validation query ([Q, n_train]; the mean over queries is the mean-validation-loss score).  Every rule of
-``hyperinf_ext.selection_rules.RULES`` then keeps k = fraction·n examples for each fraction of
+``hyperinf_ext.app.tasks.selection_rules.RULES`` then keeps k = fraction·n examples for each fraction of
 ``FRACTIONS``, and a random subset of the same k (``random_subset(n, k, [seed, k])``) is the baseline.
 Each kept set trains a fresh LoRA from the same initial adapter with the same recipe and seed, and its
 validation loss and accuracy are recorded.  The validation set is the one the scores were computed on
@@ -39,7 +39,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from bench.lds import LdsConfig, load_records
-from hyperinf_ext.selection_rules import DEFAULT_RULE, RULES, random_subset, select
+from hyperinf_ext.app.tasks.selection_rules import DEFAULT_RULE, RULES, random_subset, select
 
 HERE = Path(__file__).resolve().parent
 FRACTIONS = (0.2, 0.5, 0.8)
@@ -117,8 +117,8 @@ class MiniLMSelection:
         self.exp = PipelineExperiment(cfg, progress=progress, ekfac=False)
 
     def scores(self) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        from hyperinf_ext.damping import METHOD_DEFAULTS
-        from hyperinf_ext.tasks.pipeline import fit_attributor, validation_gradients
+        from hyperinf_ext.curvature.methods import METHOD_DEFAULTS
+        from hyperinf_ext.app.tasks.pipeline import fit_attributor, validation_gradients
 
         trained = self.exp.train(None)
         attr, _ = fit_attributor(self.exp.pcfg, trained.model, self.exp.loaders.influence_train)

@@ -26,7 +26,7 @@ TORCH_LIBRARY(hyperinf, m) {
   // acc [L, d, d] fp32/fp64 contiguous (mutated); grads [L, m, d] fp16/bf16/fp32/fp64, any strides.
   m.def("gfim_accumulate_(Tensor(a!) acc, Tensor grads) -> ()", {at::Tag::pt2_compliant_tag});
   // A [B, d, d] fp32/fp64; lower/upper [B] fp64 -> X like A, iterations/status int64 [B],
-  // residual fp64 [B].  Status codes as in reference.py.
+  // residual fp64 [B].  Status codes as in hyperinf_ext/backends/schedule.py.
   m.def(
       "schulz_inverse(Tensor A, Tensor lower, Tensor upper, float tol, int max_iter) -> "
       "(Tensor X, Tensor iterations, Tensor residual, Tensor status)",

@@ -1,5 +1,5 @@
 // Scaled Schulz (Newton–Schulz) inverse of a batch of SPD matrices: the C++ twin of
-// hyperinf_ext/reference.py::schulz_inverse, which is the specification.  The scalar helpers below
+// hyperinf_ext/backends/schedule.py::schulz_inverse, which is the specification.  The scalar helpers below
 // mirror the Python ones operation for operation (same evaluation order, double precision, same
 // min/max tie rules) so that both backends take the same decisions at every iteration.
 //
@@ -27,7 +27,7 @@
 namespace hyperinf {
 namespace {
 
-// Status codes, shared with reference.py.
+// Status codes, shared with hyperinf_ext/backends/schedule.py.
 constexpr int64_t kConverged = 0;
 constexpr int64_t kStagnated = 1;
 constexpr int64_t kMaxIter = 2;

@@ -1,9 +1,11 @@
 """hyperinf-ext: kernel-accelerated HyperINF influence functions for LoRA-tuned models.
 
-Kernel-level API (tensors in, tensors out): :func:`gfim`, :func:`gfim_accumulate_`,
-:func:`datainf_damping`, :func:`schulz_inverse`, :func:`inverse_hvp`, :func:`make_ihvp` (one matrix,
-or gradient dicts in → preconditioned gradient dicts out), :func:`available_backends`; the solvers
-behind ``solver="auto"`` are in :mod:`hyperinf_ext.solvers`.  Model-level API: :class:`HyperINF` (imported lazily, it needs peft).
+Kernel-level API (tensors in, tensors out; :mod:`hyperinf_ext.ops`): :func:`gfim`,
+:func:`gfim_accumulate_`, :func:`datainf_damping`, :func:`schulz_inverse`, :func:`available_backends`.
+Inverse-HVPs: :func:`inverse_hvp` (:mod:`hyperinf_ext.solvers.ihvp`), :func:`make_ihvp` (one matrix,
+or gradient dicts in → preconditioned gradient dicts out; :mod:`hyperinf_ext.curvature.ihvp`); the
+solvers behind ``solver="auto"`` are in :mod:`hyperinf_ext.solvers`.  The layers and what each holds:
+docs/architecture.md.  Model-level API: :class:`HyperINF` (imported lazily, it needs peft).
 """
 import importlib.machinery as _ilm
 import importlib.util as _ilu
@@ -40,6 +42,7 @@ def _map_source_kernels() -> None:
 
 _map_source_kernels()
 
+from .curvature.ihvp import make_ihvp  # noqa: E402
 from .errors import ConvergenceError  # noqa: E402
 from .ops import (  # noqa: E402
     SchulzInfo,
@@ -48,12 +51,10 @@ from .ops import (  # noqa: E402
     gfim,
     gfim_accumulate_,
     rank_gram_accumulate_,
-    inverse_hvp,
-    make_ihvp,
     schulz_inverse,
 )
-
-__version__ = "0.1.0"
+from .solvers.ihvp import inverse_hvp  # noqa: E402
+from .version import __version__  # noqa: E402
 
 __all__ = [
     "ConvergenceError",

@@ -1,7 +1,7 @@
 """``python -m hyperinf_ext``: the same command line as the ``hyperinf-ext`` script."""
 import sys
 
-from .cli import main
+from .app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

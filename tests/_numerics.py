@@ -129,7 +129,7 @@ def schulz_runs_agree(it_a: torch.Tensor, st_a: torch.Tensor, it_b: torch.Tensor
     (converged below tol, or stagnated at the rounding floor just above it) is decided by rounding
     noise that another summation order moves: either of converged/stagnated, counts within 2
     (iterations_agree's rule for stop = 0).  Diverged and max-iter statuses must always agree."""
-    from hyperinf_ext import reference
+    from hyperinf_ext.backends import schedule as reference
 
     noisy = (residual_slack(A, dtype) >= tol).reshape(-1)
     it_a, it_b, st_a, st_b = (t.reshape(-1) for t in (it_a, it_b, st_a, st_b))

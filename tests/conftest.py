@@ -6,7 +6,7 @@ for sm_80/sm_90 (code generation).
 
 HYPERINF_TEST_DEVICE=cuda (set by the GPU check, bench/gpu.py, with TRITON_INTERPRET=0) makes CUDA
 the default device of every test, so the tests that build their tensors with the factory functions
-(tests/test_triton_kernels.py) run the compiled kernels on the GPU against the same float64 references.
+(tests/ops/test_triton_kernels.py) run the compiled kernels on the GPU against the same float64 references.
 """
 import os
 

@@ -1,4 +1,4 @@
-"""One rank of a distributed test run (launched by tests/test_distributed.py under torchrun or as plain
+"""One rank of a distributed test run (launched by tests/distributed/test_distributed.py under torchrun or as plain
 processes with MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE): ``python dist_worker.py SCENARIO OUT_DIR``.
 
 Scenarios (each rank writes OUT_DIR/rank{r}.json with what it saw; the test asserts on them):
@@ -48,7 +48,7 @@ def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def equal(rank: int, world: int, out: Path) -> dict:
     from hyperinf_ext import HyperINF
-    from hyperinf_ext.topk import topk_of_matrix
+    from hyperinf_ext.attributor.topk import topk_of_matrix
 
     train, query = make_data(N_TRAIN, 1), make_data(N_QUERY, 2)
     query_batches = [{k: v[i:i + 2] for k, v in query.items()} for i in range(0, N_QUERY, 2)]

@@ -6,7 +6,7 @@ stop, status), the iterates live in two [B, d, d] buffers used alternately (so t
 the stagnation rollback target, is always the other one), and the backend's :class:`SchulzSteps`
 does the GEMMs: R = I − A·X with ‖R‖_F, then X_new = c1·X + c2·X·R.
 
-Layouts (as ``ops.py`` hands them over, unchecked): A [B, d, d] float32/float64 contiguous, lower and
+Layouts (as ``ops/`` hands them over, unchecked): A [B, d, d] float32/float64 contiguous, lower and
 upper [B] float64 spectral bounds.  Returns (X [B, d, d] A's dtype and device, iterations [B] int64,
 residual [B] float64, status [B] int64), the last three on the CPU.
 """
@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from ..reference import SchulzSchedule, update_coefficients
+from .schedule import SchulzSchedule, update_coefficients
 
 SchulzResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 

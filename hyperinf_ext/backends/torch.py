@@ -1,6 +1,6 @@
 """The "torch" backend: plain-torch versions of every op — readable, and the oracle the others are tested against.
 
-No argument checking here (``ops.py`` does that once); layouts as ``ops.py`` hands them to every backend:
+No argument checking here (``ops/`` does that once); layouts as ``ops/`` hands them to every backend:
 
 * ``gfim_accumulate_(acc, grads)``: acc [L, d, d] float32/float64 contiguous, grads [L, m, d]
   (m = n·r rows, any float dtype, any strides).

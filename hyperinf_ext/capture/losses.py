@@ -22,8 +22,8 @@ __all__ = [
 ]
 
 #: Batch keys forwarded to the model by :func:`model_inputs`, in the influence passes and in fine-tuning
-#: and evaluation (:mod:`hyperinf_ext.training`) alike: the token keys our Collator makes
-#: (:data:`hyperinf_ext.data.batching.TOKEN_KEYS`) plus what other loaders may carry for the model.
+#: and evaluation (:mod:`hyperinf_ext.app.models.training`) alike: the token keys our Collator makes
+#: (:data:`hyperinf_ext.app.data.batching.TOKEN_KEYS`) plus what other loaders may carry for the model.
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], Tensor]
@@ -94,7 +94,7 @@ def _classification_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(_upcast(logits), labels, reduction="none")
 
 
-def _causal_from_logits(logits: Tensor, labels: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+def causal_from_logits(logits: Tensor, labels: Tensor, attention_mask: Tensor | None = None) -> Tensor:
     labels = labels.to(logits.device).long()
     shift_logits = _upcast(logits[:, :-1])
     shift_labels = labels[:, 1:]
@@ -147,7 +147,7 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
     Returns:
         ``[n]`` losses.
     """
-    return _causal_from_logits(_logits(model, batch), _labels(batch), batch.get("attention_mask"))
+    return causal_from_logits(_logits(model, batch), _labels(batch), batch.get("attention_mask"))
 
 
 def default_loss_fn(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
@@ -168,5 +168,5 @@ def default_loss_fn(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
     else:
         token_shape = None
     if logits.dim() == 3 and tuple(labels.shape) == token_shape:
-        return _causal_from_logits(logits, labels, batch.get("attention_mask"))
+        return causal_from_logits(logits, labels, batch.get("attention_mask"))
     return _classification_from_logits(logits, labels)

@@ -33,8 +33,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without dattri
 
 from .. import ops
 from ..capture import GradientLayer, find_gradient_layers
-from ..damping import layer_damping, resolve
-from ..methods import METHODS, LayerFactor, make_method
+from ..curvature.damping import damp_layers
+from ..curvature.methods import METHODS, LayerFactor, make_method, resolve
 
 if TYPE_CHECKING:
     from dattri.task import AttributionTask
@@ -205,10 +205,7 @@ class IFAttributorHyperINF(BaseInnerProductAttributor):
         return factors
 
     def _prepare(self, factors: dict[str, LayerFactor]):
-        for f in factors.values():
-            f.damping = layer_damping(self.rule, f.gfim, f.rank, self.scale)
-            if f.damping == 0.0 and not bool(f.gfim_sum.any()):
-                f.damping = 1.0  # an all-zero layer (lora_A while lora_B = 0) adds nothing to any score
+        damp_layers(factors, self.rule, self.scale)
         method = make_method(self.method_name, backend=self.backend, tol=self.tol)
         method.prepare(factors)
         return method

@@ -21,7 +21,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..attributor import HyperINF, HyperINFConfig
+from ..attributor.hyperinf import HyperINF, HyperINFConfig
 from ..capture import find_gradient_layers
 
 __all__ = ["HyperINFCallback", "ExampleBatches"]

@@ -16,18 +16,22 @@ renamed.  Everything read back is checked (JSON structure, tensor names, shapes 
 finiteness) and a problem raises ``ValueError`` naming the file.
 
 Modules: files.py (atomic writes, checked reads, the ``crash_point`` test hook), state.py (the committed
-state, save/load, score files), checkpoint.py (locked fit checkpoints and data/model fingerprints).
+state: read with every check, written as a new generation; score files), checkpoint.py (locked fit
+checkpoints), fingerprints.py (of the model and of the data).  These take factors, configuration values
+and the model — never the attributor, which sits above (hyperinf_ext/attributor/stored.py installs a
+state into it).
 """
 from ..errors import CheckpointBusyError
-from .checkpoint import LOCK, Checkpoint, DataFingerprint, model_fingerprint
+from .checkpoint import LOCK, Checkpoint
 from .files import (CRASH_ENV, crash_point, read_json, read_tensors, save_tensors_atomic,
                     write_bytes_atomic)
-from .state import (FORMAT_VERSION, META, StoredState, apply_state, check_layers, load, load_scores,
-                    prepare_from_stored, read_state, save, save_scores, write_state)
+from .fingerprints import DataFingerprint, model_fingerprint
+from .state import (FORMAT_VERSION, META, StoredState, check_layers, load_scores, read_state, save_scores,
+                    stored_factors, write_state)
 
 __all__ = [
     "CRASH_ENV", "FORMAT_VERSION", "LOCK", "META", "Checkpoint", "CheckpointBusyError", "DataFingerprint",
-    "StoredState", "apply_state", "check_layers", "crash_point", "load", "load_scores", "model_fingerprint",
-    "prepare_from_stored", "read_json", "read_state", "read_tensors", "save", "save_scores",
-    "save_tensors_atomic", "write_bytes_atomic", "write_state",
+    "StoredState", "check_layers", "crash_point", "load_scores", "model_fingerprint", "read_json",
+    "read_state", "read_tensors", "save_scores", "save_tensors_atomic", "stored_factors", "write_bytes_atomic",
+    "write_state",
 ]

@@ -1,21 +1,21 @@
-"""Fit checkpoints: the locked ``checkpoint_dir`` (``Checkpoint``), and the fingerprints of the model
-and of the batches consumed that a resumed fit is checked against."""
+"""Fit checkpoints: the locked ``checkpoint_dir`` (``Checkpoint``), checked on resume against the
+fingerprints (fingerprints.py) of the model and of the batches consumed.  Takes factors, configuration
+values and the model, never the attributor."""
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from ..errors import CheckpointBusyError
 from .files import json_field, json_int
-from .state import META, StoredState, apply_state, check_layers, read_state, write_state
+from .fingerprints import DataFingerprint, model_fingerprint
+from .state import META, StoredState, check_layers, read_state, write_state
 
 if TYPE_CHECKING:
-    from ..attributor import HyperINF
+    from ..curvature.methods import LayerFactor
 
 try:
     import fcntl
@@ -23,61 +23,6 @@ except ImportError:  # not POSIX: checkpoints are not locked
     fcntl = None
 
 LOCK = "lock"
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach()
-    if t.is_meta:
-        return b""  # no values; its name, dtype and shape are hashed
-    return t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """Hash of every parameter's name, dtype, shape and values: a checkpoint resumed with another model
-    (same shapes, other weights) would mix two models' gradients."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, p in model.named_parameters():
-        h.update(f"{name}{p.dtype}{tuple(p.shape)}".encode())
-        h.update(_tensor_bytes(p))
-    return h.hexdigest()
-
-
-def _batch_digest(batch: Any) -> bytes:
-    """A hash of a batch's tensors (names, dtypes, shapes, values) and plain values; cheap next to a
-    forward/backward pass."""
-    h = hashlib.blake2b(digest_size=16)
-    if isinstance(batch, Mapping):
-        items = sorted(batch.items(), key=lambda kv: str(kv[0]))
-    else:
-        items = [("", batch)]
-    for key, value in items:
-        h.update(repr(key).encode())
-        if isinstance(value, torch.Tensor):
-            h.update(f"{value.dtype}{tuple(value.shape)}".encode())
-            h.update(_tensor_bytes(value))
-        elif isinstance(value, (str, int, float, bool, type(None), list, tuple)):
-            h.update(repr(value).encode())
-        # other objects have no stable byte form; the tensors identify the batch
-    return h.digest()
-
-
-class DataFingerprint:
-    """Chained hash of the batches a fit consumed: after k batches, h_k = H(h_{k−1} ‖ H(batch_k))."""
-
-    def __init__(self):
-        self.count = 0
-        self._digest = b""
-
-    def update(self, batch: Any) -> None:
-        self._digest = hashlib.blake2b(self._digest + _batch_digest(batch), digest_size=16).digest()
-        self.count += 1
-
-    @property
-    def digest(self) -> str:
-        return self._digest.hex()
-
-    def as_dict(self) -> dict:
-        return {"batches": self.count, "digest": self.digest}
 
 
 class _Watched:
@@ -126,9 +71,9 @@ class Checkpoint:
         self.stored: StoredState | None = None
         self._model_digest: str | None = None
 
-    def _model(self, attr: "HyperINF") -> str:
+    def _model(self, model: torch.nn.Module) -> str:
         if self._model_digest is None:  # the weights do not change during a fit: hash them once
-            self._model_digest = model_fingerprint(attr.model)
+            self._model_digest = model_fingerprint(model)
         return self._model_digest
 
     def __enter__(self) -> "Checkpoint":
@@ -158,11 +103,13 @@ class Checkpoint:
     def exists(self) -> bool:
         return (self.directory / META).exists()
 
-    def restore(self, attr: "HyperINF") -> StoredState:
-        """Install the last committed state into ``attr`` (factors, counts); check it fits ``attr``."""
+    def restore(self, config: Mapping[str, object], layers: Sequence[tuple[str, int, int]],
+                model: torch.nn.Module) -> StoredState:
+        """The last committed state, checked against this fit's ``config`` (the attributor's settings as a
+        dict), its ``layers`` [(name, rank, dim)] and ``model``; the caller installs it."""
         stored = read_state(self.directory)
         saved_cfg = stored.meta["config"]
-        ours = dataclasses.asdict(attr.config)
+        ours = dict(config)
         diff = [f"{k}: {saved_cfg.get(k)!r} saved, {ours[k]!r} now" for k in _FIT_SETTINGS if saved_cfg.get(k) != ours[k]]
         if diff:
             raise ValueError(f"checkpoint_dir {self.directory}: fitted with other settings ({'; '.join(diff)}); "
@@ -175,11 +122,10 @@ class Checkpoint:
             raise ValueError(f"{self.directory / META}: data fingerprint covers {data['batches']} batches, "
                              f"but batches_done is {stored.meta['batches_done']}")
         json_field(data, "digest", str, f"{self.directory / META}: data")
-        check_layers(attr, stored)  # a shape mismatch says more than "another model"
-        if stored.meta.get("model") != self._model(attr):
+        check_layers(stored, layers)  # a shape mismatch says more than "another model"
+        if stored.meta.get("model") != self._model(model):
             raise ValueError(f"checkpoint_dir {self.directory}: fitted with another model (its parameters differ "
                              f"from this model's); use another checkpoint_dir, or delete this one to fit afresh")
-        apply_state(attr, stored)
         self.stored = stored
         return stored
 
@@ -190,7 +136,10 @@ class Checkpoint:
         cls = _SizedWatched if hasattr(loader, "__len__") else _Watched
         return cls(loader, fingerprint, expected, complete, self.directory)
 
-    def commit(self, attr: "HyperINF", fingerprint: DataFingerprint, *, complete: bool) -> None:
-        if fingerprint.count != attr.batches_done:
-            raise RuntimeError(f"internal: fingerprint of {fingerprint.count} batches at batch {attr.batches_done}")
-        write_state(attr, self.directory, complete=complete, fingerprint=fingerprint, model_digest=self._model(attr))
+    def commit(self, fingerprint: DataFingerprint, *, complete: bool, factors: Mapping[str, "LayerFactor"],
+               config: Mapping[str, object], n_train: int, batches_done: int, model: torch.nn.Module) -> None:
+        """Write the fit's state so far (``factors``, ``config`` as a dict, counts) as the next generation."""
+        if fingerprint.count != batches_done:
+            raise RuntimeError(f"internal: fingerprint of {fingerprint.count} batches at batch {batches_done}")
+        write_state(self.directory, factors=factors, config=config, n_train=n_train, batches_done=batches_done,
+                    complete=complete, fingerprint=fingerprint, model_digest=self._model(model))

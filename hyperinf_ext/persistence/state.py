@@ -1,5 +1,6 @@
-"""The committed state of a factor or checkpoint directory: reading it back with every check, installing
-it into an attributor, writing a new generation atomically; ``save``/``load`` and score files."""
+"""The committed state of a factor or checkpoint directory: reading it back with every check, writing a
+new generation atomically, and score files.  Takes factors and configuration values, never the
+attributor (which installs a state with hyperinf_ext/attributor/stored.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,16 +8,16 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
-from ..methods import LayerFactor, make_method
+from ..curvature.methods import LayerFactor
 from . import files
 from .files import json_field, json_int, read_json, read_tensors, save_tensors_atomic, write_bytes_atomic
 
-if TYPE_CHECKING:  # the attributor imports this package
-    from ..attributor import HyperINF
+if TYPE_CHECKING:
+    from .fingerprints import DataFingerprint
 
 FORMAT_VERSION = 2
 """Format 2: meta.json names its generation's factors file; format 1 (read only) used factors.safetensors."""
@@ -109,9 +110,10 @@ def read_state(directory: str | Path) -> StoredState:
     return StoredState(directory, meta, factors_path, layers, tensors)
 
 
-def check_layers(attr: "HyperINF", stored: StoredState) -> None:
-    """``ValueError`` unless ``stored`` has ``attr``'s layers, in its order, with its (r, d) shapes."""
-    model_layers = {l.name: l for l in attr.layers}
+def check_layers(stored: StoredState, layers: Sequence[tuple[str, int, int]]) -> None:
+    """``ValueError`` unless ``stored`` has the model's ``layers`` [(name, rank, dim)], in their order, with
+    their (r, d) shapes."""
+    model_layers = {name: (rank, dim) for name, rank, dim in layers}
     names = list(model_layers)
     saved = [l["name"] for l in stored.layers]
     if saved != names:
@@ -123,28 +125,25 @@ def check_layers(attr: "HyperINF", stored: StoredState) -> None:
             + ("; same names in another order" if not missing and not extra else "") + ")"
         )
     for layer in stored.layers:
-        m = model_layers[layer["name"]]
-        if (layer["rank"], layer["dim"]) != (m.rank, m.dim):
+        m_rank, m_dim = model_layers[layer["name"]]
+        if (layer["rank"], layer["dim"]) != (m_rank, m_dim):
             raise ValueError(
                 f"{stored.directory}: layer {layer['name']!r}: saved GFIM shape [{layer['dim']}, {layer['dim']}] with "
                 f"rank {layer['rank']} (gradient [r, d] = [{layer['rank']}, {layer['dim']}]), but the model's layer "
-                f"has gradient shape [{m.rank}, {m.dim}]; was the model built with another LoRA rank or hidden size?"
+                f"has gradient shape [{m_rank}, {m_dim}]; was the model built with another LoRA rank or hidden size?"
             )
 
 
-def apply_state(attr: "HyperINF", stored: StoredState) -> None:
-    """Install ``stored`` into ``attr`` after checking every layer's name and shape against its model."""
-    check_layers(attr, stored)
-    fdtype = attr.fdtype
+def stored_factors(stored: StoredState, dtype: torch.dtype) -> dict[str, LayerFactor]:
+    """The per-layer factors of ``stored`` (sums in ``dtype``), in the saved layer order."""
     t = stored.tensors
-    attr.factors = {
+    return {
         l["name"]: LayerFactor(
-            l["name"], l["rank"], l["dim"], t[f"gfim_sum.{l['name']}"].to(fdtype), l["count"], float(l["damping"]),
-            rank_sum=t[f"rank_sum.{l['name']}"].to(fdtype) if f"rank_sum.{l['name']}" in t else None,
+            l["name"], l["rank"], l["dim"], t[f"gfim_sum.{l['name']}"].to(dtype), l["count"], float(l["damping"]),
+            rank_sum=t[f"rank_sum.{l['name']}"].to(dtype) if f"rank_sum.{l['name']}" in t else None,
         )
         for l in stored.layers
     }
-    attr.n_train, attr.batches_done = stored.meta["n_train"], stored.meta["batches_done"]
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -156,15 +155,19 @@ def _next_generation(directory: Path) -> int:
 
 
 def write_state(
-    attr: "HyperINF",
     directory: str | Path,
     *,
+    factors: Mapping[str, LayerFactor],
+    config: Mapping[str, object],
+    n_train: int,
+    batches_done: int,
     complete: bool,
     method_state: Mapping[str, torch.Tensor] | None = None,
     fingerprint: "DataFingerprint | None" = None,
     model_digest: str | None = None,
 ) -> Path:
-    """Commit ``attr``'s factors (and ``method_state``, per-layer [d, d]) to ``directory`` atomically.
+    """Commit ``factors`` (and ``method_state``, per-layer [d, d]) with the attributor's ``config`` (a
+    dict of plain values) and counts to ``directory`` atomically.
 
     The factors go to a new ``factors-<generation>.safetensors``; replacing meta.json is the commit;
     files of older generations are removed afterwards.
@@ -172,7 +175,7 @@ def write_state(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
-    for n, f in attr.factors.items():
+    for n, f in factors.items():
         tensors[f"gfim_sum.{n}"] = f.gfim_sum.cpu().contiguous()
         if f.rank_sum is not None:
             tensors[f"rank_sum.{n}"] = f.rank_sum.cpu().contiguous()
@@ -191,14 +194,14 @@ def write_state(
         "generation": generation,
         "factors": name,
         "complete": complete,
-        "config": dataclasses.asdict(attr.config),
-        "n_train": attr.n_train,
-        "batches_done": attr.batches_done,
+        "config": dict(config),
+        "n_train": n_train,
+        "batches_done": batches_done,
         "data": fingerprint.as_dict() if fingerprint is not None else None,
         "model": model_digest,
         "layers": [
             {"name": f.name, "rank": f.rank, "dim": f.dim, "count": f.count, "damping": f.damping}
-            for f in attr.factors.values()
+            for f in factors.values()
         ],
     }
     write_bytes_atomic(directory / META, json.dumps(meta, indent=1).encode(), step="meta")
@@ -209,46 +212,7 @@ def write_state(
     return directory
 
 
-# ----------------------------------------------------------------------------- save / load / scores
-
-
-def save(attr: "HyperINF", directory: str | Path) -> Path:
-    """``HyperINF.save``: factors, the current method's inverses and the configuration."""
-    attr._require_fit()
-    attr._prepare()  # the stored inverses must belong to the stored factors and configuration
-    state = getattr(attr.method, "state", None) or {}
-    return write_state(attr, directory, complete=True, method_state=state)
-
-
-def load(cls: type, directory: str | Path, model: torch.nn.Module, *, loss_fn=None, progress: bool = True) -> "HyperINF":
-    """``HyperINF.load``: rebuild an attributor from ``save`` (or a finished fit checkpoint) for ``model``."""
-    from ..config import HyperINFConfig
-
-    stored = read_state(directory)
-    if not stored.complete:
-        raise ValueError(f"{stored.directory}: an unfinished fit checkpoint ({stored.meta['batches_done']} batches); "
-                         f"finish it with fit(train_loader, checkpoint_dir=...) before loading it")
-    try:
-        config = HyperINFConfig(**stored.meta["config"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{stored.directory / META}: invalid 'config': {e}") from None
-    attr = cls(model, loss_fn=loss_fn, progress=progress, config=config)
-    apply_state(attr, stored)
-    prepare_from_stored(attr, stored.method_state)
-    return attr
-
-
-def prepare_from_stored(attr: "HyperINF", method_state: Mapping[str, torch.Tensor]) -> None:
-    """Reuse stored inverses bit for bit when they cover every layer; otherwise prepare afresh."""
-    attr._prepared_for = None
-    if method_state and set(method_state) == set(attr.factors):
-        cfg = attr.config
-        attr.method = make_method(cfg.method, backend=cfg.backend, tol=cfg.tol, depth=cfg.lissa_depth,
-                                  scale_factor=cfg.lissa_scale_factor, solver=cfg.solver)
-        attr.method.state = {n: t.to(attr.fdtype) for n, t in method_state.items()}
-        attr._prepared_for = attr._prepare_key()
-    else:
-        attr._prepare()
+# ------------------------------------------------------------------------------------------ scores
 
 
 def save_scores(path: str | Path, scores: torch.Tensor, sign: str, **metadata: str) -> None:

@@ -243,7 +243,7 @@ class Factorization:
             self._solve: Callable[[torch.Tensor], torch.Tensor] = lambda V: torch.matmul(V, X3)
             self.info = SolveInfo("schulz", sinfo.residual, sinfo.tol, choice.reason, sinfo.backend, sinfo.iterations)
         else:
-            ops._check_symmetric("G", A3)
+            ops.check_symmetric("G", A3)
             try:
                 L = cholesky_factor(A3)
                 solve = lambda V: cholesky_solve_rows(L, V)  # noqa: E731

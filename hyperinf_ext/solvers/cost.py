@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import reference
+from ..backends import schedule as reference
 
 SOLVERS = ("schulz", "cholesky", "cg")
 AUTO = "auto"

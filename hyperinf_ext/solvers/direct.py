@@ -22,7 +22,7 @@ PROBE_SEED = 0
 
 def damping_tensor(G: torch.Tensor, damping) -> torch.Tensor:
     """λ as a float64 CPU tensor of G's batch shape (checked: non-negative, finite, broadcasting)."""
-    return ops._bounds_tensor("damping", damping, G.shape[:-2]).reshape(G.shape[:-2])
+    return ops.bounds_tensor("damping", damping, G.shape[:-2]).reshape(G.shape[:-2])
 
 
 def _add_damping_(A: torch.Tensor, lam: torch.Tensor) -> None:

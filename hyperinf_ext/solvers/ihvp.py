@@ -1,7 +1,7 @@
 """Inverse-HVP of one (or a stack of) d×d matrix: ``v·(G + λI)⁻¹`` with argument checks and a verified solver.
 
-``ops.make_ihvp`` / ``ops.inverse_hvp`` are these functions (ops keeps the names; the
-gradient-dict front-end of ``make_ihvp`` lives in ``hyperinf_ext.preconditioner``).
+``hyperinf_ext.inverse_hvp`` is :func:`inverse_hvp`; ``hyperinf_ext.make_ihvp`` is the front door in
+``hyperinf_ext.curvature.ihvp``, which sends a matrix G here and gradient dicts to the curvature layer.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 class SolverOptions(TypedDict, total=False):
-    """The solver keywords of every IHVP entry point (these and ``ops.make_ihvp``/``ops.inverse_hvp``), declared once.
+    """The solver keywords of every IHVP entry point (these and ``hyperinf_ext.make_ihvp``/``hyperinf_ext.inverse_hvp``), declared once.
 
     solver: "auto" (default), "schulz", "cholesky" (and "cg" where the right-hand sides are given);
     method: the old name of ``solver`` (an alias); backend: whose Schulz kernel runs (None: the
@@ -52,20 +52,20 @@ def resolve_solver(solver: str | None, method: str | None) -> str:
 
 
 def _check_G(G: torch.Tensor) -> int:
-    ops._check_tensor("G", G, (2, 3))
-    d = ops._check_square("G", G)
-    ops._check_finite("G", G)
+    ops.check_tensor("G", G, (2, 3))
+    d = ops.check_square("G", G)
+    ops.check_finite("G", G)
     return d
 
 
 def _rows(v: torch.Tensor, G: torch.Tensor, d: int) -> torch.Tensor | None:
     """v [..., d] (3-D G: [L, ..., d]) as rows [B, k, d] after checks; None when v is empty."""
-    ops._check_tensor("v", v, tuple(range(1, 10)))
+    ops.check_tensor("v", v, tuple(range(1, 10)))
     if v.shape[-1] != d:
         raise ValueError(f"v: last dimension {v.shape[-1]} does not match G's d = {d}")
     if v.device != G.device:
         raise ValueError(f"v: on {v.device} but G is on {G.device}")
-    ops._check_finite("v", v)
+    ops.check_finite("v", v)
     if G.dim() == 3:
         L = G.shape[0]
         if v.dim() < 2 or v.shape[0] != L:

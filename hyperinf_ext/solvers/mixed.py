@@ -3,7 +3,7 @@
 The GPU counterpart of schulz.py's float32 → float64 polish.  A [..., d, d] SPD (any float dtype,
 computed in float32) → X ≈ A⁻¹ float32 of the same shape, plus an ``ops.SchulzInfo``.
 
-Per matrix, with the one Schulz rule of ``hyperinf_ext.reference`` (initial_scale, step_scale,
+Per matrix, with the one Schulz rule of ``hyperinf_ext.backends.schedule`` (initial_scale, step_scale,
 next_bracket, divergence_limit, QUADRATIC_PHASE / UNSCALED):
 
 1. low phase: X₀ = β₀·I, then scaled steps X ← β(2−β)·X + β²·X·R whose two GEMMs (R = I − A·X and
@@ -46,7 +46,8 @@ from typing import Iterator
 
 import torch
 
-from .. import ops, reference
+from .. import ops
+from ..backends import schedule as reference
 from ..errors import ConvergenceError
 
 # Unit roundoff of the low GEMM's inputs (accumulation and output are float32 in both).

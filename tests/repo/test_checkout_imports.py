@@ -65,7 +65,7 @@ def test_python_in_checkout_root_loads_a_model_with_hf_kernels():
         md.distribution("kernels")
     except md.PackageNotFoundError:
         pytest.skip("Hugging Face's kernels package is not installed (transformers < 5.25)")
-    model_dir = pytest.importorskip("hyperinf_ext.data.packaged").default_model_path()
+    model_dir = pytest.importorskip("hyperinf_ext.app.data.packaged").default_model_path()
     code = textwrap.dedent(
         f"""
         import os, sys

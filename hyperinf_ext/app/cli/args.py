@@ -1,0 +1,188 @@
+"""The argument parsers of the ``hyperinf-ext`` command line: one option builder per command.
+
+Parsing only: what each command does with its arguments is the dispatch in ``cli/__init__.py``.  Imports nothing
+heavy, so ``--help`` is quick.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable
+
+PROG = "hyperinf-ext"
+
+__all__ = ["PROG", "COMMANDS", "build_parser"]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _model(text: str) -> str | Path:
+    """``--model``: the names smollm2/minilm, else a model folder."""
+    return text if text in ("smollm2", "minilm") else Path(text)
+
+
+def _add_model(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--model", metavar="DIR|smollm2|minilm", type=_model, default=None,
+                   help="base model: a folder, smollm2 (embedded SmolLM2-135M-Instruct, a causal LM: instruction "
+                        "data) or minilm (embedded all-MiniLM-L6-v2 classifier; the default)")
+    g.add_argument("--adapter", metavar="DIR", type=Path, default=None,
+                   help="saved PEFT adapter folder to start from (then --epochs defaults to 0)")
+
+
+def _add_columns(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--text-column", metavar="NAME", default="text", help="text column (classifiers; default: text)")
+    g.add_argument("--label-column", metavar="NAME", default="label", help="label column (classifiers; default: label)")
+    g.add_argument("--prompt-column", metavar="NAME", default="prompt",
+                   help="prompt column (causal LMs; default: prompt; rows may hold chat 'messages' instead)")
+    g.add_argument("--response-column", metavar="NAME", default="response",
+                   help="response column (causal LMs; default: response)")
+
+
+def _add_common(p: argparse.ArgumentParser, *, out: str) -> None:
+    p.add_argument("--seed", metavar="N", type=int, default=0, help="seed of every random choice (default: 0)")
+    p.add_argument("--out", metavar="DIR", type=Path, default=Path(out), help=f"output folder (default: {out})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or stage messages")
+    p.add_argument("--threads", metavar="N", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _add_pipeline(p: argparse.ArgumentParser, *, flip_rate: float, out: str) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", metavar="FILE", type=Path, default=None,
+                   help="CSV or JSONL file: text/label columns for a classifier, prompt/response (or messages) for "
+                        "a causal LM (default: embedded Rotten Tomatoes, as sentiment instructions for a causal LM)")
+    _add_columns(g)
+    g.add_argument("--n-train", metavar="N", type=int, default=2000, help="training examples (default: 2000)")
+    g.add_argument("--n-val", metavar="N", type=int, default=300, help="validation examples (default: 300)")
+    g.add_argument("--flip-rate", metavar="RATE", type=float, default=flip_rate,
+                   help=f"fraction of training labels flipped, in [0, 1) (default: {flip_rate})")
+    g = p.add_argument_group("model and fine-tuning")
+    _add_model(g)
+    g.add_argument("--rank", metavar="R", type=int, default=8, help="LoRA rank (default: 8)")
+    g.add_argument("--alpha", metavar="A", type=int, default=16, help="LoRA alpha (default: 16)")
+    g.add_argument("--epochs", metavar="N", type=int, default=None,
+                   help="fine-tuning epochs (default: 3, or 0 with --adapter)")
+    g.add_argument("--lr", metavar="LR", type=float, default=3e-4, help="learning rate (default: 3e-4)")
+    g.add_argument("--batch-size", metavar="N", type=int, default=16, help="fine-tuning batch size (default: 16)")
+    g.add_argument("--max-length", metavar="N", type=int, default=None,
+                   help="max tokens per example (default: 64, or 128 for a causal LM: its prompts carry the chat "
+                        "template and the question)")
+    g.add_argument("--device", metavar="DEV", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--top-k", metavar="K", type=int, default=None,
+                   help="also write topk.safetensors: per validation example the K training examples that most "
+                        "raise and most lower its loss (hyperinf), in O(n_val*K) memory")
+    _add_common(p, out=out)
+
+
+def _add_detect(p: argparse.ArgumentParser) -> None:
+    _add_pipeline(p, flip_rate=0.2, out="hyperinf-out/detect")
+    g = p.add_argument_group("influence")
+    g.add_argument("--methods", metavar="LIST", default="hyperinf,datainf,lissa,tracin,exact",
+                   help="comma list of methods of hyperinf_ext.curvature.methods, e.g. hyperinf, datainf, lissa, tracin, exact, "
+                        "paper (default: hyperinf,datainf,lissa,tracin,exact)")
+    g.add_argument("--damping", metavar="LIST", default="auto",
+                   help="comma list of dampings: numbers > 0 or rules datainf, spectral, paper, auto (default: auto = "
+                        "each method's own default: spectral x1 for hyperinf and exact (the same estimator), from "
+                        "bench/LDS.md and bench/QUALITY.md; datainf for datainf/lissa; the table prints each row's damping); "
+                        "rule:factor sets a rule's factor, e.g. spectral:3,spectral:10,datainf. "
+                        "Give e.g. 'datainf' to compare every method at the same damping")
+    g.add_argument("--signal", choices=("validation", "self", "both"), default="validation",
+                   help="suspicion score: influence on the validation loss, self-influence g·H⁻¹·g (no clean "
+                        "validation set needed), or both (default: validation)")
+
+
+def _add_select(p: argparse.ArgumentParser) -> None:
+    _add_pipeline(p, flip_rate=0.0, out="hyperinf-out/select")
+    g = p.add_argument_group("selection")
+    g.add_argument("--fraction", metavar="F", type=float, default=0.2, help="fraction of training data kept (default: 0.2)")
+    g.add_argument("--method", metavar="NAME", default="hyperinf", help="influence method, e.g. hyperinf, exact, datainf, lissa, tracin (default: hyperinf)")
+    g.add_argument("--damping", metavar="VALUE", default="auto", help="damping: a number > 0 or datainf, spectral, paper, auto (default: auto, the method's own default)")
+    g.add_argument("--rule", metavar="NAME", default=None,
+                   help="selection rule of hyperinf_ext.app.tasks.selection_rules: top (keep the most helpful), drop-harmful, "
+                        "class-balanced, query-round-robin (LESS) (default: class-balanced, which beat random subsets most "
+                        "reliably in bench/SELECTION.md)")
+    g.add_argument("--evaluate", action="store_true",
+                   help="also fine-tune fresh LoRA models on the selection and on a random subset of the same "
+                        "size, and report both validation accuracies")
+    g.add_argument("--balance", action="store_true",
+                   help="same as --rule class-balanced (the default rule): keep each label's (response's) share of the training set, "
+                        "the most helpful of each (without it the selection can be a single class)")
+
+
+def _add_attribute(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--train", metavar="FILE", type=Path, required=True, help="training examples (CSV or JSONL)")
+    g.add_argument("--query", metavar="FILE", type=Path, required=True, help="query examples, same format")
+    _add_columns(g)
+    g.add_argument("--max-length", metavar="N", type=int, default=128, help="max tokens per example (default: 128)")
+    g = p.add_argument_group("model")
+    _add_model(g)
+    g.add_argument("--epochs", metavar="N", type=int, default=0, help="fine-tune N epochs first (default: 0)")
+    g.add_argument("--rank", metavar="R", type=int, default=8, help="LoRA rank of a fresh adapter (default: 8)")
+    g.add_argument("--alpha", metavar="A", type=int, default=16, help="LoRA alpha (default: 16)")
+    g.add_argument("--lr", metavar="LR", type=float, default=3e-4, help="learning rate (default: 3e-4)")
+    g.add_argument("--batch-size", metavar="N", type=int, default=16, help="batch size (default: 16)")
+    g.add_argument("--device", metavar="DEV", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    g = p.add_argument_group("influence")
+    g.add_argument("--top-k", metavar="K", type=int, default=10, help="examples per query and side (default: 10)")
+    g.add_argument("--method", metavar="NAME", default="hyperinf", help="influence method (default: hyperinf)")
+    g.add_argument("--damping", metavar="VALUE", default="auto", help="damping (default: auto)")
+    _add_common(p, out="hyperinf-out/attribute")
+
+
+def _add_convergence(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", metavar="LIST", type=_int_list, default=[64, 256], help="comma list of matrix sizes (default: 64,256)")
+    p.add_argument("--samples", metavar="LIST", type=_int_list, default=[1000],
+                   help="comma list of gradient-sample counts (default: 1000)")
+    p.add_argument("--iterations", metavar="N", type=int, default=30, help="Schulz iterations (default: 30)")
+    _add_common(p, out="hyperinf-out/convergence")
+
+
+# name -> (help, description, the options it adds); the order is that of --help.
+COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
+    "detect-mislabeled": (
+        "rank flipped training labels by influence, per method",
+        "Flip a fraction of the training labels, fine-tune a LoRA model on them, fit HyperINF "
+        "once and score every method/damping on the validation set. Writes detection.png, "
+        "scores.csv and summary.json.",
+        _add_detect,
+    ),
+    "select-data": (
+        "keep the training examples that most lower the validation loss",
+        "Fine-tune, fit HyperINF, score the training set on the validation loss and keep the "
+        "most helpful --fraction (most negative scores). Writes selected.csv and summary.json.",
+        _add_select,
+    ),
+    "attribute": (
+        "per query, the training examples that most helped and most harmed its answer",
+        "Fit HyperINF on the training file and write, for every query, the top-k most helpful and "
+        "most harmful training examples with their texts and scores: attribution.jsonl, report.md, "
+        "summary.json. Uses --adapter as given; fine-tunes only with --epochs N.",
+        _add_attribute,
+    ),
+    "convergence": (
+        "convergence of the Schulz inverse vs matrix size",
+        "Run the Schulz-inverse convergence study. Writes convergence.png, .csv and .json.",
+        _add_convergence,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand; ``args.command`` names the one given."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="HyperINF influence functions for LoRA-tuned models: mislabeled-data detection, "
+                    "data selection and solver convergence.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, description, add_options) in COMMANDS.items():
+        add_options(sub.add_parser(name, help=help_text, description=description))
+    return parser

@@ -1,0 +1,185 @@
+"""``attribute``: which training examples made the model answer each query as it does.
+
+Pipeline (:func:`run_attribute`): load the training and query files (prompt/response instructions for a
+causal LM, text/label rows for a classifier) → the LoRA model (a saved ``--adapter``, fine-tuned only
+when ``--epochs N`` asks) → fit HyperINF once over the training set → precondition the query
+gradients once → stream the training gradients batch by batch through :class:`hyperinf_ext.attributor.topk.TopK`, so memory
+stays O(n_query·k) (the training gradients are cached on disk, not in memory) → per query the k most HELPFUL (most negative score: up-weighting them lowers the
+query's loss) and k most HARMFUL (most positive) training examples.
+
+Outputs: ``attribution.jsonl`` (one object per query), ``report.md`` (readable) and ``summary.json``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data.dataset import DataError, TextDataset
+from ..data.files import load_text_file
+from ...curvature.methods import Damping, damping_label, parse_dampings, parse_methods, split_damping
+from ...attributor.topk import TopK
+from .attribute_report import write_markdown
+from .output import prepare_output_dir
+from .pipeline import (
+    Log,
+    PipelineConfig,
+    PreparedData,
+    build_loaders,
+    fit_attributor,
+    is_causal,
+    load_instruction,
+    load_model,
+    log_stage,
+    model_dir,
+    train_model,
+)
+from .report import write_json
+
+__all__ = ["AttributeConfig", "run_attribute"]
+
+
+@dataclass
+class AttributeConfig(PipelineConfig):
+    """Settings of ``attribute`` (``data``, ``n_train``, ``n_val`` and ``flip_rate`` are unused)."""
+
+    train: Path | None = None
+    """Training file: prompt/response (or messages) for a causal LM, text/label for a classifier."""
+    query: Path | None = None
+    """Query file, same format as ``train``."""
+    top_k: int = 10
+    method: str = "hyperinf"
+    damping: Damping = "auto"
+    out: Path = Path("hyperinf-out/attribute")
+
+    @property
+    def resolved_epochs(self) -> int:
+        return 0 if self.epochs is None else int(self.epochs)  # fine-tune only when asked
+
+    def validate(self) -> None:
+        super().validate()
+        for option, path in (("--train", self.train), ("--query", self.query)):
+            if path is None:
+                raise ValueError(f"{option}: a file is required")
+            if not Path(path).is_file():
+                raise ValueError(f"{option} {path}: file not found")
+        if self.top_k < 1:
+            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
+        self.method = parse_methods([self.method], what="method")[0]
+        self.damping = parse_dampings([self.damping])[0]
+
+    def settings(self) -> dict[str, Any]:
+        out = super().settings()
+        for unused in ("data", "n_train", "n_val", "flip_rate", "text_column", "label_column"):
+            out.pop(unused, None)
+        out["damping"] = damping_label(self.damping)
+        return out
+
+
+def _load(cfg: AttributeConfig, causal: bool) -> tuple[TextDataset, TextDataset]:
+    if causal:
+        return load_instruction(cfg.train, cfg), load_instruction(cfg.query, cfg)
+    train = load_text_file(cfg.train, cfg.text_column, cfg.label_column)
+    query = load_text_file(cfg.query, cfg.text_column, cfg.label_column, min_classes=1)
+    if train.label_names != query.label_names:
+        # class ids are positions in label_names: both files must name the same classes
+        query_names = [query.label_names[y] for y in query.labels]
+        unknown = sorted(set(query_names) - set(train.label_names))
+        if unknown:
+            raise DataError(f"{cfg.query}: label(s) {unknown[:5]} do not occur in {cfg.train}")
+        to_id = {n: i for i, n in enumerate(train.label_names)}
+        query = TextDataset(query.texts, [to_id[n] for n in query_names], list(train.label_names))
+    return train, query
+
+
+def _example(ds: TextDataset, i: int, causal: bool) -> dict[str, Any]:
+    if causal:
+        return {"prompt": ds.texts[i], "response": ds.label_names[ds.labels[i]]}
+    return {"text": ds.texts[i], "label": ds.label_names[ds.labels[i]]}
+
+
+def run_attribute(cfg: AttributeConfig, log: Log = None) -> dict[str, Any]:
+    """Write each query's top-k helpful and harmful training examples; returns the summary (as summary.json).
+
+    Raises:
+        DataError / ValueError: bad settings or inputs (one-line messages).
+    """
+    from ..models.training import load_tokenizer
+
+    t_start = time.perf_counter()
+    cfg.validate()
+    out = prepare_output_dir(cfg.out)
+    folder = model_dir(cfg, log)
+    causal = is_causal(cfg)
+    train, query = _load(cfg, causal)
+    log_stage(log, f"data: {len(train)} training and {len(query)} query examples")
+    data = PreparedData(train, query, list(train.labels), np.zeros(len(train), dtype=bool), str(cfg.train),
+                        len(train), causal)
+    loaders = build_loaders(cfg, data, load_tokenizer(folder))
+    for note in loaders.notes:
+        log_stage(log, f"data: {note}")
+    trained = train_model(cfg, load_model(cfg, max(train.num_classes, 2)), loaders.finetune, loaders.evaluation,
+                          log=log, what="fine-tune" if cfg.resolved_epochs else "model")
+    # the training gradients wait on disk, so memory holds the model, the queries and O(n_query·k) scores
+    attr, fit_seconds = fit_attributor(cfg, trained.model, loaders.influence_train, log=log, cache="disk")
+    try:
+        t0 = time.perf_counter()
+        rule, scale = split_damping(cfg.damping)
+        attr.use(cfg.method, damping=rule, **({} if scale is None else {"damping_scale": scale}))
+        log_stage(log, f"influence: {cfg.method} scores of {len(query)} queries, top {cfg.top_k} streamed")
+        queries = attr.query_gradients(loaders.influence_val, "query gradients")
+        top = TopK(len(query), cfg.top_k)
+        for index, block in attr.score_batches(queries):
+            top.update(block, index)
+        kept = top.result()
+        score_seconds = time.perf_counter() - t0
+    finally:
+        attr.cache.close()
+
+    records = []
+    for q in range(len(query)):
+        rec: dict[str, Any] = {"query": q, **_example(query, q, causal)}
+        # helpful = most negative (up-weighting them lowers the query's loss), harmful = most positive
+        for name, values, index in (("helpful", kept.negative_values, kept.negative_index),
+                                    ("harmful", kept.positive_values, kept.positive_index)):
+            rec[name] = [{"rank": r + 1, "train_index": int(i), "score": float(v), **_example(train, int(i), causal)}
+                         for r, (v, i) in enumerate(zip(values[q].tolist(), index[q].tolist()))]
+        records.append(rec)
+    paths = {"attribution": str(out / "attribution.jsonl"), "report": str(out / "report.md"),
+             "summary": str(out / "summary.json")}
+    write_jsonl(paths["attribution"], records)
+    summary = {
+        "task": "attribute", "settings": cfg.settings(), "n_train": len(train), "n_query": len(query),
+        "causal_lm": causal, "method": cfg.method, "damping": damping_label(cfg.damping), "top_k": cfg.top_k,
+        "finetune": {"epochs": cfg.resolved_epochs, "seconds": trained.seconds, "history": trained.history,
+                     "query_loss": trained.val["loss"], "query_accuracy": trained.val["accuracy"]},
+        "timings": {"fit_seconds": fit_seconds, "score_seconds": score_seconds},
+        "outputs": paths,
+    }
+    write_markdown(paths["report"], summary, records)
+    summary["total_seconds"] = time.perf_counter() - t_start
+    write_json(paths["summary"], summary)
+    return summary
+
+
+def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
+    """One JSON object per line (UTF-8, non-ASCII kept)."""
+    import json
+
+    with open(path, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def attribute_table(summary: dict[str, Any]) -> str:
+    """What the command line prints: sizes, timings and where the outputs are."""
+    t = summary["timings"]
+    return "\n".join([
+        f"attribute: top {summary['top_k']} helpful and harmful of {summary['n_train']} training examples for "
+        f"{summary['n_query']} queries ({summary['method']}, damping {summary['damping']})",
+        f"influence fit {t['fit_seconds']:.1f} s, scoring {t['score_seconds']:.1f} s",
+        f"outputs: {', '.join(summary['outputs'].values())}",
+    ])

@@ -1,0 +1,105 @@
+"""The settings every task's pipeline shares (:class:`PipelineConfig`) and its stage log.
+
+Checked once, cheaply, before anything slow is loaded (:meth:`PipelineConfig.validate`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..models.llm import model_label
+
+__all__ = ["DEFAULT_EPOCHS", "Log", "log_stage", "PipelineConfig"]
+
+DEFAULT_EPOCHS = 3
+EVAL_BATCH_SIZE = 32  # the evaluation pass has no backward: it may batch more than the influence passes
+FIT_BATCH_SIZE = 32
+CAUSAL_FIT_BATCH_SIZE = 8  # a causal LM's logits are [batch, tokens, vocabulary]: memory, not speed, limits it
+
+Log = Callable[[str], None] | None
+
+
+def log_stage(log: Log, message: str) -> None:
+    """Send ``message`` to ``log`` when there is one."""
+    if log is not None:
+        log(message)
+
+
+@dataclass
+class PipelineConfig:
+    """Settings shared by the data → fine-tune → fit pipeline of every task."""
+
+    data: Path | None = None
+    """CSV/JSONL file with text and label columns (prompt/response or messages for a causal LM);
+    None = the embedded Rotten Tomatoes data (as sentiment instructions for a causal LM)."""
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    n_train: int = 2000
+    n_val: int = 300
+    flip_rate: float = 0.0
+    """Fraction of training labels flipped (seeded), in [0, 1)."""
+    model: Path | str | None = None
+    """Base model folder, "smollm2" (the embedded causal LM) or "minilm"/None (the embedded all-MiniLM-L6-v2)."""
+    adapter: Path | None = None
+    """A saved PEFT adapter to start from instead of a fresh LoRA."""
+    rank: int = 8
+    alpha: int = 16
+    epochs: int | None = None
+    """Fine-tuning epochs; None = 3 for a fresh LoRA, 0 when an adapter is given."""
+    lr: float = 3e-4
+    batch_size: int = 16
+    max_length: int = 64
+    fit_batch_size: int | None = None
+    """Batch size of the influence passes (fit and validation gradients); None = 32, or 8 for a causal LM
+    (its passes hold [batch, tokens, vocabulary] logits: ~10 GB at 32 × 128 tokens on SmolLM2)."""
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    out: Path = Path("hyperinf-out")
+    top_k: int | None = None
+    """Also write topk.safetensors: per validation example the K most positive and most negative."""
+
+    @property
+    def resolved_epochs(self) -> int:
+        if self.epochs is not None:
+            return int(self.epochs)
+        return 0 if self.adapter is not None else DEFAULT_EPOCHS
+
+    def validate(self) -> None:
+        """Cheap checks run before anything slow is loaded; raises ValueError with one-line messages."""
+        if self.n_train < 1:
+            raise ValueError(f"--n-train must be >= 1, got {self.n_train}")
+        if self.n_val < 1:
+            raise ValueError(f"--n-val must be >= 1, got {self.n_val}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
+        if not (isinstance(self.flip_rate, (int, float)) and 0.0 <= self.flip_rate < 1.0):
+            raise ValueError(f"--flip-rate must be in [0, 1), got {self.flip_rate}")
+        if self.rank < 1 or self.alpha <= 0:
+            raise ValueError(f"--rank must be >= 1 and --alpha > 0, got rank={self.rank}, alpha={self.alpha}")
+        if self.epochs is not None and self.epochs < 0:
+            raise ValueError(f"--epochs must be >= 0, got {self.epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        if self.batch_size < 1 or (self.fit_batch_size is not None and self.fit_batch_size < 1):
+            raise ValueError("--batch-size must be >= 1")
+        if self.max_length < 2:
+            raise ValueError(f"--max-length must be >= 2, got {self.max_length}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: CUDA is not available on this machine")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"--device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    def settings(self) -> dict[str, Any]:
+        """JSON-ready settings, with the resolved epochs and default paths filled in."""
+        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        out["epochs"] = self.resolved_epochs
+        out["data"] = str(self.data) if self.data is not None else "rotten_tomatoes (embedded)"
+        out["model"] = model_label(self.model)
+        return out

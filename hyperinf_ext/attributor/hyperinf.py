@@ -1,0 +1,231 @@
+"""HyperINF: from a PEFT LoRA model and data loaders to influence scores.
+
+Pipeline: ``fit(train_loader)`` streams the training set once (per-sample LoRA gradients → per-layer
+GFIM accumulated with the fused op, gradients optionally cached) → damping and inverse per layer
+(batched over layers of equal d) → ``scores`` / ``mean_scores`` precondition the query gradients
+once and stream the training gradients (from the cache, or a second pass) through dot products.
+
+This module is the façade: configuration lives in config.py, the fitting pass in fitting.py, scoring
+in scoring.py and the file formats in persistence/.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from .. import distributed as _dist
+from .. import persistence
+from . import sinks
+from .cache import GradientCache
+from ..capture import default_loss_fn, find_gradient_layers
+from .config import SIGN_CONVENTION, HyperINFConfig, QueryGradients, torch_dtype
+from ..curvature.damping import damp_layers
+from .fitting import FitPass
+from ..curvature.methods import LayerFactor, make_method, resolve
+from .scoring import Scoring
+from .stored import StoredStateIO
+
+__all__ = ["SIGN_CONVENTION", "HyperINF", "HyperINFConfig", "QueryGradients"]
+
+
+class HyperINF(FitPass, Scoring, StoredStateIO):
+    """Influence of training examples on queries for a PEFT LoRA model.
+
+    >>> attr = HyperINF(model).fit(train_loader)
+    >>> s = attr.mean_scores(val_loader)          # [n_train]; positive = raises the mean val loss
+    >>> S = attr.scores(query_loader)             # [n_query, n_train]
+
+    Batches are mappings of tensors (input_ids, attention_mask, labels, ...); an ``index`` entry
+    ([B] int64), when present, places each example's score at that position, so loaders may sort
+    or shuffle.  ``loss_fn(model, batch) -> Tensor[B]`` gives per-example losses (default:
+    classification cross-entropy, or the mean token loss for causal LMs).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        loss_fn: Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor] | None = None,
+        method: str = "hyperinf",
+        layers: list[str] | None = None,
+        damping: float | str = "auto",
+        dtype: torch.dtype | str = torch.float64,
+        progress: bool = True,
+        config: HyperINFConfig | None = None,
+        distributed: "bool | _dist.Comm | None" = None,
+        **options: Any,
+    ):
+        if config is None:
+            dtype_name = str(dtype).replace("torch.", "")
+            config = HyperINFConfig(method=method, layers=layers, damping=damping, dtype=dtype_name, **options)
+        self.config = config
+        self.model = model
+        self.loss_fn = loss_fn or default_loss_fn
+        self.progress = progress
+        self.layers = find_gradient_layers(model, include_heads=config.include_heads, layers=config.layers)
+        self.factors: dict[str, LayerFactor] = {}
+        self.n_train = 0
+        self.batches_done = 0
+        self.timings: dict[str, float] = {}
+        self.cache = GradientCache("none")
+        self.method = None
+        self._prepared_for: tuple | None = None
+        self._fit_error: str | None = None  # why the last fit failed (its factors hold partial data)
+        # torch.distributed: None = use an initialised process group of > 1 rank; False = never
+        self._comm = _dist.resolve(distributed)
+
+    # ------------------------------------------------------------------------------------ utilities
+
+    @contextlib.contextmanager
+    def _timed(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
+
+    def _bar(self, iterable: Iterable, desc: str):
+        from tqdm.auto import tqdm
+
+        total = len(iterable) if hasattr(iterable, "__len__") else None
+        return tqdm(iterable, desc=desc, total=total, disable=not self.progress, leave=False)
+
+    @property
+    def fdtype(self) -> torch.dtype:
+        return torch_dtype(self.config.dtype)
+
+    # ------------------------------------------------------------------------------------------ fit
+
+    def fit(
+        self,
+        train_loader: Iterable,
+        *,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int = 50,
+    ) -> "HyperINF":
+        """Stream ``train_loader`` once: accumulate each layer's GFIM (and cache gradients).
+
+        With ``checkpoint_dir`` the state is committed atomically every ``checkpoint_every`` batches
+        and at the end, and a later ``fit`` with the same directory resumes after the last commit (the
+        loader must yield the same batches in the same order); the gradient cache then lives in that
+        directory.  The directory is locked while a fit uses it (``CheckpointBusyError`` for a second
+        fit); resuming checks the model's parameters, the fit settings and a fingerprint of the batches
+        already consumed, and raises ``ValueError`` when any differs (a finished checkpoint also refuses
+        a longer loader).  If ``fit`` raises, ``scores``/``mean_scores``/``save``/``use`` raise
+        "fit did not complete" until a fit completes (with ``checkpoint_dir``, by resuming).
+        """
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every: expected a number of batches ≥ 0 (0 = only at the end), "
+                             f"got {checkpoint_every!r}")
+        self.timings = {}
+        comm = self._comm
+        if comm is not None:  # consistency checks first; every batch then needs its global index
+            train_loader, checkpoint_dir = _dist.begin_fit(comm, dataclasses.asdict(self.config), self.layers,
+                                                           train_loader, checkpoint_dir)
+        ckpt = persistence.Checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+        # Until the pass completes the factors hold part of the data: scoring or saving them must fail.
+        self._fit_error = "fit is still running"
+        try:
+            with ckpt if ckpt is not None else contextlib.nullcontext(), _dist.reported(comm, "fit"):
+                self._accumulate(train_loader, ckpt, checkpoint_every)
+            if comm is not None:
+                from ..distributed.share import reduce_factors
+
+                # every rank then holds the sums over all shards
+                self.n_train = reduce_factors(comm, self.factors, self.n_train)
+        except BaseException as e:
+            resume = (f"; fit again with checkpoint_dir={str(ckpt.directory)!r} to resume from its last checkpoint"
+                      if ckpt is not None and ckpt.exists and not isinstance(e, persistence.CheckpointBusyError)
+                      else "")
+            self._fit_error = f"{type(e).__name__}: {e}{resume}"
+            raise
+        self._fit_error = None
+        self._prepared_for = None
+        with self._timed("prepare"):
+            self._prepare()
+        return self
+
+    def _prepare(self) -> None:
+        """Damping per layer and the method's per-layer work (e.g. the batched Schulz inverse)."""
+        key = self._prepare_key()
+        if self._prepared_for == key and self.method is not None:
+            return
+        cfg = self.config
+        damp_layers(self.factors, *resolve(cfg.method, cfg.damping, cfg.damping_scale))
+        self.method = make_method(
+            cfg.method, backend=cfg.backend, tol=cfg.tol, depth=cfg.lissa_depth, scale_factor=cfg.lissa_scale_factor,
+            solver=cfg.solver,
+        )
+        if self._comm is not None:
+            from ..distributed.share import prepare_shared
+
+            prepare_shared(self._comm, self.method, self.factors)  # each layer's inverse on one rank
+        else:
+            self.method.prepare(self.factors)
+        self._prepared_for = key
+
+    def _prepare_key(self) -> tuple:
+        """What the prepared method depends on; equal keys mean ``_prepare`` has nothing to redo."""
+        return (self.config.method, self.config.damping, self.config.damping_scale, self.batches_done)
+
+    def use(self, method: str | None = None, *, damping: float | str | None = None, **options: Any) -> "HyperINF":
+        """Switch method and/or damping on the same fitted factors and cached gradients (no refit).
+
+        A new ``damping`` without ``damping_scale`` takes the rule's default scale.
+        """
+        if self._fit_error is not None:
+            raise RuntimeError(f"fit did not complete: {self._fit_error}")
+        changes = {k: v for k, v in dict(method=method, damping=damping, **options).items() if v is not None}
+        if damping is not None and "damping_scale" not in options:
+            changes["damping_scale"] = None
+        self.config = dataclasses.replace(self.config, **changes)
+        self._prepared_for = None
+        with self._timed("prepare"):
+            self._prepare()
+        return self
+
+    # ------------------------------------------------------------------------------------- scoring
+
+    def _require_fit(self) -> None:
+        if self._fit_error is not None:
+            raise RuntimeError(f"fit did not complete: {self._fit_error}")
+        if not self.factors or self.batches_done == 0:
+            raise RuntimeError("HyperINF: call fit(train_loader) (or HyperINF.load) before scoring")
+
+    # --------------------------------------------------------------------------------- persistence
+    # (the formats, checks and atomic commits live in persistence/; the attributor's side in stored.py)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write factors (safetensors: per-layer GFIM sums and the method's inverses) and meta.json.
+
+        Under torch.distributed rank 0 writes and every rank returns once the files are committed."""
+        if self._comm is not None:
+            _dist.on_rank0(self._comm, "save", lambda: self._write_saved(directory))
+            return Path(directory)
+        return self._write_saved(directory)
+
+    @classmethod
+    def load(cls, directory: str | Path, model: torch.nn.Module, *, loss_fn=None, progress: bool = True) -> "HyperINF":
+        """Rebuild an attributor from ``save``; scoring then needs ``train_loader`` (no cache is stored).
+
+        Raises ``ValueError`` naming the file when it is missing, corrupt or holds NaN/Inf, and naming
+        the layer when a saved shape differs from ``model``'s (another LoRA rank or hidden size).
+        """
+        return cls._read_saved(directory, model, loss_fn=loss_fn, progress=progress)
+
+    @staticmethod
+    def save_scores(path: str | Path, scores: torch.Tensor, **metadata: str) -> None:
+        """Write a score tensor to a safetensors file (metadata: string key/values)."""
+        persistence.save_scores(path, scores, SIGN_CONVENTION, **metadata)
+
+    @staticmethod
+    def load_scores(path: str | Path) -> torch.Tensor:
+        """The score tensor written by ``save_scores``, or the matrix of ``scores(out=PATH)`` memory-mapped."""
+        if sinks.is_store(path):
+            return sinks.load(path)
+        return persistence.load_scores(path)

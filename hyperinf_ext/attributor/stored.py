@@ -1,0 +1,77 @@
+"""Saved state ↔ a live attributor: ``save``/``load`` and the fit checkpoint's restore and commit.
+
+``StoredState`` is a mixin of :class:`~hyperinf_ext.attributor.hyperinf.HyperINF` (like ``FitPass`` and
+``Scoring``).  The file formats are ``hyperinf_ext.persistence``, which knows factors and configuration
+values, not the attributor: this mixin hands it the attributor's factors, settings and counts, and
+installs what it reads back.  It uses ``config``, ``layers``, ``model``, ``factors``, ``n_train``,
+``batches_done``, ``fdtype``, ``method`` and the preparation of the attributor.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .. import persistence
+from ..curvature.methods import make_method
+from ..persistence import META, check_layers, read_state, stored_factors, write_state
+from .config import HyperINFConfig
+
+
+class StoredStateIO:
+    def _layer_shapes(self) -> list[tuple[str, int, int]]:
+        """The model's gradient layers as (name, rank, dim), in capture order."""
+        return [(l.name, l.rank, l.dim) for l in self.layers]
+
+    def _apply_state(self, stored: persistence.StoredState) -> None:
+        """Install ``stored`` after checking every layer's name and shape against the model."""
+        check_layers(stored, self._layer_shapes())
+        self.factors = stored_factors(stored, self.fdtype)
+        self.n_train, self.batches_done = stored.meta["n_train"], stored.meta["batches_done"]
+
+    def _restore_checkpoint(self, ckpt: persistence.Checkpoint) -> None:
+        """The checkpoint's last commit, checked against this fit's settings, layers and model, installed."""
+        self._apply_state(ckpt.restore(dataclasses.asdict(self.config), self._layer_shapes(), self.model))
+
+    def _commit_checkpoint(self, ckpt: persistence.Checkpoint, fingerprint: persistence.DataFingerprint, *,
+                           complete: bool) -> None:
+        ckpt.commit(fingerprint, complete=complete, factors=self.factors, config=dataclasses.asdict(self.config),
+                    n_train=self.n_train, batches_done=self.batches_done, model=self.model)
+
+    def _write_saved(self, directory: str | Path) -> Path:
+        """Factors, the current method's inverses and the configuration, committed to ``directory``."""
+        self._require_fit()
+        self._prepare()  # the stored inverses must belong to the stored factors and configuration
+        state = getattr(self.method, "state", None) or {}
+        return write_state(directory, factors=self.factors, config=dataclasses.asdict(self.config),
+                           n_train=self.n_train, batches_done=self.batches_done, complete=True, method_state=state)
+
+    @classmethod
+    def _read_saved(cls, directory: str | Path, model: torch.nn.Module, *, loss_fn=None, progress: bool = True):
+        """An attributor rebuilt from ``save`` (or a finished fit checkpoint) for ``model``."""
+        stored = read_state(directory)
+        if not stored.complete:
+            raise ValueError(f"{stored.directory}: an unfinished fit checkpoint ({stored.meta['batches_done']} "
+                             f"batches); finish it with fit(train_loader, checkpoint_dir=...) before loading it")
+        try:
+            config = HyperINFConfig(**stored.meta["config"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{stored.directory / META}: invalid 'config': {e}") from None
+        attr = cls(model, loss_fn=loss_fn, progress=progress, config=config)
+        attr._apply_state(stored)
+        attr._prepare_from_stored(stored.method_state)
+        return attr
+
+    def _prepare_from_stored(self, method_state: Mapping[str, torch.Tensor]) -> None:
+        """Reuse stored inverses bit for bit when they cover every layer; otherwise prepare afresh."""
+        self._prepared_for = None
+        if method_state and set(method_state) == set(self.factors):
+            cfg = self.config
+            self.method = make_method(cfg.method, backend=cfg.backend, tol=cfg.tol, depth=cfg.lissa_depth,
+                                      scale_factor=cfg.lissa_scale_factor, solver=cfg.solver)
+            self.method.state = {n: t.to(self.fdtype) for n, t in method_state.items()}
+            self._prepared_for = self._prepare_key()
+        else:
+            self._prepare()

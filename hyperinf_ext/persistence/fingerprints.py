@@ -1,0 +1,62 @@
+"""Fingerprints a resumed fit is checked against: of the model's parameters and of the batches consumed."""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Mapping
+
+import torch
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach()
+    if t.is_meta:
+        return b""  # no values; its name, dtype and shape are hashed
+    return t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of every parameter's name, dtype, shape and values: a checkpoint resumed with another model
+    (same shapes, other weights) would mix two models' gradients."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, p in model.named_parameters():
+        h.update(f"{name}{p.dtype}{tuple(p.shape)}".encode())
+        h.update(_tensor_bytes(p))
+    return h.hexdigest()
+
+
+def _batch_digest(batch: Any) -> bytes:
+    """A hash of a batch's tensors (names, dtypes, shapes, values) and plain values; cheap next to a
+    forward/backward pass."""
+    h = hashlib.blake2b(digest_size=16)
+    if isinstance(batch, Mapping):
+        items = sorted(batch.items(), key=lambda kv: str(kv[0]))
+    else:
+        items = [("", batch)]
+    for key, value in items:
+        h.update(repr(key).encode())
+        if isinstance(value, torch.Tensor):
+            h.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            h.update(_tensor_bytes(value))
+        elif isinstance(value, (str, int, float, bool, type(None), list, tuple)):
+            h.update(repr(value).encode())
+        # other objects have no stable byte form; the tensors identify the batch
+    return h.digest()
+
+
+class DataFingerprint:
+    """Chained hash of the batches a fit consumed: after k batches, h_k = H(h_{k−1} ‖ H(batch_k))."""
+
+    def __init__(self):
+        self.count = 0
+        self._digest = b""
+
+    def update(self, batch: Any) -> None:
+        self._digest = hashlib.blake2b(self._digest + _batch_digest(batch), digest_size=16).digest()
+        self.count += 1
+
+    @property
+    def digest(self) -> str:
+        return self._digest.hex()
+
+    def as_dict(self) -> dict:
+        return {"batches": self.count, "digest": self.digest}
