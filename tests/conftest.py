@@ -8,7 +8,9 @@ HYPERINF_TEST_DEVICE=cuda (set by the GPU check, bench/gpu.py, with TRITON_INTER
 the default device of every test, so the tests that build their tensors with the factory functions
 (tests/ops/test_triton_kernels.py) run the compiled kernels on the GPU against the same float64 references.
 """
+import importlib.util
 import os
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,7 +32,17 @@ def pytest_configure(config):
 
 
 def pytest_report_header(config):
-    return f"HYPERINF_TEST_DEVICE={TEST_DEVICE} (default device of every test), TRITON_INTERPRET={os.environ['TRITON_INTERPRET']}"
+    lines = [f"HYPERINF_TEST_DEVICE={TEST_DEVICE} (default device of every test), "
+             f"TRITON_INTERPRET={os.environ['TRITON_INTERPRET']}"]
+    # the resolved versions and what moved since scripts/known-good.txt, so a red run names its suspects
+    # even when pytest is started directly rather than through scripts/test.sh
+    script = Path(__file__).resolve().parents[1] / "scripts" / "versions.py"
+    if script.is_file():
+        spec = importlib.util.spec_from_file_location("hyperinf_versions_script", script)
+        versions = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(versions)
+        lines += versions.report(versions.resolved(), versions.read_known_good()).splitlines()
+    return lines
 
 
 @pytest.fixture(autouse=True)

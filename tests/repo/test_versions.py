@@ -47,3 +47,12 @@ def test_the_script_prints_the_versions_line():
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "versions.py")], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     assert out.startswith("[versions] python ") and "torch " in out
+
+
+def test_package_version_has_one_value():
+    import re
+
+    from hyperinf_ext.version import __version__
+
+    declared = re.search(r'(?m)^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert __version__ == declared, (__version__, declared)
