@@ -42,3 +42,31 @@ def tiny_bert_lora(*, vocab: int, hidden: int = 16, layers: int = 1, intermediat
     lcfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["query", "value"], task_type="SEQ_CLS",
                            **lora)
     return nonzero_lora_b(peft.get_peft_model(base, lcfg))
+
+
+DATA_VOCAB = 50
+
+
+def tiny_model(seed=0):
+    """The attributor tests' model: 2 layers, dropout 0.1 (also LoRA dropout), vocabulary DATA_VOCAB."""
+    return tiny_bert_lora(vocab=DATA_VOCAB, layers=2, dropout=0.1, seed=seed, lora_dropout=0.1)
+
+
+def make_data(n, seed, index_offset=0):
+    """n random padded sequences (lengths 3..8 of 8) with binary labels and a global ``index``."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 9, (n,), generator=g)
+    ids = torch.zeros(n, 8, dtype=torch.long)
+    mask = torch.zeros(n, 8, dtype=torch.long)
+    for i, L in enumerate(lengths):
+        ids[i, :L] = torch.randint(1, DATA_VOCAB, (int(L),), generator=g)
+        mask[i, :L] = 1
+    labels = torch.randint(0, 2, (n,), generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "index": torch.arange(n) + index_offset}
+
+
+def batches(data, size, order=None):
+    """``data`` cut into dict batches of ``size`` (in ``order`` when given)."""
+    n = data["labels"].shape[0]
+    order = torch.arange(n) if order is None else order
+    return [{k: v[order[i : i + size]] for k, v in data.items()} for i in range(0, n, size)]

@@ -23,14 +23,17 @@ from .. import persistence
 from . import sinks
 from .cache import GradientCache
 from ..capture import default_loss_fn, find_gradient_layers
-from .config import SIGN_CONVENTION, HyperINFConfig, QueryGradients, torch_dtype
+from .config import (FIXED_BY_FIT, SIGN_CONVENTION, HyperINFConfig, QueryGradients, check_method_options,
+                     config_defaults, method_of, torch_dtype)
 from ..curvature.damping import damp_layers
 from .fitting import FitPass
-from ..curvature.methods import LayerFactor, make_method, resolve
+from ..curvature.methods import LayerFactor, resolve
 from .scoring import Scoring
 from .stored import StoredStateIO
 
 __all__ = ["SIGN_CONVENTION", "HyperINF", "HyperINFConfig", "QueryGradients"]
+
+_KEEP = object()  # use(damping=...) not given: keep the current damping (None restores the default)
 
 
 class HyperINF(FitPass, Scoring, StoredStateIO):
@@ -60,9 +63,20 @@ class HyperINF(FitPass, Scoring, StoredStateIO):
         distributed: "bool | _dist.Comm | None" = None,
         **options: Any,
     ):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module (a PEFT LoRA model), got {type(model).__name__}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a callable loss_fn(model, batch) -> Tensor[B], got "
+                            f"{type(loss_fn).__name__}")
         if config is None:
+            unknown = sorted(set(options) - set(config_defaults()))
+            if unknown:
+                raise ValueError(f"{unknown[0]}: unknown HyperINF setting; expected one of {sorted(config_defaults())}")
             dtype_name = str(dtype).replace("torch.", "")
             config = HyperINFConfig(method=method, layers=layers, damping=damping, dtype=dtype_name, **options)
+        elif not isinstance(config, HyperINFConfig):
+            raise TypeError(f"config: expected a HyperINFConfig, got {type(config).__name__}")
+        check_method_options(config)  # before the model's layers are hooked or any data is read
         self.config = config
         self.model = model
         self.loss_fn = loss_fn or default_loss_fn
@@ -157,10 +171,7 @@ class HyperINF(FitPass, Scoring, StoredStateIO):
             return
         cfg = self.config
         damp_layers(self.factors, *resolve(cfg.method, cfg.damping, cfg.damping_scale))
-        self.method = make_method(
-            cfg.method, backend=cfg.backend, tol=cfg.tol, depth=cfg.lissa_depth, scale_factor=cfg.lissa_scale_factor,
-            solver=cfg.solver,
-        )
+        self.method = method_of(cfg)
         if self._comm is not None:
             from ..distributed.share import prepare_shared
 
@@ -173,20 +184,46 @@ class HyperINF(FitPass, Scoring, StoredStateIO):
         """What the prepared method depends on; equal keys mean ``_prepare`` has nothing to redo."""
         return (self.config.method, self.config.damping, self.config.damping_scale, self.batches_done)
 
-    def use(self, method: str | None = None, *, damping: float | str | None = None, **options: Any) -> "HyperINF":
+    def use(self, method: str | None = None, *, damping: Any = _KEEP, **options: Any) -> "HyperINF":
         """Switch method and/or damping on the same fitted factors and cached gradients (no refit).
 
-        A new ``damping`` without ``damping_scale`` takes the rule's default scale.
+        ``method=None`` keeps the current method; any other option (``damping`` included) given as None
+        takes its default again.  A new ``damping`` without ``damping_scale`` takes the rule's default
+        scale.  Settings the fit fixed (``layers``, ``include_heads``, ``cache`` and the dtypes) cannot
+        change here: fit a new attributor for them.  When ``use`` raises, the attributor is as before.
         """
         if self._fit_error is not None:
             raise RuntimeError(f"fit did not complete: {self._fit_error}")
-        changes = {k: v for k, v in dict(method=method, damping=damping, **options).items() if v is not None}
-        if damping is not None and "damping_scale" not in options:
-            changes["damping_scale"] = None
-        self.config = dataclasses.replace(self.config, **changes)
-        self._prepared_for = None
-        with self._timed("prepare"):
-            self._prepare()
+        defaults = config_defaults()
+        unknown = sorted(set(options) - set(defaults) - {"method", "damping"})
+        if unknown or "method" in options or "damping" in options:
+            bad = unknown[0] if unknown else sorted({"method", "damping"} & set(options))[0]
+            raise ValueError(f"{bad}: not a setting use() takes; expected method, damping or one of "
+                             f"{sorted(set(defaults) - set(FIXED_BY_FIT) - {'method', 'damping'})}")
+        changes = {k: defaults[k] if v is None else str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v
+                   for k, v in options.items()}
+        if method is not None:
+            changes["method"] = method
+        if damping is not _KEEP:
+            changes["damping"] = defaults["damping"] if damping is None else damping
+            changes.setdefault("damping_scale", None)
+        refit = sorted(k for k in FIXED_BY_FIT if k in changes and changes[k] != getattr(self.config, k))
+        if refit:
+            raise ValueError(f"{refit[0]}: fixed by the fit (the factors and cached gradients were made with "
+                             f"{refit[0]}={getattr(self.config, refit[0])!r}); fit a new HyperINF(model, "
+                             f"{refit[0]}=...) to change it")
+        candidate = dataclasses.replace(self.config, **changes)  # validates every option
+        saved = (self.config, self.method, self._prepared_for, {n: f.damping for n, f in self.factors.items()})
+        self.config, self._prepared_for = candidate, None
+        try:
+            with self._timed("prepare"):
+                self._prepare()
+        except BaseException:
+            # the method's own refusal (or a failed inverse) must not leave half a switch behind
+            self.config, self.method, self._prepared_for, dampings = saved
+            for n, lam in dampings.items():
+                self.factors[n].damping = lam
+            raise
         return self
 
     # ------------------------------------------------------------------------------------- scoring
@@ -210,13 +247,18 @@ class HyperINF(FitPass, Scoring, StoredStateIO):
         return self._write_saved(directory)
 
     @classmethod
-    def load(cls, directory: str | Path, model: torch.nn.Module, *, loss_fn=None, progress: bool = True) -> "HyperINF":
+    def load(cls, directory: str | Path, model: torch.nn.Module, *, loss_fn=None, progress: bool = True,
+             allow_other_weights: bool = False) -> "HyperINF":
         """Rebuild an attributor from ``save``; scoring then needs ``train_loader`` (no cache is stored).
 
-        Raises ``ValueError`` naming the file when it is missing, corrupt or holds NaN/Inf, and naming
-        the layer when a saved shape differs from ``model``'s (another LoRA rank or hidden size).
+        Raises ``ValueError`` naming the file when it is missing, corrupt or holds NaN/Inf, naming the
+        layer when a saved shape differs from ``model``'s (another LoRA rank or hidden size), and naming
+        both fingerprints when the factors were fitted on other adapter weights than ``model``'s
+        (``allow_other_weights=True`` loads them anyway).  Factors saved before fingerprints existed
+        load with a warning.
         """
-        return cls._read_saved(directory, model, loss_fn=loss_fn, progress=progress)
+        return cls._read_saved(directory, model, loss_fn=loss_fn, progress=progress,
+                               allow_other_weights=allow_other_weights)
 
     @staticmethod
     def save_scores(path: str | Path, scores: torch.Tensor, **metadata: str) -> None:

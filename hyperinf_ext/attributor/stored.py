@@ -15,15 +15,19 @@ from typing import Mapping
 import torch
 
 from .. import persistence
-from ..curvature.methods import make_method
-from ..persistence import META, check_layers, read_state, stored_factors, write_state
-from .config import HyperINFConfig
+from ..persistence import (META, adapter_fingerprint, check_adapter, check_layers, read_state, stored_factors,
+                           write_state)
+from .config import HyperINFConfig, method_of
 
 
 class StoredStateIO:
     def _layer_shapes(self) -> list[tuple[str, int, int]]:
         """The model's gradient layers as (name, rank, dim), in capture order."""
         return [(l.name, l.rank, l.dim) for l in self.layers]
+
+    def _adapter_digest(self) -> str:
+        """Fingerprint of the adapter weights of the attributor's layers (what its factors were fitted on)."""
+        return adapter_fingerprint((f"{l.name}.{i}", p) for l in self.layers for i, p in enumerate(l.parameters))
 
     def _apply_state(self, stored: persistence.StoredState) -> None:
         """Install ``stored`` after checking every layer's name and shape against the model."""
@@ -38,7 +42,8 @@ class StoredStateIO:
     def _commit_checkpoint(self, ckpt: persistence.Checkpoint, fingerprint: persistence.DataFingerprint, *,
                            complete: bool) -> None:
         ckpt.commit(fingerprint, complete=complete, factors=self.factors, config=dataclasses.asdict(self.config),
-                    n_train=self.n_train, batches_done=self.batches_done, model=self.model)
+                    n_train=self.n_train, batches_done=self.batches_done, model=self.model,
+                    adapter_digest=self._adapter_digest())
 
     def _write_saved(self, directory: str | Path) -> Path:
         """Factors, the current method's inverses and the configuration, committed to ``directory``."""
@@ -46,10 +51,12 @@ class StoredStateIO:
         self._prepare()  # the stored inverses must belong to the stored factors and configuration
         state = getattr(self.method, "state", None) or {}
         return write_state(directory, factors=self.factors, config=dataclasses.asdict(self.config),
-                           n_train=self.n_train, batches_done=self.batches_done, complete=True, method_state=state)
+                           n_train=self.n_train, batches_done=self.batches_done, complete=True, method_state=state,
+                           adapter_digest=self._adapter_digest())
 
     @classmethod
-    def _read_saved(cls, directory: str | Path, model: torch.nn.Module, *, loss_fn=None, progress: bool = True):
+    def _read_saved(cls, directory: str | Path, model: torch.nn.Module, *, loss_fn=None, progress: bool = True,
+                    allow_other_weights: bool = False):
         """An attributor rebuilt from ``save`` (or a finished fit checkpoint) for ``model``."""
         stored = read_state(directory)
         if not stored.complete:
@@ -60,6 +67,8 @@ class StoredStateIO:
         except (TypeError, ValueError) as e:
             raise ValueError(f"{stored.directory / META}: invalid 'config': {e}") from None
         attr = cls(model, loss_fn=loss_fn, progress=progress, config=config)
+        check_layers(stored, attr._layer_shapes())  # another shape says more than another fingerprint
+        check_adapter(stored, attr._adapter_digest(), allow_other=allow_other_weights)
         attr._apply_state(stored)
         attr._prepare_from_stored(stored.method_state)
         return attr
@@ -68,9 +77,7 @@ class StoredStateIO:
         """Reuse stored inverses bit for bit when they cover every layer; otherwise prepare afresh."""
         self._prepared_for = None
         if method_state and set(method_state) == set(self.factors):
-            cfg = self.config
-            self.method = make_method(cfg.method, backend=cfg.backend, tol=cfg.tol, depth=cfg.lissa_depth,
-                                      scale_factor=cfg.lissa_scale_factor, solver=cfg.solver)
+            self.method = method_of(self.config)
             self.method.state = {n: t.to(self.fdtype) for n, t in method_state.items()}
             self._prepared_for = self._prepare_key()
         else:

@@ -86,8 +86,24 @@ def _require_labelled(count: Tensor, what: str) -> None:
         raise ExampleError(f"{what}, so they have no loss; drop them from the data", empty)
 
 
+def _class_ids(labels: Tensor, what: str) -> Tensor:
+    """Labels as class ids.  Floating labels are taken only where every value is a whole number: ``.long()``
+    would truncate soft or regression targets (0.7 → class 0) into a loss that means nothing."""
+    if labels.is_floating_point() or labels.is_complex():
+        frac = labels != labels.round() if labels.is_floating_point() else labels.imag != 0
+        if bool(frac.any()):
+            rows = frac.reshape(frac.shape[0], -1).any(1).nonzero().squeeze(1).tolist() if frac.dim() else [0]
+            values = labels[frac].unique()[:5].tolist()
+            raise ExampleError(f"{what} {values} are not class ids (soft or regression labels, {labels.dtype}): a "
+                               "classification loss needs integer labels; give a loss_fn for other targets", rows)
+    return labels.long()
+
+
 def _classification_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
-    labels = labels.to(logits.device).long()
+    if logits.dim() >= 1 and logits.shape[-1] == 1:
+        raise ValueError("logits: the model has one output (a regression head); cross-entropy over one class is 0 "
+                         "for every example, so every score would be 0: give a loss_fn (e.g. squared error)")
+    labels = _class_ids(labels.to(logits.device), "class labels")
     if labels.dim() == 1 and logits.dim() == 2:
         _check_targets(labels, logits.shape[-1], "class labels")
         _require_labelled((labels != -100).long(), "label -100 (ignored)")
@@ -95,7 +111,7 @@ def _classification_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def causal_from_logits(logits: Tensor, labels: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-    labels = labels.to(logits.device).long()
+    labels = _class_ids(labels.to(logits.device), "token labels")
     shift_logits = _upcast(logits[:, :-1])
     shift_labels = labels[:, 1:]
     if attention_mask is not None:
@@ -121,8 +137,9 @@ def classification_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
         ``[n]`` losses (float32 for half-precision logits, else the logits' dtype).
 
     Raises:
-        ExampleError: a label is -100 (an ignored example has no loss) or not a
-            class id of the model.
+        ExampleError: a label is -100 (an ignored example has no loss), not a
+            class id of the model, or a float that is not a whole number (soft labels).
+        ValueError: a one-output (regression) head.
     """
     return _classification_from_logits(_logits(model, batch), _labels(batch))
 

@@ -15,9 +15,12 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+import math
+
 from .. import ops
 from ..solvers import ihvp as matrix_ihvp
-from .damping import damp_layers
+from ..solvers.direct import unscaled_rows
+from .damping import PAPER_ABSOLUTE, damp_layers, layer_damping
 from .methods import CURVATURE_SOLVERS, HyperINFMethod, LayerFactor, check_solver, resolve
 
 Shapes = Mapping[str, tuple[int, int]]
@@ -57,15 +60,75 @@ def _as_nrd(name: str, g: object, rd: tuple[int, int] | None) -> torch.Tensor:
     return g
 
 
+_HIGH_EXPONENT = {torch.float32: 64, torch.float64: 512}  # half of each dtype's exponent range
+
+
+def _pow2(k: int) -> torch.Tensor:
+    return torch.tensor([float(k)], dtype=torch.float64, device="cpu")
+
+
+def _scaled(g: torch.Tensor, k: int) -> torch.Tensor:
+    if k == 0:
+        return g
+    return ops.ldexp(g.to(ops.compute_dtype(g.dtype)).unsqueeze(0), _pow2(-k))[0]
+
+
+def _accumulate(acc: torch.Tensor, g3: torch.Tensor, k: int, backend: str | None, where: str) -> int:
+    """acc += Σ (g·2^-k)ᵀ(g·2^-k); returns the exponent k for this layer from now on.
+
+    The squares of gradients far from 1 leave the dtype (float64 gradients at 1e-170 square to 1e-340):
+    the op refuses that, and a still-empty accumulator (PSD: a zero diagonal is a zero matrix; an O(d)
+    test) is then refilled from the gradients scaled by a power of two — the only case in which they are
+    read again.  A sum that grows past 2^(maxexp/2) is scaled down (with k) so later batches stay in range."""
+    diag = torch.diagonal(acc)
+    fresh = not bool(diag.any())
+    try:
+        ops.gfim_accumulate_(acc, _scaled(g3, k), backend=backend)
+    except ValueError as exc:
+        if not fresh or not bool(torch.isfinite(g3).all()):
+            raise ValueError(f"{where}: {exc}") from None
+        acc.zero_()
+        k = int(ops.range_exponents(g3.abs().amax(), 0)[0])
+        try:
+            ops.gfim_accumulate_(acc, _scaled(g3, k), backend=backend)
+        except ValueError as exc2:
+            raise ValueError(f"{where}: {exc2}") from None
+    top = float(diag.amax()) if diag.numel() else 0.0
+    if top > 2.0 ** _HIGH_EXPONENT[acc.dtype]:
+        j = (math.frexp(top)[1] + 1) // 2
+        acc.copy_(ops.ldexp(acc.unsqueeze(0), _pow2(-2 * j))[0])
+        k += j
+    return k
+
+
+def _absolute_damping(f: LayerFactor, k: int, absolute: float, rule, scale: float) -> int:
+    """Set the damping of a layer whose gradients were scaled by 2^-k when its rule has a part given in the
+    gradients' own units (a float λ, the paper's absolute term): that part is scaled by 2^-2k too, and
+    where it then dwarfs the scaled G the factor is scaled down further (its new k returned), so that
+    λ·2^-2k stays in range — the answer, about q/λ, is representable even where G is not."""
+    relative = 0.0 if isinstance(rule, float) else layer_damping("datainf", f.gfim, f.rank, scale)
+    top = max(float(torch.diagonal(f.gfim).amax()) if f.dim else 0.0, relative)
+    shift = max(0, (math.frexp(absolute)[1] - 2 * k - (math.frexp(top)[1] if top > 0 else 0)) // 2)
+    if shift:
+        f.gfim_sum.copy_(ops.ldexp(f.gfim_sum.unsqueeze(0), _pow2(-2 * shift))[0])
+        relative, k = math.ldexp(relative, -2 * shift), k + shift
+    f.damping = relative + math.ldexp(absolute, -2 * k)
+    return k
+
+
 class GradientIHVP:
     """Fitted per-layer curvature; ``self(query)`` preconditions a dict of query gradients.
 
     ``factors`` ({layer: LayerFactor}: GFIM sum, count, rank, damping) and ``inverses`` ({layer:
     (G + λI)⁻¹ [d, d]}) are what to save; ``info[layer]`` records the solver and its residual.
+    ``scale_exponents[layer]`` = k: that layer's factors, damping and inverse are those of its gradients
+    times 2^-k (0 unless their squares would leave the dtype's range; queries are scaled to match).
     """
 
-    def __init__(self, factors: dict[str, LayerFactor], dtypes: dict[str, torch.dtype], method: HyperINFMethod):
+    def __init__(self, factors: dict[str, LayerFactor], dtypes: dict[str, torch.dtype], method: HyperINFMethod,
+                 scale_exponents: dict[str, int] | None = None):
         self.factors, self.dtypes, self._method = factors, dtypes, method
+        self.scale_exponents = {n: 0 for n in factors} if scale_exponents is None else scale_exponents
         self.inverses: dict[str, torch.Tensor] = method.state
         self.info: dict[str, dict] = method.info
 
@@ -92,7 +155,19 @@ class GradientIHVP:
                 raise ValueError(f"{where}: shape {tuple(q.shape)} matches neither [..., {f.rank}, {f.dim}] nor "
                                  f"the flattened [..., {f.rank * f.dim}] of the fitted layer")
             ops.check_finite(where, q)
-            pre = self._method.precondition({name: q3}, self.factors, lambda: iter(()))[name]
+            k = self.scale_exponents.get(name, 0)
+            if k == 0:
+                pre = self._method.precondition({name: q3}, self.factors, lambda: iter(()))[name]
+            elif q.numel() == 0:
+                pre = q3
+            else:  # q·(2^2k·A')⁻¹, A' the layer's scaled factor
+                shape = q3.shape
+
+                def solve(W: torch.Tensor, name=name, shape=shape) -> torch.Tensor:
+                    return self._method.precondition({name: W.reshape(shape)}, self.factors, lambda: iter(()))[name]
+
+                q1 = q3.to(ops.compute_dtype(q3.dtype)).reshape(1, -1, f.dim)
+                pre = unscaled_rows(lambda W: solve(W).reshape(W.shape), q1, _pow2(2 * k))
             out[name] = pre.to(q.dtype).reshape(q.shape)
         return out
 
@@ -119,6 +194,7 @@ def make_gradient_ihvp(
     check_solver(solver, allowed=CURVATURE_SOLVERS)
     acc: dict[str, torch.Tensor] = {}
     count: dict[str, int] = {}
+    exps: dict[str, int] = {}
     meta: dict[str, tuple[int, int, torch.dtype]] = {}
     for b, batch in enumerate(_batches(train_grads)):
         if not isinstance(batch, Mapping) or not batch:
@@ -132,15 +208,12 @@ def make_gradient_ihvp(
             if name not in acc:
                 meta[name] = key
                 acc[name] = torch.zeros(g3.shape[2], g3.shape[2], dtype=ops.compute_dtype(g3.dtype), device=g3.device)
-                count[name] = 0
+                count[name], exps[name] = 0, 0
             elif key != meta[name]:
                 r, d, dt = meta[name]
                 raise ValueError(f"train_grads[{name!r}]: batch {b} has [r, d] = {list(key[:2])}, {key[2]}; "
                                  f"earlier batches [{r}, {d}], {dt}")
-            try:
-                ops.gfim_accumulate_(acc[name], g3, backend=backend)
-            except ValueError as exc:
-                raise ValueError(f"train_grads[{name!r}]: {exc}") from None
+            exps[name] = _accumulate(acc[name], g3, exps[name], backend, f"train_grads[{name!r}]")
             count[name] += g3.shape[0]
     if not acc:
         raise ValueError("train_grads: no batches")
@@ -148,10 +221,15 @@ def make_gradient_ihvp(
     if empty:
         raise ValueError(f"train_grads[{empty[0]!r}]: no examples (n = 0)")
     factors = {name: LayerFactor(name, meta[name][0], meta[name][1], G_sum, count[name]) for name, G_sum in acc.items()}
-    damp_layers(factors, *resolve("hyperinf", damping, damping_scale))
+    rule, scale = resolve("hyperinf", damping, damping_scale)
+    damp_layers(factors, rule, scale)
+    absolute = rule if isinstance(rule, float) else PAPER_ABSOLUTE if rule == "paper" else 0.0
+    for name, k in exps.items():
+        if k and absolute:
+            exps[name] = _absolute_damping(factors[name], k, absolute, rule, scale)
     method = HyperINFMethod(backend=backend, tol=tol, solver=solver)
     method.prepare(factors)
-    return GradientIHVP(factors, {n: m[2] for n, m in meta.items()}, method)
+    return GradientIHVP(factors, {n: m[2] for n, m in meta.items()}, method, exps)
 
 
 def make_ihvp(

@@ -19,7 +19,7 @@ dattri's ``attribute`` accumulates into a tensor of torch's default dtype; call 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -41,6 +41,65 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
 __all__ = ["IFAttributorHyperINF", "LoraBlock"]
+
+BATCH_FORMATS = ("a tuple or list of tensors with the examples along dim 0 (dattri's own format, e.g. "
+                 "(inputs, labels) from a TensorDataset), or a dict of such tensors (HyperINF's batches: the "
+                 "loss_func then gets a dict for each example)")
+
+
+class _DictExample(dict):
+    """One example of a dict batch, as dattri's loop hands it on (a 1-tuple); unwrapped before the loss."""
+
+    def to(self, device: Any) -> "_DictExample":
+        return _DictExample({k: v.to(device) for k, v in self.items()})
+
+    def unsqueeze(self, dim: int) -> "_DictExample":
+        return _DictExample({k: v.unsqueeze(dim) for k, v in self.items()})
+
+
+def _as_dattri_batch(batch: Any, where: str) -> tuple:
+    """A batch as dattri's loop takes it: a tuple of tensors, or a dict batch as a 1-tuple (``_DictExample``);
+    ValueError naming the formats it needs for anything else."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)) and batch and all(isinstance(t, torch.Tensor) for t in batch):
+        return tuple(batch)
+    if isinstance(batch, Mapping) and batch and all(isinstance(t, torch.Tensor) for t in batch.values()):
+        return (_DictExample(batch),)
+    got = type(batch).__name__
+    if isinstance(batch, (tuple, list, Mapping)):
+        items = batch.values() if isinstance(batch, Mapping) else batch
+        got += f" of {sorted({type(t).__name__ for t in items})}"
+    raise ValueError(f"{where}: batches must be {BATCH_FORMATS}; got a {got}")
+
+
+def _loss_data(data: Any) -> Any:
+    """What the task's ``loss_func`` gets: the dict of a dict batch, the tuple otherwise."""
+    if isinstance(data, tuple) and len(data) == 1 and isinstance(data[0], _DictExample):
+        return dict(data[0])
+    return data
+
+
+class _Batches:
+    """A loader whose batches are normalised by :func:`_as_dattri_batch`; dattri reads ``sampler`` and
+    ``batch_size`` of the loader itself."""
+
+    def __init__(self, loader: Any, where: str):
+        if not hasattr(loader, "sampler") or getattr(loader, "batch_size", None) is None:
+            raise ValueError(f"{where}: dattri's attribute needs a torch DataLoader with a batch_size (it places "
+                             f"scores by batch), got {type(loader).__name__}")
+        self.loader, self.where = loader, where
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple]:
+        for batch in self.loader:
+            yield _as_dattri_batch(batch, self.where)
+
 
 # Methods whose preconditioning needs only the fitted factors (datainf/lissa stream the training
 # gradients again; dattri has its own IFAttributorDataInf / IFAttributorLiSSA for those).
@@ -128,6 +187,9 @@ class IFAttributorHyperINF(BaseInnerProductAttributor):
         include_heads: also use the linear heads PEFT keeps trainable via ``modules_to_save``.
         dtype: dtype of the factors and of the preconditioned gradients (float32/float64).
         backend, tol: kernel backend and Schulz tolerance, as ``HyperINF``.
+
+    Batches: tuples/lists of tensors (dattri's format; ``loss_func`` gets the tuple) or dicts of tensors
+    (HyperINF's; ``loss_func`` gets a dict per example); anything else raises ValueError.
     """
 
     def __init__(
@@ -192,7 +254,7 @@ class IFAttributorHyperINF(BaseInnerProductAttributor):
         """Σ_i g_iᵀg_i ([d, d]) and Σ_i g_i·g_iᵀ ([r, r]) per layer over ``loader``, for checkpoint ``ckpt``."""
         factors = {b.layer.name: self._empty_factor(b.layer) for b in self.blocks}
         for batch in loader:
-            data = tuple(t.to(self.device).unsqueeze(0) for t in batch)
+            data = tuple(t.to(self.device).unsqueeze(0) for t in _as_dattri_batch(batch, "full_train_dataloader"))
             grads = self._split(self.generate_train_rep(ckpt_idx=ckpt, data=data).detach())
             for name, g in grads.items():
                 # products in the factor dtype (HyperINF sums fp32 gradients batch-wise in fp32 by default)
@@ -210,6 +272,12 @@ class IFAttributorHyperINF(BaseInnerProductAttributor):
         method.prepare(factors)
         return method
 
+    def generate_train_rep(self, ckpt_idx: int, data: Any) -> torch.Tensor:
+        return super().generate_train_rep(ckpt_idx, _loss_data(data))
+
+    def generate_test_rep(self, ckpt_idx: int, data: Any) -> torch.Tensor:
+        return super().generate_test_rep(ckpt_idx, _loss_data(data))
+
     def transform_test_rep(self, ckpt_idx: int, test_rep: torch.Tensor) -> torch.Tensor:
         """[B, P] test gradients → [B, P] preconditioned (q·H_l⁻¹ per layer), in ``dtype``."""
         if ckpt_idx not in self.methods:
@@ -226,7 +294,8 @@ class IFAttributorHyperINF(BaseInnerProductAttributor):
         """dattri's ``attribute``; ``cache`` must have run (HyperINF needs the full-data GFIM)."""
         if not self.methods:
             raise RuntimeError("IFAttributorHyperINF: call cache(full_train_dataloader) before attribute")
-        return super().attribute(train_dataloader, test_dataloader, relatif_method)
+        return super().attribute(_Batches(train_dataloader, "train_dataloader"),
+                                 _Batches(test_dataloader, "test_dataloader"), relatif_method)
 
     def _compute_denom(self, ckpt_idx, train_batch_rep, test_batch_rep=None, relatif_method=None):
         """RelatIF normalisers: "l" = sqrt(g·H⁻¹g), "theta" = ‖H⁻¹g‖ (as dattri's IF attributors)."""

@@ -21,6 +21,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..attributor.config import check_method_options
 from ..attributor.hyperinf import HyperINF, HyperINFConfig
 from ..capture import find_gradient_layers
 
@@ -107,16 +108,25 @@ class HyperINFCallback(TrainerCallback):
         loss_fn: Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor] | None = None,
         **options: Any,
     ):
-        if not subdir or Path(subdir).is_absolute() or ".." in Path(subdir).parts:
+        # Every option is checked here, where it enters: a bad one found after training would lose the run.
+        if not isinstance(subdir, (str, Path)) or not str(subdir) or Path(subdir).is_absolute() or ".." in Path(
+                subdir).parts:
             raise ValueError(f"subdir: expected a relative folder name, got {subdir!r}")
-        if batch_size is not None and int(batch_size) < 1:
-            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        for name, flag in (("at_end", at_end), ("at_checkpoints", at_checkpoints)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name}: expected True or False, got {flag!r}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size: expected a whole number >= 1, got {batch_size!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"loss_fn: expected a callable loss_fn(model, batch) -> Tensor[B], got {loss_fn!r}")
         unknown = sorted(set(options) - set(HyperINFConfig.__dataclass_fields__))
         if unknown:
             raise ValueError(f"options: unknown HyperINF setting(s) {unknown}; expected fields of HyperINFConfig")
         dtype = options.pop("dtype", "float64")
         options.setdefault("cache", "none")
         self.config = HyperINFConfig(dtype=str(dtype).replace("torch.", ""), **options)  # validates options
+        check_method_options(self.config)  # what the method itself refuses (e.g. DataInf at λ = 0)
         self.subdir, self.at_end, self.at_checkpoints = subdir, at_end, at_checkpoints
         self.batch_size, self.train_dataset, self.data_collator = batch_size, train_dataset, data_collator
         self.loss_fn = loss_fn
@@ -142,9 +152,21 @@ class HyperINFCallback(TrainerCallback):
         # collate into per-example batches with labels.
         if model is None:
             raise ValueError("HyperINFCallback: the Trainer passed no model")
+        # the first place output_dir is known: a file where the factors go would fail only at the end
+        for target in self._targets(args):
+            if target.exists() and not target.is_dir():
+                raise ValueError(f"subdir: {target} exists and is not a folder; the factors are written there "
+                                 "after training — pass another subdir=... or remove it")
         find_gradient_layers(model, include_heads=self.config.include_heads, layers=self.config.layers)
         examples = self.examples(args, train_dataloader)
         examples.batch(0, min(2, len(examples.dataset)))
+
+    def _targets(self, args: Any) -> list[Path]:
+        """``<output_dir>/<subdir>`` and its folders below output_dir (checkpoint folders do not exist yet)."""
+        if not self.at_end:
+            return []
+        target = Path(args.output_dir) / self.subdir
+        return [target] + [Path(args.output_dir) / p for p in Path(self.subdir).parents if str(p) != "."]
 
     def on_save(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if self.at_checkpoints and state.is_world_process_zero:

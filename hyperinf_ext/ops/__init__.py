@@ -84,6 +84,7 @@ def gfim_accumulate_(acc: torch.Tensor, grads: torch.Tensor, *, backend: str | N
         impl.gfim_accumulate_(work, g3)
         acc3.copy_(work)
     check_accumulated("grads", acc3)
+    _check_underflow(acc3, g3)
     return acc
 
 
@@ -106,7 +107,30 @@ def rank_gram_accumulate_(acc: torch.Tensor, grads: torch.Tensor) -> torch.Tenso
     if grads.numel():
         backends.select("torch", acc.device)[1].rank_gram_accumulate_(acc, grads)
     check_accumulated("grads", acc)
+    if grads.numel():
+        _check_underflow(acc, grads.reshape(grads.shape[0], -1, grads.shape[-1]))
     return acc
+
+
+def _check_underflow(acc3: torch.Tensor, g3: torch.Tensor) -> None:
+    """ValueError when the squares of non-zero gradients g3 [L, m, ·] vanished in acc3 [L, ·, ·].
+
+    diag(acc) holds Σ g² ≥ max g², so a layer whose diagonal stays below tiny/eps (where a square that
+    rounds to a subnormal or to 0 is no longer negligible) either has zero gradients or lost them to
+    underflow: an O(d) test; the gradients are read only in that rare case, to tell the two apart."""
+    fi = torch.finfo(acc3.dtype)
+    low = fi.tiny / fi.eps
+    top = torch.diagonal(acc3, dim1=-2, dim2=-1).amax(-1)
+    small = (top < low).cpu()
+    if not bool(small.any()):
+        return
+    gmax = g3[small.to(g3.device)].abs().amax().double().item()
+    if gmax > 0:
+        raise ValueError(
+            f"grads: the squares of gradients up to {gmax:.3e} underflow {acc3.dtype} (the accumulated diagonal "
+            f"is at most {float(top[small.to(top.device)].max()):.3e} < {low:.1e}): scale the gradients by a power of "
+            "two (make_ihvp with gradient dicts does) or accumulate in float64"
+        )
 
 
 def gfim(grads: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -236,15 +260,11 @@ def schulz_inverse(
     # iteration's decisions and residuals are unchanged), so that their bounds and iterates cannot
     # under- or overflow (‖A‖_F of float64 entries below 1e-154 underflowed to 0, which was then
     # reported as "not positive definite").  Within 2^±64 nothing is scaled (and nothing copied).
-    amax = A3.abs().amax(dim=(-2, -1)).double().cpu()
-    _, e = torch.frexp(amax)
-    e = torch.where(amax > 0, e, torch.zeros_like(e)).to(torch.float64)
-    scaled = bool((e.abs() > SCALE_FREE_EXPONENT).any())
-    if not scaled:
-        e = torch.zeros_like(e)
-    As = _ldexp(A3, -e) if scaled else A3
+    e = range_exponents(A3.abs().amax(dim=(-2, -1)), SCALE_FREE_EXPONENT)
+    scaled = bool(e.any())
+    As = ldexp(A3, -e) if scaled else A3
     upper = spectral_upper_bound(As).cpu()
-    lower_s = torch.minimum(_ldexp(lower, -e) if scaled else lower, upper)
+    lower_s = torch.minimum(ldexp(lower, -e) if scaled else lower, upper)
     diag_min = torch.diagonal(As, dim1=-2, dim2=-1).amin(-1).double().cpu()
     not_pd = (diag_min <= 0) | (upper <= 0)
 
@@ -264,7 +284,7 @@ def schulz_inverse(
         X, iters, resid, status = impl.schulz_inverse(As, lower_s, upper, stop, max_iter, **steps)
         iters, resid, status = iters.cpu(), resid.cpu().double(), status.cpu()
     if scaled:  # (As·2^e)⁻¹ = As⁻¹·2^-e: undo the scaling exactly, unless that leaves the dtype's range
-        X = _ldexp(X, -e)
+        X = ldexp(X, -e)
 
     names = []
     for i in range(B):
@@ -282,8 +302,8 @@ def schulz_inverse(
         iterations=iters.reshape(batch_shape),
         residual=resid.reshape(batch_shape),
         status=names,
-        lower=(_ldexp(lower_s, e) if scaled else lower_s).reshape(batch_shape),
-        upper=(_ldexp(upper, e) if scaled else upper).reshape(batch_shape),
+        lower=(ldexp(lower_s, e) if scaled else lower_s).reshape(batch_shape),
+        upper=(ldexp(upper, e) if scaled else upper).reshape(batch_shape),
         backend=name,
         tol=accept,
         extra={"stop": stop, "scale_exponent": e.reshape(batch_shape)},
@@ -297,9 +317,20 @@ def schulz_inverse(
 SCALE_FREE_EXPONENT = 64  # matrices with max |entry| in [2^-64, 2^64) are iterated unscaled
 
 
-def _ldexp(T: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """T[i] · 2^k[i] for T [B, ...] and integer-valued float64 k [B], exactly where the result is
-    representable: in steps that keep every factor 2^step finite and normal in T's dtype."""
+def range_exponents(amax: torch.Tensor, free: int) -> torch.Tensor:
+    """Per entry of ``amax`` (the largest |value| of each matrix, vector…), the exponent e (integer-valued
+    float64 CPU) with amax·2^-e in [1/2, 1) — or 0 for every entry when all of them lie in [2^-free, 2^free]
+    or are 0, so that the common case scales nothing.  With :func:`ldexp` the one power-of-two range
+    scaling of the ops and the solvers (exact: only the exponents change)."""
+    amax = amax.detach().double().cpu().reshape(-1)
+    _, e = torch.frexp(amax)
+    e = torch.where(amax > 0, e, torch.zeros_like(e)).to(torch.float64)
+    return e if bool((e.abs() > free).any()) else torch.zeros_like(e)
+
+
+def ldexp(T: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """T[i] · 2^k[i] for T [B, ...] and integer-valued float64 k [B] (:func:`range_exponents`): a new tensor,
+    exact where the result is representable (in steps that keep every factor 2^step finite and normal)."""
     k = k.clone()
     step_max = int(math.log2(torch.finfo(T.dtype).max)) - 1  # 126 (float32), 1022 (float64)
     out = None

@@ -25,13 +25,13 @@ from ..errors import CheckpointBusyError
 from .checkpoint import LOCK, Checkpoint
 from .files import (CRASH_ENV, crash_point, read_json, read_tensors, save_tensors_atomic,
                     write_bytes_atomic)
-from .fingerprints import DataFingerprint, model_fingerprint
-from .state import (FORMAT_VERSION, META, StoredState, check_layers, load_scores, read_state, save_scores,
-                    stored_factors, write_state)
+from .fingerprints import DataFingerprint, adapter_fingerprint, model_fingerprint
+from .state import (FORMAT_VERSION, META, StoredState, check_adapter, check_layers, load_scores, read_state,
+                    save_scores, stored_factors, write_state)
 
 __all__ = [
     "CRASH_ENV", "FORMAT_VERSION", "LOCK", "META", "Checkpoint", "CheckpointBusyError", "DataFingerprint",
-    "StoredState", "check_layers", "crash_point", "load_scores", "model_fingerprint", "read_json",
-    "read_state", "read_tensors", "save_scores", "save_tensors_atomic", "stored_factors", "write_bytes_atomic",
+    "StoredState", "adapter_fingerprint", "check_adapter", "check_layers", "crash_point", "load_scores",
+    "model_fingerprint", "read_json", "read_state", "read_tensors", "save_scores", "save_tensors_atomic", "stored_factors", "write_bytes_atomic",
     "write_state",
 ]

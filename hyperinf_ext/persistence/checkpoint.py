@@ -137,9 +137,11 @@ class Checkpoint:
         return cls(loader, fingerprint, expected, complete, self.directory)
 
     def commit(self, fingerprint: DataFingerprint, *, complete: bool, factors: Mapping[str, "LayerFactor"],
-               config: Mapping[str, object], n_train: int, batches_done: int, model: torch.nn.Module) -> None:
+               config: Mapping[str, object], n_train: int, batches_done: int, model: torch.nn.Module,
+               adapter_digest: str | None = None) -> None:
         """Write the fit's state so far (``factors``, ``config`` as a dict, counts) as the next generation."""
         if fingerprint.count != batches_done:
             raise RuntimeError(f"internal: fingerprint of {fingerprint.count} batches at batch {batches_done}")
         write_state(self.directory, factors=factors, config=config, n_train=n_train, batches_done=batches_done,
-                    complete=complete, fingerprint=fingerprint, model_digest=self._model(model))
+                    complete=complete, fingerprint=fingerprint, model_digest=self._model(model),
+                    adapter_digest=adapter_digest)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -21,6 +21,17 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     for name, p in model.named_parameters():
         h.update(f"{name}{p.dtype}{tuple(p.shape)}".encode())
         h.update(_tensor_bytes(p))
+    return h.hexdigest()
+
+
+def adapter_fingerprint(weights: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 of the named adapter weights (names, shapes and values as float64): factors fitted on one
+    adapter are wrong for another of the same shapes.  The values are compared as numbers, so the same
+    weights held in float32 or float64 give the same fingerprint."""
+    h = hashlib.sha256()
+    for name, t in weights:
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(_tensor_bytes(t.detach().to(torch.float64)))
     return h.hexdigest()
 
 

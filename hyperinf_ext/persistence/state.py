@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
@@ -75,6 +76,8 @@ def read_state(directory: str | Path) -> StoredState:
         damping = json_field(layer, "damping", (int, float), lw)
         if not (math.isfinite(damping) and damping >= 0):
             raise ValueError(f"{lw}: 'damping' must be finite and ≥ 0, got {damping!r}")
+    if meta.get("adapter_sha256") is not None:
+        json_field(meta, "adapter_sha256", str, where)
     if fmt == 1:
         factors_name, generation = "factors.safetensors", None
     else:
@@ -134,6 +137,21 @@ def check_layers(stored: StoredState, layers: Sequence[tuple[str, int, int]]) ->
             )
 
 
+def check_adapter(stored: StoredState, digest: str, *, allow_other: bool = False) -> None:
+    """``ValueError`` naming both fingerprints when ``stored`` was fitted on other adapter weights than
+    those of ``digest`` (unless ``allow_other``); a warning when ``stored`` predates fingerprints."""
+    saved = stored.meta.get("adapter_sha256")
+    if saved is None:
+        warnings.warn(f"{stored.directory}: the saved factors carry no adapter fingerprint (saved by an older "
+                      "version); they cannot be checked against the model's adapter weights", stacklevel=3)
+    elif saved != digest and not allow_other:
+        raise ValueError(
+            f"{stored.directory}: the factors were fitted on other adapter weights (adapter_sha256 {saved}) than "
+            f"the model's ({digest}); scores would mix two adapters.  Load the adapter they were fitted on, "
+            "fit again, or pass allow_other_weights=True if you mean to use them anyway"
+        )
+
+
 def stored_factors(stored: StoredState, dtype: torch.dtype) -> dict[str, LayerFactor]:
     """The per-layer factors of ``stored`` (sums in ``dtype``), in the saved layer order."""
     t = stored.tensors
@@ -165,12 +183,14 @@ def write_state(
     method_state: Mapping[str, torch.Tensor] | None = None,
     fingerprint: "DataFingerprint | None" = None,
     model_digest: str | None = None,
+    adapter_digest: str | None = None,
 ) -> Path:
     """Commit ``factors`` (and ``method_state``, per-layer [d, d]) with the attributor's ``config`` (a
     dict of plain values) and counts to ``directory`` atomically.
 
     The factors go to a new ``factors-<generation>.safetensors``; replacing meta.json is the commit;
-    files of older generations are removed afterwards.
+    files of older generations are removed afterwards.  ``adapter_digest`` (``adapter_fingerprint`` of
+    the weights the factors were fitted on) is stored as ``adapter_sha256`` for ``check_adapter``.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -199,6 +219,7 @@ def write_state(
         "batches_done": batches_done,
         "data": fingerprint.as_dict() if fingerprint is not None else None,
         "model": model_digest,
+        "adapter_sha256": adapter_digest,
         "layers": [
             {"name": f.name, "rank": f.rank, "dim": f.dim, "count": f.count, "damping": f.damping}
             for f in factors.values()

@@ -3,7 +3,8 @@
 Every function here damps G, runs the chosen solver and measures a relative residual before
 returning; an answer above the tolerance raises :class:`ConvergenceError` instead of being returned
 (an explicitly requested ``"cholesky"`` without ``tol`` — the direct baseline — records its residual
-and fails only when it is not finite, as before the solvers layer).
+and fails only when it is not finite or G + λI is singular to within float64, as before the solvers
+layer).
 ``SolveInfo.residual`` bounds (Schulz: exactly; Cholesky: a probe estimate of the same norm; CG: κ
 times the relative residual of the rows) the relative error of the solve.
 """
@@ -18,15 +19,19 @@ from .. import backends, ops
 from ..errors import ConvergenceError
 from . import cost
 from .direct import (
+    check_invertible,
     cholesky_factor,
     cholesky_solve_rows,
     damp,
+    in_range,
     damping_tensor,
     default_tol,
     inverse_residual,
     inverse_residual_f64,
+    rows_out_of_range,
     rows_residual,
     symmetrise,
+    unscaled_rows,
     verified_cholesky_inverse,
 )
 from .krylov import cg
@@ -60,7 +65,10 @@ def _bracket(A: torch.Tensor, lam: torch.Tensor) -> tuple[float, float]:
     """(smallest λ, largest cheap upper bound) over the batch: the worst matrix's bracket."""
     if lam.numel() == 0:
         return 0.0, 0.0
-    return float(lam.min()), float(ops.spectral_upper_bound(A).max())
+    upper = float(ops.spectral_upper_bound(A).max())
+    if upper == 0:  # every Schulz start and CG bound divides by it (a NaN is left to Schulz's input check)
+        raise ConvergenceError("G + damping·I is zero (G = 0 and damping = 0): it has no inverse; add damping")
+    return float(lam.min()), upper
 
 
 def _pick(solver: str, A: torch.Tensor, bracket: Callable[[], tuple[float, float]], *, rows: int | None, want: str,
@@ -145,6 +153,31 @@ def spd_inverse(
     tol: float | None = None,
     polish: bool = True,
 ) -> tuple[torch.Tensor, SolveInfo]:
+    """X = (G + λI)⁻¹ [..., d, d] and its SolveInfo (:func:`_spd_inverse` on G + λI range-scaled by a power
+    of two, see :func:`direct.in_range`).  ConvergenceError when not verified, or when X is beyond the dtype."""
+    Gs, lam, e = in_range(G, damping_tensor(G, damping))
+    X, info = _spd_inverse(Gs, lam, solver=solver, backend=backend, tol=tol, polish=polish)
+    if e is None:
+        return X, info
+    d = X.shape[-1]
+    X = ops.ldexp(X.reshape(-1, d, d), -e).reshape(X.shape)
+    if not bool(torch.isfinite(X).all()):
+        raise ConvergenceError(
+            f"the inverse of G + damping·I is beyond {X.dtype}'s range (the largest entry of G + damping·I is below "
+            f"2^{int(e.min())}, so its inverse has entries above about 2^{-int(e.min())}): rescale G, add damping"
+            + (" or use float64" if X.dtype != torch.float64 else ""))
+    return X, info
+
+
+def _spd_inverse(
+    G: torch.Tensor,
+    damping,
+    *,
+    solver: str = cost.AUTO,
+    backend: str | None = None,
+    tol: float | None = None,
+    polish: bool = True,
+) -> tuple[torch.Tensor, SolveInfo]:
     """Damp G, invert, symmetrise: X = (G + λI)⁻¹ [..., d, d] (compute dtype) and its SolveInfo.
 
     solver: "auto" (cost model, an explicit inverse), "schulz" (scaled, λ as lower bound; float64 with
@@ -178,6 +211,8 @@ def spd_inverse(
             residual, note = _recheck(residual.reshape(lam.shape), check_tol, strict, cdtype,
                                       lambda: inverse_residual_f64(G, lam, X))
             _verified("cholesky", residual, check_tol, strict)
+            if not bool((residual <= check_tol).all()):
+                check_invertible(A_of())  # the unenforced baseline still needs an A that has an inverse
             return X, SolveInfo("cholesky", residual, check_tol, choice.reason + note)
         except ConvergenceError as e:
             if solver != cost.AUTO:
@@ -218,6 +253,7 @@ class Factorization:
 
     def __init__(self, G: torch.Tensor, damping, *, solver: str = cost.AUTO, backend: str | None = None,
                  tol: float | None = None, rows: int | None = None):
+        G, damping, self._exp = in_range(G, damping_tensor(G, damping))
         A, lam, tol, strict, asked, bracket = _prepare(G, damping, solver, tol, INVERSE_SOLVERS)
         choice = _pick(solver, A, bracket, rows=rows, want="apply", backend=backend, tol=tol, polish=False, lam=lam)
         if choice.solver == "cg":  # a factorisation is reused: CG has nothing to keep
@@ -228,6 +264,7 @@ class Factorization:
     def _of_damped(cls, A: torch.Tensor, lam: torch.Tensor, choice: cost.Choice, backend: str | None,
                    tol: float, strict: bool, asked: float | None, fallback: bool = False) -> "Factorization":
         self = cls.__new__(cls)
+        self._exp = None
         self._build(A, lam, choice, backend, tol, strict, asked, fallback)
         return self
 
@@ -250,6 +287,8 @@ class Factorization:
                 residual, note = _recheck(inverse_residual(A3, solve).reshape(lam.shape), tol, strict, A3.dtype,
                                           lambda: inverse_residual(A3, solve, precise=True))
                 _verified("cholesky", residual, tol, strict)
+                if not bool((residual <= tol).all()):
+                    check_invertible(A3)  # the unenforced baseline still needs an A that has an inverse
             except ConvergenceError as e:
                 if not fallback:
                     raise
@@ -267,10 +306,39 @@ class Factorization:
             self.info = SolveInfo("cholesky", residual, tol, choice.reason + note)
 
     def solve_rows(self, V: torch.Tensor) -> torch.Tensor:
-        return self._solve(V.to(self.dtype))
+        if self._exp is None:
+            return self._solve(V.to(self.dtype))
+        return unscaled_rows(self._solve, V.to(self.dtype), self._exp)
 
 
 def solve_rows(
+    G: torch.Tensor,
+    damping,
+    V: torch.Tensor,
+    *,
+    solver: str = cost.AUTO,
+    backend: str | None = None,
+    tol: float | None = None,
+    max_iter: int | None = None,
+) -> tuple[torch.Tensor, SolveInfo]:
+    """One-shot V·(G + λI)⁻¹ (:func:`_solve_rows`) on G + λI range-scaled by a power of two (:func:`direct.in_range`)."""
+    Gs, lam, e = in_range(G, damping_tensor(G, damping))
+    kw = dict(solver=solver, backend=backend, tol=tol, max_iter=max_iter)
+    if e is None and rows_out_of_range(V):  # CG's norms square the rows: they too are brought into range
+        e = torch.zeros(V.shape[0], dtype=torch.float64, device="cpu")
+    if e is None:
+        return _solve_rows(G, lam, V, **kw)
+    info: list = []
+
+    def solve(W: torch.Tensor) -> torch.Tensor:
+        Y, i = _solve_rows(Gs, lam, W, **kw)
+        info.append(i)
+        return Y
+
+    return unscaled_rows(solve, V.to(Gs.dtype), e), info[0]
+
+
+def _solve_rows(
     G: torch.Tensor,
     damping,
     V: torch.Tensor,

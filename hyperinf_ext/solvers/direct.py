@@ -65,6 +65,28 @@ def _check_spd(info: torch.Tensor, dtype: torch.dtype) -> None:
         )
 
 
+def check_invertible(A: torch.Tensor) -> None:
+    """ConvergenceError when a matrix of A = G + λI [..., d, d] is singular to within float64's resolution.
+
+    An unenforced Cholesky answer (the direct baseline) may be inaccurate for an ill-conditioned A in a
+    low dtype, but it must be the inverse of something: where A has no inverse even in float64 (a
+    singular GFIM at λ = 0, whose rounded pivots let the factorisation through), X fits nothing.  The
+    test: the float64 Cholesky fails, or its smallest pivot L_ii² is within d·u₆₄·trace(A) of zero
+    (the rounding of the factorisation itself, so below it no pivot is distinguishable from 0).
+    """
+    A3 = A.reshape(-1, *A.shape[-2:]).to(torch.float64)
+    L, info = torch.linalg.cholesky_ex(A3)
+    pivots = L.diagonal(dim1=-2, dim2=-1).square().amin(-1)
+    floor = A3.shape[-1] * torch.finfo(torch.float64).eps * A3.diagonal(dim1=-2, dim2=-1).sum(-1).abs()
+    bad = (info != 0) | ~(pivots > floor)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ConvergenceError(
+            f"cholesky: G + damping·I is singular to within float64's resolution ({int(bad.sum())} of "
+            f"{bad.numel()} matrices, first: matrix {i}); its Cholesky answer is no inverse: use a positive damping"
+        )
+
+
 def cholesky_factor(A: torch.Tensor) -> torch.Tensor:
     """Lower Cholesky factor of each SPD matrix of A [..., d, d]; ConvergenceError if one is not SPD."""
     L, info = torch.linalg.cholesky_ex(A)
@@ -204,3 +226,39 @@ def rows_residual(A: torch.Tensor, V: torch.Tensor, Y: torch.Tensor) -> torch.Te
 def default_tol(dtype: torch.dtype) -> float:
     """The residual tolerance of the compute dtype (the Schulz default, so every solver meets one test)."""
     return ops.DEFAULT_TOL[ops.compute_dtype(dtype)]
+
+
+_FREE_EXPONENT = {torch.float32: 32, torch.float64: 256}  # a quarter of each dtype's exponent range
+
+
+def in_range(G: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(G·2^-e, λ·2^-e, e [B]) when the largest entry of some G + λI lies outside 2^±(maxexp/4) of the
+    compute dtype (2^±32 float32, 2^±256 float64), else (G, λ, None): O(d²) reads, no copy.
+
+    Solving 2^e·(G·2^-e + λ·2^-e) instead keeps every intermediate in range — ‖A‖_F of the bracket squares
+    the entries (G at 1e-170 gave an upper bound of 0 in float64), Cholesky takes their square roots — and
+    (2^e·A')⁻¹ = 2^-e·A'⁻¹ is undone exactly."""
+    if G.numel() == 0:
+        return G, lam, None
+    d = G.shape[-1]
+    cdtype = ops.compute_dtype(G.dtype)
+    G3 = G.reshape(-1, d, d)
+    amax = torch.maximum(G3.amax((-2, -1)), -G3.amin((-2, -1))).double().cpu()
+    e = ops.range_exponents(torch.maximum(amax, lam.reshape(-1)), _FREE_EXPONENT[cdtype])
+    if not bool(e.any()):
+        return G, lam, None
+    Gs = ops.ldexp(G3.to(cdtype), -e).reshape(G.shape[:-2] + (d, d))
+    return Gs, ops.ldexp(lam.reshape(-1), -e).reshape(lam.shape), e
+
+
+def rows_out_of_range(V: torch.Tensor) -> bool:
+    """Whether the largest |entry| of rows V lies outside the band :func:`in_range` leaves unscaled."""
+    return bool(V.numel()) and bool(
+        ops.range_exponents(V.abs().amax(), _FREE_EXPONENT[ops.compute_dtype(V.dtype)]).any())
+
+
+def unscaled_rows(solve: Callable[[torch.Tensor], torch.Tensor], V: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """V·(2^e·A')⁻¹ = 2^(f−e)·((V·2^-f)·A'⁻¹) for V [B, k, d], with ``solve(W) = W·A'⁻¹`` and f from V's own
+    range per matrix: neither the product nor the rows under- or overflow before the exact rescaling."""
+    f = ops.range_exponents(V.abs().amax((-2, -1)), 0)
+    return ops.ldexp(solve(ops.ldexp(V, -f)), f - e)

@@ -97,20 +97,20 @@ def test_attribute_top_k_equals_full_matrix(llm_files, tmp_path, method, capsys)
                  "--threads", "1"])
     assert code == 0, capsys.readouterr().err
     records = [json.loads(line) for line in (out / "attribution.jsonl").read_text().splitlines()]
-    assert [r["query"] for r in records] == [0, 1, 2]
+    assert [r["query_line"] for r in records] == [1, 2, 3]  # file lines (JSONL: one example per line)
     S = full_matrix(folder, adapter, train, query, method)
     rows = [json.loads(line) for line in train.read_text().splitlines()]
     for q, rec in enumerate(records):
         for side, largest in (("helpful", False), ("harmful", True)):
             expected = brute_topk(S[q].tolist(), 4, largest)
-            assert [e["train_index"] for e in rec[side]] == expected
+            assert [e["train_line"] - 1 for e in rec[side]] == expected
             for e in rec[side]:
-                assert e["score"] == pytest.approx(float(S[q, e["train_index"]]), rel=1e-6)  # fp32 gradients, other batches
-                assert e["prompt"] == rows[e["train_index"]]["prompt"]
-                assert e["response"] == rows[e["train_index"]]["response"]
+                assert e["score"] == pytest.approx(float(S[q, e["train_line"] - 1]), rel=1e-6)  # fp32 gradients, other batches
+                assert e["prompt"] == rows[e["train_line"] - 1]["prompt"]
+                assert e["response"] == rows[e["train_line"] - 1]["response"]
         assert [e["rank"] for e in rec["helpful"]] == [1, 2, 3, 4]
     report = (out / "report.md").read_text()
-    assert "## Query 2" in report and "**Most harmful**" in report and rows[records[0]["helpful"][0]["train_index"]]["prompt"][:40] in report
+    assert "## Query (line 3)" in report and "**Most harmful**" in report and rows[records[0]["helpful"][0]["train_line"] - 1]["prompt"][:40] in report
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_train"] == 14 and summary["causal_lm"] and summary["finetune"]["epochs"] == 0
 

@@ -15,31 +15,10 @@ from hyperinf_ext import HyperINF  # noqa: E402
 from hyperinf_ext.attributor.hyperinf import SIGN_CONVENTION  # noqa: E402
 from hyperinf_ext.capture import classification_loss  # noqa: E402
 from _numerics import ref_inv, ref_solve
-from tiny_bert import tiny_bert_lora
+from tiny_bert import batches, make_data, tiny_bert_lora, tiny_model  # noqa: F401  (tests import them from here too)
 
-N_TRAIN, N_QUERY, VOCAB = 14, 5, 50
-
-
-def tiny_model(seed=0):
-    return tiny_bert_lora(vocab=VOCAB, layers=2, dropout=0.1, seed=seed, lora_dropout=0.1)
-
-
-def make_data(n, seed, index_offset=0):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(3, 9, (n,), generator=g)
-    ids = torch.zeros(n, 8, dtype=torch.long)
-    mask = torch.zeros(n, 8, dtype=torch.long)
-    for i, L in enumerate(lengths):
-        ids[i, :L] = torch.randint(1, VOCAB, (int(L),), generator=g)
-        mask[i, :L] = 1
-    labels = torch.randint(0, 2, (n,), generator=g)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "index": torch.arange(n) + index_offset}
-
-
-def batches(data, size, order=None):
-    n = data["labels"].shape[0]
-    order = torch.arange(n) if order is None else order
-    return [{k: v[order[i : i + size]] for k, v in data.items()} for i in range(0, n, size)]
+N_TRAIN, N_QUERY = 14, 5
+VOCAB = 50
 
 
 @pytest.fixture(scope="module")

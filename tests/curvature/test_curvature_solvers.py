@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hyperinf_ext import HyperINF
-from test_attributor import batches, make_data, tiny_model
+from tiny_bert import batches, make_data, tiny_model
 
 
 @pytest.fixture(scope="module")

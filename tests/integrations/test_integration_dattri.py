@@ -180,3 +180,59 @@ def test_several_checkpoints_average(float64_default):
     # method exact on both sides (solves, ~d·u·κ) and one float64 average: 1e-5·scale as above; a
     # checkpoint dropped from the average is off by |want0 − want1|/2, ≥ 1e-3 relative (asserted above)
     torch.testing.assert_close(got, (want[0] + want[1]) / 2, rtol=0, atol=1e-5 * scale)
+
+
+def dict_loss(model):
+    """The task's loss for dict batches: the adapter hands loss_func each example as a dict."""
+    per_tuple = dattri_loss(model)
+
+    def loss_func(params, data):
+        return per_tuple(params, (data["input_ids"], data["attention_mask"], data["labels"]))
+
+    return loss_func
+
+
+class DictDataset(torch.utils.data.Dataset):
+    def __init__(self, data):
+        self.ids, self.mask, self.labels = data
+
+    def __len__(self):
+        return self.ids.shape[0]
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+
+
+def test_batch_formats(float64_default):
+    """Tuples (dattri's own examples: a TensorDataset), lists and this library's dicts give the same scores;
+    anything else is a ValueError naming the formats (never an AttributeError from inside dattri)."""
+    model = tiny_model()
+    train, test = make_data(6, 6), make_data(3, 7)
+    results = []
+    for loss, wrap in ((dattri_loss, lambda d: TensorDataset(*d)), (dict_loss, DictDataset)):
+        task = AttributionTask(loss_func=loss(model), model=model, checkpoints=model.state_dict())
+        attributor = IFAttributorHyperINF(task, method="exact")
+        attributor.cache(DataLoader(wrap(train), batch_size=4))
+        results.append(attributor.attribute(DataLoader(wrap(train), batch_size=4),
+                                            DataLoader(wrap(test), batch_size=2)))
+        if loss is dattri_loss:  # lists of tensors, as a collate_fn may give them
+            as_lists = [list(b) for b in DataLoader(wrap(train), batch_size=4)]
+            attributor.cache(as_lists)
+            results.append(attributor.attribute(DataLoader(wrap(train), batch_size=4),
+                                                DataLoader(wrap(test), batch_size=2)))
+    # the same float64 per-example gradients (the dict path only renames the loss's inputs) and the same
+    # exact solves: equal to rounding, ≤ 1e-10 of the largest score (a wrong example order is O(1) off)
+    scale = float(results[0].abs().max())
+    assert scale > 0
+    for got in results[1:]:
+        torch.testing.assert_close(got, results[0], rtol=0, atol=1e-10 * scale)
+
+    task = AttributionTask(loss_func=dattri_loss(model), model=model, checkpoints=model.state_dict())
+    attributor = IFAttributorHyperINF(task)
+    with pytest.raises(ValueError, match="batches must be a tuple or list of tensors.*or a dict"):
+        attributor.cache([["not", "tensors"]])
+    with pytest.raises(ValueError, match="batches must be"):
+        attributor.cache([{"input_ids": "text"}])
+    attributor.cache(DataLoader(TensorDataset(*train), batch_size=4))
+    with pytest.raises(ValueError, match="train_dataloader: dattri's attribute needs a torch DataLoader"):
+        attributor.attribute([tuple(train)], DataLoader(TensorDataset(*test), batch_size=2))

@@ -180,3 +180,19 @@ def test_bad_input(tmp_path):
 
     with pytest.raises(ValueError, match="no 'labels'"):
         train(tmp_path / "nolabels", model, dataset(causal=True), HyperINFCallback(data_collator=no_labels))
+
+
+def test_bad_options_fail_before_training(tmp_path):
+    """Every option is refused where it enters (the callback's __init__), or — for the folder, which
+    needs the Trainer's output_dir — when training begins: never after a run whose factors are lost."""
+    for options, name in ((dict(damping_scale=-1.0), "damping_scale"), (dict(tol=-1.0), "tol"),
+                          (dict(method="datainf", damping=0.0), "damping"), (dict(lissa_depth=-5), "lissa_depth"),
+                          (dict(batch_size=0), "batch_size"), (dict(subdir=3), "subdir")):
+        with pytest.raises(ValueError, match=f"{name}"):
+            HyperINFCallback(**options)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "hyperinf").write_text("a file where the factors would go")
+    with pytest.raises(ValueError, match="subdir: .* exists and is not a folder"):
+        train(out, bert_lora(), dataset(), HyperINFCallback())
+    assert not (out / "checkpoint-2").exists()  # refused before the first step

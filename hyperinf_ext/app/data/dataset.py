@@ -26,12 +26,22 @@ class TextDataset:
     texts: list[str]
     labels: list[int]
     label_names: list[str] = field(default_factory=list)
+    # where each example came from, for every output that names an example: its line in the file it was read
+    # from (CSV: the header is line 1; a JSON array: its element number); None for data not read from a file
+    rows: list[int] | None = field(default=None, kw_only=True)
+    notes: list[str] = field(default_factory=list, kw_only=True)  # what reading the file changed or skipped
 
     def __post_init__(self) -> None:
         if len(self.texts) != len(self.labels):
             raise ValueError(
                 f"TextDataset: {len(self.texts)} texts but {len(self.labels)} labels"
             )
+        if self.rows is not None and len(self.rows) != len(self.texts):
+            raise ValueError(f"TextDataset: {len(self.texts)} texts but {len(self.rows)} rows")
+
+    def row(self, i: int) -> int:
+        """The file line of example ``i`` (its position when the data did not come from a file)."""
+        return i if self.rows is None else self.rows[i]
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -50,11 +60,13 @@ class TextDataset:
             texts=[self.texts[i] for i in idx],
             labels=[self.labels[i] for i in idx],
             label_names=list(self.label_names),
+            rows=None if self.rows is None else [self.rows[i] for i in idx],
         )
 
     def with_labels(self, labels: Sequence[int]) -> "TextDataset":
         """Same texts with replacement labels (e.g. the output of :func:`flip_labels`)."""
-        return TextDataset(list(self.texts), [int(y) for y in labels], list(self.label_names))
+        return TextDataset(list(self.texts), [int(y) for y in labels], list(self.label_names),
+                           rows=None if self.rows is None else list(self.rows))
 
 
 def split_dataset(

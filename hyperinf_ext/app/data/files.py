@@ -6,6 +6,7 @@ import csv
 import gzip
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,9 +36,19 @@ def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any
         with open_text(path) as f:
             reader = csv.DictReader(f)
             fieldnames = list(reader.fieldnames or ())
+            dup = sorted({c for c in fieldnames if fieldnames.count(c) > 1})
+            if dup:  # DictReader would keep the last of them and silently drop the others
+                raise DataError(f"{path}: the header (line 1) names column '{dup[0]}' "
+                                f"{fieldnames.count(dup[0])} times; column names must be distinct")
             # line_num counts physical lines, so for multi-line quoted fields it
             # points at the row's end; good enough for an error message.
-            rows = [(reader.line_num, row) for row in reader]
+            rows = []
+            for row in reader:
+                if None in row or None in row.values():  # restkey (extra fields) / restval (missing ones)
+                    n = len(fieldnames) + len(row.get(None) or ()) - sum(v is None for v in row.values())
+                    raise DataError(f"{path}: line {reader.line_num} has {n} fields but the header has "
+                                    f"{len(fieldnames)} ({', '.join(fieldnames)}); quote fields that contain commas")
+                rows.append((reader.line_num, row))
     except (csv.Error, OSError, EOFError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read CSV ({one_line(exc)})") from None
     if not fieldnames:
@@ -75,17 +86,53 @@ def _read_json_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield lineno, rec
 
 
-def _is_int_label(v: Any) -> bool:
+def _number(v: Any) -> float | None:
+    """A label's numeric value (ints, floats, numeric strings such as "1", "1.0", "1e0"), or None."""
     if isinstance(v, bool):
-        return False
-    if isinstance(v, int):
-        return True
-    if isinstance(v, float):
-        return v.is_integer()
-    if isinstance(v, str):
-        s = v.strip()
-        return s.lstrip("+-").isdigit()
-    return False
+        return None
+    if isinstance(v, (int, float)):
+        return float(v) if math.isfinite(v) else None
+    try:
+        x = float(str(v).strip())
+    except ValueError:
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _class_labels(path: Path, column: str, raw: list[tuple[int, Any]]) -> tuple[list[int], list[str]]:
+    """(class ids, label_names) of the raw labels ``(line, value)``.
+
+    All numeric and integer-valued → class ids; all numeric with a fraction (soft labels, a regression
+    target) → DataError, as the classifier would truncate them; otherwise names, sorted.  One class written
+    two ways ("1" and "1.0", "01") is refused: naming both lines is clearer than guessing."""
+    nums = [_number(y) for _, y in raw]
+    numeric = all(x is not None for x in nums)
+    spelled: dict[Any, tuple[int, str]] = {}
+    for (where, y), x in zip(raw, nums):
+        if not isinstance(y, str):
+            continue
+        text = y.strip()
+        key = x if x is not None else text
+        first = spelled.setdefault(key, (where, text))
+        if first[1] != text:
+            raise DataError(f"{path}: column '{column}' writes one class two ways: '{first[1]}' (line {first[0]}) "
+                            f"and '{text}' (line {where}); use one spelling")
+    if numeric:
+        frac = next(((w, y) for (w, y), x in zip(raw, nums) if not float(x).is_integer()), None)
+        if frac is not None:
+            raise DataError(f"{path}: column '{column}' holds {frac[1]!r} (line {frac[0]}), which is not a class id: "
+                            "classification needs integer class ids or class names (soft or regression labels "
+                            "are not supported)")
+        labels = [int(x) for x in nums]
+        if min(labels) < 0:
+            raise DataError(
+                f"{path}: integer labels in column '{column}' must be >= 0 (found {min(labels)})"
+            )
+        return labels, [str(k) for k in range(max(labels) + 1)]
+    as_str = [y.strip() if isinstance(y, str) else str(y) for _, y in raw]
+    label_names = sorted(set(as_str))
+    to_id = {n: k for k, n in enumerate(label_names)}
+    return [to_id[s] for s in as_str], label_names
 
 
 def load_text_file(
@@ -101,16 +148,20 @@ def load_text_file(
     Labels:
         * all integers (``0``, ``"1"``, ``2.0``) -> used as class ids directly,
           ``label_names = ["0", "1", ..., str(max)]``; negative ids are an error;
+        * all numbers, some with a fraction (soft labels) -> an error;
+        * one class spelled two ways (``"1"`` and ``"1.0"``) -> an error naming both lines;
         * otherwise -> every label is taken as a string and mapped to ids in
           sorted order, e.g. ``{"neg", "pos"}`` -> ``neg=0, pos=1``.
 
-    Rows whose text is empty after stripping are skipped; duplicates are kept.  ``min_classes=1``
+    Rows whose text is empty after stripping are skipped, and said so in ``notes``; duplicates are kept.
+    ``rows`` holds each example's file line (CSV: the header is line 1; JSON array: the element number).  ``min_classes=1``
     accepts a file of one class (e.g. queries to attribute, whose classes come from the training file).
 
     Raises:
         DataError: missing file, unknown extension, empty file, missing column
             (the message lists the columns present), missing label value,
-            fewer than two distinct classes.
+            fewer than two distinct classes, a duplicate header column, a CSV row with
+            more or fewer fields than the header (named by line).
     """
     path = Path(path)
     if not path.exists():
@@ -134,7 +185,8 @@ def load_text_file(
         )
 
     texts: list[str] = []
-    raw_labels: list[Any] = []
+    raw_labels: list[tuple[int, Any]] = []
+    skipped: list[int] = []
     for where, row in rows:
         for col in (text_column, label_column):
             if col not in row:
@@ -145,6 +197,7 @@ def load_text_file(
         text = row[text_column]
         text = "" if text is None else str(text).strip()
         if not text:
+            skipped.append(where)
             continue
         y = row[label_column]
         if y is None or (isinstance(y, str) and not y.strip()):
@@ -154,23 +207,16 @@ def load_text_file(
                 f"{path}: column '{label_column}' must hold a number or string (line {where})"
             )
         texts.append(text)
-        raw_labels.append(y)
+        raw_labels.append((where, y))
 
     if not texts:
         raise DataError(f"{path}: file is empty (no rows with text)")
-
-    if all(_is_int_label(y) for y in raw_labels):
-        labels = [int(float(y)) if not isinstance(y, str) else int(y.strip()) for y in raw_labels]
-        if min(labels) < 0:
-            raise DataError(
-                f"{path}: integer labels in column '{label_column}' must be >= 0 (found {min(labels)})"
-            )
-        label_names = [str(k) for k in range(max(labels) + 1)]
-    else:
-        as_str = [y.strip() if isinstance(y, str) else str(y) for y in raw_labels]
-        label_names = sorted(set(as_str))
-        to_id = {n: k for k, n in enumerate(label_names)}
-        labels = [to_id[s] for s in as_str]
+    labels, label_names = _class_labels(path, label_column, raw_labels)
+    notes = []
+    if skipped:
+        shown = ", ".join(map(str, skipped[:10])) + (", …" if len(skipped) > 10 else "")
+        notes.append(f"{path}: skipped {len(skipped)} row(s) with empty '{text_column}' at line(s) {shown} "
+                     "(file lines; outputs number examples by file line)")
 
     present = sorted(set(labels))
     if len(present) < min_classes:
@@ -178,4 +224,4 @@ def load_text_file(
         raise DataError(
             f"{path}: column '{label_column}' has a single class ('{only}'); need at least two"
         )
-    return TextDataset(texts, labels, label_names)
+    return TextDataset(texts, labels, label_names, rows=[w for w, _ in raw_labels], notes=notes)

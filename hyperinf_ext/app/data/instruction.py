@@ -63,19 +63,23 @@ class InstructionDataset(TextDataset):
     def subset(self, indices: Iterable[int]) -> "InstructionDataset":
         idx = [int(i) for i in indices]
         return InstructionDataset([self.texts[i] for i in idx], [self.labels[i] for i in idx],
-                                  list(self.label_names), [self.prompts[i] for i in idx])
+                                  list(self.label_names), [self.prompts[i] for i in idx],
+                                  rows=None if self.rows is None else [self.rows[i] for i in idx])
 
     def with_labels(self, labels: Sequence[int]) -> "InstructionDataset":
         return InstructionDataset(list(self.texts), [int(y) for y in labels], list(self.label_names),
-                                  list(self.prompts))
+                                  list(self.prompts), rows=None if self.rows is None else list(self.rows))
 
     @classmethod
-    def from_pairs(cls, prompts: Sequence[Messages], responses: Sequence[str]) -> "InstructionDataset":
-        """Build from prompt messages and response strings (distinct responses sorted into ``label_names``)."""
+    def from_pairs(cls, prompts: Sequence[Messages], responses: Sequence[str],
+                   rows: Sequence[int] | None = None) -> "InstructionDataset":
+        """Build from prompt messages and response strings (distinct responses sorted into ``label_names``);
+        ``rows``: the file line of each pair (see :class:`TextDataset`)."""
         names = sorted(set(responses))
         to_id = {r: k for k, r in enumerate(names)}
         texts = ["\n".join(m["content"] for m in p) for p in prompts]
-        return cls(texts, [to_id[r] for r in responses], names, [list(p) for p in prompts])
+        return cls(texts, [to_id[r] for r in responses], names, [list(p) for p in prompts],
+                   rows=None if rows is None else list(rows))
 
 
 # ------------------------------------------------------------------------------ loading
@@ -130,6 +134,7 @@ def load_instruction_file(
         raise DataError(f"{path}: unsupported file type; expected one of {', '.join(_CSV_SUFFIXES + _JSONL_SUFFIXES)}")
     prompts: list[Messages] = []
     responses: list[str] = []
+    lines: list[int] = []
     for where, row in rows:
         if row.get("messages") not in (None, ""):
             prompt, response = _messages(path, where, row["messages"])
@@ -147,9 +152,10 @@ def load_instruction_file(
             raise DataError(f"{path}: empty response (line {where}): every example needs a response to score")
         prompts.append(prompt)
         responses.append(response)
+        lines.append(where)
     if not prompts:
         raise DataError(f"{path}: file is empty (no rows)")
-    return InstructionDataset.from_pairs(prompts, responses)
+    return InstructionDataset.from_pairs(prompts, responses, lines)
 
 
 def rotten_tomatoes_instructions() -> InstructionDataset:

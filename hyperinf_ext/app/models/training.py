@@ -194,12 +194,24 @@ def load_lora_model(
     return model
 
 
-def _check_labels(labels: torch.Tensor, n_classes: int) -> None:
-    """Class ids must index the model's outputs (cross_entropy raises a bare IndexError otherwise)."""
+def _check_labels(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Class ids must index the model's outputs (cross_entropy raises a bare IndexError otherwise); float labels
+    must be whole numbers (``cross_entropy`` would take them as probabilities or they would be truncated), and
+    a one-output head is a regression head (cross-entropy over one class is 0 for every example)."""
+    if n_classes < 2:
+        raise DataError(f"model: its head has {n_classes} output (a regression head); classification needs at "
+                        "least 2 classes")
+    if labels.is_floating_point():
+        frac = labels != labels.round()
+        if bool(frac.any()):
+            raise DataError(f"labels: {labels[frac].unique()[:5].tolist()} are not class ids (soft or regression "
+                            "labels); classification needs integer class ids")
+        labels = labels.long()
     bad = (labels < 0) | (labels >= n_classes)
     if bool(bad.any()):
         raise DataError(f"labels: class label(s) {labels[bad].unique()[:5].tolist()} outside [0, {n_classes}) "
                         f"of the model's {n_classes} outputs (the data has more classes than the model)")
+    return labels
 
 
 def _head_labels(p: Path) -> int | None:
@@ -285,7 +297,7 @@ def finetune(
                     labels = batch["labels"].to(device)
                     if loss_fn is None:
                         logits = model(**_inputs_on_device(batch, device)).logits
-                        _check_labels(labels, logits.shape[-1])
+                        labels = _check_labels(labels, logits.shape[-1])
                         # fp32 loss even for low-precision models: log-softmax in
                         # bf16 loses the small differences late in training.
                         loss = F.cross_entropy(logits.float(), labels)
@@ -333,7 +345,7 @@ def evaluate(model: torch.nn.Module, loader: Any) -> dict[str, float]:
         for batch in loader:
             labels = batch["labels"].to(device)
             logits = model(**_inputs_on_device(batch, device)).logits.float()
-            _check_labels(labels, logits.shape[-1])
+            labels = _check_labels(labels, logits.shape[-1])
             total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += int((logits.argmax(dim=-1) == labels).sum())
             count += labels.numel()

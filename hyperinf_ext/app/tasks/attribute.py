@@ -91,7 +91,8 @@ def _load(cfg: AttributeConfig, causal: bool) -> tuple[TextDataset, TextDataset]
         if unknown:
             raise DataError(f"{cfg.query}: label(s) {unknown[:5]} do not occur in {cfg.train}")
         to_id = {n: i for i, n in enumerate(train.label_names)}
-        query = TextDataset(query.texts, [to_id[n] for n in query_names], list(train.label_names))
+        query = TextDataset(query.texts, [to_id[n] for n in query_names], list(train.label_names), rows=query.rows,
+                            notes=query.notes)
     return train, query
 
 
@@ -116,6 +117,8 @@ def run_attribute(cfg: AttributeConfig, log: Log = None) -> dict[str, Any]:
     causal = is_causal(cfg)
     train, query = _load(cfg, causal)
     log_stage(log, f"data: {len(train)} training and {len(query)} query examples")
+    for note in train.notes + query.notes:
+        log_stage(log, f"data: {note}")
     data = PreparedData(train, query, list(train.labels), np.zeros(len(train), dtype=bool), str(cfg.train),
                         len(train), causal)
     loaders = build_loaders(cfg, data, load_tokenizer(folder))
@@ -139,21 +142,13 @@ def run_attribute(cfg: AttributeConfig, log: Log = None) -> dict[str, Any]:
     finally:
         attr.cache.close()
 
-    records = []
-    for q in range(len(query)):
-        rec: dict[str, Any] = {"query": q, **_example(query, q, causal)}
-        # helpful = most negative (up-weighting them lowers the query's loss), harmful = most positive
-        for name, values, index in (("helpful", kept.negative_values, kept.negative_index),
-                                    ("harmful", kept.positive_values, kept.positive_index)):
-            rec[name] = [{"rank": r + 1, "train_index": int(i), "score": float(v), **_example(train, int(i), causal)}
-                         for r, (v, i) in enumerate(zip(values[q].tolist(), index[q].tolist()))]
-        records.append(rec)
+    records = attribution_records(train, query, kept, causal)
     paths = {"attribution": str(out / "attribution.jsonl"), "report": str(out / "report.md"),
              "summary": str(out / "summary.json")}
     write_jsonl(paths["attribution"], records)
     summary = {
         "task": "attribute", "settings": cfg.settings(), "n_train": len(train), "n_query": len(query),
-        "causal_lm": causal, "method": cfg.method, "damping": damping_label(cfg.damping), "top_k": cfg.top_k,
+        "causal_lm": causal, "notes": train.notes + query.notes, "method": cfg.method, "damping": damping_label(cfg.damping), "top_k": cfg.top_k,
         "finetune": {"epochs": cfg.resolved_epochs, "seconds": trained.seconds, "history": trained.history,
                      "query_loss": trained.val["loss"], "query_accuracy": trained.val["accuracy"]},
         "timings": {"fit_seconds": fit_seconds, "score_seconds": score_seconds},
@@ -163,6 +158,24 @@ def run_attribute(cfg: AttributeConfig, log: Log = None) -> dict[str, Any]:
     summary["total_seconds"] = time.perf_counter() - t_start
     write_json(paths["summary"], summary)
     return summary
+
+
+def attribution_records(train: TextDataset, query: TextDataset, kept: Any, causal: bool) -> list[dict[str, Any]]:
+    """One record per query: its top helpful and harmful training examples (``kept``: a ``TopK`` result).
+
+    Examples are named by their line in their file (``query_line``, ``train_line``; ``TextDataset.rows``),
+    never by position: a row the reader skipped would shift every position after it."""
+    records = []
+    for q in range(len(query)):
+        rec: dict[str, Any] = {"query_line": query.row(q), **_example(query, q, causal)}
+        # helpful = most negative (up-weighting them lowers the query's loss), harmful = most positive
+        for name, values, index in (("helpful", kept.negative_values, kept.negative_index),
+                                    ("harmful", kept.positive_values, kept.positive_index)):
+            rec[name] = [{"rank": r + 1, "train_line": train.row(int(i)), "score": float(v),
+                          **_example(train, int(i), causal)}
+                         for r, (v, i) in enumerate(zip(values[q].tolist(), index[q].tolist()))]
+        records.append(rec)
+    return records
 
 
 def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:

@@ -25,8 +25,11 @@ def write_markdown(path: str | Path, summary: dict[str, Any], records: Sequence[
         "# Training-data attribution",
         "",
         f"{summary['n_query']} queries, {summary['n_train']} training examples, method **{summary['method']}** "
-        f"(damping {summary['damping']}), top {summary['top_k']}.",
+        f"(damping {summary['damping']}), top {summary['top_k']}.  Examples are named by their line in their "
+        "file (CSV: the header is line 1).",
         "",
+        *[f"Note: {note}" for note in summary.get("notes", [])],
+        *([""] if summary.get("notes") else []),
         "Score = change of the query's loss when the training example is up-weighted: **helpful** examples "
         "(negative scores) lowered it — the model answers this way because of them; **harmful** ones "
         "(positive scores) pushed against the answer (e.g. mislabeled or contradicting examples). The harmful "
@@ -35,12 +38,12 @@ def write_markdown(path: str | Path, summary: dict[str, Any], records: Sequence[
     ]
     for rec in records:
         text_key, answer_key = _answer_key(rec)
-        lines += [f"## Query {rec['query']}", "", f"> {_cell(rec[text_key])}", ">",
+        lines += [f"## Query (line {rec['query_line']})", "", f"> {_cell(rec[text_key])}", ">",
                   f"> **{answer_key}:** {_cell(rec[answer_key])}", ""]
         for name in ("helpful", "harmful"):
-            lines += [f"**Most {name}**", "", f"| rank | train | score | {text_key} | {answer_key} |",
+            lines += [f"**Most {name}**", "", f"| rank | train line | score | {text_key} | {answer_key} |",
                       "|---:|---:|---:|---|---|"]
-            lines += [f"| {e['rank']} | {e['train_index']} | {e['score']:.4g} | {_cell(e[text_key])} | "
+            lines += [f"| {e['rank']} | {e['train_line']} | {e['score']:.4g} | {_cell(e[text_key])} | "
                       f"{_cell(e[answer_key])} |" for e in rec[name]]
             lines.append("")
     Path(path).write_text("\n".join(lines), encoding="utf-8")

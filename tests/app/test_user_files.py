@@ -1,0 +1,79 @@
+"""User files (issue #24 §5): the CSV/JSONL readers refuse what they would otherwise read silently wrong,
+and every example keeps its file line, which the outputs use."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hyperinf_ext.app.data.dataset import DataError
+from hyperinf_ext.app.data.files import load_text_file
+from hyperinf_ext.app.data.instruction import load_instruction_file
+
+
+def _csv(tmp_path, text: str, name: str = "d.csv"):
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+@pytest.mark.parametrize("loader", ["text", "instruction"])
+def test_csv_structure_errors_name_file_and_line(tmp_path, loader):
+    """A duplicate header column, a row with an extra field and one with a missing field are refused."""
+    load = load_text_file if loader == "text" else load_instruction_file
+    cols = "text,label" if loader == "text" else "prompt,response"
+    cases = {
+        "dup.csv": (f"{cols},{cols.split(',')[1]}\na,1,2\nb,0,1\n", r"dup\.csv: the header \(line 1\) names column '\w+' 2 times"),
+        "extra.csv": (f"{cols}\na,1\nb,c,0\nd,0\n", r"extra\.csv: line 3 has 3 fields but the header has 2"),
+        "missing.csv": (f"{cols}\na,1\nb\nd,0\n", r"missing\.csv: line 3 has 1 fields but the header has 2"),
+    }
+    for name, (content, message) in cases.items():
+        with pytest.raises(DataError, match=message):
+            load(_csv(tmp_path, content, name))
+
+
+def test_labels_one_spelling_per_class_and_no_soft_labels(tmp_path):
+    """'1' and '1.0' in one file are one class written two ways: refused, naming both lines; fractional
+    (soft/regression) labels are refused naming the line; whole floats written one way are class ids."""
+    with pytest.raises(DataError, match=r"mixed\.csv: column 'label' writes one class two ways: '1' \(line 2\) and "
+                                        r"'1\.0' \(line 4\)"):
+        load_text_file(_csv(tmp_path, "text,label\na,1\nb,0\nc,1.0\n", "mixed.csv"))
+    with pytest.raises(DataError, match=r"soft\.csv: column 'label' holds '0\.7' \(line 3\), which is not a class id"):
+        load_text_file(_csv(tmp_path, "text,label\na,1\nb,0.7\nc,0\n", "soft.csv"))
+    soft_json = tmp_path / "soft.jsonl"
+    soft_json.write_text("".join(json.dumps(r) + "\n" for r in [{"text": "a", "label": 0}, {"text": "b", "label": 0.25}]))
+    with pytest.raises(DataError, match=r"soft\.jsonl: column 'label' holds 0\.25 \(line 2\)"):
+        load_text_file(soft_json)
+    ds = load_text_file(_csv(tmp_path, "text,label\na,1.0\nb,0.0\nc,1.0\n", "floats.csv"))
+    assert ds.labels == [1, 0, 1] and ds.label_names == ["0", "1"]
+    # the training loop refuses soft labels and a one-output (regression) head in the same way
+    from hyperinf_ext.app.models.training import _check_labels
+    with pytest.raises(DataError, match="not class ids"):
+        _check_labels(torch.tensor([0.0, 0.7]), 2)
+    with pytest.raises(DataError, match="regression head"):
+        _check_labels(torch.tensor([0, 1]), 1)
+    assert _check_labels(torch.tensor([0.0, 1.0]), 2).dtype == torch.long
+
+
+def test_skipped_rows_are_reported_and_outputs_use_file_lines(tmp_path):
+    """A row with empty text is skipped with a note naming its line; examples keep their file lines, and the
+    attribute records name training examples and queries by those lines, not by position."""
+    from hyperinf_ext.app.tasks.attribute import attribution_records
+    from hyperinf_ext.attributor.topk import TopK
+
+    train = load_text_file(_csv(tmp_path, "text,label\na,1\n  ,0\nb,0\nc,1\n", "train.csv"))
+    assert train.texts == ["a", "b", "c"] and train.rows == [2, 4, 5]
+    assert len(train.notes) == 1 and "skipped 1 row(s) with empty 'text' at line(s) 3" in train.notes[0]
+    assert train.subset([2, 0]).rows == [5, 2]
+    query = load_text_file(_csv(tmp_path, "text,label\n,1\nq,1\n", "query.csv"), min_classes=1)
+    assert query.rows == [3]
+    top = TopK(1, 1)
+    top.update(torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64), torch.arange(3))
+    records = attribution_records(train, query, top.result(), causal=False)
+    assert records[0]["query_line"] == 3
+    assert records[0]["helpful"][0]["train_line"] == 4 and records[0]["helpful"][0]["text"] == "b"
+    assert records[0]["harmful"][0]["train_line"] == 5 and records[0]["harmful"][0]["text"] == "c"
+    lines = tmp_path / "i.jsonl"
+    lines.write_text('{"prompt": "p", "response": "r"}\n\n{"prompt": "q", "response": "s"}\n')
+    assert load_instruction_file(lines).rows == [1, 3]
