@@ -9,6 +9,10 @@ Scenarios (each rank writes OUT_DIR/rank{r}.json with what it saw; the test asse
                others name it); last, rank 1 builds its model with LoRA rank 4 (the others 3): every
                rank must raise (``mismatch`` runs that alone).
 * ``kill``     rank 1 SIGKILLs itself in the middle of its fit shard: the others must raise naming it.
+* ``shards``   self_scores (from the cache and from a loader) equal one process's; shards that overlap
+               (index 6 on both ranks, 7 on none, counts adding up to n_train) are refused on every rank;
+               1 example on 2 ranks (rank 1's shard empty) scores as one process; last, the CLI's main on
+               rank 1 fails in the fit: every rank prints one error line (OUT_DIR/cli.json holds the argv).
 """
 import json
 import os
@@ -106,6 +110,68 @@ def equal(rank: int, world: int, out: Path) -> dict:
     return res
 
 
+def _error(fn) -> str | None:
+    try:
+        fn()
+        return None
+    except Exception as e:  # noqa: BLE001 — the message is what the test checks
+        return f"{type(e).__name__}: {e}"
+
+
+def shards(rank: int, world: int, out: Path) -> dict:
+    from hyperinf_ext import HyperINF
+
+    train, query = make_data(N_TRAIN, 1), make_data(N_QUERY, 2)
+    ref = HyperINF(tiny_model(), progress=False, distributed=False).fit(all_batches(train))
+    attr = HyperINF(tiny_model(), progress=False).fit(shard_batches(train, rank, world))
+    want = ref.self_scores()
+    res: dict = {"self_scores": maxdiff(attr.self_scores(all_ranks=True), want)}
+    on0 = attr.self_scores(chunk_size=2)
+    res["self_rank0_only"] = (on0 is None) if rank else maxdiff(on0, want)
+    res["self_scores_loader"] = maxdiff(attr.self_scores(shard_batches(train, rank, world), all_ranks=True), want)
+
+    def pick(data: dict, idx: list[int]) -> list[dict]:
+        sel = torch.tensor(idx, dtype=torch.long)
+        return [{k: v[sel[i:i + BATCH]] for k, v in data.items()} for i in range(0, len(idx), BATCH)]
+
+    # 7 + 6 = 13 examples read, as many as n_train, but 6 twice and 7 never
+    mine = list(range(7)) if rank == 0 else [6, 8, 9, 10, 11, 12]
+    res["overlap"] = _error(lambda: HyperINF(tiny_model(), progress=False).fit(pick(train, mine)))
+    # a valid empty shard: one example, two ranks
+    one = make_data(1, 3)
+    ref1 = HyperINF(tiny_model(), progress=False, distributed=False).fit(all_batches(one))
+    qb = all_batches(query)
+    try:
+        a1 = HyperINF(tiny_model(), progress=False).fit(shard_batches(one, rank, world))
+        res["empty_shard"] = max(maxdiff(a1.scores(qb, all_ranks=True), ref1.scores(qb)),
+                                 maxdiff(a1.self_scores(all_ranks=True), ref1.self_scores()),
+                                 maxdiff(a1.scores(qb, top_k=1, all_ranks=True).positive_values,
+                                         ref1.scores(qb, top_k=1).positive_values))
+    except Exception as e:  # noqa: BLE001
+        res["empty_shard"] = f"{type(e).__name__}: {e}"
+    res["cli"] = cli_fails(rank, out)  # last: it leaves the group after a failure
+    return res
+
+
+def cli_fails(rank: int, out: Path) -> dict:
+    """The CLI's main on every rank, rank 1's fit raising on its first batch: what each rank prints."""
+    import contextlib
+    import io
+
+    from hyperinf_ext.app.cli import main
+    from hyperinf_ext.attributor import fitting
+
+    if rank == 1:
+        def broken(*args, **kwargs):
+            raise ValueError("fit: examples [1] (index) have a non-finite (NaN/Inf) loss (injected)")
+        fitting.check_finite = broken
+    argv = json.loads((out / "cli.json").read_text()) + ["--out", str(out / f"cli-out{rank}")]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(argv)
+    return {"code": code, "stderr": err.getvalue()}
+
+
 def mismatch(rank: int, world: int, out: Path) -> dict:
     from hyperinf_ext import HyperINF
 
@@ -139,7 +205,7 @@ def main(scenario: str, out: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     out_dir = Path(out)
     try:
-        res = {"equal": equal, "mismatch": mismatch, "kill": kill}[scenario](rank, world, out_dir)
+        res = {"equal": equal, "mismatch": mismatch, "kill": kill, "shards": shards}[scenario](rank, world, out_dir)
     except Exception:  # noqa: BLE001
         res = {"crash": traceback.format_exc()}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(res))

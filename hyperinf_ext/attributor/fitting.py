@@ -21,7 +21,8 @@ class FitPass:
     """Gradient batches (validated once for every method) and the GFIM accumulation of ``fit``."""
 
     def _grad_batches(
-        self, loader: Iterable, desc: str, skip: int = 0, groups: dict[Any, list[str]] | None = None
+        self, loader: Iterable, desc: str, skip: int = 0, groups: dict[Any, list[str]] | None = None,
+        read: list[torch.Tensor] | None = None,
     ) -> Iterator[tuple[torch.Tensor, dict]]:
         """Per-sample gradients of every batch of ``loader``: (index [B], {layer: [B, r, d]}).
 
@@ -32,6 +33,9 @@ class FitPass:
         Every batch is checked here, once for all methods: a ValueError names an empty batch, a bad
         or repeated ``index`` (over the whole pass), and by index the examples without a loss or
         with a non-finite loss/gradient (which would otherwise turn every score NaN or zero).
+
+        ``read``: when given, receives (once the loader is exhausted) the bool bitmap of every index the
+        pass read, skipped batches included — what a distributed fit checks the shards against.
         """
         offset = 0
         layer_of = {l.name: l for l in self.layers}
@@ -70,12 +74,15 @@ class FitPass:
                         stacked[key] = torch.stack([grads[name].to(grads[groups[key][0]]) for name in groups[key]])
                     check_finite(psg.last_losses, stacked.values(), index, desc, stacked=True)
                 yield index, grads, stacked
+        if read is not None:
+            read.append(taken)
 
     def _train_batches(self, train_loader: Iterable | None) -> Callable[[], Iterator[tuple[torch.Tensor, dict]]]:
         """A re-iterable source of training gradients: the fit cache, or passes over ``train_loader``."""
         if train_loader is not None:
             return lambda: self._grad_batches(train_loader, "train gradients")
-        if not self.cache.enabled or self.cache.count != self.batches_done or self.batches_done == 0:
+        # batches_done == 0 with factors: this rank's shard of a distributed fit was empty, nothing to stream
+        if not self.cache.enabled or self.cache.count != self.batches_done or not self.factors:
             raise ValueError(
                 "train_loader: required — the training gradients were not cached during fit "
                 "(cache='none', or fit was not run / was resumed without its cache)"
@@ -122,7 +129,8 @@ class FitPass:
             for k, names in groups.items()
         }
         scratch: dict[tuple[int, int], torch.Tensor] = {}
-        for index, grads, stacked_groups in self._grad_batches(loader, "fit", skip=skip, groups=groups):
+        read: list[torch.Tensor] = []
+        for index, grads, stacked_groups in self._grad_batches(loader, "fit", skip=skip, groups=groups, read=read):
             with self._timed("gfim"):
                 for key, names in groups.items():
                     stacked = stacked_groups[key]  # [L, B, r, d], contiguous; grads[n] are its slices
@@ -148,7 +156,8 @@ class FitPass:
             if ckpt is not None and checkpoint_every and self.batches_done % checkpoint_every == 0:
                 self._sync_factors(accs, rank_accs, groups)
                 self._commit_checkpoint(ckpt, fingerprint, complete=False)
-        if self.batches_done == 0:
+        self.fit_read = read[0] if read else None
+        if self.batches_done == 0 and self._comm is None:  # a rank's shard may be empty: the reduction checks
             raise ValueError("train_loader: yielded no batches")
         self._sync_factors(accs, rank_accs, groups)
         if ckpt is not None:

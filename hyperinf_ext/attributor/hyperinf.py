@@ -151,7 +151,7 @@ class HyperINF(FitPass, Scoring, StoredStateIO):
                 from ..distributed.share import reduce_factors
 
                 # every rank then holds the sums over all shards
-                self.n_train = reduce_factors(comm, self.factors, self.n_train)
+                self.n_train = reduce_factors(comm, self.factors, self.n_train, read=self.fit_read)
         except BaseException as e:
             resume = (f"; fit again with checkpoint_dir={str(ckpt.directory)!r} to resume from its last checkpoint"
                       if ckpt is not None and ckpt.exists and not isinstance(e, persistence.CheckpointBusyError)
@@ -231,7 +231,8 @@ class HyperINF(FitPass, Scoring, StoredStateIO):
     def _require_fit(self) -> None:
         if self._fit_error is not None:
             raise RuntimeError(f"fit did not complete: {self._fit_error}")
-        if not self.factors or self.batches_done == 0:
+        # counts, not this rank's batches: under torch.distributed a rank's shard may be empty
+        if not self.factors or not any(f.count for f in self.factors.values()):
             raise RuntimeError("HyperINF: call fit(train_loader) (or HyperINF.load) before scoring")
 
     # --------------------------------------------------------------------------------- persistence
@@ -267,7 +268,13 @@ class HyperINF(FitPass, Scoring, StoredStateIO):
 
     @staticmethod
     def load_scores(path: str | Path) -> torch.Tensor:
-        """The score tensor written by ``save_scores``, or the matrix of ``scores(out=PATH)`` memory-mapped."""
-        if sinks.is_store(path):
-            return sinks.load(path)
-        return persistence.load_scores(path)
+        """The score tensor written by ``save_scores``, or the matrix of ``scores(out=PATH)`` memory-mapped.
+
+        ``ValueError`` naming ``path`` when it is missing, holds another kind of artefact (saved factors,
+        a checkpoint), or is an incomplete, corrupt or inconsistent store or file."""
+        p = Path(path)
+        if p.is_dir():
+            return sinks.load(p)
+        if not p.exists():
+            raise ValueError(f"{p}: missing (scores)")
+        return persistence.load_scores(p)

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from .. import distributed as _dist
-from .sinks import Sinks
+from .sinks import Sinks, check_out
 from .cache import GradientCache
 from .config import SIGN_CONVENTION, QueryGradients
 from .topk import check_k
@@ -72,8 +72,12 @@ class Scoring:
         """Score every training example against the preconditioned queries ``qt`` into the chosen sinks."""
         Q = next(iter(qt.values())).shape[0]
         sinks = Sinks(Q, self.n_train, self.fdtype, self._comm, top_k=top_k, out=out, sign=SIGN_CONVENTION)
-        self._dot_with_train(qt, train_loader, sinks)
-        return sinks.finish(self.n_train, all_ranks)
+        try:
+            self._dot_with_train(qt, train_loader, sinks)
+            return sinks.finish(self.n_train, all_ranks)
+        except BaseException:
+            sinks.abort()  # an earlier store at ``out`` must stay loadable
+            raise
 
     def scores(self, query_loader: Iterable | QueryGradients, train_loader: Iterable | None = None, *,
                top_k: int | None = None, out: str | Path | None = None, all_ranks: bool = False) -> Any:
@@ -99,6 +103,8 @@ class Scoring:
             )
         if top_k is not None:
             check_k(top_k)  # before any gradient is computed
+        if out is not None and self._comm is None:  # ranks check it together when the file is created
+            check_out(out)
         if self._comm is not None:
             from ..distributed.share import check_same_queries
 
@@ -153,7 +159,8 @@ class Scoring:
                 block = -(qflat @ g.T)
             yield index, block
 
-    def self_scores(self, train_loader: Iterable | None = None, *, chunk_size: int = 256) -> torch.Tensor:
+    def self_scores(self, train_loader: Iterable | None = None, *, chunk_size: int = 256,
+                    all_ranks: bool = False) -> torch.Tensor | None:
         """Self-influence ``g_kᵀ·H⁻¹·g_k`` of every training example, [n_train] in the factor dtype.
 
         Each training gradient is preconditioned by the current method exactly as a query would be
@@ -168,6 +175,10 @@ class Scoring:
         Cost: one preconditioning per chunk — for ``datainf`` a pass over the training gradients, for
         ``lissa`` ``lissa_depth`` mini-batch steps — so a larger ``chunk_size`` (memory: chunk_size
         gradients) means fewer passes.
+
+        Under torch.distributed each rank scores its shard (from its cache or its ``train_loader``
+        shard); the ranks check that the shards cover every example once and gather the result on
+        rank 0 (None elsewhere) or, with ``all_ranks``, on every rank.
         """
         self._require_fit()
         self._prepare()
@@ -200,19 +211,27 @@ class Scoring:
             parts.clear()
 
         try:
-            for index, grads in source():
-                idx.append(index)
-                for n, g in grads.items():
-                    parts.setdefault(n, []).append(g)
-                if sum(i.numel() for i in idx) >= chunk_size:
+            with _dist.reported(self._comm, "self_scores"):
+                for index, grads in source():
+                    idx.append(index)
+                    for n, g in grads.items():
+                        parts.setdefault(n, []).append(g)
+                    if sum(i.numel() for i in idx) >= chunk_size:
+                        flush()
+                if idx:
                     flush()
-            if idx:
-                flush()
         finally:
             if spill is not None:
                 spill.close()
+        if self._comm is not None:
+            from ..distributed.share import check_coverage, gather_columns
+
+            check_coverage(self._comm, seen, self.n_train, "self_scores")
+            mine = seen.nonzero().squeeze(1)
+            gathered = gather_columns(self._comm, out[mine].unsqueeze(0), mine, self.n_train, all_ranks,
+                                      "self_scores: gather")
+            return None if gathered is None else gathered[0]
         missing = (~seen).nonzero().squeeze(1)
         if missing.numel():
             raise ValueError(f"train_loader: no gradient for training examples {missing[:5].tolist()} (indices not covered)")
         return out
-

@@ -4,11 +4,15 @@ Each sink takes score blocks ``[n_query, B]`` (rows in query-index order) of the
 ``index`` [B] as the training gradients stream past, and ``finish`` gives the result (gathered or
 merged across ranks under torch.distributed).
 
-On disk (``scores(out=PATH)``) the matrix is a directory ``PATH`` with ``scores.npy``, stored
-*training-major* ``[n_train, n_query]`` so that each training example's scores are one contiguous row —
-a batch of B examples is B row writes at its training indices, whatever order the loader yields them in,
-and every rank of a distributed run writes its own rows straight into the one file (it must be on a
-filesystem every rank sees).  ``meta.json`` is written last and marks the file complete.  Why ``.npy``
+On disk (``scores(out=PATH)``) the matrix is a directory ``PATH`` with ``scores-<id>.npy`` (a fresh id per
+run), stored *training-major* ``[n_train, n_query]`` so that each training example's scores are one
+contiguous row — a batch of B examples is B row writes at its training indices, whatever order the loader
+yields them in, and every rank of a distributed run writes its own rows straight into the one file (it must
+be on a filesystem every rank sees; rank 0 creates and commits it).  The run writes ``scores-<id>.npy.partial``;
+the commit renames it and then replaces ``meta.json`` (kind "hyperinf-ext/score-store", naming the file), so a
+rerun onto a store replaces it atomically and a run that fails leaves the previous store as it was (its
+unfinished file is removed).  A directory holding another kind of artefact is refused
+(hyperinf_ext/persistence/kinds.py).  Why ``.npy``
 and not safetensors: a ``.npy`` opens with ``numpy.load(mmap_mode=...)`` with zero copies and can be
 filled in place row by row; safetensors serialises whole tensors and its loaders copy them into memory.
 :func:`load` returns the ``[n_query, n_train]`` transpose view of the memory map (no read until used).
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,12 +29,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..persistence import kinds
 from .topk import TopK, TopKScores
 
 if TYPE_CHECKING:
     from ..distributed import Comm
 
-SCORES, META, FORMAT = "scores.npy", "meta.json", "hyperinf-ext scores (training-major npy)"
+META, PARTIAL, LEGACY_SCORES = kinds.MANIFEST, ".partial", "scores.npy"
+_STORE_FILE = re.compile(r"^scores(-[0-9a-f]{16})?\.npy(\.partial)?$")
 
 
 class DenseSink:
@@ -83,30 +90,32 @@ class TopKSink:
 
 
 class FileSink:
-    """Rows of ``PATH/scores.npy`` ([n_train, n_query]) written as blocks arrive; see the module doc."""
+    """Rows of the store's score file ([n_train, n_query]) written as blocks arrive; see the module doc."""
 
     def __init__(self, path: str | Path, n_query: int, n_train: int, dtype: torch.dtype, comm: "Comm | None",
                  sign: str):
         self.dir, self.comm, self.sign = Path(path), comm, sign
-        self.partial = self.dir / (SCORES + ".partial")
         self.shape, self.dtype = (n_train, n_query), dtype
-        nonce = secrets.token_hex(8)
+        self.mm: Any = None
+        # a fresh name per run: the previous store's file and manifest stay untouched until the commit
+        name = f"scores-{secrets.token_hex(8)}.npy"
         if comm is None or comm.rank == 0:
             from ..distributed import reported
 
             with reported(comm, "scores: create the score file"):
-                self.dir.mkdir(parents=True, exist_ok=True)
-                (self.dir / META).unlink(missing_ok=True)  # no longer complete
-                np.lib.format.open_memmap(self.partial, mode="w+", dtype=_np(dtype), shape=self.shape).flush()
-                (self.dir / ".writer").write_text(nonce)
+                kinds.prepare_dir(self.dir, kinds.SCORE_STORE, "out")
+                np.lib.format.open_memmap(self.dir / (name + PARTIAL), mode="w+", dtype=_np(dtype),
+                                          shape=self.shape).flush()
         if comm is not None:
-            nonce = comm.all_gather_object(nonce, "scores: open the score file")[0]
-            seen = (self.dir / ".writer").read_text() if (self.dir / ".writer").exists() else None
-            ok = comm.all_gather_object(seen == nonce, "scores: open the score file")
+            name = comm.all_gather_object(name, "scores: open the score file")[0]
+            ok = comm.all_gather_object((self.dir / (name + PARTIAL)).exists(), "scores: open the score file")
             if not all(ok):
+                self.name, self.partial = name, self.dir / (name + PARTIAL)
+                self.abort()
                 raise ValueError(f"out: {self.dir} must be on a filesystem every rank sees "
                                  f"(not seen by ranks {[p for p, x in enumerate(ok) if not x]}); "
                                  "or use top_k, or the in-memory scores")
+        self.name, self.partial = name, self.dir / (name + PARTIAL)
         self.mm = np.lib.format.open_memmap(self.partial, mode="r+")
 
     def add(self, block: torch.Tensor, index: torch.Tensor) -> None:
@@ -120,19 +129,31 @@ class FileSink:
         else:
             self.mm[index.numpy()] = rows
 
+    def abort(self) -> None:
+        """After a failure: drop this run's unfinished file; the previous store (if any) stays as it was."""
+        self.mm = None
+        if self.comm is None or self.comm.rank == 0:
+            try:
+                self.partial.unlink(missing_ok=True)
+            except OSError:
+                pass  # the run's own error is the one to raise; the next commit removes leftovers
+
     def finish(self, n_train: int, all_ranks: bool) -> torch.Tensor | None:
         self.mm.flush()
-        del self.mm
+        self.mm = None
         comm = self.comm
 
         def commit() -> None:
-            os.replace(self.partial, self.dir / SCORES)
-            (self.dir / ".writer").unlink(missing_ok=True)
             from ..persistence import write_bytes_atomic
 
-            meta = {"format": FORMAT, "n_query": self.shape[1], "n_train": self.shape[0],
+            os.replace(self.partial, self.dir / self.name)
+            meta = {**kinds.manifest_kind(kinds.SCORE_STORE), "format": kinds.STORE_FORMAT, "scores": self.name,
+                    "n_query": self.shape[1], "n_train": self.shape[0],
                     "dtype": str(self.dtype).replace("torch.", ""), "sign": self.sign}
-            write_bytes_atomic(self.dir / META, json.dumps(meta, indent=1).encode())
+            write_bytes_atomic(self.dir / META, json.dumps(meta, indent=1).encode())  # the commit
+            for p in self.dir.iterdir():  # the replaced store's file, leftovers of killed or failed runs
+                if p.name != self.name and _STORE_FILE.match(p.name) or p.name == ".writer":
+                    p.unlink(missing_ok=True)
 
         if comm is None:
             commit()
@@ -161,6 +182,12 @@ class Sinks:
         for s in self.sinks:
             s.add(block, index)
 
+    def abort(self) -> None:
+        """After a failure: what the file sink began is removed (the sinks in memory need nothing)."""
+        for s in self.sinks:
+            if isinstance(s, FileSink):
+                s.abort()
+
     def finish(self, n_train: int, all_ranks: bool) -> Any:
         """The first sink's result (the top-K when asked for); every sink is finished (files committed)."""
         return [s.finish(n_train, all_ranks) for s in self.sinks][0]
@@ -170,27 +197,48 @@ def _np(dtype: torch.dtype) -> Any:
     return {torch.float64: np.float64, torch.float32: np.float32}[dtype]
 
 
-def is_store(path: str | Path) -> bool:
+def check_out(path: str | Path) -> None:
+    """``ValueError`` when ``path`` cannot take a score store: a file, or a directory holding another kind
+    of artefact (checked before any gradient is computed; the writer checks again when it creates it)."""
     p = Path(path)
-    return p.is_dir() and ((p / META).exists() or (p / (SCORES + ".partial")).exists())
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"out {p}: exists and is a file, not a directory (a score store is a directory)")
+    kinds.check_not_other(p, kinds.SCORE_STORE, "out")
+
+
+def is_store(path: str | Path) -> bool:
+    """Whether ``path`` is a score store (complete or not) of ``scores(out=PATH)``."""
+    return kinds.kind_of(path) == kinds.SCORE_STORE
 
 
 def load(path: str | Path) -> torch.Tensor:
-    """The [n_query, n_train] matrix written by ``scores(out=PATH)``, memory-mapped (copy-on-write)."""
-    p = Path(path)
-    if not (p / META).exists():
-        raise ValueError(f"{p}: no complete score matrix (no {META}; the writing run did not finish)")
-    from ..persistence import read_json
+    """The [n_query, n_train] matrix written by ``scores(out=PATH)``, memory-mapped (copy-on-write).
 
+    ``ValueError`` naming the path when it holds another kind of artefact, no finished store, or a store
+    whose manifest or file is missing, corrupt or inconsistent."""
+    from ..persistence import read_json
+    from ..persistence.files import json_field, json_int
+
+    p = Path(path)
+    if p.is_dir() and kinds.kind_of(p) in (None, kinds.SCORE_STORE) and not (p / META).exists():
+        raise ValueError(f"{p}: no complete score matrix (no {META}; the writing run did not finish)")
+    kinds.require_kind(p, (kinds.SCORE_STORE,), "a score store (scores(out=...))")
     meta = read_json(p / META, "score matrix")
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{p / META}: not a hyperinf-ext score matrix (format {meta.get('format')!r})")
+    where = str(p / META)
+    if meta.get("format") != kinds.STORE_FORMAT:
+        raise ValueError(f"{where}: not a hyperinf-ext score matrix (format {meta.get('format')!r})")
+    name = json_field(meta, "scores", str, where) if "scores" in meta else LEGACY_SCORES
+    if _STORE_FILE.match(name) is None or name.endswith(PARTIAL):
+        raise ValueError(f"{where}: 'scores' must name a scores-<id>.npy file, got {name!r}")
+    shape = (json_int(meta, "n_train", where), json_int(meta, "n_query", where))
+    if not (p / name).is_file():
+        raise ValueError(f"{p / name}: missing (the score file {META} names); the store is incomplete")
     try:
         # "c": pages are read lazily and writes stay private, so torch gets a writable array without a copy
-        arr = np.load(p / SCORES, mmap_mode="c")
+        arr = np.load(p / name, mmap_mode="c")
     except (OSError, ValueError) as e:
-        raise ValueError(f"{p / SCORES}: unreadable score matrix ({e})") from None
-    if arr.shape != (meta["n_train"], meta["n_query"]):
-        raise ValueError(f"{p / SCORES}: shape {arr.shape} differs from meta.json's "
-                         f"[{meta['n_train']}, {meta['n_query']}] (truncated or replaced)")
+        raise ValueError(f"{p / name}: unreadable score matrix ({e})") from None
+    if arr.shape != shape:
+        raise ValueError(f"{p / name}: shape {arr.shape} differs from {META}'s "
+                         f"[{shape[0]}, {shape[1]}] (truncated or replaced)")
     return torch.from_numpy(arr).T

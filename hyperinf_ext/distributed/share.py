@@ -3,7 +3,8 @@
 Bytes per collective (d = a layer's input dim, r = its LoRA rank, b = bytes of the factor dtype):
 
 * fit: one all-reduce of the GFIM sums' upper triangles and the rank-side sums, b·(d(d+1)/2 + r(r+1)/2)
-  per layer, in buckets of ``BUCKET_BYTES``; two int64 all-reduces (count, n_train);
+  per layer, in buckets of ``BUCKET_BYTES``; two int64 all-reduces (count, n_train) and an int32
+  coverage vector of n_train (the shards must partition the training indices);
 * prepare: every layer's inverse is computed on one rank (layers dealt out by cost d³) and broadcast
   from it — the symmetric inverses as upper triangles, b·d(d+1)/2 per layer for hyperinf (plus
   b·r(r+1)/2 for kronecker) — one broadcast per owner and dtype;
@@ -41,12 +42,16 @@ def _untriu(v: torch.Tensor, d: int) -> torch.Tensor:
     return out
 
 
-def reduce_factors(comm: Comm, factors: dict[str, "LayerFactor"], n_train: int) -> int:
+def reduce_factors(comm: Comm, factors: dict[str, "LayerFactor"], n_train: int,
+                   read: torch.Tensor | None = None) -> int:
     """Sum every rank's GFIM sums, rank-side sums and counts in ``factors`` (in place); returns n_train =
     the largest index + 1 over ranks (``n_train``: this rank's).
 
-    The sums are symmetric, so only upper triangles travel (half the bytes).  Raises on every rank when
-    the ranks together read more examples than n_train (an example read on two ranks).
+    ``read``: this rank's bitmap of the training indices its fit pass read.  Before any sum travels, the
+    ranks check that their shards partition 0..n_train-1 (each index read by exactly one rank) and all
+    raise the same ValueError otherwise: equal counts do not rule out an example read on two ranks and
+    another on none, whose sums would be off.  Without ``read`` only the counts are checked.  A rank
+    may have read nothing (an empty shard).  The sums are symmetric, so only upper triangles travel.
     """
     names = sorted(factors)
     local = factors[names[0]].count
@@ -55,7 +60,11 @@ def reduce_factors(comm: Comm, factors: dict[str, "LayerFactor"], n_train: int) 
     top = torch.tensor([n_train], dtype=torch.int64, device="cpu")
     comm.all_reduce_(top, "fit: n_train", op=torch.distributed.ReduceOp.MAX)
     total, n_train = int(counts), int(top)
-    if total > n_train:
+    if total == 0:
+        raise ValueError("train_loader: no rank read any example (every shard is empty)")
+    if read is not None:
+        check_coverage(comm, read, n_train, "fit", verb="read")
+    elif total > n_train:
         raise ValueError(f"train_loader: the ranks read {total} examples but the largest index is {n_train - 1}: "
                          "some examples were read by more than one rank (each must be on exactly one; see "
                          "hyperinf_ext.distributed.ShardSampler)")
@@ -192,8 +201,12 @@ def check_same_queries(comm: Comm, qidx: torch.Tensor) -> None:
                          f"sharded), got (count, index sum) {every}")
 
 
-def check_coverage(comm: Comm, seen: torch.Tensor, n_train: int, stage: str) -> None:
-    """Every training index 0..n_train-1 scored on exactly one rank (same error on every rank)."""
+def check_coverage(comm: Comm, seen: torch.Tensor, n_train: int, stage: str, verb: str = "scored") -> None:
+    """Every training index 0..n_train-1 ``verb`` on exactly one rank, else the same ValueError on every rank.
+
+    ``seen``: this rank's count (or bitmap) per index; one int32 all-reduce of n_train entries.  The one
+    home of the partition check: the fit (indices read), scores and self-influence (indices scored).
+    """
     counts = torch.zeros(n_train, dtype=torch.int32, device="cpu")
     k = min(seen.numel(), n_train)
     counts[:k] = seen[:k].to(torch.int32)
@@ -204,9 +217,12 @@ def check_coverage(comm: Comm, seen: torch.Tensor, n_train: int, stage: str) -> 
     missing = (counts == 0).nonzero().squeeze(1)[:5].tolist()
     twice = (counts > 1).nonzero().squeeze(1)[:5].tolist()
     if int(beyond) or missing or twice:
-        raise ValueError(f"train_loader: over all ranks, no gradient for training examples {missing}, "
-                         f"some on more than one rank {twice}"
-                         f"{', indices beyond n_train' if int(beyond) else ''} (each example on exactly one rank)")
+        problems = ([f"training examples {twice} {verb} by more than one rank"] if twice else []) + \
+                   ([f"no gradient for training examples {missing} ({verb} by no rank)"] if missing else []) + \
+                   (["indices beyond n_train"] if int(beyond) else [])
+        raise ValueError(f"train_loader: over all ranks, {'; '.join(problems)} — the shards must partition the "
+                         f"training indices 0..{n_train - 1}, each example on exactly one rank (see "
+                         "hyperinf_ext.distributed.ShardSampler)")
 
 
 def gather_columns(comm: Comm, values: torch.Tensor, index: torch.Tensor, n_train: int,

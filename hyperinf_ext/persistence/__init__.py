@@ -15,13 +15,18 @@ factors of one and counts of the other.  Every file is written to a temporary na
 renamed.  Everything read back is checked (JSON structure, tensor names, shapes against the model,
 finiteness) and a problem raises ``ValueError`` naming the file.
 
-Modules: files.py (atomic writes, checked reads, the ``crash_point`` test hook), state.py (the committed
+Every artefact directory names its kind in ``meta.json`` (``"kind"``: factors, checkpoint, score store);
+kinds.py tells them apart (also older manifests without the key) and every writer and loader checks it.
+
+Modules: kinds.py (what a directory holds; the check every writer and loader makes), files.py (atomic
+writes, checked reads, the ``crash_point`` test hook), state.py (the committed
 state: read with every check, written as a new generation; score files), checkpoint.py (locked fit
 checkpoints), fingerprints.py (of the model and of the data).  These take factors, configuration values
 and the model — never the attributor, which sits above (hyperinf_ext/attributor/stored.py installs a
 state into it).
 """
 from ..errors import CheckpointBusyError
+from . import kinds
 from .checkpoint import LOCK, Checkpoint
 from .files import (CRASH_ENV, crash_point, read_json, read_tensors, save_tensors_atomic,
                     write_bytes_atomic)
@@ -33,5 +38,5 @@ __all__ = [
     "CRASH_ENV", "FORMAT_VERSION", "LOCK", "META", "Checkpoint", "CheckpointBusyError", "DataFingerprint",
     "StoredState", "adapter_fingerprint", "check_adapter", "check_layers", "crash_point", "load_scores",
     "model_fingerprint", "read_json", "read_state", "read_tensors", "save_scores", "save_tensors_atomic", "stored_factors", "write_bytes_atomic",
-    "write_state",
+    "kinds", "write_state",
 ]

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from ..errors import CheckpointBusyError
+from . import kinds
 from .files import json_field, json_int
 from .fingerprints import DataFingerprint, model_fingerprint
 from .state import META, StoredState, check_layers, read_state, write_state
@@ -77,10 +78,8 @@ class Checkpoint:
         return self._model_digest
 
     def __enter__(self) -> "Checkpoint":
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"checkpoint_dir {self.directory}: cannot create it ({e})") from None
+        # before the lock file, which would make saved factors or a score store look like a checkpoint
+        kinds.prepare_dir(self.directory, kinds.CHECKPOINT, "checkpoint_dir")
         if fcntl is not None:
             fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -101,13 +100,13 @@ class Checkpoint:
 
     @property
     def exists(self) -> bool:
-        return (self.directory / META).exists()
+        return (self.directory / META).exists() and kinds.kind_of(self.directory) == kinds.CHECKPOINT
 
     def restore(self, config: Mapping[str, object], layers: Sequence[tuple[str, int, int]],
                 model: torch.nn.Module) -> StoredState:
         """The last committed state, checked against this fit's ``config`` (the attributor's settings as a
         dict), its ``layers`` [(name, rank, dim)] and ``model``; the caller installs it."""
-        stored = read_state(self.directory)
+        stored = read_state(self.directory, (kinds.CHECKPOINT,), "a fit checkpoint")
         saved_cfg = stored.meta["config"]
         ours = dict(config)
         diff = [f"{k}: {saved_cfg.get(k)!r} saved, {ours[k]!r} now" for k in _FIT_SETTINGS if saved_cfg.get(k) != ours[k]]
@@ -144,4 +143,4 @@ class Checkpoint:
             raise RuntimeError(f"internal: fingerprint of {fingerprint.count} batches at batch {batches_done}")
         write_state(self.directory, factors=factors, config=config, n_train=n_train, batches_done=batches_done,
                     complete=complete, fingerprint=fingerprint, model_digest=self._model(model),
-                    adapter_digest=adapter_digest)
+                    adapter_digest=adapter_digest, kind=kinds.CHECKPOINT)

@@ -58,17 +58,28 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp{os.getpid()}")
 
 
+def _discard(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # the original error is the one worth raising
+
+
 def write_bytes_atomic(path: str | Path, data: bytes, *, step: str | None = None) -> None:
     """Write ``data`` to ``path`` so that a reader (or a crash) sees the old file or the new one."""
     path = Path(path)
     tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    if step:
-        crash_point(f"{step}_tmp")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if step:
+            crash_point(f"{step}_tmp")
+        os.replace(tmp, path)
+    except BaseException:
+        _discard(tmp)  # a failed write leaves the old file and no stray temporary
+        raise
     _fsync_dir(path.parent)
 
 
@@ -77,11 +88,15 @@ def save_tensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor], meta
     """``safetensors.torch.save_file`` to a temporary name, fsync, then rename onto ``path``."""
     path = Path(path)
     tmp = _tmp_name(path)
-    save_file(tensors, str(tmp), metadata=metadata)
-    _fsync_file(tmp)
-    if step:
-        crash_point(f"{step}_tmp")
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        _fsync_file(tmp)
+        if step:
+            crash_point(f"{step}_tmp")
+        os.replace(tmp, path)
+    except BaseException:
+        _discard(tmp)
+        raise
     _fsync_dir(path.parent)
 
 

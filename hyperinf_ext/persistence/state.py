@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
+from safetensors import safe_open
 
 from ..curvature.methods import LayerFactor
-from . import files
+from . import files, kinds
 from .files import json_field, json_int, read_json, read_tensors, save_tensors_atomic, write_bytes_atomic
 
 if TYPE_CHECKING:
@@ -45,15 +46,22 @@ class StoredState:
         return {k[len("method_state."):]: v for k, v in self.tensors.items() if k.startswith("method_state.")}
 
 
-def read_state(directory: str | Path) -> StoredState:
+def read_state(directory: str | Path, accept: tuple[str, ...] = (kinds.FACTORS, kinds.CHECKPOINT),
+               what: str = "saved HyperINF factors") -> StoredState:
     """Read and check the committed state of a factor or checkpoint directory.
 
-    Checks: meta.json's keys and types, that the factors file belongs to this commit (generation),
+    Checks: that the directory holds one of the kinds ``accept`` (kinds.py; ``what`` names them in the
+    message), meta.json's keys and types, that the factors file belongs to this commit (generation),
     that every layer has its tensors with the shapes meta.json states ([d, d] GFIM sums and inverses,
     [r, r] rank sums) and that every tensor is finite.
     """
     directory = Path(directory)
+    found = kinds.kind_of(directory)
+    if found is not None and found not in accept:
+        raise ValueError(f"{directory}: holds {kinds.describe(found)}, not {what}")
     meta_path = directory / META
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory}: is a file, not a directory of {what}")
     if not meta_path.exists():
         raise ValueError(f"{directory}: no saved HyperINF factors ({META} missing)")
     meta = read_json(meta_path, "HyperINF metadata")
@@ -184,6 +192,7 @@ def write_state(
     fingerprint: "DataFingerprint | None" = None,
     model_digest: str | None = None,
     adapter_digest: str | None = None,
+    kind: str = kinds.FACTORS,
 ) -> Path:
     """Commit ``factors`` (and ``method_state``, per-layer [d, d]) with the attributor's ``config`` (a
     dict of plain values) and counts to ``directory`` atomically.
@@ -191,9 +200,10 @@ def write_state(
     The factors go to a new ``factors-<generation>.safetensors``; replacing meta.json is the commit;
     files of older generations are removed afterwards.  ``adapter_digest`` (``adapter_fingerprint`` of
     the weights the factors were fitted on) is stored as ``adapter_sha256`` for ``check_adapter``.
+    ``kind`` (``kinds.FACTORS`` or ``kinds.CHECKPOINT``) goes into meta.json; a directory holding
+    another kind is refused before anything is written.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = kinds.prepare_dir(directory, kind, "factors directory" if kind == kinds.FACTORS else "checkpoint_dir")
     tensors: dict[str, torch.Tensor] = {}
     for n, f in factors.items():
         tensors[f"gfim_sum.{n}"] = f.gfim_sum.cpu().contiguous()
@@ -210,6 +220,7 @@ def write_state(
     save_tensors_atomic(directory / name, tensors, {"generation": str(generation)}, step="factors")
     files.crash_point("factors_written")
     meta = {
+        **kinds.manifest_kind(kind),
         "format": FORMAT_VERSION,
         "generation": generation,
         "factors": name,
@@ -236,18 +247,47 @@ def write_state(
 # ------------------------------------------------------------------------------------------ scores
 
 
+def _is_score_file(path: Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return "scores" in f.keys() and "sign" in (f.metadata() or {})
+    except Exception:  # not a safetensors file at all
+        return False
+
+
 def save_scores(path: str | Path, scores: torch.Tensor, sign: str, **metadata: str) -> None:
-    """Write a score tensor (any shape) to a safetensors file atomically; metadata values are strings."""
+    """Write a score tensor (any shape) to a safetensors file atomically; metadata values are strings.
+
+    ``ValueError`` naming ``path`` when it is a directory, when it exists and is not a score file (it is
+    not overwritten), or when it cannot be written."""
     if not isinstance(scores, torch.Tensor):
         raise ValueError(f"scores: expected a tensor, got {type(scores).__name__}")
     bad = [k for k, v in metadata.items() if not isinstance(v, str)]
     if bad:
         raise ValueError(f"metadata: values must be strings ({bad[0]!r} is {type(metadata[bad[0]]).__name__})")
-    save_tensors_atomic(path, {"scores": scores.detach().cpu().contiguous()}, {"sign": sign, **metadata})
+    path = Path(path)
+    if path.is_dir():
+        found = kinds.kind_of(path)
+        held = f"; it holds {kinds.describe(found)}" if found is not None else ""
+        raise ValueError(f"{path}: is a directory; save_scores writes one file, give a file name{held}")
+    if path.exists() and not _is_score_file(path):
+        raise ValueError(f"{path}: exists and is not a score file written by save_scores; refusing to overwrite "
+                         "it — choose another path, or remove it first")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"{path}: its parent {path.parent} is a file, not a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_tensors_atomic(path, {"scores": scores.detach().cpu().contiguous()}, {"sign": sign, **metadata})
+    except OSError as e:
+        raise ValueError(f"{path}: cannot write the score file ({e.strerror or e})") from None
 
 
 def load_scores(path: str | Path) -> torch.Tensor:
     """The score tensor written by ``save_scores``."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, not a score file (a score store of scores(out=...) is "
+                         f"loaded with HyperINF.load_scores; this one holds {kinds.describe(kinds.kind_of(path))})")
     tensors, _ = read_tensors(path, "scores")
     if "scores" not in tensors:
         raise ValueError(f"{path}: no tensor named 'scores' (found {sorted(tensors)[:3]})")

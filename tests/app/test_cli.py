@@ -346,6 +346,36 @@ def test_error_out_is_an_existing_file(tmp_path, command):
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0])
+def test_error_out_holds_another_artefact_before_any_work(tmp_path, monkeypatch, command):
+    """Issue #24: saved factors, a checkpoint or a score store in --out is refused, named, and untouched."""
+    import hyperinf_ext.app.models.training as training
+    from hyperinf_ext.app.tasks.output import prepare_output_dir
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("fine-tuning started before --out was checked")
+
+    monkeypatch.setattr(training, "finetune", no_work)
+    held = {"factors": ("hyperinf-ext/factors", "saved factors"),
+            "checkpoint": ("hyperinf-ext/checkpoint", "a fit checkpoint"),
+            "store": ("hyperinf-ext/score-store", "a score store")}
+    for name, (kind, words) in held.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "meta.json").write_text(json.dumps({"kind": kind}))
+        result = run_cli([*command, "--out", str(folder)])
+        assert_one_line_error(*result, "--out", str(folder), f"holds {words}")
+        assert sorted(p.name for p in folder.iterdir()) == ["meta.json"]
+    legacy = tmp_path / "legacy"  # factors saved before manifests named their kind
+    legacy.mkdir()
+    (legacy / "factors-000001.safetensors").write_bytes(b"")
+    assert_one_line_error(*run_cli([*command, "--out", str(legacy)]), "--out", "holds saved factors")
+    previous = tmp_path / "previous"  # a CLI run's own folder is reused
+    previous.mkdir()
+    (previous / "summary.json").write_text("{}")
+    assert prepare_output_dir(previous) == previous
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0])
 def test_error_out_not_writable_before_any_work(tmp_path, monkeypatch, command):
     import hyperinf_ext.app.tasks.output as output
     import hyperinf_ext.app.models.training as training

@@ -171,3 +171,16 @@ def test_adapter_with_other_label_count(fresh, tmp_path):
     fresh[0].save_pretrained(tmp_path)  # a 2-label classifier in modules_to_save
     with pytest.raises(DataError, match=r"adapter's classification head has 2 labels but 3 are needed"):
         load_lora_model(adapter=tmp_path, num_labels=3)
+
+
+def test_adapter_of_another_base_says_so(fresh, tmp_path):
+    """Same label count, another hidden size: the message names the base, not a label count."""
+    import transformers
+
+    fresh[0].save_pretrained(tmp_path / "adapter")  # trained on the embedded MiniLM (hidden 384)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=48, num_labels=2)
+    transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "base")
+    with pytest.raises(DataError, match=r"trained on another base model \(its classification head reads 384 "
+                                        r"features, this model's 32\)"):
+        load_lora_model(tmp_path / "base", adapter=tmp_path / "adapter", num_labels=2)

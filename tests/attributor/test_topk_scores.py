@@ -97,12 +97,12 @@ def test_streamed_matrix_equals_in_memory_and_loads_memory_mapped(fitted, tmp_pa
     S = attr.scores(queries)
     streamed = attr.scores(queries, out=tmp_path / "s")
     assert torch.equal(streamed, S)
-    stored = np.load(tmp_path / "s" / "scores.npy", mmap_mode="r")
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    stored = np.load(tmp_path / "s" / meta["scores"], mmap_mode="r")  # meta.json names this run's file
     assert stored.shape == (17, 6)  # training-major: one contiguous row per training example
-    assert isinstance(np.load(tmp_path / "s" / "scores.npy", mmap_mode="c"), np.memmap)
+    assert isinstance(np.load(tmp_path / "s" / meta["scores"], mmap_mode="c"), np.memmap)
     loaded = HyperINF.load_scores(tmp_path / "s")
     assert loaded.shape == S.shape and torch.equal(loaded, S)
-    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
     assert meta["n_train"] == 17 and meta["n_query"] == 6 and meta["sign"].startswith("score[q, k]")
     # a second pass over the training set in shuffled batches writes rows out of order: same matrix
     again = attr.scores(queries, shuffled_train, out=tmp_path / "t", top_k=3)

@@ -141,3 +141,51 @@ def test_a_failure_posted_by_another_rank_stops_the_next_collective(one_rank_gro
         with reported(other, "scores"):
             raise KeyError("x")
     assert other.store.get("abort").decode().startswith("rank 0 failed during scores: KeyError")
+
+
+@pytest.fixture(scope="module")
+def shards_run(tmp_path_factory):
+    """One 2-rank launch of the ``shards`` scenario (self-influence, overlapping and empty shards, a CLI
+    failure on rank 1); its tests below each check one class of behaviour."""
+    pytest.importorskip("peft")
+    from tiny_llm import make_tiny_llama, sentiment_rows, write_instructions
+
+    out = tmp_path_factory.mktemp("shards")
+    folder = make_tiny_llama(out / "model")
+    train = write_instructions(out / "train.jsonl", sentiment_rows(6, seed=1))
+    query = write_instructions(out / "query.jsonl", sentiment_rows(2, seed=2))
+    (out / "cli.json").write_text(json.dumps(["attribute", "--model", str(folder), "--train", str(train), "--query",
+                                              str(query), "--top-k", "2", "--max-length", "24", "--no-progress"]))
+    proc = _torchrun("shards", out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return _results(out, proc.stdout + proc.stderr)
+
+
+def test_self_scores_two_ranks_equal_one_process(shards_run):
+    for r, x in enumerate(shards_run):
+        assert x["self_scores"] <= TOL and x["self_scores_loader"] <= TOL, (r, x)
+    assert shards_run[0]["self_rank0_only"] <= TOL and shards_run[1]["self_rank0_only"] is True
+
+
+def test_overlapping_shards_are_refused_on_every_rank(shards_run):
+    """Index 6 read by both ranks and 7 by none: the counts add up to n_train, the partition check does not."""
+    errors = [x["overlap"] for x in shards_run]
+    assert errors[0] == errors[1] and errors[0] is not None, errors
+    assert errors[0].startswith("ValueError") and "[6] read by more than one rank" in errors[0], errors[0]
+    assert "[7] (read by no rank)" in errors[0], errors[0]
+
+
+def test_an_empty_shard_is_valid(shards_run):
+    """One training example on two ranks: rank 1 reads nothing; scores, self-influence and top-k as one process."""
+    for r, x in enumerate(shards_run):
+        assert isinstance(x["empty_shard"], float) and x["empty_shard"] <= TOL, (r, x["empty_shard"])
+
+
+def test_the_cli_fails_with_one_line_on_every_rank(shards_run):
+    """Rank 1's fit raises: it prints its error, rank 0 (stopped at the next collective) prints one line naming it."""
+    rank0, rank1 = (x["cli"] for x in shards_run)
+    for x in (rank0, rank1):
+        assert x["stderr"].count("\n") == 1 and x["stderr"].startswith("hyperinf-ext: error: "), x
+        assert "Traceback" not in x["stderr"]
+    assert rank1["code"] == 2 and "(injected)" in rank1["stderr"]
+    assert rank0["code"] == 1 and "rank 1 failed during fit" in rank0["stderr"]

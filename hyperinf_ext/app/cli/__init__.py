@@ -14,7 +14,8 @@ prompt/response or chat messages; the default data becomes the Rotten Tomatoes s
 
 The options of each subcommand are built in ``args.py``; this module checks what the
 installation provides and dispatches to the task.  Bad input gives one line ``hyperinf-ext: error: ...``
-on stderr and exit code 2.  Heavy libraries (torch, transformers, peft, matplotlib) are imported only
+on stderr and exit code 2; under torchrun a rank stopped by another rank's failure
+(``DistributedError``) gives one line and exit code 1.  Heavy libraries (torch, transformers, peft, matplotlib) are imported only
 once a subcommand runs, so ``--help`` is quick.
 """
 from __future__ import annotations
@@ -248,7 +249,7 @@ _RUN: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 1 environment problem, 2 bad input)."""
-    from ...errors import ConvergenceError  # light; DataError is a ValueError, caught below
+    from ...errors import ConvergenceError, DistributedError  # light; DataError is a ValueError, caught below
 
     parser = build_parser()
     try:
@@ -263,6 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             PermissionError, ConvergenceError) as exc:
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except DistributedError as exc:
+        # another rank failed (it prints its own line) or vanished: one line here too, not a traceback
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        return 1
     except ModuleNotFoundError as exc:
         top = (exc.name or "").split(".")[0]
         hint = f" ({_install_hint([top])})" if top in _EXTRA_OF else ""

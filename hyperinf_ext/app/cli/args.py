@@ -93,9 +93,13 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
                         "bench/LDS.md and bench/QUALITY.md; datainf for datainf/lissa; the table prints each row's damping); "
                         "rule:factor sets a rule's factor, e.g. spectral:3,spectral:10,datainf. "
                         "Give e.g. 'datainf' to compare every method at the same damping")
-    g.add_argument("--signal", choices=("validation", "self", "both"), default="validation",
+    # --score-signal first: torchrun's own parser reads --signal as an abbreviation of its --signals-to-handle
+    # and refuses the line before the command starts, so only the long name passes through torchrun
+    g.add_argument("--score-signal", "--signal", dest="signal", choices=("validation", "self", "both"),
+                   default="validation",
                    help="suspicion score: influence on the validation loss, self-influence g·H⁻¹·g (no clean "
-                        "validation set needed), or both (default: validation)")
+                        "validation set needed), or both (default: validation). --signal is the same option "
+                        "outside torchrun")
 
 
 def _add_select(p: argparse.ArgumentParser) -> None:

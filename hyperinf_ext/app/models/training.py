@@ -185,10 +185,15 @@ def load_lora_model(
                     base, str(adapter), is_trainable=True, local_files_only=True
                 )
             except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-                shape = re.search(r"classifier\S*weight: copying a param with shape torch.Size\(\[(\d+)", str(exc))
-                if shape:
+                shape = re.search(r"classifier\S*weight: copying a param with shape torch.Size\(\[(\d+), (\d+)\]\) "
+                                  r"from checkpoint, the shape in current model is torch.Size\(\[(\d+), (\d+)\]\)", str(exc))
+                if shape and shape.group(1) != shape.group(3):
                     raise DataError(f"{adapter}: the adapter's classification head has {shape.group(1)} labels but "
                                     f"{int(num_labels)} are needed (the data's classes)") from None
+                if shape:  # same label count: the head reads another number of features, i.e. another base
+                    raise DataError(f"{adapter}: the adapter was trained on another base model (its classification "
+                                    f"head reads {shape.group(2)} features, this model's {shape.group(4)}); give "
+                                    f"--model the base it was trained on") from None
                 raise DataError(f"{adapter}: cannot load adapter ({one_line(exc)})") from None
     model.eval()
     return model

@@ -3,7 +3,7 @@
 Pipeline (:func:`run_attribute`): load the training and query files (prompt/response instructions for a
 causal LM, text/label rows for a classifier) → the LoRA model (a saved ``--adapter``, fine-tuned only
 when ``--epochs N`` asks) → fit HyperINF once over the training set → precondition the query
-gradients once → stream the training gradients batch by batch through :class:`hyperinf_ext.attributor.topk.TopK`, so memory
+gradients once → stream the training gradients batch by batch into a top-k (``scores(top_k=...)``, merged across ranks under torchrun), so memory
 stays O(n_query·k) (the training gradients are cached on disk, not in memory) → per query the k most HELPFUL (most negative score: up-weighting them lowers the
 query's loss) and k most HARMFUL (most positive) training examples.
 
@@ -21,7 +21,6 @@ import numpy as np
 from ..data.dataset import DataError, TextDataset
 from ..data.files import load_text_file
 from ...curvature.methods import Damping, damping_label, parse_dampings, parse_methods, split_damping
-from ...attributor.topk import TopK
 from .attribute_report import write_markdown
 from .output import prepare_output_dir
 from .pipeline import (
@@ -134,10 +133,9 @@ def run_attribute(cfg: AttributeConfig, log: Log = None) -> dict[str, Any]:
         attr.use(cfg.method, damping=rule, **({} if scale is None else {"damping_scale": scale}))
         log_stage(log, f"influence: {cfg.method} scores of {len(query)} queries, top {cfg.top_k} streamed")
         queries = attr.query_gradients(loaders.influence_val, "query gradients")
-        top = TopK(len(query), cfg.top_k)
-        for index, block in attr.score_batches(queries):
-            top.update(block, index)
-        kept = top.result()
+        # scores(top_k=...) merges every rank's top-k under torchrun (a local TopK would see one shard);
+        # all_ranks: every rank goes on to write its (discarded, on ranks > 0) outputs
+        kept = attr.scores(queries, top_k=cfg.top_k, all_ranks=True)
         score_seconds = time.perf_counter() - t0
     finally:
         attr.cache.close()

@@ -51,4 +51,7 @@ def self_score_method(attr: Any, method: str, damping: Damping) -> tuple[np.ndar
 
     Returns (scores [n_train] float64, timing) as :func:`score_method`; high = suspicious.
     """
-    return _timed_scores(attr, method, damping, lambda: attr.self_scores())
+    from ...distributed import is_active
+
+    kw = {"all_ranks": True} if is_active() else {}
+    return _timed_scores(attr, method, damping, lambda: attr.self_scores(**kw))

@@ -54,7 +54,7 @@ class DetectConfig(PipelineConfig):
     def validate(self) -> None:
         super().validate()
         if self.signal not in SIGNALS:
-            raise ValueError(f"--signal must be one of {', '.join(SIGNALS)}, got {self.signal!r}")
+            raise ValueError(f"--score-signal must be one of {', '.join(SIGNALS)}, got {self.signal!r}")
         parse_methods(list(self.methods))
         parse_dampings(list(self.dampings))
         if round(self.flip_rate * self.n_train) < 1:
