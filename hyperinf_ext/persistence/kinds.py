@@ -100,24 +100,27 @@ def check_not_other(directory: str | Path, kind: str, what: str, *, manifest: bo
     raise _refusal(d, found, kind, what)
 
 
-def prepare_dir(directory: str | Path, kind: str, what: str, *, manifest: bool = True) -> Path:
+def prepare_dir(directory: str | Path, kind: str, what: str, *, manifest: bool = True,
+                noun: str = "directory") -> Path:
     """Make ``directory`` ready for a writer of ``kind``: refused when it is a file, holds another kind,
-    cannot be created or is not writable — each a ``ValueError`` naming ``what`` and the directory."""
+    cannot be created or is not writable — each a ``ValueError`` naming ``what`` and the directory
+    (called a ``noun``: the command line says "folder")."""
     d = Path(directory)
     if d.exists() and not d.is_dir():
-        raise ValueError(f"{what} {d}: exists and is a file, not a directory")
+        raise ValueError(f"{what} {d}: exists and is " + ("a file, not a directory" if noun == "directory"
+                                                            else f"not a {noun}"))
     check_not_other(d, kind, what, manifest=manifest)
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"{what} {d}: cannot create the directory ({e.strerror or e})") from None
+        raise ValueError(f"{what} {d}: cannot create the {noun} ({e.strerror or e})") from None
     # os.access answers for the real uid and ignores read-only mounts; a real write is the only proof
     try:
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=d)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise ValueError(f"{what} {d}: the directory is not writable ({e.strerror or e})") from None
+        raise ValueError(f"{what} {d}: the {noun} is not writable ({e.strerror or e})") from None
     return d
 
 

@@ -22,7 +22,7 @@ from ..data.dataset import DataError, TextDataset
 from ..data.files import load_text_file
 from ...curvature.methods import Damping, damping_label, parse_dampings, parse_methods, split_damping
 from .attribute_report import write_markdown
-from .output import prepare_output_dir
+from .output import prepare_output_dir, staged_outputs
 from .pipeline import (
     Log,
     PipelineConfig,
@@ -143,7 +143,6 @@ def run_attribute(cfg: AttributeConfig, log: Log = None) -> dict[str, Any]:
     records = attribution_records(train, query, kept, causal)
     paths = {"attribution": str(out / "attribution.jsonl"), "report": str(out / "report.md"),
              "summary": str(out / "summary.json")}
-    write_jsonl(paths["attribution"], records)
     summary = {
         "task": "attribute", "settings": cfg.settings(), "n_train": len(train), "n_query": len(query),
         "causal_lm": causal, "notes": train.notes + query.notes, "method": cfg.method, "damping": damping_label(cfg.damping), "top_k": cfg.top_k,
@@ -152,9 +151,11 @@ def run_attribute(cfg: AttributeConfig, log: Log = None) -> dict[str, Any]:
         "timings": {"fit_seconds": fit_seconds, "score_seconds": score_seconds},
         "outputs": paths,
     }
-    write_markdown(paths["report"], summary, records)
-    summary["total_seconds"] = time.perf_counter() - t_start
-    write_json(paths["summary"], summary)
+    with staged_outputs(out) as stage:
+        write_jsonl(stage / "attribution.jsonl", records)
+        write_markdown(stage / "report.md", summary, records)
+        summary["total_seconds"] = time.perf_counter() - t_start
+        write_json(stage / "summary.json", summary)
     return summary
 
 

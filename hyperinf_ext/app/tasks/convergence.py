@@ -51,7 +51,7 @@ from .convergence_curves import (
     schulz_curve,
     solve_all,
 )
-from .output import prepare_output_dir
+from .output import prepare_output_dir, staged_outputs
 from .report import figure, write_csv, write_json
 
 __all__ = [
@@ -247,11 +247,14 @@ def run_convergence(
         "python": platform.python_version(),
     }
     png, csv_path, json_path = out_dir / "convergence.png", out_dir / "convergence.csv", out_dir / "convergence.json"
-    write_convergence_csv(csv_path, curves)
     problem_list = list(problems.values())
-    # a diverged solver's error stays visible in the JSON as "nan"/"inf"
-    write_json(json_path, {"settings": settings, "problems": problem_list, "table": rows}, nonfinite="string")
-    plot_convergence(png, curves, problems, iterations, target=TARGET, clip=PLOT_CLIP, styles=LINE_STYLES)
+    with staged_outputs(out_dir) as stage:
+        write_convergence_csv(stage / csv_path.name, curves)
+        # a diverged solver's error stays visible in the JSON as "nan"/"inf"
+        write_json(stage / json_path.name, {"settings": settings, "problems": problem_list, "table": rows},
+                   nonfinite="string")
+        plot_convergence(stage / png.name, curves, problems, iterations, target=TARGET, clip=PLOT_CLIP,
+                         styles=LINE_STYLES)
     return {
         "curves": curves,
         "table": table,

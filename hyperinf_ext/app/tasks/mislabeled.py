@@ -24,8 +24,10 @@ from ...errors import ConvergenceError
 from ..messages import one_line
 from ...curvature.methods import METHODS, Damping, damping_label, parse_dampings, parse_methods, resolve, split_damping
 from .metrics import detection_curve, found_at, roc_auc
-from .output import prepare_output_dir
-from .pipeline import Log, PipelineConfig, PreparedData, fit_and_query, log_stage, score_method, self_score_method
+from .output import prepare_output_dir, staged_outputs
+from .pipeline import (
+    Log, PipelineConfig, PreparedData, fit_and_query, log_stage, score_method, self_score_method, write_top_k,
+)
 from .report import accuracy_name, column_table, damping_text, figure, strip_right, write_csv, write_json
 
 __all__ = ["ALL_METHODS", "SIGNALS", "DetectConfig", "MethodResult", "DetectResult", "run_detect_mislabeled"]
@@ -166,20 +168,22 @@ def run_detect_mislabeled(cfg: DetectConfig, log: Log = None) -> DetectResult:
         "scores": str(out / "scores.csv"),
         "summary": str(out / "summary.json"),
     }
-    plot_detection_curves(
-        curves, paths["plot"],
-        title=f"Mislabeled detection ({n_flipped}/{len(data.train)} flipped)",
-    )
-    write_detection_scores(paths["scores"], data, scores)
-    result = DetectResult(
-        config=cfg, n_train=len(data.train), n_val=len(data.val), n_flipped=n_flipped, source=data.source,
-        finetune_seconds=trained.seconds, finetune_history=trained.history,
-        val_accuracy=trained.val["accuracy"], val_loss=trained.val["loss"],
-        fit_seconds=run.fit_seconds, fit_timings=run.fit_timings, query_seconds=run.query_seconds,
-        warmup_seconds=warmup_seconds, methods=results, paths=paths,
-    )
-    result.total_seconds = time.perf_counter() - t_start
-    write_json(paths["summary"], result.summary())
+    with staged_outputs(out) as stage:
+        plot_detection_curves(
+            curves, stage / "detection.png",
+            title=f"Mislabeled detection ({n_flipped}/{len(data.train)} flipped)",
+        )
+        write_detection_scores(stage / "scores.csv", data, scores)
+        write_top_k(run, stage)
+        result = DetectResult(
+            config=cfg, n_train=len(data.train), n_val=len(data.val), n_flipped=n_flipped, source=data.source,
+            finetune_seconds=trained.seconds, finetune_history=trained.history,
+            val_accuracy=trained.val["accuracy"], val_loss=trained.val["loss"],
+            fit_seconds=run.fit_seconds, fit_timings=run.fit_timings, query_seconds=run.query_seconds,
+            warmup_seconds=warmup_seconds, methods=results, paths=paths,
+        )
+        result.total_seconds = time.perf_counter() - t_start
+        write_json(stage / "summary.json", result.summary())
     return result
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "validation_gradients",
     "FittedRun",
     "fit_and_query",
+    "top_k_scores",
     "write_top_k",
     "score_method",
     "self_score_method",
@@ -158,6 +159,7 @@ class FittedRun:
     fit_timings: dict[str, float]
     queries: Any
     query_seconds: float
+    top_k: Any = None  # --top-k's TopK, held until the task writes its outputs all at once
 
     def release(self) -> None:
         """Free the cached training gradients (the run's largest allocation) and the attributor."""
@@ -189,18 +191,22 @@ def fit_and_query(cfg: PipelineConfig, log: Log = None, *, queries: bool = True)
             log_stage(log, f"influence: gradient of the mean validation loss ({len(data.val)} examples)")
             run.queries, run.query_seconds = validation_gradients(attr, loaders.influence_val)
             if cfg.top_k:
-                write_top_k(cfg, attr, run.queries, log)
+                run.top_k = top_k_scores(cfg, attr, run.queries, log)
     except BaseException:
         run.release()
         raise
     return run
 
 
-def write_top_k(cfg: PipelineConfig, attr: Any, queries: Any, log: Log = None) -> None:
-    """``--top-k K``: out/topk.safetensors, per validation example the K training examples that most raise
-    (positive_*) and most lower (negative_*) its loss under hyperinf at its default damping."""
+def top_k_scores(cfg: PipelineConfig, attr: Any, queries: Any, log: Log = None) -> Any:
+    """``--top-k K``: per validation example the K training examples that most raise (positive_*) and most
+    lower (negative_*) its loss under hyperinf at its default damping (None on ranks other than 0)."""
     log_stage(log, f"influence: top {cfg.top_k} training examples per validation example -> topk.safetensors")
     attr.use("hyperinf", damping="auto")
-    top = attr.scores(queries, top_k=cfg.top_k)  # None on ranks other than 0, which write nothing
-    if top is not None:
-        top.save(Path(cfg.out) / "topk.safetensors", method="hyperinf", damping="auto")
+    return attr.scores(queries, top_k=cfg.top_k)
+
+
+def write_top_k(run: FittedRun, folder: Path) -> None:
+    """``folder``/topk.safetensors when the run computed a top-k (rank 0 of a ``--top-k`` run)."""
+    if run.top_k is not None:
+        run.top_k.save(Path(folder) / "topk.safetensors", method="hyperinf", damping="auto")

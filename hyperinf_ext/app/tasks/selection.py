@@ -19,7 +19,7 @@ import torch
 
 from ...curvature.methods import Damping, damping_label, parse_dampings, parse_methods
 from .selection_rules import DEFAULT_RULE, RULES, select
-from .output import prepare_output_dir
+from .output import prepare_output_dir, staged_outputs
 from .pipeline import (
     PreparedData,
     DEFAULT_EPOCHS,
@@ -32,6 +32,7 @@ from .pipeline import (
     log_stage,
     score_method,
     train_model,
+    write_top_k,
 )
 from .report import accuracy_name, column_table, write_csv, write_json
 
@@ -152,17 +153,19 @@ def run_select_data(cfg: SelectConfig, log: Log = None) -> SelectResult:
         evaluation = _evaluate_selection(cfg, run, selected, log)
 
     paths = {"selected": str(out / "selected.csv"), "summary": str(out / "summary.json")}
-    # with flipped labels, also say which selected labels were flipped
-    write_selection(paths["selected"], data, selected, scores, with_flipped=cfg.flip_rate > 0)
-    result = SelectResult(
-        config=cfg, source=data.source, n_train=len(data.train), n_val=len(data.val),
-        n_flipped=int(data.flipped.sum()), selected=selected, scores=scores,
-        finetune_seconds=run.trained.seconds, val_accuracy=run.trained.val["accuracy"],
-        fit_seconds=run.fit_seconds, query_seconds=run.query_seconds, method_seconds=timing["seconds"],
-        n_flipped_selected=int(data.flipped[selected].sum()), evaluation=evaluation, paths=paths,
-    )
-    result.total_seconds = time.perf_counter() - t_start
-    write_json(paths["summary"], result.summary())
+    with staged_outputs(out) as stage:
+        # with flipped labels, also say which selected labels were flipped
+        write_selection(stage / "selected.csv", data, selected, scores, with_flipped=cfg.flip_rate > 0)
+        write_top_k(run, stage)
+        result = SelectResult(
+            config=cfg, source=data.source, n_train=len(data.train), n_val=len(data.val),
+            n_flipped=int(data.flipped.sum()), selected=selected, scores=scores,
+            finetune_seconds=run.trained.seconds, val_accuracy=run.trained.val["accuracy"],
+            fit_seconds=run.fit_seconds, query_seconds=run.query_seconds, method_seconds=timing["seconds"],
+            n_flipped_selected=int(data.flipped[selected].sum()), evaluation=evaluation, paths=paths,
+        )
+        result.total_seconds = time.perf_counter() - t_start
+        write_json(stage / "summary.json", result.summary())
     return result
 
 
