@@ -115,11 +115,14 @@ def rank_gram_accumulate_(acc: torch.Tensor, grads: torch.Tensor) -> torch.Tenso
 def _check_underflow(acc3: torch.Tensor, g3: torch.Tensor) -> None:
     """ValueError when the squares of non-zero gradients g3 [L, m, ·] vanished in acc3 [L, ·, ·].
 
-    diag(acc) holds Σ g² ≥ max g², so a layer whose diagonal stays below tiny/eps (where a square that
-    rounds to a subnormal or to 0 is no longer negligible) either has zero gradients or lost them to
-    underflow: an O(d) test; the gradients are read only in that rare case, to tell the two apart."""
+    A product that falls below the smallest normal number (tiny) is rounded to a multiple of tiny·eps,
+    so the m products of a batch move an entry by at most m·tiny·eps: relative to a diagonal of at least
+    m·tiny that is within eps, and below it the squares are no longer resolved (or flushed to 0).
+    diag(acc) holds Σ g² ≥ max g², so a layer whose diagonal stays below m·tiny either has zero
+    gradients or lost them to underflow: an O(d) test; the gradients are read only in that rare case,
+    to tell the two apart."""
     fi = torch.finfo(acc3.dtype)
-    low = fi.tiny / fi.eps
+    low = fi.tiny * max(int(g3.shape[1]), 1)
     top = torch.diagonal(acc3, dim1=-2, dim2=-1).amax(-1)
     small = (top < low).cpu()
     if not bool(small.any()):
