@@ -162,3 +162,15 @@ def test_attribute_on_a_classifier_maps_query_labels_to_the_training_classes(tmp
     records = [json.loads(line) for line in (out / "attribution.jsonl").read_text().splitlines()]
     assert [r["label"] for r in records] == ["positive", "positive"] and records[1]["text"] == "a dull film"
     assert all(len(r["helpful"]) == 3 and {"text", "label", "score"} <= set(r["helpful"][0]) for r in records)
+
+
+def test_the_printed_table_carries_the_input_notes():
+    """Rows left out are said on the terminal too (not only in summary.json and report.md), --no-progress or not."""
+    from hyperinf_ext.app.tasks.attribute import attribute_table
+
+    summary = {"top_k": 2, "n_train": 7, "n_query": 2, "method": "hyperinf", "damping": "auto",
+               "notes": ["train.csv: skipped 1 row(s) with empty 'text' at line(s) 4"],
+               "timings": {"fit_seconds": 0.2, "score_seconds": 0.1}, "outputs": {"report": "out/report.md"}}
+    lines = attribute_table(summary).splitlines()
+    assert "note: train.csv: skipped 1 row(s) with empty 'text' at line(s) 4" in lines
+    assert "note:" not in attribute_table({**summary, "notes": []})

@@ -187,11 +187,13 @@ def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
 
 
 def attribute_table(summary: dict[str, Any]) -> str:
-    """What the command line prints: sizes, timings and where the outputs are."""
+    """What the command line prints: sizes, the notes on the input (rows skipped, by file line), timings and
+    where the outputs are.  The notes are printed even with --no-progress: they say what was left out."""
     t = summary["timings"]
     return "\n".join([
         f"attribute: top {summary['top_k']} helpful and harmful of {summary['n_train']} training examples for "
         f"{summary['n_query']} queries ({summary['method']}, damping {summary['damping']})",
+        *(f"note: {n}" for n in summary.get("notes", [])),
         f"influence fit {t['fit_seconds']:.1f} s, scoring {t['score_seconds']:.1f} s",
         f"outputs: {', '.join(summary['outputs'].values())}",
     ])
