@@ -200,10 +200,7 @@ def _np(dtype: torch.dtype) -> Any:
 def check_out(path: str | Path) -> None:
     """``ValueError`` when ``path`` cannot take a score store: a file, or a directory holding another kind
     of artefact (checked before any gradient is computed; the writer checks again when it creates it)."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise ValueError(f"out {p}: exists and is a file, not a directory (a score store is a directory)")
-    kinds.check_not_other(p, kinds.SCORE_STORE, "out")
+    kinds.check_dir(path, kinds.SCORE_STORE, "out")
 
 
 def is_store(path: str | Path) -> bool:

@@ -100,16 +100,24 @@ def check_not_other(directory: str | Path, kind: str, what: str, *, manifest: bo
     raise _refusal(d, found, kind, what)
 
 
-def prepare_dir(directory: str | Path, kind: str, what: str, *, manifest: bool = True,
-                noun: str = "directory") -> Path:
-    """Make ``directory`` ready for a writer of ``kind``: refused when it is a file, holds another kind,
-    cannot be created or is not writable — each a ``ValueError`` naming ``what`` and the directory
-    (called a ``noun``: the command line says "folder")."""
+def check_dir(directory: str | Path, kind: str, what: str, *, manifest: bool = True,
+              noun: str = "directory") -> Path:
+    """Read-only: ``ValueError`` when ``directory`` is a file or holds another kind than ``kind`` (the
+    first checks of :func:`prepare_dir`, for a writer that checks before its expensive work)."""
     d = Path(directory)
     if d.exists() and not d.is_dir():
         raise ValueError(f"{what} {d}: exists and is " + ("a file, not a directory" if noun == "directory"
                                                             else f"not a {noun}"))
     check_not_other(d, kind, what, manifest=manifest)
+    return d
+
+
+def prepare_dir(directory: str | Path, kind: str, what: str, *, manifest: bool = True,
+                noun: str = "directory") -> Path:
+    """Make ``directory`` ready for a writer of ``kind``: refused when it is a file, holds another kind,
+    cannot be created or is not writable — each a ``ValueError`` naming ``what`` and the directory
+    (called a ``noun``: the command line says "folder")."""
+    d = check_dir(directory, kind, what, manifest=manifest, noun=noun)
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
