@@ -63,6 +63,7 @@ class Sizes:
     pytest_k: str | None
     test_timeout: int  # seconds per test (pytest-timeout, when installed)
     budget: dict[str, float]  # section -> share of the total budget
+    project: list[tuple[int, int, int, int]] = field(default_factory=list)  # (B, r, d, k) of the projection
 
 
 FULL = Sizes(
@@ -83,10 +84,14 @@ FULL = Sizes(
     # test_triton_aot.py is code generation, checked on the CPU already; only its numerics test of
     # the GPU layout paths (padded copy, TMA) runs on the device.
     tests=["tests/ops/test_triton_kernels.py", "tests/ops/test_triton_aot.py::test_gpu_layout_paths_numerics",
-           "tests/solvers/test_mixed_schulz.py::test_cuda_matches_the_cpu_emulation"],
+           "tests/solvers/test_mixed_schulz.py::test_cuda_matches_the_cpu_emulation",
+           "tests/ops/test_project.py::test_project_quantize_sizes",
+           "tests/ops/test_project.py::test_project_quantize_backends_agree_with_torch"],
     pytest_k=None,
     test_timeout=120,
-    budget={"tests": 0.22, "gfim": 0.13, "schulz": 0.10, "inverse": 0.15, "attributor": 0.34, "gfim_tma": 0.06},
+    budget={"tests": 0.22, "gfim": 0.13, "schulz": 0.10, "inverse": 0.15, "attributor": 0.30, "project": 0.04,
+            "gfim_tma": 0.06},
+    project=[(64, 8, 576, 128), (64, 8, 4096, 512), (1024, 8, 4096, 512)],
 )
 
 DRY = Sizes(
@@ -107,11 +112,13 @@ DRY = Sizes(
     tests=["tests/ops/test_triton_kernels.py"],
     pytest_k="test_gfim_tf32_flag",
     test_timeout=60,
-    budget={"tests": 0.3, "gfim": 0.1, "schulz": 0.1, "inverse": 0.1, "attributor": 0.3, "gfim_tma": 0.1},
+    budget={"tests": 0.3, "gfim": 0.1, "schulz": 0.1, "inverse": 0.1, "attributor": 0.25, "project": 0.05,
+            "gfim_tma": 0.1},
+    project=[(4, 8, 40, 16)],
 )
 
 # Risky variants last: gfim_tma (never run on hardware) runs in a child process after everything else.
-SECTIONS = ("tests", "gfim", "schulz", "inverse", "attributor", "gfim_tma")
+SECTIONS = ("tests", "gfim", "schulz", "inverse", "attributor", "project", "gfim_tma")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -436,6 +443,59 @@ def section_gfim_tma(ctx: "Context", sec: dict) -> None:
         raise RuntimeError(f"TMA child: exit status {rc}")
 
 
+def section_project(ctx: "Context", sec: dict) -> None:
+    """Gradient projection (issue #28): the Triton kernels checked against float64 on the device, then
+    timed against torch.matmul (cuBLAS, fp32) by the same dense Gaussian matrix, and against the torch
+    backend's project_quantize (matmul + separate amax / scale / cast)."""
+    import torch
+
+    from hyperinf_ext import ops
+
+    for B, r, d, k in ctx.sizes.project:
+        for dt in ("fp32", "bf16"):
+            case = f"B={B} r={r} d={d} k={k} {dt}"
+            if ctx.section_budget.left() <= 0:
+                sec["skipped"].append(f"{case}: section budget spent")
+                continue
+            g = torch.randn(B, r, d, device=ctx.device).to(torch.bfloat16 if dt == "bf16" else torch.float32)
+            P = torch.randn(d, k, device=ctx.device) / math.sqrt(k)
+            row: dict[str, Any] = {"B": B, "r": r, "d": d, "k": k, "dtype": dt}
+            # Correctness first, entrywise against float64 within the a-priori bounds of
+            # tests/ops/test_project.py: γ_d·(|g|·|P|) for the GEMM, plus half an fp16 ulp (or half its
+            # smallest subnormal times the scale) for the stored values.
+            g64, P64 = g.double(), P.double()
+            ref = g64 @ P64
+            bound = (d + 2) * (2.0 ** -24 + 2.0 ** -53) * (g64.abs() @ P64.abs())
+            y = ops.project(g, P, backend="triton")
+            v, sc = ops.project_quantize(g, P, backend="triton")
+            rec = v.double() * sc.double()[:, None, None]
+            q_bound = bound * (1 + 2.0 ** -11) + 2.0 ** -11 * ref.abs() + 2.0 ** -25 * sc.double()[:, None, None]
+            _, st = ops.project_quantize(g, P, backend="torch")
+            top = ref.abs().max().clamp_min(1e-300)
+            row["project_rel_err"] = float((y.double() - ref).abs().max() / top)
+            row["quantize_rel_err"] = float((rec - ref).abs().max() / top)
+            row["scales_equal_torch"] = float((sc == st).double().mean())
+            ok = bool(((y.double() - ref).abs() <= bound).all()) and bool(((rec - ref).abs() <= q_bound).all())
+            sec["targets"].append({"name": f"projection {case}: Triton within the float64 bounds", "met": ok,
+                                   "value": f"{row['project_rel_err']:.1e} / {row['quantize_rel_err']:.1e}"})
+            del y, v, sc, st, rec, ref, bound, q_bound, g64, P64
+            g32 = g.float()
+            with _tf32(False):
+                for name, fn in (("ours_s", lambda: ops.project(g, P, backend="triton")),
+                                 ("ours_quantize_s", lambda: ops.project_quantize(g, P, backend="triton")),
+                                 ("matmul_s", lambda: torch.matmul(g32, P)),
+                                 ("torch_quantize_s", lambda: ops.project_quantize(g, P, backend="torch"))):
+                    measure(ctx, sec, row, name, fn, 1.0, case)
+            if "matmul_s" in row:
+                for name in ("ours_s", "ours_quantize_s", "torch_quantize_s"):
+                    if name in row:
+                        row[name.removesuffix("_s") + "_vs_matmul"] = row[name] / row["matmul_s"]
+                row["matmul_tflops"] = 2.0 * B * r * d * k / row["matmul_s"] / 1e12
+            sec["rows"].append(row)
+            del g, g32, P
+            ctx.flush()
+
+
 def _spd_batch(ctx: "Context", L: int, d: int, dtype, kappa: float = 1e3):
     """L damped 'GFIMs' gᵀg/m + λI on the device (κ ≈ kappa; Marchenko–Pastur spectrum in [0, ~4])."""
     import torch
@@ -749,6 +809,7 @@ def _components(ctx: "Context", model, layers, train: list, fb: float) -> dict[s
 SECTION_FNS: dict[str, Callable[["Context", dict], None]] = {
     "tests": section_tests, "gfim": section_gfim, "schulz": section_schulz,
     "inverse": section_inverse, "attributor": section_attributor, "gfim_tma": section_gfim_tma,
+    "project": section_project,
     "gfim_tma_here": section_gfim_tma_here,  # the child process of gfim_tma
 }
 

@@ -38,10 +38,19 @@ TORCH_LIBRARY(hyperinf, m) {
   // CPU (for tests and benchmarks; HYPERINF_GFIM_BF16_KERNEL=0 still switches it off per call).
   // No tensor arguments, hence no backend to dispatch on: defined together with its kernel.
   m.def("gfim_bf16_kernel_available() -> bool", [] { return hyperinf::gfim_bf16_kernel_usable(); });
+  // grads [B, r, d] any float dtype and strides; proj [d, k] fp32/fp64 -> y [B, r, k] in proj's dtype.
+  m.def("project(Tensor grads, Tensor proj) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // The same y, then values [B, r, k] out_dtype (fp16/bf16/fp32) and scale fp32 [B] (powers of two)
+  // with y ≈ values·scale[b]; top_exponent: max |values| < 2^top_exponent (project.cpp).
+  m.def("project_quantize(Tensor grads, Tensor proj, ScalarType out_dtype, int top_exponent) -> "
+        "(Tensor values, Tensor scale)",
+        {at::Tag::pt2_compliant_tag});
 }
 
 TORCH_LIBRARY_IMPL(hyperinf, CPU, m) {
   m.impl("gfim_accumulate_", &hyperinf::gfim_accumulate_cpu);
   m.impl("schulz_inverse", &hyperinf::schulz_inverse_cpu);
   m.impl("schulz_step_", &hyperinf::schulz_step_cpu);
+  m.impl("project", &hyperinf::project_cpu);
+  m.impl("project_quantize", &hyperinf::project_quantize_cpu);
 }

@@ -31,6 +31,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> schulz_inverse_cpu(
 double schulz_step_cpu(const at::Tensor& X_new, const at::Tensor& R, const at::Tensor& A, const at::Tensor& X,
                        double beta);
 
+// project.cpp.  grads [B, r, d] any float dtype, any strides; proj [d, k] float32/float64.
+// Returns y = grads · proj as [B, r, k] in proj's dtype (grads converted to it first).
+at::Tensor project_cpu(const at::Tensor& grads, const at::Tensor& proj);
+// y as above, then per example b: scale[b] = 2^k_b (float32 [B]) with k_b = max(e_b − top_exponent, −126)
+// where max|y_b| = m·2^e_b, m in [1/2, 1) (1 for an all-zero example, NaN for a non-finite one, inf past
+// 2^127), and values [B, r, k] out_dtype (float16/bfloat16/float32) = y_b / scale[b] rounded to nearest.
+std::tuple<at::Tensor, at::Tensor> project_quantize_cpu(const at::Tensor& grads, const at::Tensor& proj,
+                                                        at::ScalarType out_dtype, int64_t top_exponent);
+
 // Runs `worker(next)` once per thread; workers pull item indices from the shared counter `next`
 // until it passes n_items.  Dynamic hand-out matters because items differ in cost (Schulz matrices
 // converge in different iteration counts), which at::parallel_for's static split would leave idle.

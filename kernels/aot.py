@@ -39,6 +39,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
 
 from . import gfim as _gfim
+from . import project as _project
 from . import schulz as _schulz
 
 _TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -60,6 +61,24 @@ SCHULZ_VARIANTS = {
     "fp32": (torch.float32, "ieee"),
     "fp32_tf32x3": (torch.float32, "tf32x3"),
     "fp64": (torch.float64, "ieee"),
+}
+
+# name -> (grads dtype, proj dtype, per-example amax epilogue): project_kernel as ops.project (no amax)
+# and ops.project_quantize (amax) launch it on CUDA.
+PROJECT_VARIANTS = {
+    "project_fp32": (torch.float32, torch.float32, False),
+    "project_fp64": (torch.float64, torch.float64, False),
+    "project_amax_fp32": (torch.float32, torch.float32, True),
+    "project_amax_bf16": (torch.bfloat16, torch.float32, True),
+    "project_amax_fp16": (torch.float16, torch.float32, True),
+    "project_amax_fp64": (torch.float64, torch.float64, True),
+}
+# name -> (y dtype, out dtype) of scale_cast_kernel (the second launch of ops.project_quantize).
+SCALE_CAST_VARIANTS = {
+    "scale_cast_fp32_fp16": (torch.float32, torch.float16),
+    "scale_cast_fp32_bf16": (torch.float32, torch.bfloat16),
+    "scale_cast_fp32_fp32": (torch.float32, torch.float32),
+    "scale_cast_fp64_fp16": (torch.float64, torch.float16),
 }
 
 
@@ -122,6 +141,75 @@ def gfim_tma_source(in_dtype: torch.dtype):
     return src, _options(cfg.num_warps, cfg.num_stages)
 
 
+def project_source(in_dtype: torch.dtype, proj_dtype: torch.dtype, amax: bool):
+    """(ASTSource, options) of ``project_kernel`` for grads of ``in_dtype`` times a ``proj_dtype`` proj.
+
+    Specialised as the JIT does for the launch of contiguous grads with d and k multiples of 16 (the
+    index's shapes; fp16/bf16 grads are brought to that layout by the launcher): unit d-stride, the other
+    strides, d_load, k and every pointer divisible by 16.  M, d and r stay generic.
+    """
+    cfg = _project.config(proj_dtype, interpret=False)
+    p = "*" + _TRITON_TYPE[proj_dtype]
+    signature = {
+        "g_ptr": "*" + _TRITON_TYPE[in_dtype],
+        "p_ptr": p,
+        "y_ptr": p,
+        "amax_ptr": ("*i32" if proj_dtype == torch.float32 else "*i64") if amax else p,
+        "M": "i32",
+        "d": "i32",
+        "d_load": "i32",
+        "k": "i32",
+        "r": "i32",
+        "stride_gb": "i32",
+        "stride_gr": "i32",
+        "stride_gd": "constexpr",
+        "BLOCK_M": "constexpr",
+        "BLOCK_N": "constexpr",
+        "BLOCK_K": "constexpr",
+        "CAST_TO_ACC": "constexpr",
+        "COMPUTE_AMAX": "constexpr",
+        "INPUT_PRECISION": "constexpr",
+    }
+    constexprs = {
+        "stride_gd": 1,
+        "BLOCK_M": cfg.block_m,
+        "BLOCK_N": cfg.block_n,
+        "BLOCK_K": cfg.block_k,
+        "CAST_TO_ACC": in_dtype != proj_dtype,
+        "COMPUTE_AMAX": amax,
+        "INPUT_PRECISION": "ieee",
+    }
+    names = _project.project_kernel.arg_names
+    aligned = ("g_ptr", "p_ptr", "y_ptr", "amax_ptr", "d_load", "k", "stride_gb", "stride_gr")
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = triton.compiler.ASTSource(fn=_project.project_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return src, _options(cfg.num_warps, cfg.num_stages)
+
+
+def scale_cast_source(y_dtype: torch.dtype, out_dtype: torch.dtype):
+    """(ASTSource, options) of ``scale_cast_kernel`` from a ``y_dtype`` projection to ``out_dtype`` values."""
+    cfg = _project.cast_config(interpret=False)
+    signature = {
+        "y_ptr": "*" + _TRITON_TYPE[y_dtype],
+        "inv_ptr": "*" + _TRITON_TYPE[y_dtype],
+        "out_ptr": "*" + _TRITON_TYPE[out_dtype],
+        "M": "i32",
+        "k": "i32",
+        "r": "i32",
+        "BLOCK_M": "constexpr",
+        "BLOCK_N": "constexpr",
+        "VIA_FP32": "constexpr",
+        "RNE_BY_HAND": "constexpr",
+    }
+    constexprs = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+                  "VIA_FP32": out_dtype == torch.bfloat16 and y_dtype == torch.float64, "RNE_BY_HAND": False}
+    names = _project.scale_cast_kernel.arg_names
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ("y_ptr", "inv_ptr", "out_ptr", "k")}
+    src = triton.compiler.ASTSource(fn=_project.scale_cast_kernel, signature=signature, constexprs=constexprs,
+                                    attrs=attrs)
+    return src, _options(cfg.num_warps, 1)
+
+
 def _schulz_constexprs(cfg: _schulz.SchulzConfig, input_precision: str) -> dict:
     return {
         "BLOCK_M": cfg.block_m,
@@ -162,6 +250,8 @@ def sources(arch: int = TMA_MIN_ARCH) -> dict:
     for tag, (dtype, precision) in SCHULZ_VARIANTS.items():
         out[f"schulz_residual_{tag}"] = schulz_residual_source(dtype, precision)
         out[f"schulz_update_{tag}"] = schulz_update_source(dtype, precision)
+    out.update({name: project_source(*variant) for name, variant in PROJECT_VARIANTS.items()})
+    out.update({name: scale_cast_source(*variant) for name, variant in SCALE_CAST_VARIANTS.items()})
     return out
 
 
@@ -169,12 +259,17 @@ def _can_codegen() -> bool:
     return isinstance(_gfim.gfim_kernel, JITFunction)
 
 
-def _compile_here(arch: int) -> dict:
+def _selected(arch: int, only: tuple[str, ...] | None) -> dict:
+    """sources(arch), restricted to the names that start with one of ``only`` (all when None)."""
+    return {n: v for n, v in sources(arch).items() if only is None or n.startswith(tuple(only))}
+
+
+def _compile_here(arch: int, only: tuple[str, ...] | None = None) -> dict:
     target = GPUTarget("cuda", arch, 32)
-    return {name: triton.compile(src, target=target, options=opts) for name, (src, opts) in sources(arch).items()}
+    return {name: triton.compile(src, target=target, options=opts) for name, (src, opts) in _selected(arch, only).items()}
 
 
-def _compile_in_child(arch: int) -> dict:
+def _compile_in_child(arch: int, only: tuple[str, ...] | None = None) -> dict:
     """compile_all in a TRITON_INTERPRET=0 child; rebuild the kernels from the cache files it names."""
     # This file does not know the package it is installed in: the child runs this module under the
     # name it was imported as, with the directory above the top-level package on its path.
@@ -186,7 +281,8 @@ def _compile_in_child(arch: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "aot.json")
         proc = subprocess.run(
-            [sys.executable, "-m", module, "--arch", str(arch), "--out", out],
+            [sys.executable, "-m", module, "--arch", str(arch), "--out", out]
+            + (["--only", ",".join(only)] if only is not None else []),
             env=env,
             capture_output=True,
             text=True,
@@ -202,20 +298,23 @@ def _compile_in_child(arch: int) -> dict:
     }
 
 
-def compile_all(arch: int) -> dict:
+def compile_all(arch: int, only: tuple[str, ...] | None = None) -> dict:
     """Compile every kernel variant for sm_``arch`` (e.g. 80, 90); returns name -> CompiledKernel.
 
-    Needs no GPU.  ~1–2 s per kernel on a cold Triton cache, near-instant on a warm one.
+    ``only``: just the variants whose names start with one of these prefixes (e.g. ``("project",
+    "scale_cast")``).  Needs no GPU.  ~1–2 s per kernel on a cold Triton cache, near-instant on a warm one.
     """
-    return _compile_here(arch) if _can_codegen() else _compile_in_child(arch)
+    only = tuple(only) if only is not None else None
+    return _compile_here(arch, only) if _can_codegen() else _compile_in_child(arch, only)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, required=True, help="SM version, e.g. 80 or 90")
     parser.add_argument("--out", help="write {name: {hash, metadata_group}} JSON here")
+    parser.add_argument("--only", help="comma-separated name prefixes: compile just those variants")
     args = parser.parse_args(argv)
-    kernels = compile_all(args.arch)
+    kernels = compile_all(args.arch, tuple(args.only.split(",")) if args.only else None)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({n: {"hash": k.hash, "metadata_group": k.metadata_group} for n, k in kernels.items()}, f)

@@ -13,6 +13,7 @@ Scenarios (each rank writes OUT_DIR/rank{r}.json with what it saw; the test asse
                (index 6 on both ranks, 7 on none, counts adding up to n_train) are refused on every rank;
                1 example on 2 ranks (rank 1's shard empty) scores as one process; last, the CLI's main on
                rank 1 fails in the fit: every rank prints one error line (OUT_DIR/cli.json holds the argv).
+* ``index``    every rank builds its shard of one gradient index (tests/index/test_index_distributed.py).
 """
 import json
 import os
@@ -199,13 +200,23 @@ def kill(rank: int, world: int, out: Path) -> dict:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+def index(rank: int, world: int, out: Path) -> dict:
+    """Each rank builds its shard of one gradient index in OUT_DIR/idx (the test compares it with one process)."""
+    from hyperinf_ext.index import Index, IndexConfig
+
+    idx = Index.build(tiny_model(), shard_batches(make_data(N_TRAIN, 1), rank, world), out / "idx",
+                      config=IndexConfig(proj_dim=0, rows_per_shard=2), checkpoint_every=1, progress=False)
+    return {"n_train": idx.n_train, "shards": len(idx.shards)}
+
+
 def main(scenario: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     out_dir = Path(out)
     try:
-        res = {"equal": equal, "mismatch": mismatch, "kill": kill, "shards": shards}[scenario](rank, world, out_dir)
+        res = {"equal": equal, "mismatch": mismatch, "kill": kill, "shards": shards,
+               "index": index}[scenario](rank, world, out_dir)
     except Exception:  # noqa: BLE001
         res = {"crash": traceback.format_exc()}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(res))

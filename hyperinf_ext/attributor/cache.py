@@ -11,7 +11,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import torch
 
@@ -19,6 +19,24 @@ from .. import persistence
 from ..persistence import read_json, read_tensors, save_tensors_atomic, write_bytes_atomic
 
 CACHE_MODES = ("memory", "disk", "none")
+
+
+class GradientSink(Protocol):
+    """What ``HyperINF.fit(gradient_sink=...)`` feeds: every batch's per-sample gradients, in order.
+
+    ``count``: batches held (committed or buffered).  ``truncate(b)``: keep only the first b batches (a
+    resumed fit re-sends the rest).  ``append(index [B] int64, {layer: [B, r, d]})``: one batch.
+    ``flush()``: make everything appended durable; called before each fit checkpoint commit and at
+    the end, so after a kill the sink holds at least the batches of the last commit.
+    """
+
+    count: int
+
+    def truncate(self, batches: int) -> None: ...
+
+    def append(self, index: torch.Tensor, grads: dict[str, torch.Tensor]) -> None: ...
+
+    def flush(self) -> None: ...
 
 
 class GradientCache:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 
 from .. import ops, persistence
-from .cache import GradientCache
+from .cache import GradientCache, GradientSink
 from ..capture import ExampleError, PerSampleGradients
 from .config import torch_dtype as _torch_dtype
 from ..curvature.methods import LayerFactor
@@ -90,8 +90,9 @@ class FitPass:
         return lambda: iter(self.cache)
 
 
-    def _accumulate(self, train_loader: Iterable, ckpt: "persistence.Checkpoint | None", checkpoint_every: int) -> None:
-        """The streaming pass of ``fit``: per-layer GFIM sums, counts and the gradient cache."""
+    def _accumulate(self, train_loader: Iterable, ckpt: "persistence.Checkpoint | None", checkpoint_every: int,
+                    sink: "GradientSink | None" = None) -> None:
+        """The streaming pass of ``fit``: per-layer GFIM sums, counts, the gradient cache and ``sink``."""
         fdtype = self.fdtype
         fingerprint = persistence.DataFingerprint()
         if ckpt is not None and ckpt.exists:
@@ -118,6 +119,12 @@ class FitPass:
             # the checkpoint's cached gradients are gone: cache nothing rather than a misnumbered tail
             self.cache = GradientCache("none")
         self.cache.truncate(self.batches_done)
+        if sink is not None:
+            if sink.count < self.batches_done:
+                raise ValueError(f"gradient_sink: holds {sink.count} batches but the checkpoint resumes after "
+                                 f"{self.batches_done}; the sink's data were lost: start over with a fresh "
+                                 "checkpoint_dir and sink")
+            sink.truncate(self.batches_done)
         # Layers of equal (d, r) share one batched GFIM call on their stacked gradients.
         groups: dict[tuple[int, int], list[str]] = {}
         for n, f in self.factors.items():
@@ -149,17 +156,23 @@ class FitPass:
                     ops.rank_gram_accumulate_(rank_accs[key], stacked)
             with self._timed("cache"):
                 self.cache.append(index, grads)
+                if sink is not None:
+                    sink.append(index, grads)
             self.n_train = max(self.n_train, int(index.max()) + 1)
             self.batches_done += 1
             for f in self.factors.values():
                 f.count += index.numel()
             if ckpt is not None and checkpoint_every and self.batches_done % checkpoint_every == 0:
                 self._sync_factors(accs, rank_accs, groups)
+                if sink is not None:
+                    sink.flush()  # what the checkpoint says is done must be in the sink first
                 self._commit_checkpoint(ckpt, fingerprint, complete=False)
         self.fit_read = read[0] if read else None
         if self.batches_done == 0 and self._comm is None:  # a rank's shard may be empty: the reduction checks
             raise ValueError("train_loader: yielded no batches")
         self._sync_factors(accs, rank_accs, groups)
+        if sink is not None:
+            sink.flush()
         if ckpt is not None:
             self._commit_checkpoint(ckpt, fingerprint, complete=True)
 

@@ -21,7 +21,7 @@ import torch
 from .. import distributed as _dist
 from .. import persistence
 from . import sinks
-from .cache import GradientCache
+from .cache import GradientCache, GradientSink
 from ..capture import default_loss_fn, find_gradient_layers
 from .config import (FIXED_BY_FIT, SIGN_CONVENTION, HyperINFConfig, QueryGradients, check_method_options,
                      config_defaults, method_of, torch_dtype)
@@ -30,13 +30,14 @@ from .fitting import FitPass
 from ..curvature.methods import LayerFactor, resolve
 from .scoring import Scoring
 from .stored import StoredStateIO
+from .tokens import TokenScoring
 
 __all__ = ["SIGN_CONVENTION", "HyperINF", "HyperINFConfig", "QueryGradients"]
 
 _KEEP = object()  # use(damping=...) not given: keep the current damping (None restores the default)
 
 
-class HyperINF(FitPass, Scoring, StoredStateIO):
+class HyperINF(FitPass, Scoring, TokenScoring, StoredStateIO):
     """Influence of training examples on queries for a PEFT LoRA model.
 
     >>> attr = HyperINF(model).fit(train_loader)
@@ -121,6 +122,7 @@ class HyperINF(FitPass, Scoring, StoredStateIO):
         *,
         checkpoint_dir: str | Path | None = None,
         checkpoint_every: int = 50,
+        gradient_sink: "GradientSink | None" = None,
     ) -> "HyperINF":
         """Stream ``train_loader`` once: accumulate each layer's GFIM (and cache gradients).
 
@@ -132,6 +134,11 @@ class HyperINF(FitPass, Scoring, StoredStateIO):
         already consumed, and raises ``ValueError`` when any differs (a finished checkpoint also refuses
         a longer loader).  If ``fit`` raises, ``scores``/``mean_scores``/``save``/``use`` raise
         "fit did not complete" until a fit completes (with ``checkpoint_dir``, by resuming).
+
+        ``gradient_sink`` (a :class:`~hyperinf_ext.attributor.cache.GradientSink`) also receives every
+        batch's gradients, e.g. the writer of a gradient index: it is told the batches a resumed fit
+        keeps (``truncate``) and flushed before every checkpoint commit, so what it committed always
+        covers the checkpoint's batches.
         """
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
             raise ValueError(f"checkpoint_every: expected a number of batches ≥ 0 (0 = only at the end), "
@@ -146,7 +153,7 @@ class HyperINF(FitPass, Scoring, StoredStateIO):
         self._fit_error = "fit is still running"
         try:
             with ckpt if ckpt is not None else contextlib.nullcontext(), _dist.reported(comm, "fit"):
-                self._accumulate(train_loader, ckpt, checkpoint_every)
+                self._accumulate(train_loader, ckpt, checkpoint_every, gradient_sink)
             if comm is not None:
                 from ..distributed.share import reduce_factors
 

@@ -38,6 +38,23 @@ class Scoring:
             raise ValueError(f"{desc}: the loader yielded no batches")
         return QueryGradients(torch.cat(idx), {n: torch.cat(p) for n, p in parts.items()})
 
+    def precondition(self, queries: Iterable | QueryGradients) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The query gradients times the method's inverse curvature, per layer: (index [Q] int64 sorted,
+        {layer: [Q, r, d]} in the factor dtype, rows in that index order).
+
+        ``−Σ_l ⟨q̃_l, g_k,l⟩`` with these is ``scores``' entry for training example k.  Methods that need a
+        pass over the training data to precondition (``needs_train_pass``) are refused: call ``scores``.
+        """
+        self._require_fit()
+        self._prepare()
+        if self.method.needs_train_pass:
+            raise ValueError(f"method {self.config.method!r}: preconditioning needs a pass over the training "
+                             "data; precondition() takes only methods that do not (use scores())")
+        q = self.query_gradients(queries)
+        order = q.index.argsort()
+        grads = {n: g[order.to(g.device)] for n, g in q.grads.items()}
+        return q.index[order], self._precondition(grads, None)
+
     def _precondition(self, q: dict[str, torch.Tensor], train_loader: Iterable | None) -> dict[str, torch.Tensor]:
         self._prepare()
         source = self._train_batches(train_loader) if self.method.needs_train_pass else (lambda: iter(()))

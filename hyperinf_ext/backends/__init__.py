@@ -6,7 +6,9 @@ The host-side drivers live here, one module per backend: ``torch`` (the plain-to
 ``gfim_accumulate_(acc [L,d,d], grads [L,m,d])`` and
 ``schulz_inverse(A [B,d,d], lower [B], upper [B], tol, max_iter) -> (X, iterations, residual, status)``
 (layouts in ``backends/torch.py``); ops without a kernel of their own (``rank_gram_accumulate_``)
-run on the torch backend.
+run on the torch backend.  Ops that only some backends (or builds) implement are dispatched with
+``op=`` (``select(backend, device, op="project")``): ``implements`` says which backend has it — all
+three have ``project`` and ``project_quantize``, but a C++ extension built before them does not.
 """
 from __future__ import annotations
 
@@ -67,28 +69,39 @@ def _usable(name: str, device: _torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and triton_interpreter())
 
 
-def available_backends(device: _torch.device | str | None = None) -> list[str]:
+def implements(name: str, op: str) -> bool:
+    """Whether backend ``name`` is loaded and has the op ``op`` (the cpp backend: in this build too)."""
+    module = _module(name)
+    if module is None or not callable(getattr(module, op, None)):
+        return False
+    has_op = getattr(module, "has_op", None)
+    return has_op is None or bool(has_op(op))
+
+
+def available_backends(device: _torch.device | str | None = None, op: str | None = None) -> list[str]:
     """Backends usable for tensors on ``device`` (default: CUDA if present, else CPU), fastest first.
 
     ``"torch"`` is always there; ``"cpp"`` when the extension ``hyperinf_ext._C`` was built (CPU
     tensors); ``"triton"`` when triton imports and either the device is CUDA or ``TRITON_INTERPRET=1``
-    was set before import (CPU tensors then run through the Triton interpreter).
+    was set before import (CPU tensors then run through the Triton interpreter).  With ``op``, only
+    the backends that implement that op (:func:`implements`).
     """
     if device is None:
         device = "cuda" if _torch.cuda.is_available() else "cpu"
     device = _torch.device(device)
     order = ("triton", "torch") if device.type == "cuda" else ("cpp", "torch", "triton")
-    return [name for name in order if _usable(name, device)]
+    return [name for name in order if _usable(name, device) and (op is None or implements(name, op))]
 
 
-def select(backend: str | None, device: _torch.device) -> tuple[str, ModuleType]:
+def select(backend: str | None, device: _torch.device, op: str | None = None) -> tuple[str, ModuleType]:
     """The one dispatch point: the requested backend, or the fastest for ``device`` when None.
 
     On the CPU the default is the C++ backend (then torch); the Triton interpreter is never picked
-    by default because it is orders of magnitude slower than either.
+    by default because it is orders of magnitude slower than either.  With ``op``, the backend must
+    implement that op (the default skips those that do not).
     """
     if backend is None:
-        name = available_backends(device)[0]
+        name = available_backends(device, op)[0]
     else:
         if backend not in BACKENDS:
             raise ValueError(f"backend: unknown backend {backend!r}; expected one of {BACKENDS}")
@@ -96,6 +109,10 @@ def select(backend: str | None, device: _torch.device) -> tuple[str, ModuleType]
             raise ValueError(
                 f"backend: {backend!r} is not available for tensors on {device} "
                 f"(available: {available_backends(device)})"
+            )
+        if op is not None and not implements(backend, op):
+            raise ValueError(
+                f"backend: {backend!r} does not implement {op} (this build; available: {available_backends(device, op)})"
             )
         name = backend
     module = _module(name)

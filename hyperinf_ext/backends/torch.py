@@ -5,6 +5,10 @@ No argument checking here (``ops/`` does that once); layouts as ``ops/`` hands t
 * ``gfim_accumulate_(acc, grads)``: acc [L, d, d] float32/float64 contiguous, grads [L, m, d]
   (m = n·r rows, any float dtype, any strides).
 * ``rank_gram_accumulate_(acc, grads)``: acc [L, r, r] float32/float64 contiguous, grads [L, n, r, d].
+* ``project(grads, proj)``: grads [B, r, d] (any float dtype and strides), proj [d, k] float32/float64
+  contiguous → [B, r, k] in proj's dtype.
+* ``project_quantize(grads, proj, out_dtype, top_exponent)`` → (values [B, r, k] out_dtype, scale
+  float32 [B]); the scale rule is :func:`pow2_scale`.
 * ``schulz_inverse(A, lower, upper, tol, max_iter)``: A [B, d, d] float32/float64 contiguous,
   lower/upper [B] float64; the decisions are ``reference.SchulzSchedule``'s and the host loop is
   ``schulz_driver``'s (this module and the Triton backend supply only the GEMM steps).
@@ -38,6 +42,45 @@ def rank_gram_accumulate_(acc: torch.Tensor, grads: torch.Tensor) -> torch.Tenso
     L, n, r, d = grads.shape
     g = grads.to(acc.dtype).permute(0, 2, 1, 3).reshape(L, r, n * d)
     return _add_mirrored_(acc, torch.bmm(g, g.transpose(1, 2)))
+
+
+def project(grads: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """grads [B, r, d] · proj [d, k] → [B, r, k] in proj's dtype (grads converted to it, products summed in it)."""
+    return torch.matmul(grads.to(proj.dtype), proj)
+
+
+# float32's normal exponents: the scales stay normal floats (see csrc/project.cpp).
+MIN_SCALE_EXPONENT, MAX_SCALE_EXPONENT = -126, 127
+
+
+def pow2_scale(amax: torch.Tensor, top_exponent: int) -> torch.Tensor:
+    """The per-example scale of ``project_quantize`` from amax [B] = max |y_b| (float32/float64).
+
+    amax = m·2^e with m in [1/2, 1) gives scale 2^max(e − top_exponent, −126) as float32 [B], so that
+    max |y_b| / scale < 2^top_exponent; an all-zero example gets 1, a non-finite amax NaN, and an
+    exponent past 127 (no float32 power of two that large) inf — ops/ refuses both.
+    """
+    a = amax.double()
+    _, e = torch.frexp(a)
+    k = (e.double() - top_exponent).clamp_min(MIN_SCALE_EXPONENT)
+    s = torch.where(k > MAX_SCALE_EXPONENT, torch.full_like(a, float("inf")), torch.ldexp(torch.ones_like(a), k))
+    s = torch.where(a == 0, torch.ones_like(a), s)
+    return torch.where(torch.isfinite(a), s, torch.full_like(a, float("nan"))).float()
+
+
+def project_quantize(grads: torch.Tensor, proj: torch.Tensor, out_dtype: torch.dtype,
+                     top_exponent: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values [B, r, k] out_dtype, scale float32 [B]) with y = grads·proj ≈ values·scale[b].
+
+    values = y / scale rounded to out_dtype; the division by a power of two is exact, so the cast is
+    the one rounding.
+    """
+    y = project(grads, proj)
+    amax = y.abs().flatten(1).amax(1) if y.shape[1] * y.shape[2] else y.new_zeros(y.shape[0])
+    scale = pow2_scale(amax, top_exponent)
+    # Non-finite scales only occur on rows ops/ refuses; divide those by 1 (values stay finite-or-not as y).
+    div = torch.where(torch.isfinite(scale), scale, torch.ones_like(scale)).to(y.dtype)
+    return (y / div[:, None, None]).to(out_dtype), scale
 
 
 class _TorchSteps:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import torch
 
 from ..kernels import gfim as _gfim
+from ..kernels import project as _project
 from ..kernels import schulz as _schulz
 from .schulz_driver import SchulzDriver
+from .torch import pow2_scale
 
-__all__ = ["gfim_accumulate_", "schulz_inverse"]
+__all__ = ["gfim_accumulate_", "schulz_inverse", "project", "project_quantize"]
 
 
 def _interpret(device: torch.device) -> bool:
@@ -36,6 +38,41 @@ def gfim_accumulate_(
     """
     cfg = config or _gfim.config(grads.dtype, acc.dtype, _interpret(acc.device))
     return _gfim.launch_gfim(acc, grads, cfg, input_precision=input_precision)
+
+
+def project(grads: torch.Tensor, proj: torch.Tensor, *, input_precision: str = "ieee",
+            config: _project.ProjectConfig | None = None) -> torch.Tensor:
+    """grads [B, r, d] (any float dtype and strides, read in place) · proj [d, k] (float32/float64,
+    contiguous) → [B, r, k] in proj's dtype, in one launch; products summed in proj's dtype (fp16/bf16
+    grads converted to it in registers).  ``input_precision="tf32"``: TF32 tensor cores for a float32
+    proj.  ``config`` overrides the tiles (tests, benchmarks)."""
+    B, r, _ = grads.shape
+    k = proj.shape[1]
+    y = torch.empty(B * r, k, dtype=proj.dtype, device=proj.device)
+    cfg = config or _project.config(proj.dtype, _interpret(proj.device))
+    _project.launch_project(y, grads, proj, None, cfg, input_precision=input_precision)
+    return y.view(B, r, k)
+
+
+def project_quantize(grads: torch.Tensor, proj: torch.Tensor, out_dtype: torch.dtype, top_exponent: int, *,
+                     input_precision: str = "ieee", config: _project.ProjectConfig | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values [B, r, k] out_dtype, scale float32 [B]): the projection with its per-example max |y| folded in
+    by the GEMM's epilogue, the scale rule of the reference (``pow2_scale``, B numbers), then one
+    scale-and-cast launch.  Arguments as in :func:`project`."""
+    B, r, _ = grads.shape
+    k = proj.shape[1]
+    y = torch.empty(B * r, k, dtype=proj.dtype, device=proj.device)
+    bits = torch.zeros(B, dtype=_project.AMAX_INT[proj.dtype], device=proj.device)
+    interpret = _interpret(proj.device)
+    cfg = config or _project.config(proj.dtype, interpret)
+    _project.launch_project(y, grads, proj, bits, cfg, input_precision=input_precision)
+    scale = pow2_scale(bits.view(proj.dtype), top_exponent)
+    # 1/scale in y's dtype is exact (a power of two); non-finite scales (rows ops/ refuses) divide by 1.
+    inv = torch.where(torch.isfinite(scale), scale, torch.ones_like(scale)).to(proj.dtype).reciprocal()
+    values = torch.empty(B * r, k, dtype=out_dtype, device=proj.device)
+    _project.launch_scale_cast(values, y, inv, r, _project.cast_config(interpret))
+    return values.view(B, r, k), scale
 
 
 class _TritonSteps:

@@ -24,6 +24,23 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def base_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
+    """Hash of the frozen (base) parameters: names, dtypes, shapes and up to ``samples`` evenly strided
+    values of each, as float64 — the same checkpoint loaded in another dtype gives another value, so
+    the dtype is part of it.  Sampling keeps it cheap on a large base (reading every weight of an 8B
+    model would take seconds); two different checkpoints of one architecture differ in practically
+    every sampled value."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // samples)
+        h.update(f"{name}{p.dtype}{tuple(p.shape)}".encode())
+        h.update(_tensor_bytes(flat[::step].to(torch.float64)))
+    return h.hexdigest()
+
+
 def adapter_fingerprint(weights: Iterable[tuple[str, torch.Tensor]]) -> str:
     """SHA-256 of the named adapter weights (names, shapes and values as float64): factors fitted on one
     adapter are wrong for another of the same shapes.  The values are compared as numbers, so the same

@@ -22,6 +22,7 @@ FACTORS = "hyperinf-ext/factors"
 CHECKPOINT = "hyperinf-ext/checkpoint"
 SCORE_STORE = "hyperinf-ext/score-store"
 CLI_RUN = "hyperinf-ext/cli-run"
+INDEX = "hyperinf-ext/index"
 FOREIGN = "foreign"  # a meta.json hyperinf-ext did not write: not ours to overwrite
 
 STORE_FORMAT = "hyperinf-ext scores (training-major npy)"
@@ -32,6 +33,7 @@ _NAMES = {
     CHECKPOINT: "a fit checkpoint (fit(checkpoint_dir=...))",
     SCORE_STORE: "a score store (scores(out=...))",
     CLI_RUN: "a CLI run's outputs (summary.json)",
+    INDEX: "a gradient index (Index.build)",
     FOREIGN: f"a {MANIFEST} that hyperinf-ext did not write",
 }
 _FACTORS_FILE = re.compile(r"^factors(-\d+)?\.safetensors$")
@@ -150,6 +152,6 @@ def require_kind(directory: str | Path, accepted: tuple[str, ...], what: str) ->
 
 def manifest_kind(kind: str) -> dict[str, str]:
     """The manifest entry that names ``kind``."""
-    if kind not in (FACTORS, CHECKPOINT, SCORE_STORE):
+    if kind not in (FACTORS, CHECKPOINT, SCORE_STORE, INDEX):
         raise ValueError(f"internal: no manifest for kind {kind!r}")
     return {"kind": kind}

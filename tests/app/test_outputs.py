@@ -135,7 +135,7 @@ def test_detect_rerun_is_all_or_nothing(tmp_path, monkeypatch):
     code, _, stderr = run_cli([*command, "--top-k", "2"])
     assert code == 0, stderr
     before = snapshot(out)
-    assert set(before) == {"detection.png", "scores.csv", "summary.json", "topk.safetensors"}
+    assert set(before) == {"detection.png", "scores.csv", "summary.json", "topk.safetensors", "report.html"}
 
     real_write = mislabeled.write_json
 
@@ -150,6 +150,6 @@ def test_detect_rerun_is_all_or_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(mislabeled, "write_json", real_write)
     code, stdout, stderr = run_cli([*command, "--seed", "1"])
     assert code == 0, stderr
-    assert set(snapshot(out)) == {"detection.png", "scores.csv", "summary.json"}  # no stale top-k
+    assert set(snapshot(out)) == {"detection.png", "scores.csv", "summary.json", "report.html"}  # no stale top-k
     assert json.loads((out / "summary.json").read_text())["settings"]["seed"] == 1
     assert f"outputs: {out / 'detection.png'}, {out / 'scores.csv'}, {out / 'summary.json'}" in stdout

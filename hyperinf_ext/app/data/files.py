@@ -174,7 +174,7 @@ def load_text_file(
         for col in (text_column, label_column):
             if col not in columns:
                 raise DataError(
-                    f"{path}: column '{col}' not found; columns present: {', '.join(columns)}"
+                    f"{path}: column '{col}' not found in the header (line 1); columns present: {', '.join(columns)}"
                 )
     elif name.endswith(_JSONL_SUFFIXES):
         rows = _read_json_rows(path)

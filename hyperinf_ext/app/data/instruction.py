@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from .dataset import DataError, TextDataset
 from .files import _CSV_SUFFIXES, _JSONL_SUFFIXES, _read_csv_rows, _read_json_rows
@@ -149,7 +149,9 @@ def load_instruction_file(
                             f"'{prompt_column}' and '{response_column}' or 'messages'; columns present: "
                             f"{', '.join(map(str, row.keys())) or '(none)'}")
         if not response:
-            raise DataError(f"{path}: empty response (line {where}): every example needs a response to score")
+            column = "messages" if row.get("messages") not in (None, "") else response_column
+            raise DataError(f"{path}: empty response (line {where}) in column '{column}': every example needs a "
+                            "response to score")
         prompts.append(prompt)
         responses.append(response)
         lines.append(where)
@@ -207,16 +209,22 @@ class Encoded:
     truncated: int
 
 
-def encode_instructions(ds: InstructionDataset, tokenizer: Any, max_length: int) -> Encoded:
+def encode_instructions(ds: InstructionDataset, tokenizer: Any, max_length: int,
+                        where: Callable[[int], str] | None = None) -> Encoded:
     """Tokenize prompt + response of every example, labels −100 on the prompt tokens.
 
     The response's tokens (with the template's end-of-turn tokens, or eos without a template) are
     the labels; an example longer than ``max_length`` loses tokens from the middle of its prompt,
     so the prompt's start (BOS, system turn) and end (the question, the assistant header) survive.
 
+    ``where(i)`` names example ``i`` in an error (default ``"example i"``; the user commands pass
+    "FILE: line L, column 'response'").
+
     Raises:
-        DataError: a response that leaves no room for at least one prompt token (names the example).
+        DataError: a response that tokenizes to nothing, or leaves no room for at least one prompt token
+            (names the example).
     """
+    name = where or (lambda i: f"example {i}")
     out: list[dict[str, list[int]]] = []
     truncated = 0
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -227,9 +235,9 @@ def encode_instructions(ds: InstructionDataset, tokenizer: Any, max_length: int)
         if not templated and eos is not None:
             r.append(int(eos))  # the model learns to stop after the answer
         if not r:
-            raise DataError(f"example {i}: the response tokenizes to nothing")
+            raise DataError(f"{name(i)}: the response tokenizes to nothing, so the example has no token to score")
         if len(r) + 1 > max_length:
-            raise DataError(f"example {i}: its response alone has {len(r)} tokens, more than --max-length "
+            raise DataError(f"{name(i)}: its response alone has {len(r)} tokens, more than --max-length "
                             f"{max_length} allows (responses are never truncated); raise --max-length")
         room = max_length - len(r)
         if len(p) > room:

@@ -7,7 +7,8 @@ gradients once → stream the training gradients batch by batch into a top-k (``
 stays O(n_query·k) (the training gradients are cached on disk, not in memory) → per query the k most HELPFUL (most negative score: up-weighting them lowers the
 query's loss) and k most HARMFUL (most positive) training examples.
 
-Outputs: ``attribution.jsonl`` (one object per query), ``report.md`` (readable) and ``summary.json``.
+Outputs: ``attribution.jsonl`` (one object per query), ``report.md`` and ``report.html`` (readable) and
+``summary.json``.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 from ..data.dataset import DataError, TextDataset
 from ..data.files import load_text_file
 from ...curvature.methods import Damping, damping_label, parse_dampings, parse_methods, split_damping
-from .attribute_report import write_markdown
+from .attribute_report import write_html, write_markdown
 from .output import prepare_output_dir, staged_outputs
 from .pipeline import (
     Log,
@@ -142,7 +143,7 @@ def run_attribute(cfg: AttributeConfig, log: Log = None) -> dict[str, Any]:
 
     records = attribution_records(train, query, kept, causal)
     paths = {"attribution": str(out / "attribution.jsonl"), "report": str(out / "report.md"),
-             "summary": str(out / "summary.json")}
+             "html": str(out / "report.html"), "summary": str(out / "summary.json")}
     summary = {
         "task": "attribute", "settings": cfg.settings(), "n_train": len(train), "n_query": len(query),
         "causal_lm": causal, "notes": train.notes + query.notes, "method": cfg.method, "damping": damping_label(cfg.damping), "top_k": cfg.top_k,
@@ -154,6 +155,7 @@ def run_attribute(cfg: AttributeConfig, log: Log = None) -> dict[str, Any]:
     with staged_outputs(out) as stage:
         write_jsonl(stage / "attribution.jsonl", records)
         write_markdown(stage / "report.md", summary, records)
+        write_html(stage / "report.html", summary, records)
         summary["total_seconds"] = time.perf_counter() - t_start
         write_json(stage / "summary.json", summary)
     return summary

@@ -1,10 +1,13 @@
-"""The readable Markdown report of ``attribute``: per query, its top helpful and harmful training examples."""
+"""The readable reports of ``attribute`` (``report.md`` and ``report.html``): per query, its top helpful and
+harmful training examples."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["write_markdown"]
+from .html_report import Column, Group, Table, Text, write_html_report
+
+__all__ = ["write_html", "write_markdown"]
 
 SNIPPET = 160  # characters of a text shown in a table cell; the JSONL has the full texts
 
@@ -47,3 +50,40 @@ def write_markdown(path: str | Path, summary: dict[str, Any], records: Sequence[
                       f"{_cell(e[answer_key])} |" for e in rec[name]]
             lines.append("")
     Path(path).write_text("\n".join(lines), encoding="utf-8")
+
+
+def _g(value: Any) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
+def write_html(path: str | Path, summary: dict[str, Any], records: Sequence[dict[str, Any]]) -> None:
+    """Write ``report.html``: the settings, timings, then per query its text and one sortable table of its
+    most helpful and most harmful training examples, scores drawn as bars."""
+    t, ft = summary["timings"], summary.get("finetune")
+    if ft is not None:
+        timing = (f"Fine-tune: {ft['epochs']} epoch(s) in {ft['seconds']:.1f} s; query loss "
+                  f"{_g(ft.get('query_loss'))}. Influence fit {t['fit_seconds']:.1f} s, scoring {t['score_seconds']:.1f} s.")
+    else:  # answered by a gradient index: no fine-tune or fit in this run
+        timing = (f"Answered by the index {summary.get('index')} ({summary.get('scores')}): opened in "
+                  f"{t['open_seconds']:.1f} s, queried in {t['query_seconds']:.1f} s.")
+    lines = [
+        f"{summary['n_query']} queries, {summary['n_train']} training examples; method {summary['method']} "
+        f"(damping {summary['damping']}), top {summary['top_k']} helpful and harmful per query.",
+        *[f"Note: {note}" for note in summary.get("notes", [])],
+        timing,
+        "Score = change of the query's loss when the training example is up-weighted: negative (blue) = "
+        "helpful, it lowered the loss; positive (red) = harmful, it pushed against the answer. Examples are "
+        "named by their line in their file.",
+    ]
+    sections: list[Any] = []
+    for rec in records:
+        text_key, answer_key = _answer_key(rec)
+        line = rec["query_line"]
+        columns = [Column("side", "side"), Column("rank", "rank", "int"), Column("train_line", "train line", "int"),
+                   Column("score", "score", "score"), Column(text_key, text_key), Column(answer_key, answer_key)]
+        rows = [{"side": name, **e} for name in ("helpful", "harmful") for e in rec[name]]
+        sections.append(Group(f"Query (line {line})", [
+            Text("Query", f"{text_key}: {rec[text_key]}\n\n{answer_key}: {rec[answer_key]}"),
+            Table("Most helpful and most harmful training examples", columns, rows)]))
+    write_html_report(path, title="Training-data attribution", summary=lines, settings=summary["settings"],
+                      sections=sections)

@@ -23,6 +23,7 @@ import numpy as np
 from ...errors import ConvergenceError
 from ..messages import one_line
 from ...curvature.methods import METHODS, Damping, damping_label, parse_dampings, parse_methods, resolve, split_damping
+from .experiment_reports import write_detection_html
 from .metrics import detection_curve, found_at, roc_auc
 from .output import prepare_output_dir, staged_outputs
 from .pipeline import (
@@ -137,7 +138,7 @@ def run_detect_mislabeled(cfg: DetectConfig, log: Log = None) -> DetectResult:
     """Run the mislabeled-data detection experiment and write its outputs into ``cfg.out``.
 
     Outputs: ``detection.png`` (fraction of flipped found vs fraction inspected, per method, with the
-    random diagonal), ``scores.csv`` (one row per training example) and ``summary.json``.
+    random diagonal), ``scores.csv`` (one row per training example), ``summary.json`` and ``report.html``.
 
     Raises:
         DataError / ValueError: bad settings or inputs (one-line messages).
@@ -167,6 +168,7 @@ def run_detect_mislabeled(cfg: DetectConfig, log: Log = None) -> DetectResult:
         "plot": str(out / "detection.png"),
         "scores": str(out / "scores.csv"),
         "summary": str(out / "summary.json"),
+        "html": str(out / "report.html"),
     }
     with staged_outputs(out) as stage:
         plot_detection_curves(
@@ -184,6 +186,8 @@ def run_detect_mislabeled(cfg: DetectConfig, log: Log = None) -> DetectResult:
         )
         result.total_seconds = time.perf_counter() - t_start
         write_json(stage / "summary.json", result.summary())
+        write_detection_html(stage / "report.html", result, detection_table(result).split("\n\n")[0].splitlines(),
+                             data, scores, stage / "detection.png")
     return result
 
 
@@ -315,7 +319,7 @@ def detection_table(result: DetectResult) -> str:
         "",
         "seconds = the method's own work (prepare + scoring against the cached training gradients); "
         "each method at the damping shown (damping=auto: its own default)",
-        f"outputs: {result.paths['plot']}, {result.paths['scores']}, {result.paths['summary']}",
+        f"outputs: {', '.join(result.paths.values())}",
     ]
     return "\n".join(lines)
 

@@ -15,7 +15,8 @@ __all__ = ["OUTPUT_NAMES", "prepare_output_dir", "staged_outputs"]
 
 OUTPUT_NAMES = frozenset({
     "summary.json", "detection.png", "scores.csv", "selected.csv", "topk.safetensors",
-    "attribution.jsonl", "report.md", "convergence.png", "convergence.csv", "convergence.json",
+    "attribution.jsonl", "report.md", "report.html", "convergence.png", "convergence.csv", "convergence.json",
+    "ranked.jsonl", "ranked.csv", "ranked.json", "selected.jsonl", "selected.json",
 })
 """Every file a CLI task writes into its folder: in a previous run's folder, those the new run does not
 write are that run's leftovers (a ``--top-k`` file, another task's report) and are removed with it."""

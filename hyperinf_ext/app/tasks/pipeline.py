@@ -118,9 +118,12 @@ def train_model(
 
 
 def fit_attributor(cfg: PipelineConfig, model: Any, train_loader: Any, log: Log = None,
-                   cache: str = "memory") -> tuple[Any, float]:
+                   cache: str = "memory", checkpoint_dir: Path | None = None,
+                   checkpoint_every: int = 50) -> tuple[Any, float]:
     """Fit HyperINF once over ``train_loader`` (gradients cached in ``cache``: memory or disk); returns
-    (attributor, wall seconds).
+    (attributor, wall seconds).  ``checkpoint_dir``: the fit commits its state there every
+    ``checkpoint_every`` batches and resumes from it when rerun (``HyperINF.fit``; the gradient cache then
+    lives on disk in that folder).
 
     The attributor starts as ``tracin`` so the fit's closing ``prepare`` is free: every method's own
     preparation is then timed in :func:`score_method`, not hidden in the shared fit time.
@@ -132,7 +135,8 @@ def fit_attributor(cfg: PipelineConfig, model: Any, train_loader: Any, log: Log 
 
     attr = HyperINF(model, method="tracin", progress=cfg.progress, cache=cache)
     t0 = time.perf_counter()
-    attr.fit(shard_loader(train_loader))  # under torchrun: this rank's share of the examples
+    # under torchrun: this rank's share of the examples
+    attr.fit(shard_loader(train_loader), checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
     return attr, time.perf_counter() - t0
 
 

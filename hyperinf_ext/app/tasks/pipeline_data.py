@@ -99,10 +99,16 @@ def finetune_loader(cfg: PipelineConfig, ds: TextDataset, tokenizer: Any, encodi
                        seed=cfg.seed, max_length=cfg.max_length, encodings=encodings)
 
 
-def build_loaders(cfg: PipelineConfig, data: PreparedData, tokenizer: Any) -> Loaders:
-    """Tokenize each split once and build the fine-tuning, evaluation and influence loaders over it."""
+def build_loaders(cfg: PipelineConfig, data: PreparedData, tokenizer: Any,
+                  encodings: tuple[list[dict], list[dict], list[str]] | None = None) -> Loaders:
+    """Tokenize each split once and build the fine-tuning, evaluation and influence loaders over it.
+
+    ``encodings``: (train, validation, notes) already tokenized by the caller (the user commands encode
+    first, to check every example before any model is loaded)."""
     notes: list[str] = []
-    if data.causal:
+    if encodings is not None:
+        train_enc, val_enc, notes = encodings
+    elif data.causal:
         train_enc, val_enc, notes = encode_instruction_splits(data.train, data.val, tokenizer, cfg.max_length)
     else:
         train_enc = encode_texts(data.train, tokenizer, cfg.max_length)

@@ -17,7 +17,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..data.dataset import TextDataset
 from ...curvature.methods import Damping, damping_label, parse_dampings, parse_methods
+from .experiment_reports import write_selection_html
 from .selection_rules import DEFAULT_RULE, RULES, select
 from .output import prepare_output_dir, staged_outputs
 from .pipeline import (
@@ -36,7 +38,7 @@ from .pipeline import (
 )
 from .report import accuracy_name, column_table, write_csv, write_json
 
-__all__ = ["SelectConfig", "SelectResult", "run_select_data"]
+__all__ = ["SelectConfig", "SelectResult", "run_select_data", "compare_with_random"]
 
 
 @dataclass
@@ -123,7 +125,7 @@ def run_select_data(cfg: SelectConfig, log: Log = None) -> SelectResult:
 
     Outputs: ``selected.csv`` (index, text, label, score — plus flipped when labels were flipped;
     most helpful first; ``index`` is the position in the training split, as in
-    ``detect-mislabeled``'s scores.csv) and ``summary.json``.
+    ``detect-mislabeled``'s scores.csv), ``summary.json`` and ``report.html``.
 
     Raises:
         DataError / ValueError: bad settings or inputs (one-line messages).
@@ -152,7 +154,8 @@ def run_select_data(cfg: SelectConfig, log: Log = None) -> SelectResult:
     if cfg.evaluate:
         evaluation = _evaluate_selection(cfg, run, selected, log)
 
-    paths = {"selected": str(out / "selected.csv"), "summary": str(out / "summary.json")}
+    paths = {"selected": str(out / "selected.csv"), "summary": str(out / "summary.json"),
+             "html": str(out / "report.html")}
     with staged_outputs(out) as stage:
         # with flipped labels, also say which selected labels were flipped
         write_selection(stage / "selected.csv", data, selected, scores, with_flipped=cfg.flip_rate > 0)
@@ -166,23 +169,35 @@ def run_select_data(cfg: SelectConfig, log: Log = None) -> SelectResult:
         )
         result.total_seconds = time.perf_counter() - t_start
         write_json(stage / "summary.json", result.summary())
+        write_selection_html(stage / "report.html", result, _headline(result), data)
     return result
 
 
 def _evaluate_selection(cfg: SelectConfig, run: FittedRun, selected: list[int], log: Log) -> dict[str, Any]:
     """Validation accuracy of fresh LoRA models trained on the selection vs a random subset."""
-    train, loaders = run.data.train, run.loaders
+    out = compare_with_random(cfg, run.data.train, run.loaders.tokenizer, run.loaders.train_encodings,
+                              run.loaders.evaluation, run.data.num_labels, selected, log,
+                              epochs=cfg.evaluation_epochs)
+    return {**out, "full_train_val_accuracy": run.trained.val["accuracy"]}
+
+
+def compare_with_random(cfg: PipelineConfig, train: TextDataset, tokenizer: Any, encodings: Sequence[dict],
+                        eval_loader: Any, num_labels: int, selected: Sequence[int], log: Log, *,
+                        epochs: int) -> dict[str, Any]:
+    """Fine-tune a fresh LoRA (``epochs``, ``cfg``'s recipe and seed) on ``train.subset(selected)`` and on a
+    seeded random subset of the same size, and evaluate both on ``eval_loader`` (select-data's
+    validation set, select's target): ``{"n_examples", "epochs", "selected": {...}, "random": {...}}``
+    with ``val_accuracy``, ``val_loss`` and ``seconds`` each.  ``encodings``: the token ids of ``train``."""
     k = len(selected)
     g = torch.Generator().manual_seed(int(cfg.seed))
     random_idx = torch.randperm(len(train), generator=g, device="cpu")[:k].tolist()
-    epochs = cfg.evaluation_epochs
-    out: dict[str, Any] = {"n_examples": k, "epochs": epochs, "full_train_val_accuracy": run.trained.val["accuracy"]}
-    for name, idx in (("selected", selected), ("random", random_idx)):
+    out: dict[str, Any] = {"n_examples": k, "epochs": epochs}
+    for name, idx in (("selected", list(selected)), ("random", random_idx)):
         # a fresh LoRA on the base model (never the adapter): the comparison must not inherit training
         # on the full set; the subset's token ids are taken from the training split's
-        model = load_model(cfg, run.data.num_labels, adapter=None)
-        loader = finetune_loader(cfg, train.subset(idx), loaders.tokenizer, [loaders.train_encodings[i] for i in idx])
-        trained = train_model(cfg, model, loader, loaders.evaluation, epochs=epochs, log=log,
+        model = load_model(cfg, num_labels, adapter=None)
+        loader = finetune_loader(cfg, train.subset(idx), tokenizer, [encodings[i] for i in idx])
+        trained = train_model(cfg, model, loader, eval_loader, epochs=epochs, log=log,
                               what=f"evaluate ({name} {k})")
         out[name] = {"val_accuracy": trained.val["accuracy"], "val_loss": trained.val["loss"],
                      "seconds": trained.seconds}
@@ -229,5 +244,10 @@ def selection_table(result: SelectResult) -> str:
         lines += ["", f"evaluation: fresh LoRA, {ev['epochs']} epoch(s), seed {cfg.seed}; accuracy = "
                       f"{accuracy_name(cfg)}"]
         lines += column_table(("training set", "examples", "val accuracy", "val loss"), rows)
-    lines.append(f"outputs: {result.paths['selected']}, {result.paths['summary']}")
+    lines.append(f"outputs: {', '.join(result.paths.values())}")
     return "\n".join(lines)
+
+
+def _headline(result: SelectResult) -> list[str]:
+    """The printed report's lines before its evaluation table and outputs (report.html's summary)."""
+    return [line for line in selection_table(result).split("\n\n")[0].splitlines() if not line.startswith("outputs:")]

@@ -1,0 +1,53 @@
+"""The options of ``hyperinf-ext index build|query`` (parsing only; ``cli/__init__.py`` dispatches)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable
+
+
+def add_index(p: argparse.ArgumentParser, add_model: Callable, add_columns: Callable, add_common: Callable) -> None:
+    """``index build`` and ``index query`` as actions of one command (``args.index_action``)."""
+    sub = p.add_subparsers(dest="index_action", metavar="ACTION", required=True)
+    b = sub.add_parser(
+        "build", help="fit HyperINF on a training file and store its gradients compressed",
+        description="One pass over --train: the HyperINF fit and every training example's LoRA gradient, "
+                    "projected to --proj-dim numbers per layer and stored in float16 shards under --out. "
+                    "A killed build resumes when rerun with the same arguments. Uses --adapter as given; "
+                    "fine-tunes only with --epochs N (the adapter is copied into the index).")
+    g = b.add_argument_group("data")
+    g.add_argument("--train", metavar="FILE", type=Path, required=True, help="training examples (CSV or JSONL)")
+    add_columns(g)
+    g.add_argument("--max-length", metavar="N", type=int, default=128, help="max tokens per example (default: 128)")
+    g = b.add_argument_group("model")
+    add_model(g)
+    g.add_argument("--epochs", metavar="N", type=int, default=0, help="fine-tune N epochs first (default: 0)")
+    g.add_argument("--rank", metavar="R", type=int, default=8, help="LoRA rank of a fresh adapter (default: 8)")
+    g.add_argument("--alpha", metavar="A", type=int, default=16, help="LoRA alpha (default: 16)")
+    g.add_argument("--lr", metavar="LR", type=float, default=3e-4, help="learning rate (default: 3e-4)")
+    g.add_argument("--batch-size", metavar="N", type=int, default=16, help="batch size (default: 16)")
+    g.add_argument("--device", metavar="DEV", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    g = b.add_argument_group("index")
+    g.add_argument("--proj-dim", metavar="K", type=int, default=1024,
+                   help="numbers kept per LoRA layer and example: the d side of each r x d gradient is projected "
+                        "to K/r columns (0 = exact gradients, float32) (default: 1024)")
+    g.add_argument("--store-dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
+                   help="element type of the store (default: auto = float16 with a projection, float32 without)")
+    g.add_argument("--method", metavar="NAME", default="hyperinf", help="influence method (default: hyperinf)")
+    g.add_argument("--damping", metavar="VALUE", default="auto", help="damping (default: auto)")
+    add_common(b, out="hyperinf-out/index")
+    q = sub.add_parser(
+        "query", help="top-k training examples per query, from an index",
+        description="Per query of --query, the --top-k most helpful and most harmful training examples from "
+                    "the index (the model is loaded from the index). Writes attribution.jsonl, report.md and "
+                    "summary.json, as `attribute` does.")
+    q.add_argument("index", metavar="IDX", type=Path, help="folder written by `index build`")
+    q.add_argument("--query", metavar="FILE", type=Path, required=True, help="query examples, as the training file")
+    q.add_argument("--top-k", metavar="K", type=int, default=10, help="examples per query and side (default: 10)")
+    q.add_argument("--exact-rerank", metavar="M", type=int, default=0,
+                   help="re-score the best M candidates per query and side exactly from the training file (which must "
+                        "be unchanged) and re-rank (default: 0, the index's scores)")
+    q.add_argument("--no-verify", action="store_true",
+                   help="skip the SHA-256 check of the shard files on open (sizes are still checked)")
+    q.add_argument("--device", metavar="DEV", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    add_common(q, out="hyperinf-out/index-query")

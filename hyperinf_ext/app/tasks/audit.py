@@ -1,0 +1,189 @@
+"""``audit``: every training example of the user's file ranked by suspicion.
+
+Pipeline (:func:`run_audit`): the checks and the model of ``user_run`` (without ``--adapter`` a LoRA is
+fine-tuned on the training file first — an audit needs a model that learned the data) → a checkpointed
+HyperINF fit over the training file → one score per example:
+
+* with ``--target``: ``influence_score`` = ``HyperINF.mean_scores(target)``, the change of the target's mean
+  loss when the example is up-weighted (``attributor.SIGN_CONVENTION``): positive = the example raises
+  the loss on the trusted examples (suspicious: mislabeled, contradicting or off-task);
+* without: ``self_influence`` = ``HyperINF.self_scores()``, g·H⁻¹·g ≥ 0: how far the model bends to fit
+  the example (large for mislabeled and atypical examples).
+
+Rank 1 = the highest score = the most suspicious.  Outputs: ``ranked.jsonl`` / ``ranked.csv`` /
+``ranked.json`` (the input's format: the user's rows unchanged, every column, in rank order, plus ``rank``
+and the score column), ``summary.json``, ``report.md``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...curvature.methods import damping_label
+from .output import prepare_output_dir, staged_outputs
+from .pipeline import DEFAULT_EPOCHS, Log, log_stage
+from .report import write_json
+from .user_run import (RunCheckpoint, UserConfig, checkpointed_fit, load_user_files, prepare_inputs, trained_model,
+                       use_method)
+
+__all__ = ["AuditConfig", "run_audit", "audit_table", "SIGNALS", "ADDED_COLUMNS"]
+
+ADDED_COLUMNS = ("rank", "influence_score", "self_influence")
+SIGNALS = {
+    "influence_score": "influence on the target's mean loss (--target): HyperINF.mean_scores, the change of the "
+                       "target's mean loss when the example is up-weighted; POSITIVE = the example raises the "
+                       "loss on the trusted examples (suspicious), negative = it helps them",
+    "self_influence": "self-influence (no --target): HyperINF.self_scores, g·H⁻¹·g >= 0, how far the model bends "
+                      "to fit the example; LARGE = suspicious (mislabeled or atypical)",
+}
+REPORT_ROWS = 20
+
+
+@dataclass
+class AuditConfig(UserConfig):
+    """Settings of ``audit``."""
+
+    train: Path | None = None
+    """The training file to audit (text/label for a classifier, prompt/response or messages for a causal LM)."""
+    out: Path = Path("hyperinf-out/audit")
+
+    @property
+    def resolved_epochs(self) -> int:
+        if self.epochs is not None:
+            return int(self.epochs)
+        return 0 if self.adapter is not None else DEFAULT_EPOCHS
+
+    @property
+    def signal(self) -> str:
+        return "influence_score" if self.target is not None else "self_influence"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.train is None:
+            raise ValueError("--train: a file is required")
+        if not Path(self.train).is_file():
+            raise ValueError(f"--train {self.train}: file not found")
+
+
+def run_audit(cfg: AuditConfig, log: Log = None) -> dict[str, Any]:
+    """Rank every training example by suspicion and write the outputs; returns the summary (summary.json).
+
+    Raises:
+        DataError / ValueError: bad settings or inputs (one line naming the file, line and column).
+    """
+    t_start = time.perf_counter()
+    cfg.validate()
+    out = prepare_output_dir(cfg.out)
+    data = load_user_files(cfg, Path(cfg.train), command="audit", added=ADDED_COLUMNS)
+    loaders, _ = prepare_inputs(cfg, data, log)
+    ckpt = RunCheckpoint(out, "audit", cfg, [cfg.train, cfg.target], log)
+    ckpt.start()
+    trained = trained_model(cfg, data, loaders, ckpt, loaders.finetune, cfg.resolved_epochs, log,
+                            "fine-tune" if cfg.resolved_epochs else "model")
+    attr, fit_seconds = checkpointed_fit(cfg, trained.model, loaders, ckpt, log)
+    try:
+        t0 = time.perf_counter()
+        use_method(cfg, attr)
+        if cfg.target is not None:
+            log_stage(log, f"influence: {cfg.method} on the mean loss of {len(data.target)} target examples")
+            scores = attr.mean_scores(loaders.influence_val)
+        else:
+            log_stage(log, f"influence: {cfg.method} self-influence of {len(data.train)} training examples")
+            scores = attr.self_scores()
+        scores = scores.detach().cpu().double().numpy()
+        score_seconds = time.perf_counter() - t0
+    finally:
+        attr.cache.close()
+    if not np.isfinite(scores).all():
+        raise ValueError(f"{cfg.method}: scores are not finite (damping {damping_label(cfg.damping)} too small?)")
+    order = ranking(scores)
+    lines = [data.train.row(int(i)) for i in order]
+    added = [{"rank": r + 1, cfg.signal: float(scores[i])} for r, i in enumerate(order)]
+    # --per-token (issue #22 item 3) plugs in here: per-token shares of each example's score, as more
+    # columns of ``added`` (or a side file), computed by the attributor's per-token API.
+    name = "ranked" + data.train_rows.suffix
+    paths = {"ranked": str(out / name), "report": str(out / "report.md"), "summary": str(out / "summary.json")}
+    summary = {
+        "task": "audit", "settings": cfg.settings(), "train": str(cfg.train),
+        "target": None if cfg.target is None else str(cfg.target),
+        "n_train": len(data.train), "n_target": 0 if data.target is None else len(data.target),
+        "causal_lm": data.causal, "notes": data.notes,
+        "signal": cfg.signal, "signal_meaning": SIGNALS[cfg.signal],
+        "sign_convention": "rank 1 = the highest score = the most suspicious; " + SIGNALS[cfg.signal],
+        "method": cfg.method, "damping": damping_label(cfg.damping),
+        "finetune": {"epochs": cfg.resolved_epochs, "adapter": None if cfg.adapter is None else str(cfg.adapter),
+                     "seconds": trained.seconds, "history": trained.history,
+                     "eval_on": "target" if cfg.target is not None else "train",
+                     "loss": trained.val["loss"], "accuracy": trained.val["accuracy"]},
+        "top": [{"rank": a["rank"], "line": line, "score": a[cfg.signal]} for a, line in zip(added[:10], lines)],
+        "timings": {"fit_seconds": fit_seconds, "score_seconds": score_seconds},
+        "outputs": paths,
+        "checkpoint": f"{ckpt.root} (removed when the run finished; an interrupted run keeps it and a rerun with "
+                      "the same arguments resumes from it)",
+    }
+    with staged_outputs(out) as stage:
+        data.train_rows.write(stage / name, lines, added)
+        write_report(stage / "report.md", summary, data, lines, added)
+        # report.html (issue #22 item 4) plugs in here: written into ``stage`` from ``summary`` and the rows.
+        summary["total_seconds"] = time.perf_counter() - t_start
+        write_json(stage / "summary.json", summary)
+    ckpt.remove()
+    return summary
+
+
+def ranking(scores: np.ndarray) -> np.ndarray:
+    """Positions by decreasing score (ties: file order): rank 1 first."""
+    return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+
+
+def _cell(text: Any, width: int = 120) -> str:
+    """One Markdown table cell: one line, pipes escaped, long texts cut with an ellipsis."""
+    s = " ".join(str(text).split()).replace("|", "\\|")
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def write_report(path: Path, summary: dict[str, Any], data: Any, lines: list[int], added: list[dict]) -> None:
+    """``report.md``: the signal and its meaning, the settings, the notes and the most suspicious rows."""
+    signal = summary["signal"]
+    text_name, label_name = ("prompt", "response") if summary["causal_lm"] else ("text", "label")
+    position = {line: i for i, line in enumerate(data.train.rows or [])}
+    out = [
+        "# Training-data audit", "",
+        f"{summary['n_train']} training examples of `{summary['train']}` ranked by **{signal}** "
+        f"({summary['method']}, damping {summary['damping']}): {summary['signal_meaning']}.", "",
+        f"Model: {summary['settings']['model']}; "
+        + (f"adapter `{summary['finetune']['adapter']}`" if summary['finetune']['adapter'] else "a fresh LoRA")
+        + (f", fine-tuned {summary['finetune']['epochs']} epoch(s) on the training file" if summary['finetune']['epochs']
+           else "") + f"; {summary['finetune']['eval_on']} loss {summary['finetune']['loss']:.4f}.", "",
+        *[f"Note: {n}" for n in summary["notes"]], *([""] if summary["notes"] else []),
+        f"The {min(REPORT_ROWS, len(lines))} most suspicious (every row, in rank order: "
+        f"`{Path(summary['outputs']['ranked']).name}`; lines are file lines, CSV: the header is line 1):", "",
+        f"| rank | line | {signal} | {text_name} | {label_name} |", "|---:|---:|---:|---|---|",
+    ]
+    for a, line in list(zip(added, lines))[:REPORT_ROWS]:
+        i = position.get(line, line)
+        out.append(f"| {a['rank']} | {line} | {a[signal]:.4g} | {_cell(data.train.texts[i])} | "
+                   f"{_cell(data.train.label_names[data.train.labels[i]])} |")
+    Path(path).write_text("\n".join(out) + "\n", encoding="utf-8")
+
+
+def audit_table(summary: dict[str, Any]) -> str:
+    """What the command line prints: the signal used, the notes, the top of the ranking, timings, outputs."""
+    t = summary["timings"]
+    signal = summary["signal"]
+    lines = [
+        f"audit: {summary['n_train']} training examples of {summary['train']} ranked by {signal} "
+        f"({summary['method']}, damping {summary['damping']})",
+        f"signal: {summary['signal_meaning']}",
+        *(f"note: {n}" for n in summary.get("notes", [])),
+        "most suspicious (rank: file line, score): " + ", ".join(
+            f"{e['rank']}: line {e['line']} ({e['score']:.4g})" for e in summary["top"][:5]),
+        f"fine-tune {summary['finetune']['seconds']:.1f} s, influence fit {t['fit_seconds']:.1f} s, "
+        f"scoring {t['score_seconds']:.1f} s",
+        f"outputs: {', '.join(summary['outputs'].values())}",
+    ]
+    return "\n".join(lines)

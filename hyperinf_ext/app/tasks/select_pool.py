@@ -1,0 +1,233 @@
+"""``select``: the part of the user's pool that serves the user's target task (the LESS workflow).
+
+Pipeline (:func:`run_select`): the checks and the model of ``user_run`` — without ``--adapter`` a short
+warm-up LoRA on a seeded random part of the pool (``--warmup-fraction``, default 5 %, at least
+``WARMUP_MIN`` examples), as LESS (Xia et al., 2024) warms up on 5 % → a checkpointed HyperINF fit over the
+whole pool → each pool example's influence on the target's mean loss (``HyperINF.mean_scores``; negative
+= up-weighting it lowers the target loss = helpful) → the selection rule keeps ``--count`` examples (or
+``--fraction`` of the pool): ``class-balanced`` where the examples have labels (a classifier's classes, or a
+causal LM's responses when they are few distinct answers), else ``drop-harmful``; see :func:`auto_rule`.
+
+Outputs: ``selected.jsonl`` / ``.csv`` / ``.json`` (the user's rows unchanged, in pool order),
+``scores.csv`` (every pool row: its file line, score and whether it was kept), ``summary.json`` and
+``report.md``.  ``--evaluate`` fine-tunes fresh LoRA adapters on the selection and on a random subset of
+the same size (``selection.compare_with_random``, as select-data) and reports the target loss of each.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...curvature.methods import damping_label
+from .output import prepare_output_dir, staged_outputs
+from .pipeline import DEFAULT_EPOCHS, Log, finetune_loader, log_stage
+from .report import column_table, write_csv, write_json
+from .selection import compare_with_random
+from .selection_rules import RULES, select
+from .user_run import (RunCheckpoint, UserConfig, UserData, checkpointed_fit, load_user_files, prepare_inputs,
+                       trained_model, use_method)
+
+__all__ = ["SelectPoolConfig", "run_select", "select_table", "auto_rule", "WARMUP_MIN"]
+
+WARMUP_MIN = 32
+"""The smallest warm-up set: a LoRA fine-tuned on fewer examples barely moves from its initialisation."""
+NO_LABEL_RULE = "drop-harmful"
+"""The rule for examples without labels: of the rules that need none, the one with the lowest mean loss
+against random subsets in bench/SELECTION.md (top and drop-harmful beat random on 3 of 9 seed × fraction
+pairs each; drop-harmful's mean excess loss was the smaller, +0.057 vs +0.065)."""
+MAX_LABEL_RESPONSES = 50
+
+
+@dataclass
+class SelectPoolConfig(UserConfig):
+    """Settings of ``select``."""
+
+    pool: Path | None = None
+    fraction: float | None = None
+    count: int | None = None
+    warmup_fraction: float = 0.05
+    rule: str = "auto"
+    evaluate: bool = False
+    out: Path = Path("hyperinf-out/select")
+
+    @property
+    def resolved_epochs(self) -> int:
+        """Warm-up (and --evaluate) epochs: --epochs, else 3 without an adapter and 0 with one."""
+        if self.epochs is not None:
+            return int(self.epochs)
+        return 0 if self.adapter is not None else DEFAULT_EPOCHS
+
+    def validate(self) -> None:
+        super().validate()
+        if self.pool is None or not Path(self.pool).is_file():
+            raise ValueError(f"--pool {self.pool}: file not found" if self.pool else "--pool: a file is required")
+        if self.target is None:
+            raise ValueError("--target: a file is required (the examples the selection should serve)")
+        if (self.fraction is None) == (self.count is None):
+            raise ValueError("give exactly one of --fraction F and --count N")
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"--fraction must be in (0, 1], got {self.fraction}")
+        if self.count is not None and self.count < 1:
+            raise ValueError(f"--count must be >= 1, got {self.count}")
+        if not 0.0 < self.warmup_fraction <= 1.0:
+            raise ValueError(f"--warmup-fraction must be in (0, 1], got {self.warmup_fraction}")
+        if self.rule != "auto" and self.rule not in RULES:
+            raise ValueError(f"--rule: unknown selection rule {self.rule!r}; expected auto or one of {', '.join(RULES)}")
+
+    def budget(self, n: int) -> int:
+        """Examples to keep of a pool of ``n``."""
+        k = self.count if self.count is not None else max(1, int(round(self.fraction * n)))
+        if k > n:
+            raise ValueError(f"--count {k}: the pool {self.pool} has only {n} examples")
+        return k
+
+
+def has_labels(data: UserData) -> bool:
+    """A classifier's examples have labels; a causal LM's have them when its responses are a few answers."""
+    n, distinct = len(data.train), data.train.num_classes
+    return not data.causal or distinct <= min(MAX_LABEL_RESPONSES, n // 2)
+
+
+def auto_rule(data: UserData) -> tuple[str, str]:
+    """(rule, why) for ``--rule auto``."""
+    if has_labels(data):
+        return "class-balanced", ("the examples have labels: the most helpful of each class at the pool's class "
+                                  "shares (the rule that beat random most reliably, bench/SELECTION.md)")
+    return NO_LABEL_RULE, (f"the responses are {data.train.num_classes} distinct answers of {len(data.train)}, not "
+                           "labels: drop-harmful, the best measured rule that needs no labels (bench/SELECTION.md)")
+
+
+def warmup_indices(n: int, fraction: float, seed: int) -> list[int]:
+    """The seeded random part of the pool the warm-up LoRA trains on (pool order)."""
+    k = min(n, max(WARMUP_MIN, int(round(fraction * n))))
+    return sorted(int(i) for i in np.random.default_rng(seed).permutation(n)[:k])
+
+
+def run_select(cfg: SelectPoolConfig, log: Log = None) -> dict[str, Any]:
+    """Score the pool on the target and write the selection; returns the summary (summary.json).
+
+    Raises:
+        DataError / ValueError: bad settings or inputs (one line naming the file, line and column).
+    """
+    t_start = time.perf_counter()
+    cfg.validate()
+    out = prepare_output_dir(cfg.out)
+    data = load_user_files(cfg, Path(cfg.pool), command="select", added=())
+    n = len(data.train)
+    k = cfg.budget(n)
+    rule, why = (cfg.rule, "chosen with --rule") if cfg.rule != "auto" else auto_rule(data)
+    loaders, _ = prepare_inputs(cfg, data, log)
+    ckpt = RunCheckpoint(out, "select", cfg, [cfg.pool, cfg.target], log)
+    ckpt.start()
+    epochs = cfg.resolved_epochs
+    warm = warmup_indices(n, cfg.warmup_fraction, cfg.seed) if epochs > 0 else []
+    finetune = finetune_loader(cfg, data.train.subset(warm or range(n)), loaders.tokenizer,
+                               [loaders.train_encodings[i] for i in (warm or range(n))])
+    trained = trained_model(cfg, data, loaders, ckpt, finetune, epochs, log,
+                            f"warm-up ({len(warm)} of {n})" if warm else "model")
+    attr, fit_seconds = checkpointed_fit(cfg, trained.model, loaders, ckpt, log)
+    try:
+        t0 = time.perf_counter()
+        use_method(cfg, attr)
+        log_stage(log, f"influence: {cfg.method} on the mean loss of {len(data.target)} target examples")
+        scores = attr.mean_scores(loaders.influence_val).detach().cpu().double().numpy()
+        query_scores = (attr.scores(loaders.influence_val).detach().cpu().double().numpy()
+                        if rule == "query-round-robin" else None)
+        score_seconds = time.perf_counter() - t0
+    finally:
+        attr.cache.close()
+    if not np.isfinite(scores).all():
+        raise ValueError(f"{cfg.method}: scores are not finite (damping {damping_label(cfg.damping)} too small?)")
+    chosen = select(rule, k, scores=scores, query_scores=query_scores, labels=np.asarray(data.train.labels),
+                    seed=cfg.seed)
+    kept = np.zeros(n, dtype=bool)
+    kept[chosen] = True
+    evaluation = None
+    if cfg.evaluate:
+        evaluation = compare_with_random(cfg, data.train, loaders.tokenizer, loaders.train_encodings,
+                                         loaders.evaluation, data.num_labels, [int(i) for i in chosen], log,
+                                         epochs=epochs or DEFAULT_EPOCHS)
+        evaluation["warmup_model"] = {"val_loss": trained.val["loss"], "val_accuracy": trained.val["accuracy"]}
+    name = "selected" + data.train_rows.suffix
+    paths = {"selected": str(out / name), "scores": str(out / "scores.csv"), "report": str(out / "report.md"),
+             "summary": str(out / "summary.json")}
+    summary = {
+        "task": "select", "settings": cfg.settings(), "pool": str(cfg.pool), "target": str(cfg.target),
+        "n_pool": n, "n_target": len(data.target), "n_selected": int(k), "causal_lm": data.causal,
+        "notes": data.notes, "rule": rule, "rule_reason": why, "method": cfg.method,
+        "damping": damping_label(cfg.damping),
+        "signal": "influence_score: HyperINF.mean_scores on the target, the change of the target's mean loss when "
+                  "the example is up-weighted; NEGATIVE = helpful (kept first), positive = harmful",
+        "warmup": {"n_examples": len(warm), "fraction": cfg.warmup_fraction if warm else None, "epochs": epochs,
+                   "adapter": None if cfg.adapter is None else str(cfg.adapter),
+                   "lines": [data.train.row(i) for i in warm], "seconds": trained.seconds,
+                   "history": trained.history, "target_loss": trained.val["loss"],
+                   "target_accuracy": trained.val["accuracy"]},
+        "score_range_selected": [float(scores[kept].min()), float(scores[kept].max())],
+        "timings": {"fit_seconds": fit_seconds, "score_seconds": score_seconds},
+        "evaluation": evaluation, "outputs": paths,
+        "checkpoint": f"{ckpt.root} (removed when the run finished; an interrupted run keeps it and a rerun with "
+                      "the same arguments resumes from it)",
+    }
+    with staged_outputs(out) as stage:
+        data.train_rows.write(stage / name, [data.train.row(i) for i in range(n) if kept[i]])
+        write_csv(stage / "scores.csv", ["line", "influence_score", "selected"],
+                  ([data.train.row(i), repr(float(scores[i])), int(kept[i])] for i in range(n)))
+        write_report(stage / "report.md", summary)
+        # report.html (issue #22 item 4) plugs in here: written into ``stage`` from ``summary`` and the scores.
+        summary["total_seconds"] = time.perf_counter() - t_start
+        write_json(stage / "summary.json", summary)
+    ckpt.remove()
+    return summary
+
+
+def _evaluation_lines(summary: dict[str, Any]) -> list[str]:
+    ev = summary.get("evaluation")
+    if not ev:
+        return []
+    rows = [(name, ev["n_examples"], f"{ev[key]['val_loss']:.4f}", f"{ev[key]['val_accuracy']:.4f}")
+            for name, key in (("selected (influence)", "selected"), ("random subset", "random"))]
+    return [f"evaluation: fresh LoRA, {ev['epochs']} epoch(s), seed {summary['settings']['seed']}, on the target",
+            *column_table(("training set", "examples", "target loss", "target accuracy"), rows)]
+
+
+def write_report(path: Path, summary: dict[str, Any]) -> None:
+    """``report.md``: what was kept and why, the warm-up, the notes and the evaluation."""
+    w = summary["warmup"]
+    model = (f"adapter `{w['adapter']}`" if w["adapter"] else "a fresh LoRA") + (
+        f", warmed up {w['epochs']} epoch(s) on {w['n_examples']} random pool examples" if w["n_examples"] else "")
+    lines = [
+        "# Data selection", "",
+        f"Kept **{summary['n_selected']} of {summary['n_pool']}** examples of `{summary['pool']}` for the target "
+        f"`{summary['target']}` ({summary['n_target']} examples), rule **{summary['rule']}** ({summary['rule_reason']}).",
+        "", f"Scores: {summary['method']} (damping {summary['damping']}); {summary['signal']}.", "",
+        f"Model: {summary['settings']['model']}, {model}; target loss {w['target_loss']:.4f}.", "",
+        *[f"Note: {n}" for n in summary["notes"]], *([""] if summary["notes"] else []),
+        f"`{Path(summary['outputs']['selected']).name}` holds the kept rows as written, in pool order; "
+        "`scores.csv` every pool row by file line (CSV: the header is line 1).", "",
+    ]
+    ev = _evaluation_lines(summary)
+    if ev:
+        lines += ["```", *ev, "```", ""]
+    Path(path).write_text("\n".join(lines), encoding="utf-8")
+
+
+def select_table(summary: dict[str, Any]) -> str:
+    """What the command line prints: what was kept by which rule, the warm-up, notes, timings, outputs."""
+    w, t = summary["warmup"], summary["timings"]
+    return "\n".join([
+        f"select: kept {summary['n_selected']} of {summary['n_pool']} pool examples for {summary['n_target']} target "
+        f"examples, rule {summary['rule']} ({summary['rule_reason']})",
+        f"scores: {summary['method']} (damping {summary['damping']}) influence on the target's mean loss; "
+        "negative = helpful",
+        *(f"note: {n}" for n in summary.get("notes", [])),
+        (f"warm-up: {w['n_examples']} random pool examples, {w['epochs']} epoch(s) in {w['seconds']:.1f} s; "
+         if w["n_examples"] else "model: as given; ") + f"target loss {w['target_loss']:.4f}",
+        f"influence fit {t['fit_seconds']:.1f} s, scoring {t['score_seconds']:.1f} s",
+        *_evaluation_lines(summary),
+        f"outputs: {', '.join(summary['outputs'].values())}",
+    ])

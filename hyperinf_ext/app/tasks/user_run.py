@@ -1,0 +1,263 @@
+"""The flow the user commands share (``audit``, ``select``): the user's files → every input check → the model
+(a given ``--adapter``, or a LoRA fine-tuned here and kept for a resume) → a checkpointed HyperINF fit.
+
+Order: settings (:meth:`UserConfig.validate`), the output folder, the files (:func:`load_user_files`), the
+adapter against the base model, labels against a fixed classification head and tokenization with every
+example scored (:func:`prepare_inputs`, module ``user_checks``) — all before a model is loaded or trained.
+
+Interrupt and resume (:class:`RunCheckpoint`): a run keeps ``OUT/.checkpoint/`` — ``run.json`` (the
+command, its settings and the SHA-256 of its input files), ``adapter/`` (the LoRA it fine-tuned, saved once
+training ends) and ``fit/`` (the attributor's fit checkpoint, ``HyperINF.fit(checkpoint_dir=...)``, with the
+training gradients cached on disk).  A rerun with the same arguments loads the adapter instead of training
+again and resumes the fit after its last commit; other arguments or files start afresh.  A finished run
+removes the folder once its outputs are written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..data.batching import encode_texts
+from ..data.dataset import DataError, TextDataset
+from ..data.files import load_text_file
+from ..data.instruction import ensure_pad_token
+from ..data.user_rows import UserRows, check_added_columns, read_user_rows
+from ...curvature.methods import Damping, parse_dampings, parse_methods, split_damping
+from .pipeline import (Log, Loaders, PipelineConfig, PreparedData, TrainedModel, build_loaders, fit_attributor,
+                       is_causal, load_instruction, load_model, log_stage, model_dir, train_model)
+from .user_checks import (align_target_labels, check_head_classes, check_model_folder, folder_head_classes,
+                          inspect_adapter, labelled_encodings)
+
+__all__ = ["UserConfig", "UserData", "load_user_files", "prepare_inputs", "RunCheckpoint", "trained_model",
+           "checkpointed_fit", "use_method"]
+
+
+@dataclass
+class UserConfig(PipelineConfig):
+    """Settings the user commands share (``data``, ``n_train``, ``n_val``, ``flip_rate``, ``top_k`` unused)."""
+
+    target: Path | None = None
+    """Trusted examples whose mean loss the scores are about (same format as the training file)."""
+    method: str = "hyperinf"
+    damping: Damping = "auto"
+    checkpoint_every: int = 50
+    """Fit batches between checkpoint commits (a commit writes every layer's factors)."""
+    max_length: int = 128
+
+    def validate(self) -> None:
+        super().validate()
+        if self.target is not None and not Path(self.target).is_file():
+            raise ValueError(f"--target {self.target}: file not found")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        self.method = parse_methods([self.method], what="method")[0]
+        self.damping = parse_dampings([self.damping])[0]
+        check_model_folder(self.model)
+        if self.adapter is not None and not Path(self.adapter).is_dir():
+            raise ValueError(f"--adapter {self.adapter}: adapter folder not found")
+
+    def settings(self) -> dict[str, Any]:
+        from ...curvature.methods import damping_label
+
+        out = super().settings()
+        for unused in ("data", "n_train", "n_val", "flip_rate", "top_k"):
+            out.pop(unused, None)
+        out["damping"] = damping_label(self.damping)
+        return out
+
+
+@dataclass
+class UserData:
+    """The training (pool) and target files as data sets and as the user's rows, checked."""
+
+    train: TextDataset
+    train_rows: UserRows
+    target: TextDataset | None
+    target_rows: UserRows | None
+    causal: bool
+    num_labels: int = 2
+    notes: list[str] = field(default_factory=list)
+
+
+def _read(cfg: UserConfig, path: Path, causal: bool, min_classes: int) -> TextDataset:
+    if causal:
+        return load_instruction(path, cfg)
+    return load_text_file(path, cfg.text_column, cfg.label_column, min_classes=min_classes)
+
+
+def load_user_files(cfg: UserConfig, train_path: Path, *, command: str, added: Sequence[str]) -> UserData:
+    """Read the training file and ``cfg.target``: rows kept as written, examples checked (columns, empty
+    file, empty responses, classes), target classes mapped to the training file's.  No model is touched."""
+    causal = is_causal(cfg)
+    rows = read_user_rows(train_path)
+    check_added_columns(rows, added, command)
+    train = _read(cfg, train_path, causal, 2)
+    target = target_rows = None
+    if cfg.target is not None:
+        target_rows = read_user_rows(cfg.target)
+        target = _read(cfg, Path(cfg.target), causal, 1)
+        if not causal:
+            target = align_target_labels(train, target, train_path, Path(cfg.target), cfg.label_column)
+    notes = list(train.notes) + (list(target.notes) if target is not None else [])
+    return UserData(train, rows, target, target_rows, causal, max(train.num_classes, 2), notes)
+
+
+def prepare_inputs(cfg: UserConfig, data: UserData, log: Log = None) -> tuple[Loaders, PreparedData]:
+    """The model folder, the adapter and label checks, tokenization (every example checked) and the loaders
+    (the evaluation and influence-query loaders run over the target, or the training file without one)."""
+    from ..models.training import load_tokenizer
+
+    folder = model_dir(cfg, log)
+    head, whose = None, ""
+    if cfg.adapter is not None:
+        info = inspect_adapter(Path(cfg.adapter), folder, data.causal)
+        data.notes += info.notes
+        head, whose = info.head_classes, f"the classification head of --adapter {cfg.adapter}"
+    if not data.causal:
+        if head is None:
+            head, whose = folder_head_classes(folder), f"the classification head of --model {folder}"
+        if head is not None:
+            check_head_classes(data.train, data.train_rows.path, cfg.label_column, head, whose)
+            if data.target is not None:
+                check_head_classes(data.target, data.target_rows.path, cfg.label_column, head, whose)
+            data.num_labels = head
+    tokenizer = load_tokenizer(folder)
+    notes: list[str] = []
+    if data.causal:
+        note = ensure_pad_token(tokenizer)
+        notes += [note] if note else []
+        train_enc, cut = labelled_encodings(data.train, data.train_rows, cfg.response_column, tokenizer, cfg.max_length)
+        val_enc = train_enc
+        if data.target is not None:
+            val_enc, cut_target = labelled_encodings(data.target, data.target_rows, cfg.response_column, tokenizer,
+                                                     cfg.max_length)
+            cut += cut_target
+        if cut:
+            notes.append(f"{cut} prompt(s) longer than --max-length {cfg.max_length} lost tokens from their middle "
+                         "(responses are never truncated)")
+    else:
+        train_enc = encode_texts(data.train, tokenizer, cfg.max_length)
+        val_enc = train_enc if data.target is None else encode_texts(data.target, tokenizer, cfg.max_length)
+    target = data.target if data.target is not None else data.train
+    prepared = PreparedData(data.train, target, list(data.train.labels), np.zeros(len(data.train), dtype=bool),
+                            str(data.train_rows.path), len(data.train), data.causal)
+    loaders = build_loaders(cfg, prepared, tokenizer, encodings=(train_enc, val_enc, notes))
+    for note in data.notes + notes:
+        log_stage(log, f"data: {note}")
+    return loaders, prepared
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class RunCheckpoint:
+    """``OUT/.checkpoint``: what a rerun with the same arguments resumes from (see the module docstring)."""
+
+    NAME = ".checkpoint"
+
+    def __init__(self, out: Path, command: str, cfg: UserConfig, files: Sequence[Path | None], log: Log = None):
+        self.root = Path(out) / self.NAME
+        self.log = log
+        settings = {k: v for k, v in cfg.settings().items() if k not in ("progress", "out", "checkpoint_every")}
+        inputs = [Path(p) for p in files if p is not None]
+        if cfg.adapter is not None:
+            inputs += sorted(p for p in Path(cfg.adapter).iterdir() if p.is_file())
+        self.identity = {"command": command, "settings": settings,
+                         "files": {str(p): _sha256(p) for p in inputs}}
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def fit_dir(self) -> Path:
+        return self.root / "fit"
+
+    def start(self) -> bool:
+        """Keep a checkpoint of the same run (True), or start a fresh one (False)."""
+        run = self.root / "run.json"
+        if run.is_file():
+            try:
+                same = json.loads(run.read_text(encoding="utf-8")) == json.loads(json.dumps(self.identity))
+            except (OSError, ValueError):
+                same = False
+            if same:
+                log_stage(self.log, f"resume: {self.root} holds an interrupted run with these arguments; "
+                                    "continuing it")
+                return True
+            log_stage(self.log, f"resume: {self.root} belongs to a run with other arguments or files; starting afresh")
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True)
+        run.write_text(json.dumps(self.identity, indent=1), encoding="utf-8")
+        return False
+
+    def has_adapter(self) -> bool:
+        return (self.adapter_dir / "adapter_config.json").is_file() and (self.adapter_dir / "training.json").is_file()
+
+    def save_adapter(self, model: Any, info: dict[str, Any]) -> None:
+        """The fine-tuned adapter and its training record, written whole (a temporary folder, then renamed)."""
+        tmp = self.root / ".adapter-tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp))
+        (tmp / "training.json").write_text(json.dumps(info), encoding="utf-8")
+        tmp.rename(self.adapter_dir)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _load(cfg: UserConfig, num_labels: int, adapter: Path | None | str = "config") -> Any:
+    try:
+        return load_model(cfg, num_labels, adapter=adapter)
+    except DataError as exc:
+        if "size mismatch" in str(exc) and cfg.adapter is not None:
+            raise DataError(f"--adapter {cfg.adapter}: trained on another base model (its tensor shapes differ "
+                            f"from --model {cfg.model}'s); give --model the base it was trained on") from None
+        raise
+
+
+def trained_model(cfg: UserConfig, data: UserData, loaders: Loaders, ckpt: RunCheckpoint, finetune: Any,
+                  epochs: int, log: Log, what: str) -> TrainedModel:
+    """The model to attribute: the checkpoint's adapter on a resume; else ``cfg.adapter`` or a fresh LoRA,
+    fine-tuned ``epochs`` on ``finetune`` (then saved into the checkpoint); evaluated on the target."""
+    if ckpt.has_adapter():
+        log_stage(log, f"resume: loading the {what} adapter from {ckpt.adapter_dir} (no training)")
+        model = _load(cfg, data.num_labels, adapter=ckpt.adapter_dir)
+        trained = train_model(cfg, model, finetune, loaders.evaluation, epochs=0, log=log, what=what)
+        info = json.loads((ckpt.adapter_dir / "training.json").read_text(encoding="utf-8"))
+        trained.history, trained.seconds = info["history"], info["seconds"]
+        return trained
+    model = _load(cfg, data.num_labels)
+    trained = train_model(cfg, model, finetune, loaders.evaluation, epochs=epochs, log=log, what=what)
+    if epochs > 0:
+        ckpt.save_adapter(trained.model, {"history": trained.history, "seconds": trained.seconds})
+    return trained
+
+
+def checkpointed_fit(cfg: UserConfig, model: Any, loaders: Loaders, ckpt: RunCheckpoint, log: Log) -> tuple[Any, float]:
+    """Fit HyperINF over the training loader with its checkpoint in ``ckpt.fit_dir`` (resumed when present)."""
+    if (ckpt.fit_dir / "meta.json").is_file():
+        log_stage(log, f"resume: the fit continues from its last commit in {ckpt.fit_dir}")
+    else:
+        log_stage(log, f"influence: fit checkpoint in {ckpt.fit_dir} every {cfg.checkpoint_every} batches "
+                       "(interrupt with Ctrl-C; rerun the same command to resume)")
+    return fit_attributor(cfg, model, loaders.influence_train, log=log, cache="disk", checkpoint_dir=ckpt.fit_dir,
+                          checkpoint_every=cfg.checkpoint_every)
+
+
+def use_method(cfg: UserConfig, attr: Any) -> None:
+    """Switch the fitted attributor to ``cfg.method`` at ``cfg.damping``."""
+    rule, scale = split_damping(cfg.damping)
+    attr.use(cfg.method, damping=rule, **({} if scale is None else {"damping_scale": scale}))

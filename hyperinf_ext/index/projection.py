@@ -1,0 +1,109 @@
+"""The per-layer projections of a gradient index: seeded Gaussian matrices on the d side of each layer.
+
+Layer l (in the attributor's layer order) gets P_l [d_l, k_l] float32 with entries N(0, 1/k_l) drawn
+from a CPU generator seeded with (seed, l), so ⟨q P, g P⟩ estimates ⟨q, g⟩ without bias; a layer kept
+exact (k_l = d_l) gets no matrix and is stored as it is.  The matrices are saved with the index (a torch
+release could change the generator's stream), and a resumed build checks it draws the same ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import ops, persistence
+from .config import IndexConfig
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One LoRA layer of the index: its gradient is [r, d]; stored as [r, k] at ``offset`` in a row."""
+
+    name: str
+    rank: int
+    dim: int
+    columns: int
+    offset: int
+
+    @property
+    def exact(self) -> bool:
+        return self.columns == self.dim
+
+    @property
+    def width(self) -> int:
+        """Numbers this layer adds to a stored row (r·k)."""
+        return self.rank * self.columns
+
+
+def plan_layers(shapes: list[tuple[str, int, int]], config: IndexConfig) -> list[LayerPlan]:
+    """Where each layer (name, r, d) goes in a stored row, in the given order."""
+    plans, offset = [], 0
+    for name, rank, dim in shapes:
+        k = config.columns(rank, dim)
+        plans.append(LayerPlan(name, rank, dim, k, offset))
+        offset += rank * k
+    return plans
+
+
+def draw(plans: list[LayerPlan], seed: int) -> dict[str, torch.Tensor]:
+    """P_l [d, k] float32 ~ N(0, 1/k) for every projected layer (exact layers have none)."""
+    out = {}
+    for position, p in enumerate(plans):
+        if p.exact:
+            continue
+        gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + position)
+        out[p.name] = torch.randn(p.dim, p.columns, generator=gen, dtype=torch.float32) / p.columns ** 0.5
+    return out
+
+
+def save(path: Path, matrices: dict[str, torch.Tensor]) -> None:
+    persistence.save_tensors_atomic(path, {f"P.{n}": m.contiguous() for n, m in matrices.items()},
+                                    {"kind": "hyperinf-ext/index-projection"})
+
+
+def load(path: Path, plans: list[LayerPlan]) -> dict[str, torch.Tensor]:
+    """The saved matrices, checked against the layer plan (a ValueError names the file and layer)."""
+    tensors, meta = persistence.read_tensors(path, "index projections")
+    out = {}
+    for p in plans:
+        if p.exact:
+            continue
+        m = tensors.get(f"P.{p.name}")
+        if m is None or tuple(m.shape) != (p.dim, p.columns):
+            got = None if m is None else tuple(m.shape)
+            raise ValueError(f"{path}: projection of layer {p.name} is {got}, expected ({p.dim}, {p.columns}); "
+                             "the index is corrupt or was built for another model")
+        out[p.name] = m
+    return out
+
+
+def identity(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.eye(dim, dtype=dtype, device=device)
+
+
+def project_rows(plans: list[LayerPlan], matrices: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+                 dtype: torch.dtype) -> torch.Tensor:
+    """The stored-row form of (preconditioned) query gradients: [Q, Σ r·k] in ``dtype`` (float32/64),
+    projected with the same matrices as the training rows and never quantized."""
+    parts = []
+    for p in plans:
+        g = grads[p.name]
+        P = matrices[p.name].to(dtype=dtype, device=g.device) if not p.exact else identity(p.dim, dtype, g.device)
+        parts.append(ops.project(g, P).reshape(g.shape[0], -1))
+    return torch.cat(parts, dim=1)
+
+
+def quantize_rows(plans: list[LayerPlan], matrices: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+                  store: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training gradients → (values [B, Σ r·k] ``store`` dtype, scales [B, L] float32): layer l of example
+    b is ``values[b, seg_l] · scales[b, l]`` up to one rounding to ``store``."""
+    values, scales = [], []
+    for p in plans:
+        g = grads[p.name]
+        work = torch.float64 if g.dtype == torch.float64 else torch.float32
+        P = matrices[p.name].to(dtype=work, device=g.device) if not p.exact else identity(p.dim, work, g.device)
+        v, s = ops.project_quantize(g, P, out_dtype=store)
+        values.append(v.reshape(g.shape[0], -1))
+        scales.append(s.reshape(-1, 1))
+    return torch.cat(values, dim=1), torch.cat(scales, dim=1).to(torch.float32)

@@ -1,0 +1,326 @@
+"""``audit`` (issue #22): the user's rows come back unchanged in rank order with their scores, the scores are
+HyperINF's own (mean_scores on the target, or self-influence), bad input fails in one line naming file, line
+and column before any model is loaded, and an interrupted fit resumes to the same scores.  Tiny models only."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from hyperinf_ext.app.cli import main  # noqa: E402
+from tiny_llm import make_tiny_llama, make_tokenizer, sentiment_rows, write_instructions  # noqa: E402
+
+FAST = ["--no-progress", "--threads", "1"]
+TOL = dict(rel=1e-9, abs=1e-12)  # float64 factors and scores, the same float32 gradients on both sides
+
+
+def flip(row: dict) -> dict:
+    return {**row, "response": "negative" if row["response"] == "positive" else "positive"}
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    """A tiny Llama, an adapter with nonzero LoRA B, a training file with extra keys (one flipped answer) and a
+    target file."""
+    root = tmp_path_factory.mktemp("audit")
+    folder = make_tiny_llama(root / "model")
+    from hyperinf_ext.app.models.causal import load_causal_lora_model
+
+    model = load_causal_lora_model(folder, rank=2, alpha=4, seed=0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    model.save_pretrained(str(root / "adapter"))
+    rows = [{**r, "id": f"ex{i}", "meta": {"source": "web", "tags": [i, "ü"]}}
+            for i, r in enumerate(sentiment_rows(24, seed=1))]
+    rows[3] = flip(rows[3])
+    train = write_instructions(root / "train.jsonl", rows)
+    target = write_instructions(root / "target.jsonl", sentiment_rows(4, seed=2))
+    return folder, root / "adapter", train, target
+
+
+def direct_scores(folder, adapter, train, target):
+    """HyperINF.mean_scores on the target (or self_scores without one), computed here from the files."""
+    from hyperinf_ext import HyperINF
+    from hyperinf_ext.app.data import make_loader
+    from hyperinf_ext.app.data.instruction import encode_instructions, ensure_pad_token, load_instruction_file
+    from hyperinf_ext.app.models.causal import load_causal_lora_model
+    from hyperinf_ext.app.models.training import load_tokenizer
+
+    tok = load_tokenizer(folder)
+    ensure_pad_token(tok)
+
+    def loader(path):
+        ds = load_instruction_file(path)
+        return make_loader(ds, tok, batch_size=8, max_length=128, sort_by_length=True,
+                           encodings=encode_instructions(ds, tok, 128).encodings)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the command ran (--threads 1): the same float32 gradients, bit for bit
+    try:
+        attr = HyperINF(load_causal_lora_model(folder, adapter=adapter), progress=False).fit(loader(train))
+        scores = attr.mean_scores(loader(target)) if target is not None else attr.self_scores()
+    finally:
+        torch.set_num_threads(threads)
+    return scores.double().tolist()
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.parametrize("with_target", [True, False])
+def test_audit_writes_the_users_rows_in_rank_order_with_hyperinf_scores(llm, tmp_path, capsys, with_target):
+    folder, adapter, train, target = llm
+    out = tmp_path / "out"
+    argv = ["audit", "--model", str(folder), "--adapter", str(adapter), "--train", str(train), "--out", str(out),
+            *(["--target", str(target)] if with_target else []), *FAST]
+    assert main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    signal = "influence_score" if with_target else "self_influence"
+    assert f"ranked by {signal}" in printed and ("--target" in printed if with_target else "no --target" in printed)
+    ranked = read_jsonl(out / "ranked.jsonl")
+    original = read_jsonl(train)
+    assert [r["rank"] for r in ranked] == list(range(1, 25))
+    # every original key and value, unchanged; rank and the score added, nothing else
+    by_id = {r["id"]: r for r in original}
+    for r in ranked:
+        assert list(r) == [*by_id[r["id"]], "rank", signal]
+        assert {k: v for k, v in r.items() if k not in ("rank", signal)} == by_id[r["id"]]
+    assert sorted(r["id"] for r in ranked) == sorted(by_id)
+    scores = [r[signal] for r in ranked]
+    assert scores == sorted(scores, reverse=True)  # rank 1 = the highest score
+    expected = direct_scores(folder, adapter, train, target if with_target else None)
+    for r in ranked:
+        assert r[signal] == pytest.approx(expected[int(r["id"][2:])], **TOL)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["signal"] == signal and "rank 1 = the highest score" in summary["sign_convention"]
+    assert ("POSITIVE" in summary["sign_convention"]) == with_target
+    assert summary["finetune"]["epochs"] == 0 and not (out / ".checkpoint").exists()
+    assert "# Training-data audit" in (out / "report.md").read_text()
+
+
+def _bert_folder(path, num_labels=None):
+    """A tiny BERT (no head, or a fixed head of ``num_labels``) and its word-level tokenizer."""
+    tok = make_tokenizer(chat_template=False)
+    cfg = transformers.BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=64, num_labels=num_labels or 2)
+    torch.manual_seed(0)
+    model = (transformers.BertForSequenceClassification(cfg) if num_labels else transformers.BertModel(cfg))
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
+
+
+def test_audit_a_classifier_csv_keeps_every_column_and_names_skipped_lines(tmp_path, capsys):
+    folder = _bert_folder(tmp_path / "bert")
+    train = tmp_path / "train.csv"
+    with open(train, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text", "label", "note"])
+        for i, r in enumerate(sentiment_rows(14)):
+            w.writerow([f"r{i}", r["prompt"], r["response"], f'said "hi", {i}'])
+        w.writerow(["r-empty", "   ", "positive", "skipped"])
+    out = tmp_path / "out"
+    assert main(["audit", "--model", str(folder), "--train", str(train), "--epochs", "1", "--out", str(out),
+                 *FAST]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "skipped 1 row(s) with empty 'text' at line(s) 16" in printed
+    with open(train, newline="", encoding="utf-8") as f:
+        original = {r["id"]: r for r in csv.DictReader(f)}
+    with open(out / "ranked.csv", newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == ["id", "text", "label", "note", "rank", "self_influence"]
+        ranked = list(reader)
+    assert len(ranked) == 14 and [int(r["rank"]) for r in ranked] == list(range(1, 15))
+    assert all({k: r[k] for k in ("id", "text", "label", "note")} == original[r["id"]] for r in ranked)
+    scores = [float(r["self_influence"]) for r in ranked]
+    assert scores == sorted(scores, reverse=True) and all(s >= 0 for s in scores)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finetune"]["epochs"] == 1 and summary["notes"]
+
+
+def test_an_interrupted_fit_resumes_to_the_same_scores(llm, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the fit keeps OUT/.checkpoint (the fine-tuned adapter, the fit's commits); the rerun loads
+    the adapter without training and resumes the fit, and its scores equal an uninterrupted run's."""
+    from hyperinf_ext.app.models import training
+    from hyperinf_ext.attributor.hyperinf import HyperINF
+
+    folder, _, train, target = llm
+    common = ["audit", "--model", str(folder), "--train", str(train), "--target", str(target), "--epochs", "1",
+              "--lr", "1e-2", "--checkpoint-every", "1", *FAST]
+    assert main([*common, "--out", str(tmp_path / "whole")]) == 0
+    fit = HyperINF.fit
+
+    def interrupted_fit(self, loader, **kwargs):
+        class Interrupted:
+            def __len__(self):
+                return len(loader)
+
+            def __iter__(self):
+                for i, batch in enumerate(loader):
+                    if i == 2:
+                        raise KeyboardInterrupt
+                    yield batch
+
+        return fit(self, Interrupted(), **kwargs)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(HyperINF, "fit", interrupted_fit)
+    assert main([*common, "--out", str(out)]) == 130
+    assert (out / ".checkpoint" / "adapter" / "adapter_config.json").is_file()
+    assert (out / ".checkpoint" / "fit" / "meta.json").is_file() and not (out / "summary.json").exists()
+    monkeypatch.setattr(HyperINF, "fit", fit)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the resumed run trained again")
+
+    monkeypatch.setattr(training, "finetune", no_training)
+    capsys.readouterr()
+    assert main([*common[:-3], "--out", str(out), "--threads", "1"]) == 0, capsys.readouterr().err
+    log = capsys.readouterr().err
+    assert "resume: loading the fine-tune adapter" in log and "resume: the fit continues from its last commit" in log
+    whole = {r["id"]: r["influence_score"] for r in read_jsonl(tmp_path / "whole" / "ranked.jsonl")}
+    resumed = read_jsonl(out / "ranked.jsonl")
+    assert len(resumed) == 24 and all(r["influence_score"] == pytest.approx(whole[r["id"]], **TOL) for r in resumed)
+    assert not (out / ".checkpoint").exists()
+
+
+# ------------------------------------------------------------------------------ bad input, before any work
+
+
+@pytest.fixture
+def no_model_work(monkeypatch):
+    """Loading a model or training one fails the test: every check must come first."""
+    from hyperinf_ext.app.models import training
+    from hyperinf_ext.app.tasks import user_run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded or trained before the inputs were checked")
+
+    monkeypatch.setattr(user_run, "load_model", refuse)
+    monkeypatch.setattr(training, "finetune", refuse)
+
+
+def _error(capsys, argv):
+    capsys.readouterr()  # what the test's own set-up printed
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_bad_causal_inputs_name_file_line_and_column(llm, tmp_path, capsys, no_model_work):
+    folder, adapter, train, target = llm
+    base = ["audit", "--model", str(folder), "--out", str(tmp_path / "o"), *FAST]
+    rows = read_jsonl(train)
+    cases = {
+        "missing.jsonl": ([rows[0], {"prompt": "a film"}], ["missing.jsonl", "column 'response' not found", "line 2"]),
+        "empty.jsonl": ([], ["empty.jsonl", "file is empty"]),
+        "noanswer.jsonl": ([rows[0], {**rows[1], "response": " "}], ["noanswer.jsonl", "empty response (line 2)",
+                                                                     "column 'response'"]),
+        "clash.jsonl": ([rows[0], {**rows[1], "rank": 3}], ["clash.jsonl", "line 2", "column 'rank'"]),
+    }
+    for name, (content, words) in cases.items():
+        path = write_instructions(tmp_path / name, content)
+        err = _error(capsys, [*base, "--train", str(path)])
+        assert all(w in err for w in words), (name, err)
+    # a target whose response cannot be scored: its response alone exceeds --max-length
+    long = write_instructions(tmp_path / "long.jsonl", [rows[0], {**rows[1], "response": "great " * 12}])
+    err = _error(capsys, [*base, "--train", str(train), "--target", str(long), "--max-length", "12"])
+    assert f"{long}: line 2, column 'response'" in err and "its response alone has" in err
+    out_file = tmp_path / "a-file"
+    out_file.write_text("x")
+    err = _error(capsys, ["audit", "--model", str(folder), "--train", str(train), "--out", str(out_file), *FAST])
+    assert "--out" in err and "a-file" in err
+
+
+def test_labelled_tokens_are_checked_per_example(tmp_path):
+    """An example left without a labelled token is named by file, line and column."""
+    from hyperinf_ext.app.data.dataset import DataError
+    from hyperinf_ext.app.data.instruction import InstructionDataset
+    from hyperinf_ext.app.data.user_rows import read_user_rows
+    from hyperinf_ext.app.tasks import user_checks
+
+    path = write_instructions(tmp_path / "t.jsonl", sentiment_rows(2))
+    ds = InstructionDataset.from_pairs([[{"role": "user", "content": "a"}]] * 2, ["x", "y"], rows=[1, 2])
+
+    class Encoded:
+        encodings = [{"input_ids": [1, 2], "attention_mask": [1, 1], "labels": [-100, 5]},
+                     {"input_ids": [1, 2], "attention_mask": [1, 1], "labels": [-100, -100]}]
+        truncated = 0
+
+    user_checks.encode_instructions, saved = (lambda *a, **k: Encoded()), user_checks.encode_instructions
+    try:
+        with pytest.raises(DataError, match=r"t\.jsonl: line 2, column 'response': no token of the response is labelled"):
+            user_checks.labelled_encodings(ds, read_user_rows(path), "response", None, 8)
+    finally:
+        user_checks.encode_instructions = saved
+
+
+def _other_llama(path, hidden):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    LlamaForCausalLM(cfg).save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
+
+
+def test_an_adapter_of_another_base_model_is_refused(llm, tmp_path, capsys, no_model_work):
+    folder, adapter, train, _ = llm
+    other = _other_llama(tmp_path / "wide", 48)
+    # the folder adapter_config.json names exists here and has another hidden size
+    err = _error(capsys, ["audit", "--model", str(other), "--adapter", str(adapter), "--train", str(train),
+                          "--out", str(tmp_path / "o"), *FAST])
+    assert f"--adapter {adapter}: trained on another base model" in err and "hidden_size 32" in err
+    # the named base is not here: the tensor shapes tell
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in adapter.iterdir():
+        (moved / f.name).write_bytes(f.read_bytes())
+    config = json.loads((moved / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/elsewhere"}))
+    err = _error(capsys, ["audit", "--model", str(other), "--adapter", str(moved), "--train", str(train),
+                          "--out", str(tmp_path / "o"), *FAST])
+    assert "trained on another base model" in err and "reads 32 features" in err and "hidden size 48" in err
+
+
+def test_classifier_labels_outside_the_head_and_unknown_target_labels(tmp_path, capsys, no_model_work):
+    folder = _bert_folder(tmp_path / "bert")
+    from hyperinf_ext.app.models.training import load_lora_model
+
+    head = tmp_path / "head2"
+    load_lora_model(folder, num_labels=2, rank=2).save_pretrained(str(head))
+    three = tmp_path / "three.csv"
+    three.write_text("text,label\na great film,0\na bad film,1\na dull film,2\n")
+    err = _error(capsys, ["audit", "--model", str(folder), "--adapter", str(head), "--train", str(three),
+                          "--out", str(tmp_path / "o"), *FAST])
+    assert f"{three}: line 4, column 'label': label '2'" in err and "outside the 2 classes" in err
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\na great film,pos\na bad film,neg\n")
+    target = tmp_path / "target.csv"
+    target.write_text("text,label\na fun film,pos\na dull film,meh\n")
+    err = _error(capsys, ["audit", "--model", str(folder), "--train", str(train), "--target", str(target),
+                          "--out", str(tmp_path / "o"), *FAST])
+    assert f"{target}: line 3, column 'label': label 'meh' does not occur in {train}" in err
+    no_label = tmp_path / "nolabel.csv"
+    no_label.write_text("text,class\na,1\n")
+    err = _error(capsys, ["audit", "--model", str(folder), "--train", str(no_label), "--out", str(tmp_path / "o"),
+                          *FAST])
+    assert "nolabel.csv: column 'label' not found in the header (line 1)" in err
+    # a classifier adapter on a causal LM
+    llama = make_tiny_llama(tmp_path / "llama")
+    jsonl = write_instructions(tmp_path / "i.jsonl", sentiment_rows(4))
+    err = _error(capsys, ["audit", "--model", str(llama), "--adapter", str(head), "--train", str(jsonl),
+                          "--out", str(tmp_path / "o"), *FAST])
+    assert "task_type SEQ_CLS" in err and "causal LM" in err

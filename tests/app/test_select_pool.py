@@ -1,0 +1,164 @@
+"""``select`` (issue #22): exactly the requested count or fraction of the pool, the user's rows unchanged in pool
+order, class balance where labels exist, scores equal to HyperINF.mean_scores on the target, the warm-up on
+a seeded random part of the pool, and --evaluate against a random subset.  Tiny models only."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from hyperinf_ext.app.cli import main  # noqa: E402
+from tiny_llm import make_tiny_llama, make_tokenizer, sentiment_rows, write_instructions  # noqa: E402
+
+FAST = ["--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("select")
+    folder = make_tiny_llama(root / "model")
+    rows = [{**r, "id": i} for i, r in enumerate(sentiment_rows(40, seed=3))]
+    rows[5] = {**rows[5], "response": "negative" if rows[5]["response"] == "positive" else "positive"}
+    pool = root / "pool.jsonl"
+    # spacing and key order as a user wrote them: the selection must keep each line byte for byte
+    pool.write_text("".join(json.dumps(r, indent=None, separators=(", ", ":")) + "\n" for r in rows), encoding="utf-8")
+    target = write_instructions(root / "target.jsonl", sentiment_rows(4, seed=4))
+    return folder, pool, target
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    """A tiny BERT, an adapter with a 2-class head, and a CSV pool (extra columns, 3:1 class imbalance)."""
+    root = tmp_path_factory.mktemp("select-bert")
+    tok = make_tokenizer(chat_template=False)
+    cfg = transformers.BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(str(root / "bert"))
+    tok.save_pretrained(str(root / "bert"))
+    from hyperinf_ext.app.models.training import load_lora_model
+    from tiny_bert import nonzero_lora_b
+
+    torch.manual_seed(1)
+    nonzero_lora_b(load_lora_model(root / "bert", num_labels=2, rank=2)).save_pretrained(str(root / "adapter"))
+    pool = root / "pool.csv"
+    with open(pool, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label", "source"])
+        for i, r in enumerate(sentiment_rows(32, seed=5)):
+            w.writerow([r["prompt"], "positive" if i % 4 else "negative", f"site {i}, page {i // 3}"])
+    target = root / "target.csv"
+    target.write_text("text,label\na great fun film,positive\na dull film,negative\na superb film,positive\n")
+    return root / "bert", root / "adapter", pool, target
+
+
+def direct_mean_scores(folder, adapter, pool, target):
+    """HyperINF.mean_scores of the pool on the target, computed here (one thread, as the command ran)."""
+    from hyperinf_ext import HyperINF
+    from hyperinf_ext.app.data import load_text_file, make_loader
+    from hyperinf_ext.app.models.training import load_lora_model, load_tokenizer
+
+    tok = load_tokenizer(folder)
+    train = load_text_file(pool)
+    tgt = load_text_file(target, min_classes=1)
+    assert tgt.label_names == train.label_names
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = load_lora_model(folder, num_labels=2, adapter=adapter)
+        attr = HyperINF(model, progress=False).fit(make_loader(train, tok, batch_size=32, sort_by_length=True))
+        return attr.mean_scores(make_loader(tgt, tok, batch_size=32, sort_by_length=True)).double().numpy()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_select_on_a_classifier_keeps_the_fraction_class_balanced_in_pool_order(bert, tmp_path, capsys):
+    from hyperinf_ext.app.tasks.selection_rules import class_quotas
+
+    folder, adapter, pool, target = bert
+    out = tmp_path / "out"
+    assert main(["select", "--model", str(folder), "--adapter", str(adapter), "--pool", str(pool), "--target",
+                 str(target), "--fraction", "0.25", "--out", str(out), *FAST]) == 0, capsys.readouterr().err
+    assert "rule class-balanced" in capsys.readouterr().out
+    with open(pool, newline="", encoding="utf-8") as f:
+        original = list(csv.DictReader(f))
+    with open(out / "selected.csv", newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == ["text", "label", "source"]
+        selected = list(reader)
+    with open(out / "scores.csv", newline="", encoding="utf-8") as f:
+        scores = list(csv.DictReader(f))
+    assert [int(s["line"]) for s in scores] == list(range(2, 34))  # every pool row by file line (header = 1)
+    kept = [int(s["line"]) - 2 for s in scores if s["selected"] == "1"]
+    assert len(selected) == 8 and selected == [original[i] for i in kept]  # the rows as written, pool order
+    labels = np.array([1 if r["label"] == "positive" else 0 for r in original])
+    expected_quota = class_quotas(labels, 8)
+    assert {c: int((labels[kept] == c).sum()) for c in (0, 1)} == expected_quota
+    s = np.array([float(x["influence_score"]) for x in scores])
+    for c in (0, 1):  # within each class the kept examples are the most helpful (most negative)
+        members = np.flatnonzero(labels == c)
+        assert set(np.array(kept)[labels[kept] == c]) == set(members[np.argsort(s[members], kind="stable")[:expected_quota[c]]])
+    np.testing.assert_allclose(s, direct_mean_scores(folder, adapter, pool, target), rtol=1e-9, atol=1e-12)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_selected"] == 8 and summary["rule"] == "class-balanced" and summary["warmup"]["n_examples"] == 0
+    assert "NEGATIVE = helpful" in summary["signal"] and not (out / ".checkpoint").exists()
+
+
+def test_select_warms_up_on_part_of_the_pool_and_keeps_lines_byte_for_byte(llm, tmp_path, capsys):
+    folder, pool, target = llm
+    out = tmp_path / "out"
+    assert main(["select", "--model", str(folder), "--pool", str(pool), "--target", str(target), "--count", "7",
+                 "--warmup-fraction", "0.1", "--epochs", "1", "--lr", "1e-2", "--evaluate", "--out", str(out),
+                 *FAST]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "warm-up: 32 random pool examples" in printed and "target loss" in printed
+    lines = pool.read_text(encoding="utf-8").splitlines()
+    with open(out / "scores.csv", newline="") as f:
+        kept = [int(r["line"]) for r in csv.DictReader(f) if r["selected"] == "1"]
+    assert (out / "selected.jsonl").read_text(encoding="utf-8").splitlines() == [lines[i - 1] for i in kept]
+    assert len(kept) == 7 and kept == sorted(kept)
+    summary = json.loads((out / "summary.json").read_text())
+    warm = summary["warmup"]
+    assert warm["n_examples"] == 32 and len(set(warm["lines"])) == 32 and set(warm["lines"]) <= set(range(1, 41))
+    assert summary["rule"] == "class-balanced"  # two distinct answers: labels
+    ev = summary["evaluation"]
+    assert ev["n_examples"] == 7 and all(ev[k]["val_loss"] > 0 for k in ("selected", "random"))
+
+
+def test_select_without_labels_uses_the_measured_rule(llm, tmp_path, capsys):
+    from hyperinf_ext.app.tasks.select_pool import NO_LABEL_RULE
+
+    folder, _, target = llm
+    rows = [{"prompt": f"what colour sky {i}", "response": " ".join(["blue", "green", "red"][j % 3] for j in range(i + 1))}
+            for i in range(12)]
+    pool = write_instructions(tmp_path / "free.jsonl", rows)
+    out = tmp_path / "out"
+    assert main(["select", "--model", str(folder), "--pool", str(pool), "--target", str(target), "--fraction", "0.5",
+                 "--epochs", "1", "--out", str(out), *FAST]) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rule"] == NO_LABEL_RULE == "drop-harmful" and summary["n_selected"] == 6
+    assert len((out / "selected.jsonl").read_text().splitlines()) == 6
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--fraction", "0.5", "--count", "3"], ["not allowed with argument"]),
+    (["--count", "41"], ["--count 41", "has only 40 examples"]),
+    (["--fraction", "0"], ["--fraction must be in (0, 1]"]),
+    (["--count", "3", "--warmup-fraction", "2"], ["--warmup-fraction must be in (0, 1]"]),
+    (["--count", "3", "--rule", "best"], ["--rule: unknown selection rule 'best'"]),
+])
+def test_select_bad_sizes_are_refused_before_any_work(llm, tmp_path, capsys, monkeypatch, argv, words):
+    from hyperinf_ext.app.tasks import user_run
+
+    monkeypatch.setattr(user_run, "load_model", lambda *a, **k: pytest.fail("model loaded before the checks"))
+    folder, pool, target = llm
+    code = main(["select", "--model", str(folder), "--pool", str(pool), "--target", str(target), *argv,
+                 "--out", str(tmp_path / "o"), *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and all(w in err for w in words), err

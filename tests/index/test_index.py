@@ -1,0 +1,229 @@
+"""The gradient index against float64 brute force on a tiny BERT-LoRA classifier.
+
+Tolerances: an exact index (``proj_dim=0``, float32 store) differs from ``HyperINF.scores`` only by the
+rounding of each stored gradient to float32, so |Δscore| ≤ 2⁻²⁴·‖q̃‖·‖g‖ per pair (Cauchy–Schwarz;
+asserted with a factor 4 for the float64 sums).  A projected float16 index is compared with the
+brute-force projected product −⟨q̃P, gP⟩: each stored entry is rounded once (power-of-two scales are
+exact), so |Δ| ≤ 2⁻¹¹·‖q̃P‖·‖gP‖ (factor 2 slack).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from hyperinf_ext import HyperINF  # noqa: E402
+from hyperinf_ext import persistence  # noqa: E402
+from hyperinf_ext.index import Index, IndexConfig  # noqa: E402
+from tiny_bert import DATA_VOCAB, batches, make_data, tiny_bert_lora  # noqa: E402
+
+N_TRAIN, N_QUERY, B = 23, 5, 4
+
+
+def model_(seed: int = 0):
+    return tiny_bert_lora(vocab=DATA_VOCAB, layers=2, rank=3, seed=seed).eval()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_data(N_TRAIN, 1), make_data(N_QUERY, 2)
+
+
+@pytest.fixture(scope="module")
+def reference(data):
+    """HyperINF's exact scores, the preconditioned queries and the exact training gradients (float64)."""
+    train, query = data
+    attr = HyperINF(model_(), progress=False).fit(batches(train, B))
+    S = attr.scores(batches(query, B))
+    _, qt = attr.precondition(batches(query, B))
+    g = attr.query_gradients(batches(train, B))
+    order = g.index.argsort()
+    grads = {n: t[order] for n, t in g.grads.items()}
+    return {"S": S, "qt": qt, "g": grads, "self": attr.self_scores(), "mean": attr.mean_scores(batches(query, B))}
+
+
+def _norms(x: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.sqrt(sum(t.reshape(t.shape[0], -1).pow(2).sum(1) for t in x.values()))
+
+
+@pytest.fixture(scope="module")
+def exact_index(tmp_path_factory, data):
+    train, _ = data
+    return Index.build(model_(), batches(train, B), tmp_path_factory.mktemp("idx") / "exact",
+                       config=IndexConfig(proj_dim=0), progress=False)
+
+
+@pytest.fixture(scope="module")
+def projected_index(tmp_path_factory, data):
+    train, _ = data
+    return Index.build(model_(), batches(train, B), tmp_path_factory.mktemp("idx") / "proj",
+                       config=IndexConfig(proj_dim=24, rows_per_shard=7), progress=False)
+
+
+def test_exact_index_equals_hyperinf_scores(exact_index, reference, data):
+    _, query = data
+    S = exact_index.scores(batches(query, B))
+    bound = 4 * 2.0 ** -24 * _norms(reference["qt"])[:, None] * _norms(reference["g"])[None, :]
+    assert S.dtype == torch.float64 and S.shape == (N_QUERY, N_TRAIN)
+    assert ((S - reference["S"]).abs() <= bound).all()
+    assert exact_index.config.dtype == "float32" and all(p.exact for p in exact_index.plans)
+
+
+def test_projected_index_equals_the_projected_product(projected_index, reference, data):
+    _, query = data
+    idx = projected_index
+    # 24 // r of d: 8 of 16 on the LoRA layers (r=3), 12 of 17 on the classifier head (r=2)
+    assert [p.columns for p in idx.plans] == [8] * 8 + [12] and not any(p.exact for p in idx.plans)
+    S = idx.scores(batches(query, B))
+    qp = {n: reference["qt"][n] @ idx.matrices[n].double() for n in reference["qt"]}
+    gp = {n: reference["g"][n] @ idx.matrices[n].double() for n in reference["g"]}
+    brute = -sum(torch.einsum("qrk,nrk->qn", qp[n], gp[n]) for n in qp)
+    bound = 2 * 2.0 ** -11 * _norms(qp)[:, None] * _norms(gp)[None, :] + 1e-6 * brute.abs()
+    assert ((S.double() - brute).abs() <= bound).all()
+    assert len(idx.shards) >= 3  # rows_per_shard=7 with batches of 4: shards of 8 rows
+
+
+def test_top_k_and_exact_rerank(projected_index, reference, data):
+    train, query = data
+    top = projected_index.query(batches(query, B), top_k=3)
+    S = projected_index.scores(batches(query, B))
+    assert torch.equal(top.positive_index, S.topk(3, dim=1).indices)
+    subset = lambda rows: batches({k: v[rows] for k, v in train.items()}, 3)  # noqa: E731
+    exact = projected_index.query(batches(query, B), top_k=3, exact_rerank=N_TRAIN, train_subset=subset)
+    ref = reference["S"]
+    assert torch.equal(exact.positive_index, ref.topk(3, dim=1).indices)
+    assert torch.equal(exact.negative_index, (-ref).topk(3, dim=1).indices)
+    torch.testing.assert_close(exact.positive_values, ref.topk(3, dim=1).values, rtol=1e-10, atol=0)
+
+
+def test_mean_and_self_scores(exact_index, projected_index, reference, data):
+    _, query = data
+    g_norm2 = _norms(reference["g"]) ** 2
+    mean = exact_index.mean_scores(batches(query, B))
+    torch.testing.assert_close(mean, reference["mean"], rtol=1e-5, atol=1e-6 * float(reference["mean"].abs().max()))
+    s = exact_index.self_scores()
+    # H⁻¹'s largest eigenvalue ≤ 1/λ_min: bound the float32 rounding of g by 4·2⁻²⁴·‖g‖²·‖H⁻¹‖ via the exact values
+    torch.testing.assert_close(s, reference["self"], rtol=1e-5, atol=0)
+    # projected: ĝ (Pᵀ H⁻¹ P) ĝᵀ, brute force from the exact gradients and an exact solve
+    attr = projected_index.attributor
+    brute = torch.zeros(N_TRAIN, dtype=torch.float64)
+    for p in projected_index.plans:
+        f = attr.factors[p.name]
+        H = f.gfim_sum / f.count + f.damping * torch.eye(p.dim, dtype=torch.float64)
+        P = projected_index.matrices[p.name].double()
+        M = P.T @ torch.linalg.solve(H, P)
+        gh = reference["g"][p.name] @ P
+        brute += ((gh @ M) * gh).sum(dim=(1, 2))
+    got = projected_index.self_scores()
+    assert ((got - brute).abs() <= 4 * 2.0 ** -11 * brute.abs() + 1e-4 * float(brute.abs().max())).all()
+    assert g_norm2.numel() == N_TRAIN
+
+
+def test_an_interrupted_build_resumes_to_the_same_index(tmp_path, data, monkeypatch, projected_index):
+    train, query = data
+    cfg = IndexConfig(proj_dim=24, rows_per_shard=7)
+    calls = {"n": 0}
+    real = persistence.files.crash_point
+
+    def crash(step: str) -> None:
+        if step == "index_shard_written":
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt("killed")
+        real(step)
+
+    monkeypatch.setattr(persistence.files, "crash_point", crash)
+    with pytest.raises(KeyboardInterrupt):
+        Index.build(model_(), batches(train, B), tmp_path / "i", config=cfg, checkpoint_every=2, progress=False)
+    with pytest.raises(ValueError, match="did not complete"):
+        Index.open(tmp_path / "i", model_())
+    monkeypatch.setattr(persistence.files, "crash_point", real)
+    seen = []
+
+    def counting():
+        for b in batches(train, B):
+            seen.append(int(b["index"][0]))
+            yield b
+
+    idx = Index.build(model_(), counting(), tmp_path / "i", config=cfg, checkpoint_every=2, progress=False)
+    assert torch.equal(idx.scores(batches(query, B)), projected_index.scores(batches(query, B)))
+    assert not (tmp_path / "i" / "fit").exists()
+    with pytest.raises(ValueError, match="already holds a complete index"):
+        Index.build(model_(), batches(train, B), tmp_path / "i", config=cfg, progress=False)
+
+
+def test_an_interrupted_build_with_other_settings_is_refused(tmp_path, data, monkeypatch):
+    train, _ = data
+    monkeypatch.setattr(persistence.files, "crash_point",
+                        lambda step: (_ for _ in ()).throw(KeyboardInterrupt()) if step == "index_shard_written" else None)
+    with pytest.raises(KeyboardInterrupt):
+        Index.build(model_(), batches(train, B), tmp_path / "i", config=IndexConfig(proj_dim=24, rows_per_shard=4),
+                    progress=False)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="other settings.*config"):
+        Index.build(model_(), batches(train, B), tmp_path / "i", config=IndexConfig(proj_dim=12), progress=False)
+
+
+def test_corrupt_truncated_and_missing_shards_are_named(tmp_path, data):
+    train, _ = data
+    Index.build(model_(), batches(train, B), tmp_path / "i", config=IndexConfig(proj_dim=24, rows_per_shard=8),
+                progress=False)
+    folder = tmp_path / "i" / "shards" / "rank-000"
+    manifest = json.loads((folder / "shards.json").read_text())
+    name = manifest["shards"][1]["name"]
+    values = folder / f"{name}.values.npy"
+    raw = bytearray(values.read_bytes())
+    raw[-3] ^= 0xFF
+    values.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"{name}.values.npy: checksum mismatch"):
+        Index.open(tmp_path / "i", model_())
+    Index.open(tmp_path / "i", model_(), verify=False)  # sizes still agree
+    values.write_bytes(bytes(raw[:-10]))
+    with pytest.raises(ValueError, match=f"{name}.values.npy: .* bytes, the manifest records"):
+        Index.open(tmp_path / "i", model_(), verify=False)
+    values.unlink()
+    with pytest.raises(ValueError, match=f"{name}.values.npy: missing"):
+        Index.open(tmp_path / "i", model_())
+
+
+def test_another_model_or_adapter_is_refused_naming_both(exact_index):
+    other_adapter = model_()
+    with torch.no_grad():
+        next(p for n, p in other_adapter.named_parameters() if "lora_A" in n).add_(0.1)
+    with pytest.raises(ValueError, match="adapter") as e:
+        Index.open(exact_index.directory, other_adapter)
+    assert str(exact_index.directory) in str(e.value)
+    other_base = model_()
+    with torch.no_grad():
+        next(p for n, p in other_base.named_parameters() if not p.requires_grad and p.dim() == 2).add_(0.1)
+    with pytest.raises(ValueError, match="base model with fingerprint [0-9a-f]+, but this model's base .* [0-9a-f]+"):
+        Index.open(exact_index.directory, other_base)
+
+
+def test_bad_settings_and_folders(tmp_path, data, exact_index):
+    train, _ = data
+    with pytest.raises(ValueError, match="proj_dim"):
+        IndexConfig(proj_dim=-1)
+    with pytest.raises(ValueError, match="store_dtype"):
+        IndexConfig(store_dtype="int8")
+    with pytest.raises(ValueError, match="method 'lissa'"):
+        Index.build(model_(), batches(train, B), tmp_path / "l", method="lissa", progress=False)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="a file"):
+        Index.build(model_(), batches(train, B), tmp_path / "f", progress=False)
+    with pytest.raises(ValueError, match="not a gradient index"):
+        Index.open(exact_index.directory / "factors", model_())
+    with pytest.raises(ValueError, match="exact_rerank: 2 candidates cannot re-rank a top 3"):
+        exact_index.query(batches(make_data(2, 5), B), top_k=3, exact_rerank=2, train_subset=lambda r: [])
+
+
+def test_sizes(exact_index, projected_index):
+    # values + one float32 scale per layer (9) + the int64 index
+    assert exact_index.bytes_per_example == pytest.approx(4 * (8 * 3 * 16 + 2 * 17) + 4 * 9 + 8)
+    assert projected_index.bytes_per_example == pytest.approx(2 * (8 * 3 * 8 + 2 * 12) + 4 * 9 + 8)
+    assert np.isclose(projected_index.meta["bytes_per_example"], projected_index.bytes_per_example)
