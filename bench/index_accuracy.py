@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.index_accuracy", description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
     p.add_argument("--proj-dims", default="0,4096,1024,256")
+    p.add_argument("--estimators", default="regression,unbiased", help="query-side estimators to measure")
     p.add_argument("--detect", action="store_true", help="flipped labels: mislabeled AUC instead of LDS")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -107,8 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     setting = {"model": args.model, "kind": "detect" if args.detect else "lds", "lds_config": json.loads(cfg.key())}
     if args.detect and not llm:
         cfg = replace(cfg, n_train=1000)
-    done = {r["proj_dim"] for r in _records() if r["setting"] == setting}
-    todo = [int(k) for k in args.proj_dims.split(",") if int(k) not in done]
+    # records before the estimator option existed measured the unbiased one; an exact index has no estimator
+    done = {(r["proj_dim"], "exact" if r["proj_dim"] == 0 else r.get("estimator", "unbiased"))
+            for r in _records() if r["setting"] == setting}
+    wanted = [(k, "exact" if k == 0 else e) for k in map(int, args.proj_dims.split(","))
+              for e in (args.estimators.split(",") if k else ["exact"])]
+    todo = [k for k in dict.fromkeys(k for k, _ in wanted) if any(w not in done for w in wanted if w[0] == k)]
     if not todo:
         print("[index] nothing to do: every proj_dim is recorded")
         return 0
@@ -122,7 +127,16 @@ def main(argv: list[str] | None = None) -> int:
         exp.data = prepare_data(exp.pcfg, causal=llm)
         exp.loaders = build_loaders(exp.pcfg, exp.data, load_tokenizer(model_dir(exp.pcfg)))
     t0 = time.perf_counter()
-    trained = exp.train(None)
+    # the full model is kept (its adapter) so that later runs of the same setting skip the fine-tune
+    saved = Path("/tmp/hyperinf-index-bench-models") / ("%s-%s" % (args.model, setting["kind"]))
+    if (saved / "adapter_config.json").exists():
+        from hyperinf_ext.app.tasks.pipeline import load_model, train_model
+
+        model = load_model(exp.pcfg, exp.data.num_labels, adapter=saved)
+        trained = train_model(exp.pcfg, model, exp.loaders.finetune, exp.loaders.evaluation, epochs=0)
+    else:
+        trained = exp.train(None)
+        trained.model.save_pretrained(str(saved))
     print(f"[index] {args.model}: full model in {time.perf_counter() - t0:.0f} s, val acc {trained.val['accuracy']:.3f}",
           flush=True)
     model, loaders = trained.model, exp.loaders
@@ -165,28 +179,31 @@ def main(argv: list[str] | None = None) -> int:
             idx = Index.build(model, loaders.influence_train, Path(tmp) / "idx", config=IndexConfig(proj_dim=K),
                               progress=False)
             build_seconds = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            S = idx.scores(loaders.influence_val).double().numpy()
-            query_seconds = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            top = idx.query(loaders.influence_val, top_k=10, exact_rerank=RERANK, train_subset=subset)
-            rerank_seconds = time.perf_counter() - t0
-            rec = {**base, "proj_dim": K, "store_dtype": idx.config.dtype, "bytes_per_example": idx.bytes_per_example,
-                   "float32_bytes_per_example": 4 * sum(p.rank * p.dim for p in idx.plans),
-                   "exact_layers": sum(p.exact for p in idx.plans), "layers": len(idx.plans),
-                   "build_seconds": build_seconds, "query_seconds": query_seconds, "rerank_seconds": rerank_seconds,
-                   "spearman": mean_spearman(S, exact), "recall10_at10": recall(exact, S, 10, 10),
-                   "recall10_at100": recall(exact, S, 10, 100), "recall10_rerank": rerank_recall(exact, top, 10),
-                   "self_spearman": spearman(idx.self_scores().numpy(), exact_self)}
-            if args.detect:
-                mean = idx.mean_scores(loaders.influence_val).double().numpy()
-                rec.update(auc_validation=roc_auc(mean, flipped), auc_self=roc_auc(idx.self_scores().numpy(), flipped),
-                           found10_validation=found_at(mean, flipped, 0.1))
-            else:
-                rec.update(lds=lds_of(S), lds_rerank=lds_of(hybrid(exact, S, RERANK)))
-        _append(rec)
-        print(f"[index] {args.model} K={K}: " + ", ".join(f"{k} {v:.4g}" for k, v in rec.items()
-                                                       if isinstance(v, float)), flush=True)
+            for est in [e for k, e in wanted if k == K and (k, e) not in done]:
+                idx.estimator = "regression" if est == "exact" else est  # no projected layer: either is exact
+                t0 = time.perf_counter()
+                S = idx.scores(loaders.influence_val).double().numpy()
+                query_seconds = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                top = idx.query(loaders.influence_val, top_k=10, exact_rerank=RERANK, train_subset=subset)
+                rerank_seconds = time.perf_counter() - t0
+                rec = {**base, "proj_dim": K, "estimator": est, "store_dtype": idx.config.dtype,
+                       "bytes_per_example": idx.bytes_per_example,
+                       "float32_bytes_per_example": 4 * sum(p.rank * p.dim for p in idx.plans),
+                       "exact_layers": sum(p.exact for p in idx.plans), "layers": len(idx.plans),
+                       "build_seconds": build_seconds, "query_seconds": query_seconds, "rerank_seconds": rerank_seconds,
+                       "spearman": mean_spearman(S, exact), "recall10_at10": recall(exact, S, 10, 10),
+                       "recall10_at100": recall(exact, S, 10, 100), "recall10_rerank": rerank_recall(exact, top, 10),
+                       "self_spearman": spearman(idx.self_scores().numpy(), exact_self)}
+                if args.detect:
+                    mean = idx.mean_scores(loaders.influence_val).double().numpy()
+                    rec.update(auc_validation=roc_auc(mean, flipped), auc_self=roc_auc(idx.self_scores().numpy(), flipped),
+                               found10_validation=found_at(mean, flipped, 0.1))
+                else:
+                    rec.update(lds=lds_of(S), lds_rerank=lds_of(hybrid(exact, S, RERANK)))
+                _append(rec)
+                print(f"[index] {args.model} K={K} {est}: " + ", ".join(
+                    f"{k} {v:.4g}" for k, v in rec.items() if isinstance(v, float)), flush=True)
     return 0
 
 

@@ -26,8 +26,8 @@ def _f(x, digits: int = 3) -> str:
 
 
 def accuracy_table(recs: list[dict], detect: bool) -> list[str]:
-    recs = sorted(recs, key=lambda r: (r["proj_dim"] != 0, -r["proj_dim"]))
-    head = ("| K per layer | stored as | bytes/example (vs float32 grads) | Spearman | recall@10 in top-10 | "
+    recs = sorted(recs, key=lambda r: (r["proj_dim"] != 0, -r["proj_dim"], r.get("estimator", "unbiased")))
+    head = ("| K per layer | estimator | stored as | bytes/example (vs float32 grads) | Spearman | recall@10 in top-10 | "
             "in top-100 | re-ranked top-10 (M=100) | self-infl. Spearman | "
             + ("val-signal AUC | self AUC |" if detect else "LDS | LDS re-ranked |")
             + " build s | query s (all queries) | re-rank s |")
@@ -36,7 +36,8 @@ def accuracy_table(recs: list[dict], detect: bool) -> list[str]:
         ratio = r["float32_bytes_per_example"] / r["bytes_per_example"]
         tail = (f"{_f(r['auc_validation'])} | {_f(r['auc_self'])} |" if detect
                 else f"{_f(r['lds'])} | {_f(r['lds_rerank'])} |")
-        lines.append(f"| {_k(r)} | {r['store_dtype']}, {r['layers'] - r['exact_layers']}/{r['layers']} layers projected | "
+        est = "—" if r["proj_dim"] == 0 else r.get("estimator", "unbiased")
+        lines.append(f"| {_k(r)} | {est} | {r['store_dtype']}, {r['layers'] - r['exact_layers']}/{r['layers']} layers projected | "
                      f"{r['bytes_per_example']:,.0f} ({ratio:.1f}× smaller) | {_f(r['spearman'], 4)} | "
                      f"{_f(r['recall10_at10'])} | {_f(r['recall10_at100'])} | {_f(r['recall10_rerank'])} | "
                      f"{_f(r['self_spearman'], 4)} | {tail} {r['build_seconds']:.0f} | {r['query_seconds']:.1f} | "
@@ -54,7 +55,9 @@ def write_report() -> str:
            "model. K = numbers kept per LoRA layer and example (k = K/r columns of the d side; a layer with k ≥ d is "
            "stored unprojected in float16). Recall = share of the exact top-10 (most harmful and most helpful, "
            "averaged) found in the index's top-10 / top-100; re-ranked = `query(top_k=10, exact_rerank=100)`. "
-           "LDS uses the subset models of the LDS harness (bench/LDS.md, bench/LDS_LLM.md) for the same seed.", ""]
+           "LDS uses the subset models of the LDS harness (bench/LDS.md, bench/LDS_LLM.md) for the same seed. "
+           "Estimator: `unbiased` dots the stored g·P with q̃·P; `regression` (the default) with q̃·G·P·(PᵀGP)⁻¹, "
+           "the least-squares map given the training gradients' GFIM G (same stored rows, docs/index.md).", ""]
     for model, title in (("minilm", "Embedded classifier (all-MiniLM-L6-v2 + LoRA r=8, Rotten Tomatoes)"),
                          ("smollm2", "Embedded LLM (SmolLM2-135M-Instruct + LoRA r=8 on q/v, sentiment instructions)")):
         for kind in ("lds", "detect"):

@@ -216,10 +216,16 @@ class PerSampleGradients:
             for cap in self._captures:
                 layer = cap.layer
                 g = cap.grad
+                if g is not None and n == 1 and g.shape[0] != 1 and g.shape[1:] == (layer.rank, layer.dim):
+                    # one example: every row of the layer input is its own (the images, tiles or flattened
+                    # patches a vision tower or projector of a vision-language model sees)
+                    g = g.sum(0, keepdim=True)
                 if g is not None and g.shape != (n, layer.rank, layer.dim):
                     raise RuntimeError(
                         f"{layer.name}: per-sample gradient has shape {tuple(g.shape)}, expected "
-                        f"{(n, layer.rank, layer.dim)}; the batch axis of the layer input must match the losses"
+                        f"{(n, layer.rank, layer.dim)}; the batch axis of the layer input must match the losses "
+                        "(a vision-language model's vision tower or projector sees one row per image or tile: "
+                        "give it batches of one example, or of examples with one image each)"
                     )
                 if cap.out is not None:
                     if tuple(cap.out.shape) != (n, layer.rank, layer.dim):

@@ -23,8 +23,11 @@ __all__ = [
 
 #: Batch keys forwarded to the model by :func:`model_inputs`, in the influence passes and in fine-tuning
 #: and evaluation (:mod:`hyperinf_ext.app.models.training`) alike: the token keys our Collator makes
-#: (:data:`hyperinf_ext.app.data.batching.TOKEN_KEYS`) plus what other loaders may carry for the model.
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+#: (:data:`hyperinf_ext.app.data.batching.TOKEN_KEYS`) plus what other loaders may carry for the model, and
+#: the image inputs of vision-language models (what their processors give: LLaVA ``pixel_values``,
+#: Idefics3/SmolVLM ``pixel_attention_mask``, LLaVA-NeXT ``image_sizes``, Qwen2-VL ``image_grid_thw``).
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds",
+                    "pixel_values", "pixel_attention_mask", "image_sizes", "image_grid_thw")
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], Tensor]
 
@@ -45,9 +48,9 @@ class ExampleError(ValueError):
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     """The entries of ``batch`` a transformers model accepts as inputs.
 
-    Returns the present, non-``None`` entries among ``input_ids``,
-    ``attention_mask``, ``token_type_ids``, ``position_ids`` and
-    ``inputs_embeds``; ``labels``, ``index`` and anything else are dropped.
+    Returns the present, non-``None`` entries of :data:`MODEL_INPUT_KEYS` (``input_ids``,
+    ``attention_mask``, ``token_type_ids``, ``position_ids``, ``inputs_embeds`` and a VLM's image
+    inputs); ``labels``, ``index`` and anything else are dropped.
     """
     return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch and batch[k] is not None}
 

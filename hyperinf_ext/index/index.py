@@ -57,7 +57,14 @@ class Index(Search):
     """
 
     def __init__(self, directory: Path, attributor: HyperINF, plans: list[LayerPlan],
-                 matrices: dict[str, torch.Tensor], shards: list[store.Shard], meta: dict):
+                 matrices: dict[str, torch.Tensor], shards: list[store.Shard], meta: dict,
+                 estimator: str = "regression"):
+        if estimator not in projection.ESTIMATORS:
+            raise ValueError(f"estimator: expected one of {projection.ESTIMATORS}, got {estimator!r}")
+        self.estimator = estimator
+        """How a projected layer's score is estimated from the stored g·P: ``regression`` (least squares
+        given the training gradients' GFIM: q̃·G·P·(PᵀGP)⁻¹, the default) or ``unbiased`` (q̃·P)."""
+        self._maps: dict[str, torch.Tensor] | None = None
         self.directory, self.attributor, self.plans = directory, attributor, plans
         self.matrices, self.shards, self.meta = matrices, shards, meta
         self.config = IndexConfig(**meta["config"])
@@ -71,7 +78,7 @@ class Index(Search):
     def build(cls, model: torch.nn.Module, train_loader: Iterable, directory: str | Path, *,
               config: IndexConfig | None = None, train_fingerprint: str | None = None,
               checkpoint_every: int = 50, loss_fn: Callable | None = None, progress: bool = True,
-              **hyperinf_options: Any) -> "Index":
+              estimator: str = "regression", **hyperinf_options: Any) -> "Index":
         """Fit HyperINF on ``train_loader`` and store its compressed training gradients in ``directory``.
 
         One pass over the data: per batch the per-sample gradients go into the GFIM sums and, projected
@@ -80,7 +87,7 @@ class Index(Search):
         finished shards are kept, nothing half-written is read).  Under torchrun every rank streams its
         shard of the loader and writes its own store folder; the index is their union.
         ``hyperinf_options`` go to ``HyperINF`` (method, damping, dtype, layers, ...); ``cache`` is
-        not one (the store replaces it).  ``train_fingerprint``: the caller's fingerprint of the
+        not one (the store replaces it).  ``estimator``: see :meth:`open`.  ``train_fingerprint``: the caller's fingerprint of the
         training data (the CLI's: the file's SHA-256 and reading settings), recorded and reported.
         """
         config = config or IndexConfig()
@@ -136,19 +143,20 @@ class Index(Search):
             _write_meta(d, meta)
             shutil.rmtree(d / "fit", ignore_errors=True)
         _barrier()
-        return cls.open(d, model, loss_fn=loss_fn, progress=progress, verify=False)
+        return cls.open(d, model, loss_fn=loss_fn, progress=progress, verify=False, estimator=estimator)
 
     # ------------------------------------------------------------------------------------------- open
 
     @classmethod
     def open(cls, directory: str | Path, model: torch.nn.Module, *, loss_fn: Callable | None = None,
-             progress: bool = True, verify: bool = True) -> "Index":
+             progress: bool = True, verify: bool = True, estimator: str = "regression") -> "Index":
         """Open a built index for ``model`` (the base and adapter it was built with).
 
         ``ValueError`` naming the directory when it holds no index or an incomplete build (run the build
         again to resume), when ``model``'s base or adapter weights differ from the ones the index was
         built with (both fingerprints named), or when a shard is missing, truncated or — with ``verify``
-        (SHA-256 of every shard file, about 1 s per GB) — corrupt.
+        (SHA-256 of every shard file, about 1 s per GB) — corrupt.  ``estimator``: see
+        :attr:`estimator` (it changes only the query side; the stored rows are the same).
         """
         d = Path(directory)
         kinds.require_kind(d, (kinds.INDEX,), "a gradient index")
@@ -176,7 +184,7 @@ class Index(Search):
                                              if meta["config"]["store_dtype"] != "auto"
                                              else IndexConfig(**meta["config"]).dtype, verify=verify)]
         _check_coverage(d, shards, int(meta["n_train"]))
-        return cls(d, attr, plans, matrices, shards, meta)
+        return cls(d, attr, plans, matrices, shards, meta, estimator)
 
     # ------------------------------------------------------------------------------------------ sizes
 

@@ -82,15 +82,41 @@ def identity(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     return torch.eye(dim, dtype=dtype, device=device)
 
 
-def project_rows(plans: list[LayerPlan], matrices: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+ESTIMATORS = ("regression", "unbiased")
+
+
+def regression_map(P: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """W = G·P·(Pᵀ·G·P)⁻¹ [d, k] float64: the query-side map of the least-squares estimator.
+
+    Among all z, ``⟨z, g·P⟩`` with z = q̃·W has the least mean squared error against ``⟨q̃, g⟩`` over
+    gradients g whose second moment is G (the training gradients' own GFIM, (1/n)·Σ gᵀg), for every query
+    q̃: minimising (zPᵀ − q̃)·G·(zPᵀ − q̃)ᵀ gives z = q̃·G·P·(PᵀGP)⁻¹.  Its error is the part of G that
+    span(P) misses, (q̃)(G − GP(PᵀGP)⁻¹PᵀG)(q̃)ᵀ, which is small when the gradients concentrate in
+    fewer than k directions; the unbiased map P has error ∝ ‖q̃‖²·tr(G)/k whatever the spectrum.
+    A relative ridge of 1e-12·tr(PᵀGP)/k keeps a rank-deficient PᵀGP invertible.
+    """
+    P64, G64 = P.to(torch.float64), G.to(torch.float64)
+    GP = G64 @ P64
+    A = P64.T @ GP
+    A = (A + A.T) / 2
+    ridge = 1e-12 * float(A.diagonal().sum()) / A.shape[0] + torch.finfo(torch.float64).tiny
+    A.diagonal().add_(ridge)
+    L = torch.linalg.cholesky(A)
+    return torch.cholesky_solve(GP.T, L).T  # (A⁻¹ (GP)ᵀ)ᵀ = GP A⁻¹ since A is symmetric
+
+
+def project_rows(plans: list[LayerPlan], maps: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
                  dtype: torch.dtype) -> torch.Tensor:
-    """The stored-row form of (preconditioned) query gradients: [Q, Σ r·k] in ``dtype`` (float32/64),
-    projected with the same matrices as the training rows and never quantized."""
+    """The stored-row form of preconditioned query gradients: [Q, Σ r·k] in ``dtype`` (float32/64): each
+    layer's q̃ [Q, r, d] times its query map [d, k] (P for the unbiased estimator, :func:`regression_map`
+    for the least-squares one; none for an exact layer), never quantized."""
     parts = []
     for p in plans:
         g = grads[p.name]
-        P = matrices[p.name].to(dtype=dtype, device=g.device) if not p.exact else identity(p.dim, dtype, g.device)
-        parts.append(ops.project(g, P).reshape(g.shape[0], -1))
+        if p.exact:
+            parts.append(g.to(dtype).reshape(g.shape[0], -1))
+            continue
+        parts.append(ops.project(g, maps[p.name].to(dtype=dtype, device=g.device)).reshape(g.shape[0], -1))
     return torch.cat(parts, dim=1)
 
 

@@ -32,8 +32,17 @@ class Search:
     def _projected(self, queries: Iterable | QueryGradients) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """(query index [Q] sorted, preconditioned gradients {layer: [Q, r, d]}, stored-row form [Q, W])."""
         index, qt = self.attributor.precondition(queries)
-        rows = projection.project_rows(self.plans, self.matrices, qt, self.attributor.fdtype)
+        rows = projection.project_rows(self.plans, self._query_maps(), qt, self.attributor.fdtype)
         return index, qt, rows.to(self._work_dtype()).cpu()
+
+    def _query_maps(self) -> dict[str, torch.Tensor]:
+        """Per projected layer, the [d, k] map of a preconditioned query onto the stored rows (``estimator``)."""
+        if self.estimator == "unbiased":
+            return self.matrices
+        if self._maps is None:
+            f = self.attributor.factors
+            self._maps = {n: projection.regression_map(P, f[n].gfim) for n, P in self.matrices.items()}
+        return self._maps
 
     def _stream(self, rows: torch.Tensor, take: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
         """−rows · storedᵀ for every stored block: ``take(block [Q, b], index [b])``."""

@@ -13,6 +13,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from hyperinf_ext.app.cli import main  # noqa: E402
+from test_html_report import parse, sections_by_title  # noqa: E402
 from tiny_llm import make_tiny_llama, make_tokenizer, sentiment_rows, write_instructions  # noqa: E402
 
 FAST = ["--no-progress", "--threads", "1"]
@@ -104,6 +105,27 @@ def test_audit_writes_the_users_rows_in_rank_order_with_hyperinf_scores(llm, tmp
     assert ("POSITIVE" in summary["sign_convention"]) == with_target
     assert summary["finetune"]["epochs"] == 0 and not (out / ".checkpoint").exists()
     assert "# Training-data audit" in (out / "report.md").read_text()
+    check_report_html(out, summary, ranked, by_id, signal, printed)
+
+
+def check_report_html(out, summary, ranked, by_id, signal, printed):
+    """report.html: the settings, the signal, every example in rank order with its file line, texts and a score bar."""
+    assert summary["outputs"]["html"] == str(out / "report.html") and str(out / "report.html") in printed
+    doc = parse((out / "report.html").read_text(encoding="utf-8"))
+    sections = sections_by_title(doc)
+    assert list(sections)[:3] == ["Settings", "Signal", "Training examples, most suspicious first"]
+    assert signal in sections["Signal"].content() and summary["signal_meaning"] in sections["Signal"].content()
+    table = sections["Training examples, most suspicious first"].all("table")[0]
+    assert "sortable" in table.attrs["class"]
+    assert [h.content() for h in table.all("th")] == ["rank", "line", "prompt", "response", signal]
+    rows = table.all("tbody")[0].all("tr")
+    assert len(rows) == len(ranked) and len(table.all("span", "bar")) == len(ranked)
+    lines = {r["id"]: i + 1 for i, r in enumerate(by_id.values())}  # JSONL: the file line
+    for row, r in zip(rows, ranked):
+        cells = row.all("td")
+        assert [int(cells[0].content()), int(cells[1].content())] == [r["rank"], lines[r["id"]]]
+        assert cells[2].content() == r["prompt"] and cells[3].content() == r["response"]
+        assert float(cells[4].attrs["data-v"]) == r[signal]
 
 
 def _bert_folder(path, num_labels=None):
@@ -118,7 +140,10 @@ def _bert_folder(path, num_labels=None):
     return path
 
 
-def test_audit_a_classifier_csv_keeps_every_column_and_names_skipped_lines(tmp_path, capsys):
+def test_audit_a_classifier_csv_keeps_every_column_and_names_skipped_lines(tmp_path, capsys, monkeypatch):
+    from hyperinf_ext.app.tasks import user_report
+
+    monkeypatch.setattr(user_report, "MAX_ROWS", 10)  # report.html shows the first MAX_ROWS (1,000) rows
     folder = _bert_folder(tmp_path / "bert")
     train = tmp_path / "train.csv"
     with open(train, "w", newline="", encoding="utf-8") as f:
@@ -144,6 +169,12 @@ def test_audit_a_classifier_csv_keeps_every_column_and_names_skipped_lines(tmp_p
     assert scores == sorted(scores, reverse=True) and all(s >= 0 for s in scores)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finetune"]["epochs"] == 1 and summary["notes"]
+    (table,) = [s for t, s in sections_by_title(parse((out / "report.html").read_text())).items()
+                if t.startswith("Training examples")]
+    assert "The first 10 of 14 examples are shown; ranked.csv has every one" in table.content()
+    rows = table.all("tbody")[0].all("tr")
+    assert [r.all("td")[2].content() for r in rows] == [r["text"] for r in ranked[:10]]
+    assert [h.content() for h in table.all("th")][2:4] == ["text", "label"]
 
 
 def test_an_interrupted_fit_resumes_to_the_same_scores(llm, tmp_path, monkeypatch, capsys):
@@ -324,3 +355,61 @@ def test_classifier_labels_outside_the_head_and_unknown_target_labels(tmp_path, 
     err = _error(capsys, ["audit", "--model", str(llama), "--adapter", str(head), "--train", str(jsonl),
                           "--out", str(tmp_path / "o"), *FAST])
     assert "task_type SEQ_CLS" in err and "causal LM" in err
+
+
+# ------------------------------------------------------------------------------ --index
+
+
+@pytest.fixture(scope="module")
+def exact_index(llm):
+    """An exact index (--proj-dim 0: float32 gradients) of the training file with the adapter."""
+    folder, adapter, train, _ = llm
+    idx = train.parent / "index-exact"
+    assert main(["index", "build", "--model", str(folder), "--adapter", str(adapter), "--train", str(train),
+                 "--proj-dim", "0", "--out", str(idx), *FAST]) == 0
+    return idx
+
+
+@pytest.mark.parametrize("with_target", [True, False])
+def test_audit_from_an_exact_index_equals_the_audit_without(llm, exact_index, tmp_path, capsys, with_target):
+    folder, adapter, train, target = llm
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["audit", "--index", str(exact_index), *(["--target", str(target)] if with_target else []),
+                 *(["--train", str(train)] if with_target else []), "--out", str(out), *FAST]) == 0, \
+        capsys.readouterr().err
+    assert f"index {exact_index}: scores from the index, exact" in capsys.readouterr().out
+    signal = "influence_score" if with_target else "self_influence"
+    ranked = read_jsonl(out / "ranked.jsonl")
+    expected = direct_scores(folder, adapter, train, target if with_target else None)
+    # the same ranking as without --index; scores to float32 rounding of the stored gradients
+    assert [int(r["id"][2:]) for r in ranked] == sorted(range(24), key=lambda i: (-expected[i], i))
+    top = max(abs(v) for v in expected)
+    for r in ranked:
+        assert r[signal] == pytest.approx(expected[int(r["id"][2:])], rel=1e-5, abs=1e-6 * top)
+    assert {k: v for k, v in ranked[0].items() if k not in ("rank", signal)} in read_jsonl(train)
+    summary = json.loads((out / "summary.json").read_text())
+    index = summary["index"]
+    assert index["path"] == str(exact_index) and index["proj_dim"] == 0 and index["projected"] is False
+    assert index["scores"].startswith("from the index, exact") and summary["train"] == str(train.resolve())
+    assert summary["finetune"]["epochs"] == 0 and summary["finetune"]["adapter"] == str(exact_index / "adapter")
+    assert "checkpoint" not in summary and not (out / ".checkpoint").exists()
+    assert sections_by_title(parse((out / "report.html").read_text()))["Training examples, most suspicious first"]
+
+
+def test_audit_index_refusals(llm, exact_index, tmp_path, capsys, no_model_work):
+    folder, adapter, train, target = llm
+    base = ["audit", "--out", str(tmp_path / "o"), *FAST]
+    other = write_instructions(tmp_path / "other.jsonl", sentiment_rows(5, seed=9))
+    cases = [
+        (["--index", str(exact_index), "--model", str(folder)], "--model: not with --index"),
+        (["--index", str(exact_index), "--adapter", str(adapter)], "--adapter: not with --index"),
+        (["--index", str(exact_index), "--epochs", "1"], "--epochs: not with --index"),
+        (["--index", str(exact_index), "--method", "datainf"], "--method: not with --index"),
+        (["--index", str(exact_index), "--train", str(other)], f"--train {other}: not the file the index"),
+        (["--index", str(tmp_path)], f"--index {tmp_path}: not an index built by `hyperinf-ext index build`"),
+        ([], "--train: a file is required (or --index IDX)"),
+    ]
+    for argv, message in cases:
+        err = _error(capsys, [*base, *argv])
+        assert message in err, (argv, err)

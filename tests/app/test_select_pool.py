@@ -14,6 +14,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from hyperinf_ext.app.cli import main  # noqa: E402
+from test_html_report import parse, sections_by_title  # noqa: E402
 from tiny_llm import make_tiny_llama, make_tokenizer, sentiment_rows, write_instructions  # noqa: E402
 
 FAST = ["--no-progress", "--threads", "1"]
@@ -108,6 +109,36 @@ def test_select_on_a_classifier_keeps_the_fraction_class_balanced_in_pool_order(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_selected"] == 8 and summary["rule"] == "class-balanced" and summary["warmup"]["n_examples"] == 0
     assert "NEGATIVE = helpful" in summary["signal"] and not (out / ".checkpoint").exists()
+    check_report_html(out, summary, scores, original, text_key="text", answer_key="label")
+
+
+def check_report_html(out, summary, scores, original, *, text_key, answer_key):
+    """report.html: settings, the rule and count, every pool row by score with its selected flag, the evaluation."""
+    assert summary["outputs"]["html"] == str(out / "report.html")
+    doc = parse((out / "report.html").read_text(encoding="utf-8"))
+    sections = sections_by_title(doc)
+    assert list(sections)[:3] == ["Settings", "Rule", "Every pool example, most helpful first"]
+    assert summary["rule"] in sections["Rule"].content()
+    assert f"{summary['n_selected']} of {summary['n_pool']} kept" in sections["Rule"].content()
+    table = sections["Every pool example, most helpful first"].all("table")[0]
+    assert [h.content() for h in table.all("th")] == ["line", text_key, answer_key, "influence_score", "selected"]
+    rows = [r.all("td") for r in table.all("tbody")[0].all("tr")]
+    by_line = {int(s["line"]): s for s in scores}
+    assert len(rows) == len(scores) and len(table.all("span", "bar")) == len(scores)
+    shown = [float(r[3].attrs["data-v"]) for r in rows]
+    assert shown == sorted(shown)  # most helpful (most negative) first
+    for r in rows:
+        line = int(r[0].content())
+        assert float(r[3].attrs["data-v"]) == float(by_line[line]["influence_score"])
+        assert (r[4].content() == "selected") == (by_line[line]["selected"] == "1")
+        assert r[1].content() == original[line - 2 if text_key == "text" else line - 1][text_key]
+    evaluation = [s for t, s in sections.items() if t.startswith("Evaluation")]
+    assert len(evaluation) == (1 if summary["evaluation"] else 0)
+    if evaluation:
+        cells = [r.all("td") for r in evaluation[0].all("tbody")[0].all("tr")]
+        assert [c[0].content() for c in cells] == ["selected (influence)", "random subset"]
+        assert [float(c[2].attrs["data-v"]) for c in cells] == [summary["evaluation"][k]["val_loss"]
+                                                                for k in ("selected", "random")]
 
 
 def test_select_warms_up_on_part_of_the_pool_and_keeps_lines_byte_for_byte(llm, tmp_path, capsys):
@@ -129,6 +160,10 @@ def test_select_warms_up_on_part_of_the_pool_and_keeps_lines_byte_for_byte(llm, 
     assert summary["rule"] == "class-balanced"  # two distinct answers: labels
     ev = summary["evaluation"]
     assert ev["n_examples"] == 7 and all(ev[k]["val_loss"] > 0 for k in ("selected", "random"))
+    with open(out / "scores.csv", newline="") as f:
+        scores = list(csv.DictReader(f))
+    original = [json.loads(line) for line in lines]
+    check_report_html(out, summary, scores, original, text_key="prompt", answer_key="response")
 
 
 def test_select_without_labels_uses_the_measured_rule(llm, tmp_path, capsys):
@@ -162,3 +197,66 @@ def test_select_bad_sizes_are_refused_before_any_work(llm, tmp_path, capsys, mon
                  "--out", str(tmp_path / "o"), *FAST])
     err = capsys.readouterr().err
     assert code == 2 and all(w in err for w in words), err
+
+
+# ------------------------------------------------------------------------------ --index
+
+
+@pytest.fixture(scope="module")
+def bert_index(bert):
+    folder, adapter, pool, _ = bert
+    idx = pool.parent / "index-exact"
+    assert main(["index", "build", "--model", str(folder), "--adapter", str(adapter), "--train", str(pool),
+                 "--proj-dim", "0", "--out", str(idx), *FAST]) == 0
+    return idx
+
+
+def _scores(out):
+    with open(out / "scores.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_select_from_an_exact_index_equals_the_select_without(bert, bert_index, tmp_path, capsys):
+    folder, adapter, pool, target = bert
+    plain, indexed = tmp_path / "plain", tmp_path / "indexed"
+    assert main(["select", "--model", str(folder), "--adapter", str(adapter), "--pool", str(pool), "--target",
+                 str(target), "--fraction", "0.25", "--out", str(plain), *FAST]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["select", "--index", str(bert_index), "--target", str(target), "--fraction", "0.25", "--evaluate",
+                 "--epochs", "1", "--out", str(indexed), *FAST]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert f"index {bert_index}: scores from the index, exact" in printed and "evaluation: fresh LoRA" in printed
+    a, b = _scores(plain), _scores(indexed)
+    assert [r["line"] for r in a] == [r["line"] for r in b]
+    assert [r["selected"] for r in a] == [r["selected"] for r in b]  # the same selection
+    top = max(abs(float(r["influence_score"])) for r in a)
+    for x, y in zip(a, b):
+        assert float(y["influence_score"]) == pytest.approx(float(x["influence_score"]), rel=1e-5, abs=1e-6 * top)
+    assert (indexed / "selected.csv").read_bytes() == (plain / "selected.csv").read_bytes()
+    summary = json.loads((indexed / "summary.json").read_text())
+    assert summary["index"]["proj_dim"] == 0 and summary["index"]["projected"] is False
+    assert summary["warmup"]["n_examples"] == 0 and summary["pool"] == str(pool.resolve())
+    assert summary["evaluation"]["n_examples"] == 8 and summary["evaluation"]["epochs"] == 1
+    with open(pool, newline="", encoding="utf-8") as f:
+        original = list(csv.DictReader(f))
+    check_report_html(indexed, summary, b, original, text_key="text", answer_key="label")
+
+
+def test_select_index_refusals(bert, bert_index, tmp_path, capsys, monkeypatch):
+    from hyperinf_ext.app.tasks import user_run
+
+    monkeypatch.setattr(user_run, "load_model", lambda *a, **k: pytest.fail("model loaded before the checks"))
+    folder, adapter, pool, target = bert
+    base = ["select", "--index", str(bert_index), "--target", str(target), "--out", str(tmp_path / "o"), *FAST]
+    cases = [
+        (["--count", "3", "--model", str(folder)], "--model: not with --index"),
+        (["--count", "3", "--adapter", str(adapter)], "--adapter: not with --index"),
+        (["--count", "3", "--pool", str(target)], f"--pool {target}: not the file the index"),
+        (["--count", "3", "--epochs", "2"], "--epochs: with --index only for --evaluate"),
+        (["--count", "33"], "--count 33: the pool of the index"),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        code = main([*base, *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, (argv, err)

@@ -21,13 +21,11 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from hyperinf_ext import HyperINF  # noqa: E402
-from hyperinf_ext.attributor.tokens import TokenScoring  # noqa: E402
 from hyperinf_ext.capture import default_loss_fn  # noqa: E402
 from tiny_llm import make_tokenizer  # noqa: E402
 
 
-class _H(TokenScoring, HyperINF):
-    """HyperINF with the per-token mixin (until the lead adds it to HyperINF's bases)."""
+_H = HyperINF  # token_scores is HyperINF's (the TokenScoring mixin)
 
 
 PROMPTS = ["is the sentiment of this review positive or negative review a great film",

@@ -215,7 +215,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
         prompt_column=args.prompt_column, response_column=args.response_column, max_length=args.max_length,
         model=args.model, adapter=args.adapter, epochs=args.epochs, rank=args.rank, alpha=args.alpha, lr=args.lr,
         batch_size=args.batch_size, device=args.device, top_k=args.top_k, method=method, damping=damping,
-        seed=args.seed, progress=not args.no_progress, out=args.out,
+        per_token=args.per_token, seed=args.seed, progress=not args.no_progress, out=args.out,
     )
     return _run_task(args, cfg, run_attribute, attribute_table)
 
@@ -228,13 +228,16 @@ def _user_kwargs(args: argparse.Namespace) -> dict:
         model=args.model, adapter=args.adapter, epochs=args.epochs, rank=args.rank, alpha=args.alpha, lr=args.lr,
         batch_size=args.batch_size, device=args.device, method=args.method, damping=args.damping,
         checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.no_progress, out=args.out,
+        index=args.index,
     )
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     from ..tasks.audit import AuditConfig, audit_table, run_audit
 
-    return _run_task(args, AuditConfig(train=args.train, **_user_kwargs(args)), run_audit, audit_table)
+    cfg = AuditConfig(train=args.train, per_token=args.per_token, per_token_count=args.per_token_count,
+                      **_user_kwargs(args))
+    return _run_task(args, cfg, run_audit, audit_table)
 
 
 def _cmd_select_pool(args: argparse.Namespace) -> int:
@@ -275,6 +278,9 @@ def _attribute_from_index(args: argparse.Namespace) -> int:
              if v is not None]
     if given:
         raise ValueError(f"{given[0]}: not with --index (the index holds the model, adapter and fitted factors)")
+    if args.per_token:
+        raise ValueError("--per-token: not with --index in attribute (run it without --index; audit --index "
+                         "--per-token works)")
     if args.train is not None:
         t.check_index_train(args.index, args.train)
     cfg = t.IndexQueryConfig(index=args.index, query=args.query, top_k=args.top_k, device=args.device,
@@ -302,7 +308,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         return 0
     cfg = t.IndexQueryConfig(index=args.index, query=args.query, top_k=args.top_k, exact_rerank=args.exact_rerank,
                              device=args.device, progress=not args.no_progress, verify=not args.no_verify,
-                             out=args.out)
+                             estimator=args.estimator, out=args.out)
     return _run_task(args, cfg, t.run_index_query, t.index_query_table)
 
 

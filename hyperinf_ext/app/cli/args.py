@@ -144,6 +144,9 @@ def _add_attribute(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", metavar="K", type=int, default=10, help="examples per query and side (default: 10)")
     g.add_argument("--method", metavar="NAME", default="hyperinf", help="influence method (default: hyperinf)")
     g.add_argument("--damping", metavar="VALUE", default="auto", help="damping (default: auto)")
+    g.add_argument("--per-token", action="store_true",
+                   help="causal LMs: also split every kept pair's score over the query's and the training example's "
+                        "response tokens (tokens.jsonl, heatmaps in report.html); not with --index")
     _add_common(p, out="hyperinf-out/attribute")
 
 
@@ -167,23 +170,40 @@ def _add_user_model(p: argparse.ArgumentParser, *, epochs_help: str) -> None:
                         "same arguments resumes (default: 50)")
 
 
+def _add_index_option(g: argparse._ArgumentGroup, file_option: str) -> None:
+    g.add_argument("--index", metavar="IDX", type=Path, default=None,
+                   help="score from a gradient index (`hyperinf-ext index build`) instead of fitting: the model, "
+                        f"adapter and training file are the index's ({file_option} is optional and must be that file; "
+                        "--model, --adapter, --method and --damping are refused)")
+
+
 def _add_audit(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--train", metavar="FILE", type=Path, required=True,
-                   help="the training file to audit (CSV or JSONL: text/label, or prompt/response or messages)")
+    g.add_argument("--train", metavar="FILE", type=Path, default=None,
+                   help="the training file to audit (CSV or JSONL: text/label, or prompt/response or messages); "
+                        "required unless --index is given")
     g.add_argument("--target", metavar="FILE", type=Path, default=None,
                    help="trusted examples, same format: rank by influence on their mean loss (default: none, rank "
                         "by self-influence)")
+    _add_index_option(g, "--train")
     _add_columns(g)
     _add_user_model(p, epochs_help="fine-tuning epochs on the training file first (default: 3, or 0 with --adapter)")
+    g = p.add_argument_group("per-token attribution")
+    g.add_argument("--per-token", action="store_true",
+                   help="causal LMs: also split the scores of the most suspicious examples over their response "
+                        "tokens (tokens.jsonl, heatmaps in report.html)")
+    g.add_argument("--per-token-count", metavar="N", type=int, default=20,
+                   help="with --per-token: how many of the most suspicious examples (default: 20)")
     _add_common(p, out="hyperinf-out/audit")
 
 
 def _add_select_pool(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--pool", metavar="FILE", type=Path, required=True, help="candidate examples (CSV or JSONL)")
+    g.add_argument("--pool", metavar="FILE", type=Path, default=None,
+                   help="candidate examples (CSV or JSONL); required unless --index is given")
     g.add_argument("--target", metavar="FILE", type=Path, required=True,
                    help="examples of the task the selection should serve, same format")
+    _add_index_option(g, "--pool")
     _add_columns(g)
     g = p.add_argument_group("selection")
     size = g.add_mutually_exclusive_group(required=True)
@@ -215,15 +235,17 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] 
     "audit": (
         "rank your training examples by suspicion",
         "Rank every example of --train by influence on the mean loss of --target (or by self-influence without "
-        "one). Without --adapter a LoRA is fine-tuned on --train first. Writes ranked.jsonl/.csv (your rows "
-        "unchanged plus rank and score, most suspicious first), report.md and summary.json.",
+        "one). Without --adapter a LoRA is fine-tuned on --train first; --index IDX scores from a gradient index "
+        "instead. Writes ranked.jsonl/.csv (your rows unchanged plus rank and score, most suspicious first), "
+        "report.md, report.html and summary.json (and tokens.jsonl with --per-token).",
         _add_audit,
     ),
     "select": (
         "keep the part of your pool that serves your target task",
         "LESS: warm up a LoRA on a small random part of --pool (or use --adapter), score every pool example by "
         "influence on the mean loss of --target and keep --count/--fraction by the selection rule. Writes "
-        "selected.jsonl/.csv (your rows unchanged, pool order), scores.csv, report.md and summary.json.",
+        "selected.jsonl/.csv (your rows unchanged, pool order), scores.csv, report.md, report.html and "
+        "summary.json. --index IDX scores the index's training file from a gradient index, without a warm-up.",
         _add_select_pool,
     ),
     "detect-mislabeled": (
@@ -243,7 +265,8 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] 
         "per query, the training examples that most helped and most harmed its answer",
         "Fit HyperINF on the training file and write, for every query, the top-k most helpful and "
         "most harmful training examples with their texts and scores: attribution.jsonl, report.md, "
-        "summary.json. Uses --adapter as given; fine-tunes only with --epochs N.",
+        "report.html, summary.json (and tokens.jsonl with --per-token). Uses --adapter as given; fine-tunes only "
+        "with --epochs N.",
         _add_attribute,
     ),
     "convergence": (

@@ -47,6 +47,9 @@ def add_index(p: argparse.ArgumentParser, add_model: Callable, add_columns: Call
     q.add_argument("--exact-rerank", metavar="M", type=int, default=0,
                    help="re-score the best M candidates per query and side exactly from the training file (which must "
                         "be unchanged) and re-rank (default: 0, the index's scores)")
+    q.add_argument("--estimator", choices=("regression", "unbiased"), default="regression",
+                   help="how a projected layer's score is estimated from the stored rows: least squares given the "
+                        "training gradients' GFIM (regression) or the plain projected product (default: regression)")
     q.add_argument("--no-verify", action="store_true",
                    help="skip the SHA-256 check of the shard files on open (sizes are still checked)")
     q.add_argument("--device", metavar="DEV", default="cpu", help="cpu or cuda[:N] (default: cpu)")

@@ -176,6 +176,10 @@ def make_loader(
     The loader exposes ``loader.token_lengths`` (list of int, per dataset
     index) for callers that want padding statistics.
     """
+    own = getattr(ds, "own_loader", None)
+    if own is not None:  # image + text data (data.vlm.VLMDataset): batches with the processor's image tensors
+        return own(tokenizer, batch_size=batch_size, shuffle=shuffle, sort_by_length=sort_by_length, seed=seed,
+                   max_length=max_length, encodings=encodings)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if len(ds) == 0:

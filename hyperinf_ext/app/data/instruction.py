@@ -224,6 +224,9 @@ def encode_instructions(ds: InstructionDataset, tokenizer: Any, max_length: int,
         DataError: a response that tokenizes to nothing, or leaves no room for at least one prompt token
             (names the example).
     """
+    own = getattr(ds, "own_encoding", None)
+    if own is not None:  # image + text data (data.vlm.VLMDataset): its model's processor tokenizes it
+        return own(tokenizer, max_length, where)
     name = where or (lambda i: f"example {i}")
     out: list[dict[str, list[int]]] = []
     truncated = 0

@@ -55,8 +55,12 @@ def load_causal_lora_model(
         DataError: not a model folder, an invalid adapter folder, or loading fails.
     """
     from .training import _model_dir, _offline, _quiet_hf
+    from .vlm import is_vlm, load_vlm_lora_model
 
     p = _model_dir(path)
+    if is_vlm(p):  # a vision-language model: LoRA on its language model (see models.vlm)
+        return load_vlm_lora_model(p, rank=rank, alpha=alpha, target_modules=target_modules, adapter=adapter,
+                                   seed=seed, dtype=dtype)
     if adapter is not None:
         a = Path(adapter)
         if not (a / "adapter_config.json").is_file():

@@ -8,7 +8,8 @@ stays O(n_queryÂ·k) (the training gradients are cached on disk, not in memory) â
 query's loss) and k most HARMFUL (most positive) training examples.
 
 Outputs: ``attribution.jsonl`` (one object per query), ``report.md`` and ``report.html`` (readable) and
-``summary.json``.
+``summary.json``; with ``--per-token`` (causal LMs) also ``tokens.jsonl``: every kept (query, training
+example) pair's score split over the query's and the training example's tokens (``per_token``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from ..data.files import load_text_file
 from ...curvature.methods import Damping, damping_label, parse_dampings, parse_methods, split_damping
 from .attribute_report import write_html, write_markdown
 from .output import prepare_output_dir, staged_outputs
+from .per_token import attribute_token_records, check_per_token, shares_note, write_tokens_jsonl
 from .pipeline import (
     Log,
     PipelineConfig,
@@ -53,6 +55,8 @@ class AttributeConfig(PipelineConfig):
     top_k: int = 10
     method: str = "hyperinf"
     damping: Damping = "auto"
+    per_token: bool = False
+    """Also split every kept pair's score over the query's and the training example's tokens (causal LMs)."""
     out: Path = Path("hyperinf-out/attribute")
 
     @property
@@ -70,6 +74,8 @@ class AttributeConfig(PipelineConfig):
             raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
         self.method = parse_methods([self.method], what="method")[0]
         self.damping = parse_dampings([self.damping])[0]
+        if self.per_token:
+            check_per_token(is_causal(self), self.model)
 
     def settings(self) -> dict[str, Any]:
         out = super().settings()
@@ -138,24 +144,38 @@ def run_attribute(cfg: AttributeConfig, log: Log = None) -> dict[str, Any]:
         # all_ranks: every rank goes on to write its (discarded, on ranks > 0) outputs
         kept = attr.scores(queries, top_k=cfg.top_k, all_ranks=True)
         score_seconds = time.perf_counter() - t0
+        tokens, token_seconds = None, 0.0
+        if cfg.per_token:
+            t0 = time.perf_counter()
+            log_stage(log, f"per-token: shares of the kept pairs of {len(query)} queries (both sides)")
+            tokens = attribute_token_records(attr, loaders.influence_val, loaders.influence_train, kept,
+                                             loaders.tokenizer, train, query)
+            token_seconds = time.perf_counter() - t0
     finally:
         attr.cache.close()
 
     records = attribution_records(train, query, kept, causal)
     paths = {"attribution": str(out / "attribution.jsonl"), "report": str(out / "report.md"),
              "html": str(out / "report.html"), "summary": str(out / "summary.json")}
+    if tokens is not None:
+        paths["tokens"] = str(out / "tokens.jsonl")
     summary = {
         "task": "attribute", "settings": cfg.settings(), "n_train": len(train), "n_query": len(query),
         "causal_lm": causal, "notes": train.notes + query.notes, "method": cfg.method, "damping": damping_label(cfg.damping), "top_k": cfg.top_k,
         "finetune": {"epochs": cfg.resolved_epochs, "seconds": trained.seconds, "history": trained.history,
                      "query_loss": trained.val["loss"], "query_accuracy": trained.val["accuracy"]},
-        "timings": {"fit_seconds": fit_seconds, "score_seconds": score_seconds},
+        "timings": {"fit_seconds": fit_seconds, "score_seconds": score_seconds,
+                    **({"per_token_seconds": token_seconds} if tokens is not None else {})},
+        "per_token": None if tokens is None else {"pairs": len(tokens), "sides": ["query", "train"],
+                                                  "check": shares_note(tokens)},
         "outputs": paths,
     }
     with staged_outputs(out) as stage:
         write_jsonl(stage / "attribution.jsonl", records)
         write_markdown(stage / "report.md", summary, records)
-        write_html(stage / "report.html", summary, records)
+        write_html(stage / "report.html", summary, records, tokens=tokens)
+        if tokens is not None:
+            write_tokens_jsonl(stage / "tokens.jsonl", tokens)
         summary["total_seconds"] = time.perf_counter() - t_start
         write_json(stage / "summary.json", summary)
     return summary

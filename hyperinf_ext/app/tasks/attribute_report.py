@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .html_report import Column, Group, Table, Text, write_html_report
+from .per_token import shares_note, token_heatmap
 
 __all__ = ["write_html", "write_markdown"]
 
@@ -56,9 +57,11 @@ def _g(value: Any) -> str:
     return "—" if value is None else f"{value:.4g}"
 
 
-def write_html(path: str | Path, summary: dict[str, Any], records: Sequence[dict[str, Any]]) -> None:
+def write_html(path: str | Path, summary: dict[str, Any], records: Sequence[dict[str, Any]], *,
+               tokens: Sequence[dict[str, Any]] | None = None) -> None:
     """Write ``report.html``: the settings, timings, then per query its text and one sortable table of its
-    most helpful and most harmful training examples, scores drawn as bars."""
+    most helpful and most harmful training examples, scores drawn as bars; with ``tokens`` (the records of
+    ``per_token.attribute_token_records``) also per query a heatmap of every kept pair's token shares."""
     t, ft = summary["timings"], summary.get("finetune")
     if ft is not None:
         timing = (f"Fine-tune: {ft['epochs']} epoch(s) in {ft['seconds']:.1f} s; query loss "
@@ -82,8 +85,14 @@ def write_html(path: str | Path, summary: dict[str, Any], records: Sequence[dict
         columns = [Column("side", "side"), Column("rank", "rank", "int"), Column("train_line", "train line", "int"),
                    Column("score", "score", "score"), Column(text_key, text_key), Column(answer_key, answer_key)]
         rows = [{"side": name, **e} for name in ("helpful", "harmful") for e in rec[name]]
-        sections.append(Group(f"Query (line {line})", [
-            Text("Query", f"{text_key}: {rec[text_key]}\n\n{answer_key}: {rec[answer_key]}"),
-            Table("Most helpful and most harmful training examples", columns, rows)]))
+        parts: list[Any] = [Text("Query", f"{text_key}: {rec[text_key]}\n\n{answer_key}: {rec[answer_key]}"),
+                            Table("Most helpful and most harmful training examples", columns, rows)]
+        if tokens is not None:
+            mine = [t for t in tokens if t["query_line"] == line]
+            items = [(f"{t['side']}: train line {t['train_line']}, score {t['score']:.4g} — {who} tokens",
+                      t[who]) for t in mine for who in ("train", "query")]
+            parts.append(token_heatmap("Per-token shares of each pair (training example's tokens, then the "
+                                       "query's)", items, note=shares_note(mine)))
+        sections.append(Group(f"Query (line {line})", parts))
     write_html_report(path, title="Training-data attribution", summary=lines, settings=summary["settings"],
                       sections=sections)

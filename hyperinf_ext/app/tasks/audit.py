@@ -12,7 +12,10 @@ HyperINF fit over the training file → one score per example:
 
 Rank 1 = the highest score = the most suspicious.  Outputs: ``ranked.jsonl`` / ``ranked.csv`` /
 ``ranked.json`` (the input's format: the user's rows unchanged, every column, in rank order, plus ``rank``
-and the score column), ``summary.json``, ``report.md``.
+and the score column), ``summary.json``, ``report.md``, ``report.html`` (module ``user_report``); with
+``--per-token`` (causal LMs) ``tokens.jsonl``: the scores of the ``--per-token-count`` most suspicious split
+over their response tokens (module ``per_token``).  With ``--index IDX`` the scores come from a gradient
+index instead of a fit (module ``user_index``): no fine-tuning, no training gradient recomputed.
 """
 from __future__ import annotations
 
@@ -25,8 +28,11 @@ import numpy as np
 
 from ...curvature.methods import damping_label
 from .output import prepare_output_dir, staged_outputs
-from .pipeline import DEFAULT_EPOCHS, Log, log_stage
+from .per_token import PER_TOKEN_COUNT, audit_token_records, check_per_token, shares_note, write_tokens_jsonl
+from .pipeline import DEFAULT_EPOCHS, Log, is_causal, log_stage
 from .report import write_json
+from .user_index import check_index_options, index_inputs, index_summary, read_source
+from .user_report import MAX_ROWS, write_audit_html
 from .user_run import (RunCheckpoint, UserConfig, checkpointed_fit, load_user_files, prepare_inputs, trained_model,
                        use_method)
 
@@ -48,11 +54,17 @@ class AuditConfig(UserConfig):
     """Settings of ``audit``."""
 
     train: Path | None = None
-    """The training file to audit (text/label for a classifier, prompt/response or messages for a causal LM)."""
+    """The training file to audit (text/label for a classifier, prompt/response or messages for a causal LM);
+    with ``index`` optional (the index's training file; when given it must be that file)."""
+    per_token: bool = False
+    """Also split the scores of the ``per_token_count`` most suspicious examples over their tokens (causal LMs)."""
+    per_token_count: int = PER_TOKEN_COUNT
     out: Path = Path("hyperinf-out/audit")
 
     @property
     def resolved_epochs(self) -> int:
+        if self.index is not None:
+            return 0
         if self.epochs is not None:
             return int(self.epochs)
         return 0 if self.adapter is not None else DEFAULT_EPOCHS
@@ -63,10 +75,17 @@ class AuditConfig(UserConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.train is None:
-            raise ValueError("--train: a file is required")
-        if not Path(self.train).is_file():
+        if self.index is not None:
+            check_index_options(self, "--train", self.train)
+            if self.epochs is not None:
+                raise ValueError("--epochs: not with --index (the index holds the model, adapter and fitted factors)")
+        elif self.train is None:
+            raise ValueError("--train: a file is required (or --index IDX)")
+        elif not Path(self.train).is_file():
             raise ValueError(f"--train {self.train}: file not found")
+        if self.per_token:
+            causal = bool(read_source(self.index)["causal"]) if self.index is not None else is_causal(self)
+            check_per_token(causal, self.model, self.per_token_count)
 
 
 def run_audit(cfg: AuditConfig, log: Log = None) -> dict[str, Any]:
@@ -78,60 +97,95 @@ def run_audit(cfg: AuditConfig, log: Log = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     cfg.validate()
     out = prepare_output_dir(cfg.out)
-    data = load_user_files(cfg, Path(cfg.train), command="audit", added=ADDED_COLUMNS)
-    loaders, _ = prepare_inputs(cfg, data, log)
-    ckpt = RunCheckpoint(out, "audit", cfg, [cfg.train, cfg.target], log)
-    ckpt.start()
-    trained = trained_model(cfg, data, loaders, ckpt, loaders.finetune, cfg.resolved_epochs, log,
-                            "fine-tune" if cfg.resolved_epochs else "model")
-    attr, fit_seconds = checkpointed_fit(cfg, trained.model, loaders, ckpt, log)
+    ckpt, index_run, fit_seconds = None, None, 0.0
+    if cfg.index is not None:  # the index holds the model, the factors and the training gradients
+        index_run = index_inputs(cfg, "audit", ADDED_COLUMNS, log)
+        data, loaders, trained = index_run.data, index_run.loaders, index_run.trained
+        attr, scorer = index_run.idx.attributor, index_run.idx
+    else:
+        data = load_user_files(cfg, Path(cfg.train), command="audit", added=ADDED_COLUMNS)
+        loaders, _ = prepare_inputs(cfg, data, log)
+        ckpt = RunCheckpoint(out, "audit", cfg, [cfg.train, cfg.target], log)
+        ckpt.start()
+        trained = trained_model(cfg, data, loaders, ckpt, loaders.finetune, cfg.resolved_epochs, log,
+                                "fine-tune" if cfg.resolved_epochs else "model")
+        attr, fit_seconds = checkpointed_fit(cfg, trained.model, loaders, ckpt, log)
+        scorer = attr
+    tokens, token_seconds = None, 0.0
     try:
         t0 = time.perf_counter()
-        use_method(cfg, attr)
+        if index_run is None:
+            use_method(cfg, attr)
         if cfg.target is not None:
             log_stage(log, f"influence: {cfg.method} on the mean loss of {len(data.target)} target examples")
-            scores = attr.mean_scores(loaders.influence_val)
+            scores = scorer.mean_scores(loaders.influence_val)
         else:
             log_stage(log, f"influence: {cfg.method} self-influence of {len(data.train)} training examples")
-            scores = attr.self_scores()
+            scores = scorer.self_scores()
         scores = scores.detach().cpu().double().numpy()
         score_seconds = time.perf_counter() - t0
+        if not np.isfinite(scores).all():
+            raise ValueError(f"{cfg.method}: scores are not finite (damping {damping_label(cfg.damping)} too small?)")
+        order = ranking(scores)
+        if cfg.per_token:
+            t0 = time.perf_counter()
+            top = order[: cfg.per_token_count]
+            log_stage(log, f"per-token: shares of the {len(top)} most suspicious examples")
+            with_target = cfg.target is not None
+            tokens = audit_token_records(attr, loaders.influence_train, loaders.influence_val if with_target else None,
+                                         len(data.target) if with_target else 0, top, scores, data.train,
+                                         loaders.tokenizer)
+            token_seconds = time.perf_counter() - t0
     finally:
         attr.cache.close()
-    if not np.isfinite(scores).all():
-        raise ValueError(f"{cfg.method}: scores are not finite (damping {damping_label(cfg.damping)} too small?)")
-    order = ranking(scores)
     lines = [data.train.row(int(i)) for i in order]
     added = [{"rank": r + 1, cfg.signal: float(scores[i])} for r, i in enumerate(order)]
-    # --per-token (issue #22 item 3) plugs in here: per-token shares of each example's score, as more
-    # columns of ``added`` (or a side file), computed by the attributor's per-token API.
     name = "ranked" + data.train_rows.suffix
-    paths = {"ranked": str(out / name), "report": str(out / "report.md"), "summary": str(out / "summary.json")}
+    paths = {"ranked": str(out / name), "report": str(out / "report.md"), "html": str(out / "report.html"),
+             "summary": str(out / "summary.json")}
+    if tokens is not None:
+        paths["tokens"] = str(out / "tokens.jsonl")
+    method = cfg.method if index_run is None else index_run.idx.attributor.config.method
+    damping = damping_label(cfg.damping) if index_run is None else str(index_run.idx.attributor.config.damping)
+    adapter = cfg.adapter if index_run is None else Path(cfg.index) / "adapter"
     summary = {
-        "task": "audit", "settings": cfg.settings(), "train": str(cfg.train),
+        "task": "audit", "settings": cfg.settings(),
+        "train": str(cfg.train) if index_run is None else index_run.source["train"],
         "target": None if cfg.target is None else str(cfg.target),
         "n_train": len(data.train), "n_target": 0 if data.target is None else len(data.target),
         "causal_lm": data.causal, "notes": data.notes,
         "signal": cfg.signal, "signal_meaning": SIGNALS[cfg.signal],
         "sign_convention": "rank 1 = the highest score = the most suspicious; " + SIGNALS[cfg.signal],
-        "method": cfg.method, "damping": damping_label(cfg.damping),
-        "finetune": {"epochs": cfg.resolved_epochs, "adapter": None if cfg.adapter is None else str(cfg.adapter),
+        "method": method, "damping": damping,
+        "index": None if index_run is None else index_summary(index_run, cfg.signal),
+        "finetune": {"epochs": cfg.resolved_epochs, "adapter": None if adapter is None else str(adapter),
                      "seconds": trained.seconds, "history": trained.history,
                      "eval_on": "target" if cfg.target is not None else "train",
                      "loss": trained.val["loss"], "accuracy": trained.val["accuracy"]},
         "top": [{"rank": a["rank"], "line": line, "score": a[cfg.signal]} for a, line in zip(added[:10], lines)],
-        "timings": {"fit_seconds": fit_seconds, "score_seconds": score_seconds},
+        "timings": {"fit_seconds": fit_seconds, "score_seconds": score_seconds,
+                    **({"per_token_seconds": token_seconds} if tokens is not None else {})},
+        "per_token": None if tokens is None else {"examples": len(tokens), "sides": ["train"],
+                                                  "against": tokens[0]["against"], "check": shares_note(tokens)},
         "outputs": paths,
-        "checkpoint": f"{ckpt.root} (removed when the run finished; an interrupted run keeps it and a rerun with "
-                      "the same arguments resumes from it)",
     }
+    if ckpt is not None:
+        summary["checkpoint"] = (f"{ckpt.root} (removed when the run finished; an interrupted run keeps it and a "
+                                 "rerun with the same arguments resumes from it)")
+    answer = data.train.label_names
+    table = [{"rank": a["rank"], "line": line, "text": data.train.texts[int(i)],
+              "answer": answer[data.train.labels[int(i)]], "score": a[cfg.signal]}
+             for a, line, i in zip(added[:MAX_ROWS], lines, order)]
     with staged_outputs(out) as stage:
         data.train_rows.write(stage / name, lines, added)
         write_report(stage / "report.md", summary, data, lines, added)
-        # report.html (issue #22 item 4) plugs in here: written into ``stage`` from ``summary`` and the rows.
+        write_audit_html(stage / "report.html", summary, table, tokens)
+        if tokens is not None:
+            write_tokens_jsonl(stage / "tokens.jsonl", tokens)
         summary["total_seconds"] = time.perf_counter() - t_start
         write_json(stage / "summary.json", summary)
-    ckpt.remove()
+    if ckpt is not None:
+        ckpt.remove()
     return summary
 
 
@@ -182,8 +236,12 @@ def audit_table(summary: dict[str, Any]) -> str:
         *(f"note: {n}" for n in summary.get("notes", [])),
         "most suspicious (rank: file line, score): " + ", ".join(
             f"{e['rank']}: line {e['line']} ({e['score']:.4g})" for e in summary["top"][:5]),
-        f"fine-tune {summary['finetune']['seconds']:.1f} s, influence fit {t['fit_seconds']:.1f} s, "
-        f"scoring {t['score_seconds']:.1f} s",
+        (f"index {summary['index']['path']}: scores {summary['index']['scores']}; opened in "
+         f"{summary['index']['open_seconds']:.1f} s, scoring {t['score_seconds']:.1f} s" if summary.get("index") else
+         f"fine-tune {summary['finetune']['seconds']:.1f} s, influence fit {t['fit_seconds']:.1f} s, "
+         f"scoring {t['score_seconds']:.1f} s"),
+        *([f"per-token: {summary['per_token']['examples']} examples in {t['per_token_seconds']:.1f} s; "
+           + summary["per_token"]["check"]] if summary.get("per_token") else []),
         f"outputs: {', '.join(summary['outputs'].values())}",
     ]
     return "\n".join(lines)

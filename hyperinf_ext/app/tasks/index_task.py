@@ -86,6 +86,7 @@ class IndexQueryConfig:
     device: str = "cpu"
     progress: bool = True
     verify: bool = True
+    estimator: str = "regression"
     out: Path = Path("hyperinf-out/index-query")
 
     def validate(self) -> None:
@@ -238,6 +239,7 @@ def run_index_query(cfg: IndexQueryConfig, log: Log = None) -> dict[str, Any]:
     cfg.validate()
     out = prepare_output_dir(cfg.out)
     idx, source, tokenizer = open_index(cfg.index, cfg.device, cfg.progress, cfg.verify, log)
+    idx.estimator = cfg.estimator
     t_open = time.perf_counter() - t_start
     mcfg = _model_config(source, cfg.device, cfg.progress)
     causal = source["causal"]
@@ -274,7 +276,8 @@ def run_index_query(cfg: IndexQueryConfig, log: Log = None) -> dict[str, Any]:
         "task": "index query", "index": str(cfg.index), "settings": {k: str(v) for k, v in vars(cfg).items()},
         "n_train": idx.n_train, "n_query": len(query), "causal_lm": causal, "notes": notes,
         "method": idx.attributor.config.method, "damping": str(idx.attributor.config.damping), "top_k": cfg.top_k,
-        "exact_rerank": cfg.exact_rerank, "scores": "exact (re-ranked)" if need_train else "index approximation",
+        "exact_rerank": cfg.exact_rerank, "estimator": cfg.estimator, "proj_dim": idx.config.proj_dim,
+        "scores": "exact (re-ranked)" if need_train else "index approximation",
         "timings": {"open_seconds": t_open, "query_seconds": query_seconds}, "outputs": paths,
     }
     with staged_outputs(out) as stage:

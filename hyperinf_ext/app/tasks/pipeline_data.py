@@ -13,7 +13,7 @@ from ..data.batching import encode_texts, make_loader
 from ..data.dataset import TextDataset, flip_labels, split_dataset
 from ..data.files import load_text_file
 from ..data.packaged import load_rotten_tomatoes
-from ..models.family import encode_instruction_splits, load_instruction
+from ..models.family import default_fit_batch, encode_instruction_splits, load_instruction
 from .pipeline_config import PipelineConfig
 
 __all__ = ["PreparedData", "prepare_data", "Loaders", "finetune_loader", "build_loaders"]
@@ -118,7 +118,8 @@ def build_loaders(cfg: PipelineConfig, data: PreparedData, tokenizer: Any,
         return make_loader(ds, tokenizer, batch_size=batch_size, sort_by_length=True, max_length=cfg.max_length,
                            encodings=encodings)
 
-    fit_batch = cfg.fit_batch_size or (CAUSAL_FIT_BATCH_SIZE if data.causal else FIT_BATCH_SIZE)
+    fit_batch = cfg.fit_batch_size or default_fit_batch(data.train, (train_enc, val_enc),
+                                                        CAUSAL_FIT_BATCH_SIZE if data.causal else FIT_BATCH_SIZE)
     # a causal LM's evaluation holds the same large logits as its influence passes
     eval_batch = fit_batch if data.causal else max(fit_batch, EVAL_BATCH_SIZE)
     evaluation = sorted_loader(data.val, val_enc, eval_batch)

@@ -9,8 +9,10 @@ whole pool → each pool example's influence on the target's mean loss (``HyperI
 causal LM's responses when they are few distinct answers), else ``drop-harmful``; see :func:`auto_rule`.
 
 Outputs: ``selected.jsonl`` / ``.csv`` / ``.json`` (the user's rows unchanged, in pool order),
-``scores.csv`` (every pool row: its file line, score and whether it was kept), ``summary.json`` and
-``report.md``.  ``--evaluate`` fine-tunes fresh LoRA adapters on the selection and on a random subset of
+``scores.csv`` (every pool row: its file line, score and whether it was kept), ``summary.json``,
+``report.md`` and ``report.html`` (module ``user_report``).  With ``--index IDX`` (module ``user_index``)
+the pool is the index's training file, there is no warm-up (the index's adapter plays its role) and the
+scores are ``Index.mean_scores``.  ``--evaluate`` fine-tunes fresh LoRA adapters on the selection and on a random subset of
 the same size (``selection.compare_with_random``, as select-data) and reports the target loss of each.
 """
 from __future__ import annotations
@@ -28,6 +30,8 @@ from .pipeline import DEFAULT_EPOCHS, Log, finetune_loader, log_stage
 from .report import column_table, write_csv, write_json
 from .selection import compare_with_random
 from .selection_rules import RULES, select
+from .user_index import check_index_options, index_inputs, index_summary, read_source
+from .user_report import write_select_html
 from .user_run import (RunCheckpoint, UserConfig, UserData, checkpointed_fit, load_user_files, prepare_inputs,
                        trained_model, use_method)
 
@@ -63,8 +67,14 @@ class SelectPoolConfig(UserConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.pool is None or not Path(self.pool).is_file():
-            raise ValueError(f"--pool {self.pool}: file not found" if self.pool else "--pool: a file is required")
+        if self.index is not None:
+            check_index_options(self, "--pool", self.pool)
+            if self.epochs is not None and not self.evaluate:
+                raise ValueError("--epochs: with --index only for --evaluate (the index's adapter replaces the "
+                                 "warm-up)")
+        elif self.pool is None or not Path(self.pool).is_file():
+            raise ValueError(f"--pool {self.pool}: file not found" if self.pool else
+                             "--pool: a file is required (or --index IDX)")
         if self.target is None:
             raise ValueError("--target: a file is required (the examples the selection should serve)")
         if (self.fraction is None) == (self.count is None):
@@ -82,7 +92,8 @@ class SelectPoolConfig(UserConfig):
         """Examples to keep of a pool of ``n``."""
         k = self.count if self.count is not None else max(1, int(round(self.fraction * n)))
         if k > n:
-            raise ValueError(f"--count {k}: the pool {self.pool} has only {n} examples")
+            pool = self.pool if self.pool is not None else f"of the index {self.index}"
+            raise ValueError(f"--count {k}: the pool {pool} has only {n} examples")
         return k
 
 
@@ -116,26 +127,37 @@ def run_select(cfg: SelectPoolConfig, log: Log = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     cfg.validate()
     out = prepare_output_dir(cfg.out)
-    data = load_user_files(cfg, Path(cfg.pool), command="select", added=())
+    if cfg.index is not None:
+        cfg.budget(int(read_source(cfg.index)["n_train"]))  # a --count larger than the pool: before any work
+    index_run = index_inputs(cfg, "select", (), log) if cfg.index is not None else None
+    rcfg = cfg if index_run is None else index_run.cfg  # with --index: its columns, model and LoRA settings
+    data = load_user_files(cfg, Path(cfg.pool), command="select", added=()) if index_run is None else index_run.data
     n = len(data.train)
     k = cfg.budget(n)
     rule, why = (cfg.rule, "chosen with --rule") if cfg.rule != "auto" else auto_rule(data)
-    loaders, _ = prepare_inputs(cfg, data, log)
-    ckpt = RunCheckpoint(out, "select", cfg, [cfg.pool, cfg.target], log)
-    ckpt.start()
-    epochs = cfg.resolved_epochs
-    warm = warmup_indices(n, cfg.warmup_fraction, cfg.seed) if epochs > 0 else []
-    finetune = finetune_loader(cfg, data.train.subset(warm or range(n)), loaders.tokenizer,
-                               [loaders.train_encodings[i] for i in (warm or range(n))])
-    trained = trained_model(cfg, data, loaders, ckpt, finetune, epochs, log,
-                            f"warm-up ({len(warm)} of {n})" if warm else "model")
-    attr, fit_seconds = checkpointed_fit(cfg, trained.model, loaders, ckpt, log)
+    ckpt, warm, fit_seconds = None, [], 0.0
+    if index_run is not None:  # the index's adapter plays the warm-up's role; its factors, the fit's
+        loaders, trained, epochs = index_run.loaders, index_run.trained, cfg.epochs or DEFAULT_EPOCHS
+        attr, scorer = index_run.idx.attributor, index_run.idx
+    else:
+        loaders, _ = prepare_inputs(cfg, data, log)
+        ckpt = RunCheckpoint(out, "select", cfg, [cfg.pool, cfg.target], log)
+        ckpt.start()
+        epochs = cfg.resolved_epochs
+        warm = warmup_indices(n, cfg.warmup_fraction, cfg.seed) if epochs > 0 else []
+        finetune = finetune_loader(cfg, data.train.subset(warm or range(n)), loaders.tokenizer,
+                                   [loaders.train_encodings[i] for i in (warm or range(n))])
+        trained = trained_model(cfg, data, loaders, ckpt, finetune, epochs, log,
+                                f"warm-up ({len(warm)} of {n})" if warm else "model")
+        attr, fit_seconds = checkpointed_fit(cfg, trained.model, loaders, ckpt, log)
+        scorer = attr
     try:
         t0 = time.perf_counter()
-        use_method(cfg, attr)
+        if index_run is None:
+            use_method(cfg, attr)
         log_stage(log, f"influence: {cfg.method} on the mean loss of {len(data.target)} target examples")
-        scores = attr.mean_scores(loaders.influence_val).detach().cpu().double().numpy()
-        query_scores = (attr.scores(loaders.influence_val).detach().cpu().double().numpy()
+        scores = scorer.mean_scores(loaders.influence_val).detach().cpu().double().numpy()
+        query_scores = (scorer.scores(loaders.influence_val).detach().cpu().double().numpy()
                         if rule == "query-round-robin" else None)
         score_seconds = time.perf_counter() - t0
     finally:
@@ -148,40 +170,49 @@ def run_select(cfg: SelectPoolConfig, log: Log = None) -> dict[str, Any]:
     kept[chosen] = True
     evaluation = None
     if cfg.evaluate:
-        evaluation = compare_with_random(cfg, data.train, loaders.tokenizer, loaders.train_encodings,
+        evaluation = compare_with_random(rcfg, data.train, loaders.tokenizer, loaders.train_encodings,
                                          loaders.evaluation, data.num_labels, [int(i) for i in chosen], log,
                                          epochs=epochs or DEFAULT_EPOCHS)
         evaluation["warmup_model"] = {"val_loss": trained.val["loss"], "val_accuracy": trained.val["accuracy"]}
     name = "selected" + data.train_rows.suffix
     paths = {"selected": str(out / name), "scores": str(out / "scores.csv"), "report": str(out / "report.md"),
-             "summary": str(out / "summary.json")}
+             "html": str(out / "report.html"), "summary": str(out / "summary.json")}
+    pool = str(cfg.pool) if index_run is None else index_run.source["train"]
     summary = {
-        "task": "select", "settings": cfg.settings(), "pool": str(cfg.pool), "target": str(cfg.target),
+        "task": "select", "settings": cfg.settings(), "pool": pool, "target": str(cfg.target),
         "n_pool": n, "n_target": len(data.target), "n_selected": int(k), "causal_lm": data.causal,
-        "notes": data.notes, "rule": rule, "rule_reason": why, "method": cfg.method,
-        "damping": damping_label(cfg.damping),
+        "notes": data.notes, "rule": rule, "rule_reason": why,
+        "method": cfg.method if index_run is None else index_run.idx.attributor.config.method,
+        "damping": damping_label(cfg.damping) if index_run is None else str(index_run.idx.attributor.config.damping),
         "signal": "influence_score: HyperINF.mean_scores on the target, the change of the target's mean loss when "
                   "the example is up-weighted; NEGATIVE = helpful (kept first), positive = harmful",
+        "index": None if index_run is None else index_summary(index_run, "influence_score"),
         "warmup": {"n_examples": len(warm), "fraction": cfg.warmup_fraction if warm else None, "epochs": epochs,
-                   "adapter": None if cfg.adapter is None else str(cfg.adapter),
+                   "adapter": (None if cfg.adapter is None else str(cfg.adapter)) if index_run is None
+                   else str(Path(cfg.index) / "adapter"),
                    "lines": [data.train.row(i) for i in warm], "seconds": trained.seconds,
                    "history": trained.history, "target_loss": trained.val["loss"],
                    "target_accuracy": trained.val["accuracy"]},
         "score_range_selected": [float(scores[kept].min()), float(scores[kept].max())],
         "timings": {"fit_seconds": fit_seconds, "score_seconds": score_seconds},
         "evaluation": evaluation, "outputs": paths,
-        "checkpoint": f"{ckpt.root} (removed when the run finished; an interrupted run keeps it and a rerun with "
-                      "the same arguments resumes from it)",
     }
+    if ckpt is not None:
+        summary["checkpoint"] = (f"{ckpt.root} (removed when the run finished; an interrupted run keeps it and a "
+                                 "rerun with the same arguments resumes from it)")
+    names = data.train.label_names
+    rows = [{"line": data.train.row(i), "text": data.train.texts[i], "answer": names[data.train.labels[i]],
+             "score": float(scores[i]), "selected": bool(kept[i])} for i in range(n)]
     with staged_outputs(out) as stage:
         data.train_rows.write(stage / name, [data.train.row(i) for i in range(n) if kept[i]])
         write_csv(stage / "scores.csv", ["line", "influence_score", "selected"],
                   ([data.train.row(i), repr(float(scores[i])), int(kept[i])] for i in range(n)))
         write_report(stage / "report.md", summary)
-        # report.html (issue #22 item 4) plugs in here: written into ``stage`` from ``summary`` and the scores.
+        write_select_html(stage / "report.html", summary, rows)
         summary["total_seconds"] = time.perf_counter() - t_start
         write_json(stage / "summary.json", summary)
-    ckpt.remove()
+    if ckpt is not None:
+        ckpt.remove()
     return summary
 
 
@@ -227,7 +258,9 @@ def select_table(summary: dict[str, Any]) -> str:
         *(f"note: {n}" for n in summary.get("notes", [])),
         (f"warm-up: {w['n_examples']} random pool examples, {w['epochs']} epoch(s) in {w['seconds']:.1f} s; "
          if w["n_examples"] else "model: as given; ") + f"target loss {w['target_loss']:.4f}",
-        f"influence fit {t['fit_seconds']:.1f} s, scoring {t['score_seconds']:.1f} s",
+        (f"index {summary['index']['path']}: scores {summary['index']['scores']}; opened in "
+         f"{summary['index']['open_seconds']:.1f} s, scoring {t['score_seconds']:.1f} s" if summary.get("index") else
+         f"influence fit {t['fit_seconds']:.1f} s, scoring {t['score_seconds']:.1f} s"),
         *_evaluation_lines(summary),
         f"outputs: {', '.join(summary['outputs'].values())}",
     ])

@@ -49,6 +49,8 @@ class UserConfig(PipelineConfig):
     checkpoint_every: int = 50
     """Fit batches between checkpoint commits (a commit writes every layer's factors)."""
     max_length: int = 128
+    index: Path | None = None
+    """A gradient index (``hyperinf-ext index build``) to score from instead of fitting (module ``user_index``)."""
 
     def validate(self) -> None:
         super().validate()
@@ -66,7 +68,7 @@ class UserConfig(PipelineConfig):
         from ...curvature.methods import damping_label
 
         out = super().settings()
-        for unused in ("data", "n_train", "n_val", "flip_rate", "top_k"):
+        for unused in ("data", "n_train", "n_val", "flip_rate", "top_k", *(("index",) if self.index is None else ())):
             out.pop(unused, None)
         out["damping"] = damping_label(self.damping)
         return out
@@ -169,7 +171,9 @@ class RunCheckpoint:
     def __init__(self, out: Path, command: str, cfg: UserConfig, files: Sequence[Path | None], log: Log = None):
         self.root = Path(out) / self.NAME
         self.log = log
-        settings = {k: v for k, v in cfg.settings().items() if k not in ("progress", "out", "checkpoint_every")}
+        # what the fit and the adapter do not depend on: a rerun that changes only these resumes
+        skip = ("progress", "out", "checkpoint_every", "per_token", "per_token_count")
+        settings = {k: v for k, v in cfg.settings().items() if k not in skip}
         inputs = [Path(p) for p in files if p is not None]
         if cfg.adapter is not None:
             inputs += sorted(p for p in Path(cfg.adapter).iterdir() if p.is_file())
