@@ -90,6 +90,7 @@ class HyperINF(FitPass, Scoring, TokenScoring, StoredStateIO):
         self.cache = GradientCache("none")
         self.method = None
         self._prepared_for: tuple | None = None
+        self._mixed: tuple | None = None  # scoring's cache of the curvature mixed with a query set's GFIM
         self._fit_error: str | None = None  # why the last fit failed (its factors hold partial data)
         # torch.distributed: None = use an initialised process group of > 1 rank; False = never
         self._comm = _dist.resolve(distributed)
@@ -166,7 +167,7 @@ class HyperINF(FitPass, Scoring, TokenScoring, StoredStateIO):
             self._fit_error = f"{type(e).__name__}: {e}{resume}"
             raise
         self._fit_error = None
-        self._prepared_for = None
+        self._prepared_for = self._mixed = None
         with self._timed("prepare"):
             self._prepare()
         return self

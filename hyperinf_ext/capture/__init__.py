@@ -17,13 +17,16 @@ LoRA rank, which is the layout the GFIM / Schulz kernels expect:
 * ``head``    (weight ``[out, in]`` + bias ``[out]``): ``[n, out, in + 1]``,
   the bias gradient being the last column.
 
-Only plain ``nn.Linear``-based LoRA is supported (``peft.tuners.lora.Linear``
-and its quantised look-alikes); models must not use gradient checkpointing
-(transformers switches it off in eval mode, which :meth:`PerSampleGradients.compute`
-uses).
+Also captured: DoRA's magnitude vector (``magnitude``, ``[n, 1, d_out]``) and embedding LoRA
+(``embedding_A`` ``[n, r, vocab]``, ``embedding_B`` ``[n, r, d_out]``); the formulas per kind are in
+:mod:`.rules`. LoRA layers the hooks cannot capture exactly are refused, other trainable parameters
+named in a warning (:mod:`.coverage`). :meth:`PerSampleGradients.compute` runs the model in eval mode,
+where transformers does not checkpoint; a block recomputed during backward (a model's own non-reentrant
+``torch.utils.checkpoint``) is recorded once, from its first forward.
 
 Modules: :mod:`.layers` (which matrices), :mod:`.losses` (per-example losses and model inputs),
-:mod:`.hooks` (:class:`PerSampleGradients`, the capture itself).
+:mod:`.hooks` (:class:`PerSampleGradients`, the capture itself), :mod:`.rules` (per-kind formulas),
+:mod:`.coverage` (what is left out: errors and warnings).
 """
 from .hooks import PerSampleGradients
 from .layers import GradientLayer, find_gradient_layers

@@ -1,9 +1,10 @@
 """Per-sample gradients of the captured layers from one batched forward + backward pass.
 
-A forward hook on every captured ``nn.Linear`` records its input, and a tensor hook on its output
-receives the gradient of the loss w.r.t. that output; one batched matrix product over the token
-axis turns the pair into each example's gradient, in the rank-first layout (see the package
-docstring of :mod:`hyperinf_ext.capture`).
+A forward hook on every captured layer's module saves what its kind's rule needs (the input of an
+``nn.Linear``; the token ids of an embedding LoRA; DoRA's base and LoRA terms), and a tensor hook on its
+output receives the gradient of the loss w.r.t. that output; the rule (:mod:`.rules`) turns the pair
+into each example's gradient, in the rank-first layout (see the package docstring of
+:mod:`hyperinf_ext.capture`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 
 from .layers import GradientLayer
 from .losses import LossFn, default_loss_fn
+from .rules import RULES
 
 __all__ = ["PerSampleGradients"]
 
@@ -28,39 +30,45 @@ class _LayerCapture:
         self.grad: Tensor | None = None  # [n, rank, dim], summed over calls and tokens
         self.out: Tensor | None = None  # caller's buffer for ``grad`` (see PerSampleGradients.compute)
         self.calls = 0
+        self.nograd_calls = 0
+        self.rule = RULES[layer.kind]
 
-    def forward_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+    def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
         owner = self.owner
-        if owner._phase == "backward":
-            raise RuntimeError(
-                f"{self.layer.name} ran forward during backward (gradient checkpointing / recomputation); "
-                "per-sample gradient capture needs a model without gradient checkpointing"
-            )
-        if owner._phase != "forward" or not isinstance(output, Tensor) or not output.requires_grad:
+        # Outside compute, or in a rule's own no-grad recomputation, nothing is recorded. A block
+        # recomputed during backward by non-reentrant checkpointing is recorded too and still counts once:
+        # the first forward's graph is the one differentiated, so the recomputed outputs' hooks never fire.
+        if owner._phase not in ("forward", "backward") or not isinstance(output, Tensor):
             return
-        if not args or not isinstance(args[0], Tensor):
-            raise RuntimeError(f"{self.layer.name}: expected the input tensor as first positional argument")
-        x = args[0].detach()
-        if x.dim() < 2:
-            raise RuntimeError(f"{self.layer.name}: input of shape {tuple(x.shape)} has no batch axis")
+        if not output.requires_grad:
+            if owner._phase == "forward" and not torch.is_grad_enabled():
+                self.nograd_calls += 1  # a reentrant checkpoint's first forward: refused in compute
+            return
+        owner._phase, phase = "saving", owner._phase  # a rule's own no-grad recomputation is not a model call
+        try:
+            ctx = self.rule.save(self.layer, module, args, kwargs, output)
+        finally:
+            owner._phase = phase
         self.calls += 1
         # Closure pairs this call's input with its own output gradient, so a
         # module used several times per forward accumulates correctly.
-        output.register_hook(lambda g, x=x: self._accumulate(x, g))
+        output.register_hook(lambda g, ctx=ctx: self._accumulate(ctx, g))
 
-    def _accumulate(self, x: Tensor, g: Tensor) -> None:
-        n, d_in = x.shape[0], x.shape[-1]
-        x = x.reshape(n, -1, d_in).to(self.dtype)
-        g = g.reshape(n, -1, g.shape[-1]).to(self.dtype)
-        if self.layer.has_bias:
-            x = torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
-        a, b = (x.transpose(1, 2), g) if self.layer.transposed else (g.transpose(1, 2), x)
+    def _accumulate(self, ctx: Any, g: Tensor) -> None:
+        got = self.rule.grad(self.layer, ctx, g, self.dtype)
+        if isinstance(got, Tensor):
+            self._add(got)
+            return None
+        a, b = got
         shape = (a.shape[0], a.shape[1], b.shape[2])  # [n, r, d] in the rank-first layout
         if self.grad is None and self.out is not None and tuple(self.out.shape) == shape:
             # straight into the caller's buffer (e.g. a slice of a stacked [L, n, r, d]): no copy later
             self.grad = torch.bmm(a, b, out=self.out)
             return None
-        contrib = torch.bmm(a, b)
+        self._add(torch.bmm(a, b))
+        return None
+
+    def _add(self, contrib: Tensor) -> None:
         if self.grad is None:
             self.grad = contrib
         elif self.grad.shape != contrib.shape:
@@ -70,7 +78,6 @@ class _LayerCapture:
             )
         else:
             self.grad += contrib
-        return None
 
 
 class PerSampleGradients:
@@ -105,7 +112,7 @@ class PerSampleGradients:
         if dup:
             raise ValueError(f"duplicate layer names: {dup}")
         in_model = {id(m) for m in model.modules()}
-        foreign = [layer.name for layer in layers if id(layer.module) not in in_model]
+        foreign = [layer.name for layer in layers if id(layer.hooked) not in in_model]
         if foreign:
             raise ValueError(f"layers not part of the model: {foreign}")
         self.model = model
@@ -124,7 +131,7 @@ class PerSampleGradients:
         ]
         try:
             for cap in self._captures:
-                self._handles.append(cap.layer.module.register_forward_hook(cap.forward_hook))
+                self._handles.append(cap.layer.hooked.register_forward_hook(cap.forward_hook, with_kwargs=True))
         except BaseException:
             self._remove_hooks()
             raise
@@ -186,7 +193,7 @@ class PerSampleGradients:
         if unknown:
             raise ValueError(f"out: no captured layer named {unknown}")
         for cap in self._captures:
-            cap.grad, cap.calls = None, 0
+            cap.grad, cap.calls, cap.nograd_calls = None, 0, 0
             buf = out.get(cap.layer.name)
             if buf is not None and (buf.dtype != cap.dtype or buf.device != cap.layer.module.weight.device):
                 raise ValueError(f"out[{cap.layer.name!r}]: expected dtype {cap.dtype} on "
@@ -201,6 +208,15 @@ class PerSampleGradients:
                 self._phase = "forward"
                 losses = loss_fn(self.model, batch)
                 self._phase = "backward"
+                nograd = [cap.layer.name for cap in self._captures if cap.nograd_calls]
+                if nograd:
+                    raise RuntimeError(
+                        f"{nograd[0]} (and {len(nograd) - 1} more) ran without gradient inside the forward pass: "
+                        "torch.utils.checkpoint(use_reentrant=True) in eval mode, or torch.no_grad in loss_fn; "
+                        "torch.autograd.grad would not reach it and its per-sample gradient would be silently "
+                        "zero. Use use_reentrant=False (transformers' gradient_checkpointing_enable is off in the "
+                        "eval mode the capture runs in, either way)"
+                    )
                 if not isinstance(losses, Tensor) or losses.dim() != 1:
                     shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
                     raise ValueError(f"loss_fn must return per-example losses of shape [n], got {shape}")

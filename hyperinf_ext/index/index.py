@@ -179,10 +179,9 @@ class Index(Search):
             raise ValueError(f"{d}: the model's LoRA layers differ from the index's (another adapter layout)")
         matrices = projection.load(d / "projection.safetensors", plans)
         width = sum(p.width for p in plans)
+        dtype = IndexConfig(**meta["config"]).dtype
         shards = [s for folder in meta["shards"]
-                  for s in store.open_shards(d / folder, width, len(plans), meta["config"]["store_dtype"]
-                                             if meta["config"]["store_dtype"] != "auto"
-                                             else IndexConfig(**meta["config"]).dtype, verify=verify)]
+                  for s in store.open_shards(d / folder, width, len(plans), dtype, verify=verify)]
         _check_coverage(d, shards, int(meta["n_train"]))
         return cls(d, attr, plans, matrices, shards, meta, estimator)
 

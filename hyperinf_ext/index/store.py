@@ -63,6 +63,8 @@ class ShardWriter:
         manifest = self.directory / MANIFEST
         if manifest.exists():
             self.shards = _read_manifest(self.directory)
+        else:  # written at once: a rank whose share of the data is empty still has a (shardless) store
+            self._write_manifest()
         named = {f"{s['name']}.{part}.npy" for s in self.shards for part in _PARTS}
         for stale in self.directory.iterdir():  # files of a shard a kill left unnamed, temporaries
             if stale.name != MANIFEST and stale.name not in named:
@@ -154,6 +156,10 @@ def open_shards(directory: Path, width: int, layers: int, dtype: str, *, verify:
     """Every committed shard of a writer directory, each file checked against its recorded size (and
     SHA-256 when ``verify``); a ``ValueError`` names the first missing, truncated or corrupt file."""
     out = []
+    recorded = persistence.read_json(directory / MANIFEST, "index shard manifest").get("dtype")
+    if recorded != dtype:
+        raise ValueError(f"{directory / MANIFEST}: rows stored as {recorded!r}, the index says {dtype!r}; the index "
+                         "is corrupt: rebuild it")
     for s in _read_manifest(directory):
         arrays = {}
         for part in _PARTS:
