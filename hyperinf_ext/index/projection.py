@@ -86,23 +86,25 @@ ESTIMATORS = ("regression", "unbiased")
 
 
 def regression_map(P: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """W = G·P·(Pᵀ·G·P)⁻¹ [d, k] float64: the query-side map of the least-squares estimator.
+    """W = G·P·(Pᵀ·G·P)⁺ [d, k] float64: the query-side map of the least-squares estimator.
 
     Among all z, ``⟨z, g·P⟩`` with z = q̃·W has the least mean squared error against ``⟨q̃, g⟩`` over
     gradients g whose second moment is G (the training gradients' own GFIM, (1/n)·Σ gᵀg), for every query
     q̃: minimising (zPᵀ − q̃)·G·(zPᵀ − q̃)ᵀ gives z = q̃·G·P·(PᵀGP)⁻¹.  Its error is the part of G that
     span(P) misses, (q̃)(G − GP(PᵀGP)⁻¹PᵀG)(q̃)ᵀ, which is small when the gradients concentrate in
     fewer than k directions; the unbiased map P has error ∝ ‖q̃‖²·tr(G)/k whatever the spectrum.
-    A relative ridge of 1e-12·tr(PᵀGP)/k keeps a rank-deficient PᵀGP invertible.
+    A rank-deficient PᵀGP (fewer training gradients than k, or a low-rank G) is inverted on its range only.
     """
     P64, G64 = P.to(torch.float64), G.to(torch.float64)
     GP = G64 @ P64
     A = P64.T @ GP
-    A = (A + A.T) / 2
-    ridge = 1e-12 * float(A.diagonal().sum()) / A.shape[0] + torch.finfo(torch.float64).tiny
-    A.diagonal().add_(ridge)
-    L = torch.linalg.cholesky(A)
-    return torch.cholesky_solve(GP.T, L).T  # (A⁻¹ (GP)ᵀ)ᵀ = GP A⁻¹ since A is symmetric
+    s, V = torch.linalg.eigh((A + A.T) / 2)
+    # G is often rank-deficient (n·r < d, or gradients in few directions): directions of span(P) that G does not
+    # reach carry no training gradient, so the minimum-norm least-squares map (pseudo-inverse) is the estimator;
+    # eigenvalues below the rounding of A (k·eps·max) count as zero
+    keep = s > s.abs().max() * A.shape[0] * torch.finfo(torch.float64).eps
+    inv = torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
+    return GP @ (V * inv) @ V.T
 
 
 def project_rows(plans: list[LayerPlan], maps: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],

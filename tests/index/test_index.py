@@ -256,3 +256,21 @@ def test_sizes(exact_index, projected_index):
     assert exact_index.bytes_per_example == pytest.approx(4 * (8 * 3 * 16 + 2 * 17) + 4 * 9 + 8)
     assert projected_index.bytes_per_example == pytest.approx(2 * (8 * 3 * 8 + 2 * 12) + 4 * 9 + 8)
     assert np.isclose(projected_index.meta["bytes_per_example"], projected_index.bytes_per_example)
+
+
+def test_regression_map_on_a_rank_deficient_gfim():
+    """Fewer training gradients than d (the LLM's case: PᵀGP singular in float64): the map is the pseudo-inverse
+    one; gradients in G's range are scored exactly once k ≥ rank G, and a full-rank G gives G·P·(PᵀGP)⁻¹."""
+    from hyperinf_ext.index.projection import regression_map
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(50, 64, dtype=torch.float64, generator=g)  # rank 50 < d = 64
+    P = torch.randn(64, 60, dtype=torch.float64, generator=g)
+    q = torch.randn(3, 64, dtype=torch.float64, generator=g)
+    W = regression_map(P, X.T @ X / 50)
+    exact = q @ X.T
+    assert float(((q @ W) @ (X @ P).T - exact).abs().max()) <= 1e-9 * float(exact.abs().max())
+    G = torch.randn(64, 64, dtype=torch.float64, generator=g)
+    G = G @ G.T
+    P = P[:, :20]
+    torch.testing.assert_close(regression_map(P, G), G @ P @ torch.linalg.inv(P.T @ G @ P), rtol=1e-10, atol=1e-12)
