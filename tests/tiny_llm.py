@@ -71,3 +71,19 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
         rows.append({"prompt": f"is the sentiment of this review positive or negative review a {' '.join(words)} film",
                      "response": "positive" if positive else "negative"})
     return rows
+
+
+def make_tiny_adapter(folder: Path, out: Path) -> Path:
+    """A LoRA adapter (r=2, alpha=4, seed 0) for the tiny Llama in ``folder`` with every lora_B drawn from
+    N(0, 0.3²) (a generator seeded 1 per matrix; PEFT starts B at zero, which zeroes lora_A's gradients),
+    saved to ``out``; returns ``out``."""
+    from hyperinf_ext.app.models.causal import load_causal_lora_model
+
+    model = load_causal_lora_model(folder, rank=2, alpha=4, seed=0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    model.save_pretrained(str(out))
+    return out
+

@@ -9,7 +9,6 @@ open for writing); every file's size and SHA-256 are recorded and checked on ope
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -27,14 +26,6 @@ _PARTS = ("values", "scales", "index")
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _save_npy(path: Path, array: np.ndarray) -> dict:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -42,7 +33,7 @@ def _save_npy(path: Path, array: np.ndarray) -> dict:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"bytes": path.stat().st_size, "sha256": persistence.file_sha256(path)}
 
 
 class ShardWriter:
@@ -171,7 +162,7 @@ def open_shards(directory: Path, width: int, layers: int, dtype: str, *, verify:
             if size != rec.get("bytes"):
                 raise ValueError(f"{path}: {size} bytes, the manifest records {rec.get('bytes')}: the shard is "
                                  "truncated or was replaced; rebuild the index")
-            if verify and _sha256(path) != rec.get("sha256"):
+            if verify and persistence.file_sha256(path) != rec.get("sha256"):
                 raise ValueError(f"{path}: checksum mismatch (SHA-256 differs from the manifest): the shard is "
                                  "corrupt; rebuild the index")
             try:

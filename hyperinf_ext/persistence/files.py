@@ -2,6 +2,7 @@
 with the fault-injection hook ``crash_point`` the crash-recovery tests use."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -28,6 +29,16 @@ def crash_point(step: str) -> None:
     _crash_counts[step] = _crash_counts.get(step, 0) + 1
     if _crash_counts[step] == int(nth or 1):
         os._exit(77)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (hex), read in 4 MiB blocks: what a run or an index records of its input and
+    shard files to tell later whether they changed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------ atomic file writes

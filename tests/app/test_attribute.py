@@ -12,7 +12,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from hyperinf_ext.app.cli import main  # noqa: E402
-from tiny_llm import make_tiny_llama, sentiment_rows, write_instructions  # noqa: E402
+from tiny_llm import make_tiny_adapter, make_tiny_llama, sentiment_rows, write_instructions  # noqa: E402
 
 
 def brute_topk(row: list[float], k: int, largest: bool) -> list[int]:
@@ -54,14 +54,7 @@ def llm_files(tmp_path_factory):
     """A tiny Llama folder, an adapter with nonzero LoRA B, and train/query instruction files."""
     root = tmp_path_factory.mktemp("attr")
     folder = make_tiny_llama(root / "model")
-    from hyperinf_ext.app.models.causal import load_causal_lora_model
-
-    model = load_causal_lora_model(folder, rank=2, alpha=4, seed=0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
-    model.save_pretrained(str(root / "adapter"))
+    make_tiny_adapter(folder, root / "adapter")
     rows = sentiment_rows(14, seed=1)
     rows[3]["response"] = "negative" if rows[3]["response"] == "positive" else "positive"  # one flipped answer
     train = write_instructions(root / "train.jsonl", rows)

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from hyperinf_ext.app.cli import main  # noqa: E402
 from test_html_report import parse, sections_by_title  # noqa: E402
-from tiny_llm import make_tiny_llama, make_tokenizer, sentiment_rows, write_instructions  # noqa: E402
+from tiny_llm import make_tiny_adapter, make_tiny_llama, make_tokenizer, sentiment_rows, write_instructions  # noqa: E402
 
 FAST = ["--no-progress", "--threads", "1"]
 TOL = dict(rel=1e-9, abs=1e-12)  # float64 factors and scores, the same float32 gradients on both sides
@@ -30,14 +30,7 @@ def llm(tmp_path_factory):
     target file."""
     root = tmp_path_factory.mktemp("audit")
     folder = make_tiny_llama(root / "model")
-    from hyperinf_ext.app.models.causal import load_causal_lora_model
-
-    model = load_causal_lora_model(folder, rank=2, alpha=4, seed=0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
-    model.save_pretrained(str(root / "adapter"))
+    make_tiny_adapter(folder, root / "adapter")
     rows = [{**r, "id": f"ex{i}", "meta": {"source": "web", "tags": [i, "ü"]}}
             for i, r in enumerate(sentiment_rows(24, seed=1))]
     rows[3] = flip(rows[3])

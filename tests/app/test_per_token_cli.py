@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from hyperinf_ext.app.cli import main  # noqa: E402
 from test_html_report import parse, sections_by_title  # noqa: E402
-from tiny_llm import make_tiny_llama, make_tokenizer, sentiment_rows, write_instructions  # noqa: E402
+from tiny_llm import make_tiny_adapter, make_tiny_llama, make_tokenizer, sentiment_rows, write_instructions  # noqa: E402
 
 FAST = ["--no-progress", "--threads", "1"]
 REL = 1e-5  # of the largest |share|: float32 per-token passes
@@ -27,14 +26,7 @@ REL = 1e-5  # of the largest |share|: float32 per-token passes
 def llm(tmp_path_factory):
     root = tmp_path_factory.mktemp("per-token")
     folder = make_tiny_llama(root / "model")
-    from hyperinf_ext.app.models.causal import load_causal_lora_model
-
-    model = load_causal_lora_model(folder, rank=2, alpha=4, seed=0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
-    model.save_pretrained(str(root / "adapter"))
+    make_tiny_adapter(folder, root / "adapter")
     rows = sentiment_rows(12, seed=1)
     rows[3]["response"] = "negative awful" if rows[3]["response"] == "positive" else "positive great"  # 2 words
     train = write_instructions(root / "train.jsonl", rows)

@@ -12,7 +12,6 @@ Tolerances:
 """
 from __future__ import annotations
 
-import types
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 from hyperinf_ext import HyperINF  # noqa: E402
 from hyperinf_ext.capture import default_loss_fn  # noqa: E402
+from _numerics import float64_rms_norms  # noqa: E402
 from tiny_llm import make_tokenizer  # noqa: E402
 
 
@@ -66,16 +66,8 @@ def tiny_llama_lora(tok, seed: int = 0):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
-    for m in model.modules():
-        if type(m).__name__ == "LlamaRMSNorm":
-            m.forward = types.MethodType(_rms_norm_float64, m)
+    float64_rms_norms(model)
     return model.eval()
-
-
-def _rms_norm_float64(self, h):
-    """LlamaRMSNorm's formula in the input's dtype: transformers' casts to float32 and back, which rounds
-    every backpropagated signal to float32, so the model would not be float64 end to end."""
-    return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
 
 def encode(tok, pairs):

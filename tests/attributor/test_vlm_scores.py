@@ -15,7 +15,6 @@ one by one, and one of them has two images (those layers then see two rows for t
 from __future__ import annotations
 
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("PIL")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _numerics import float64_rms_norms  # noqa: E402
 from tiny_vlm import KINDS, build_model, build_processor, make_vlm_tokenizer, write_images  # noqa: E402
 
 from hyperinf_ext import HyperINF  # noqa: E402
@@ -35,10 +35,6 @@ from hyperinf_ext.app.models.vlm import vlm_lora_targets  # noqa: E402
 from hyperinf_ext.capture import PerSampleGradients, find_gradient_layers  # noqa: E402
 
 N_TRAIN, N_QUERY = 6, 3
-
-
-def _rms_norm_float64(self, h):
-    return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
 
 def tiny_lora_vlm(kind):
@@ -53,9 +49,7 @@ def tiny_lora_vlm(kind):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
-    for m in model.modules():
-        if type(m).__name__ == "LlamaRMSNorm":
-            m.forward = types.MethodType(_rms_norm_float64, m)
+    float64_rms_norms(model)
     return model.eval(), build_processor(kind, tok)
 
 

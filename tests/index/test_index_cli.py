@@ -9,27 +9,19 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 from hyperinf_ext.app.cli import main  # noqa: E402
-from tiny_llm import make_tiny_llama, sentiment_rows, write_instructions  # noqa: E402
+from tiny_llm import make_tiny_adapter, make_tiny_llama, sentiment_rows, write_instructions  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("idxcli")
     folder = make_tiny_llama(root / "model")
-    from hyperinf_ext.app.models.causal import load_causal_lora_model
-
-    model = load_causal_lora_model(folder, rank=2, alpha=4, seed=0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
-    model.save_pretrained(str(root / "adapter"))
+    make_tiny_adapter(folder, root / "adapter")
     train = write_instructions(root / "train.jsonl", sentiment_rows(14, seed=1))
     query = write_instructions(root / "query.jsonl", sentiment_rows(3, seed=2))
     attr_out = root / "attribute"

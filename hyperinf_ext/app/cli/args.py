@@ -122,6 +122,19 @@ def _add_select(p: argparse.ArgumentParser) -> None:
                         "the most helpful of each (without it the selection can be a single class)")
 
 
+def _add_model_and_finetune(p: argparse.ArgumentParser) -> None:
+    """The "model" group of the commands that use a given adapter and fine-tune only when asked
+    (attribute, index build)."""
+    g = p.add_argument_group("model")
+    _add_model(g)
+    g.add_argument("--epochs", metavar="N", type=int, default=0, help="fine-tune N epochs first (default: 0)")
+    g.add_argument("--rank", metavar="R", type=int, default=8, help="LoRA rank of a fresh adapter (default: 8)")
+    g.add_argument("--alpha", metavar="A", type=int, default=16, help="LoRA alpha (default: 16)")
+    g.add_argument("--lr", metavar="LR", type=float, default=3e-4, help="learning rate (default: 3e-4)")
+    g.add_argument("--batch-size", metavar="N", type=int, default=16, help="batch size (default: 16)")
+    g.add_argument("--device", metavar="DEV", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+
+
 def _add_attribute(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--train", metavar="FILE", type=Path, default=None,
@@ -132,14 +145,7 @@ def _add_attribute(p: argparse.ArgumentParser) -> None:
                         "training gradients; the model, adapter and training file are the index's")
     _add_columns(g)
     g.add_argument("--max-length", metavar="N", type=int, default=128, help="max tokens per example (default: 128)")
-    g = p.add_argument_group("model")
-    _add_model(g)
-    g.add_argument("--epochs", metavar="N", type=int, default=0, help="fine-tune N epochs first (default: 0)")
-    g.add_argument("--rank", metavar="R", type=int, default=8, help="LoRA rank of a fresh adapter (default: 8)")
-    g.add_argument("--alpha", metavar="A", type=int, default=16, help="LoRA alpha (default: 16)")
-    g.add_argument("--lr", metavar="LR", type=float, default=3e-4, help="learning rate (default: 3e-4)")
-    g.add_argument("--batch-size", metavar="N", type=int, default=16, help="batch size (default: 16)")
-    g.add_argument("--device", metavar="DEV", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    _add_model_and_finetune(p)
     g = p.add_argument_group("influence")
     g.add_argument("--top-k", metavar="K", type=int, default=10, help="examples per query and side (default: 10)")
     g.add_argument("--method", metavar="NAME", default="hyperinf", help="influence method (default: hyperinf)")
@@ -278,7 +284,7 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] 
         "build a gradient index of a training file, or query one",
         "index build: fit HyperINF once and store the training gradients compressed; index query: per query "
         "the top-k training examples from the index, without recomputing the training gradients.",
-        lambda p: add_index(p, _add_model, _add_columns, _add_common),
+        lambda p: add_index(p, _add_model_and_finetune, _add_columns, _add_common),
     ),
 }
 

@@ -7,7 +7,8 @@ from typing import Callable
 
 
 def add_index(p: argparse.ArgumentParser, add_model: Callable, add_columns: Callable, add_common: Callable) -> None:
-    """``index build`` and ``index query`` as actions of one command (``args.index_action``)."""
+    """``index build`` and ``index query`` as actions of one command (``args.index_action``); ``add_model``
+    adds the model and fine-tuning group, ``add_columns``/``add_common`` the shared options (args.py)."""
     sub = p.add_subparsers(dest="index_action", metavar="ACTION", required=True)
     b = sub.add_parser(
         "build", help="fit HyperINF on a training file and store its gradients compressed",
@@ -19,14 +20,7 @@ def add_index(p: argparse.ArgumentParser, add_model: Callable, add_columns: Call
     g.add_argument("--train", metavar="FILE", type=Path, required=True, help="training examples (CSV or JSONL)")
     add_columns(g)
     g.add_argument("--max-length", metavar="N", type=int, default=128, help="max tokens per example (default: 128)")
-    g = b.add_argument_group("model")
-    add_model(g)
-    g.add_argument("--epochs", metavar="N", type=int, default=0, help="fine-tune N epochs first (default: 0)")
-    g.add_argument("--rank", metavar="R", type=int, default=8, help="LoRA rank of a fresh adapter (default: 8)")
-    g.add_argument("--alpha", metavar="A", type=int, default=16, help="LoRA alpha (default: 16)")
-    g.add_argument("--lr", metavar="LR", type=float, default=3e-4, help="learning rate (default: 3e-4)")
-    g.add_argument("--batch-size", metavar="N", type=int, default=16, help="batch size (default: 16)")
-    g.add_argument("--device", metavar="DEV", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    add_model(b)
     g = b.add_argument_group("index")
     g.add_argument("--proj-dim", metavar="K", type=int, default=1024,
                    help="numbers kept per LoRA layer and example: the d side of each r x d gradient is projected "

@@ -54,19 +54,16 @@ def load_causal_lora_model(
     Raises:
         DataError: not a model folder, an invalid adapter folder, or loading fails.
     """
-    from .training import _model_dir, _offline, _quiet_hf
+    from .training import _model_dir, _offline, _quiet_hf, attach_lora, check_adapter_folder
     from .vlm import is_vlm, load_vlm_lora_model
 
     p = _model_dir(path)
     if is_vlm(p):  # a vision-language model: LoRA on its language model (see models.vlm)
         return load_vlm_lora_model(p, rank=rank, alpha=alpha, target_modules=target_modules, adapter=adapter,
                                    seed=seed, dtype=dtype)
-    if adapter is not None:
-        a = Path(adapter)
-        if not (a / "adapter_config.json").is_file():
-            raise DataError(f"{a}: not a PEFT adapter folder (no adapter_config.json)")
+    check_adapter_folder(adapter)
     _offline()
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
     with torch.random.fork_rng(devices=[]), _quiet_hf():
@@ -76,17 +73,9 @@ def load_causal_lora_model(
                                                         local_files_only=True, dtype=dtype)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise DataError(f"{p}: cannot load causal LM ({one_line(exc)})") from None
-        try:
-            if adapter is None:
-                cfg = LoraConfig(task_type="CAUSAL_LM", r=int(rank), lora_alpha=alpha, lora_dropout=0.0,
-                                 target_modules=list(target_modules or lora_targets(base)))
-                model = get_peft_model(base, cfg)
-            else:
-                model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True, local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise DataError(f"{adapter or p}: cannot attach LoRA ({one_line(exc)})") from None
-    model.eval()
-    return model
+        return attach_lora(base, p, adapter, lambda: LoraConfig(
+            task_type="CAUSAL_LM", r=int(rank), lora_alpha=alpha, lora_dropout=0.0,
+            target_modules=list(target_modules or lora_targets(base))))
 
 
 @torch.no_grad()

@@ -76,6 +76,29 @@ def _quiet_hf() -> Iterator[None]:
         peft_logger.setLevel(old_peft_level)
 
 
+def check_adapter_folder(adapter: str | Path | None) -> None:
+    """``DataError`` when ``adapter`` is given but holds no adapter_config.json (before any model is loaded)."""
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise DataError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+
+
+def attach_lora(base: torch.nn.Module, folder: Path, adapter: str | Path | None, config: Callable[[], Any]) -> Any:
+    """``base`` with a fresh LoRA (``config()``: a ``peft.LoraConfig``) or the saved ``adapter`` (trainable), in
+    eval mode; the one way the causal-LM and VLM loaders attach LoRA.  ``DataError`` naming the adapter
+    folder (or ``folder``) when PEFT cannot attach it."""
+    from peft import PeftModel, get_peft_model
+
+    try:
+        if adapter is None:
+            model = get_peft_model(base, config())
+        else:
+            model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise DataError(f"{adapter or folder}: cannot attach LoRA ({one_line(exc)})") from None
+    model.eval()
+    return model
+
+
 def _model_dir(path: str | Path | None) -> Path:
     p = default_model_path() if path is None else Path(path)
     if not p.is_dir():

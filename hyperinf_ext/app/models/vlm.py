@@ -130,13 +130,12 @@ def load_vlm_lora_model(
     Raises:
         DataError: not a model folder, an invalid adapter folder, or loading fails.
     """
-    from .training import _model_dir, _offline, _quiet_hf
+    from .training import _model_dir, _offline, _quiet_hf, attach_lora, check_adapter_folder
 
     p = _model_dir(path)
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise DataError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    check_adapter_folder(adapter)
     _offline()
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig
 
     with torch.random.fork_rng(devices=[]), _quiet_hf():
         torch.manual_seed(int(seed))
@@ -149,14 +148,6 @@ def load_vlm_lora_model(
                 errors.append(one_line(exc))
         if base is None:
             raise DataError(f"{p}: cannot load vision-language model ({errors[-1] if errors else 'no auto class'})")
-        try:
-            if adapter is None:
-                targets = list(target_modules or vlm_lora_targets(base, projector=projector, vision=vision))
-                cfg = LoraConfig(r=int(rank), lora_alpha=alpha, lora_dropout=0.0, target_modules=targets)
-                model = get_peft_model(base, cfg)
-            else:
-                model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True, local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise DataError(f"{adapter or p}: cannot attach LoRA ({one_line(exc)})") from None
-    model.eval()
-    return model
+        return attach_lora(base, p, adapter, lambda: LoraConfig(
+            r=int(rank), lora_alpha=alpha, lora_dropout=0.0,
+            target_modules=list(target_modules or vlm_lora_targets(base, projector=projector, vision=vision))))

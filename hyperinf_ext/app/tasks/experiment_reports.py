@@ -12,21 +12,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .html_report import Column, Plot, Section, Table, write_html_report
+from .html_report import MAX_ROWS as HTML_MAX_ROWS
+from .html_report import Column, Plot, Section, Table, cut_rows, write_html_report
 from .pipeline_data import PreparedData
 from .report import damping_text
 
 __all__ = ["MAX_ROWS", "write_detection_html", "write_selection_html"]
 
-MAX_ROWS = 1000
-"""Rows of a per-example table in report.html (ranked first ones); the CSV file holds every example."""
-
-
-def _cut(rows: list[dict[str, Any]], what: str, where: str) -> tuple[list[dict[str, Any]], str]:
-    """The first :data:`MAX_ROWS` rows and a note saying so (and ``where`` the rest is) when some were left out."""
-    if len(rows) <= MAX_ROWS:
-        return rows, ""
-    return rows[:MAX_ROWS], f"The first {MAX_ROWS} of {len(rows)} {what} are shown; {where}."
+MAX_ROWS = HTML_MAX_ROWS  # a module global, so a test can lower it here
 
 
 def _example(data: PreparedData, i: int) -> dict[str, Any]:
@@ -69,7 +62,7 @@ def write_detection_html(path: str | Path, result: Any, headline: Sequence[str],
         examples = [{**_example(data, int(i)), "original": names[data.original_labels[int(i)]],
                      "flipped": "flipped" if flipped[int(i)] else "",
                      **{col: float(s[int(i)]) for col, s in scores.items()}} for i in order]
-        examples, cut = _cut(examples, "training examples", "scores.csv has all of them")
+        examples, cut = cut_rows(examples, "training examples", "scores.csv has all of them", MAX_ROWS)
         score_cols = [Column(col, col, "score") for col in scores]
         sections.append(Table(
             f"Training examples, most suspicious first (by {first})",
@@ -99,7 +92,8 @@ def write_selection_html(path: str | Path, result: Any, headline: Sequence[str],
 
     chosen = set(result.selected)
     selected_rows = [{"position": p + 1, **row(i)} for p, i in enumerate(result.selected)]
-    selected_rows, cut_sel = _cut(selected_rows, "selected examples", "selected.csv has all of them")
+    selected_rows, cut_sel = cut_rows(selected_rows, "selected examples", "selected.csv has all of them",
+                                      MAX_ROWS)
     base = [Column("index", "index", "int"), Column("text", "text"), Column("label", "label"),
             Column("score", "score", "score")]
     sections: list[Section] = [Table(
@@ -110,7 +104,7 @@ def write_selection_html(path: str | Path, result: Any, headline: Sequence[str],
     order = np.argsort(scores, kind="stable")
     pool = [{"rank": r + 1, **row(int(i)), "selected": "selected" if int(i) in chosen else ""}
             for r, i in enumerate(order)]
-    pool, cut_pool = _cut(pool, "training examples", "selected.csv has every selected one")
+    pool, cut_pool = cut_rows(pool, "training examples", "selected.csv has every selected one", MAX_ROWS)
     sections.append(Table("Every training example, most helpful first",
                           [Column("rank", "rank", "int"), *base, Column("selected", "selected"), *flip_col], pool,
                           note=cut_pool))

@@ -38,7 +38,7 @@ from typing import Any, Literal, Mapping, Sequence, Union
 from ...persistence.files import write_bytes_atomic
 from .html_assets import CSP, NEGATIVE_RGB, POSITIVE_RGB, SCRIPT, STYLE
 
-__all__ = ["Column", "Group", "LONG_TEXT", "Plot", "Section", "Table", "Text", "TokenHeatmap", "render_html",
+__all__ = ["Column", "Group", "LONG_TEXT", "MAX_ROWS", "cut_rows", "Plot", "Section", "Table", "Text", "TokenHeatmap", "render_html",
            "write_html_report"]
 
 Kind = Literal["text", "number", "score", "int"]
@@ -48,6 +48,16 @@ LONG_TEXT = 280
 WIDE_TEXT = 60
 """A text column with a longer value is given a wider minimum width."""
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MAX_ROWS = 1000
+"""Rows of a per-example table in a report.html (the first ones in their order); the file beside it has all."""
+
+
+def cut_rows(rows: list[dict[str, Any]], what: str, where: str, limit: int = MAX_ROWS
+             ) -> tuple[list[dict[str, Any]], str]:
+    """The first ``limit`` rows, and a note saying so (and ``where`` the rest is) when some were left out."""
+    if len(rows) <= limit:
+        return rows, ""
+    return rows[:limit], f"The first {limit} of {len(rows)} {what} are shown; {where}."
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ training file (which must still hash the same).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -37,14 +36,6 @@ __all__ = ["IndexBuildConfig", "IndexQueryConfig", "run_index_build", "run_index
 SOURCE = "source.json"
 _READ_SETTINGS = ("text_column", "label_column", "prompt_column", "response_column", "max_length", "model", "rank",
                   "alpha", "fit_batch_size")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -121,7 +112,7 @@ def read_examples(path: Path, cfg: PipelineConfig, causal: bool, label_names: li
 
 
 def _source(cfg: IndexBuildConfig, train: TextDataset, causal: bool) -> dict[str, Any]:
-    return {"train": str(Path(cfg.train).resolve()), "train_sha256": file_sha256(Path(cfg.train)),
+    return {"train": str(Path(cfg.train).resolve()), "train_sha256": persistence.file_sha256(Path(cfg.train)),
             "causal": causal, "label_names": list(train.label_names), "n_train": len(train),
             "rows": train.rows, **{k: (str(getattr(cfg, k)) if isinstance(getattr(cfg, k), Path) else getattr(cfg, k))
                                    for k in _READ_SETTINGS}}
@@ -209,7 +200,7 @@ def check_index_train(index_dir: Path, train: Path) -> None:
         else None
     if source is None:
         raise ValueError(f"--index {index_dir}: not an index built by `hyperinf-ext index build` ({SOURCE} missing)")
-    if not Path(train).is_file() or file_sha256(Path(train)) != source["train_sha256"]:
+    if not Path(train).is_file() or persistence.file_sha256(Path(train)) != source["train_sha256"]:
         raise ValueError(f"--train {train}: not the file the index {index_dir} was built from ({source['train']}, "
                          "by SHA-256); rebuild the index for this file or leave out --train")
 
@@ -245,7 +236,7 @@ def run_index_query(cfg: IndexQueryConfig, log: Log = None) -> dict[str, Any]:
     causal = source["causal"]
     need_train = cfg.exact_rerank > 0
     train_path = Path(source["train"])
-    same = train_path.is_file() and file_sha256(train_path) == source["train_sha256"]
+    same = train_path.is_file() and persistence.file_sha256(train_path) == source["train_sha256"]
     if need_train and not same:
         raise ValueError(f"--exact-rerank: the training file {train_path} is missing or changed since the index was "
                          "built (SHA-256 differs); re-ranking needs the same rows")

@@ -58,13 +58,6 @@ class SelectPoolConfig(UserConfig):
     evaluate: bool = False
     out: Path = Path("hyperinf-out/select")
 
-    @property
-    def resolved_epochs(self) -> int:
-        """Warm-up (and --evaluate) epochs: --epochs, else 3 without an adapter and 0 with one."""
-        if self.epochs is not None:
-            return int(self.epochs)
-        return 0 if self.adapter is not None else DEFAULT_EPOCHS
-
     def validate(self) -> None:
         super().validate()
         if self.index is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import persistence
-from .index_task import SOURCE, file_sha256, open_index
+from .index_task import SOURCE, open_index
 from .pipeline import Loaders, Log, TrainedModel, log_stage, train_model
 from .user_run import UserConfig, UserData, load_user_files, prepare_inputs
 
@@ -55,7 +55,7 @@ def check_index_options(cfg: UserConfig, file_option: str, given: Path | None) -
     if given is not None:
         if not Path(given).is_file():
             raise ValueError(f"{file_option} {given}: file not found")
-        if file_sha256(Path(given)) != source["train_sha256"]:
+        if persistence.file_sha256(Path(given)) != source["train_sha256"]:
             raise ValueError(f"{file_option} {given}: not the file the index {cfg.index} was built from "
                              f"({source['train']}, by SHA-256); rebuild the index for this file or leave out "
                              f"{file_option}")
@@ -89,7 +89,7 @@ def index_inputs(cfg: UserConfig, command: str, added: tuple[str, ...], log: Log
         values["model"] = Path(values["model"])
     rcfg = dataclasses.replace(cfg, **values)
     train_path = Path(source["train"])
-    if not train_path.is_file() or file_sha256(train_path) != source["train_sha256"]:
+    if not train_path.is_file() or persistence.file_sha256(train_path) != source["train_sha256"]:
         raise ValueError(f"--index {cfg.index}: its training file {train_path} is missing or changed since the index "
                          f"was built (SHA-256 differs); {command} writes that file's rows, so it needs them unchanged")
     data = load_user_files(rcfg, train_path, command=command, added=added)

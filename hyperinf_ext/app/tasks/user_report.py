@@ -11,20 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .html_report import Column, Section, Table, Text, write_html_report
+from .html_report import MAX_ROWS as HTML_MAX_ROWS
+from .html_report import Column, Section, Table, Text, cut_rows, write_html_report
 from .per_token import shares_note, token_heatmap
 
 __all__ = ["MAX_ROWS", "write_audit_html", "write_select_html"]
 
-MAX_ROWS = 1000
-"""Rows of a per-example table in report.html; the output file beside it holds every example."""
-
-
-def _cut(rows: list[dict[str, Any]], what: str, where: str) -> tuple[list[dict[str, Any]], str]:
-    """The first :data:`MAX_ROWS` rows, and a note saying so (and ``where`` the rest is) when some were left out."""
-    if len(rows) <= MAX_ROWS:
-        return rows, ""
-    return rows[:MAX_ROWS], f"The first {MAX_ROWS} of {len(rows)} {what} are shown; {where}."
+MAX_ROWS = HTML_MAX_ROWS  # a module global, so a test can lower it here
 
 
 def _keys(causal: bool) -> tuple[str, str]:
@@ -60,7 +53,8 @@ def write_audit_html(path: str | Path, summary: dict[str, Any], rows: Sequence[d
         lines.insert(1, f"Target: {summary['target']} ({summary['n_target']} trusted examples).")
     columns = [Column("rank", "rank", "int"), Column("line", "line", "int"), Column("text", text_key),
                Column("answer", answer_key), Column("score", signal, "score")]
-    shown, cut = _cut(list(rows), "examples", f"{Path(summary['outputs']['ranked']).name} has every one")
+    shown, cut = cut_rows(list(rows), "examples", f"{Path(summary['outputs']['ranked']).name} has every one",
+                          MAX_ROWS)
     sections: list[Section] = [
         Text("Signal", f"{signal}: {summary['signal_meaning']}.\n\n{summary['sign_convention']}. Lines are file "
                        "lines (CSV: the header is line 1)."),
@@ -93,7 +87,7 @@ def write_select_html(path: str | Path, summary: dict[str, Any], rows: Sequence[
              *[f"Note: {n}" for n in summary.get("notes", [])]]
     ordered = sorted(rows, key=lambda r: (r["score"], r["line"]))
     table = [{**r, "selected": "selected" if r["selected"] else ""} for r in ordered]
-    shown, cut = _cut(table, "pool examples", "scores.csv has every one")
+    shown, cut = cut_rows(table, "pool examples", "scores.csv has every one", MAX_ROWS)
     columns = [Column("line", "line", "int"), Column("text", text_key), Column("answer", answer_key),
                Column("score", "influence_score", "score"), Column("selected", "selected")]
     sections: list[Section] = [

@@ -14,7 +14,6 @@ removes the folder once its outputs are written.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ... import persistence
 from ..data.batching import encode_texts
 from ..data.dataset import DataError, TextDataset
 from ..data.files import load_text_file
@@ -155,14 +155,6 @@ def prepare_inputs(cfg: UserConfig, data: UserData, log: Log = None) -> tuple[Lo
     return loaders, prepared
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class RunCheckpoint:
     """``OUT/.checkpoint``: what a rerun with the same arguments resumes from (see the module docstring)."""
 
@@ -178,7 +170,7 @@ class RunCheckpoint:
         if cfg.adapter is not None:
             inputs += sorted(p for p in Path(cfg.adapter).iterdir() if p.is_file())
         self.identity = {"command": command, "settings": settings,
-                         "files": {str(p): _sha256(p) for p in inputs}}
+                         "files": {str(p): persistence.file_sha256(p) for p in inputs}}
 
     @property
     def adapter_dir(self) -> Path:
