@@ -77,3 +77,9 @@ def test_skipped_rows_are_reported_and_outputs_use_file_lines(tmp_path):
     lines = tmp_path / "i.jsonl"
     lines.write_text('{"prompt": "p", "response": "r"}\n\n{"prompt": "q", "response": "s"}\n')
     assert load_instruction_file(lines).rows == [1, 3]
+
+
+def test_a_row_with_quoted_newlines_is_named_by_its_first_line(tmp_path):
+    """csv's line_num points at a row's last physical line; outputs name a multi-line row by its first."""
+    ds = load_text_file(_csv(tmp_path, 'text,label\na,1\n"two\nlines, and\nthree",0\nb,1\n', "multi.csv"))
+    assert ds.rows == [2, 3, 6]

@@ -40,15 +40,15 @@ def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any
             if dup:  # DictReader would keep the last of them and silently drop the others
                 raise DataError(f"{path}: the header (line 1) names column '{dup[0]}' "
                                 f"{fieldnames.count(dup[0])} times; column names must be distinct")
-            # line_num counts physical lines, so for multi-line quoted fields it
-            # points at the row's end; good enough for an error message.
+            # line_num counts physical lines and points at a row's LAST line; a row with quoted newlines
+            # is named by its first line (end minus the newlines inside its fields), as an editor shows it
             rows = []
             for row in reader:
                 if None in row or None in row.values():  # restkey (extra fields) / restval (missing ones)
                     n = len(fieldnames) + len(row.get(None) or ()) - sum(v is None for v in row.values())
                     raise DataError(f"{path}: line {reader.line_num} has {n} fields but the header has "
                                     f"{len(fieldnames)} ({', '.join(fieldnames)}); quote fields that contain commas")
-                rows.append((reader.line_num, row))
+                rows.append((reader.line_num - sum(v.count("\n") for v in row.values() if isinstance(v, str)), row))
     except (csv.Error, OSError, EOFError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read CSV ({one_line(exc)})") from None
     if not fieldnames:

@@ -56,8 +56,10 @@ def write_audit_html(path: str | Path, summary: dict[str, Any], rows: Sequence[d
     shown, cut = cut_rows(list(rows), "examples", f"{Path(summary['outputs']['ranked']).name} has every one",
                           MAX_ROWS)
     sections: list[Section] = [
-        Text("Signal", f"{signal}: {summary['signal_meaning']}.\n\n{summary['sign_convention']}. Lines are file "
-                       "lines (CSV: the header is line 1)."),
+        # sign_convention repeats signal_meaning: the page says the meaning once
+        Text("Signal", f"{signal}: {summary['signal_meaning']}.\n\nRank 1 = the highest score = the most suspicious. "
+                       "Lines are file lines (CSV: the header is line 1; a row spanning several lines is named by "
+                       "its first)."),
         Table("Training examples, most suspicious first", columns, shown, note=cut),
     ]
     if tokens:
