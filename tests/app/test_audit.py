@@ -369,8 +369,8 @@ def test_audit_from_an_exact_index_equals_the_audit_without(llm, exact_index, tm
     out = tmp_path / "out"
     capsys.readouterr()
     assert main(["audit", "--index", str(exact_index), *(["--target", str(target)] if with_target else []),
-                 *(["--train", str(train)] if with_target else []), "--out", str(out), *FAST]) == 0, \
-        capsys.readouterr().err
+                 *(["--train", str(train)] if with_target else ["--no-verify", "--estimator", "unbiased"]),
+                 "--out", str(out), *FAST]) == 0, capsys.readouterr().err
     assert f"index {exact_index}: scores from the index, exact" in capsys.readouterr().out
     signal = "influence_score" if with_target else "self_influence"
     ranked = read_jsonl(out / "ranked.jsonl")
@@ -384,6 +384,8 @@ def test_audit_from_an_exact_index_equals_the_audit_without(llm, exact_index, tm
     summary = json.loads((out / "summary.json").read_text())
     index = summary["index"]
     assert index["path"] == str(exact_index) and index["proj_dim"] == 0 and index["projected"] is False
+    # an exact index has no projected layer, so the estimator changes nothing
+    assert (index["verified"], index["estimator"]) == ((True, "regression") if with_target else (False, "unbiased"))
     assert index["scores"].startswith("from the index, exact") and summary["train"] == str(train.resolve())
     assert summary["finetune"]["epochs"] == 0 and summary["finetune"]["adapter"] == str(exact_index / "adapter")
     assert "checkpoint" not in summary and not (out / ".checkpoint").exists()

@@ -129,8 +129,6 @@ def test_per_token_refusals_come_before_any_work(llm, tmp_path, capsys, monkeypa
          "--per-token: needs a causal LM"),
         (["audit", "--model", str(folder), "--train", str(train), "--per-token", "--per-token-count", "0"],
          "--per-token-count must be >= 1"),
-        (["attribute", "--index", str(tmp_path), "--query", str(query), "--per-token"],
-         "--per-token: not with --index in attribute"),
     ]
     capsys.readouterr()  # the set-up's own output
     for argv, message in cases:

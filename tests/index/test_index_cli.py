@@ -104,3 +104,67 @@ def test_attribute_with_index_equals_index_query(files, capsys):
     code = main(["attribute", "--index", str(root / "exact"), "--adapter", str(root / "adapter"), "--query", str(query),
                  "--out", str(root / "x"), "--no-progress"])
     assert code == 2 and "--adapter: not with --index" in capsys.readouterr().err
+
+
+REL_SHARE = 1e-5  # of the largest |share|: float32 per-token backward passes (tests/app/test_per_token_cli.py)
+
+
+def _shares_sum(side: dict, score: float) -> None:
+    shares = [s for s in side["shares"] if s is not None]
+    top = max(abs(s) for s in shares)
+    assert abs(sum(shares) - score) <= REL_SHARE * top, (sum(shares), score, top)
+
+
+@pytest.mark.parametrize("name, proj", [("exact", "0"), ("proj", "4")])
+def test_attribute_index_per_token_splits_the_exact_scores(files, capsys, name, proj):
+    """``attribute --index --per-token``: the index picks the pairs, the pairs re-run token by token from the
+    index's training file; their shares sum to the exact score (``token_score``), which an exact index also
+    lists as ``score`` and a projected one only approximates."""
+    root, folder, train, query, expected = files
+    if not (root / name).exists():
+        assert _build(root, folder, train, name, "--proj-dim", proj) == 0, capsys.readouterr().err
+    out = root / f"attr-idx-tokens-{name}"
+    assert main(["attribute", "--index", str(root / name), "--query", str(query), "--top-k", "3", "--per-token",
+                 "--no-verify", "--out", str(out), "--no-progress", "--threads", "1"]) == 0, capsys.readouterr().err
+    records = _records(out)
+    listed = {(r["query_line"], e["train_line"]): e["score"] for r in records for side in ("helpful", "harmful")
+              for e in r[side]}
+    tokens = [json.loads(x) for x in (out / "tokens.jsonl").read_text().splitlines()]
+    assert {(t["query_line"], t["train_line"]) for t in tokens} == set(listed)
+    exact = {(r["query_line"], e["train_line"]): e["score"] for r in expected for side in ("helpful", "harmful")
+             for e in r[side]}
+    for t in tokens:
+        assert t["score"] == listed[(t["query_line"], t["train_line"])]
+        for side in ("train", "query"):
+            _shares_sum(t[side], t["token_score"])
+        if (t["query_line"], t["train_line"]) in exact:  # `attribute` without an index scored this pair exactly
+            assert t["token_score"] == pytest.approx(exact[(t["query_line"], t["train_line"])], rel=1e-4)
+        if proj == "0":
+            assert t["token_score"] == pytest.approx(t["score"], rel=1e-4)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["per_token"]["pairs"] == len(tokens)
+    assert ("approximate score" in summary["per_token"]["check"]) == (proj != "0")
+    assert summary["settings"]["verify"] == "False" and "per-token:" in capsys.readouterr().out
+
+
+def test_index_reading_options_need_an_index(files, tmp_path, capsys, monkeypatch):
+    root, folder, train, query, _ = files
+    from hyperinf_ext.app.tasks import index_task
+
+    monkeypatch.setattr(index_task, "load_model", lambda *a, **k: pytest.fail("model loaded before the checks"))
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "source.json").write_text(json.dumps({"causal": False, "model": "minilm"}))
+    cases = [
+        (["attribute", "--model", str(folder), "--train", str(train), "--query", str(query), "--no-verify"],
+         "--no-verify: only with --index"),
+        (["audit", "--model", str(folder), "--train", str(train), "--estimator", "unbiased"],
+         "--estimator: only with --index"),
+        (["attribute", "--index", str(tmp_path / "cls"), "--query", str(query), "--per-token"],
+         "--per-token: needs a causal LM"),
+        (["index", "query", str(tmp_path / "cls"), "--query", str(query), "--per-token"],
+         "--per-token: needs a causal LM"),
+    ]
+    for argv, message in cases:
+        code = main([*argv, "--out", str(tmp_path / "o"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, err

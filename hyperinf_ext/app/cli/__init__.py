@@ -203,6 +203,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
+    _index_reading(args)
     if args.index is not None:
         return _attribute_from_index(args)
     from ...curvature.methods import parse_dampings, parse_methods
@@ -220,15 +221,25 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     return _run_task(args, cfg, run_attribute, attribute_table)
 
 
+def _index_reading(args: argparse.Namespace) -> dict:
+    """--estimator and --no-verify, which only an index reads (refused without --index)."""
+    if args.index is None:
+        for option, given in (("--estimator", args.estimator is not None), ("--no-verify", args.no_verify)):
+            if given:
+                raise ValueError(f"{option}: only with --index (it says how an index is read)")
+    return {"verify": not args.no_verify, "estimator": args.estimator or "regression"}
+
+
 def _user_kwargs(args: argparse.Namespace) -> dict:
     """The settings audit and select share."""
+    reading = _index_reading(args)
     return dict(
         target=args.target, text_column=args.text_column, label_column=args.label_column,
         prompt_column=args.prompt_column, response_column=args.response_column, max_length=_max_length(args),
         model=args.model, adapter=args.adapter, epochs=args.epochs, rank=args.rank, alpha=args.alpha, lr=args.lr,
         batch_size=args.batch_size, device=args.device, method=args.method, damping=args.damping,
         checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.no_progress, out=args.out,
-        index=args.index,
+        index=args.index, index_verify=reading["verify"], index_estimator=reading["estimator"],
     )
 
 
@@ -278,13 +289,11 @@ def _attribute_from_index(args: argparse.Namespace) -> int:
              if v is not None]
     if given:
         raise ValueError(f"{given[0]}: not with --index (the index holds the model, adapter and fitted factors)")
-    if args.per_token:
-        raise ValueError("--per-token: not with --index in attribute (run it without --index; audit --index "
-                         "--per-token works)")
     if args.train is not None:
         t.check_index_train(args.index, args.train)
     cfg = t.IndexQueryConfig(index=args.index, query=args.query, top_k=args.top_k, device=args.device,
-                             progress=not args.no_progress, out=args.out)
+                             progress=not args.no_progress, per_token=args.per_token, out=args.out,
+                             **_index_reading(args))
     return _run_task(args, cfg, t.run_index_query, t.index_query_table)
 
 
@@ -307,8 +316,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
         print(t.index_build_table(t.run_index_build(cfg, log=_logger(args))))
         return 0
     cfg = t.IndexQueryConfig(index=args.index, query=args.query, top_k=args.top_k, exact_rerank=args.exact_rerank,
-                             device=args.device, progress=not args.no_progress, verify=not args.no_verify,
-                             estimator=args.estimator, out=args.out)
+                             device=args.device, progress=not args.no_progress, per_token=args.per_token,
+                             out=args.out, **_index_reading(args))
     return _run_task(args, cfg, t.run_index_query, t.index_query_table)
 
 

@@ -143,6 +143,7 @@ def _add_attribute(p: argparse.ArgumentParser) -> None:
     g.add_argument("--index", metavar="IDX", type=Path, default=None,
                    help="answer from a gradient index (`hyperinf-ext index build`) instead of recomputing the "
                         "training gradients; the model, adapter and training file are the index's")
+    add_index_reading(g)
     _add_columns(g)
     g.add_argument("--max-length", metavar="N", type=int, default=128, help="max tokens per example (default: 128)")
     _add_model_and_finetune(p)
@@ -152,7 +153,8 @@ def _add_attribute(p: argparse.ArgumentParser) -> None:
     g.add_argument("--damping", metavar="VALUE", default="auto", help="damping (default: auto)")
     g.add_argument("--per-token", action="store_true",
                    help="causal LMs: also split every kept pair's score over the query's and the training example's "
-                        "response tokens (tokens.jsonl, heatmaps in report.html); not with --index")
+                        "response tokens (tokens.jsonl, heatmaps in report.html); with --index the kept pairs are "
+                        "re-run from the index's training file, so their shares sum to the exact score")
     _add_common(p, out="hyperinf-out/attribute")
 
 
@@ -181,6 +183,17 @@ def _add_index_option(g: argparse._ArgumentGroup, file_option: str) -> None:
                    help="score from a gradient index (`hyperinf-ext index build`) instead of fitting: the model, "
                         f"adapter and training file are the index's ({file_option} is optional and must be that file; "
                         "--model, --adapter, --method and --damping are refused)")
+    add_index_reading(g)
+
+
+def add_index_reading(g: argparse._ArgumentGroup) -> None:
+    """How an index is opened and read (``index query`` and every command's ``--index``)."""
+    g.add_argument("--estimator", choices=("regression", "unbiased"), default=None,
+                   help="with an index: how a projected layer's score is estimated from the stored rows: least "
+                        "squares given the training gradients' GFIM (regression) or the plain projected product "
+                        "(default: regression)")
+    g.add_argument("--no-verify", action="store_true",
+                   help="with an index: skip the SHA-256 check of the shard files on open (sizes are still checked)")
 
 
 def _add_audit(p: argparse.ArgumentParser) -> None:
@@ -284,7 +297,7 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] 
         "build a gradient index of a training file, or query one",
         "index build: fit HyperINF once and store the training gradients compressed; index query: per query "
         "the top-k training examples from the index, without recomputing the training gradients.",
-        lambda p: add_index(p, _add_model_and_finetune, _add_columns, _add_common),
+        lambda p: add_index(p, _add_model_and_finetune, _add_columns, _add_common, add_index_reading),
     ),
 }
 

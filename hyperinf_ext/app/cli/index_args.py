@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Callable
 
 
-def add_index(p: argparse.ArgumentParser, add_model: Callable, add_columns: Callable, add_common: Callable) -> None:
+def add_index(p: argparse.ArgumentParser, add_model: Callable, add_columns: Callable, add_common: Callable,
+              add_index_reading: Callable) -> None:
     """``index build`` and ``index query`` as actions of one command (``args.index_action``); ``add_model``
-    adds the model and fine-tuning group, ``add_columns``/``add_common`` the shared options (args.py)."""
+    adds the model and fine-tuning group, ``add_columns``/``add_common`` the shared options,
+    ``add_index_reading`` --estimator and --no-verify (args.py)."""
     sub = p.add_subparsers(dest="index_action", metavar="ACTION", required=True)
     b = sub.add_parser(
         "build", help="fit HyperINF on a training file and store its gradients compressed",
@@ -41,10 +43,10 @@ def add_index(p: argparse.ArgumentParser, add_model: Callable, add_columns: Call
     q.add_argument("--exact-rerank", metavar="M", type=int, default=0,
                    help="re-score the best M candidates per query and side exactly from the training file (which must "
                         "be unchanged) and re-rank (default: 0, the index's scores)")
-    q.add_argument("--estimator", choices=("regression", "unbiased"), default="regression",
-                   help="how a projected layer's score is estimated from the stored rows: least squares given the "
-                        "training gradients' GFIM (regression) or the plain projected product (default: regression)")
-    q.add_argument("--no-verify", action="store_true",
-                   help="skip the SHA-256 check of the shard files on open (sizes are still checked)")
+    add_index_reading(q)
+    q.add_argument("--per-token", action="store_true",
+                   help="causal LMs: also split every kept pair's score over the query's and the training example's "
+                        "response tokens, re-running the kept pairs from the index's training file (which must be "
+                        "unchanged): tokens.jsonl, heatmaps in report.html")
     q.add_argument("--device", metavar="DEV", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     add_common(q, out="hyperinf-out/index-query")

@@ -7,7 +7,8 @@ model again: model, adapter copy in ``IDX/adapter``, columns, label names, the t
 SHA-256).  ``index query``: the model from the index, the query file's gradients, preconditioned and
 scored against the store → ``attribution.jsonl``, ``report.md``, ``summary.json`` (the format of
 ``attribute``); ``--exact-rerank M`` recomputes the exact scores of the best M candidates from the
-training file (which must still hash the same).
+training file (which must still hash the same); ``--per-token`` re-runs the kept pairs from that file,
+token by token, and splits their exact scores over both sides' tokens.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from ..data.files import load_text_file
 from .attribute import attribution_records, write_jsonl
 from .attribute_report import write_html, write_markdown
 from .output import prepare_output_dir, staged_outputs
+from .per_token import attribute_token_records, check_per_token, shares_note, write_tokens_jsonl
 from .pipeline import (Log, PipelineConfig, PreparedData, build_loaders, is_causal, load_model, log_stage, model_dir,
                        train_model)
 from .report import write_json
@@ -78,6 +80,8 @@ class IndexQueryConfig:
     progress: bool = True
     verify: bool = True
     estimator: str = "regression"
+    per_token: bool = False
+    """Causal LMs: split each kept pair's score over both sides' tokens (the kept pairs re-run exactly)."""
     out: Path = Path("hyperinf-out/index-query")
 
     def validate(self) -> None:
@@ -90,6 +94,9 @@ class IndexQueryConfig:
         if self.exact_rerank and self.exact_rerank < self.top_k:
             raise ValueError(f"--exact-rerank {self.exact_rerank}: re-ranking a top {self.top_k} needs at least "
                              f"{self.top_k} candidates")
+        if self.per_token:  # before the model is loaded: a classifier index has no tokens to split over
+            source = persistence.read_json(Path(self.index) / SOURCE, "index source")
+            check_per_token(bool(source["causal"]), source["model"])
 
 
 def read_examples(path: Path, cfg: PipelineConfig, causal: bool, label_names: list[str] | None = None,
@@ -234,12 +241,13 @@ def run_index_query(cfg: IndexQueryConfig, log: Log = None) -> dict[str, Any]:
     t_open = time.perf_counter() - t_start
     mcfg = _model_config(source, cfg.device, cfg.progress)
     causal = source["causal"]
-    need_train = cfg.exact_rerank > 0
+    need_train = cfg.exact_rerank > 0 or cfg.per_token
     train_path = Path(source["train"])
     same = train_path.is_file() and persistence.file_sha256(train_path) == source["train_sha256"]
     if need_train and not same:
-        raise ValueError(f"--exact-rerank: the training file {train_path} is missing or changed since the index was "
-                         "built (SHA-256 differs); re-ranking needs the same rows")
+        option = "--exact-rerank" if cfg.exact_rerank > 0 else "--per-token"
+        raise ValueError(f"{option}: the training file {train_path} is missing or changed since the index was "
+                         "built (SHA-256 differs); re-running the kept examples needs the same rows")
     query = read_examples(Path(cfg.query), mcfg, causal, source["label_names"], min_classes=1)
     notes = list(query.notes)
     if same:  # the texts of the training rows named in the outputs (reading is cheap; no gradients)
@@ -258,23 +266,43 @@ def run_index_query(cfg: IndexQueryConfig, log: Log = None) -> dict[str, Any]:
         subset = lambda rows: subset_loader(train, loaders.train_encodings, tokenizer, rows, batch,  # noqa: E731
                                             mcfg.max_length)
     t0 = time.perf_counter()
-    kept = idx.query(loaders.influence_val, top_k=cfg.top_k, exact_rerank=cfg.exact_rerank, train_subset=subset)
+    kept = idx.query(loaders.influence_val, top_k=cfg.top_k, exact_rerank=cfg.exact_rerank,
+                     train_subset=subset if cfg.exact_rerank > 0 else None)
     query_seconds = time.perf_counter() - t0
+    tokens, token_seconds = None, 0.0
+    if cfg.per_token:
+        t0 = time.perf_counter()
+        log_stage(log, f"per-token: shares of the kept pairs of {len(query)} queries (both sides, run exactly)")
+        # only the kept rows of the training loader are run (token_scores drops the others before any forward)
+        tokens = attribute_token_records(idx.attributor, loaders.influence_val, loaders.influence_train, kept,
+                                         loaders.tokenizer, train, query)
+        token_seconds = time.perf_counter() - t0
     records = attribution_records(train, query, kept, causal)
     paths = {"attribution": str(out / "attribution.jsonl"), "report": str(out / "report.md"),
              "html": str(out / "report.html"), "summary": str(out / "summary.json")}
+    if tokens is not None:
+        paths["tokens"] = str(out / "tokens.jsonl")
     summary = {
         "task": "index query", "index": str(cfg.index), "settings": {k: str(v) for k, v in vars(cfg).items()},
         "n_train": idx.n_train, "n_query": len(query), "causal_lm": causal, "notes": notes,
         "method": idx.attributor.config.method, "damping": str(idx.attributor.config.damping), "top_k": cfg.top_k,
         "exact_rerank": cfg.exact_rerank, "estimator": cfg.estimator, "proj_dim": idx.config.proj_dim,
         "scores": "exact (re-ranked)" if need_train else "index approximation",
-        "timings": {"open_seconds": t_open, "query_seconds": query_seconds}, "outputs": paths,
+        "timings": {"open_seconds": t_open, "query_seconds": query_seconds,
+                    **({"per_token_seconds": token_seconds} if tokens is not None else {})},
+        "per_token": None if tokens is None else {
+            "pairs": len(tokens), "sides": ["query", "train"],
+            "check": shares_note(tokens) + (" The shares sum to the pair's exact score (token_score), which can "
+                                            "differ from the index's approximate score (score)."
+                                            if not cfg.exact_rerank and idx.config.proj_dim else "")},
+        "outputs": paths,
     }
     with staged_outputs(out) as stage:
         write_jsonl(stage / "attribution.jsonl", records)
         write_markdown(stage / "report.md", summary, records)
-        write_html(stage / "report.html", summary, records)
+        write_html(stage / "report.html", summary, records, tokens=tokens)
+        if tokens is not None:
+            write_tokens_jsonl(stage / "tokens.jsonl", tokens)
         summary["total_seconds"] = time.perf_counter() - t_start
         write_json(stage / "summary.json", summary)
     return summary
@@ -286,6 +314,8 @@ def index_query_table(s: dict[str, Any]) -> str:
         f"index query: top {s['top_k']} helpful and harmful of {s['n_train']} indexed training examples for "
         f"{s['n_query']} queries ({s['scores']})",
         *(f"note: {n}" for n in s.get("notes", [])),
-        f"open {t['open_seconds']:.1f} s, query {t['query_seconds']:.1f} s",
+        f"open {t['open_seconds']:.1f} s, query {t['query_seconds']:.1f} s"
+        + (f", per-token {t['per_token_seconds']:.1f} s" if "per_token_seconds" in t else ""),
+        *([f"per-token: {s['per_token']['pairs']} pairs; {s['per_token']['check']}"] if s.get("per_token") else []),
         f"outputs: {', '.join(s['outputs'].values())}",
     ])

@@ -99,7 +99,8 @@ def index_inputs(cfg: UserConfig, command: str, added: tuple[str, ...], log: Log
     loaders, _ = prepare_inputs(rcfg, data, log)
     t0 = time.perf_counter()
     log_stage(log, f"index: opening {cfg.index} ({source['n_train']} training examples)")
-    idx, _, _ = open_index(Path(cfg.index), cfg.device, cfg.progress, True, log)
+    idx, _, _ = open_index(Path(cfg.index), cfg.device, cfg.progress, cfg.index_verify, log)
+    idx.estimator = cfg.index_estimator
     open_seconds = time.perf_counter() - t0
     trained = train_model(rcfg, idx.attributor.model, loaders.finetune, loaders.evaluation, epochs=0, log=log,
                           what="index model")
@@ -116,5 +117,6 @@ def index_summary(run: IndexRun, signal: str) -> dict[str, Any]:
         how += "; self-influence is sketched through the projection"
     return {"path": str(run.cfg.index), "proj_dim": proj, "projected": not exact, "store_dtype": run.idx.config.dtype,
             "scores": f"from the index, {how}", "train": run.source["train"],
+            "estimator": run.idx.estimator, "verified": run.cfg.index_verify,
             "method": run.idx.attributor.config.method, "damping": str(run.idx.attributor.config.damping),
             "open_seconds": run.open_seconds}

@@ -51,6 +51,10 @@ class UserConfig(PipelineConfig):
     max_length: int = 128
     index: Path | None = None
     """A gradient index (``hyperinf-ext index build``) to score from instead of fitting (module ``user_index``)."""
+    index_verify: bool = True
+    """With ``index``: check every shard file's SHA-256 on open (``--no-verify`` checks sizes only)."""
+    index_estimator: str = "regression"
+    """With ``index``: how a projected layer's score is estimated (``Index.estimator``)."""
 
     def validate(self) -> None:
         super().validate()
@@ -68,7 +72,7 @@ class UserConfig(PipelineConfig):
         from ...curvature.methods import damping_label
 
         out = super().settings()
-        for unused in ("data", "n_train", "n_val", "flip_rate", "top_k", *(("index",) if self.index is None else ())):
+        for unused in ("data", "n_train", "n_val", "flip_rate", "top_k", *(("index", "index_verify", "index_estimator") if self.index is None else ())):
             out.pop(unused, None)
         out["damping"] = damping_label(self.damping)
         return out
