@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -31,6 +31,9 @@ from ..curvature.methods import LayerFactor, resolve
 from .scoring import Scoring
 from .stored import StoredStateIO
 from .tokens import TokenScoring
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 __all__ = ["SIGN_CONVENTION", "HyperINF", "HyperINFConfig", "QueryGradients"]
 
@@ -191,6 +194,27 @@ class HyperINF(FitPass, Scoring, TokenScoring, StoredStateIO):
     def _prepare_key(self) -> tuple:
         """What the prepared method depends on; equal keys mean ``_prepare`` has nothing to redo."""
         return (self.config.method, self.config.damping, self.config.damping_scale, self.batches_done)
+
+    def plan(self, train_loader: Iterable, *, n_queries: int = 0, top_k: int | None = None, mean: bool = False,
+             probe_batches: int = 4) -> "Plan":
+        """Memory and time of ``fit(train_loader)`` and of scoring ``n_queries`` queries, before the run.
+
+        Reads ``train_loader`` once without the model (examples, batches, padded tokens), then runs the
+        fit's per-sample gradients and GFIM products on ``probe_batches`` batches — the first warms up,
+        the largest is always among them — to measure seconds per token and the memory one batch takes.
+        The factors, inverses, gradient cache (``cache="memory"``), query gradients and the score matrix
+        (dense, 2·k per query with ``top_k``, or one row with ``mean=True``, as ``mean_scores``) are
+        counted from their shapes and dtypes.  Nothing is
+        fitted: the attributor's state is unchanged.  See :class:`~hyperinf_ext.attributor.plan.Plan`
+        (``peak_bytes``, ``seconds``, ``advice(max_memory)``, ``table()``) and docs/api.md "Plan".
+
+        Raises:
+            ValueError: an empty loader, a batch without tensors, bad ``n_queries``/``top_k``/
+                ``probe_batches``, or any error the fit would raise on the probed batches.
+        """
+        from .plan import make_plan
+
+        return make_plan(self, train_loader, n_queries=n_queries, top_k=top_k, mean=mean, probe_batches=probe_batches)
 
     def use(self, method: str | None = None, *, damping: Any = _KEEP, **options: Any) -> "HyperINF":
         """Switch method and/or damping on the same fitted factors and cached gradients (no refit).

@@ -117,9 +117,12 @@ def test_seq_cls_end_and_checkpoint(tmp_path):
     torch.testing.assert_close(final.scores(queries, direct_loader(rows, 3)), want, rtol=1e-10, atol=1e-10 * sscale)
 
     # the callback's batches come from the Trainer's (shuffling, column-dropping) dataloader; their
-    # index is the dataset position, so scoring through them gives the same columns
+    # index is the dataset position, so scoring through them gives the same columns; they come grouped by
+    # length (group_by_length=True, the default): every row once, shortest first
     examples = list(callback.examples(trainer.args, trainer.get_train_dataloader()))
-    assert torch.equal(torch.cat([b["index"] for b in examples]), torch.arange(N))
+    order = torch.cat([b["index"] for b in examples])
+    assert sorted(order.tolist()) == list(range(N))
+    assert order.tolist() == sorted(range(N), key=lambda k: len(rows[k]["input_ids"]))
     for b in examples:
         assert "idx" not in b  # dropped by the Trainer's collator wrapper: BERT's forward does not take it
         for j, k in enumerate(b["index"].tolist()):
@@ -196,3 +199,32 @@ def test_bad_options_fail_before_training(tmp_path):
     with pytest.raises(ValueError, match="subdir: .* exists and is not a folder"):
         train(out, bert_lora(), dataset(), HyperINFCallback())
     assert not (out / "checkpoint-2").exists()  # refused before the first step
+
+
+def test_group_by_length_pads_less_and_scores_the_same():
+    """Length-grouped batches: every row once, with its own index, fewer padded tokens, the same scores
+    (float64: per-example gradients do not depend on their batch-mates; the sums differ only in order,
+    1e-10 relative as above)."""
+    from hyperinf_ext.integrations.transformers import ExampleBatches
+
+    model, rows = llama_lora(), dataset(n=23, causal=True)
+    plain = ExampleBatches(rows, collate, 4)
+    grouped = ExampleBatches(rows, collate, 4, group_by_length=True)
+    seen = torch.cat([b["index"] for b in grouped])
+    assert sorted(seen.tolist()) == list(range(23)) and len(grouped) == len(plain) == 6
+    for b in grouped:  # each row is where its index says
+        for i, k in enumerate(b["index"].tolist()):
+            n = len(rows[k]["input_ids"])
+            assert b["input_ids"][i, :n].tolist() == rows[k]["input_ids"] and int(b["attention_mask"][i].sum()) == n
+    lengths = [len(rows[k]["input_ids"]) for k in seen.tolist()]
+    assert lengths == sorted(lengths)
+    padded = lambda batches: sum(b["input_ids"].numel() for b in batches)  # noqa: E731
+    assert padded(grouped) < padded(plain)
+    queries = direct_loader(dataset(n=3, seed=7, causal=True), size=3)
+    a = HyperINF(model, method="exact", damping="datainf", progress=False).fit(plain).scores(queries, plain)
+    b = HyperINF(model, method="exact", damping="datainf", progress=False).fit(grouped).scores(queries, grouped)
+    torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10 * float(a.abs().max()))
+    unlabelled = ExampleBatches([{"x": torch.ones(2)}] * 3, lambda r: {"x": torch.stack([t["x"] for t in r]),
+                                                                        "labels": torch.zeros(len(r))}, 2,
+                                group_by_length=True)
+    assert unlabelled.order == [0, 1, 2]  # no input_ids: dataset order

@@ -97,8 +97,13 @@ def _torchrun(args: argparse.Namespace):
         dist.destroy_process_group()
 
 
+def _plan_kwargs(args: argparse.Namespace) -> dict:
+    """--plan, --max-memory and --fit-batch-size (the commands that fit)."""
+    return dict(plan=args.plan, max_memory=args.max_memory, fit_batch_size=args.fit_batch_size)
+
+
 def _pipeline_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
+    return dict(**_plan_kwargs(args),
         data=args.data, text_column=args.text_column, label_column=args.label_column,
         prompt_column=args.prompt_column, response_column=args.response_column,
         n_train=args.n_train, n_val=args.n_val, flip_rate=args.flip_rate,
@@ -168,7 +173,19 @@ def _run_task(args: argparse.Namespace, cfg: Any, run: Callable[..., Any], table
     cfg.validate()  # before _setup/imports of the model stack, so bad input fails fast
     prepare_output_dir(args.out)
     _setup(args)
-    print(table(run(cfg, log=_logger(args))))
+    return _print_run(args, cfg, run, table)
+
+
+def _print_run(args: argparse.Namespace, cfg: Any, run: Callable[..., Any], table: Callable[[Any], str]) -> int:
+    """Run the task and print its table; with --plan, print the plan and write OUT/plan.json instead."""
+    from ..tasks.planning import PlanReady, write_plan
+
+    try:
+        print(table(run(cfg, log=_logger(args))))
+    except PlanReady as ready:
+        print(ready.table)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        print(f"outputs: {write_plan(args.out, ready.summary)}")
     return 0
 
 
@@ -217,6 +234,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
         model=args.model, adapter=args.adapter, epochs=args.epochs, rank=args.rank, alpha=args.alpha, lr=args.lr,
         batch_size=args.batch_size, device=args.device, top_k=args.top_k, method=method, damping=damping,
         per_token=args.per_token, seed=args.seed, progress=not args.no_progress, out=args.out,
+        **_plan_kwargs(args),
     )
     return _run_task(args, cfg, run_attribute, attribute_table)
 
@@ -240,6 +258,7 @@ def _user_kwargs(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size, device=args.device, method=args.method, damping=args.damping,
         checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.no_progress, out=args.out,
         index=args.index, index_verify=reading["verify"], index_estimator=reading["estimator"],
+        **_plan_kwargs(args),
     )
 
 
@@ -289,6 +308,10 @@ def _attribute_from_index(args: argparse.Namespace) -> int:
              if v is not None]
     if given:
         raise ValueError(f"{given[0]}: not with --index (the index holds the model, adapter and fitted factors)")
+    for option, value in (("--plan", args.plan), ("--max-memory", args.max_memory is not None)):
+        if value:
+            raise ValueError(f"{option}: not with --index (an index run fits nothing; plan the index build: "
+                             "`hyperinf-ext index build ... --plan`)")
     if args.train is not None:
         t.check_index_train(args.index, args.train)
     cfg = t.IndexQueryConfig(index=args.index, query=args.query, top_k=args.top_k, device=args.device,
@@ -310,11 +333,10 @@ def _cmd_index(args: argparse.Namespace) -> int:
             model=args.model, adapter=args.adapter, epochs=args.epochs, rank=args.rank, alpha=args.alpha,
             lr=args.lr, batch_size=args.batch_size, device=args.device, proj_dim=args.proj_dim,
             store_dtype=args.store_dtype, method=method, damping=damping, seed=args.seed,
-            progress=not args.no_progress, out=args.out)
+            progress=not args.no_progress, out=args.out, **_plan_kwargs(args))
         cfg.validate()
-        _setup(args)
-        print(t.index_build_table(t.run_index_build(cfg, log=_logger(args))))
-        return 0
+        _setup(args)  # no prepare_output_dir: a rerun into the same --out resumes the build
+        return _print_run(args, cfg, t.run_index_build, t.index_build_table)
     cfg = t.IndexQueryConfig(index=args.index, query=args.query, top_k=args.top_k, exact_rerank=args.exact_rerank,
                              device=args.device, progress=not args.no_progress, per_token=args.per_token,
                              out=args.out, **_index_reading(args))

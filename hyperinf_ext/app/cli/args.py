@@ -48,7 +48,31 @@ def _add_columns(g: argparse._ArgumentGroup) -> None:
                    help="response column (causal LMs; default: response)")
 
 
-def _add_common(p: argparse.ArgumentParser, *, out: str) -> None:
+def _memory_size(text: str) -> int:
+    from ...attributor.plan import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_plan(p: argparse.ArgumentParser) -> None:
+    """--plan, --max-memory and --fit-batch-size: the commands that fine-tune and fit."""
+    g = p.add_argument_group("memory and time")
+    g.add_argument("--plan", action="store_true",
+                   help="measure a few batches, print the predicted peak memory and time of the run (and write "
+                        "OUT/plan.json), and stop before any training or fitting")
+    g.add_argument("--max-memory", metavar="SIZE", type=_memory_size, default=None,
+                   help="refuse to start a run whose predicted peak memory exceeds SIZE (e.g. 8G, 512M), naming the "
+                        "options that bring it under")
+    g.add_argument("--fit-batch-size", metavar="N", type=int, default=None,
+                   help="batch size of the influence passes (default: 32, or 8 for a causal LM)")
+
+
+def _add_common(p: argparse.ArgumentParser, *, out: str, plan: bool = False) -> None:
+    if plan:
+        _add_plan(p)
     p.add_argument("--seed", metavar="N", type=int, default=0, help="seed of every random choice (default: 0)")
     p.add_argument("--out", metavar="DIR", type=Path, default=Path(out), help=f"output folder (default: {out})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or stage messages")
@@ -80,7 +104,7 @@ def _add_pipeline(p: argparse.ArgumentParser, *, flip_rate: float, out: str) -> 
     p.add_argument("--top-k", metavar="K", type=int, default=None,
                    help="also write topk.safetensors: per validation example the K training examples that most "
                         "raise and most lower its loss (hyperinf), in O(n_val*K) memory")
-    _add_common(p, out=out)
+    _add_common(p, out=out, plan=True)
 
 
 def _add_detect(p: argparse.ArgumentParser) -> None:
@@ -155,7 +179,7 @@ def _add_attribute(p: argparse.ArgumentParser) -> None:
                    help="causal LMs: also split every kept pair's score over the query's and the training example's "
                         "response tokens (tokens.jsonl, heatmaps in report.html); with --index the kept pairs are "
                         "re-run from the index's training file, so their shares sum to the exact score")
-    _add_common(p, out="hyperinf-out/attribute")
+    _add_common(p, out="hyperinf-out/attribute", plan=True)
 
 
 def _add_user_model(p: argparse.ArgumentParser, *, epochs_help: str) -> None:
@@ -213,7 +237,7 @@ def _add_audit(p: argparse.ArgumentParser) -> None:
                         "tokens (tokens.jsonl, heatmaps in report.html)")
     g.add_argument("--per-token-count", metavar="N", type=int, default=20,
                    help="with --per-token: how many of the most suspicious examples (default: 20)")
-    _add_common(p, out="hyperinf-out/audit")
+    _add_common(p, out="hyperinf-out/audit", plan=True)
 
 
 def _add_select_pool(p: argparse.ArgumentParser) -> None:
@@ -238,7 +262,7 @@ def _add_select_pool(p: argparse.ArgumentParser) -> None:
                    help="also fine-tune fresh LoRA adapters on the selection and on a random subset of the same size "
                         "and report the target loss of each")
     _add_user_model(p, epochs_help="warm-up (and --evaluate) epochs (default: 3, or 0 with --adapter)")
-    _add_common(p, out="hyperinf-out/select")
+    _add_common(p, out="hyperinf-out/select", plan=True)
 
 
 def _add_convergence(p: argparse.ArgumentParser) -> None:

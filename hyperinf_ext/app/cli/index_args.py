@@ -31,7 +31,7 @@ def add_index(p: argparse.ArgumentParser, add_model: Callable, add_columns: Call
                    help="element type of the store (default: auto = float16 with a projection, float32 without)")
     g.add_argument("--method", metavar="NAME", default="hyperinf", help="influence method (default: hyperinf)")
     g.add_argument("--damping", metavar="VALUE", default="auto", help="damping (default: auto)")
-    add_common(b, out="hyperinf-out/index")
+    add_common(b, out="hyperinf-out/index", plan=True)
     q = sub.add_parser(
         "query", help="top-k training examples per query, from an index",
         description="Per query of --query, the --top-k most helpful and most harmful training examples from "

@@ -25,6 +25,7 @@ from ..data.files import load_text_file
 from ...curvature.methods import Damping, damping_label, parse_dampings, parse_methods, split_damping
 from .attribute_report import write_html, write_markdown
 from .output import prepare_output_dir, staged_outputs
+from .planning import plan_gate
 from .per_token import attribute_token_records, check_per_token, shares_note, write_tokens_jsonl
 from .pipeline import (
     Log,
@@ -130,7 +131,10 @@ def run_attribute(cfg: AttributeConfig, log: Log = None) -> dict[str, Any]:
     loaders = build_loaders(cfg, data, load_tokenizer(folder))
     for note in loaders.notes:
         log_stage(log, f"data: {note}")
-    trained = train_model(cfg, load_model(cfg, max(train.num_classes, 2)), loaders.finetune, loaders.evaluation,
+    model = load_model(cfg, max(train.num_classes, 2))
+    plan_gate(cfg, model, loaders, command="attribute", epochs=cfg.resolved_epochs, finetune=loaders.finetune,
+              n_queries=len(query), mean=False, top_k=cfg.top_k, cache="disk", log=log)
+    trained = train_model(cfg, model, loaders.finetune, loaders.evaluation,
                           log=log, what="fine-tune" if cfg.resolved_epochs else "model")
     # the training gradients wait on disk, so memory holds the model, the queries and O(n_query·k) scores
     attr, fit_seconds = fit_attributor(cfg, trained.model, loaders.influence_train, log=log, cache="disk")

@@ -28,6 +28,7 @@ from ..data.files import load_text_file
 from .attribute import attribution_records, write_jsonl
 from .attribute_report import write_html, write_markdown
 from .output import prepare_output_dir, staged_outputs
+from .planning import plan_gate
 from .per_token import attribute_token_records, check_per_token, shares_note, write_tokens_jsonl
 from .pipeline import (Log, PipelineConfig, PreparedData, build_loaders, is_causal, load_model, log_stage, model_dir,
                        train_model)
@@ -149,7 +150,11 @@ def run_index_build(cfg: IndexBuildConfig, log: Log = None) -> dict[str, Any]:
     data = PreparedData(train, train.subset(range(min(len(train), 1))), list(train.labels),
                         np.zeros(len(train), dtype=bool), str(cfg.train), len(train), causal)
     loaders = build_loaders(cfg, data, load_tokenizer(folder))
-    trained = train_model(cfg, load_model(cfg, max(train.num_classes, 2)), loaders.finetune, loaders.evaluation,
+    model = load_model(cfg, max(train.num_classes, 2))
+    # the index's shards stream to disk as the fit's cache would: plan it as a disk cache
+    plan_gate(cfg, model, loaders, command="index build", epochs=cfg.resolved_epochs, finetune=loaders.finetune,
+              n_queries=0, mean=False, cache="disk", log=log)
+    trained = train_model(cfg, model, loaders.finetune, loaders.evaluation,
                           log=log, what="fine-tune" if cfg.resolved_epochs else "model")
     import torch.distributed as dist
 

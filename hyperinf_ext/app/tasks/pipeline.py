@@ -187,7 +187,12 @@ def fit_and_query(cfg: PipelineConfig, log: Log = None, *, queries: bool = True)
     loaders = build_loaders(cfg, data, load_tokenizer(folder))
     for note in loaders.notes:
         log_stage(log, f"data: {note}")
-    trained = train_model(cfg, load_model(cfg, data.num_labels), loaders.finetune, loaders.evaluation, log=log)
+    model = load_model(cfg, data.num_labels)
+    from .planning import plan_gate  # planning imports this module
+
+    plan_gate(cfg, model, loaders, command="run", epochs=cfg.resolved_epochs, finetune=loaders.finetune,
+              n_queries=len(data.val) if queries else 0, mean=True, top_k=None, cache="memory", log=log)
+    trained = train_model(cfg, model, loaders.finetune, loaders.evaluation, log=log)
     attr, fit_seconds = fit_attributor(cfg, trained.model, loaders.influence_train, log=log)
     run = FittedRun(data, loaders, trained, attr, fit_seconds, dict(attr.timings), None, 0.0)
     try:

@@ -64,6 +64,10 @@ class PipelineConfig:
     out: Path = Path("hyperinf-out")
     top_k: int | None = None
     """Also write topk.safetensors: per validation example the K most positive and most negative."""
+    plan: bool = False
+    """Make the run's plan (predicted peak memory and time, module ``planning``) and stop before training."""
+    max_memory: int | None = None
+    """Bytes: refuse to start a run whose plan predicts a higher peak (None = no limit, no plan)."""
 
     @property
     def resolved_epochs(self) -> int:
@@ -87,8 +91,12 @@ class PipelineConfig:
             raise ValueError(f"--epochs must be >= 0, got {self.epochs}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
-        if self.batch_size < 1 or (self.fit_batch_size is not None and self.fit_batch_size < 1):
+        if self.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
+        if self.fit_batch_size is not None and self.fit_batch_size < 1:
+            raise ValueError(f"--fit-batch-size must be >= 1, got {self.fit_batch_size}")
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise ValueError(f"--max-memory must be > 0, got {self.max_memory}")
         if self.max_length < 2:
             raise ValueError(f"--max-length must be >= 2, got {self.max_length}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():

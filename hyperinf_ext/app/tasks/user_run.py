@@ -31,6 +31,7 @@ from ..data.user_rows import UserRows, check_added_columns, read_user_rows
 from ...curvature.methods import Damping, parse_dampings, parse_methods, split_damping
 from .pipeline import (Log, Loaders, PipelineConfig, PreparedData, TrainedModel, build_loaders, fit_attributor,
                        is_causal, load_instruction, load_model, log_stage, model_dir, train_model)
+from .planning import plan_gate
 from .user_checks import (align_target_labels, check_head_classes, check_model_folder, folder_head_classes,
                           inspect_adapter, labelled_encodings)
 
@@ -67,6 +68,11 @@ class UserConfig(PipelineConfig):
         check_model_folder(self.model)
         if self.adapter is not None and not Path(self.adapter).is_dir():
             raise ValueError(f"--adapter {self.adapter}: adapter folder not found")
+        if self.index is not None:
+            for option, given in (("--plan", self.plan), ("--max-memory", self.max_memory is not None)):
+                if given:
+                    raise ValueError(f"{option}: not with --index (an index run fits nothing; plan the index build: "
+                                     "`hyperinf-ext index build ... --plan`)")
 
     def settings(self) -> dict[str, Any]:
         from ...curvature.methods import damping_label
@@ -235,11 +241,15 @@ def trained_model(cfg: UserConfig, data: UserData, loaders: Loaders, ckpt: RunCh
     if ckpt.has_adapter():
         log_stage(log, f"resume: loading the {what} adapter from {ckpt.adapter_dir} (no training)")
         model = _load(cfg, data.num_labels, adapter=ckpt.adapter_dir)
+        plan_gate(cfg, model, loaders, command=ckpt.identity["command"], epochs=0,
+                  n_queries=0 if data.target is None else len(data.target), mean=True, cache="disk", log=log)
         trained = train_model(cfg, model, finetune, loaders.evaluation, epochs=0, log=log, what=what)
         info = json.loads((ckpt.adapter_dir / "training.json").read_text(encoding="utf-8"))
         trained.history, trained.seconds = info["history"], info["seconds"]
         return trained
     model = _load(cfg, data.num_labels)
+    plan_gate(cfg, model, loaders, command=ckpt.identity["command"], epochs=epochs, finetune=finetune,
+              n_queries=0 if data.target is None else len(data.target), mean=True, cache="disk", log=log)
     trained = train_model(cfg, model, finetune, loaders.evaluation, epochs=epochs, log=log, what=what)
     if epochs > 0:
         ckpt.save_adapter(trained.model, {"history": trained.history, "seconds": trained.seconds})

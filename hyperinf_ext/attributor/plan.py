@@ -1,0 +1,440 @@
+"""Memory and time of a fit and its scores, known before the run: ``HyperINF.plan(train_loader, ...)``.
+
+The plan reads the loader once without a model pass (example count, batches, padded tokens, the largest
+batch), then runs the fit's own per-sample-gradient and GFIM code on a few batches — the largest one
+among them — measuring their time and the memory they take above what the process held before (peak
+RSS on the CPU, the CUDA allocator's peak on a GPU).  Everything else is counted from shapes:
+
+* factors: per layer the d×d GFIM sum and the r×r rank sum in the factor dtype; the fit works on a
+  stacked copy of them per group of equal (d, r), plus one d×d scratch per group in ``gfim_dtype``;
+* the method's prepared state (hyperinf, exact, paper, eigen, kronecker: one d×d matrix per layer) and
+  the batched inverse's workspace (four [L, d, d] tensors of the largest group: A, X, A·X, the update);
+* the gradient cache in memory: n_train × Σ_l r·d numbers in the gradient dtype (nothing with
+  ``cache="disk"`` or ``"none"``, which read one batch at a time);
+* the query gradients (Q × Σ r·d, gradient dtype) and their preconditioned copy (factor dtype), the
+  dense score matrix Q × n_train (factor dtype) or, with ``top_k``, 2·Q·k values and indices.
+
+Predicted peak = what the process holds at plan time (the model, the data) + the largest phase (fit,
+prepare, scores).  Times: the fit from the measured seconds per padded token times the loader's tokens;
+the inverse from the CPU cost model (Cholesky, which ``solver="auto"`` never exceeds on a CPU); the dot
+products from the cost model's GEMM rate; a second gradient pass when nothing was cached.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+
+__all__ = ["Plan", "PlanProbe", "rss_bytes", "format_bytes", "parse_bytes"]
+
+_STATE_D2 = frozenset({"hyperinf", "exact", "paper", "eigen", "kronecker"})
+"""Methods whose prepared state is one d×d matrix per layer (an inverse or an eigenbasis)."""
+SCHULZ_WORKSPACE = 4
+"""[L, d, d] tensors alive at once in the batched inverse: the damped GFIM, X, A·X and the update."""
+
+
+# --------------------------------------------------------------------------------- measuring memory
+
+def _status(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def rss_bytes() -> int | None:
+    """The process's resident set size now (Linux /proc; None elsewhere)."""
+    return _status("VmRSS")
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class _Meter:
+    """Peak memory above the level at ``start``: process RSS on the CPU, allocated bytes on CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device_index = device.index if self.cuda else None
+        self.base: int | None = None
+        self.ok = True
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device_index)
+            torch.cuda.reset_peak_memory_stats(self.device_index)
+            self.base = torch.cuda.memory_allocated(self.device_index)
+        else:
+            self.ok = _reset_peak()
+            self.base = rss_bytes()
+            self.ok = self.ok and self.base is not None
+
+    def peak_above(self) -> int | None:
+        if not self.ok or self.base is None:
+            return None
+        if self.cuda:
+            torch.cuda.synchronize(self.device_index)
+            return max(0, torch.cuda.max_memory_allocated(self.device_index) - self.base)
+        hwm = _status("VmHWM")
+        return None if hwm is None else max(0, hwm - self.base)
+
+
+# ----------------------------------------------------------------------------------------- the plan
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def parse_bytes(text: str) -> int:
+    """"8G", "512M", "1.5GiB", "2000000000" → bytes (binary units: K = 1024).
+
+    Raises:
+        ValueError: naming the text.
+    """
+    t = str(text).strip().upper().replace("IB", "").replace("B", "")
+    scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}.get(t[-1:], 1)
+    number = t[:-1] if t[-1:] in "KMGT" and t else t
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise ValueError(f"{text!r}: expected a size such as 8G, 512M or a number of bytes") from None
+    if not value > 0:
+        raise ValueError(f"{text!r}: a memory size must be > 0")
+    return int(value)
+
+
+@dataclass
+class PlanProbe:
+    """What the plan measured on a few batches."""
+
+    batches: int
+    """Batches run (the first, untimed, warms the kernels up; the largest batch is always among them)."""
+    examples: int
+    tokens: int
+    seconds: float
+    """Wall seconds of the timed batches (all but the warm-up)."""
+    timed_tokens: int
+    seconds_per_token: float
+    seconds_per_batch: float
+    """Time = seconds_per_token × padded tokens + seconds_per_batch × batches, fitted to the timed batches
+    (a batch's fixed cost: hooks, per-layer launches; 0 when the timed batches have one size)."""
+    batch_bytes: int | None
+    """Peak memory a batch takes above what the process held before (activations, per-sample gradients,
+    the model's own gradients, allocator slack); None where it cannot be measured."""
+    largest_batch: dict[str, int]
+
+
+@dataclass
+class Plan:
+    """Predicted bytes and seconds of ``fit`` + scores (``HyperINF.plan``); all sizes in bytes."""
+
+    n_train: int
+    n_batches: int
+    train_tokens: int
+    """Padded tokens over the training loader (input_ids elements; examples when batches have none)."""
+    layers: int
+    gradient_numbers: int
+    """Σ_l r·d: numbers in one example's gradient."""
+    n_queries: int
+    top_k: int | None
+    mean: bool
+    """The queries are averaged into one (``mean_scores``) rather than scored one by one."""
+    cache: str
+    method: str
+    device: str
+    baseline_bytes: int | None
+    """What the process held when the plan was made (RSS, or CUDA allocated bytes on a GPU)."""
+    components: dict[str, int]
+    """Bytes of: factors, fit_copy, fit_scratch, method_state, inverse_workspace, gradient_cache, batch,
+    queries, preconditioned, scores."""
+    phases: dict[str, int]
+    """Bytes above ``baseline_bytes`` at the peak of each phase: fit, prepare, scores."""
+    seconds: dict[str, float]
+    """Predicted seconds of: fit (gradients + GFIM), prepare (inverse), query_gradients, scores."""
+    probe: PlanProbe
+    factor_bytes: int
+    """Bytes per number of the factor dtype (``dtype``)."""
+    grad_bytes: int
+    """Bytes per number of the captured gradients (``grad_dtype``, or the LoRA weights')."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+    @property
+    def peak_bytes(self) -> int:
+        """Predicted peak memory of the process: the baseline plus the largest phase."""
+        return (self.baseline_bytes or 0) + self.phases[self.peak_phase]
+
+    @property
+    def total_seconds(self) -> float:
+        return float(sum(self.seconds.values()))
+
+    def savings(self) -> dict[str, tuple[str, int]]:
+        """Options that lower the peak, with the predicted peak after each alone: {name: (what, new peak)};
+        an option that does not touch the peak's phase is left out.
+
+        Names: ``cache_disk`` (cache="disk"), ``top_k`` (top_k=100 instead of dense scores),
+        ``float32`` (dtype="float32": factors, inverses, preconditioned queries), ``half_batch`` (half the
+        batch size: the measured batch memory scales about with the batch's tokens), ``grad_bfloat16``
+        (grad_dtype="bfloat16": cache and query gradients at 2 bytes).
+        """
+        c = self.components
+        fb = self.factor_bytes
+        out: dict[str, tuple[str, int]] = {}
+
+        def peak(**changed: int) -> int:
+            return (self.baseline_bytes or 0) + max(_phases({**c, **changed}).values())
+
+        if c["gradient_cache"]:
+            out["cache_disk"] = ("keep the training gradients on disk (cache='disk')", peak(gradient_cache=0))
+        if self.top_k is None and not self.mean and self.n_queries and self.n_train > 200:
+            k = 100
+            out["top_k"] = (f"keep the top {k} per query instead of the dense {self.n_queries}×{self.n_train} matrix",
+                            peak(scores=self.n_queries * 2 * k * (fb + 8)))
+        if fb == 8:
+            half = {k: c[k] // 2 for k in ("factors", "fit_copy", "method_state", "inverse_workspace",
+                                            "preconditioned", "scores")}
+            out["float32"] = ("float32 factors and inverses (dtype='float32')", peak(**half))
+        if c["batch"] > 0:
+            out["half_batch"] = ("half the batch size (or the max length)", peak(batch=c["batch"] // 2))
+        if self.grad_bytes > 2:
+            ratio = 2 / self.grad_bytes
+            out["grad_bfloat16"] = ("gradients captured and cached in bfloat16 (grad_dtype='bfloat16')",
+                                    peak(gradient_cache=int(c["gradient_cache"] * ratio),
+                                         queries=int(c["queries"] * ratio)))
+        return {k: v for k, v in out.items() if v[1] < self.peak_bytes}
+
+    def advice(self, max_memory: int, names: Mapping[str, str] | None = None) -> list[str]:
+        """The options (``names`` maps a saving's name to how the caller spells it) that bring the peak
+        under ``max_memory``, alone or together; empty when it already fits."""
+        if self.peak_bytes <= max_memory:
+            return []
+        names = dict(names or {})
+        options = {k: v for k, v in self.savings().items() if names.get(k, k) is not None}
+        spell = lambda k: names.get(k) or options[k][0]  # noqa: E731
+        alone = [k for k, (_, p) in sorted(options.items(), key=lambda kv: kv[1][1]) if p <= max_memory]
+        if alone:
+            return [f"{spell(k)}: peak about {format_bytes(options[k][1])}" for k in alone]
+        # together: apply every saving, in order of their effect
+        lines = [f"{spell(k)} (alone: {format_bytes(p)})" for k, (_, p) in sorted(options.items(),
+                                                                                  key=lambda kv: kv[1][1])]
+        return lines + ["none of these alone is enough: combine them, or use fewer layers or examples"]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(peak_bytes=self.peak_bytes, peak_phase=self.peak_phase, total_seconds=self.total_seconds)
+        return d
+
+    def table(self) -> str:
+        """The plan as lines of text (what ``--plan`` prints)."""
+        c, p = self.components, self.probe
+        base = "not measured" if self.baseline_bytes is None else format_bytes(self.baseline_bytes)
+        rows = [
+            f"plan: {self.n_train} training examples in {self.n_batches} batches ({self.train_tokens} padded tokens), "
+            f"{self.layers} layers, {self.gradient_numbers} numbers per gradient; method {self.method}, "
+            f"cache {self.cache}, {self.n_queries} queries"
+            + (", their mean" if self.mean else (f", top {self.top_k}" if self.top_k else
+                                                 (", dense scores" if self.n_queries else ""))),
+            f"  held now (model, data): {base}",
+            f"  factors {format_bytes(c['factors'])} (+ fit copy {format_bytes(c['fit_copy'])}, scratch "
+            f"{format_bytes(c['fit_scratch'])}); inverses {format_bytes(c['method_state'])} (+ workspace "
+            f"{format_bytes(c['inverse_workspace'])})",
+            f"  gradient cache {format_bytes(c['gradient_cache'])}; one batch "
+            + ("not measured" if p.batch_bytes is None else format_bytes(c["batch"]))
+            + f" (largest: {p.largest_batch['examples']} examples, {p.largest_batch['tokens']} tokens)",
+            f"  queries {format_bytes(c['queries'] + c['preconditioned'])}; scores {format_bytes(c['scores'])}",
+            "  phases above the baseline: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in self.phases.items()),
+            f"  predicted peak: {format_bytes(self.peak_bytes)} ({self.peak_phase})",
+            "  predicted time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+            + f" = {self.total_seconds:.1f} s (measured {p.seconds_per_token * 1e3:.3f} ms per token on "
+            f"{p.batches} batches)",
+        ]
+        return "\n".join(rows + [f"  note: {n}" for n in self.notes])
+
+
+def _phases(c: Mapping[str, int]) -> dict[str, int]:
+    """Bytes above the baseline at the peak of each phase, from the components."""
+    return {
+        "fit": c["factors"] + c["fit_copy"] + c["fit_scratch"] + c["gradient_cache"] + c["batch"],
+        "prepare": c["factors"] + c["method_state"] + c["inverse_workspace"] + c["gradient_cache"],
+        "scores": (c["factors"] + c["method_state"] + c["gradient_cache"] + c["queries"] + c["preconditioned"]
+                   + c["scores"] + c["score_batch"]),
+    }
+
+
+# ------------------------------------------------------------------------------------------ making it
+
+def _batch_shape(batch: Mapping[str, Any]) -> tuple[int, int]:
+    """(examples, padded tokens) of a batch; tokens = examples when it has no ``input_ids``."""
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    if isinstance(ids, torch.Tensor) and ids.dim() >= 1:
+        return int(ids.shape[0]), int(ids.numel())
+    for v in (batch.values() if isinstance(batch, Mapping) else ()):
+        if isinstance(v, torch.Tensor) and v.dim() >= 1:
+            return int(v.shape[0]), int(v.shape[0])
+    raise ValueError("train_loader: a batch without tensors (expected a mapping of tensors)")
+
+
+def _batch_cost(timed: list[tuple[int, float]]) -> tuple[float, float]:
+    """(seconds per batch, seconds per token) fitted to (tokens, seconds) of the timed batches by least
+    squares, both ≥ 0; per token only when the batches have one size."""
+    if not timed:
+        return 0.0, 0.0
+    n = len(timed)
+    mt, ms = sum(k for k, _ in timed) / n, sum(t for _, t in timed) / n
+    var = sum((k - mt) ** 2 for k, _ in timed)
+    if var > 0:
+        slope = sum((k - mt) * (t - ms) for k, t in timed) / var
+        intercept = ms - slope * mt
+        if slope > 0 and intercept >= 0:
+            return intercept, slope
+    return 0.0, sum(t for _, t in timed) / max(sum(k for k, _ in timed), 1)
+
+
+def make_plan(attr: Any, train_loader: Iterable, *, n_queries: int = 0, top_k: int | None = None,
+              mean: bool = False, probe_batches: int = 4) -> Plan:
+    """See :meth:`HyperINF.plan`."""
+    from .. import ops
+    from ..solvers.cost import CPU_RATES
+    from .config import torch_dtype
+
+    if isinstance(probe_batches, bool) or not isinstance(probe_batches, int) or probe_batches < 2:
+        raise ValueError(f"probe_batches: expected a whole number >= 2 (one warms up), got {probe_batches!r}")
+    if isinstance(n_queries, bool) or not isinstance(n_queries, int) or n_queries < 0:
+        raise ValueError(f"n_queries: expected a whole number >= 0, got {n_queries!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k: expected a whole number >= 1 or None, got {top_k!r}")
+    if mean and top_k is not None:
+        raise ValueError("top_k: not with mean=True (the mean over the queries is one row of scores)")
+    cfg = attr.config
+    if not attr.layers:
+        raise ValueError("model: no LoRA layers to attribute")
+
+    # 1. the loader once, without the model: sizes, tokens, the first and the largest batches
+    n_train = n_batches = tokens = 0
+    first: list[tuple[int, Any]] = []
+    largest: tuple[int, int, Any] | None = None
+    for b, batch in enumerate(train_loader):
+        n, t = _batch_shape(batch)
+        n_train, n_batches, tokens = n_train + n, n_batches + 1, tokens + t
+        if b < probe_batches:
+            first.append((b, batch))
+        if largest is None or t > largest[1]:
+            largest = (b, t, batch)
+    if n_batches == 0:
+        raise ValueError("train_loader: yielded no batches")
+    # min(probe_batches, n_batches) batches: the first ones, the last of them replaced by the largest batch
+    # when it is not among them (it runs last, so the untimed warm-up is never the largest)
+    probe = [batch for _, batch in first]
+    if largest[0] >= len(first):
+        probe[-1] = largest[2]
+    # 2. the fit's own code on those batches: per-sample gradients and the GFIM products
+    fdtype = attr.fdtype
+    gdtype = torch_dtype(cfg.grad_dtype) or attr.layers[0].module.weight.dtype
+    fb, gb = torch.empty(0, dtype=fdtype).element_size(), torch.empty(0, dtype=gdtype).element_size()
+    device = attr.layers[0].module.weight.device
+    groups: dict[tuple[int, int], list[str]] = {}
+    for l in attr.layers:
+        groups.setdefault((l.dim, l.rank), []).append(l.name)
+    work = attr._batch_gfim_dtype(gdtype)
+    accs = {k: torch.zeros(len(v), k[0], k[0], dtype=work, device=device) for k, v in groups.items()}
+    acc_bytes = sum(a.numel() * a.element_size() for a in accs.values())
+    renumbered = ({**b, "index": torch.arange(sum(_batch_shape(x)[0] for x in probe[:i]),
+                                               sum(_batch_shape(x)[0] for x in probe[:i + 1]))}
+                  for i, b in enumerate(probe))
+    meter = _Meter(device)
+    was_progress, attr.progress = attr.progress, False
+    timings = dict(attr.timings)
+    timed: list[tuple[int, float]] = []  # (tokens, seconds) of every batch after the warm-up
+    meter.start()
+    try:
+        t0 = time.perf_counter()
+        for i, (_, _, stacked) in enumerate(attr._grad_batches(renumbered, "plan", groups=groups)):
+            for key, s in stacked.items():
+                ops.gfim_accumulate_(accs[key], s.to(work) if s.dtype != work else s, backend=cfg.backend)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t1 = time.perf_counter()
+            if i > 0:
+                timed.append((_batch_shape(probe[i])[1], t1 - t0))
+            t0 = time.perf_counter()
+    finally:
+        attr.progress = was_progress
+        attr.timings = timings
+    measured = meter.peak_above()
+    del accs
+    batch_bytes = None if measured is None else max(0, measured - acc_bytes)
+    seconds, timed_tokens = sum(t for _, t in timed), sum(k for k, _ in timed)
+    per_batch, sec_per_token = _batch_cost(timed)
+
+    # 3. shapes → bytes
+    P = sum(l.rank * l.dim for l in attr.layers)
+    d2 = sum(l.dim * l.dim for l in attr.layers)
+    r2 = sum(l.rank * l.rank for l in attr.layers)
+    largest_group = max(len(v) * k[0] * k[0] for k, v in groups.items())
+    ws = torch.empty(0, dtype=work).element_size()
+    comps = {
+        "factors": (d2 + r2) * fb,
+        "fit_copy": (d2 + r2) * fb,
+        "fit_scratch": 0 if work == fdtype else sum(len(v) * k[0] * k[0] for k, v in groups.items()) * ws,
+        "method_state": d2 * fb if cfg.method in _STATE_D2 else 0,
+        "inverse_workspace": SCHULZ_WORKSPACE * largest_group * fb if cfg.method in _STATE_D2 else 0,
+        "gradient_cache": n_train * P * gb if cfg.cache == "memory" else 0,
+        "batch": batch_bytes or 0,
+        "queries": n_queries * P * gb,
+        "preconditioned": (min(n_queries, 1) if mean else n_queries) * P * fb,
+        "scores": (n_train * fb if n_queries else 0) if mean else (
+            (n_queries * 2 * top_k * (fb + 8)) if top_k else n_queries * n_train * fb),
+        # a batch of training gradients in the factor dtype, for the dot products (or a second pass)
+        "score_batch": _batch_shape(largest[2])[0] * P * fb + ((batch_bytes or 0) if cfg.cache == "none" else 0),
+    }
+    notes = []
+    if batch_bytes is None:
+        notes.append("the batch memory could not be measured here (no /proc/self/clear_refs): the peak omits it")
+
+    # 4. seconds
+    rates = CPU_RATES.get(fdtype, CPU_RATES[torch.float64])
+    fit_s = sec_per_token * tokens + per_batch * n_batches
+    prepare_s = 0.0
+    if cfg.method in _STATE_D2:
+        prepare_s = sum(l.dim ** 3 / 3 / (rates["potrf"] * 1e9) + 2 * l.dim ** 3 / 3 / (rates["potri"] * 1e9)
+                        for l in attr.layers)
+    q_tokens = n_queries * tokens / max(n_train, 1)
+    dots = 2.0 * (min(n_queries, 1) if mean else n_queries) * n_train * P / (rates["gemm"] * 1e9)
+    q_batches = -(-n_queries * n_batches // max(n_train, 1))
+    secs = {"fit": fit_s, "prepare": prepare_s, "query_gradients": sec_per_token * q_tokens + per_batch * q_batches,
+            "scores": dots + (fit_s if cfg.cache == "none" and n_queries else 0.0)}
+    if device.type != "cpu":
+        notes.append("prepare and scores are timed with the CPU cost model (no CUDA rates yet): on a GPU they are "
+                     "upper bounds")
+    plan = Plan(n_train=n_train, n_batches=n_batches, train_tokens=tokens, layers=len(attr.layers),
+                gradient_numbers=P, n_queries=n_queries, top_k=top_k, mean=mean, cache=cfg.cache, method=cfg.method,
+                device=str(device), baseline_bytes=meter.base, components=comps, phases=_phases(comps),
+                seconds=secs, probe=PlanProbe(batches=len(probe), examples=sum(_batch_shape(b)[0] for b in probe),
+                                              tokens=sum(_batch_shape(b)[1] for b in probe), seconds=seconds,
+                                              timed_tokens=timed_tokens, seconds_per_token=sec_per_token,
+                                              seconds_per_batch=per_batch,
+                                              batch_bytes=batch_bytes,
+                                              largest_batch={"index": largest[0],
+                                                             "examples": _batch_shape(largest[2])[0],
+                                                             "tokens": largest[1]}),
+                factor_bytes=fb, grad_bytes=gb, notes=notes)
+    return plan
