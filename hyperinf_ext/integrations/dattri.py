@@ -111,7 +111,9 @@ class LoraBlock:
     """Where one captured layer sits in dattri's flat gradient and how it maps to rank-first.
 
     ``weight``/``bias`` are parameter names (keys of ``model.named_parameters()``); the flat gradient
-    holds the weight (row-major, ``[out, in]``) followed by the bias (``[out]``) when there is one.
+    holds the weight (row-major, ``[out, in]``) followed by the bias (``[out]``) when there is one.  A
+    one-dimensional weight (DoRA's magnitude vector ``[d_out]``) is the single row ``[1, d_out]``, as
+    ``capture`` takes it (kind ``magnitude``: rank 1).
     """
 
     layer: GradientLayer
@@ -120,7 +122,8 @@ class LoraBlock:
 
     @property
     def out_in(self) -> tuple[int, int]:
-        return tuple(self.layer.module.weight.shape)  # type: ignore[return-value]
+        shape = tuple(self.layer.module.weight.shape)
+        return (1, shape[0]) if len(shape) == 1 else shape  # type: ignore[return-value]
 
     @property
     def numel(self) -> int:

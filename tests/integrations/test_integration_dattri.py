@@ -111,6 +111,27 @@ def test_attribute_equals_hyperinf_scores(method, damping, float64_default):
         assert g.damping == pytest.approx(f.damping, rel=1e-8)  # a smooth function of the factor: ≲ 1e-12
 
 
+def test_dora_magnitude_equals_hyperinf_scores(float64_default):
+    """DoRA (use_dora=True): the magnitude vector [d_out] is a rank-1 layer [1, d_out] in dattri's flat
+    gradient as in capture; scores agree as in the plain-LoRA test above (same tolerance argument)."""
+    model = tiny_bert_lora(vocab=VOCAB, hidden=12, intermediate=16, max_positions=16, rank=2, dropout=0.0,
+                           use_dora=True).eval()
+    blocks = lora_blocks(model, layers=None, include_heads=True)
+    assert "magnitude" in {b.layer.kind for b in blocks}
+    for b in blocks:
+        flat = torch.randn(2, b.numel, dtype=torch.float64)
+        torch.testing.assert_close(b.flatten(b.rank_first(flat)), flat, rtol=0, atol=0)
+    train, test = make_data(N_TRAIN, 1), make_data(N_TEST, 2)
+    task = AttributionTask(loss_func=dattri_loss(model), model=model, checkpoints=model.state_dict())
+    attributor = IFAttributorHyperINF(task, method="exact", damping="datainf")
+    train_loader = DataLoader(TensorDataset(*train), batch_size=4)
+    attributor.cache(train_loader)
+    got = attributor.attribute(train_loader, DataLoader(TensorDataset(*test), batch_size=3))
+    ours = HyperINF(model, method="exact", damping="datainf", loss_fn=classification_loss, progress=False)
+    want = ours.fit(dict_loader(train, 3)).scores(dict_loader(test, 2))
+    torch.testing.assert_close(got, -want.T, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
 def test_layout_round_trip_and_transpose():
     model = tiny_model()
     blocks = lora_blocks(model, layers=None, include_heads=True)
