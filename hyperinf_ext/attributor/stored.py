@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 
 from .. import persistence
-from ..persistence import (META, adapter_fingerprint, check_adapter, check_layers, read_state, stored_factors,
+from ..persistence import (META, adapter_fingerprint, check_adapter, full_values, check_layers, read_state, stored_factors,
                            write_state)
 from .config import HyperINFConfig, method_of
 
@@ -26,8 +26,13 @@ class StoredStateIO:
         return [(l.name, l.rank, l.dim) for l in self.layers]
 
     def _adapter_digest(self) -> str:
-        """Fingerprint of the adapter weights of the attributor's layers (what its factors were fitted on)."""
-        return adapter_fingerprint((f"{l.name}.{i}", p) for l in self.layers for i, p in enumerate(l.parameters))
+        """Fingerprint of the adapter weights of the attributor's layers (what its factors were fitted on).
+
+        Weights sharded by FSDP2 are gathered first (``full_values``, a collective): under torch.distributed
+        every rank computes it, before rank 0 alone writes."""
+        with torch.no_grad():
+            return adapter_fingerprint((f"{l.name}.{i}", full_values(p)) for l in self.layers
+                                       for i, p in enumerate(l.parameters))
 
     def _apply_state(self, stored: persistence.StoredState) -> None:
         """Install ``stored`` after checking every layer's name and shape against the model."""
@@ -45,14 +50,15 @@ class StoredStateIO:
                     n_train=self.n_train, batches_done=self.batches_done, model=self.model,
                     adapter_digest=self._adapter_digest())
 
-    def _write_saved(self, directory: str | Path) -> Path:
-        """Factors, the current method's inverses and the configuration, committed to ``directory``."""
+    def _write_saved(self, directory: str | Path, adapter_digest: str | None = None) -> Path:
+        """Factors, the current method's inverses and the configuration, committed to ``directory``
+        (``adapter_digest``: ``_adapter_digest()`` computed beforehand, by every rank under torch.distributed)."""
         self._require_fit()
         self._prepare()  # the stored inverses must belong to the stored factors and configuration
         state = getattr(self.method, "state", None) or {}
         return write_state(directory, factors=self.factors, config=dataclasses.asdict(self.config),
                            n_train=self.n_train, batches_done=self.batches_done, complete=True, method_state=state,
-                           adapter_digest=self._adapter_digest())
+                           adapter_digest=adapter_digest or self._adapter_digest())
 
     @classmethod
     def _read_saved(cls, directory: str | Path, model: torch.nn.Module, *, loss_fn=None, progress: bool = True,

@@ -20,6 +20,14 @@ from .rules import RULES
 __all__ = ["PerSampleGradients"]
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
 class _LayerCapture:
     """Hook state of one layer during one ``compute`` call."""
 
@@ -31,6 +39,7 @@ class _LayerCapture:
         self.out: Tensor | None = None  # caller's buffer for ``grad`` (see PerSampleGradients.compute)
         self.calls = 0
         self.nograd_calls = 0
+        self.frozen_calls = 0
         self.rule = RULES[layer.kind]
 
     def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
@@ -41,9 +50,14 @@ class _LayerCapture:
         if owner._phase not in ("forward", "backward") or not isinstance(output, Tensor):
             return
         if not output.requires_grad:
-            if owner._phase == "forward" and not torch.is_grad_enabled():
-                self.nograd_calls += 1  # a reentrant checkpoint's first forward: refused in compute
+            if owner._phase == "forward":
+                if not torch.is_grad_enabled():
+                    self.nograd_calls += 1  # a reentrant checkpoint's first forward: refused in compute
+                else:
+                    self.frozen_calls += 1  # its forward used weights that need no grad: refused in compute
             return
+        if owner._phase == "forward":
+            owner._note_live(self.layer)
         owner._phase, phase = "saving", owner._phase  # a rule's own no-grad recomputation is not a model call
         try:
             ctx = self.rule.save(self.layer, module, args, kwargs, output)
@@ -122,6 +136,24 @@ class PerSampleGradients:
         self._handles: list[Any] = []
         self._captures: list[_LayerCapture] = []
         self._phase: str | None = None
+        self._live: dict[int, Tensor] = {}  # id -> the weights the forward used (see _note_live)
+
+    def _note_live(self, layer: GradientLayer) -> None:
+        """Keep the weights ``layer``'s forward is using right now: what ``compute`` differentiates.
+
+        They are ``layer.parameters`` themselves, except under FSDP2 ``fully_shard``, which swaps unsharded
+        copies in for the forward (and the sharded DTensor parameters back after it). The sharded ones are
+        then not in the graph: differentiating only them would run no backward at all, no tensor hook would
+        fire and every gradient would silently be zero."""
+        for p in layer.live_parameters():
+            if _is_dtensor(p):
+                raise RuntimeError(
+                    f"{layer.name}: its forward uses a DTensor weight ({tuple(p.placements)} over mesh "
+                    f"{tuple(p.device_mesh.shape)}: tensor parallelism, or FSDP2 over DTensor parameters); per-sample "
+                    "gradients need the plain full weight and full activations in the forward. FSDP2 fully_shard of "
+                    "a model with plain parameters is supported"
+                )
+            self._live.setdefault(id(p), p)
 
     def __enter__(self) -> "PerSampleGradients":
         if self._handles:
@@ -192,8 +224,9 @@ class PerSampleGradients:
         unknown = sorted(set(out) - {cap.layer.name for cap in self._captures})
         if unknown:
             raise ValueError(f"out: no captured layer named {unknown}")
+        self._live = {}
         for cap in self._captures:
-            cap.grad, cap.calls, cap.nograd_calls = None, 0, 0
+            cap.grad, cap.calls, cap.nograd_calls, cap.frozen_calls = None, 0, 0, 0
             buf = out.get(cap.layer.name)
             if buf is not None and (buf.dtype != cap.dtype or buf.device != cap.layer.module.weight.device):
                 raise ValueError(f"out[{cap.layer.name!r}]: expected dtype {cap.dtype} on "
@@ -217,6 +250,14 @@ class PerSampleGradients:
                         "zero. Use use_reentrant=False (transformers' gradient_checkpointing_enable is off in the "
                         "eval mode the capture runs in, either way)"
                     )
+                frozen = [cap.layer.name for cap in self._captures if cap.frozen_calls]
+                if frozen:
+                    raise RuntimeError(
+                        f"{frozen[0]} (and {len(frozen) - 1} more) ran with gradients enabled but its output needs no "
+                        "gradient: the weights its forward used do not require grad, so they are not the captured "
+                        "parameters (copies a wrapper swapped in, or detached ones), and its per-sample gradient would "
+                        "silently be zero"
+                    )
                 if not isinstance(losses, Tensor) or losses.dim() != 1:
                     shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
                     raise ValueError(f"loss_fn must return per-example losses of shape [n], got {shape}")
@@ -224,7 +265,19 @@ class PerSampleGradients:
                     raise RuntimeError("losses do not depend on any captured layer (no gradient)")
                 # Only the captured parameters are differentiated, and their
                 # summed gradients are thrown away: the tensor hooks do the work.
-                torch.autograd.grad(losses.sum(), params, allow_unused=True)
+                # With FSDP2 the forward used unsharded copies of them: those are differentiated too.
+                known = {id(p) for p in params}
+                inputs = params + [p for i, p in self._live.items() if i not in known and p.requires_grad]
+                summed = torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
+                if all(g is None for g in summed) and any(cap.calls for cap in self._captures):
+                    # outputs of captured layers were recorded, yet the backward reached none of their
+                    # weights: the tensor hooks did not fire and every gradient would silently be zero
+                    raise RuntimeError(
+                        "the backward reached none of the captured weights although their layers ran in the forward: "
+                        "the forward used other tensors than the captured parameters (a wrapper that swaps weights "
+                        "in, as FSDP does, not seen by the capture) or the losses do not depend on them"
+                    )
+                del summed
             n = losses.shape[0]
             self.last_losses = losses.detach()
             del losses
@@ -257,6 +310,7 @@ class PerSampleGradients:
             return result
         finally:
             self._phase = None
+            self._live = {}
             for cap in self._captures:
                 cap.grad, cap.out = None, None
             for p, flag in flags:

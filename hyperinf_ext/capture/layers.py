@@ -8,7 +8,7 @@ is refused or named in a warning by :mod:`.coverage`, never silently left out.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from torch import nn
@@ -55,6 +55,8 @@ class GradientLayer:
             ``lora_B[adapter]`` / ``modules_to_save[adapter]`` copy / ``lora_magnitude_vector[adapter]``, or
             a :class:`ParameterHolder` of the embedding LoRA parameter.
         host: the module the hooks are installed on when it is not ``module`` (the ``lora.Embedding`` layer).
+        fsdp: the model has modules wrapped by FSDP2 ``fully_shard``, so every forward is a collective of
+            all ranks (and the layer's weights are DTensor shards between forwards when it lies in one).
     """
 
     name: str
@@ -63,6 +65,7 @@ class GradientLayer:
     dim: int
     module: Any = field(compare=False, repr=False)
     host: nn.Module | None = field(default=None, compare=False, repr=False)
+    fsdp: bool = field(default=False, compare=False)
 
     @property
     def transposed(self) -> bool:
@@ -85,6 +88,17 @@ class GradientLayer:
         if self.has_bias:
             ps.append(self.module.bias)
         return ps
+
+    def live_parameters(self) -> list[nn.Parameter]:
+        """Weight (and bias) as the hooked module holds them now. Inside its forward that is what the forward
+        uses: under FSDP2 ``fully_shard`` the unsharded copies swapped in for the forward, not the sharded
+        parameters :attr:`parameters` gives between forwards (a :class:`ParameterHolder` keeps the parameter
+        it was built with, so embedding LoRA reads its host's dict)."""
+        if isinstance(self.module, ParameterHolder):
+            host = self.hooked
+            table = host.lora_embedding_A if self.kind == "embedding_A" else host.lora_embedding_B
+            return [table[self.module.adapter]]
+        return self.parameters
 
 
 # Forwards that add ``lora_B(lora_A(dropout(x))) * scaling`` (or hand x to a LoRA variant) and nothing
@@ -238,6 +252,15 @@ def _head_layers(path: str, wrapper: nn.Module) -> tuple[list[GradientLayer], li
     return out, skipped
 
 
+def _uses_fsdp(model: nn.Module) -> bool:
+    """True when a module of ``model`` (or the model itself) is wrapped by FSDP2 ``fully_shard``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def find_gradient_layers(
     model: nn.Module,
     *,
@@ -309,4 +332,4 @@ def find_gradient_layers(
         selected = found
     check_coverage(model, found, lora_skipped, other_skipped, chosen=layers is not None,
                    lora_cls=LoraLayer, wrapper_cls=wrapper_cls)
-    return selected
+    return [replace(g, fsdp=True) for g in selected] if _uses_fsdp(model) else selected

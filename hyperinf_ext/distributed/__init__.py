@@ -69,20 +69,66 @@ def on_rank0(comm: Comm, stage: str, fn: Callable[[], Any]) -> Any:
 # --------------------------------------------------------------------------------- consistency checks
 
 
+def _dtensor(t: Any) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (e.g. a parameter sharded by FSDP2 ``fully_shard``)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return False
+    return isinstance(t, DTensor)
+
+
+def _sharding(t: torch.Tensor) -> str | None:
+    """How a DTensor weight is laid out (placements over its mesh's shape), None for a plain tensor."""
+    if not _dtensor(t):
+        return None
+    return f"{tuple(t.placements)} over mesh {tuple(t.device_mesh.shape)}"
+
+
+def _digest(tensors: Iterable[torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for t in tensors:
+        # a copy: .numpy() of the weight's own storage would make it non-resizable, and FSDP2 frees an
+        # unsharded weight (left in place by reshard_after_forward=False) by resizing its storage to 0
+        t = t.detach().to("cpu", copy=True).contiguous()
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def signature(config: dict[str, Any], layers: Sequence["GradientLayer"]) -> dict[str, Any]:
     """What every rank must agree on before the first collective: settings (the attributor's
-    configuration as a dict) and the layers' shapes and adapter weights."""
+    configuration as a dict) and the layers' shapes, layouts and adapter weights.
+
+    The digest covers the plain (unsharded) weights only: a DTensor's values are spread over the ranks,
+    and gathering them is itself a collective, so :func:`begin_fit` compares those after this check."""
     # the adapter weights themselves (small): ranks that fine-tuned differently would mix two models
-    digest = hashlib.sha256()
-    for l in layers:
-        digest.update(l.module.weight.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return {
-        "adapter_weights_sha256": digest.hexdigest()[:16],
+        "adapter_weights_sha256": _digest(l.module.weight for l in layers if not _dtensor(l.module.weight)),
         "hyperinf_ext": __version__,
         "config": config,
         "layers": {l.name: {"kind": l.kind, "rank": l.rank, "dim": l.dim, "dtype": str(l.module.weight.dtype),
-                            "device": l.module.weight.device.type} for l in layers},
+                            "device": l.module.weight.device.type, "sharding": _sharding(l.module.weight),
+                            "fsdp": l.fsdp}
+                   for l in layers},
     }
+
+
+def _check_sharded_weights(comm: Comm, layers: Sequence["GradientLayer"], stage: str) -> None:
+    """Compare the full values of DTensor adapter weights across ranks (after :func:`check_consistent` of the
+    signatures, so every rank gathers the same layers over the same meshes, in the same order).
+
+    Weights sharded over every rank (FSDP2 ``Shard(0)``) are one copy and agree by construction; replicated
+    mesh dimensions (HSDP) hold copies that may not."""
+    sharded = [l.module.weight for l in layers if _dtensor(l.module.weight)]
+    if not sharded:
+        return
+
+    def gather() -> str:
+        with torch.no_grad():
+            return _digest(w.detach().full_tensor() for w in sharded)
+
+    check_consistent(comm, {"sharded_adapter_weights_sha256": comm._run(f"{stage}: gather the sharded adapter "
+                                                                       "weights", gather)}, stage)
 
 
 def _differences(mine: dict, ref: dict) -> list[str]:
@@ -118,8 +164,11 @@ def begin_fit(comm: Comm, config: dict[str, Any], layers: Sequence["GradientLaye
               checkpoint_dir: str | Path | None):
     """Checks before a distributed fit; returns (train_loader, checkpoint_dir) to use on this rank.
 
-    ``config``: the attributor's configuration as a dict (its ``method`` names the curvature)."""
+    ``config``: the attributor's configuration as a dict (its ``method`` names the curvature). A model
+    wrapped by FSDP2 ``fully_shard`` (layers marked ``fsdp``) has its sharded adapter weights compared
+    too, ``checkpoint_dir`` refused, and its loader run in lockstep (:class:`_Lockstep`)."""
     check_consistent(comm, signature(config, layers), "fit")
+    _check_sharded_weights(comm, layers, "fit")
     from ..curvature.methods import METHODS
 
     if METHODS[config["method"]].needs_train_pass:
@@ -133,10 +182,17 @@ def begin_fit(comm: Comm, config: dict[str, Any], layers: Sequence["GradientLaye
             f"train_loader: its DistributedSampler pads the shards with {sampler.total_size - len(sampler.dataset)} "
             "repeated example(s), which would count twice; use hyperinf_ext.distributed.ShardSampler(dataset) "
             "(uneven shards, nothing repeated)")
+    fsdp = any(l.fsdp for l in layers)  # the same on every rank: part of the signature
+    if fsdp and checkpoint_dir is not None:
+        raise ValueError("checkpoint_dir: not supported for a model wrapped by FSDP2 fully_shard (the checkpoint "
+                         "fingerprints the model's parameters, which are DTensor shards); fit without it")
     if checkpoint_dir is not None:  # each rank commits its own partial sums; the reduction runs after
         checkpoint_dir = Path(checkpoint_dir) / f"rank{comm.rank}-of-{comm.world}"
-    wrap = _SizedIndexRequired if hasattr(train_loader, "__len__") else _IndexRequired
-    return wrap(train_loader), checkpoint_dir
+    sized = hasattr(train_loader, "__len__")
+    loader = (_SizedIndexRequired if sized else _IndexRequired)(train_loader)
+    if fsdp:
+        loader = (_SizedLockstep if sized else _Lockstep)(loader, comm, "train_loader")
+    return loader, checkpoint_dir
 
 
 class _IndexRequired:
@@ -154,6 +210,44 @@ class _IndexRequired:
 
 
 class _SizedIndexRequired(_IndexRequired):
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+
+class _Lockstep:
+    """The loader, with the ranks agreeing before each batch that every one of them has it.
+
+    Under FSDP2 ``fully_shard`` every forward all-gathers the weights: a collective that all ranks must
+    enter. A rank with one batch more than another would wait in it for the process group's timeout
+    (30 min by default); here every rank raises the same ValueError instead, before that forward. Costs one
+    small gather per batch (next to a forward and backward of the model)."""
+
+    def __init__(self, loader: Iterable, comm: Comm, what: str):
+        self.loader, self.comm, self.what = loader, comm, what
+
+    def __iter__(self) -> Iterator:
+        it = iter(self.loader)
+        k = 0
+        while True:
+            try:
+                batch, has = next(it), True
+            except StopIteration:
+                batch, has = None, False
+            flags = self.comm.all_gather_object(has, f"{self.what}: batch {k} on every rank (FSDP2)")
+            if not any(flags):
+                return
+            if not all(flags):
+                done = ", ".join(self.comm.name(p) for p, f in enumerate(flags) if not f)
+                more = ", ".join(self.comm.name(p) for p, f in enumerate(flags) if f)
+                raise ValueError(
+                    f"{self.what}: {done} ran out after {k} batch(es) while {more} still had more; under FSDP2 "
+                    "fully_shard every forward is a collective of all ranks, so every rank must run the same number "
+                    "of batches (shards of equal size, or batch sizes that give each rank as many batches)")
+            yield batch
+            k += 1
+
+
+class _SizedLockstep(_Lockstep):
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
 

@@ -7,11 +7,23 @@ from typing import Any, Iterable, Mapping
 import torch
 
 
+def full_values(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or for a DTensor (a weight sharded by FSDP2 ``fully_shard``) its full value gathered from every
+    rank — a collective: every rank must call this for the same tensors in the same order."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return t
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def _tensor_bytes(t: torch.Tensor) -> bytes:
     t = t.detach()
     if t.is_meta:
         return b""  # no values; its name, dtype and shape are hashed
-    return t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    # a copy: .numpy() of a weight's own storage makes it non-resizable, and FSDP2 frees an unsharded
+    # weight by resizing its storage to 0
+    return t.to("cpu", copy=True).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

