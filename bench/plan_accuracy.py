@@ -65,7 +65,7 @@ def child(role: str, setting: list, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     from hyperinf_ext import HyperINF
-    from hyperinf_ext.attributor.plan import _reset_peak, _status, rss_bytes
+    from hyperinf_ext.attributor.plan_probe import peak_rss_bytes, reset_peak_rss, rss_bytes
 
     model, cache, q = setting[0], setting[3], setting[2]
     lm, train, queries = _setup(model, setting[1], q, setting[4], setting[5])
@@ -74,7 +74,7 @@ def child(role: str, setting: list, threads: int) -> dict:
         t0 = time.perf_counter()
         plan = attr.plan(train, n_queries=q)
         return {"plan": plan.to_dict(), "plan_seconds": time.perf_counter() - t0}
-    _reset_peak()
+    reset_peak_rss()
     base = rss_bytes()
     t0 = time.perf_counter()
     attr.fit(train)
@@ -82,7 +82,7 @@ def child(role: str, setting: list, threads: int) -> dict:
     S = attr.scores(queries)
     total = time.perf_counter() - t0
     assert torch.isfinite(S).all()
-    return {"baseline_bytes": base, "peak_bytes": _status("VmHWM"), "seconds": total, "fit_seconds": t_fit,
+    return {"baseline_bytes": base, "peak_bytes": peak_rss_bytes(), "seconds": total, "fit_seconds": t_fit,
             "timings": dict(attr.timings)}
 
 

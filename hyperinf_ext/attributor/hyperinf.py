@@ -212,7 +212,7 @@ class HyperINF(FitPass, Scoring, TokenScoring, StoredStateIO):
             ValueError: an empty loader, a batch without tensors, bad ``n_queries``/``top_k``/
                 ``probe_batches``, or any error the fit would raise on the probed batches.
         """
-        from .plan import make_plan
+        from .plan_probe import make_plan
 
         return make_plan(self, train_loader, n_queries=n_queries, top_k=top_k, mean=mean, probe_batches=probe_batches)
 

@@ -131,7 +131,7 @@ sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 from tiny_bert import DATA_VOCAB, batches, make_data, tiny_bert_lora
 from hyperinf_ext import HyperINF
-from hyperinf_ext.attributor.plan import _reset_peak, _status, rss_bytes
+from hyperinf_ext.attributor.plan_probe import peak_rss_bytes, reset_peak_rss, rss_bytes
 model = tiny_bert_lora(vocab=DATA_VOCAB, hidden=64, layers=2, seed=0)
 train = batches(make_data(9000, 1), 64)
 queries = batches(make_data(40, 2), 20)
@@ -140,10 +140,10 @@ if sys.argv[1] == "plan":
     p = attr.plan(train, n_queries=40)
     print(json.dumps({{"above": p.phases[p.peak_phase], "peak": p.peak_bytes, "cache": p.components["gradient_cache"]}}))
 else:
-    ok = _reset_peak()
+    ok = reset_peak_rss()
     base = rss_bytes()
     attr.fit(train).scores(queries)
-    print(json.dumps({{"ok": ok, "above": _status("VmHWM") - base, "cache": attr.cache.nbytes()}}))
+    print(json.dumps({{"ok": ok, "above": peak_rss_bytes() - base, "cache": attr.cache.nbytes()}}))
 """
 
 

@@ -103,14 +103,12 @@ def _plan_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _pipeline_kwargs(args: argparse.Namespace) -> dict:
-    return dict(**_plan_kwargs(args),
-        data=args.data, text_column=args.text_column, label_column=args.label_column,
-        prompt_column=args.prompt_column, response_column=args.response_column,
-        n_train=args.n_train, n_val=args.n_val, flip_rate=args.flip_rate,
-        model=args.model, adapter=args.adapter, rank=args.rank, alpha=args.alpha, epochs=args.epochs,
-        lr=args.lr, batch_size=args.batch_size, max_length=_max_length(args),
-        seed=args.seed, device=args.device, progress=not args.no_progress, out=args.out, top_k=args.top_k,
-    )
+    return dict(**_plan_kwargs(args), data=args.data, text_column=args.text_column, label_column=args.label_column,
+                prompt_column=args.prompt_column, response_column=args.response_column, n_train=args.n_train,
+                n_val=args.n_val, flip_rate=args.flip_rate, model=args.model, adapter=args.adapter, rank=args.rank,
+                alpha=args.alpha, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                max_length=_max_length(args), seed=args.seed, device=args.device, progress=not args.no_progress,
+                out=args.out, top_k=args.top_k)
 
 
 def _max_length(args: argparse.Namespace) -> int:
@@ -245,6 +243,9 @@ def _index_reading(args: argparse.Namespace) -> dict:
         for option, given in (("--estimator", args.estimator is not None), ("--no-verify", args.no_verify)):
             if given:
                 raise ValueError(f"{option}: only with --index (it says how an index is read)")
+    elif getattr(args, "plan", False) or getattr(args, "max_memory", None) is not None:
+        raise ValueError(f"{'--plan' if args.plan else '--max-memory'}: not with --index (an index run fits nothing; "
+                         "plan the index build: `hyperinf-ext index build ... --plan`)")
     return {"verify": not args.no_verify, "estimator": args.estimator or "regression"}
 
 
@@ -308,10 +309,6 @@ def _attribute_from_index(args: argparse.Namespace) -> int:
              if v is not None]
     if given:
         raise ValueError(f"{given[0]}: not with --index (the index holds the model, adapter and fitted factors)")
-    for option, value in (("--plan", args.plan), ("--max-memory", args.max_memory is not None)):
-        if value:
-            raise ValueError(f"{option}: not with --index (an index run fits nothing; plan the index build: "
-                             "`hyperinf-ext index build ... --plan`)")
     if args.train is not None:
         t.check_index_train(args.index, args.train)
     cfg = t.IndexQueryConfig(index=args.index, query=args.query, top_k=args.top_k, device=args.device,

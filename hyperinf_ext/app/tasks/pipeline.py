@@ -17,6 +17,7 @@ from typing import Any
 from ..models.family import is_causal, load_instruction, model_dir
 from .method_scores import score_method, self_score_method
 from .pipeline_config import DEFAULT_EPOCHS, Log, PipelineConfig, log_stage
+from .planning import plan_gate
 from .pipeline_data import Loaders, PreparedData, build_loaders, finetune_loader, prepare_data
 
 __all__ = [
@@ -188,8 +189,6 @@ def fit_and_query(cfg: PipelineConfig, log: Log = None, *, queries: bool = True)
     for note in loaders.notes:
         log_stage(log, f"data: {note}")
     model = load_model(cfg, data.num_labels)
-    from .planning import plan_gate  # planning imports this module
-
     plan_gate(cfg, model, loaders, command="run", epochs=cfg.resolved_epochs, finetune=loaders.finetune,
               n_queries=len(data.val) if queries else 0, mean=True, top_k=None, cache="memory", log=log)
     trained = train_model(cfg, model, loaders.finetune, loaders.evaluation, log=log)

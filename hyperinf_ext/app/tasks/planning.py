@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ...attributor.plan import format_bytes
-from .pipeline import Log, log_stage
+from .pipeline_config import Log, log_stage
 
 __all__ = ["PlanReady", "plan_gate", "CLI_NAMES", "write_plan"]
 
@@ -34,11 +34,11 @@ class PlanReady(Exception):
 
 def _tokens(loader: Any) -> tuple[int, int]:
     """(padded tokens, batches) of a loader, read without the model."""
-    from ...attributor.plan import _batch_shape
+    from ...attributor.plan import batch_shape
 
     tokens = batches = 0
     for batch in loader:
-        tokens += _batch_shape(batch)[1]
+        tokens += batch_shape(batch)[1]
         batches += 1
     return tokens, batches
 
