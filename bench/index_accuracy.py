@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from bench.lds import SIZES, LdsConfig, PipelineExperiment, load_records, matrices, subset_members
+    from bench.lds import SIZES, LdsConfig, PipelineExperiment, load_records, matrices, subset_members, subset_table
     from hyperinf_ext import HyperINF
     from hyperinf_ext.app.tasks.index_task import subset_loader
     from hyperinf_ext.app.tasks.metrics import found_at, lds, roc_auc, spearman
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     measured = None
     if not args.detect:
         records = load_records(HERE / ("lds_llm_runs.jsonl" if llm else "lds_runs.jsonl"))
-        subs = {r["subset"]: r["val_loss"] for r in records if r["kind"] == "subset" and r["config"] == json.loads(cfg.key())}
+        subs = subset_table(records, json.loads(cfg.key()))  # retrain 0: the models the LDS is reported on
         M = max(j for j in subs if all(i in subs for i in range(j + 1))) + 1
         members = [subset_members(cfg.n_train, cfg.fraction, cfg.seed, j) for j in range(M)]
         measured = np.asarray([subs[j] for j in range(M)])

@@ -11,7 +11,7 @@ score every (method, damping) of ``CANDIDATES`` per query: scores [Q, n_train], 
 the scores of S's members; LDS = Spearman across subsets of predicted vs measured loss, per query,
 averaged over queries (``hyperinf_ext.app.tasks.metrics.lds``), with bootstrap intervals over queries and
 subsets.  Kronfluence EK-FAC is scored on the same full-data model through bench/quality_ekfac.py's code
-path when kronfluence is installed.
+path (bench/lds_ekfac.py: one factor fit, one scoring per damping) when kronfluence is installed.
 
 Sizes and time.  The shared FACTS.md (measured on this machine): 1,000 examples stay at chance for 3 epochs and take off
 in epoch 4 (0.75 after 5); 2,000 × 3 epochs reach 0.79.  Subsets of 1,000 must train past chance or the
@@ -28,10 +28,41 @@ subset model is appended as soon as it is measured, so an interrupted run resume
                                          # the smaller grid on the embedded LLM (300/60, 3 epochs, LLM_LABELS)
                                          # -> bench/lds_llm_runs.jsonl, bench/LDS_LLM.md
 
+Noise ceiling (issue #25).  ``--retrain-seeds 0,1,2`` retrains every subset model r = 1, 2 more times
+on the SAME members from the SAME initial adapter (``load_lora_model(seed=s)``: the shared init is part
+of the protocol, every subset model of a seed starts from it, so a retrain keeps it); what a retrain
+changes is the training randomness, seeded with ``train_seed(s, r)`` instead of s: the loader's shuffle
+(batch order) and the dropout masks (MiniLM: hidden and attention dropout 0.1; SmolLM2 has no dropout,
+so there a retrain changes the batch order only).  r = 0 is the model measured today (training seed s,
+records without a "retrain" field); the default ``--retrain-seeds 0`` is today's run.  The report then
+gives the test-retest correlation per query (the noise ceiling) and every method's LDS against the
+retrain-averaged losses (bench/lds_baselines.py).
+
+    python -m bench.lds --seeds 0 --subsets 16 --retrain-seeds 0,1,2
+                                         # 32 more MiniLM models (retrains 1, 2 of subsets 0-15; about 25 min)
+    python -m bench.lds --model smollm2 --seeds 0 --subsets 16 --retrain-seeds 0,1,2
+                                         # 36 more LLM models (subsets 12-15, then retrains 1, 2 of all 16; about
+                                         # 2 h at 196 s each; they record margins) and the 16-subset score sets
+    python -m bench.lds --seeds 0,1 --split-only
+                                         # the split's labels only (no training): the same-label baseline
+
+Peers are tuned as much as the default (issue #25): every method with a curvature is scored on the same
+damping grid as hyperinf (DataInf's rule and spectral 0.1-30; EK-FAC with Kronfluence's heuristic scaled
+0.01-30, which is our "spectral" rule), and bench/defaults_rule.py, frozen before the reporting seeds
+run, picks the default and each peer's setting on the selection seeds; bench/LDS.md reports them on the
+reporting seeds only:
+
+    python -m bench.lds --seeds 0,1      # score the peer grid on the selection seeds (no subset model to train)
+    python -m bench.lds --seeds 2,3      # the reporting seeds (bench/defaults_rule.py REPORTING_SEEDS)
+
 Records (JSON lines): ``{"kind": "subset", "config", "subset": j, "val_loss": [Q], ...}`` per subset model
-and ``{"kind": "scores", "config", "label", "n_subsets": M, "predicted": [M][Q], ...}`` per score set
+(a retrain adds ``"retrain": r, "train_seed"``; an LLM model measured since issue #25 adds
+``"val_margin": [Q]``, log p(correct answer) − log p(wrong answer) summed over the answer tokens),
+``{"kind": "scores", "config", "label", "n_subsets": M, "predicted": [M][Q], ...}`` per score set
 (the predicted subset effects, not the [Q, n_train] scores, keep the file small; a later run with more
-subsets re-scores).  bench/lds_report.py writes the Markdown and the plot from them.
+subsets re-scores) and ``{"kind": "split", "config", "train_labels", "val_labels"}`` once per seed (the
+labels of the data split, for the same-label baseline).  bench/lds_report.py writes the Markdown and the
+plot from them.
 """
 from __future__ import annotations
 
@@ -66,11 +97,30 @@ CANDIDATES: list[tuple[str, str, str]] = [
     ("kronecker", "kronecker", "auto"),
     ("paper code", "paper", "auto"),
 ]
-LABELS = [c[0] for c in CANDIDATES] + [EKFAC]
+# Issue #25: every peer with a curvature on the damping grid hyperinf has (DataInf's rule × 0.1 and
+# spectral 0.1–30), so each can be tuned as much as the default (bench/defaults_rule.py picks each one's
+# setting on the selection seeds).  "datainf", "lissa" and "kronecker" above are each method's "auto".
+PEER_GRID = [("datainf damping", "datainf"), ("spectral 0.1", "spectral:0.1"), ("spectral 1", "spectral:1"),
+             ("spectral 3", "spectral:3"), ("spectral 10", "spectral:10"), ("spectral 30", "spectral:30")]
+_AUTO = {"datainf": "datainf", "lissa": "datainf", "kronecker": None}  # the grid point "auto" already is
+CANDIDATES += [(f"{m}, {name}", m, d) for m in ("exact", "datainf", "lissa", "kronecker") for name, d in PEER_GRID
+               if not (m == "exact" and d in ("datainf", "spectral:3")) and _AUTO.get(m) != d]
+_FAMILY = ["hyperinf", "exact", "datainf", "lissa", "tracin", "kronecker", "paper"]
+CANDIDATES.sort(key=lambda c: _FAMILY.index(c[1]))  # stable: each method's rows together, in the tables too
+# Kronfluence EK-FAC: damping = scale × the mean eigenvalue per module (its heuristic, scale 0.1 by default),
+# which is our "spectral" rule; the grid scales it as hyperinf's (and 0.01, near DataInf's rule).
+EKFAC_SCALES: dict[str, float] = {EKFAC: 0.1, **{f"{EKFAC}, spectral {s:g}": s for s in (0.01, 1, 3, 10, 30)}}
+LABELS = [c[0] for c in CANDIDATES] + list(EKFAC_SCALES)
 # The smaller grid on the embedded LLM (issue #16): the default, its neighbours, the paper's damping
-# and every other method at its own default.  No EK-FAC: bench/quality_ekfac.py drives a classifier.
-LLM_LABELS = ["hyperinf, datainf damping", "hyperinf, paper damping", "hyperinf, spectral 1", "hyperinf, spectral 3",
-              "hyperinf, spectral 10", "datainf", "lissa", "tracin", "kronecker"]
+# and every other method at its own default.  Issue #25 adds hyperinf's spectral 0.1 and 30 (every damping
+# the frozen rule of bench/defaults_rule.py may choose) and each peer at the dampings hyperinf has here.
+# No EK-FAC: bench/quality_ekfac.py drives a classifier.
+LLM_LABELS = ["hyperinf, datainf damping", "hyperinf, paper damping", "hyperinf, spectral 0.1", "hyperinf, spectral 1",
+              "hyperinf, spectral 3", "hyperinf, spectral 10", "hyperinf, spectral 30", "datainf", "lissa", "tracin",
+              "kronecker"]
+LLM_LABELS += [f"{m}, {d}" for m in ("datainf", "lissa", "kronecker")
+               for d in ("datainf damping", "spectral 1", "spectral 3", "spectral 10")
+               if f"{m}, {d}" in {c[0] for c in CANDIDATES}]
 # Sizes per model, when not given on the command line (the LLM's: its section of the README)
 SIZES = {"minilm": dict(n_train=2000, n_val=200, epochs=5, max_length=64, subsets=32),
          "smollm2": dict(n_train=300, n_val=60, epochs=3, max_length=128, subsets=16)}
@@ -102,15 +152,28 @@ def subset_members(n_train: int, fraction: float, seed: int, j: int) -> np.ndarr
     return np.sort(np.random.default_rng([int(seed), int(j)]).permutation(n_train)[:k])
 
 
+def train_seed(seed: int, retrain: int) -> int:
+    """The training seed (loader shuffle, dropout) of retrain ``retrain`` of data seed ``seed``: the data
+    seed itself for retrain 0 (today's models), else a fixed draw from ``SeedSequence([seed, retrain])``,
+    so no retrain of one seed repeats the schedule of another seed's models."""
+    if retrain == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), int(retrain)]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
 class Experiment(Protocol):
     """What the runner needs from a model family (the MiniLM default here, a linear model in the tests)."""
 
-    def subset_losses(self, members: np.ndarray) -> dict[str, Any]:
-        """Train on ``members`` from the shared initial state; {"val_loss": [Q], "val_accuracy": float}."""
+    def subset_losses(self, members: np.ndarray, train_seed: int | None = None) -> dict[str, Any]:
+        """Train on ``members`` from the shared initial state; {"val_loss": [Q], "val_accuracy": float} and
+        optionally "val_margin": [Q].  ``train_seed``: the seed of the training randomness (loader
+        shuffle, dropout) when it is not the data seed's (a retrain; the runner passes it only then)."""
 
     def score_sets(self, labels: Sequence[str]) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
         """Train the full-data model once and yield (label, scores [Q, n_train], extra fields) per label;
         scores None with extra["error"] for a method that failed."""
+
+    # optional: ``split_labels() -> (train labels [n_train], validation labels [Q])``, recorded once per seed
 
 
 def load_records(path: Path) -> list[dict]:
@@ -129,6 +192,10 @@ def _round(x: float) -> float:
     return float(f"{float(x):.9g}")  # 9 digits: far below any loss difference, a third of repr's size
 
 
+def _retrain_of(record: dict) -> int:
+    return int(record.get("retrain", 0))  # records written before retrains existed are retrain 0
+
+
 def run(
     exp: Experiment,
     cfg: LdsConfig,
@@ -136,23 +203,32 @@ def run(
     n_subsets: int,
     labels: Sequence[str],
     log: Callable[[str], None] = print,
+    retrains: Sequence[int] = (0,),
 ) -> None:
-    """Measure the missing subset models of ``cfg`` (0..n_subsets−1), then the missing score sets."""
+    """Measure the missing subset models of ``cfg`` (0..n_subsets−1, each for every retrain in
+    ``retrains``), then the missing score sets; first the split's labels when the experiment gives them."""
     key = json.loads(cfg.key())
     mine = [r for r in load_records(runs) if r["config"] == key]
-    have = {r["subset"] for r in mine if r["kind"] == "subset"}
+    write_split(exp, key, runs, mine)
+    have = {(r["subset"], _retrain_of(r)) for r in mine if r["kind"] == "subset"}
+    # subset-major: an interrupted run leaves every retrain of its leading subsets, all the ceiling needs
     for j in range(n_subsets):
-        if j in have:
-            continue
-        members = subset_members(cfg.n_train, cfg.fraction, cfg.seed, j)
-        t0 = time.perf_counter()
-        res = exp.subset_losses(members)
-        rec = {"kind": "subset", "config": key, "subset": j, "n_members": int(members.size),
-               "val_loss": [_round(v) for v in res["val_loss"]], "val_accuracy": float(res["val_accuracy"]),
-               "seconds": time.perf_counter() - t0}
-        _append(runs, rec)
-        log(f"[lds] seed {cfg.seed} subset {j + 1}/{n_subsets}: val acc {rec['val_accuracy']:.3f}, "
-            f"mean loss {np.mean(rec['val_loss']):.4f} ({rec['seconds']:.0f} s)")
+        for t in retrains:
+            if (j, t) in have:
+                continue
+            members = subset_members(cfg.n_train, cfg.fraction, cfg.seed, j)
+            t0 = time.perf_counter()
+            res = exp.subset_losses(members) if t == 0 else exp.subset_losses(members, train_seed=train_seed(cfg.seed, t))
+            rec = {"kind": "subset", "config": key, "subset": j, "n_members": int(members.size)}
+            if t != 0:
+                rec.update(retrain=int(t), train_seed=train_seed(cfg.seed, t))
+            rec.update(val_loss=[_round(v) for v in res["val_loss"]], val_accuracy=float(res["val_accuracy"]))
+            if res.get("val_margin") is not None:
+                rec["val_margin"] = [_round(v) for v in res["val_margin"]]
+            rec["seconds"] = time.perf_counter() - t0
+            _append(runs, rec)
+            log(f"[lds] seed {cfg.seed} subset {j + 1}/{n_subsets}" + (f" retrain {t}" if t else "")
+                + f": val acc {rec['val_accuracy']:.3f}, mean loss {np.mean(rec['val_loss']):.4f} ({rec['seconds']:.0f} s)")
     scored = {r["label"] for r in mine if r["kind"] == "scores" and r["n_subsets"] >= n_subsets}
     todo = [l for l in labels if l not in scored]
     if not todo:
@@ -171,10 +247,36 @@ def run(
         log(f"[lds] seed {cfg.seed} scored {label}")
 
 
-def matrices(records: list[dict], cfg_key: dict, label: str, n_subsets: int | None = None
-             ) -> tuple[np.ndarray, np.ndarray] | None:
-    """(predicted, measured) [M, Q] of one seed and label over the subsets both have (None if < 2)."""
-    subs = {r["subset"]: r["val_loss"] for r in records if r["kind"] == "subset" and r["config"] == cfg_key}
+def write_split(exp: Any, key: dict, runs: Path, mine: list[dict] | None = None) -> bool:
+    """Append the split's labels ({"kind": "split"}) once per config, when ``exp`` has ``split_labels``."""
+    mine = [r for r in load_records(runs) if r["config"] == key] if mine is None else mine
+    if any(r["kind"] == "split" for r in mine) or not hasattr(exp, "split_labels"):
+        return False
+    train, val = exp.split_labels()
+    _append(runs, {"kind": "split", "config": key, "train_labels": [int(y) for y in train],
+                   "val_labels": [int(y) for y in val]})
+    return True
+
+
+def subset_table(records: list[dict], cfg_key: dict, field: str = "val_loss", retrain: int = 0) -> dict[int, list]:
+    """{subset j: ``field`` [Q]} of one seed's subset models of one retrain (those that have the field)."""
+    return {r["subset"]: r[field] for r in records if r["kind"] == "subset" and r["config"] == cfg_key
+            and _retrain_of(r) == retrain and r.get(field) is not None}
+
+
+def split_labels(records: list[dict], cfg_key: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """(train labels, validation labels) of one seed's split record (None without one)."""
+    rec = [r for r in records if r["kind"] == "split" and r["config"] == cfg_key]
+    if not rec:
+        return None
+    return np.asarray(rec[-1]["train_labels"]), np.asarray(rec[-1]["val_labels"])
+
+
+def matrices(records: list[dict], cfg_key: dict, label: str, n_subsets: int | None = None,
+             field: str = "val_loss", retrain: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
+    """(predicted, measured) [M, Q] of one seed and label over the leading subsets both have (None if < 2);
+    measured = ``field`` of retrain ``retrain`` (default: the loss of the models measured first)."""
+    subs = subset_table(records, cfg_key, field, retrain)
     score = [r for r in records if r["kind"] == "scores" and r["config"] == cfg_key and r["label"] == label]
     if not score or score[-1]["predicted"] is None:
         return None
@@ -196,33 +298,59 @@ class PipelineExperiment:
     instructions, its loss the mean over the answer tokens."""
 
     def __init__(self, cfg: LdsConfig, progress: bool = False, ekfac: bool = True):
-        from hyperinf_ext.app.tasks.pipeline import PipelineConfig, build_loaders, is_causal, model_dir, prepare_data
+        from hyperinf_ext.app.tasks.pipeline import build_loaders, is_causal, model_dir, prepare_data
         from hyperinf_ext.app.models.training import load_tokenizer
 
         self.cfg, self.ekfac = cfg, ekfac
-        self.pcfg = PipelineConfig(n_train=cfg.n_train, n_val=cfg.n_val, flip_rate=0.0, rank=cfg.rank,
-                                   alpha=2 * cfg.rank, epochs=cfg.epochs, max_length=cfg.max_length,
-                                   seed=cfg.seed, progress=progress, model=cfg.model)
-        self.data = prepare_data(self.pcfg, causal=is_causal(self.pcfg))
+        self.pcfg = pipeline_config(cfg, progress)
+        self.causal = is_causal(self.pcfg)
+        self.data = prepare_data(self.pcfg, causal=self.causal)
         self.loaders = build_loaders(self.pcfg, self.data, load_tokenizer(model_dir(self.pcfg)))
+        self._wrong = None  # the validation set with the other answer (the LLM's margin), built on first use
 
-    def train(self, members: np.ndarray | None) -> Any:
-        """Fine-tune a fresh LoRA (the shared initial adapter) on ``members`` (None: all); a TrainedModel."""
+    def split_labels(self) -> tuple[list[int], list[int]]:
+        return list(self.data.train.labels), list(self.data.val.labels)
+
+    def train(self, members: np.ndarray | None, train_seed: int | None = None) -> Any:
+        """Fine-tune a fresh LoRA (the shared initial adapter) on ``members`` (None: all); a TrainedModel.
+        ``train_seed``: seed the loader's shuffle and the dropout with it instead of ``cfg.seed`` (a
+        retrain); the initial adapter stays the data seed's."""
         from hyperinf_ext.app.tasks.pipeline import finetune_loader, load_model, train_model
 
-        # a fresh LoRA seeded with cfg.seed: every model starts from the same adapter
+        # a fresh LoRA seeded with cfg.seed: every model, retrains included, starts from the same adapter
         model = load_model(self.pcfg, self.data.num_labels, adapter=None)
+        run_cfg = self.pcfg if train_seed is None else replace(self.pcfg, seed=int(train_seed))
         if members is None:
             loader = self.loaders.finetune
         else:
-            loader = finetune_loader(self.pcfg, self.data.train.subset(members.tolist()), self.loaders.tokenizer,
+            loader = finetune_loader(run_cfg, self.data.train.subset(members.tolist()), self.loaders.tokenizer,
                                      [self.loaders.train_encodings[i] for i in members])
-        return train_model(self.pcfg, model, loader, self.loaders.evaluation, epochs=self.cfg.epochs)
+        return train_model(run_cfg, model, loader, self.loaders.evaluation, epochs=self.cfg.epochs)
 
-    def subset_losses(self, members: np.ndarray) -> dict[str, Any]:
-        trained = self.train(members)
-        return {"val_loss": per_example_losses(trained.model, self.loaders.evaluation),
-                "val_accuracy": trained.val["accuracy"]}
+    def subset_losses(self, members: np.ndarray, train_seed: int | None = None) -> dict[str, Any]:
+        trained = self.train(members, train_seed)
+        out = {"val_loss": per_example_losses(trained.model, self.loaders.evaluation),
+               "val_accuracy": trained.val["accuracy"]}
+        if self.causal and self.data.num_labels == 2:
+            out["val_margin"] = self.answer_margins(trained.model)
+        return out
+
+    def answer_margins(self, model: Any) -> list[float]:
+        """Per validation query: log p(correct answer | prompt) − log p(the other answer | prompt), each the
+        sum over the answer's labelled tokens (end-of-turn tokens included), in dataset order."""
+        if self._wrong is None:
+            from hyperinf_ext.app.data.batching import make_loader
+            from hyperinf_ext.app.data.instruction import encode_instructions
+            from hyperinf_ext.app.tasks.pipeline_data import CAUSAL_FIT_BATCH_SIZE
+
+            val = self.data.val
+            wrong = val.with_labels([1 - int(y) for y in val.labels])
+            enc = encode_instructions(wrong, self.loaders.tokenizer, self.cfg.max_length).encodings
+            self._wrong = make_loader(wrong, self.loaders.tokenizer,
+                                      batch_size=self.pcfg.fit_batch_size or CAUSAL_FIT_BATCH_SIZE,
+                                      sort_by_length=True, max_length=self.cfg.max_length, encodings=enc)
+        right = answer_logprobs(model, self.loaders.evaluation)
+        return (np.asarray(right) - np.asarray(answer_logprobs(model, self._wrong))).tolist()
 
     def score_sets(self, labels: Sequence[str]) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
         from hyperinf_ext.curvature.methods import resolve
@@ -256,14 +384,36 @@ class PipelineExperiment:
                                  "seconds": time.perf_counter() - t0}
         finally:
             attr.cache.close()
-        if EKFAC in labels and self.ekfac and self.cfg.model is None and _have_kronfluence():
-            from bench.quality_ekfac import ekfac_pairwise_scores
+        ek = {EKFAC_SCALES[l]: l for l in labels if l in EKFAC_SCALES}
+        if ek and self.ekfac and self.cfg.model is None and _have_kronfluence():
+            from bench.lds_ekfac import ekfac_pairwise_grid
 
+            # one factor fit for the whole grid (Kronfluence wraps the model in place: once per model)
             with tempfile.TemporaryDirectory(prefix="lds_ekfac_", dir="/tmp") as workdir:
-                s, seconds = ekfac_pairwise_scores(trained.model, self.loaders.tokenizer, self.data.train,
-                                                   self.data.val, workdir, max_length=self.cfg.max_length)
-            yield EKFAC, s.numpy(), {**full, "method": "ekfac", "damping": ["kronfluence heuristic", 0.1],
-                                     "seconds": seconds}
+                for scale, s, seconds in ekfac_pairwise_grid(trained.model, self.loaders.tokenizer, self.data.train,
+                                                             self.data.val, workdir, sorted(ek),
+                                                             max_length=self.cfg.max_length):
+                    yield ek[scale], s.numpy(), {**full, "method": "ekfac",
+                                                 "damping": ["kronfluence heuristic", scale], "seconds": seconds}
+
+
+def pipeline_config(cfg: LdsConfig, progress: bool = False) -> Any:
+    """The PipelineConfig of one seed (shared by the experiment and :func:`reconstruct_split`)."""
+    from hyperinf_ext.app.tasks.pipeline import PipelineConfig
+
+    return PipelineConfig(n_train=cfg.n_train, n_val=cfg.n_val, flip_rate=0.0, rank=cfg.rank, alpha=2 * cfg.rank,
+                          epochs=cfg.epochs, max_length=cfg.max_length, seed=cfg.seed, progress=progress,
+                          model=cfg.model)
+
+
+def reconstruct_split(cfg_key: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The split's (train, validation) labels of a seed recorded before split records existed: the data
+    split again from the config, as :class:`PipelineExperiment` does (data only, no model)."""
+    from hyperinf_ext.app.tasks.pipeline import is_causal, prepare_data
+
+    pcfg = pipeline_config(LdsConfig(**cfg_key))
+    data = prepare_data(pcfg, causal=is_causal(pcfg))
+    return np.asarray(data.train.labels), np.asarray(data.val.labels)
 
 
 def _have_kronfluence() -> bool:
@@ -290,6 +440,30 @@ def per_example_losses(model: Any, loader: Any) -> list[float]:
     return out.tolist()
 
 
+def answer_logprobs(model: Any, loader: Any) -> list[float]:
+    """log p(response | prompt) of every example of an instruction ``loader``: the sum over its labelled
+    tokens of the next-token log-probability, in dataset order (placed by ``batch["index"]``)."""
+    import torch
+
+    from hyperinf_ext.capture.losses import model_inputs
+
+    out = np.full(len(loader.dataset), np.nan)
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            b = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            logits = model(**model_inputs(b)).logits[:, :-1].float()
+            target = b["labels"][:, 1:]
+            mask = target != -100
+            picked = logits.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            logp = (picked - torch.logsumexp(logits, dim=-1)) * mask
+            out[batch["index"].numpy()] = logp.sum(dim=1).double().cpu().numpy()
+    if np.isnan(out).any():
+        raise RuntimeError("answer_logprobs: the loader did not cover every example")
+    return out.tolist()
+
+
 # ------------------------------------------------------------------------------ command line
 
 
@@ -312,6 +486,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--progress", action="store_true")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the records")
+    p.add_argument("--retrain-seeds", default="0",
+                   help="comma list of retrains r of every subset model (default 0: the models of today; e.g. "
+                        "0,1,2 for the noise ceiling; r > 0 reseeds the shuffle and dropout, not the initial adapter)")
+    p.add_argument("--split-only", action="store_true",
+                   help="only record each seed's split labels (for the same-label baseline; no training)")
     args = p.parse_args(argv)
     llm = args.model == "smollm2"
     for k, v in SIZES[args.model].items():
@@ -327,8 +506,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.runs.parent == HERE:
             args.runs, args.out = Path("/tmp/hyperinf_lds_smoke.jsonl"), Path("/tmp/hyperinf_LDS_smoke.md")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    retrains = sorted({int(t) for t in args.retrain_seeds.split(",") if t.strip()})
+    if not retrains or min(retrains) < 0:
+        p.error("--retrain-seeds: a comma list of integers >= 0")
     configs = [replace(base, seed=s) for s in seeds]
-    if not args.report_only:
+    if args.split_only and not args.report_only:
+        for cfg in configs:
+            if write_split(PipelineExperiment(cfg), json.loads(cfg.key()), args.runs):
+                print(f"[lds] seed {cfg.seed}: split labels recorded in {args.runs}")
+    elif not args.report_only:
         import torch
 
         torch.set_num_threads(args.threads)
@@ -338,12 +524,14 @@ def main(argv: list[str] | None = None) -> int:
         for cfg in configs:
             print(f"[lds] {cfg}", flush=True)
             exp = PipelineExperiment(cfg, progress=args.progress, ekfac=not args.no_ekfac)
-            run(exp, cfg, args.runs, args.subsets, labels, log=lambda s: print(s, flush=True))
+            run(exp, cfg, args.runs, args.subsets, labels, log=lambda s: print(s, flush=True), retrains=retrains)
     from bench.lds_report import write_report
 
     command = "python -m bench.lds" + (" --model smollm2" if llm else "") + (" --smoke" if args.smoke else "")
     text = write_report(load_records(args.runs), args.out, command, n_subsets=args.subsets, n_boot=args.n_boot,
-                        labels=LLM_LABELS if llm else LABELS, choose_damping=not llm)
+                        labels=LLM_LABELS if llm else LABELS, choose_damping=not llm,
+                        split=reconstruct_split, rule=not args.smoke,
+                        classifier_records=load_records(HERE / "lds_runs.jsonl") if llm else None)
     print(text)
     return 0
 

@@ -3,7 +3,10 @@
 Per seed: LDS of every score set with its bootstrap interval (subsets and queries resampled), the
 paired difference of the library's default (``method="hyperinf"``, ``damping="auto"``) to every other
 method on the same resamples, and the subset models' accuracy (they must train past chance for the LDS
-to mean anything).  Over seeds: the mean LDS and the seeds on which the default wins.
+to mean anything).  Over seeds: the mean LDS and the seeds on which the default wins.  Then the sections
+of issue #25 (bench/lds_baselines.py): noise ceiling from retrained subset models, shared-structure
+baselines and mean-removed LDS, margin (the LLM), pooled paired intervals over seeds, and the default
+chosen by the frozen rule of bench/defaults_rule.py reported on its reporting seeds only.
 """
 from __future__ import annotations
 
@@ -118,7 +121,7 @@ def report(records: list[dict], command: str, *, n_subsets: int | None = None, n
         if not rows:
             continue
         per_seed[seed] = rows
-        subs = [r for r in records if r["kind"] == "subset" and r["config"] == key]
+        subs = [r for r in records if r["kind"] == "subset" and r["config"] == key and not r.get("retrain")]
         scored = [r for r in records if r["kind"] == "scores" and r["config"] == key]
         acc = [r["val_accuracy"] for r in subs]
         lines += [f"## Seed {seed}: {key['n_train']} training / {key['n_val']} validation examples, "
@@ -197,7 +200,9 @@ def damping_choice(per_seed: dict[int, dict[str, dict]], auc: dict[str, float]) 
         return mean_lds[l] / top_lds + (auc[l] - 0.5) / (top_auc - 0.5)
 
     best = max(eligible, key=lambda l: (score(l), mean_lds[l]))
-    lines = ["## Default damping of method='hyperinf' from LDS and detection AUC", "",
+    lines = ["## Default damping of method='hyperinf' from LDS and detection AUC (historical)", "",
+             "How today's default was picked: on every seed above, i.e. the seeds it is reported on, and every "
+             "detection configuration. The frozen rule of bench/defaults_rule.py (section above) replaces it.", "",
              "Score = mean LDS over the seeds above / the best of them + (mean AUC over bench/quality_runs.jsonl − ½) / "
              "(the best − ½): each metric as the fraction of the best candidate's margin over chance, so both weigh "
              "alike. Eligible: the scale-free rules (λ relative to G). `paper` adds an absolute 1e-3, tuned to one "
@@ -222,12 +227,24 @@ def quality_auc(path: Path | None = None) -> dict[str, float]:
 
 def write_report(records: list[dict], out: Path, command: str, *, n_subsets: int | None = None,
                  n_boot: int = 1000, labels: Sequence[str] = LABELS, ref: str | None = None,
-                 choose_damping: bool = True) -> str:
-    """Write ``out`` (Markdown) and the plot beside it (``lds.png`` for bench/LDS.md); returns the text."""
+                 choose_damping: bool = True, split=None, classifier_records: list[dict] | None = None,
+                 rule: bool = True, quality: tuple | None = None) -> str:
+    """Write ``out`` (Markdown) and the plot beside it (``lds.png`` for bench/LDS.md); returns the text.
+
+    ``split``: config key → (train labels, validation labels), for seeds recorded without a "split"
+    record (the same-label baseline); ``classifier_records``: the classifier study's records, from which
+    the frozen rule picks the default when ``records`` are another study's (the LLM); ``rule``: add the
+    pre-registered section (bench/defaults_rule.py); ``quality``: its (detection runs, candidates), default
+    bench/quality_runs.jsonl."""
+    from bench.lds_baselines import sections
+
     png = out.with_name("lds.png" if out.name == "LDS.md" else out.stem + ".png")
     text, per_seed = report(records, command, n_subsets=n_subsets, n_boot=n_boot, labels=labels, ref=ref)
     if per_seed:
         plot(per_seed, png, labels)
+        extra = sections(records, labels, n_subsets=n_subsets, n_boot=n_boot, ref=ref or default_label(),
+                         split=split, classifier_records=classifier_records, rule=rule, quality=quality)
+        text = text.replace("## Machine", "\n".join(extra) + "\n## Machine", 1)
         _, choice = damping_choice(per_seed, quality_auc()) if choose_damping else (None, [])
         if choice:
             text = text.replace("## Machine", "\n".join(choice) + "\n## Machine", 1)

@@ -1,0 +1,377 @@
+"""Issue #25's additions to the LDS benchmark on synthetic data: retrained subset models (noise ceiling),
+shared-structure baselines and mean-removed LDS, margin, pooled paired intervals over seeds, and the
+frozen selection rule of bench/defaults_rule.py.
+
+The runner is driven by a ridge-regression "experiment" whose retrains add weight noise drawn from the
+training seed (noise 0: a retrain is the same model), so the answers are known: identical retrains give a
+test-retest correlation of exactly 1, noisy ones less.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bench import defaults_rule as rule
+from bench.lds import LdsConfig, _round, load_records, matrices, run, subset_table, train_seed
+from bench.lds_baselines import (ceiling_section, label_averaged, loo_subset_mean, mean_removed, pooled_paired,
+                                 query_averaged, retrain_losses, same_label_prediction, sections, shared_section,
+                                 retest_correlation, retest_per_query)
+from bench.lds_report import write_report
+from hyperinf_ext.app.tasks.metrics import lds
+
+RIDGE = 0.05
+LABELS = ["exact", "random"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+class NoisyLinearExperiment:
+    """y = x·w* + noise; a subset model = ridge on its members plus ``noise``·N(0, I) drawn from the training
+    seed (the data seed's when none is given); loss ½(x·w − y)² per query; labels = sign of y."""
+
+    def __init__(self, seed: int = 0, n: int = 40, q: int = 12, d: int = 4, noise: float = 0.0,
+                 stop_after: int | None = None, margin: bool = False):
+        rng = np.random.default_rng(seed)
+        w = rng.normal(size=d)
+        self.X, self.Xq = rng.normal(size=(n, d)), rng.normal(size=(q, d))
+        self.y = self.X @ w + rng.normal(scale=1.0, size=n)
+        self.yq = self.Xq @ w + rng.normal(scale=1.0, size=q)
+        self.seed, self.noise, self.calls, self.stop_after, self.margin = seed, noise, 0, stop_after, margin
+        self.seeds_seen: list[int] = []
+
+    def _fit(self, idx: np.ndarray) -> np.ndarray:
+        X, y = self.X[idx], self.y[idx]
+        return np.linalg.solve(X.T @ X / len(idx) + RIDGE * np.eye(X.shape[1]), X.T @ y / len(idx))
+
+    def split_labels(self):
+        return (self.y > 0).astype(int).tolist(), (self.yq > 0).astype(int).tolist()
+
+    def subset_losses(self, members: np.ndarray, train_seed: int | None = None) -> dict:
+        if self.stop_after is not None and self.calls >= self.stop_after:
+            raise Interrupted
+        self.calls += 1
+        t = self.seed if train_seed is None else train_seed
+        self.seeds_seen.append(t)
+        w = self._fit(members) + self.noise * np.random.default_rng([t, int(members.sum())]).normal(size=self.X.shape[1])
+        loss = 0.5 * (self.Xq @ w - self.yq) ** 2
+        out = {"val_loss": loss.tolist(), "val_accuracy": 1.0}
+        if self.margin:
+            out["val_margin"] = (-loss).tolist()  # a margin that moves exactly against the loss
+        return out
+
+    def score_sets(self, labels):
+        n = len(self.y)
+        w = self._fit(np.arange(n))
+        H = self.X.T @ self.X / n + RIDGE * np.eye(self.X.shape[1])
+        g_train = self.X * (self.X @ w - self.y)[:, None]
+        g_query = self.Xq * (self.Xq @ w - self.yq)[:, None]
+        sets = {"exact": -g_query @ np.linalg.solve(H, g_train.T),
+                "random": np.random.default_rng(self.seed + 99).normal(size=(len(self.yq), n))}
+        for label in (l for l in LABELS if l in labels):
+            yield label, sets[label], {"method": label}
+
+
+CFG = LdsConfig(seed=0, n_train=40, n_val=12, epochs=0)
+KEY = json.loads(CFG.key())
+QUIET = dict(log=lambda s: None)
+
+
+def _strip(records):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def test_train_seed_keeps_retrain_zero_and_separates_the_others():
+    assert train_seed(3, 0) == 3 and train_seed(0, 0) == 0
+    seeds = {train_seed(s, t) for s in range(4) for t in range(1, 4)}
+    assert len(seeds) == 12 and not seeds & set(range(4))  # no retrain repeats another seed's schedule
+    assert train_seed(2, 1) == train_seed(2, 1)
+
+
+def test_retrain_records_are_written_resumed_and_kept_apart(tmp_path):
+    whole = tmp_path / "whole.jsonl"
+    exp = NoisyLinearExperiment(noise=0.3)
+    run(exp, CFG, whole, 6, LABELS, retrains=(0, 1, 2), **QUIET)
+    recs = load_records(whole)
+    subs = [r for r in recs if r["kind"] == "subset"]
+    assert len(subs) == 18 and sum(r["kind"] == "split" for r in recs) == 1
+    for r in subs:  # retrain 0 is today's record, untouched; the others say which seed they trained with
+        if "retrain" in r:
+            assert r["retrain"] in (1, 2) and r["train_seed"] == train_seed(0, r["retrain"])
+        else:
+            assert "train_seed" not in r
+    assert sorted(set(exp.seeds_seen)) == sorted({0, train_seed(0, 1), train_seed(0, 2)})
+    # the LDS reads retrain 0 only: the same matrices as a run without retrains
+    plain = tmp_path / "plain.jsonl"
+    run(NoisyLinearExperiment(noise=0.3), CFG, plain, 6, LABELS, **QUIET)
+    assert not any("retrain" in r for r in load_records(plain))
+    for label in LABELS:
+        for a, b in zip(matrices(recs, KEY, label), matrices(load_records(plain), KEY, label)):
+            assert np.array_equal(a, b)
+    assert subset_table(recs, KEY, retrain=2) != subset_table(recs, KEY, retrain=0)
+    # interrupted after 7 models, then resumed: the same records, nothing measured twice
+    parts = tmp_path / "parts.jsonl"
+    with pytest.raises(Interrupted):
+        run(NoisyLinearExperiment(noise=0.3, stop_after=7), CFG, parts, 6, LABELS, retrains=(0, 1, 2), **QUIET)
+    resumed = NoisyLinearExperiment(noise=0.3)
+    run(resumed, CFG, parts, 6, LABELS, retrains=(0, 1, 2), **QUIET)
+    assert resumed.calls == 11 and _strip(load_records(parts)) == _strip(recs)
+    # retrains added later to a run of today's kind: only the missing models are trained
+    again = NoisyLinearExperiment(noise=0.3)
+    run(again, CFG, plain, 6, LABELS, retrains=(0, 1), **QUIET)
+    assert again.calls == 6 and sum(r.get("retrain") == 1 for r in load_records(plain)) == 6
+
+
+def test_noise_ceiling_is_one_for_identical_retrains_and_lower_with_noise(tmp_path):
+    same, noisy = tmp_path / "same.jsonl", tmp_path / "noisy.jsonl"
+    run(NoisyLinearExperiment(noise=0.0), CFG, same, 16, LABELS, retrains=(0, 1, 2), **QUIET)
+    run(NoisyLinearExperiment(noise=0.4), CFG, noisy, 16, LABELS, retrains=(0, 1, 2), **QUIET)
+    ids, subs, L = retrain_losses(load_records(same), KEY)
+    assert ids == [0, 1, 2] and subs == list(range(16)) and L.shape == (3, 16, 12)
+    assert retest_correlation(L) == pytest.approx(1.0)
+    _, _, Ln = retrain_losses(load_records(noisy), KEY)
+    rho = retest_correlation(Ln)
+    assert 0.0 < rho < 0.9, rho
+    assert np.all(retest_per_query(Ln) <= 1.0)
+    text = "\n".join(ceiling_section(load_records(same), LABELS, None, 50))
+    assert "test-retest ρ = 1.000" in text and "| exact |" in text
+    text = "\n".join(ceiling_section(load_records(noisy), LABELS, None, 50))
+    assert f"test-retest ρ = {rho:.3f}" in text
+    # one retrain only: the section says what fills it
+    plain = tmp_path / "plain.jsonl"
+    run(NoisyLinearExperiment(), CFG, plain, 4, LABELS, **QUIET)
+    text = "\n".join(ceiling_section(load_records(plain), LABELS, None, 50))
+    assert "No seed has retrained subset models yet" in text and "--retrain-seeds 0,1,2" in text
+    assert "44 models" in text  # 16 subsets × 3 retrains, less the 4 of retrain 0 already recorded
+
+
+def test_averaging_retrains_helps_a_good_predictor(tmp_path):
+    noisy = tmp_path / "noisy.jsonl"
+    run(NoisyLinearExperiment(noise=0.4), CFG, noisy, 16, LABELS, retrains=(0, 1, 2), **QUIET)
+    recs = load_records(noisy)
+    _, _, L = retrain_losses(recs, KEY)
+    p, _ = matrices(recs, KEY, "exact")
+    single = np.mean([lds(p, L[i]) for i in range(3)])
+    assert lds(p, L.mean(axis=0)) > single
+
+
+def test_query_averaged_and_mean_removed_on_shared_plus_specific_losses():
+    rng = np.random.default_rng(0)
+    M, Q = 40, 30
+    shared, specific = rng.normal(size=(M, 1)), rng.normal(size=(M, Q))
+    measured = 5.0 * shared + specific  # the shared subset effect dominates
+    only_shared = np.repeat(shared, Q, axis=1) + 1e-9 * rng.normal(size=(M, Q))
+    only_specific = specific.copy()
+    # knowing only which subsets train better already scores high; the query-specific part scores ~0
+    assert lds(only_shared, measured) > 0.9
+    assert abs(lds(only_shared, mean_removed(measured))) < 0.15
+    assert abs(lds(only_shared, mean_removed(measured, standardize=True))) < 0.15
+    # the query-specific prediction: low LDS, high once the subset mean is removed
+    assert lds(only_specific, measured) < 0.4
+    assert lds(only_specific, mean_removed(measured)) > 0.9
+    # query-averaging keeps the shared part of a prediction and drops the rest
+    assert lds(query_averaged(only_shared + only_specific), measured) > 0.9
+    assert abs(lds(query_averaged(only_specific), mean_removed(measured))) < 0.15
+    assert query_averaged(only_specific).shape == (M, Q) and np.ptp(query_averaged(only_specific), axis=1).max() == 0
+    # the oracle of the shared part (other queries only) sees it too
+    assert lds(loo_subset_mean(measured), measured) > 0.9
+
+
+def test_same_label_count_and_within_label_removal():
+    train_labels = np.array([0, 1, 1, 0, 1, 0, 1, 1])
+    members = [np.array([0, 1, 2]), np.array([3, 5, 6]), np.array([1, 2, 4, 7])]
+    val_labels = np.array([1, 0, 1])
+    pred = same_label_prediction(members, train_labels, val_labels)
+    assert pred.tolist() == [[-2, -1, -2], [-1, -2, -1], [-4, -0, -4]]
+    # losses that depend only on the subset's label balance: the same-label count predicts them perfectly,
+    # and removing each subset's mean within the label leaves nothing to predict
+    rng = np.random.default_rng(1)
+    labs = rng.integers(0, 2, size=200)
+    subsets = [rng.choice(200, size=100, replace=False) for _ in range(30)]
+    vlab = np.array([0, 1] * 10)
+    sl = same_label_prediction(subsets, labs, vlab)
+    measured = sl + 1e-6 * rng.normal(size=sl.shape)
+    assert lds(sl, measured) > 0.99
+    assert abs(lds(sl, mean_removed(measured, standardize=True, groups=vlab))) < 0.2
+    assert lds(loo_subset_mean(measured, groups=vlab), measured) > 0.95
+    assert np.allclose(label_averaged(sl, vlab), sl)  # constant within a label already
+
+
+def test_pooled_paired_interval_zero_for_equals_and_clear_for_a_better_method():
+    rng = np.random.default_rng(0)
+    items_same, items_better, items_equal = [], [], []
+    for _ in range(2):  # two seeds
+        truth = rng.normal(size=(24, 20))
+        m = truth + 0.5 * rng.normal(size=truth.shape)
+        a = truth + 0.3 * rng.normal(size=truth.shape)
+        b = truth + 3.0 * rng.normal(size=truth.shape)
+        c = truth + 0.3 * rng.normal(size=truth.shape)
+        items_same.append((a, a.copy(), m))
+        items_better.append((a, b, m))
+        items_equal.append((a, c, m))
+    same = pooled_paired(items_same, n_boot=200)
+    assert same["diff"] == 0 and same["lo"] <= 0 <= same["hi"] and same["p"] == 1.0
+    better = pooled_paired(items_better, n_boot=200)
+    assert better["lo"] > 0 and better["p"] < 0.05 and len(better["per_seed"]) == 2
+    assert better["diff"] == pytest.approx(np.mean([lds(a, m) - lds(b, m) for a, b, m in items_better]))
+    equal = pooled_paired(items_equal, n_boot=200)
+    assert equal["lo"] < 0 < equal["hi"]  # equally good, differently noisy: not told apart
+
+
+def test_shared_section_and_margin_from_records(tmp_path):
+    runs = tmp_path / "runs.jsonl"
+    llm = LdsConfig(seed=0, n_train=40, n_val=12, epochs=0, model="smollm2")
+    run(NoisyLinearExperiment(noise=0.2, margin=True), llm, runs, 8, LABELS, retrains=(0, 1), **QUIET)
+    recs = load_records(runs)
+    assert all("val_margin" in r for r in recs if r["kind"] == "subset")
+    key = json.loads(llm.key())
+    text = "\n".join(shared_section(recs, LABELS, None, 50, "exact"))
+    assert "| exact (default) |" in text and "same-label member count (split record)" in text
+    assert "oracle: subset mean (z) over the other queries of the same label" in text
+    text = "\n".join(sections(recs, LABELS, n_boot=50, ref="exact", rule=False))
+    # margin = −loss here, so LDS on −margin equals LDS on loss
+    p, m = matrices(recs, key, "exact")
+    assert f"| exact | {lds(p, m):.3f} | {lds(p, m):.3f} |" in text
+    assert "## Noise ceiling: subset models retrained (margin)" in text and "test-retest ρ" in text
+    # a records file of the classifier: no margin section
+    cls = tmp_path / "cls.jsonl"
+    run(NoisyLinearExperiment(), CFG, cls, 4, LABELS, **QUIET)
+    assert "## Margin" not in "\n".join(sections(load_records(cls), LABELS, n_boot=20, ref="exact", rule=False))
+
+
+def test_write_report_without_new_data_says_what_fills_each_section(tmp_path):
+    runs = tmp_path / "runs.jsonl"
+    run(NoisyLinearExperiment(), CFG, runs, 6, LABELS, **QUIET)
+    recs = [r for r in load_records(runs) if r["kind"] != "split"]  # records from before split records
+    text = write_report(recs, tmp_path / "LDS.md", "test", n_boot=30, labels=LABELS, ref="exact", quality=([], []))
+    assert "No seed has retrained subset models yet" in text
+    assert "no split record: `python -m bench.lds --seeds 0 --split-only`" in text
+    assert "## Pooled paired differences over seeds: exact − method" in text and "| random |" in text
+    assert "## Pre-registered default and tuned peers" in text and "No choice yet" in text
+
+
+# ------------------------------------------------------------------------------ the frozen rule
+
+
+def _scores(seed: int, label: str, method: str, damping, predicted: np.ndarray) -> dict:
+    return {"kind": "scores", "config": {**KEY, "seed": seed}, "label": label, "n_subsets": predicted.shape[0],
+            "predicted": [[_round(v) for v in row] for row in predicted], "method": method,
+            "damping": damping}
+
+
+# (label, method, damping, noise of its prediction): less noise, higher LDS
+GRID = [("hyperinf, datainf damping", "hyperinf", ["datainf", 0.1], 0.8),
+        ("hyperinf, spectral 1", "hyperinf", ["spectral", 1.0], 0.3),
+        ("hyperinf, spectral 3", "hyperinf", ["spectral", 3.0], 0.5),
+        ("hyperinf, paper damping", "hyperinf", ["paper", 0.1], 0.05),
+        ("lissa", "lissa", ["datainf", 0.1], 1.5),
+        ("lissa, spectral 3", "lissa", ["spectral", 3.0], 0.6),
+        ("tracin", "tracin", None, 2.0)]
+
+
+def _constructed_records(seeds=(0, 1), noise_of=None, M=20, Q=15) -> list[dict]:
+    recs = []
+    for s in seeds:
+        rng = np.random.default_rng(100 + s)
+        m = rng.normal(size=(M, Q))
+        for j in range(M):
+            recs.append({"kind": "subset", "config": {**KEY, "seed": s}, "subset": j, "val_loss": m[j].tolist(),
+                         "val_accuracy": 1.0})
+        for label, method, damping, noise in GRID:
+            noise = (noise_of or {}).get(label, noise)
+            recs.append(_scores(s, label, method, damping, m + noise * rng.normal(size=m.shape)))
+    return recs
+
+
+QC = [("hyperinf, datainf damping", "hyperinf", "datainf", 0.1), ("hyperinf, spectral 1", "hyperinf", "spectral", 1.0),
+      ("hyperinf, spectral 3", "hyperinf", "spectral", 3.0), ("hyperinf, paper damping", "hyperinf", "paper", 0.1),
+      ("lissa", "lissa", "datainf", 0.1), ("tracin", "tracin", "datainf", 0.1)]
+
+
+def _quality(auc: dict[str, float], seeds=(0, 1, 2)) -> list[dict]:
+    return [{"config": {"seed": s}, "results": {l: {"auc": v} for l, v in auc.items()}} for s in seeds]
+
+
+def test_frozen_rule_picks_by_the_combined_score_on_selection_seeds_only():
+    recs = _constructed_records()
+    auc = {"hyperinf, datainf damping": 0.70, "hyperinf, spectral 1": 0.70, "hyperinf, spectral 3": 0.71,
+           "hyperinf, paper damping": 0.80, "lissa": 0.6, "tracin": 0.55}
+    choice = rule.choose_default(recs, _quality(auc), QC)
+    lds_ = choice.lds
+    s1, s3 = rule.Setting("hyperinf", "spectral", 1.0), rule.Setting("hyperinf", "spectral", 3.0)
+    paper = rule.Setting("hyperinf", "paper", 0.1)
+    assert lds_[paper] > lds_[s1] > lds_[s3]  # as constructed
+    assert paper not in choice.eligible  # units: never the default, however good
+    top_l, top_a = max(lds_[c] for c in choice.eligible), 0.71
+    expect = max(choice.eligible, key=lambda c: lds_[c] / top_l + (auc[f"hyperinf, {c.rule} damping" if c.rule ==
+                 "datainf" else f"hyperinf, spectral {c.scale:g}"] - 0.5) / (top_a - 0.5))
+    assert choice.setting == expect == s1
+    # detection much better for spectral 3: it wins
+    auc3 = {**auc, "hyperinf, spectral 1": 0.55}
+    assert rule.choose_default(recs, _quality(auc3), QC).setting == s3
+    # a reporting seed (2) and the detection configs of seed 2 are never read: change them, same choice
+    wild = recs + _constructed_records(seeds=(2,), noise_of={"hyperinf, spectral 3": 0.0, "hyperinf, spectral 1": 9})
+    runs = _quality(auc, seeds=(0, 1)) + [{"config": {"seed": 2}, "results": {"hyperinf, spectral 3": {"auc": 1.0}}}]
+    assert rule.choose_default(wild, runs, QC).setting == s1
+    # ties: equal score, LDS and AUC -> the smaller damping
+    tied = _constructed_records(noise_of={"hyperinf, spectral 3": 0.3})
+    for r in tied:  # identical predictions for spectral 1 and 3
+        if r["kind"] == "scores" and r["label"] == "hyperinf, spectral 3":
+            r["predicted"] = next(x["predicted"] for x in tied if x["kind"] == "scores" and x["config"] == r["config"]
+                                  and x["label"] == "hyperinf, spectral 1")
+    assert rule.choose_default(tied, _quality({**auc, "hyperinf, spectral 3": 0.70}), QC).setting == s1
+    # without both studies on the selection seeds: no choice
+    assert rule.choose_default(_constructed_records(seeds=(0,)), _quality(auc), QC).setting is None
+    assert rule.choose_default(recs, _quality(auc, seeds=(2,)), QC).setting is None
+
+
+def test_frozen_rule_tunes_every_peer_on_lds():
+    recs = _constructed_records()
+    peers = rule.tune_peers(recs, "minilm")
+    assert peers["lissa"][0] == rule.Setting("lissa", "spectral", 3.0)  # its better damping, not its default
+    assert peers["tracin"][0] == rule.Setting("tracin")
+    assert peers["hyperinf"][0] == rule.Setting("hyperinf", "paper", 0.1)  # tuned on LDS alone, any damping
+    # a setting scored under two labels (a method's "auto" and its explicit damping) counts once
+    dup = recs + [dict(r, label="lissa, datainf damping") for r in recs if r.get("label") == "lissa"]
+    assert rule.tune_peers(dup, "minilm") == peers
+    assert rule.REPORTING_SEEDS["minilm"] and not set(rule.SELECTION_SEEDS["minilm"]) & set(rule.REPORTING_SEEDS["minilm"])
+    assert not set(rule.SELECTION_SEEDS["smollm2"]) & set(rule.REPORTING_SEEDS["smollm2"])
+
+
+def test_rule_section_reports_the_default_on_reporting_seeds_only(tmp_path):
+    from bench.lds_baselines import rule_section
+
+    auc = {"hyperinf, datainf damping": 0.70, "hyperinf, spectral 1": 0.70, "hyperinf, spectral 3": 0.71,
+           "hyperinf, paper damping": 0.80, "lissa": 0.6, "tracin": 0.55}
+    labels = [g[0] for g in GRID]
+    recs = _constructed_records()
+    text = "\n".join(rule_section(recs, labels, None, 50, quality=(_quality(auc), QC)))
+    assert "**(chosen)**" in text and "hyperinf, spectral × 1 **(chosen)**" in text
+    assert "The reporting seeds (2, 3) are not measured yet" in text and "python -m bench.lds --seeds 2,3" in text
+    recs += _constructed_records(seeds=(2, 3))
+    text = "\n".join(rule_section(recs, labels, None, 50, quality=(_quality(auc), QC)))
+    assert "### Reported on seeds 2, 3 (not used by the rule)" in text
+    row = next(l for l in text.splitlines() if l.startswith("| default |"))
+    key2, key3 = {**KEY, "seed": 2}, {**KEY, "seed": 3}
+    want = [lds(*matrices(recs, k, "hyperinf, spectral 1")) for k in (key2, key3)]
+    assert row == f"| default | hyperinf, spectral × 1 | {want[0]:.3f}, {want[1]:.3f} | — | — |"
+    lissa = next(l for l in text.splitlines() if l.startswith("| lissa |"))
+    assert "lissa, spectral × 3" in lissa  # the tuned setting, reported on seeds 2 and 3
+
+
+def test_report_only_command_line_on_records_with_retrains(tmp_path):
+    from bench.lds import main
+
+    runs, out = tmp_path / "runs.jsonl", tmp_path / "LDS.md"
+    run(NoisyLinearExperiment(noise=0.3), CFG, runs, 6, LABELS, retrains=(0, 1, 2), **QUIET)
+    rename = {"exact": "hyperinf, spectral 1", "random": "tracin"}  # labels of the real grid
+    runs.write_text("".join(json.dumps({**r, "label": rename[r["label"]]} if r["kind"] == "scores" else r) + "\n"
+                            for r in load_records(runs)))
+    assert main(["--report-only", "--seeds", "0", "--runs", str(runs), "--out", str(out), "--n-boot", "20"]) == 0
+    text = out.read_text()
+    assert "### Seed 0: 3 retrains (0, 1, 2) × 6 subsets × 12 queries" in text
+    assert "same-label member count (split record)" in text and "## Pooled paired differences" in text
+    assert "| tracin |" in text and "| hyperinf, spectral 1 (default) |" in text
