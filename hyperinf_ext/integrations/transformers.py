@@ -12,7 +12,8 @@ little — ``batch_size`` rows at a time, through the Trainer's collator (the on
 i.e. with unused columns already removed), plus ``index`` = the row's position in the dataset — so
 ``scores[..., k]`` belongs to ``train_dataset[k]`` whatever the order.  Every collated tensor must keep
 one row per example (packing / padding-free collators, which merge examples into one row, are refused).
-On the embedded LLM's data grouping cuts the padded tokens of a fit by 2–3× (bench/BUCKETING.md).
+On the embedded LLM's data grouping cuts the pad tokens of a fit from 17–18% of its tokens to under 1%
+(bench/BUCKETING.md); data of more varied lengths gain more.
 """
 from __future__ import annotations
 
