@@ -115,6 +115,7 @@ def run_setting(setting: tuple, threads: int) -> dict:
 
 def report() -> str:
     recs = [json.loads(x) for x in RUNS.read_text().splitlines()] if RUNS.exists() else []
+    recs.sort(key=lambda r: r["when"])
     mb = 2 ** 20
     lines = [
         "# Plan vs measured: peak memory and time of fit + scores (issue #23 item 3)",
@@ -124,19 +125,26 @@ def report() -> str:
         "its start. Peak = the process's peak RSS (VmHWM); above = peak − RSS before the fit (model and data "
         "loaded). Random LoRA (lora_B nonzero), sort-by-length batches, float64 factors (the default).",
         "",
-        "| model | n | Q | cache | batch | threads | peak predicted / measured (MiB) | ratio | above baseline "
+        "| model | n | Q | cache | batch | slack | threads | peak predicted / measured (MiB) | ratio | above baseline "
         "predicted / measured (MiB) | time predicted / measured (s) | ratio | plan took (s) | when |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in recs:
         s = r["setting"]
         lines.append(
-            f"| {s['model']} | {s['n_train']} | {s['n_query']} | {s['cache']} | {s['batch_size']} | {r['threads']} | "
+            f"| {s['model']} | {s['n_train']} | {s['n_query']} | {s['cache']} | {s['batch_size']} | "
+            f"{r['components']['allocator_slack'] / max(r['components']['batch'], 1):.2f} | {r['threads']} | "
             f"{r['predicted_peak'] / mb:.0f} / {r['measured_peak'] / mb:.0f} | "
             f"{r['predicted_peak'] / r['measured_peak']:.2f} | {r['predicted_above'] / mb:.0f} / "
             f"{r['measured_above'] / mb:.0f} | {r['predicted_seconds']:.0f} / {r['measured_seconds']:.0f} | "
             f"{r['predicted_seconds'] / r['measured_seconds']:.2f} | {r['plan_seconds']:.1f} | {r['when']} |")
-    lines += ["", "Target (issue #23): the predicted peak within 25% of the measured one on the embedded models."]
+    lines += ["", "Target (issue #23): the predicted peak within 25% of the measured one on the embedded models.", "",
+              "slack = the allocator slack the plan added (`ALLOCATOR_SLACK` × the largest batch's measured memory). "
+              "The first run (slack 0.30, set from one 600-example MiniLM fit) matched the classifier and "
+              "over-predicted the LLM by 20–26%: the LLM's fit adds about nothing over its largest batch. "
+              "`ALLOCATOR_SLACK` is now 0.15 (chosen from those four runs), and the second run measured it. Both runs "
+              "are listed; time = fit + scores, predicted from the probe's seconds per token and per batch (the "
+              "machine was shared with other jobs: timings move by tens of percent)."]
     text = "\n".join(lines) + "\n"
     REPORT.write_text(text)
     return text

@@ -193,8 +193,7 @@ def make_plan(attr: Any, train_loader: Iterable, *, n_queries: int = 0, top_k: i
         "inverse_workspace": SCHULZ_WORKSPACE * largest_group * fb if cfg.method in STATE_D2_METHODS else 0,
         "gradient_cache": n_train * P * gb if cfg.cache == "memory" else 0,
         "batch": batch_bytes or 0,
-        # batches of changing shapes leave the heap fragmented: measured 0.3 of the largest batch's memory
-        # over a length-sorted MiniLM fit (bench/PLAN.md); a GPU's caching allocator rounds blocks likewise
+        # batches of changing shapes leave the heap fragmented (ALLOCATOR_SLACK, measured: bench/PLAN.md)
         "allocator_slack": int(ALLOCATOR_SLACK * (batch_bytes or 0)),
         "queries": n_queries * P * gb,
         "preconditioned": (min(n_queries, 1) if mean else n_queries) * P * fb,
