@@ -11,7 +11,8 @@ score every (method, damping) of ``CANDIDATES`` per query: scores [Q, n_train], 
 the scores of S's members; LDS = Spearman across subsets of predicted vs measured loss, per query,
 averaged over queries (``hyperinf_ext.app.tasks.metrics.lds``), with bootstrap intervals over queries and
 subsets.  Kronfluence EK-FAC is scored on the same full-data model through bench/quality_ekfac.py's code
-path (bench/lds_ekfac.py: one factor fit, one scoring per damping) when kronfluence is installed.
+path (bench/lds_ekfac.py: one factor fit, one scoring per damping) when kronfluence is installed; on the
+LLM with bergson's TrackStar and EK-FAC too (see "The external peers on the LLM" below).
 
 Sizes and time.  The shared FACTS.md (measured on this machine): 1,000 examples stay at chance for 3 epochs and take off
 in epoch 4 (0.75 after 5); 2,000 × 3 epochs reach 0.79.  Subsets of 1,000 must train past chance or the
@@ -55,6 +56,37 @@ reporting seeds only:
     python -m bench.lds --seeds 0,1      # score the peer grid on the selection seeds (no subset model to train)
     python -m bench.lds --seeds 2,3      # the reporting seeds (bench/defaults_rule.py REPORTING_SEEDS)
 
+The external peers on the LLM (issue #25).  ``--model smollm2`` also scores, on the same full-data SmolLM2 +
+LoRA model and the same encodings as hyperinf, Kronfluence EK-FAC with a causal-LM task (the mean token
+loss over the answer tokens, LoRA lora_A/lora_B of q_proj/v_proj tracked; the same damping grid as on the
+classifier, labels "kronfluence EK-FAC" and "kronfluence EK-FAC, spectral S"; bench/lds_ekfac.py
+``ekfac_causal_pairwise_grid``) and bergson 2.5.1's "bergson TrackStar", "bergson TrackStar, no mixing" and
+"bergson EK-FAC" (bench/lds_bergson.py says what each runs), each when it is importable (``--no-ekfac`` /
+``--no-bergson`` skip them).  Both go in with ``--no-deps`` beside torch 2.13 (../shared/FACTS.md), each into
+a folder of its own that PYTHONPATH names, so the venv's torch stays 2.13.0+cpu:
+
+    pip install --no-deps --target /tmp/kfsite kronfluence==1.0.1 einops opt_einsum einconv
+    pip install --no-deps --target /tmp/bgsite bergson==2.5.1 torchopt==0.7.3
+    pip install --no-deps --target /tmp/bgsite datasets==5.2.0 simple-parsing==0.1.9 jaxtyping==0.3.11 \
+        ml_dtypes==0.7.0 natsort==8.4.0 petname==2.9 optree==0.20.0 graphviz==0.21 dill==0.4.1 \
+        docstring_parser==0.18.0 multiprocess==0.70.19 pyarrow==26.0.1 wadler_lindig==0.1.8 pandas==3.1.1 xxhash==4.1.0
+    python -c "import torch; print(torch.__version__)"      # still 2.13.0+cpu
+
+    PYTHONPATH=/tmp/kfsite:/tmp/bgsite HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+        python -m bench.lds --model smollm2 --seeds 0 --subsets 16 --retrain-seeds 0,1,2
+                                         # the LLM LDS with the peers: subset models still missing, then every
+                                         # score set not recorded yet (peers included) -> bench/lds_llm_runs.jsonl
+    PYTHONPATH=/tmp/kfsite:/tmp/bgsite HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+        python -m bench.lds --model smollm2 --seeds 1,2 --subsets 16
+                                         # the LLM's reporting seeds, peers included
+
+What the peers cost, in forward + backward passes over the 300 training examples (each about as long as one
+epoch of fine-tuning): Kronfluence 2 for its factors plus 1 per damping of its grid (8 in all); bergson 6
+for its three score sets (TrackStar 2, no mixing 1 as it reuses the training-set curvature, EK-FAC 3), plus
+a few passes over the 60 queries and one load of the base model per bergson step.
+The sign of every peer is ours (positive = up-weighting raises the query loss); tests/bench/test_lds_peers.py
+checks it against hyperinf on a tiny random Llama.
+
 Records (JSON lines): ``{"kind": "subset", "config", "subset": j, "val_loss": [Q], ...}`` per subset model
 (a retrain adds ``"retrain": r, "train_seed"``; an LLM model measured since issue #25 adds
 ``"val_margin": [Q]``, log p(correct answer) − log p(wrong answer) summed over the answer tokens),
@@ -76,6 +108,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
+
+from bench.lds_bergson import LABELS as BERGSON_LABELS, have_bergson
 
 HERE = Path(__file__).resolve().parent
 EKFAC = "kronfluence EK-FAC"
@@ -113,14 +147,20 @@ EKFAC_SCALES: dict[str, float] = {EKFAC: 0.1, **{f"{EKFAC}, spectral {s:g}": s f
 LABELS = [c[0] for c in CANDIDATES] + list(EKFAC_SCALES)
 # The smaller grid on the embedded LLM (issue #16): the default, its neighbours, the paper's damping
 # and every other method at its own default.  Issue #25 adds hyperinf's spectral 0.1 and 30 (every damping
-# the frozen rule of bench/defaults_rule.py may choose) and each peer at the dampings hyperinf has here.
-# No EK-FAC: bench/quality_ekfac.py drives a classifier.
+# the frozen rule of bench/defaults_rule.py may choose) and each peer at the dampings hyperinf has here,
+# then the external peers on the same model (LLM_PEER_LABELS, below).
 LLM_LABELS = ["hyperinf, datainf damping", "hyperinf, paper damping", "hyperinf, spectral 0.1", "hyperinf, spectral 1",
               "hyperinf, spectral 3", "hyperinf, spectral 10", "hyperinf, spectral 30", "datainf", "lissa", "tracin",
               "kronecker"]
 LLM_LABELS += [f"{m}, {d}" for m in ("datainf", "lissa", "kronecker")
                for d in ("datainf damping", "spectral 1", "spectral 3", "spectral 10")
                if f"{m}, {d}" in {c[0] for c in CANDIDATES}]
+# Issue #25: the external peers on the LLM, scored on the same full-data model when installed — Kronfluence
+# EK-FAC with a causal-LM task (bench/lds_ekfac.py ekfac_causal_pairwise_grid) on the same damping grid as the
+# classifier's, and bergson 2.5.1's TrackStar (with and without the query set's curvature mixed in) and
+# EK-FAC (bench/lds_bergson.py).  Appended: the labels before keep their records and their order.
+LLM_PEER_LABELS = list(EKFAC_SCALES) + list(BERGSON_LABELS)
+LLM_LABELS += LLM_PEER_LABELS
 # Sizes per model, when not given on the command line (the LLM's: its section of the README)
 SIZES = {"minilm": dict(n_train=2000, n_val=200, epochs=5, max_length=64, subsets=32),
          "smollm2": dict(n_train=300, n_val=60, epochs=3, max_length=128, subsets=16)}
@@ -297,11 +337,11 @@ class PipelineExperiment:
     as a classifier, or (``cfg.model="smollm2"``) SmolLM2-135M-Instruct on the reviews as sentiment
     instructions, its loss the mean over the answer tokens."""
 
-    def __init__(self, cfg: LdsConfig, progress: bool = False, ekfac: bool = True):
+    def __init__(self, cfg: LdsConfig, progress: bool = False, ekfac: bool = True, bergson: bool = True):
         from hyperinf_ext.app.tasks.pipeline import build_loaders, is_causal, model_dir, prepare_data
         from hyperinf_ext.app.models.training import load_tokenizer
 
-        self.cfg, self.ekfac = cfg, ekfac
+        self.cfg, self.ekfac, self.bergson = cfg, ekfac, bergson
         self.pcfg = pipeline_config(cfg, progress)
         self.causal = is_causal(self.pcfg)
         self.data = prepare_data(self.pcfg, causal=self.causal)
@@ -353,12 +393,32 @@ class PipelineExperiment:
         return (np.asarray(right) - np.asarray(answer_logprobs(model, self._wrong))).tolist()
 
     def score_sets(self, labels: Sequence[str]) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
+        trained = self.train(None)
+        full = {"full_val_accuracy": trained.val["accuracy"], "full_val_loss": trained.val["loss"]}
+        if any(label in labels for label, _, _ in CANDIDATES):  # no HyperINF fit when only peers are left
+            yield from self._library_score_sets(trained, labels, full)
+        if self.causal:
+            yield from self._llm_peer_score_sets(trained, labels, full)
+            return
+        ek = {EKFAC_SCALES[l]: l for l in labels if l in EKFAC_SCALES}
+        if ek and self.ekfac and self.cfg.model is None and _have_kronfluence():
+            from bench.lds_ekfac import ekfac_pairwise_grid
+
+            # one factor fit for the whole grid (Kronfluence wraps the model in place: once per model)
+            with tempfile.TemporaryDirectory(prefix="lds_ekfac_", dir="/tmp") as workdir:
+                for scale, s, seconds in ekfac_pairwise_grid(trained.model, self.loaders.tokenizer, self.data.train,
+                                                             self.data.val, workdir, sorted(ek),
+                                                             max_length=self.cfg.max_length):
+                    yield ek[scale], s.numpy(), {**full, "method": "ekfac",
+                                                 "damping": ["kronfluence heuristic", scale], "seconds": seconds}
+
+    def _library_score_sets(self, trained: Any, labels: Sequence[str], full: dict
+                            ) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
+        """Every (method, damping) of CANDIDATES in ``labels``, from one HyperINF fit of the full-data model."""
         from hyperinf_ext.curvature.methods import resolve
         from hyperinf_ext.curvature.methods import split_damping
         from hyperinf_ext.app.tasks.pipeline import fit_attributor, validation_gradients
 
-        trained = self.train(None)
-        full = {"full_val_accuracy": trained.val["accuracy"], "full_val_loss": trained.val["loss"]}
         attr, _ = fit_attributor(self.pcfg, trained.model, self.loaders.influence_train)
         try:
             queries, _ = validation_gradients(attr, self.loaders.influence_val)
@@ -384,15 +444,40 @@ class PipelineExperiment:
                                  "seconds": time.perf_counter() - t0}
         finally:
             attr.cache.close()
+
+    def _llm_peer_score_sets(self, trained: Any, labels: Sequence[str], full: dict
+                             ) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
+        """Issue #25: the external peers on the causal LM's full-data model, each when installed (and not
+        switched off): bergson's TrackStar and EK-FAC (bench/lds_bergson.py), then Kronfluence EK-FAC on the
+        damping grid (bench/lds_ekfac.py).  bergson first: it saves the adapter, which Kronfluence's in-place
+        wrapping of the model would rename.  Both read the pipeline's own encodings (prompt + response,
+        labels −100 on the prompt): score column k = training example k, row q = validation example q."""
+        from hyperinf_ext.app.data.instruction import encode_instructions
+        from hyperinf_ext.app.tasks.pipeline_data import CAUSAL_FIT_BATCH_SIZE
+
+        tok = self.loaders.tokenizer
+        train_enc = self.loaders.train_encodings
+        # the same encoding build_loaders made of the validation split (its loaders keep it only inside)
+        val_enc = encode_instructions(self.data.val, tok, self.cfg.max_length).encodings
+        cached = getattr(getattr(self.loaders.influence_val, "collate_fn", None), "cache", None)
+        if cached is not None and list(cached) != val_enc:
+            raise RuntimeError("the validation encodings differ from the loaders' (score rows would not match)")
+        bg = [l for l in BERGSON_LABELS if l in labels]
+        if bg and self.bergson and have_bergson():
+            from bench.lds_bergson import bergson_score_sets
+
+            with tempfile.TemporaryDirectory(prefix="lds_bergson_", dir="/tmp") as workdir:
+                for label, s, extra in bergson_score_sets(trained.model, tok, train_enc, val_enc, workdir, bg):
+                    yield label, s, {**full, **extra}
         ek = {EKFAC_SCALES[l]: l for l in labels if l in EKFAC_SCALES}
-        if ek and self.ekfac and self.cfg.model is None and _have_kronfluence():
-            from bench.lds_ekfac import ekfac_pairwise_grid
+        if ek and self.ekfac and _have_kronfluence():
+            from bench.lds_ekfac import ekfac_causal_pairwise_grid
 
             # one factor fit for the whole grid (Kronfluence wraps the model in place: once per model)
             with tempfile.TemporaryDirectory(prefix="lds_ekfac_", dir="/tmp") as workdir:
-                for scale, s, seconds in ekfac_pairwise_grid(trained.model, self.loaders.tokenizer, self.data.train,
-                                                             self.data.val, workdir, sorted(ek),
-                                                             max_length=self.cfg.max_length):
+                for scale, s, seconds in ekfac_causal_pairwise_grid(
+                        trained.model, tok, train_enc, val_enc, workdir, sorted(ek), max_length=self.cfg.max_length,
+                        batch_size=self.pcfg.fit_batch_size or CAUSAL_FIT_BATCH_SIZE):
                     yield ek[scale], s.numpy(), {**full, "method": "ekfac",
                                                  "damping": ["kronfluence heuristic", scale], "seconds": seconds}
 
@@ -420,6 +505,25 @@ def _have_kronfluence() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("kronfluence") is not None
+
+
+def run_labels(llm: bool, no_ekfac: bool = False, no_bergson: bool = False) -> tuple[list[str], list[str]]:
+    """The labels a run scores and what it skips: a peer that is not installed (or switched off) is left out,
+    so a run whose other score sets are all recorded does not train the full-data model for nothing.
+    MiniLM: every label but Kronfluence's base "kronfluence EK-FAC" label is kept as before (its grid labels
+    are only scored when it is installed).  LLM: Kronfluence's grid and bergson's labels are left out whole."""
+    no_kf = no_ekfac or not _have_kronfluence()
+    why_kf = "--no-ekfac" if no_ekfac else "kronfluence is not installed"
+    if not llm:
+        labels = [l for l in LABELS if not (l == EKFAC and no_kf)]
+        return labels, [] if EKFAC in labels else [f"{EKFAC} skipped ({why_kf})"]
+    no_bg = no_bergson or not have_bergson()
+    labels = [l for l in LLM_LABELS if not (l in EKFAC_SCALES and no_kf) and not (l in BERGSON_LABELS and no_bg)]
+    skipped = [f"{EKFAC} and its damping grid skipped ({why_kf})"] if no_kf else []
+    if no_bg:
+        skipped.append(f"{', '.join(BERGSON_LABELS)} skipped "
+                       f"({'--no-bergson' if no_bergson else 'bergson is not installed'})")
+    return labels, skipped
 
 
 def per_example_losses(model: Any, loader: Any) -> list[float]:
@@ -480,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
                         "128, 16 subsets; records bench/lds_llm_runs.jsonl, report bench/LDS_LLM.md)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples per interval (default: 1000)")
     p.add_argument("--no-ekfac", action="store_true", help="skip Kronfluence EK-FAC even when installed")
+    p.add_argument("--no-bergson", action="store_true",
+                   help="smollm2: skip bergson's TrackStar and EK-FAC even when installed")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (64 train, 16 val, 4 subsets, 1 epoch) -> /tmp")
     p.add_argument("--runs", type=Path, default=None, help="default bench/lds_runs.jsonl (lds_llm_runs.jsonl)")
     p.add_argument("--out", type=Path, default=None, help="default bench/LDS.md (LDS_LLM.md)")
@@ -518,12 +624,12 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-        labels = LLM_LABELS if llm else [l for l in LABELS if not (l == EKFAC and (args.no_ekfac or not _have_kronfluence()))]
-        if EKFAC not in labels and not llm:
-            print(f"[lds] {EKFAC} skipped ({'--no-ekfac' if args.no_ekfac else 'kronfluence is not installed'})")
+        labels, skipped = run_labels(llm, args.no_ekfac, args.no_bergson)
+        for note in skipped:
+            print(f"[lds] {note}")
         for cfg in configs:
             print(f"[lds] {cfg}", flush=True)
-            exp = PipelineExperiment(cfg, progress=args.progress, ekfac=not args.no_ekfac)
+            exp = PipelineExperiment(cfg, progress=args.progress, ekfac=not args.no_ekfac, bergson=not args.no_bergson)
             run(exp, cfg, args.runs, args.subsets, labels, log=lambda s: print(s, flush=True), retrains=retrains)
     from bench.lds_report import write_report
 
