@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     from hyperinf_ext.app.models.llm import smollm2_model_dir
     from hyperinf_ext.integrations.transformers import ExampleBatches
 
-    from .inputs import randomize_lora_B
+    from .inputs import pad_causal_batch, randomize_lora_B
 
     folder = smollm2_model_dir()
     tok = load_tokenizer_for(folder)
@@ -67,19 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     train, _ = split_dataset(data, a.fit_n, 1, seed=0)
     enc = encode_instructions(train, tok, a.max_length).encodings
     items = [dict(e) for e in enc]
-    pad = tok.pad_token_id
-
     def collate(rows: list[dict]) -> dict:
-        T = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), T), pad, dtype=torch.long)
-        mask = torch.zeros(len(rows), T, dtype=torch.long)
-        labels = torch.full((len(rows), T), -100, dtype=torch.long)
-        for i, r in enumerate(rows):
-            L = len(r["input_ids"])
-            ids[i, :L] = torch.tensor(r["input_ids"])
-            mask[i, :L] = 1
-            labels[i, :L] = torch.tensor(r["labels"])
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return pad_causal_batch(rows, tok.pad_token_id)
 
     model = load_causal_lora_model(folder, seed=0)
     randomize_lora_B(model, std=0.01)

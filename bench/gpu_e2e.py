@@ -256,23 +256,15 @@ def encode(rows: list[tuple[str, str]], tok, max_length: int, batch: int) -> lis
 
     from hyperinf_ext.app.data.instruction import InstructionDataset, encode_instructions, ensure_pad_token
 
+    from .inputs import pad_causal_batch
+
     ensure_pad_token(tok)
     ds = InstructionDataset.from_pairs([[{"role": "user", "content": p}] for p, _ in rows], [r for _, r in rows])
     encs = encode_instructions(ds, tok, max_length).encodings
     out = []
     for i in range(0, len(encs), batch):
         chunk = encs[i:i + batch]
-        T = max(len(e["input_ids"]) for e in chunk)
-        ids = torch.full((len(chunk), T), int(tok.pad_token_id), dtype=torch.long)
-        mask = torch.zeros(len(chunk), T, dtype=torch.long)
-        labels = torch.full((len(chunk), T), -100, dtype=torch.long)
-        for j, e in enumerate(chunk):
-            n = len(e["input_ids"])
-            ids[j, :n] = torch.tensor(e["input_ids"])
-            mask[j, :n] = 1
-            labels[j, :n] = torch.tensor(e["labels"])
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels,
-                    "index": torch.arange(i, i + len(chunk))})
+        out.append({**pad_causal_batch(chunk, tok.pad_token_id), "index": torch.arange(i, i + len(chunk))})
     return out
 
 

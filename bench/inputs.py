@@ -94,3 +94,18 @@ def default_damping() -> tuple[Any, float]:
     except ImportError:  # older library: no "auto" rule
         return cfg.damping, getattr(cfg, "damping_scale", None) or 0.1
     return resolve(cfg.method, cfg.damping, cfg.damping_scale)
+
+
+def pad_causal_batch(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded causal-LM batch of encoded rows ({"input_ids", "labels"} lists): input_ids (pad_id),
+    attention_mask, labels (-100 at pads)."""
+    T = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), T), int(pad_id), dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(r["labels"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
