@@ -13,19 +13,22 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from .layers import GradientLayer
+from .layers import GradientLayer, is_dtensor
 from .losses import LossFn, default_loss_fn
 from .rules import RULES
 
 __all__ = ["PerSampleGradients"]
 
-
-def _is_dtensor(t: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return False
-    return isinstance(t, DTensor)
+# Forward calls that would leave a layer's per-sample gradient silently zero: (counter, why) — refused.
+_SILENT_ZEROS = (
+    ("nograd_calls", "ran without gradient inside the forward pass: torch.utils.checkpoint(use_reentrant=True) in "
+                     "eval mode, or torch.no_grad in loss_fn; torch.autograd.grad would not reach it and its "
+                     "per-sample gradient would be silently zero. Use use_reentrant=False (transformers' "
+                     "gradient_checkpointing_enable is off in the eval mode the capture runs in, either way)"),
+    ("frozen_calls", "ran with gradients enabled but its output needs no gradient: the weights its forward used do "
+                     "not require grad, so they are not the captured parameters (copies a wrapper swapped in, or "
+                     "detached ones), and its per-sample gradient would silently be zero"),
+)
 
 
 class _LayerCapture:
@@ -146,7 +149,7 @@ class PerSampleGradients:
         then not in the graph: differentiating only them would run no backward at all, no tensor hook would
         fire and every gradient would silently be zero."""
         for p in layer.live_parameters():
-            if _is_dtensor(p):
+            if is_dtensor(p):
                 raise RuntimeError(
                     f"{layer.name}: its forward uses a DTensor weight ({tuple(p.placements)} over mesh "
                     f"{tuple(p.device_mesh.shape)}: tensor parallelism, or FSDP2 over DTensor parameters); per-sample "
@@ -241,23 +244,10 @@ class PerSampleGradients:
                 self._phase = "forward"
                 losses = loss_fn(self.model, batch)
                 self._phase = "backward"
-                nograd = [cap.layer.name for cap in self._captures if cap.nograd_calls]
-                if nograd:
-                    raise RuntimeError(
-                        f"{nograd[0]} (and {len(nograd) - 1} more) ran without gradient inside the forward pass: "
-                        "torch.utils.checkpoint(use_reentrant=True) in eval mode, or torch.no_grad in loss_fn; "
-                        "torch.autograd.grad would not reach it and its per-sample gradient would be silently "
-                        "zero. Use use_reentrant=False (transformers' gradient_checkpointing_enable is off in the "
-                        "eval mode the capture runs in, either way)"
-                    )
-                frozen = [cap.layer.name for cap in self._captures if cap.frozen_calls]
-                if frozen:
-                    raise RuntimeError(
-                        f"{frozen[0]} (and {len(frozen) - 1} more) ran with gradients enabled but its output needs no "
-                        "gradient: the weights its forward used do not require grad, so they are not the captured "
-                        "parameters (copies a wrapper swapped in, or detached ones), and its per-sample gradient would "
-                        "silently be zero"
-                    )
+                for counter, why in _SILENT_ZEROS:
+                    named = [cap.layer.name for cap in self._captures if getattr(cap, counter)]
+                    if named:
+                        raise RuntimeError(f"{named[0]} (and {len(named) - 1} more) {why}")
                 if not isinstance(losses, Tensor) or losses.dim() != 1:
                     shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
                     raise ValueError(f"loss_fn must return per-example losses of shape [n], got {shape}")

@@ -252,6 +252,15 @@ def _head_layers(path: str, wrapper: nn.Module) -> tuple[list[GradientLayer], li
     return out, skipped
 
 
+def is_dtensor(t: Any) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (e.g. a weight sharded by FSDP2 ``fully_shard``)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
 def _uses_fsdp(model: nn.Module) -> bool:
     """True when a module of ``model`` (or the model itself) is wrapped by FSDP2 ``fully_shard``."""
     try:

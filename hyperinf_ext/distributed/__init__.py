@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from ..capture.layers import is_dtensor as _dtensor
 from ..errors import DistributedError
 from ..version import __version__
 from .comm import DEAD_ENV, DEFAULT_DEAD_AFTER_S, DEFAULT_TIMEOUT_S, TIMEOUT_ENV, Comm, is_active, rank
@@ -67,15 +68,6 @@ def on_rank0(comm: Comm, stage: str, fn: Callable[[], Any]) -> Any:
 
 
 # --------------------------------------------------------------------------------- consistency checks
-
-
-def _dtensor(t: Any) -> bool:
-    """True for a ``torch.distributed.tensor.DTensor`` (e.g. a parameter sharded by FSDP2 ``fully_shard``)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without DTensor
-        return False
-    return isinstance(t, DTensor)
 
 
 def _sharding(t: torch.Tensor) -> str | None:

@@ -10,11 +10,9 @@ import torch
 def full_values(t: torch.Tensor) -> torch.Tensor:
     """``t``, or for a DTensor (a weight sharded by FSDP2 ``fully_shard``) its full value gathered from every
     rank — a collective: every rank must call this for the same tensors in the same order."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return t
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    from ..capture.layers import is_dtensor
+
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
