@@ -191,6 +191,13 @@ class Plan:
         d.update(peak_bytes=self.peak_bytes, peak_phase=self.peak_phase, total_seconds=self.total_seconds)
         return d
 
+    def _scores_kind(self) -> str:
+        if not self.n_queries:
+            return ""
+        if self.mean:
+            return ", their mean"
+        return f", top {self.top_k}" if self.top_k else ", dense scores"
+
     def table(self) -> str:
         """The plan as lines of text (what ``--plan`` prints)."""
         c, p = self.components, self.probe
@@ -199,8 +206,7 @@ class Plan:
             f"plan: {self.n_train} training examples in {self.n_batches} batches ({self.train_tokens} padded tokens), "
             f"{self.layers} layers, {self.gradient_numbers} numbers per gradient; method {self.method}, "
             f"cache {self.cache}, {self.n_queries} queries"
-            + (", their mean" if self.mean else (f", top {self.top_k}" if self.top_k else
-                                                 (", dense scores" if self.n_queries else ""))),
+            + self._scores_kind(),
             f"  held now (model, data): {base}",
             f"  factors {format_bytes(c['factors'])} (+ fit copy {format_bytes(c['fit_copy'])}, scratch "
             f"{format_bytes(c['fit_scratch'])}); inverses {format_bytes(c['method_state'])} (+ workspace "
