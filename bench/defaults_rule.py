@@ -34,6 +34,33 @@ What is chosen, and how.
   3. The LLM study uses the default chosen in 1 (the library has one default; one selection seed is too
      few to tune it there) and its own peers from 2.
 
+AMENDMENT 1 (2026-12-06, before any reporting seed was run and before any number of the query-side
+variants or of the LLM detection study existed; it replaces rule 1 above, rules 2 and 3 stand except that
+the LLM study now takes part in rule 1).  Issue #25 item 3 asks for defaults chosen from the LLM and the
+classifier studies together, on LDS and detection AUC, validation and self signal; item 2 added query-side
+options (bench/variants.py) that may become part of the default.
+  1a. The default damping of ``method="hyperinf"``.  Candidates: hyperinf settings with a scale-free damping
+      rule and no query-side option, measured on EVERY component below.  Components, with their weights:
+        classifier LDS (selection seeds 0, 1)                                     ½
+        classifier detection AUC, validation signal (configurations of seeds 0, 1)  ¼
+        classifier detection AUC, self-influence signal (the same configurations)   ¼
+        LLM LDS (selection seed 0)                                                 ½
+        LLM detection AUC, validation signal (bench/quality_llm.py, seeds 0, 1)     ¼
+        LLM detection AUC, self-influence signal (the same configurations)          ¼
+      Each component enters as the fraction of the best eligible candidate's margin over chance (LDS: v /
+      max v; AUC: (v − ½) / (max v − ½)).  MAXIMISED: the weighted sum (at most 2).  Ties (1e-12): the
+      smaller damping, as in rule 1.  No choice while any component is unmeasured.
+  1b. The query-side option (bench/variants.py) of that default.  Candidates: the setting of 1a with no
+      option, and each variant of it measured on the four components that have queries (both LDS and both
+      validation-signal detection AUCs; a variant changes nothing without a query set, so the self signal
+      does not enter).  Weights ½ LDS, ½ validation AUC per study, normalised as in 1a over these
+      candidates.  MAXIMISED: the weighted sum; ties go to no option, then to the variant order of
+      bench/variants.py.  The variants were measured at spectral × 1 only: if 1a chooses another damping,
+      the default has no query-side option until they are measured there.
+  2'. Each peer of the LLM detection study (bergson TrackStar with and without mixing, bergson EK-FAC,
+      Kronfluence EK-FAC on its damping grid) is tuned on its mean validation-signal AUC over the LLM
+      detection selection configurations, any damping; reported on the configurations of seeds 2, 3.
+
 Reported.  The chosen default and every tuned peer on the REPORTING seeds only: per-seed LDS, and the
 pooled two-sided 95% paired interval of default − peer (bootstrap over subsets and queries within each
 seed, pooled over the reporting seeds; bench/lds_baselines.py ``pooled_paired``).  The library's default
@@ -58,26 +85,49 @@ TIE = 1e-12
 
 @dataclass(frozen=True, order=True)
 class Setting:
-    """A method with the damping it was actually run with (``rule`` and ``scale`` None: no damping)."""
+    """A method with the damping it was actually run with (``rule`` and ``scale`` None: no damping) and its
+    query-side options (bench/variants.py; () = none), as sorted (name, value) pairs."""
 
     method: str
     rule: str | None = None
     scale: float | None = None
+    options: tuple = ()
 
     def sort_key(self) -> tuple:
-        return (_RULE_ORDER.get(self.rule or "", 3), self.scale if self.scale is not None else 0.0)
+        return (_RULE_ORDER.get(self.rule or "", 3), self.scale if self.scale is not None else 0.0,
+                _variant_rank(self.options))
+
+    def plain(self) -> "Setting":
+        return Setting(self.method, self.rule, self.scale)
 
     def __str__(self) -> str:
-        return self.method if self.rule is None else f"{self.method}, {self.rule} × {self.scale:g}"
+        base = self.method if self.rule is None else f"{self.method}, {self.rule} × {self.scale:g}"
+        return base + "".join(f", {k}={v:g}" if isinstance(v, float) else f", {k}={v}" for k, v in self.options)
+
+
+def _variant_rank(options: tuple) -> int:
+    from bench.variants import VARIANTS
+
+    if not options:
+        return 0
+    order = [tuple(sorted(o.items())) for o in VARIANTS.values()]
+    return 1 + (order.index(options) if options in order else len(order))
+
+
+def options_of(options: Mapping | None) -> tuple:
+    """A record's "options" field ({"mix_queries": 99.0, ...}) as Setting.options."""
+    return tuple(sorted((str(k), float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+                        for k, v in (options or {}).items()))
 
 
 def setting_of(record: Mapping) -> Setting:
-    """The setting of a "scores" record of bench/lds.py (its "method" and resolved "damping" fields)."""
+    """The setting of a "scores" record of bench/lds.py (its "method", resolved "damping" and "options")."""
     damping = record.get("damping")
+    opts = options_of(record.get("options"))
     if not damping:
-        return Setting(str(record.get("method")))
+        return Setting(str(record.get("method")), options=opts)
     rule, scale = damping
-    return Setting(str(record.get("method")), str(rule), float(scale))
+    return Setting(str(record.get("method")), str(rule), float(scale), opts)
 
 
 def study_of(records: Sequence[Mapping]) -> str:
@@ -120,19 +170,29 @@ def mean_lds(per_seed: Mapping[int, Mapping[Setting, tuple[str, float]]], seeds:
     return {c: statistics.mean(per_seed[s][c][1] for s in seeds) for c in common}
 
 
-def detection_auc(quality_runs: Sequence[Mapping], quality_candidates: Sequence[tuple],
-                  seeds: Sequence[int] = DETECTION_SELECTION_SEEDS) -> dict[Setting, float]:
+SELF = "self: "  # the label prefix of a self-influence signal in the detection records
+
+
+def detection_auc(quality_runs: Sequence[Mapping], quality_candidates: Sequence[tuple] | Mapping[str, Setting],
+                  seeds: Sequence[int] = DETECTION_SELECTION_SEEDS, signal: str = "validation"
+                  ) -> dict[Setting, float]:
     """Mean detection ROC-AUC per setting over the detection configurations whose seed is in ``seeds``,
     for the settings every such configuration has.  ``quality_candidates``: bench.quality.CANDIDATES
-    ((label, method, rule, scale) rows)."""
+    ((label, method, rule, scale[, options]) rows) or a {label: Setting} table (bench/quality_llm.py).
+    ``signal``: "validation" (the label itself) or "self" (the label's "self: " entry)."""
     runs = [r for r in quality_runs if r["config"]["seed"] in set(seeds)]
     if not runs:
         return {}
+    table = quality_candidates if isinstance(quality_candidates, Mapping) else {
+        row[0]: (Setting(row[1]) if row[1] == "tracin" else
+                 Setting(row[1], row[2], float(row[3]), options_of(row[4] if len(row) > 4 else None)))
+        for row in quality_candidates}
+    prefix = SELF if signal == "self" else ""
     out = {}
-    for label, method, rule, scale in quality_candidates:
-        setting = Setting(method) if method == "tracin" else Setting(method, rule, float(scale))
-        vals = [r["results"][label]["auc"] for r in runs if label in r["results"]]
-        if len(vals) == len(runs) and all(math.isfinite(v) for v in vals):
+    for label, setting in table.items():
+        vals = [r["results"][prefix + label].get("auc") for r in runs if prefix + label in r["results"]]
+        if len(vals) == len(runs) and all(v is not None and math.isfinite(v) for v in vals) \
+                and setting not in out:
             out[setting] = statistics.mean(vals)
     return out
 
@@ -144,33 +204,90 @@ class Choice:
     auc: dict[Setting, float]
     score: dict[Setting, float]
     eligible: list[Setting]
+    components: dict[str, dict[Setting, float]] | None = None  # amendment 1: every component's values
+    final: Setting | None = None  # amendment 1b: the default with its query-side option (None: no choice)
+    option_score: dict[Setting, float] | None = None
 
 
 def choose_default(lds_records: Sequence[Mapping], quality_runs: Sequence[Mapping],
                    quality_candidates: Sequence[tuple]) -> Choice:
-    """Rule 1 of the module docstring: the hyperinf damping to make the default (None without candidates).
-    ``lds_records``: the classifier study's records (only its selection seeds are read)."""
+    """Rule 1 as first frozen (classifier only; kept to show what it chose): the hyperinf damping to make
+    the default (None without candidates).  Amendment 1 replaced it: :func:`choose_default_amended`."""
     seeds = SELECTION_SEEDS["minilm"]
     per = seed_lds(lds_records, seeds)
-    lds_mean = {c: v for c, v in mean_lds(per, seeds).items() if c.method == DEFAULT_METHOD}
-    auc = {c: v for c, v in detection_auc(quality_runs, quality_candidates).items() if c.method == DEFAULT_METHOD}
+    lds_mean = {c: v for c, v in mean_lds(per, seeds).items() if c.method == DEFAULT_METHOD and not c.options}
+    auc = {c: v for c, v in detection_auc(quality_runs, quality_candidates).items()
+           if c.method == DEFAULT_METHOD and not c.options}
     eligible = sorted((c for c in lds_mean if c in auc and c.rule in SCALE_FREE), key=Setting.sort_key)
     if not eligible:
         return Choice(None, lds_mean, auc, {}, [])
-    top_lds = max(lds_mean[c] for c in eligible)
-    top_auc = max(auc[c] for c in eligible)
-    score = {c: lds_mean[c] / top_lds + (auc[c] - 0.5) / (top_auc - 0.5) for c in lds_mean if c in auc}
-    best = eligible[0]
-    for c in eligible[1:]:  # ascending damping: a later one wins only when strictly better
-        key_c = (score[c], lds_mean[c], auc[c])
-        key_b = (score[best], lds_mean[best], auc[best])
-        for x, y in zip(key_c, key_b):
+    score = _weighted({"lds": lds_mean, "auc": auc}, {"lds": 1.0, "auc": 1.0}, eligible)
+    best = _argmax(eligible, score, [lds_mean, auc])
+    return Choice(best, lds_mean, auc, score, eligible)
+
+
+# amendment 1a: (component, weight, chance level)
+COMPONENTS = (("classifier LDS", 0.5, 0.0), ("classifier AUC, validation", 0.25, 0.5),
+              ("classifier AUC, self", 0.25, 0.5), ("LLM LDS", 0.5, 0.0), ("LLM AUC, validation", 0.25, 0.5),
+              ("LLM AUC, self", 0.25, 0.5))
+QUERY_COMPONENTS = {"classifier LDS": 0.5, "classifier AUC, validation": 0.5, "LLM LDS": 0.5,
+                    "LLM AUC, validation": 0.5}
+_CHANCE = {name: chance for name, _, chance in COMPONENTS}
+
+
+def _weighted(values: Mapping[str, Mapping[Setting, float]], weights: Mapping[str, float],
+              among: Sequence[Setting]) -> dict[Setting, float]:
+    """Σ_k w_k·(v_k(c) − chance_k)/(max over ``among`` of v_k − chance_k), for every c of ``among``."""
+    top = {k: max(values[k][c] for c in among) for k in weights}
+    return {c: sum(w * (values[k][c] - _CHANCE.get(k, 0.5 if "auc" in k.lower() else 0.0))
+                   / (top[k] - _CHANCE.get(k, 0.5 if "auc" in k.lower() else 0.0)) for k, w in weights.items())
+            for c in among}
+
+
+def _argmax(ordered: Sequence[Setting], score: Mapping[Setting, float],
+            then: Sequence[Mapping[Setting, float]]) -> Setting:
+    """The first of ``ordered`` with the highest (score, then each of ``then``): a later one wins only when
+    strictly better (by more than TIE) on the first key that differs."""
+    best = ordered[0]
+    for c in ordered[1:]:
+        for x, y in zip([score[c]] + [t[c] for t in then], [score[best]] + [t[best] for t in then]):
             if x > y + TIE:
                 best = c
                 break
             if x < y - TIE:
                 break
-    return Choice(best, lds_mean, auc, score, eligible)
+    return best
+
+
+def choose_default_amended(classifier_lds: Sequence[Mapping], classifier_quality: Sequence[Mapping],
+                           classifier_candidates: Sequence[tuple], llm_lds: Sequence[Mapping],
+                           llm_quality: Sequence[Mapping], llm_candidates: Mapping[str, Setting]) -> Choice:
+    """Amendment 1 of the module docstring (1a: the damping; 1b: the query-side option).
+    ``classifier_candidates``: bench.quality's candidate rows; ``llm_candidates``: bench.quality_llm's
+    {label: Setting} table.  Only the selection seeds and configurations are read."""
+    cls_seeds, llm_seeds = SELECTION_SEEDS["minilm"], SELECTION_SEEDS["smollm2"]
+    mine = lambda d: {c: v for c, v in d.items() if c.method == DEFAULT_METHOD}  # noqa: E731
+    comp = {"classifier LDS": mine(mean_lds(seed_lds(classifier_lds, cls_seeds), cls_seeds)),
+            "classifier AUC, validation": mine(detection_auc(classifier_quality, classifier_candidates)),
+            "classifier AUC, self": mine(detection_auc(classifier_quality, classifier_candidates, signal="self")),
+            "LLM LDS": mine(mean_lds(seed_lds(llm_lds, llm_seeds), llm_seeds)),
+            "LLM AUC, validation": mine(detection_auc(llm_quality, llm_candidates)),
+            "LLM AUC, self": mine(detection_auc(llm_quality, llm_candidates, signal="self"))}
+    eligible = sorted((c for c in comp["classifier LDS"] if not c.options and c.rule in SCALE_FREE
+                       and all(c in comp[k] for k, _, _ in COMPONENTS)), key=Setting.sort_key)
+    if not eligible:
+        return Choice(None, comp["classifier LDS"], comp["classifier AUC, validation"], {}, [], comp)
+    score = _weighted(comp, {k: w for k, w, _ in COMPONENTS}, eligible)
+    best = _argmax(eligible, score, [])
+    # 1b: the variants of the chosen damping measured on every query component
+    opts = sorted((c for c in comp["classifier LDS"] if c.plain() == best
+                   and all(c in comp[k] for k in QUERY_COMPONENTS)), key=Setting.sort_key)
+    final, option_score = (best, None)
+    if best in opts and len(opts) > 1:
+        option_score = _weighted(comp, QUERY_COMPONENTS, opts)
+        final = _argmax(opts, option_score, [])
+    return Choice(best, comp["classifier LDS"], comp["classifier AUC, validation"], score, eligible, comp, final,
+                  option_score)
 
 
 def tune_peers(records: Sequence[Mapping], study: str | None = None) -> dict[str, tuple[Setting, float]]:
@@ -178,7 +295,8 @@ def tune_peers(records: Sequence[Mapping], study: str | None = None) -> dict[str
     (hyperinf included, tuned the same way, for comparison)."""
     study = study or study_of(records)
     seeds = SELECTION_SEEDS[study]
-    means = mean_lds(seed_lds(records, seeds), seeds)
+    # the query-side variants are options of hyperinf's default (amendment 1b), not dampings to tune
+    means = {c: v for c, v in mean_lds(seed_lds(records, seeds), seeds).items() if not c.options}
     out: dict[str, tuple[Setting, float]] = {}
     for c in sorted(means, key=Setting.sort_key):  # ascending damping: a later one wins only when strictly better
         if c.method not in out or means[c] > out[c.method][1] + TIE:

@@ -109,6 +109,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from bench import variants
 from bench.lds_bergson import LABELS as BERGSON_LABELS, have_bergson
 
 HERE = Path(__file__).resolve().parent
@@ -144,7 +145,10 @@ CANDIDATES.sort(key=lambda c: _FAMILY.index(c[1]))  # stable: each method's rows
 # Kronfluence EK-FAC: damping = scale × the mean eigenvalue per module (its heuristic, scale 0.1 by default),
 # which is our "spectral" rule; the grid scales it as hyperinf's (and 0.01, near DataInf's rule).
 EKFAC_SCALES: dict[str, float] = {EKFAC: 0.1, **{f"{EKFAC}, spectral {s:g}": s for s in (0.01, 1, 3, 10, 30)}}
-LABELS = [c[0] for c in CANDIDATES] + list(EKFAC_SCALES)
+# Issue #25 item 2: the query-side options of hyperinf at its default damping (bench/variants.py); scored
+# with ``variants.OPTIONS[label]`` passed to ``scores``.  Appended after the peers: earlier records keep their order.
+VARIANT_CANDIDATES: list[tuple[str, str, str]] = [(l, "hyperinf", "spectral:1") for l in variants.LABELS]
+LABELS = [c[0] for c in CANDIDATES] + list(EKFAC_SCALES) + variants.LABELS
 # The smaller grid on the embedded LLM (issue #16): the default, its neighbours, the paper's damping
 # and every other method at its own default.  Issue #25 adds hyperinf's spectral 0.1 and 30 (every damping
 # the frozen rule of bench/defaults_rule.py may choose) and each peer at the dampings hyperinf has here,
@@ -160,7 +164,7 @@ LLM_LABELS += [f"{m}, {d}" for m in ("datainf", "lissa", "kronecker")
 # classifier's, and bergson 2.5.1's TrackStar (with and without the query set's curvature mixed in) and
 # EK-FAC (bench/lds_bergson.py).  Appended: the labels before keep their records and their order.
 LLM_PEER_LABELS = list(EKFAC_SCALES) + list(BERGSON_LABELS)
-LLM_LABELS += LLM_PEER_LABELS
+LLM_LABELS += LLM_PEER_LABELS + variants.LABELS
 # Sizes per model, when not given on the command line (the LLM's: its section of the README)
 SIZES = {"minilm": dict(n_train=2000, n_val=200, epochs=5, max_length=64, subsets=32),
          "smollm2": dict(n_train=300, n_val=60, epochs=3, max_length=128, subsets=16)}
@@ -395,7 +399,7 @@ class PipelineExperiment:
     def score_sets(self, labels: Sequence[str]) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
         trained = self.train(None)
         full = {"full_val_accuracy": trained.val["accuracy"], "full_val_loss": trained.val["loss"]}
-        if any(label in labels for label, _, _ in CANDIDATES):  # no HyperINF fit when only peers are left
+        if any(label in labels for label, _, _ in CANDIDATES + VARIANT_CANDIDATES):  # no fit when only peers are left
             yield from self._library_score_sets(trained, labels, full)
         if self.causal:
             yield from self._llm_peer_score_sets(trained, labels, full)
@@ -422,17 +426,20 @@ class PipelineExperiment:
         attr, _ = fit_attributor(self.pcfg, trained.model, self.loaders.influence_train)
         try:
             queries, _ = validation_gradients(attr, self.loaders.influence_val)
-            for label, method, damping in CANDIDATES:
+            for label, method, damping in CANDIDATES + VARIANT_CANDIDATES:
                 if label not in labels:
                     continue
                 rule, scale = split_damping(damping)
                 rule_used, scale_used = resolve(method, rule, scale)
+                options = variants.OPTIONS.get(label, {})
                 # tracin has no curvature: no damping to report
                 extra = {**full, "method": method, "damping": None if method == "tracin" else [rule_used, scale_used]}
+                if options:
+                    extra["options"] = options
                 t0 = time.perf_counter()
                 try:
                     attr.use(method, damping=rule, **({} if scale is None else {"damping_scale": scale}))
-                    s = attr.scores(queries).detach().cpu().double().numpy()
+                    s = attr.scores(queries, **options).detach().cpu().double().numpy()
                     if not np.isfinite(s).all():  # e.g. the paper's fixed-start Schulz diverging
                         raise ArithmeticError("scores are not finite")
                 except (ValueError, ArithmeticError, RuntimeError) as exc:

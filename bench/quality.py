@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from bench import variants
+
 HERE = Path(__file__).resolve().parent
 
 # (label, method, damping rule, damping scale): the candidates compared on every fitted model.
@@ -44,6 +46,14 @@ CANDIDATES = [
     ("lissa", "lissa", "datainf", 0.1),
     ("tracin", "tracin", "datainf", 0.1),
 ]
+# Issue #25: the query-side variants of hyperinf at its default damping (bench/variants.py), as
+# (label, method, rule, scale, options) rows, and the self-influence signal ("self: <label>") of every
+# candidate that has one (a mixed-only variant's is its base's; "symmetric" has none).
+VARIANT_CANDIDATES = [(l, "hyperinf", "spectral", 1.0, dict(o)) for l, o in variants.OPTIONS.items()]
+SELF = "self: "
+SELF_LABELS = [SELF + c[0] for c in CANDIDATES] + [SELF + l for l, *_, o in VARIANT_CANDIDATES
+                                                   if variants.self_options(o) and "normalize" in o]
+ALL_LABELS = [c[0] for c in CANDIDATES] + [c[0] for c in VARIANT_CANDIDATES] + SELF_LABELS
 
 
 @dataclass(frozen=True)
@@ -90,35 +100,58 @@ def train_config(cfg: RunConfig, progress: bool):
     return model, tok, train, val, flipped, acc, time.perf_counter() - t0
 
 
-def run_one(cfg: RunConfig, progress: bool) -> dict:
+def run_one(cfg: RunConfig, progress: bool, labels: list[str] | None = None) -> dict:
+    """Train the configuration's model, fit once and score ``labels`` (default: every one of ALL_LABELS)."""
     from hyperinf_ext import HyperINF
     from hyperinf_ext.app.data import make_loader
     from hyperinf_ext.app.tasks.metrics import found_at, roc_auc
 
+    labels = ALL_LABELS if labels is None else labels
     model, tok, train, val, flipped, acc, t_train = train_config(cfg, progress)
     val_loader = make_loader(val, tok, batch_size=32, sort_by_length=True)
 
     attr = HyperINF(model, progress=progress).fit(make_loader(train, tok, batch_size=32, sort_by_length=True))
     queries = attr.query_gradients(val_loader)
     results = {}
-    for label, method, rule, scale in CANDIDATES:
-        t1 = time.perf_counter()
+    rows = [(*c, {}) for c in CANDIDATES] + VARIANT_CANDIDATES
+    for label, method, rule, scale, options in rows:
+        jobs = [(label, lambda o=options: attr.mean_scores(queries, **o))]
+        own_self = variants.self_options(options)
+        if own_self is not None and (not options or "normalize" in options):
+            jobs.append((SELF + label, lambda o=own_self: attr.self_scores(**o)))
+        jobs = [j for j in jobs if j[0] in labels]
+        if not jobs:
+            continue
         attr.use(method, damping=rule, damping_scale=scale)
-        s = attr.mean_scores(queries)
-        results[label] = {
-            "auc": roc_auc(s, flipped),
-            "top10": found_at(s, flipped, 0.1),
-            "top20": found_at(s, flipped, 0.2),
-            "seconds": time.perf_counter() - t1,
-        }
+        for key, call in jobs:
+            t1 = time.perf_counter()
+            s = call()
+            results[key] = {
+                "auc": roc_auc(s, flipped),
+                "top10": found_at(s, flipped, 0.1),
+                "top20": found_at(s, flipped, 0.2),
+                "seconds": time.perf_counter() - t1,
+            }
     return {"config": asdict(cfg), "val_accuracy": acc, "train_seconds": t_train,
             "fit_seconds": attr.timings.get("gradients", 0.0), "results": results}
 
 
 def load_runs(path: Path) -> list[dict]:
+    """One record per configuration; a later "supplement" record (labels added to the grid after the
+    configuration was run, scored on its model retrained from the same seed) adds its results."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        k = json.dumps(r["config"], sort_keys=True)
+        if r.get("supplement") and k in out:
+            out[k]["results"].update(r["results"])
+        else:
+            out[k] = r
+    return list(out.values())
 
 
 def _mean_sd(xs: list[float]) -> str:
@@ -267,24 +300,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "QUALITY.md")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from recorded runs")
+    p.add_argument("--seeds", default=None, help="comma list: run only the configurations of these seeds")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = p.parse_args(argv)
     if args.quick and args.runs == HERE / "quality_runs.jsonl":
         args.runs = Path("/tmp/hyperinf_quality_quick.jsonl")
         args.out = Path("/tmp/hyperinf_QUALITY_quick.md")
     if args.fresh and args.runs.exists():
         args.runs.unlink()
-    done = {json.dumps(r["config"], sort_keys=True) for r in load_runs(args.runs)}
+    p_seeds = args.seeds
+    done = {json.dumps(r["config"], sort_keys=True): r for r in load_runs(args.runs)}
     if not args.report_only:
+        torch.set_num_threads(args.threads)
         for cfg in grid(args.quick):
-            if cfg.key() in done:
+            if p_seeds is not None and cfg.seed not in {int(x) for x in p_seeds.split(",")}:
                 continue
-            print(f"[quality] {cfg}", flush=True)
-            rec = run_one(cfg, progress=not args.no_progress)
+            old = done.get(cfg.key())
+            missing = [l for l in ALL_LABELS if old is None or l not in old["results"]]
+            if not missing:
+                continue
+            print(f"[quality] {cfg}" + (f": {len(missing)} labels added since it ran" if old else ""), flush=True)
+            rec = run_one(cfg, progress=not args.no_progress, labels=None if old is None else missing)
+            if old is not None:
+                rec["supplement"] = True
             with args.runs.open("a") as fh:
                 fh.write(json.dumps(rec) + "\n")
-            best = max(rec["results"].items(), key=lambda kv: kv[1]["auc"])
-            print(f"[quality] val acc {rec['val_accuracy']:.3f}; best {best[0]} AUC {best[1]['auc']:.3f}; "
-                  + ", ".join(f"{k}: {v['auc']:.3f}" for k, v in rec["results"].items()), flush=True)
+            print(f"[quality] val acc {rec['val_accuracy']:.3f}; {len(rec['results'])} labels recorded", flush=True)
     command = "python -m bench.quality" + (" --quick" if args.quick else "")
     ekfac = load_runs(Path("/tmp/hyperinf_quality_ekfac_quick.jsonl") if args.quick else HERE / "quality_ekfac_runs.jsonl")
     args.out.write_text(report(load_runs(args.runs), command, ekfac))

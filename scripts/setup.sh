@@ -29,7 +29,8 @@ stamp="$VENV/.hyperinf-stamp"
 sig=$( (cat setup.py pyproject.toml scripts/setup.sh scripts/torch-pin.txt csrc/*.cpp csrc/*.h \
         ${CONSTRAINTS:+"$CONSTRAINTS"} 2>/dev/null || true; echo "constraints=$CONSTRAINTS") | sha256sum | cut -d" " -f1)
 if [ -f "$stamp" ] && [ "$(head -1 "$stamp")" = "$sig" ] && [ -z "$(find "$stamp" -mmin +1440)" ] &&
-   python -c "import hyperinf_ext, peft, triton, dattri" 2>/dev/null; then
+   python -c "import hyperinf_ext as h, peft, triton, dattri; assert 'cpp' in h.available_backends()" 2>/dev/null; then
+  # (the C++ ops are checked too: a `git clean` removes the in-tree build of an editable install)
   echo "[setup] up to date"
   exit 0
 fi

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from hyperinf_ext import HyperINF  # noqa: E402
 from hyperinf_ext.attributor.hyperinf import SIGN_CONVENTION  # noqa: E402
+from hyperinf_ext.backends import cpp as cpp_backend  # noqa: E402
 from hyperinf_ext.capture import classification_loss  # noqa: E402
 from _numerics import ref_inv, ref_solve
 from tiny_bert import batches, make_data, tiny_bert_lora, tiny_model  # noqa: F401  (tests import them from here too)
@@ -328,6 +329,7 @@ def test_layers_of_equal_dim_and_different_rank():
     assert (s_hyp - s_ex).abs().max() <= 1e-5 * s_ex.abs().max()
 
 
+@pytest.mark.skipif(not cpp_backend.is_available(), reason="hyperinf_ext._C is not built")
 def test_hyperinf_float32_warm_start_then_float64_polish():
     """float64 factors of d ≥ 128: float32 Schulz + float64 polish meets the float64 residual test and
     matches torch.linalg.inv; a too-ill-conditioned layer takes the all-float64 path; same inverses

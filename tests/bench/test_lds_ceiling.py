@@ -375,3 +375,117 @@ def test_report_only_command_line_on_records_with_retrains(tmp_path):
     assert "### Seed 0: 3 retrains (0, 1, 2) × 6 subsets × 12 queries" in text
     assert "same-label member count (split record)" in text and "## Pooled paired differences" in text
     assert "| tracin |" in text and "| hyperinf, spectral 1 (default) |" in text
+
+
+# ------------------------------------------------------------------------------ amendment 1 of the rule
+
+MIX = "hyperinf, spectral 1, mixed 99"
+MIX_OPTS = {"mix_queries": 99.0}
+
+
+def _study_records(seeds, model=None, noise_of=None, variant_noise=None) -> list[dict]:
+    """_constructed_records of one study (``model`` None: the classifier), plus the variant MIX when
+    ``variant_noise`` is given (its prediction's noise)."""
+    recs = _constructed_records(seeds=seeds, noise_of=noise_of)
+    for r in recs:
+        r["config"] = {**r["config"], **({"model": model} if model else {})}
+    if variant_noise is not None:
+        for s in seeds:
+            key = next(r["config"] for r in recs if r["config"]["seed"] == s)
+            m = np.asarray([r["val_loss"] for r in recs if r["kind"] == "subset" and r["config"]["seed"] == s])
+            rec = _scores(s, MIX, "hyperinf", ["spectral", 1.0],
+                          m + variant_noise * np.random.default_rng(7 + s).normal(size=m.shape))
+            recs.append({**rec, "config": key, "options": MIX_OPTS})
+    return recs
+
+
+def _detection(val: dict[str, float], self_: dict[str, float], seeds=(0, 1)) -> list[dict]:
+    res = {**{l: {"auc": v} for l, v in val.items()}, **{rule.SELF + l: {"auc": v} for l, v in self_.items()}}
+    return [{"config": {"seed": s}, "results": res} for s in seeds]
+
+
+LLM_TABLE = {"hyperinf, datainf damping": rule.Setting("hyperinf", "datainf", 0.1),
+             "hyperinf, spectral 1": rule.Setting("hyperinf", "spectral", 1.0),
+             "hyperinf, spectral 3": rule.Setting("hyperinf", "spectral", 3.0),
+             MIX: rule.Setting("hyperinf", "spectral", 1.0, rule.options_of(MIX_OPTS))}
+QC_MIX = QC + [(MIX, "hyperinf", "spectral", 1.0, MIX_OPTS)]
+
+
+def _amended(cls_val, cls_self, llm_val, llm_self, variant_noise=0.3, **kw):
+    cls = _study_records((0, 1), variant_noise=variant_noise)
+    llm = _study_records((0,), model="smollm2", variant_noise=variant_noise, **kw)
+    return rule.choose_default_amended(cls, _detection(cls_val, cls_self), QC_MIX, llm,
+                                       _detection(llm_val, llm_self), LLM_TABLE), cls, llm
+
+
+def test_amended_rule_weighs_six_components_and_picks_the_option_on_the_query_ones():
+    s1, s3 = rule.Setting("hyperinf", "spectral", 1.0), rule.Setting("hyperinf", "spectral", 3.0)
+    di = rule.Setting("hyperinf", "datainf", 0.1)
+    mix = rule.Setting("hyperinf", "spectral", 1.0, (("mix_queries", 99.0),))
+    val = {"hyperinf, datainf damping": 0.70, "hyperinf, spectral 1": 0.70, "hyperinf, spectral 3": 0.72, MIX: 0.80}
+    self_ = {"hyperinf, datainf damping": 0.60, "hyperinf, spectral 1": 0.65, "hyperinf, spectral 3": 0.80}
+    choice, cls, llm = _amended(val, self_, val, self_)
+    assert set(choice.eligible) == {di, s1, s3}  # no variant and no unit-bearing damping in 1a
+    comp = choice.components
+    top = {k: max(comp[k][c] for c in choice.eligible) for k, _, _ in rule.COMPONENTS}
+    want = {c: sum(w * (comp[k][c] - ch) / (top[k] - ch) for k, w, ch in rule.COMPONENTS) for c in choice.eligible}
+    assert choice.score == pytest.approx(want, abs=1e-12)
+    assert choice.setting == max(want, key=want.get)
+    # self signal much better for spectral 3 here: it outweighs spectral 1's better LDS
+    assert choice.setting == s3 and choice.final == s3  # the variant is of spectral 1: no option for spectral 3
+    # with the self signal level, spectral 1 wins, and the variant (better AUC, LDS close) becomes the option
+    flat = {k: 0.7 for k in self_}
+    choice, _, _ = _amended(val, flat, val, flat)
+    assert choice.setting == s1 and choice.final == mix
+    q = {k: comp_k for k, comp_k in choice.components.items() if k in rule.QUERY_COMPONENTS}
+    top = {k: max(q[k][c] for c in (s1, mix)) for k in q}
+    want_b = {c: sum(0.5 * (q[k][c] - rule._CHANCE[k]) / (top[k] - rule._CHANCE[k]) for k in q) for c in (s1, mix)}
+    assert choice.option_score == pytest.approx(want_b, abs=1e-12)
+    # a variant as good as the plain setting on every query component: ties go to no option
+    same = {**val, MIX: val["hyperinf, spectral 1"]}
+    choice, _, _ = _amended(same, flat, same, flat, variant_noise=0.0)
+    cls_copy = _study_records((0, 1), variant_noise=0.0)
+    for r in cls_copy:  # the variant's predictions equal spectral 1's
+        if r.get("label") == MIX:
+            r["predicted"] = next(x["predicted"] for x in cls_copy if x.get("label") == "hyperinf, spectral 1"
+                                  and x["config"] == r["config"])
+    llm_copy = _study_records((0,), model="smollm2", variant_noise=0.0)
+    for r in llm_copy:
+        if r.get("label") == MIX:
+            r["predicted"] = next(x["predicted"] for x in llm_copy if x.get("label") == "hyperinf, spectral 1"
+                                  and x["config"] == r["config"])
+    tied = rule.choose_default_amended(cls_copy, _detection(same, flat), QC_MIX, llm_copy, _detection(same, flat),
+                                       LLM_TABLE)
+    assert tied.setting == s1 and tied.final == s1
+
+
+def test_amended_rule_needs_every_component_and_reads_selection_data_only():
+    val = {"hyperinf, datainf damping": 0.70, "hyperinf, spectral 1": 0.75, "hyperinf, spectral 3": 0.72, MIX: 0.8}
+    self_ = {"hyperinf, datainf damping": 0.6, "hyperinf, spectral 1": 0.7, "hyperinf, spectral 3": 0.7}
+    base, cls, llm = _amended(val, self_, val, self_)
+    assert base.setting is not None
+    # no LLM detection self signal: no choice
+    missing = rule.choose_default_amended(cls, _detection(val, self_), QC_MIX, llm, _detection(val, {}), LLM_TABLE)
+    assert missing.setting is None and missing.final is None
+    # no LLM LDS: no choice
+    assert rule.choose_default_amended(cls, _detection(val, self_), QC_MIX, [], _detection(val, self_),
+                                       LLM_TABLE).setting is None
+    # reporting seeds and configurations changed wildly: the same choice
+    wild_cls = cls + _study_records((2, 3), noise_of={"hyperinf, spectral 3": 0.0}, variant_noise=0.0)
+    wild_llm = llm + _study_records((1, 2), model="smollm2", noise_of={"hyperinf, datainf damping": 0.0})
+    wild_q = _detection(val, self_) + _detection({"hyperinf, spectral 3": 1.0}, {"hyperinf, spectral 3": 1.0},
+                                                 seeds=(2, 3))
+    again = rule.choose_default_amended(wild_cls, wild_q, QC_MIX, wild_llm, wild_q, LLM_TABLE)
+    assert (again.setting, again.final) == (base.setting, base.final)
+    assert again.score == pytest.approx(base.score, abs=1e-12)
+
+
+def test_settings_with_options_are_their_own_candidates():
+    rec = {"method": "hyperinf", "damping": ["spectral", 1], "options": {"normalize": "unit", "mix_queries": 1}}
+    s = rule.setting_of(rec)
+    assert s.options == (("mix_queries", 1.0), ("normalize", "unit")) and s.plain() == rule.Setting("hyperinf", "spectral", 1.0)
+    assert s != s.plain() and s.plain().sort_key() < s.sort_key()
+    assert "mix_queries=1" in str(s) and "normalize=unit" in str(s)
+    # tune_peers ignores the options (they are not dampings)
+    recs = _study_records((0, 1), variant_noise=0.0)
+    assert all(not c.options for c, _ in rule.tune_peers(recs, "minilm").values())

@@ -221,7 +221,7 @@ def test_bergson_import_keeps_the_callers_logging():
 
 
 def test_llm_labels_keep_the_recorded_ones_and_add_the_peers():
-    from bench import lds
+    from bench import lds, variants
 
     before = ["hyperinf, datainf damping", "hyperinf, paper damping", "hyperinf, spectral 0.1", "hyperinf, spectral 1",
               "hyperinf, spectral 3", "hyperinf, spectral 10", "hyperinf, spectral 30", "datainf", "lissa", "tracin",
@@ -229,8 +229,10 @@ def test_llm_labels_keep_the_recorded_ones_and_add_the_peers():
               "lissa, spectral 3", "lissa, spectral 10", "kronecker, datainf damping", "kronecker, spectral 1",
               "kronecker, spectral 3", "kronecker, spectral 10"]
     assert lds.LLM_LABELS[:len(before)] == before
-    peers = lds.LLM_LABELS[len(before):]
+    peers = lds.LLM_LABELS[len(before):len(before) + len(lds.LLM_PEER_LABELS)]
     assert peers == list(lds.EKFAC_SCALES) + ["bergson TrackStar", "bergson TrackStar, no mixing", "bergson EK-FAC"]
+    # then the query-side variants of the default (bench/variants.py), last
+    assert lds.LLM_LABELS[len(before) + len(peers):] == variants.LABELS
     assert len(set(lds.LLM_LABELS)) == len(lds.LLM_LABELS)
 
 
