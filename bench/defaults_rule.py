@@ -57,6 +57,13 @@ options (bench/variants.py) that may become part of the default.
       candidates.  MAXIMISED: the weighted sum; ties go to no option, then to the variant order of
       bench/variants.py.  The variants were measured at spectral × 1 only: if 1a chooses another damping,
       the default has no query-side option until they are measured there.
+  1c. (AMENDMENT 2, same day, also before any of those numbers existed: issue #25 item 4.)  The detection
+      signal the user-facing commands recommend when trusted rows (a validation / target set) exist.
+      Candidates, for the setting chosen by 1a–1b: "validation" (its influence on the mean validation loss),
+      "self" (its self-influence; a mixed-only variant's is its damping's) and "combined" (the two signals'
+      ranks averaged, hyperinf_ext.app.tasks.metrics.rank_average).  Value: the mean over the two studies of
+      each study's mean ROC-AUC over its detection selection configurations.  MAXIMISED; ties go to
+      validation, then combined, then self.  Without trusted rows self-influence is the only signal.
   2'. Each peer of the LLM detection study (bergson TrackStar with and without mixing, bergson EK-FAC,
       Kronfluence EK-FAC on its damping grid) is tuned on its mean validation-signal AUC over the LLM
       detection selection configurations, any damping; reported on the configurations of seeds 2, 3.
@@ -171,6 +178,9 @@ def mean_lds(per_seed: Mapping[int, Mapping[Setting, tuple[str, float]]], seeds:
 
 
 SELF = "self: "  # the label prefix of a self-influence signal in the detection records
+COMBINED = "combined: "  # ... of the combined signal (validation and self ranks averaged)
+_PREFIX = {"validation": "", "self": SELF, "combined": COMBINED}
+SIGNALS = ("validation", "combined", "self")  # amendment 2's tie order
 
 
 def detection_auc(quality_runs: Sequence[Mapping], quality_candidates: Sequence[tuple] | Mapping[str, Setting],
@@ -179,7 +189,8 @@ def detection_auc(quality_runs: Sequence[Mapping], quality_candidates: Sequence[
     """Mean detection ROC-AUC per setting over the detection configurations whose seed is in ``seeds``,
     for the settings every such configuration has.  ``quality_candidates``: bench.quality.CANDIDATES
     ((label, method, rule, scale[, options]) rows) or a {label: Setting} table (bench/quality_llm.py).
-    ``signal``: "validation" (the label itself) or "self" (the label's "self: " entry)."""
+    ``signal``: "validation" (the label itself), "self" or "combined" (the label's "self: " / "combined: "
+    entry)."""
     runs = [r for r in quality_runs if r["config"]["seed"] in set(seeds)]
     if not runs:
         return {}
@@ -187,7 +198,7 @@ def detection_auc(quality_runs: Sequence[Mapping], quality_candidates: Sequence[
         row[0]: (Setting(row[1]) if row[1] == "tracin" else
                  Setting(row[1], row[2], float(row[3]), options_of(row[4] if len(row) > 4 else None)))
         for row in quality_candidates}
-    prefix = SELF if signal == "self" else ""
+    prefix = _PREFIX[signal]
     out = {}
     for label, setting in table.items():
         vals = [r["results"][prefix + label].get("auc") for r in runs if prefix + label in r["results"]]
@@ -288,6 +299,32 @@ def choose_default_amended(classifier_lds: Sequence[Mapping], classifier_quality
         final = _argmax(opts, option_score, [])
     return Choice(best, comp["classifier LDS"], comp["classifier AUC, validation"], score, eligible, comp, final,
                   option_score)
+
+
+def choose_signal(setting: Setting, classifier_quality: Sequence[Mapping], classifier_candidates: Sequence[tuple],
+                  llm_quality: Sequence[Mapping], llm_candidates: Mapping[str, Setting]
+                  ) -> tuple[str | None, dict[str, float]]:
+    """Amendment 2 (rule 1c): (the signal to recommend with trusted rows, {signal: value}) for ``setting``
+    (the default chosen by 1a–1b); (None, values) while a study lacks one of the signals."""
+    values: dict[str, float] = {}
+    for signal in SIGNALS:
+        per_study = []
+        for runs, table in ((classifier_quality, classifier_candidates), (llm_quality, llm_candidates)):
+            auc = detection_auc(runs, table, signal=signal)
+            key = setting
+            if key not in auc and signal == "self" and all(k == "mix_queries" for k, _ in setting.options):
+                key = setting.plain()  # a mixed-only variant has no self signal of its own: its damping's
+            if key in auc:
+                per_study.append(auc[key])
+        if len(per_study) == 2:
+            values[signal] = statistics.mean(per_study)
+    if len(values) < len(SIGNALS):
+        return None, values
+    best = SIGNALS[0]
+    for sig in SIGNALS[1:]:
+        if values[sig] > values[best] + TIE:
+            best = sig
+    return best, values
 
 
 def tune_peers(records: Sequence[Mapping], study: str | None = None) -> dict[str, tuple[Setting, float]]:

@@ -53,7 +53,17 @@ VARIANT_CANDIDATES = [(l, "hyperinf", "spectral", 1.0, dict(o)) for l, o in vari
 SELF = "self: "
 SELF_LABELS = [SELF + c[0] for c in CANDIDATES] + [SELF + l for l, *_, o in VARIANT_CANDIDATES
                                                    if variants.self_options(o) and "normalize" in o]
-ALL_LABELS = [c[0] for c in CANDIDATES] + [c[0] for c in VARIANT_CANDIDATES] + SELF_LABELS
+COMBINED = "combined: "  # validation and self-influence signal, ranks averaged (metrics.rank_average)
+COMBINED_LABELS = [COMBINED + c[0] for c in CANDIDATES] + [
+    COMBINED + l for l, *_, o in VARIANT_CANDIDATES if variants.self_options(o) is not None]
+ALL_LABELS = [c[0] for c in CANDIDATES] + [c[0] for c in VARIANT_CANDIDATES] + SELF_LABELS + COMBINED_LABELS
+
+
+def _metrics(scores, flipped, seconds: float) -> dict:
+    from hyperinf_ext.app.tasks.metrics import found_at, roc_auc
+
+    return {"auc": roc_auc(scores, flipped), "top10": found_at(scores, flipped, 0.1),
+            "top20": found_at(scores, flipped, 0.2), "seconds": seconds}
 
 
 @dataclass(frozen=True)
@@ -104,7 +114,7 @@ def run_one(cfg: RunConfig, progress: bool, labels: list[str] | None = None) -> 
     """Train the configuration's model, fit once and score ``labels`` (default: every one of ALL_LABELS)."""
     from hyperinf_ext import HyperINF
     from hyperinf_ext.app.data import make_loader
-    from hyperinf_ext.app.tasks.metrics import found_at, roc_auc
+    from hyperinf_ext.app.tasks.metrics import rank_average
 
     labels = ALL_LABELS if labels is None else labels
     model, tok, train, val, flipped, acc, t_train = train_config(cfg, progress)
@@ -112,26 +122,32 @@ def run_one(cfg: RunConfig, progress: bool, labels: list[str] | None = None) -> 
 
     attr = HyperINF(model, progress=progress).fit(make_loader(train, tok, batch_size=32, sort_by_length=True))
     queries = attr.query_gradients(val_loader)
-    results = {}
+    results, raw = {}, {}
+    need = set(labels)  # a combined signal needs its two ingredients, recorded already or not
+    for l in labels:
+        if l.startswith(COMBINED):
+            base = l[len(COMBINED):]
+            need |= {base, SELF + base if SELF + base in ALL_LABELS else SELF + variants.BASE_LABEL}
     rows = [(*c, {}) for c in CANDIDATES] + VARIANT_CANDIDATES
     for label, method, rule, scale, options in rows:
         jobs = [(label, lambda o=options: attr.mean_scores(queries, **o))]
         own_self = variants.self_options(options)
         if own_self is not None and (not options or "normalize" in options):
             jobs.append((SELF + label, lambda o=own_self: attr.self_scores(**o)))
-        jobs = [j for j in jobs if j[0] in labels]
+        jobs = [j for j in jobs if j[0] in need]
         if not jobs:
             continue
         attr.use(method, damping=rule, damping_scale=scale)
         for key, call in jobs:
             t1 = time.perf_counter()
-            s = call()
-            results[key] = {
-                "auc": roc_auc(s, flipped),
-                "top10": found_at(s, flipped, 0.1),
-                "top20": found_at(s, flipped, 0.2),
-                "seconds": time.perf_counter() - t1,
-            }
+            raw[key] = s = call()
+            if key in labels:
+                results[key] = _metrics(s, flipped, time.perf_counter() - t1)
+    # the combined signal (validation and self-influence, ranks averaged: metrics.rank_average)
+    for label in [l for l in raw if not l.startswith(SELF)]:
+        src = variants.self_source(label, set(raw), SELF)
+        if src is not None and COMBINED + label in labels:
+            results[COMBINED + label] = _metrics(rank_average(raw[label], raw[src]), flipped, 0.0)
     return {"config": asdict(cfg), "val_accuracy": acc, "train_seconds": t_train,
             "fit_seconds": attr.timings.get("gradients", 0.0), "results": results}
 

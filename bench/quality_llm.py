@@ -48,6 +48,7 @@ from bench import variants
 HERE = Path(__file__).resolve().parent
 PARTS = ("library", "bergson", "kronfluence")
 SELF = "self: "
+COMBINED = "combined: "  # validation and self-influence signal, ranks averaged
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,9 @@ def _library_part(run: Any, flipped: np.ndarray) -> dict[str, dict]:
     """Validation and self signal of every library candidate, from the run's one fit."""
     from hyperinf_ext.curvature.methods import split_damping
 
-    attr, queries, out = run.attr, run.queries, {}
+    from hyperinf_ext.app.tasks.metrics import rank_average
+
+    attr, queries, out, raw = run.attr, run.queries, {}, {}
     for label, method, damping, options in library_candidates():
         rule, scale = split_damping(damping)
         attr.use(method, damping=rule, **({} if scale is None else {"damping_scale": scale}))
@@ -130,9 +133,15 @@ def _library_part(run: Any, flipped: np.ndarray) -> dict[str, dict]:
         for key, call in jobs:
             t0 = time.perf_counter()
             try:
-                out[key] = _metrics(call().detach().cpu().double().numpy(), flipped, time.perf_counter() - t0)
+                raw[key] = call().detach().cpu().double().numpy()
+                out[key] = _metrics(raw[key], flipped, time.perf_counter() - t0)
             except (ValueError, ArithmeticError, RuntimeError) as exc:
                 out[key] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+    # the combined signal (validation and self-influence, ranks averaged: metrics.rank_average)
+    for label in [l for l in raw if not l.startswith(SELF)]:
+        src = variants.self_source(label, set(raw), SELF)
+        if src is not None:
+            out[COMBINED + label] = _metrics(rank_average(raw[label], raw[src]), flipped, 0.0)
     return out
 
 

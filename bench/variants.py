@@ -47,3 +47,13 @@ def self_options(options: dict[str, Any]) -> dict[str, Any] | None:
     if options.get("normalize") == "symmetric":
         return None
     return {k: v for k, v in options.items() if k == "normalize"}
+
+
+def self_source(label: str, have: set[str], prefix: str = "self: ") -> str | None:
+    """The self-influence entry that goes with candidate ``label``'s validation signal (for the combined
+    signal): its own when scored (in ``have``), a mixed-only variant's base, None for "symmetric" ones."""
+    if prefix + label in have:
+        return prefix + label
+    if label in OPTIONS and self_options(OPTIONS[label]) == {} and prefix + BASE_LABEL in have:
+        return prefix + BASE_LABEL
+    return None

@@ -89,3 +89,19 @@ def test_lds_interval_brackets_and_degenerates():
     # perfectly monotone in every query: every resample with >= 2 distinct subsets gives 1
     lo, hi = lds_interval(pred, 3 * pred + 1, n_boot=100, seed=0)
     assert lo == pytest.approx(1.0) and hi == pytest.approx(1.0)
+
+
+def test_rank_average_weighs_signals_alike_whatever_their_units():
+    from hyperinf_ext.app.tasks.metrics import rank_average
+
+    a = np.array([0.1, 5.0, 2.0, 2.0])       # ranks 1, 4, 2.5, 2.5
+    b = np.array([1e9, -1e9, 0.0, 3.0])      # ranks 4, 1, 2, 3
+    out = rank_average(a, b * 1e-30)         # a monotone rescaling changes nothing
+    assert np.allclose(out, (np.array([1, 4, 2.5, 2.5]) + np.array([4, 1, 2, 3])) / 8, rtol=0, atol=1e-15)
+    assert np.array_equal(rank_average(a), np.array([1, 4, 2.5, 2.5]) / 4)
+    with pytest.raises(ValueError, match="differ in length"):
+        rank_average(a, b[:3])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        rank_average(a, np.array([1.0, np.inf, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="no signal"):
+        rank_average()

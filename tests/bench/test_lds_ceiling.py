@@ -489,3 +489,30 @@ def test_settings_with_options_are_their_own_candidates():
     # tune_peers ignores the options (they are not dampings)
     recs = _study_records((0, 1), variant_noise=0.0)
     assert all(not c.options for c, _ in rule.tune_peers(recs, "minilm").values())
+
+
+def test_amendment_2_recommends_the_signal_with_the_best_mean_auc_over_both_studies():
+    s1 = rule.Setting("hyperinf", "spectral", 1.0)
+    mix = rule.Setting("hyperinf", "spectral", 1.0, (("mix_queries", 99.0),))
+
+    def runs(val, self_, comb, seeds=(0, 1)):
+        res = {}
+        for label, (v, sv, cv) in {"hyperinf, spectral 1": (val, self_, comb), MIX: (val + 0.05, None, comb)}.items():
+            res[label] = {"auc": v}
+            if sv is not None:
+                res[rule.SELF + label] = {"auc": sv}
+            res[rule.COMBINED + label] = {"auc": cv}
+        return [{"config": {"seed": s}, "results": res} for s in seeds]
+
+    # classifier: validation 0.70, self 0.80, combined 0.78; LLM: 0.80, 0.75, 0.79 -> self 0.775 < combined 0.785
+    cls, llm = runs(0.70, 0.80, 0.78), runs(0.80, 0.75, 0.79)
+    sig, vals = rule.choose_signal(s1, cls, QC_MIX, llm, LLM_TABLE)
+    assert sig == "combined" and vals == pytest.approx({"validation": 0.75, "self": 0.775, "combined": 0.785})
+    # the mixed variant: its own validation and combined, its damping's self signal
+    sig, vals = rule.choose_signal(mix, cls, QC_MIX, llm, LLM_TABLE)
+    assert vals == pytest.approx({"validation": 0.80, "self": 0.775, "combined": 0.785}) and sig == "validation"
+    # ties go to validation; a reporting configuration is never read
+    tie = runs(0.7, 0.7, 0.7) + runs(0.1, 0.99, 0.99, seeds=(2, 3))
+    assert rule.choose_signal(s1, tie, QC_MIX, tie, LLM_TABLE)[0] == "validation"
+    # a study without the self signal: no recommendation
+    assert rule.choose_signal(s1, cls, QC_MIX, runs(0.8, None, 0.79), LLM_TABLE)[0] is None

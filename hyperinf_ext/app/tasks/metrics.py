@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 __all__ = ["roc_auc", "detection_curve", "found_at", "spearman", "column_spearman", "lds_per_query", "lds",
-           "bootstrap_ci", "lds_interval"]
+           "bootstrap_ci", "lds_interval", "rank_average"]
 
 ArrayLike = Sequence[float] | np.ndarray
 
@@ -34,6 +34,21 @@ def _to_numpy(x):
     if hasattr(x, "detach"):
         return x.detach().cpu().numpy()
     return x
+
+
+def rank_average(*signals: ArrayLike) -> np.ndarray:
+    """The mean of the signals' ranks, each scaled to (0, 1] (ties share their mean rank): one score per
+    example that weighs the signals alike whatever their units, e.g. validation influence and
+    self-influence.  float64 [n]; ValueError on differing lengths, no signal or non-finite values."""
+    if not signals:
+        raise ValueError("rank_average: no signal")
+    arrays = [np.asarray(_to_numpy(x), dtype=np.float64).reshape(-1) for x in signals]
+    if len({a.size for a in arrays}) != 1 or arrays[0].size == 0:
+        raise ValueError(f"rank_average: signals differ in length or are empty ({[a.size for a in arrays]})")
+    if not all(np.isfinite(a).all() for a in arrays):
+        raise ValueError("rank_average: a signal contains NaN or infinite values")
+    n = arrays[0].size
+    return np.mean([_average_ranks(a) / n for a in arrays], axis=0)
 
 
 def _average_ranks(s: np.ndarray) -> np.ndarray:
