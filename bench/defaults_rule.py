@@ -38,7 +38,10 @@ AMENDMENT 1 (2026-12-06, before any reporting seed was run and before any number
 variants or of the LLM detection study existed; it replaces rule 1 above, rules 2 and 3 stand except that
 the LLM study now takes part in rule 1).  Issue #25 item 3 asks for defaults chosen from the LLM and the
 classifier studies together, on LDS and detection AUC, validation and self signal; item 2 added query-side
-options (bench/variants.py) that may become part of the default.
+options (bench/variants.py) that may become part of the default.  Known when it was written (already in the
+records): the classifier's LDS (seeds 0, 1) and validation-signal AUC, and the LLM's LDS (seed 0), of the
+plain hyperinf dampings.  Unknown: every self signal, the whole LLM detection study, every variant, every
+reporting seed.
   1a. The default damping of ``method="hyperinf"``.  Candidates: hyperinf settings with a scale-free damping
       rule and no query-side option, measured on EVERY component below.  Components, with their weights:
         classifier LDS (selection seeds 0, 1)                                     ½
@@ -325,6 +328,21 @@ def choose_signal(setting: Setting, classifier_quality: Sequence[Mapping], class
         if values[sig] > values[best] + TIE:
             best = sig
     return best, values
+
+
+def tune_detection_peers(quality_runs: Sequence[Mapping], table: Mapping[str, Setting],
+                         seeds: Sequence[int] = DETECTION_SELECTION_SEEDS) -> dict[str, tuple[Setting, str, float]]:
+    """Rule 2': {method: (setting, label, mean validation AUC on the selection configurations)} per method
+    family of ``table`` ({label: Setting}; hyperinf's query-side variants are not dampings: left out)."""
+    label_of = {}
+    for label, setting in table.items():
+        label_of.setdefault(setting, label)
+    means = {c: v for c, v in detection_auc(quality_runs, table, seeds).items() if not c.options}
+    out: dict[str, tuple[Setting, str, float]] = {}
+    for c in sorted(means, key=Setting.sort_key):
+        if c.method not in out or means[c] > out[c.method][2] + TIE:
+            out[c.method] = (c, label_of[c], means[c])
+    return out
 
 
 def tune_peers(records: Sequence[Mapping], study: str | None = None) -> dict[str, tuple[Setting, float]]:

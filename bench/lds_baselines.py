@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -522,13 +522,25 @@ def rule_section(records: Sequence[Mapping], labels: Sequence[str], n_subsets: i
             lines.append(f"| {'hyperinf, tuned on LDS alone' if method == rule.DEFAULT_METHOD else method} | {c} | "
                          f"{_f(v)} |")
         lines.append("")
+    return lines + reported_lines(records, choice.setting, peers, n_subsets, n_boot)
+
+
+def reported_lines(records: Sequence[Mapping], setting: Any, peers: Mapping[str, tuple], n_subsets: int | None,
+                   n_boot: int, name: str = "default") -> list[str]:
+    """``setting`` (a bench.defaults_rule.Setting) against every tuned peer ({method: (Setting, ...)}) on
+    the study's REPORTING seeds only: per-seed LDS and pooled paired intervals; or the command that
+    measures those seeds when they are missing."""
+    from bench import defaults_rule as rule
+
+    rep = rule.REPORTING_SEEDS[rule.study_of(records)]
+    lines: list[str] = []
     keys = {k["seed"]: k for k in _configs(records) if k["seed"] in rep}
-    ref_mats = {s: matrices(list(records), keys[s], rule.label_for(records, s, choice.setting), n_subsets)
-                for s in keys if rule.label_for(records, s, choice.setting) is not None}
+    ref_mats = {s: matrices(list(records), keys[s], rule.label_for(records, s, setting), n_subsets)
+                for s in keys if rule.label_for(records, s, setting) is not None}
     have = [s for s in rep if ref_mats.get(s) is not None]
     if keys and not have:
         lines += [f"The reporting seeds {', '.join(map(str, sorted(keys)))} have subset models but no score set of "
-                  f"the chosen setting ({choice.setting}): rerun them with the current grid (bench/lds.py).", ""]
+                  f"the chosen setting ({setting}): rerun them with the current grid (bench/lds.py).", ""]
         return lines
     if not have:
         key = next(iter(_configs(records)), {"seed": rep[0]})
@@ -544,7 +556,7 @@ def rule_section(records: Sequence[Mapping], labels: Sequence[str], n_subsets: i
     lines += [f"### Reported on seeds {', '.join(map(str, have))} (not used by the rule)", "",
               f"| method | setting | LDS per seed | default − method, pooled [{int(LEVEL * 100)}% interval] | p |",
               "|---|---|---|---|---|",
-              f"| default | {choice.setting} | " + ", ".join(_f(lds(*ref_mats[s])) for s in have) + " | — | — |"]
+              f"| {name} | {setting} | " + ", ".join(_f(lds(*ref_mats[s])) for s in have) + " | — | — |"]
     for method, (c, _) in peers.items():
         items = []
         for s in have:
@@ -555,12 +567,12 @@ def rule_section(records: Sequence[Mapping], labels: Sequence[str], n_subsets: i
             (pa, m), pb = ref_mats[s], b[0]
             k = min(pa.shape[0], pb.shape[0])
             items.append((pa[:k], pb[:k], m[:k]))
-        name = "hyperinf, tuned on LDS alone" if method == rule.DEFAULT_METHOD else method
+        peer = "hyperinf, tuned on LDS alone" if method == rule.DEFAULT_METHOD else method
         if len(items) != len(have):
-            lines.append(f"| {name} | {c} | not scored on every reporting seed | — | — |")
+            lines.append(f"| {peer} | {c} | not scored on every reporting seed | — | — |")
             continue
         res = pooled_paired(items, n_boot=n_boot)
-        lines.append(f"| {name} | {c} | {', '.join(_f(lds(pb, m)) for _, pb, m in items)} | {_f(res['diff'], True)} "
+        lines.append(f"| {peer} | {c} | {', '.join(_f(lds(pb, m)) for _, pb, m in items)} | {_f(res['diff'], True)} "
                      f"[{_f(res['lo'], True)}, {_f(res['hi'], True)}] | {res['p']:.3f} |")
     lines.append("")
     return lines

@@ -97,6 +97,16 @@ def settings_table() -> dict[str, Any]:
     return out
 
 
+def peer_table() -> dict[str, Any]:
+    """{label: Setting} of the external peers this study records (bergson's three, Kronfluence's grid)."""
+    from bench.defaults_rule import Setting
+    from bench.lds import EKFAC_SCALES
+    from bench.lds_bergson import LABELS as BERGSON
+
+    return {**{l: Setting(l) for l in BERGSON},
+            **{l: Setting("ekfac", "kronfluence heuristic", float(s)) for l, s in EKFAC_SCALES.items()}}
+
+
 def pipeline_config(cfg: LlmRunConfig, progress: bool = False) -> Any:
     from hyperinf_ext.app.tasks.pipeline import PipelineConfig
 

@@ -516,3 +516,38 @@ def test_amendment_2_recommends_the_signal_with_the_best_mean_auc_over_both_stud
     assert rule.choose_signal(s1, tie, QC_MIX, tie, LLM_TABLE)[0] == "validation"
     # a study without the self signal: no recommendation
     assert rule.choose_signal(s1, cls, QC_MIX, runs(0.8, None, 0.79), LLM_TABLE)[0] is None
+
+
+def test_defaults_report_chooses_on_selection_data_and_reports_on_the_rest():
+    from bench.defaults_report import report
+
+    val = {"hyperinf, datainf damping": 0.70, "hyperinf, spectral 1": 0.70, "hyperinf, spectral 3": 0.72, MIX: 0.80,
+           "tracin": 0.6}
+    flat = {"hyperinf, datainf damping": 0.7, "hyperinf, spectral 1": 0.7, "hyperinf, spectral 3": 0.7, "tracin": 0.6}
+    comb = {rule.COMBINED + "hyperinf, spectral 1": {"auc": 0.71}, rule.COMBINED + MIX: {"auc": 0.85}}
+
+    def det(v, seeds):
+        runs = _detection(v, flat, seeds)
+        for r in runs:
+            r["results"].update(comb)
+        return runs
+
+    data = {"classifier LDS": _study_records((0, 1), variant_noise=0.3),
+            "LLM LDS": _study_records((0,), model="smollm2", variant_noise=0.3),
+            "classifier detection": det(val, (0, 1)), "LLM detection": det(val, (0, 1))}
+    text = report(data, n_boot=20)
+    assert "| hyperinf, spectral × 1 **(chosen)** |" in text
+    assert "| hyperinf, spectral × 1, mix_queries=99 **(chosen)** |" in text  # 1b
+    assert "| combined **(chosen)** | 0.850 |" in text and "| self | 0.700 |" in text and "| validation | 0.800 |" in text
+    assert "python -m bench.lds --seeds 2,3" in text and "python -m bench.lds --model smollm2 --seeds 1,2" in text
+    assert text.count("No reporting configuration") == 4
+    # reporting data: detection of seed 2 (classifier) and seeds 2-3 (LLM); tracin is the tuned peer there
+    rep_val = {**val, MIX: 0.9, "tracin": 0.5}
+    data["classifier detection"] += det(rep_val, (2,))
+    data["LLM detection"] += det(rep_val, (2, 3))
+    data["classifier LDS"] += _study_records((2, 3), variant_noise=0.3)
+    text = report(data, n_boot=20)
+    assert "| hyperinf, spectral × 1, mix_queries=99 **(chosen)** |" in text  # unchanged by reporting data
+    assert "Default: `hyperinf, spectral 1, mixed 99`, mean AUC 0.900." in text
+    assert "| tracin | tracin | 0.500 | +0.400 ± 0.000 | 2/2 |" in text  # LLM: two configurations
+    assert "### Reported on seeds 2, 3 (not used by the rule)" in text

@@ -1,0 +1,177 @@
+"""The library's defaults chosen by the pre-registered rule, and reported on the seeds it did not read (issue #25).
+
+Reads the four studies' records — the classifier's and the LLM's LDS (bench/lds_runs.jsonl,
+bench/lds_llm_runs.jsonl) and detection studies (bench/quality_runs.jsonl with
+bench/quality_ekfac_runs.jsonl, bench/quality_llm_runs.jsonl) — applies bench/defaults_rule.py (amendments
+1 and 2: the damping, the query-side option, the recommended signal; rules 2 and 2': each peer's setting)
+on the SELECTION seeds and configurations, and writes bench/DEFAULTS.md: the choice with every
+component, then the chosen default against every tuned peer on the REPORTING seeds and configurations only.
+
+    python -m bench.defaults_report            # -> bench/DEFAULTS.md (nothing is trained; seconds)
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+HERE = Path(__file__).resolve().parent
+CLASSIFIER_REPORTING = (2,)  # the detection configurations of seed 2 (bench/defaults_rule.py: not read by it)
+LLM_REPORTING = (2, 3)
+
+
+def _f(x: float | None, sign: bool = False) -> str:
+    if x is None:
+        return "—"
+    return f"{x:+.3f}" if sign else f"{x:.3f}"
+
+
+def classifier_table() -> dict[str, Any]:
+    """{label: Setting} of the classifier detection study (bench/quality.py rows and Kronfluence EK-FAC)."""
+    from bench import quality
+    from bench.defaults_rule import Setting, detection_auc
+
+    rows = list(quality.CANDIDATES) + list(quality.VARIANT_CANDIDATES)
+    # detection_auc builds the same Settings from the rows; keep its mapping, label by label
+    table = {}
+    for row in rows:
+        one = detection_auc([{"config": {"seed": 0}, "results": {row[0]: {"auc": 0.5}}}], [row], seeds=(0,))
+        table[row[0]] = next(iter(one))
+    table[quality.EKFAC] = Setting("ekfac", "kronfluence heuristic", 0.1)
+    return table
+
+
+def load_all(root: Path = HERE) -> dict[str, list[dict]]:
+    from bench import quality, quality_llm
+    from bench.lds import load_records
+
+    return {"classifier LDS": load_records(root / "lds_runs.jsonl"),
+            "LLM LDS": load_records(root / "lds_llm_runs.jsonl"),
+            "classifier detection": quality.merge_ekfac(quality.load_runs(root / "quality_runs.jsonl"),
+                                                        quality.load_runs(root / "quality_ekfac_runs.jsonl")),
+            "LLM detection": quality_llm.load_runs(root / "quality_llm_runs.jsonl")}
+
+
+def detection_reported(runs: Sequence[Mapping], table: Mapping[str, Any], setting: Any, signal: str,
+                       seeds: Sequence[int]) -> list[str]:
+    """``setting``'s AUC (``signal``) against every peer tuned by rule 2' (validation signal), on the
+    configurations of ``seeds`` only: mean, and paired default − peer (mean ± sd, configurations won)."""
+    from bench import defaults_rule as rule
+
+    rep = [r for r in runs if r["config"]["seed"] in set(seeds)]
+    if not rep:
+        return [f"No reporting configuration (seeds {', '.join(map(str, seeds))}) measured yet.", ""]
+    label_of = {}
+    for label, s in table.items():
+        label_of.setdefault(s, label)
+    mine = label_of.get(setting)
+    if mine is None:
+        return [f"The chosen setting {setting} is not a candidate of this study.", ""]
+    if signal == "self" and rule.SELF + mine not in rep[0]["results"]:
+        mine = label_of.get(setting.plain(), mine)
+    key = rule._PREFIX[signal] + mine
+    ours = [r["results"].get(key, {}).get("auc") for r in rep]
+    if any(v is None for v in ours):
+        return [f"`{key}` is missing on a reporting configuration.", ""]
+    lines = [f"Reporting configurations: {len(rep)} (seeds {', '.join(map(str, seeds))}). Default: `{key}`, "
+             f"mean AUC {_f(statistics.mean(ours))}.", "",
+             "| peer (tuned on the selection configurations) | setting | mean AUC | default − peer (mean ± sd) | won |",
+             "|---|---|---|---|---|"]
+    for method, (c, label, _) in rule.tune_detection_peers(runs, table).items():
+        theirs = [r["results"].get(label, {}).get("auc") for r in rep]
+        if any(v is None for v in theirs):
+            lines.append(f"| {method} | {c} | not on every reporting configuration | — | — |")
+            continue
+        d = [a - b for a, b in zip(ours, theirs)]
+        sd = f" ± {statistics.stdev(d):.3f}" if len(d) > 1 else ""
+        lines.append(f"| {method} | {c} | {_f(statistics.mean(theirs))} | {_f(statistics.mean(d), True)}{sd} | "
+                     f"{sum(x > 0 for x in d)}/{len(d)} |")
+    return lines + [""]
+
+
+def report(data: Mapping[str, list[dict]], n_boot: int = 1000) -> str:
+    from bench import defaults_rule as rule
+    from bench import quality, quality_llm
+    from bench.lds_baselines import reported_lines
+    from hyperinf_ext.curvature.methods import METHOD_DEFAULTS
+
+    llm_table = quality_llm.settings_table()
+    choice = rule.choose_default_amended(data["classifier LDS"], data["classifier detection"],
+                                         list(quality.CANDIDATES) + list(quality.VARIANT_CANDIDATES),
+                                         data["LLM LDS"], data["LLM detection"], llm_table)
+    lines = ["# Defaults chosen by the pre-registered rule (issue #25)", "",
+             "Generated by `python -m bench.defaults_report` from the four studies' records; the rule is "
+             "bench/defaults_rule.py (its docstring, amendments 1–2, is the pre-registration). The choice reads "
+             "the selection seeds and configurations only; the reported sections read the others only.", ""]
+    lines += ["## 1a. The damping: six components on the selection data", ""]
+    comp = choice.components or {}
+    names = [k for k, _, _ in rule.COMPONENTS]
+    plain = sorted({c for k in names for c in comp.get(k, {}) if not c.options and c.rule in rule.SCALE_FREE},
+                   key=rule.Setting.sort_key)
+    lines += ["| hyperinf setting | " + " | ".join(f"{k} (×{w:g})" for k, w, _ in rule.COMPONENTS) + " | score |",
+              "|---|" + "---|" * (len(names) + 1)]
+    for c in plain:
+        cells = [_f(comp[k].get(c)) for k in names]
+        star = " **(chosen)**" if c == choice.setting else ""
+        lines.append(f"| {c}{star} | " + " | ".join(cells) + f" | {_f(choice.score.get(c))} |")
+    missing = [k for k in names if not comp.get(k)]
+    if choice.setting is None:
+        lines += ["", "No choice yet: components without data: " + (", ".join(missing) or "none") + ". The commands "
+                  "that fill them: `python -m bench.lds --seeds 0,1`, `python -m bench.quality --seeds 0,1`, "
+                  "`python -m bench.lds --model smollm2 --seeds 0 --subsets 12`, "
+                  "`python -m bench.quality_llm --only 0,1,2,3` (peers on PYTHONPATH, see bench/lds.py).", ""]
+        return "\n".join(lines)
+    lines += ["", "## 1b. The query-side option (bench/variants.py), on the four query components", ""]
+    if choice.option_score:
+        qn = list(rule.QUERY_COMPONENTS)
+        lines += ["| setting | " + " | ".join(qn) + " | score |", "|---|" + "---|" * (len(qn) + 1)]
+        for c in sorted(choice.option_score, key=rule.Setting.sort_key):
+            star = " **(chosen)**" if c == choice.final else ""
+            lines.append(f"| {c}{star} | " + " | ".join(_f(comp[k].get(c)) for k in qn)
+                         + f" | {_f(choice.option_score[c])} |")
+    else:
+        lines.append(f"No variant of {choice.setting} is measured on every query component: no option.")
+    rule_default, scale = METHOD_DEFAULTS["hyperinf"]
+    lib = rule.Setting("hyperinf", rule_default, float(scale))
+    lines += ["", f"Chosen default: **{choice.final}**. The library's default today: {lib} with no query-side option"
+              f" — {'the same' if choice.final == lib else 'DIFFERENT: change METHOD_DEFAULTS / the scoring default'}.",
+              ""]
+    signal, values = rule.choose_signal(choice.final, data["classifier detection"],
+                                        list(quality.CANDIDATES) + list(quality.VARIANT_CANDIDATES),
+                                        data["LLM detection"], llm_table)
+    lines += ["## 1c. The detection signal to recommend with trusted rows (amendment 2)", "",
+              "| signal | mean AUC over both studies' selection configurations |", "|---|---|"]
+    lines += [f"| {s}{' **(chosen)**' if s == signal else ''} | {_f(values.get(s))} |" for s in rule.SIGNALS]
+    lines += ["", f"Recommended: **{signal or 'not decided (a signal is missing)'}**; without trusted rows, "
+              "self-influence.", ""]
+    lines += ["## Reported: LDS on the reporting seeds (not read by the rule)", ""]
+    for study in ("classifier LDS", "LLM LDS"):
+        recs = data[study]
+        lines += [f"### {study}", ""]
+        if not recs:
+            lines += ["No records.", ""]
+            continue
+        lines += reported_lines(recs, choice.final, rule.tune_peers(recs, rule.study_of(recs)), None, n_boot)
+    lines += ["## Reported: detection on the reporting configurations (not read by the rule)", ""]
+    for study, table, seeds in (("classifier detection", classifier_table(), CLASSIFIER_REPORTING),
+                                ("LLM detection", {**llm_table, **quality_llm.peer_table()}, LLM_REPORTING)):
+        for sig in ("validation", signal) if signal and signal != "validation" else ("validation",):
+            lines += [f"### {study}, {sig} signal", ""]
+            lines += detection_reported(data[study], table, choice.final, sig, seeds)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.defaults_report", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=HERE / "DEFAULTS.md")
+    p.add_argument("--n-boot", type=int, default=1000)
+    args = p.parse_args(argv)
+    args.out.write_text(report(load_all(), n_boot=args.n_boot))
+    print(f"[defaults] wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
