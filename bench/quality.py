@@ -229,6 +229,30 @@ def decision_lines(runs: list[dict], labels: list[str], mean: dict, best: str, e
     return out
 
 
+def signal_lines(runs: list[dict]) -> list[str]:
+    """Issue #25: the validation, self-influence and combined signals of every candidate and query-side variant,
+    mean ± sd of the AUC over the configurations that have them (n), selection (seeds 0-1) and the rest apart."""
+    out = ["## Signals and query-side variants (issue #25)", "",
+           "Validation: influence on the mean validation loss; self: self-influence (no validation set); combined: "
+           "the two signals' ranks averaged (hyperinf_ext.app.tasks.metrics.rank_average). Variants: "
+           "bench/variants.py. Configurations run before these labels existed got them as supplements (the same "
+           "configuration retrained from its seed). bench/defaults_rule.py reads seeds 0-1 only.", ""]
+    for title, keep in (("seeds 0-1 (selection)", lambda sd: sd in (0, 1)), ("other seeds", lambda sd: sd not in (0, 1))):
+        sub = [r for r in runs if keep(r["config"]["seed"])]
+        if not sub:
+            continue
+        out += [f"### {title}", "", "| setting | validation | self | combined | n |", "|---|---|---|---|---|"]
+        for label in [c[0] for c in CANDIDATES] + [c[0] for c in VARIANT_CANDIDATES]:
+            cols = [[r["results"][p + label]["auc"] for r in sub if p + label in r["results"]]
+                    for p in ("", SELF, COMBINED)]
+            if not cols[1] and not cols[2] and label not in variants.OPTIONS:
+                continue  # a row the detection table above already has, without new signals yet
+            out.append(f"| {label} | " + " | ".join(_mean_sd(c) if c else "—" for c in cols)
+                       + f" | {max(len(c) for c in cols)} |")
+        out.append("")
+    return out
+
+
 def report(runs: list[dict], command: str, ekfac_runs: list[dict] | None = None) -> str:
     if ekfac_runs is None:
         ekfac_runs = load_runs(HERE / "quality_ekfac_runs.jsonl")
@@ -303,6 +327,7 @@ def report(runs: list[dict], command: str, ekfac_runs: list[dict] | None = None)
             note = "" if len(aucs) == len(main) else f" (seeds {', '.join(str(r['config']['seed']) for r in main if l in r['results'])})"
             lines.append(f"| {l} | {_mean_sd(aucs) + note if aucs else '—'} |")
         lines.append("")
+    lines += signal_lines(runs)
     lines += ["## Machine", "", f"- {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
               f"torch {torch.__version__}, Python {platform.python_version()}", ""]
     return "\n".join(lines)

@@ -262,14 +262,16 @@ def report(runs: list[dict], command: str) -> str:
             lines += [f"## {title}", "", "Not measured yet.", ""]
             continue
         lines += [f"## {title}: ROC-AUC of flipped vs clean, mean ± sd over {len(sub)} configurations", "",
-                  "| setting | validation signal | n | self-influence | top 10% (validation) |", "|---|---|---|---|---|"]
+                  "| setting | validation signal | n | self-influence | combined (ranks averaged) | top 10% (validation) |",
+                  "|---|---|---|---|---|---|"]
         for l in labels:
             v = [a for a in (_auc(r, l) for r in sub) if a is not None]
             sv = [a for a in (_auc(r, SELF + l) for r in sub) if a is not None] if SELF + l in self_labels else []
+            cv = [a for a in (_auc(r, COMBINED + l) for r in sub) if a is not None]
             t10 = [r["results"][l]["top10"] for r in sub if _auc(r, l) is not None]
             if not v and not sv:
                 continue
-            lines.append(f"| {l} | {_ms(v)} | {len(v)} | {_ms(sv) if sv else '—'} | {_ms(t10)} |")
+            lines.append(f"| {l} | {_ms(v)} | {len(v)} | {_ms(sv)} | {_ms(cv)} | {_ms(t10)} |")
         lines.append("")
     lines += ["## Machine", "", f"- {platform.processor() or platform.machine()}, torch threads as run, Python "
               f"{platform.python_version()}", ""]

@@ -110,7 +110,7 @@ def test_parts_merge_resume_and_the_rule_reads_them(tmp_path, monkeypatch):
     assert detection_auc(merged, table, seeds=(0,)) == {s1: 0.7}
     assert detection_auc(merged, table, seeds=(0,), signal="self") == {s1: 0.8}
     text = out.read_text()
-    assert "## Selection configurations (seeds 0–1)" in text and "| hyperinf, spectral 1 | 0.700 | 1 | 0.800 |" in text
+    assert "## Selection configurations (seeds 0–1)" in text and "| hyperinf, spectral 1 | 0.700 | 1 | 0.800 | — |" in text
     assert "## Reporting configurations (seeds 2–3)" in text and "Not measured yet." in text
 
 
