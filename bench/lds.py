@@ -140,7 +140,9 @@ PEER_GRID = [("datainf damping", "datainf"), ("spectral 0.1", "spectral:0.1"), (
 _AUTO = {"datainf": "datainf", "lissa": "datainf", "kronecker": None}  # the grid point "auto" already is
 CANDIDATES += [(f"{m}, {name}", m, d) for m in ("exact", "datainf", "lissa", "kronecker") for name, d in PEER_GRID
                if not (m == "exact" and d in ("datainf", "spectral:3")) and _AUTO.get(m) != d]
-_FAMILY = ["hyperinf", "exact", "datainf", "lissa", "tracin", "kronecker", "paper"]
+# Issue #25 item 2(c): ``eigen`` (EK-FAC's eigenvalue correction on HyperINF's GFIM), its "auto" and the grid
+CANDIDATES += [("eigen", "eigen", "auto")] + [(f"eigen, {name}", "eigen", d) for name, d in PEER_GRID]
+_FAMILY = ["hyperinf", "exact", "datainf", "lissa", "tracin", "kronecker", "eigen", "paper"]
 CANDIDATES.sort(key=lambda c: _FAMILY.index(c[1]))  # stable: each method's rows together, in the tables too
 # Kronfluence EK-FAC: damping = scale × the mean eigenvalue per module (its heuristic, scale 0.1 by default),
 # which is our "spectral" rule; the grid scales it as hyperinf's (and 0.01, near DataInf's rule).
@@ -165,6 +167,7 @@ LLM_LABELS += [f"{m}, {d}" for m in ("datainf", "lissa", "kronecker")
 # EK-FAC (bench/lds_bergson.py).  Appended: the labels before keep their records and their order.
 LLM_PEER_LABELS = list(EKFAC_SCALES) + list(BERGSON_LABELS)
 LLM_LABELS += LLM_PEER_LABELS + variants.LABELS
+LLM_LABELS += ["eigen"] + [f"eigen, {d}" for d in ("datainf damping", "spectral 1", "spectral 3", "spectral 10")]
 # Sizes per model, when not given on the command line (the LLM's: its section of the README)
 SIZES = {"minilm": dict(n_train=2000, n_val=200, epochs=5, max_length=64, subsets=32),
          "smollm2": dict(n_train=300, n_val=60, epochs=3, max_length=128, subsets=16)}

@@ -232,7 +232,11 @@ def test_llm_labels_keep_the_recorded_ones_and_add_the_peers():
     peers = lds.LLM_LABELS[len(before):len(before) + len(lds.LLM_PEER_LABELS)]
     assert peers == list(lds.EKFAC_SCALES) + ["bergson TrackStar", "bergson TrackStar, no mixing", "bergson EK-FAC"]
     # then the query-side variants of the default (bench/variants.py), last
-    assert lds.LLM_LABELS[len(before) + len(peers):] == variants.LABELS
+    n = len(before) + len(peers)
+    assert lds.LLM_LABELS[n:n + len(variants.LABELS)] == variants.LABELS
+    # then the eigenvalue-corrected GFIM at its default and the LLM's damping grid
+    assert lds.LLM_LABELS[n + len(variants.LABELS):] == ["eigen", "eigen, datainf damping", "eigen, spectral 1",
+                                                         "eigen, spectral 3", "eigen, spectral 10"]
     assert len(set(lds.LLM_LABELS)) == len(lds.LLM_LABELS)
 
 
