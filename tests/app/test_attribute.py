@@ -62,7 +62,7 @@ def llm_files(tmp_path_factory):
     return folder, root / "adapter", train, query
 
 
-def full_matrix(folder, adapter, train, query, method):
+def full_matrix(folder, adapter, train, query, method, **options):
     """Every pairwise score by HyperINF.scores over loaders built here (the reference for the top-k)."""
     from hyperinf_ext import HyperINF
     from hyperinf_ext.app.models.causal import load_causal_lora_model
@@ -78,20 +78,30 @@ def full_matrix(folder, adapter, train, query, method):
         loaders.append(make_loader(ds, tok, batch_size=5, max_length=128, sort_by_length=True,
                                    encodings=encode_instructions(ds, tok, 128).encodings))
     attr = HyperINF(model, method=method, progress=False).fit(loaders[0])
-    return attr.scores(loaders[1])
+    return attr.scores(loaders[1], **options)
 
 
-@pytest.mark.parametrize("method", ["hyperinf", "datainf"])
-def test_attribute_top_k_equals_full_matrix(llm_files, tmp_path, method, capsys):
+@pytest.mark.parametrize("method, flags, options", [
+    ("hyperinf", [], {}), ("datainf", [], {}),
+    # the query-side options (TrackStar's estimator in the GFIM form): the library's scores with the same options
+    ("hyperinf", ["--mix-queries", "99", "--normalize", "symmetric"], {"mix_queries": 99.0, "normalize": "symmetric"}),
+    ("datainf", ["--normalize", "unit"], {"normalize": "unit"}),
+])
+def test_attribute_top_k_equals_full_matrix(llm_files, tmp_path, method, flags, options, capsys):
     folder, adapter, train, query = llm_files
     out = tmp_path / "out"
     code = main(["attribute", "--model", str(folder), "--adapter", str(adapter), "--train", str(train),
                  "--query", str(query), "--top-k", "4", "--method", method, "--out", str(out), "--no-progress",
-                 "--threads", "1"])
+                 "--threads", "1", *flags])
     assert code == 0, capsys.readouterr().err
     records = [json.loads(line) for line in (out / "attribution.jsonl").read_text().splitlines()]
     assert [r["query_line"] for r in records] == [1, 2, 3]  # file lines (JSONL: one example per line)
-    S = full_matrix(folder, adapter, train, query, method)
+    S = full_matrix(folder, adapter, train, query, method, **options)
+    if options:
+        assert not torch.allclose(S, full_matrix(folder, adapter, train, query, method), rtol=1e-3)
+        settings = json.loads((out / "summary.json").read_text())["settings"]
+        assert settings["mix_queries"] == options.get("mix_queries", 0.0)
+        assert settings["normalize"] == options.get("normalize")
     rows = [json.loads(line) for line in train.read_text().splitlines()]
     for q, rec in enumerate(records):
         for side, largest in (("helpful", False), ("harmful", True)):
@@ -122,6 +132,9 @@ def test_attribute_fine_tunes_when_asked(llm_files, tmp_path):
     (["--top-k", "0"], "--top-k must be >= 1"),
     (["--query", "missing.jsonl"], "--query missing.jsonl: file not found"),
     (["--method", "nope"], "--method: unknown method 'nope'"),
+    (["--mix-queries", "-1"], "--mix-queries: expected a finite weight"),
+    (["--mix-queries", "nan"], "--mix-queries: expected a finite weight"),
+    (["--mix-queries", "1", "--method", "datainf"], "--mix-queries: method 'datainf' builds its curvature"),
 ])
 def test_attribute_bad_input_exit_2(llm_files, tmp_path, capsys, argv, message):
     folder, _, train, query = llm_files

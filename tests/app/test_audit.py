@@ -408,3 +408,63 @@ def test_audit_index_refusals(llm, exact_index, tmp_path, capsys, no_model_work)
     for argv, message in cases:
         err = _error(capsys, [*base, *argv])
         assert message in err, (argv, err)
+
+
+def test_audit_with_the_query_side_options_equals_the_library_call(llm, tmp_path, capsys):
+    """--mix-queries 99 --normalize symmetric (TrackStar's estimator in the GFIM form): the ranked scores are
+    HyperINF.mean_scores with the same options; --normalize unit without --target is the normalised self-influence."""
+    from hyperinf_ext import HyperINF
+    from hyperinf_ext.app.data import make_loader
+    from hyperinf_ext.app.data.instruction import encode_instructions, ensure_pad_token, load_instruction_file
+    from hyperinf_ext.app.models.causal import load_causal_lora_model
+    from hyperinf_ext.app.models.training import load_tokenizer
+
+    folder, adapter, train, target = llm
+    tok = load_tokenizer(folder)
+    ensure_pad_token(tok)
+
+    def loader(path):
+        ds = load_instruction_file(path)
+        return make_loader(ds, tok, batch_size=8, max_length=128, sort_by_length=True,
+                           encodings=encode_instructions(ds, tok, 128).encodings)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        attr = HyperINF(load_causal_lora_model(folder, adapter=adapter), progress=False).fit(loader(train))
+        want = {"mixed": attr.mean_scores(loader(target), mix_queries=99.0, normalize="symmetric").double().tolist(),
+                "unit self": attr.self_scores(normalize="unit").double().tolist()}
+        plain = attr.mean_scores(loader(target)).double().tolist()
+    finally:
+        torch.set_num_threads(threads)
+    assert max(abs(a - b) for a, b in zip(want["mixed"], plain)) > 1e-3 * max(map(abs, plain))  # they differ
+    for name, flags, signal in (("mixed", ["--target", str(target), "--mix-queries", "99", "--normalize", "symmetric"],
+                                 "influence_score"),
+                                ("unit self", ["--normalize", "unit"], "self_influence")):
+        out = tmp_path / name.replace(" ", "_")
+        argv = ["audit", "--model", str(folder), "--adapter", str(adapter), "--train", str(train), "--out", str(out),
+                *flags, *FAST]
+        assert main(argv) == 0, capsys.readouterr().err
+        for r in read_jsonl(out / "ranked.jsonl"):
+            assert r[signal] == pytest.approx(want[name][int(r["id"][2:])], **TOL)
+        settings = json.loads((out / "summary.json").read_text())["settings"]
+        assert settings["normalize"] == flags[flags.index("--normalize") + 1]
+
+
+def test_query_side_option_refusals(llm, exact_index, tmp_path, capsys, no_model_work):
+    folder, adapter, train, target = llm
+    base = ["audit", "--model", str(folder), "--adapter", str(adapter), "--train", str(train), "--out",
+            str(tmp_path / "o"), *FAST]
+    assert "--mix-queries: needs --target" in _error(capsys, [*base, "--mix-queries", "1"])
+    assert "--normalize symmetric: needs --target" in _error(capsys, [*base, "--normalize", "symmetric"])
+    assert "--mix-queries: expected a finite weight" in _error(capsys, [*base, "--target", str(target),
+                                                                       "--mix-queries", "-2"])
+    assert "--normalize: not with --per-token" in _error(capsys, [*base, "--target", str(target), "--normalize",
+                                                                 "unit", "--per-token"])
+    assert "--mix-queries: method 'lissa'" in _error(capsys, [*base, "--target", str(target), "--method", "lissa",
+                                                             "--mix-queries", "1"])
+    with_index = ["audit", "--index", str(exact_index), "--target", str(target), "--out", str(tmp_path / "i"), *FAST]
+    assert "--mix-queries: not with --index" in _error(capsys, [*with_index, "--mix-queries", "1"])
+    assert "--normalize: not with --index" in _error(capsys, ["select", "--index", str(exact_index), "--target",
+                                                              str(target), "--fraction", "0.5", "--normalize", "unit",
+                                                              "--out", str(tmp_path / "s"), *FAST])

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from .args import PROG, build_parser
+from .index_args import index_reading
 from ..messages import one_line
 from ..tasks.output import prepare_output_dir
 
@@ -98,8 +99,9 @@ def _torchrun(args: argparse.Namespace):
 
 
 def _plan_kwargs(args: argparse.Namespace) -> dict:
-    """--plan, --max-memory and --fit-batch-size (the commands that fit)."""
-    return dict(plan=args.plan, max_memory=args.max_memory, fit_batch_size=args.fit_batch_size)
+    """--plan, --max-memory and --fit-batch-size (the commands that fit), --mix-queries and --normalize."""
+    return dict(plan=args.plan, max_memory=args.max_memory, fit_batch_size=args.fit_batch_size,
+                mix_queries=getattr(args, "mix_queries", 0.0), normalize=getattr(args, "normalize", None))
 
 
 def _pipeline_kwargs(args: argparse.Namespace) -> dict:
@@ -218,7 +220,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
-    _index_reading(args)
+    index_reading(args)
     if args.index is not None:
         return _attribute_from_index(args)
     from ...curvature.methods import parse_dampings, parse_methods
@@ -237,21 +239,9 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     return _run_task(args, cfg, run_attribute, attribute_table)
 
 
-def _index_reading(args: argparse.Namespace) -> dict:
-    """--estimator and --no-verify, which only an index reads (refused without --index)."""
-    if args.index is None:
-        for option, given in (("--estimator", args.estimator is not None), ("--no-verify", args.no_verify)):
-            if given:
-                raise ValueError(f"{option}: only with --index (it says how an index is read)")
-    elif getattr(args, "plan", False) or getattr(args, "max_memory", None) is not None:
-        raise ValueError(f"{'--plan' if args.plan else '--max-memory'}: not with --index (an index run fits nothing; "
-                         "plan the index build: `hyperinf-ext index build ... --plan`)")
-    return {"verify": not args.no_verify, "estimator": args.estimator or "regression"}
-
-
 def _user_kwargs(args: argparse.Namespace) -> dict:
     """The settings audit and select share."""
-    reading = _index_reading(args)
+    reading = index_reading(args)
     return dict(
         target=args.target, text_column=args.text_column, label_column=args.label_column,
         prompt_column=args.prompt_column, response_column=args.response_column, max_length=_max_length(args),
@@ -313,7 +303,7 @@ def _attribute_from_index(args: argparse.Namespace) -> int:
         t.check_index_train(args.index, args.train)
     cfg = t.IndexQueryConfig(index=args.index, query=args.query, top_k=args.top_k, device=args.device,
                              progress=not args.no_progress, per_token=args.per_token, out=args.out,
-                             **_index_reading(args))
+                             **index_reading(args))
     return _run_task(args, cfg, t.run_index_query, t.index_query_table)
 
 
@@ -336,7 +326,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         return _print_run(args, cfg, t.run_index_build, t.index_build_table)
     cfg = t.IndexQueryConfig(index=args.index, query=args.query, top_k=args.top_k, exact_rerank=args.exact_rerank,
                              device=args.device, progress=not args.no_progress, per_token=args.per_token,
-                             out=args.out, **_index_reading(args))
+                             out=args.out, **index_reading(args))
     return _run_task(args, cfg, t.run_index_query, t.index_query_table)
 
 

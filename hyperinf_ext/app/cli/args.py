@@ -175,11 +175,23 @@ def _add_attribute(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", metavar="K", type=int, default=10, help="examples per query and side (default: 10)")
     g.add_argument("--method", metavar="NAME", default="hyperinf", help="influence method (default: hyperinf)")
     g.add_argument("--damping", metavar="VALUE", default="auto", help="damping (default: auto)")
+    _add_query_options(g)
     g.add_argument("--per-token", action="store_true",
                    help="causal LMs: also split every kept pair's score over the query's and the training example's "
                         "response tokens (tokens.jsonl, heatmaps in report.html); with --index the kept pairs are "
                         "re-run from the index's training file, so their shares sum to the exact score")
     _add_common(p, out="hyperinf-out/attribute", plan=True)
+
+
+def _add_query_options(g: argparse._ArgumentGroup) -> None:
+    """--mix-queries and --normalize: how the query (target) side enters the scores."""
+    g.add_argument("--mix-queries", metavar="W", type=float, default=0.0,
+                   help="mix the query (target) set's curvature into the training set's with weight W before it is "
+                        "inverted (TrackStar's idea; W = 99 is its 0.99 mix) (default: 0, none)")
+    g.add_argument("--normalize", choices=("unit", "query", "symmetric"), default=None,
+                   help="unit-normalised gradients (cosine influence): unit = score/(|q||g|), query = cosine of the "
+                        "preconditioned query and g, symmetric = cosine in the inverse-curvature metric (TrackStar's "
+                        "form) (default: raw scores)")
 
 
 def _add_user_model(p: argparse.ArgumentParser, *, epochs_help: str) -> None:
@@ -197,6 +209,7 @@ def _add_user_model(p: argparse.ArgumentParser, *, epochs_help: str) -> None:
     g = p.add_argument_group("influence")
     g.add_argument("--method", metavar="NAME", default="hyperinf", help="influence method (default: hyperinf)")
     g.add_argument("--damping", metavar="VALUE", default="auto", help="damping (default: auto, the method's own)")
+    _add_query_options(g)
     g.add_argument("--checkpoint-every", metavar="N", type=int, default=50,
                    help="fit batches between checkpoint commits in OUT/.checkpoint, from which a rerun with the "
                         "same arguments resumes (default: 50)")

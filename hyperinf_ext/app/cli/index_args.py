@@ -50,3 +50,20 @@ def add_index(p: argparse.ArgumentParser, add_model: Callable, add_columns: Call
                         "unchanged): tokens.jsonl, heatmaps in report.html")
     q.add_argument("--device", metavar="DEV", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     add_common(q, out="hyperinf-out/index-query")
+
+
+def index_reading(args: argparse.Namespace) -> dict:
+    """--estimator and --no-verify, which only an index reads (refused without --index); the options an
+    index run cannot honour (--plan, --max-memory: it fits nothing; --mix-queries, --normalize: it scores
+    from its stored gradients) refused with it."""
+    if args.index is None:
+        for option, given in (("--estimator", args.estimator is not None), ("--no-verify", args.no_verify)):
+            if given:
+                raise ValueError(f"{option}: only with --index (it says how an index is read)")
+    elif getattr(args, "plan", False) or getattr(args, "max_memory", None) is not None:
+        raise ValueError(f"{'--plan' if args.plan else '--max-memory'}: not with --index (an index run fits nothing; "
+                         "plan the index build: `hyperinf-ext index build ... --plan`)")
+    elif getattr(args, "mix_queries", 0.0) or getattr(args, "normalize", None):
+        raise ValueError(f"{'--mix-queries' if args.mix_queries else '--normalize'}: not with --index (an index "
+                         "scores from its stored gradients and fitted curvature; run without --index)")
+    return {"verify": not args.no_verify, "estimator": args.estimator or "regression"}

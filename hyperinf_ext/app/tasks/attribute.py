@@ -26,6 +26,7 @@ from ...curvature.methods import Damping, damping_label, parse_dampings, parse_m
 from .attribute_report import write_html, write_markdown
 from .output import prepare_output_dir, staged_outputs
 from .planning import plan_gate
+from .pipeline_config import check_query_option_use
 from .per_token import attribute_token_records, check_per_token, shares_note, write_tokens_jsonl
 from .pipeline import (
     Log,
@@ -77,6 +78,7 @@ class AttributeConfig(PipelineConfig):
         self.damping = parse_dampings([self.damping])[0]
         if self.per_token:
             check_per_token(is_causal(self), self.model)
+        check_query_option_use(self, queries=True, per_token=self.per_token)
 
     def settings(self) -> dict[str, Any]:
         out = super().settings()
@@ -146,7 +148,7 @@ def run_attribute(cfg: AttributeConfig, log: Log = None) -> dict[str, Any]:
         queries = attr.query_gradients(loaders.influence_val, "query gradients")
         # scores(top_k=...) merges every rank's top-k under torchrun (a local TopK would see one shard);
         # all_ranks: every rank goes on to write its (discarded, on ranks > 0) outputs
-        kept = attr.scores(queries, top_k=cfg.top_k, all_ranks=True)
+        kept = attr.scores(queries, top_k=cfg.top_k, all_ranks=True, **cfg.score_options())
         score_seconds = time.perf_counter() - t0
         tokens, token_seconds = None, 0.0
         if cfg.per_token:

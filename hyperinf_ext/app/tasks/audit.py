@@ -30,6 +30,7 @@ from ...curvature.methods import damping_label
 from .output import prepare_output_dir, staged_outputs
 from .per_token import PER_TOKEN_COUNT, audit_token_records, check_per_token, shares_note, write_tokens_jsonl
 from .pipeline import DEFAULT_EPOCHS, Log, is_causal, log_stage
+from .pipeline_config import check_query_option_use
 from .report import write_json
 from .user_index import check_index_options, index_inputs, index_summary, read_source
 from .user_report import MAX_ROWS, write_audit_html
@@ -86,6 +87,8 @@ class AuditConfig(UserConfig):
         if self.per_token:
             causal = bool(read_source(self.index)["causal"]) if self.index is not None else is_causal(self)
             check_per_token(causal, self.model, self.per_token_count)
+        check_query_option_use(self, queries=self.target is not None, per_token=self.per_token,
+                               index=self.index is not None)
 
 
 def run_audit(cfg: AuditConfig, log: Log = None) -> dict[str, Any]:
@@ -114,14 +117,16 @@ def run_audit(cfg: AuditConfig, log: Log = None) -> dict[str, Any]:
     tokens, token_seconds = None, 0.0
     try:
         t0 = time.perf_counter()
+        options = {}  # an index scores from its stored gradients (validate refused the options with one)
         if index_run is None:
             use_method(cfg, attr)
+            options = cfg.score_options()
         if cfg.target is not None:
             log_stage(log, f"influence: {cfg.method} on the mean loss of {len(data.target)} target examples")
-            scores = scorer.mean_scores(loaders.influence_val)
+            scores = scorer.mean_scores(loaders.influence_val, **options)
         else:
             log_stage(log, f"influence: {cfg.method} self-influence of {len(data.train)} training examples")
-            scores = scorer.self_scores()
+            scores = scorer.self_scores(**{k: v for k, v in options.items() if k == "normalize"})
         scores = scores.detach().cpu().double().numpy()
         score_seconds = time.perf_counter() - t0
         if not np.isfinite(scores).all():

@@ -13,7 +13,7 @@ import torch
 
 from ..models.llm import model_label
 
-__all__ = ["DEFAULT_EPOCHS", "Log", "log_stage", "PipelineConfig"]
+__all__ = ["DEFAULT_EPOCHS", "Log", "log_stage", "PipelineConfig", "check_query_option_use"]
 
 DEFAULT_EPOCHS = 3
 EVAL_BATCH_SIZE = 32  # the evaluation pass has no backward: it may batch more than the influence passes
@@ -68,6 +68,16 @@ class PipelineConfig:
     """Make the run's plan (predicted peak memory and time, module ``planning``) and stop before training."""
     max_memory: int | None = None
     """Bytes: refuse to start a run whose plan predicts a higher peak (None = no limit, no plan)."""
+    mix_queries: float = 0.0
+    """Weight w of the query (target) set's GFIM mixed into the curvature before it is inverted
+    (``HyperINF.scores(mix_queries=w)``, TrackStar's idea; 0 = the training set's alone)."""
+    normalize: str | None = None
+    """Unit-normalised gradients, "unit", "query" or "symmetric" (``HyperINF.scores(normalize=...)``: cosine
+    influence; None = raw scores)."""
+
+    def score_options(self) -> dict[str, Any]:
+        """``mix_queries``/``normalize`` as ``HyperINF.scores`` and ``mean_scores`` take them."""
+        return {"mix_queries": float(self.mix_queries), "normalize": self.normalize or False}
 
     @property
     def resolved_epochs(self) -> int:
@@ -99,6 +109,7 @@ class PipelineConfig:
             raise ValueError(f"--max-memory must be > 0, got {self.max_memory}")
         if self.max_length < 2:
             raise ValueError(f"--max-length must be >= 2, got {self.max_length}")
+        _check_query_options(self.mix_queries, self.normalize)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device}: CUDA is not available on this machine")
         if self.device != "cpu" and not self.device.startswith("cuda"):
@@ -111,3 +122,44 @@ class PipelineConfig:
         out["data"] = str(self.data) if self.data is not None else "rotten_tomatoes (embedded)"
         out["model"] = model_label(self.model)
         return out
+
+
+def _check_query_options(mix_queries: object, normalize: object) -> None:
+    """The library's own checks of ``mix_queries``/``normalize``, their messages naming the options."""
+    from ...curvature import mixing, normalize as unit
+
+    for option, check, value in (("--mix-queries", mixing.check_weight, mix_queries),
+                                 ("--normalize", unit.check_mode, normalize)):
+        try:
+            check(value)
+        except ValueError as exc:
+            raise ValueError(f"{option}: {str(exc).split(': ', 1)[-1]}") from None
+
+
+def check_query_option_use(cfg: "PipelineConfig", *, queries: bool, per_token: bool = False,
+                           index: bool = False) -> None:
+    """Where ``mix_queries``/``normalize`` cannot apply, a one-line ValueError naming the option: with an index
+    (its scores come from the stored gradients), with per-token shares (they add up to the plain score), and
+    without a query set for mixing or the symmetric cosine (self-influence would be 1 for every example)."""
+    given = [o for o, on in (("--mix-queries", cfg.mix_queries), ("--normalize", cfg.normalize)) if on]
+    if not given:
+        return
+    if index:
+        raise ValueError(f"{given[0]}: not with --index (an index scores from its stored gradients and fitted "
+                         "curvature; run without --index)")
+    if per_token:
+        raise ValueError(f"{given[0]}: not with --per-token (the token shares add up to the plain score)")
+    method = getattr(cfg, "method", None)
+    if cfg.mix_queries and method is not None:
+        from ...curvature import mixing
+        from ...curvature.methods import METHODS
+
+        if method in METHODS:
+            try:
+                mixing.check_method(METHODS[method])
+            except ValueError as exc:
+                raise ValueError(f"--mix-queries: {str(exc).split(': ', 1)[-1]}") from None
+    if not queries and cfg.mix_queries:
+        raise ValueError("--mix-queries: needs --target (self-influence has no query set to mix in)")
+    if not queries and cfg.normalize == "symmetric":
+        raise ValueError("--normalize symmetric: needs --target (it makes every self-influence 1)")

@@ -27,6 +27,7 @@ import numpy as np
 from ...curvature.methods import damping_label
 from .output import prepare_output_dir, staged_outputs
 from .pipeline import DEFAULT_EPOCHS, Log, finetune_loader, log_stage
+from .pipeline_config import check_query_option_use
 from .report import column_table, write_csv, write_json
 from .selection import compare_with_random
 from .selection_rules import RULES, select
@@ -78,6 +79,7 @@ class SelectPoolConfig(UserConfig):
             raise ValueError(f"--count must be >= 1, got {self.count}")
         if not 0.0 < self.warmup_fraction <= 1.0:
             raise ValueError(f"--warmup-fraction must be in (0, 1], got {self.warmup_fraction}")
+        check_query_option_use(self, queries=True, index=self.index is not None)
         if self.rule != "auto" and self.rule not in RULES:
             raise ValueError(f"--rule: unknown selection rule {self.rule!r}; expected auto or one of {', '.join(RULES)}")
 
@@ -146,11 +148,13 @@ def run_select(cfg: SelectPoolConfig, log: Log = None) -> dict[str, Any]:
         scorer = attr
     try:
         t0 = time.perf_counter()
+        options = {}  # an index scores from its stored gradients (validate refused the options with one)
         if index_run is None:
             use_method(cfg, attr)
+            options = cfg.score_options()
         log_stage(log, f"influence: {cfg.method} on the mean loss of {len(data.target)} target examples")
-        scores = scorer.mean_scores(loaders.influence_val).detach().cpu().double().numpy()
-        query_scores = (scorer.scores(loaders.influence_val).detach().cpu().double().numpy()
+        scores = scorer.mean_scores(loaders.influence_val, **options).detach().cpu().double().numpy()
+        query_scores = (scorer.scores(loaders.influence_val, **options).detach().cpu().double().numpy()
                         if rule == "query-round-robin" else None)
         score_seconds = time.perf_counter() - t0
     finally:
