@@ -21,6 +21,7 @@ which is deterministic given the configuration).
 
     PYTHONPATH=/tmp/kfsite:/tmp/bgsite HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python -m bench.quality_llm
                                         # the 8 configurations, selection seeds first -> bench/quality_llm_runs.jsonl
+    python -m bench.quality_llm --only 1,2,3 --parts library      # the library's settings only (a rerun adds the peers)
     python -m bench.quality_llm --report-only          # rewrite bench/QUALITY_LLM.md from the records
     python -m bench.quality_llm --smoke                # a tiny run (24 train / 8 val, 1 epoch) -> /tmp
 
@@ -290,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=Path, default=None, help="default bench/quality_llm_runs.jsonl")
     p.add_argument("--out", type=Path, default=None, help="default bench/QUALITY_LLM.md")
     p.add_argument("--only", default=None, help="comma list of configuration indices of the grid to run")
+    p.add_argument("--parts", default=None,
+                   help="comma list of library, bergson, kronfluence: score only these (default: every one installed)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--progress", action="store_true")
     p.add_argument("--report-only", action="store_true")
@@ -302,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
         parts = available_parts()
+        if args.parts:
+            wanted = args.parts.split(",")
+            unknown = [x for x in wanted if x not in PARTS]
+            if unknown:
+                p.error(f"--parts: unknown {unknown} (known: {', '.join(PARTS)})")
+            parts = [x for x in parts if x in wanted]
         todo = grid(args.smoke)
         if args.only:
             todo = [todo[int(i)] for i in args.only.split(",")]
