@@ -3,6 +3,7 @@ HyperINF's own (mean_scores on the target, or self-influence), bad input fails i
 and column before any model is loaded, and an interrupted fit resumes to the same scores.  Tiny models only."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 
@@ -39,8 +40,9 @@ def llm(tmp_path_factory):
     return folder, root / "adapter", train, target
 
 
-def direct_scores(folder, adapter, train, target):
-    """HyperINF.mean_scores on the target (or self_scores without one), computed here from the files."""
+def fitted_here(folder, adapter, train):
+    """(HyperINF fitted on ``train`` from the files here, as the command fits it; loader(path) for other files).
+    Fit and score under ``one_thread()``: the command ran with --threads 1, so the float32 gradients match."""
     from hyperinf_ext import HyperINF
     from hyperinf_ext.app.data import make_loader
     from hyperinf_ext.app.data.instruction import encode_instructions, ensure_pad_token, load_instruction_file
@@ -55,13 +57,24 @@ def direct_scores(folder, adapter, train, target):
         return make_loader(ds, tok, batch_size=8, max_length=128, sort_by_length=True,
                            encodings=encode_instructions(ds, tok, 128).encodings)
 
+    return HyperINF(load_causal_lora_model(folder, adapter=adapter), progress=False).fit(loader(train)), loader
+
+
+@contextlib.contextmanager
+def one_thread():
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the command ran (--threads 1): the same float32 gradients, bit for bit
+    torch.set_num_threads(1)
     try:
-        attr = HyperINF(load_causal_lora_model(folder, adapter=adapter), progress=False).fit(loader(train))
-        scores = attr.mean_scores(loader(target)) if target is not None else attr.self_scores()
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def direct_scores(folder, adapter, train, target):
+    """HyperINF.mean_scores on the target (or self_scores without one), computed here from the files."""
+    with one_thread():
+        attr, loader = fitted_here(folder, adapter, train)
+        scores = attr.mean_scores(loader(target)) if target is not None else attr.self_scores()
     return scores.double().tolist()
 
 
@@ -413,30 +426,12 @@ def test_audit_index_refusals(llm, exact_index, tmp_path, capsys, no_model_work)
 def test_audit_with_the_query_side_options_equals_the_library_call(llm, tmp_path, capsys):
     """--mix-queries 99 --normalize symmetric (TrackStar's estimator in the GFIM form): the ranked scores are
     HyperINF.mean_scores with the same options; --normalize unit without --target is the normalised self-influence."""
-    from hyperinf_ext import HyperINF
-    from hyperinf_ext.app.data import make_loader
-    from hyperinf_ext.app.data.instruction import encode_instructions, ensure_pad_token, load_instruction_file
-    from hyperinf_ext.app.models.causal import load_causal_lora_model
-    from hyperinf_ext.app.models.training import load_tokenizer
-
     folder, adapter, train, target = llm
-    tok = load_tokenizer(folder)
-    ensure_pad_token(tok)
-
-    def loader(path):
-        ds = load_instruction_file(path)
-        return make_loader(ds, tok, batch_size=8, max_length=128, sort_by_length=True,
-                           encodings=encode_instructions(ds, tok, 128).encodings)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        attr = HyperINF(load_causal_lora_model(folder, adapter=adapter), progress=False).fit(loader(train))
+    with one_thread():
+        attr, loader = fitted_here(folder, adapter, train)
         want = {"mixed": attr.mean_scores(loader(target), mix_queries=99.0, normalize="symmetric").double().tolist(),
                 "unit self": attr.self_scores(normalize="unit").double().tolist()}
         plain = attr.mean_scores(loader(target)).double().tolist()
-    finally:
-        torch.set_num_threads(threads)
     assert max(abs(a - b) for a, b in zip(want["mixed"], plain)) > 1e-3 * max(map(abs, plain))  # they differ
     for name, flags, signal in (("mixed", ["--target", str(target), "--mix-queries", "99", "--normalize", "symmetric"],
                                  "influence_score"),
