@@ -275,11 +275,21 @@ def _argmax(ordered: Sequence[Setting], score: Mapping[Setting, float],
 
 def choose_default_amended(classifier_lds: Sequence[Mapping], classifier_quality: Sequence[Mapping],
                            classifier_candidates: Sequence[tuple], llm_lds: Sequence[Mapping],
-                           llm_quality: Sequence[Mapping], llm_candidates: Mapping[str, Setting]) -> Choice:
+                           llm_quality: Sequence[Mapping], llm_candidates: Mapping[str, Setting],
+                           expected_configs: Mapping[str, int] | None = None) -> Choice:
     """Amendment 1 of the module docstring (1a: the damping; 1b: the query-side option).
     ``classifier_candidates``: bench.quality's candidate rows; ``llm_candidates``: bench.quality_llm's
-    {label: Setting} table.  Only the selection seeds and configurations are read."""
+    {label: Setting} table.  Only the selection seeds and configurations are read.  ``expected_configs``:
+    {"classifier"/"LLM": how many selection configurations each detection grid has}; a study with fewer
+    recorded counts as unmeasured (a mean over part of the grid is not the component)."""
     cls_seeds, llm_seeds = SELECTION_SEEDS["minilm"], SELECTION_SEEDS["smollm2"]
+    expected = expected_configs or {}
+
+    def complete(runs: Sequence[Mapping], study: str) -> Sequence[Mapping]:
+        n = len({_config_key(r) for r in runs if r["config"]["seed"] in DETECTION_SELECTION_SEEDS})
+        return runs if n >= expected.get(study, 0) else []
+
+    classifier_quality, llm_quality = complete(classifier_quality, "classifier"), complete(llm_quality, "LLM")
     mine = lambda d: {c: v for c, v in d.items() if c.method == DEFAULT_METHOD}  # noqa: E731
     comp = {"classifier LDS": mine(mean_lds(seed_lds(classifier_lds, cls_seeds), cls_seeds)),
             "classifier AUC, validation": mine(detection_auc(classifier_quality, classifier_candidates)),
@@ -302,6 +312,12 @@ def choose_default_amended(classifier_lds: Sequence[Mapping], classifier_quality
         final = _argmax(opts, option_score, [])
     return Choice(best, comp["classifier LDS"], comp["classifier AUC, validation"], score, eligible, comp, final,
                   option_score)
+
+
+def _config_key(run: Mapping) -> str:
+    import json
+
+    return json.dumps(run["config"], sort_keys=True)
 
 
 def choose_signal(setting: Setting, classifier_quality: Sequence[Mapping], classifier_candidates: Sequence[tuple],

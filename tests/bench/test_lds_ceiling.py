@@ -467,6 +467,13 @@ def test_amended_rule_needs_every_component_and_reads_selection_data_only():
     # no LLM detection self signal: no choice
     missing = rule.choose_default_amended(cls, _detection(val, self_), QC_MIX, llm, _detection(val, {}), LLM_TABLE)
     assert missing.setting is None and missing.final is None
+    # part of a detection grid (2 selection configurations recorded of 3 expected): unmeasured, no choice
+    part = rule.choose_default_amended(cls, _detection(val, self_), QC_MIX, llm, _detection(val, self_), LLM_TABLE,
+                                       {"classifier": 2, "LLM": 3})
+    assert part.setting is None and part.components["LLM AUC, validation"] == {}
+    full = rule.choose_default_amended(cls, _detection(val, self_), QC_MIX, llm, _detection(val, self_), LLM_TABLE,
+                                       {"classifier": 2, "LLM": 2})
+    assert (full.setting, full.final) == (base.setting, base.final)
     # no LLM LDS: no choice
     assert rule.choose_default_amended(cls, _detection(val, self_), QC_MIX, [], _detection(val, self_),
                                        LLM_TABLE).setting is None
@@ -535,7 +542,7 @@ def test_defaults_report_chooses_on_selection_data_and_reports_on_the_rest():
     data = {"classifier LDS": _study_records((0, 1), variant_noise=0.3),
             "LLM LDS": _study_records((0,), model="smollm2", variant_noise=0.3),
             "classifier detection": det(val, (0, 1)), "LLM detection": det(val, (0, 1))}
-    text = report(data, n_boot=20)
+    text = report(data, n_boot=20, expected={"classifier": 2, "LLM": 2})
     assert "| hyperinf, spectral × 1 **(chosen)** |" in text
     assert "| hyperinf, spectral × 1, mix_queries=99 **(chosen)** |" in text  # 1b
     assert "| combined **(chosen)** | 0.850 |" in text and "| self | 0.700 |" in text and "| validation | 0.800 |" in text
@@ -546,7 +553,7 @@ def test_defaults_report_chooses_on_selection_data_and_reports_on_the_rest():
     data["classifier detection"] += det(rep_val, (2,))
     data["LLM detection"] += det(rep_val, (2, 3))
     data["classifier LDS"] += _study_records((2, 3), variant_noise=0.3)
-    text = report(data, n_boot=20)
+    text = report(data, n_boot=20, expected={"classifier": 2, "LLM": 2})
     assert "| hyperinf, spectral × 1, mix_queries=99 **(chosen)** |" in text  # unchanged by reporting data
     assert "Default: `hyperinf, spectral 1, mixed 99`, mean AUC 0.900." in text
     assert "| tracin | tracin | 0.500 | +0.400 ± 0.000 | 2/2 |" in text  # LLM: two configurations
