@@ -355,7 +355,7 @@ def tune_detection_peers(quality_runs: Sequence[Mapping], table: Mapping[str, Se
         label_of.setdefault(setting, label)
     means = {c: v for c, v in detection_auc(quality_runs, table, seeds).items() if not c.options}
     out: dict[str, tuple[Setting, str, float]] = {}
-    for c in sorted(means, key=Setting.sort_key):
+    for c in sorted(means, key=lambda c: (c.sort_key(), c.method)):  # ascending damping per method; the method fixes the table order
         if c.method not in out or means[c] > out[c.method][2] + TIE:
             out[c.method] = (c, label_of[c], means[c])
     return out
@@ -369,7 +369,7 @@ def tune_peers(records: Sequence[Mapping], study: str | None = None) -> dict[str
     # the query-side variants are options of hyperinf's default (amendment 1b), not dampings to tune
     means = {c: v for c, v in mean_lds(seed_lds(records, seeds), seeds).items() if not c.options}
     out: dict[str, tuple[Setting, float]] = {}
-    for c in sorted(means, key=Setting.sort_key):  # ascending damping: a later one wins only when strictly better
+    for c in sorted(means, key=lambda c: (c.sort_key(), c.method)):  # ascending damping per method; the method fixes the table order
         if c.method not in out or means[c] > out[c.method][1] + TIE:
             out[c.method] = (c, means[c])
     return out

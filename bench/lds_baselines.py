@@ -489,7 +489,9 @@ def rule_section(records: Sequence[Mapping], labels: Sequence[str], n_subsets: i
              f"reporting seeds {', '.join(map(str, rep))} of this study. The default damping of hyperinf "
              "maximises LDS / best + (AUC − ½) / (best − ½) on the classifier's selection seeds and the detection "
              "study's seed-0/1 configurations (scale-free rules only); every peer gets the setting with the best "
-             "mean LDS on this study's selection seeds.", ""]
+             "mean LDS on this study's selection seeds. Amendment 1 of the rule replaced this choice with one "
+             "from both studies (LDS, validation and self detection) and added the query-side option and the "
+             "signal (amendment 2): bench/DEFAULTS.md (`python -m bench.defaults_report`).", ""]
     cls_records = classifier_records if classifier_records is not None else records
     if quality is None:
         try:
