@@ -180,8 +180,7 @@ def mean_lds(per_seed: Mapping[int, Mapping[Setting, tuple[str, float]]], seeds:
     return {c: statistics.mean(per_seed[s][c][1] for s in seeds) for c in common}
 
 
-SELF = "self: "  # the label prefix of a self-influence signal in the detection records
-COMBINED = "combined: "  # ... of the combined signal (validation and self ranks averaged)
+from bench.variants import COMBINED, SELF  # noqa: E402  (the detection records' label prefixes)
 _PREFIX = {"validation": "", "self": SELF, "combined": COMBINED}
 SIGNALS = ("validation", "combined", "self")  # amendment 2's tie order
 

@@ -50,20 +50,16 @@ CANDIDATES = [
 # (label, method, rule, scale, options) rows, and the self-influence signal ("self: <label>") of every
 # candidate that has one (a mixed-only variant's is its base's; "symmetric" has none).
 VARIANT_CANDIDATES = [(l, "hyperinf", "spectral", 1.0, dict(o)) for l, o in variants.OPTIONS.items()]
-SELF = "self: "
+SELF = variants.SELF
 SELF_LABELS = [SELF + c[0] for c in CANDIDATES] + [SELF + l for l, *_, o in VARIANT_CANDIDATES
                                                    if variants.self_options(o) and "normalize" in o]
-COMBINED = "combined: "  # validation and self-influence signal, ranks averaged (metrics.rank_average)
+COMBINED = variants.COMBINED  # validation and self-influence signal, ranks averaged (metrics.rank_average)
 COMBINED_LABELS = [COMBINED + c[0] for c in CANDIDATES] + [
     COMBINED + l for l, *_, o in VARIANT_CANDIDATES if variants.self_options(o) is not None]
 ALL_LABELS = [c[0] for c in CANDIDATES] + [c[0] for c in VARIANT_CANDIDATES] + SELF_LABELS + COMBINED_LABELS
 
 
-def _metrics(scores, flipped, seconds: float) -> dict:
-    from hyperinf_ext.app.tasks.metrics import found_at, roc_auc
-
-    return {"auc": roc_auc(scores, flipped), "top10": found_at(scores, flipped, 0.1),
-            "top20": found_at(scores, flipped, 0.2), "seconds": seconds}
+_metrics = variants.detection_metrics
 
 
 @dataclass(frozen=True)
@@ -114,8 +110,6 @@ def run_one(cfg: RunConfig, progress: bool, labels: list[str] | None = None) -> 
     """Train the configuration's model, fit once and score ``labels`` (default: every one of ALL_LABELS)."""
     from hyperinf_ext import HyperINF
     from hyperinf_ext.app.data import make_loader
-    from hyperinf_ext.app.tasks.metrics import rank_average
-
     labels = ALL_LABELS if labels is None else labels
     model, tok, train, val, flipped, acc, t_train = train_config(cfg, progress)
     val_loader = make_loader(val, tok, batch_size=32, sort_by_length=True)
@@ -130,11 +124,7 @@ def run_one(cfg: RunConfig, progress: bool, labels: list[str] | None = None) -> 
             need |= {base, SELF + base if SELF + base in ALL_LABELS else SELF + variants.BASE_LABEL}
     rows = [(*c, {}) for c in CANDIDATES] + VARIANT_CANDIDATES
     for label, method, rule, scale, options in rows:
-        jobs = [(label, lambda o=options: attr.mean_scores(queries, **o))]
-        own_self = variants.self_options(options)
-        if own_self is not None and (not options or "normalize" in options):
-            jobs.append((SELF + label, lambda o=own_self: attr.self_scores(**o)))
-        jobs = [j for j in jobs if j[0] in need]
+        jobs = [j for j in variants.signal_jobs(attr, queries, label, options) if j[0] in need]
         if not jobs:
             continue
         attr.use(method, damping=rule, damping_scale=scale)
@@ -143,11 +133,9 @@ def run_one(cfg: RunConfig, progress: bool, labels: list[str] | None = None) -> 
             raw[key] = s = call()
             if key in labels:
                 results[key] = _metrics(s, flipped, time.perf_counter() - t1)
-    # the combined signal (validation and self-influence, ranks averaged: metrics.rank_average)
-    for label in [l for l in raw if not l.startswith(SELF)]:
-        src = variants.self_source(label, set(raw), SELF)
-        if src is not None and COMBINED + label in labels:
-            results[COMBINED + label] = _metrics(rank_average(raw[label], raw[src]), flipped, 0.0)
+    for key, scores in variants.combined_signals(raw).items():
+        if key in labels:
+            results[key] = _metrics(scores, flipped, 0.0)
     return {"config": asdict(cfg), "val_accuracy": acc, "train_seconds": t_train,
             "fit_seconds": attr.timings.get("gradients", 0.0), "results": results}
 

@@ -48,8 +48,7 @@ from bench import variants
 
 HERE = Path(__file__).resolve().parent
 PARTS = ("library", "bergson", "kronfluence")
-SELF = "self: "
-COMBINED = "combined: "  # validation and self-influence signal, ranks averaged
+SELF, COMBINED = variants.SELF, variants.COMBINED
 
 
 @dataclass(frozen=True)
@@ -116,43 +115,26 @@ def pipeline_config(cfg: LlmRunConfig, progress: bool = False) -> Any:
                           model="smollm2")
 
 
-def _metrics(scores: Any, flipped: np.ndarray, seconds: float) -> dict[str, float]:
-    from hyperinf_ext.app.tasks.metrics import found_at, roc_auc
-
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if s.shape[0] != flipped.shape[0] or not np.isfinite(s).all():
-        raise ArithmeticError(f"scores: expected {flipped.shape[0]} finite values, got shape {s.shape}")
-    return {"auc": roc_auc(s, flipped), "top10": found_at(s, flipped, 0.1), "top20": found_at(s, flipped, 0.2),
-            "seconds": seconds}
+_metrics = variants.detection_metrics
 
 
 def _library_part(run: Any, flipped: np.ndarray) -> dict[str, dict]:
     """Validation and self signal of every library candidate, from the run's one fit."""
     from hyperinf_ext.curvature.methods import split_damping
 
-    from hyperinf_ext.app.tasks.metrics import rank_average
-
     attr, queries, out, raw = run.attr, run.queries, {}, {}
     for label, method, damping, options in library_candidates():
         rule, scale = split_damping(damping)
         attr.use(method, damping=rule, **({} if scale is None else {"damping_scale": scale}))
-        jobs = [(label, lambda o=options: attr.mean_scores(queries, **o))]
-        own_self = variants.self_options(options)
-        # a mixed-only variant's self signal is its base's (no query set there): not scored twice
-        if own_self is not None and (not options or "normalize" in options):
-            jobs.append((SELF + label, lambda o=own_self: attr.self_scores(**o)))
-        for key, call in jobs:
+        for key, call in variants.signal_jobs(attr, queries, label, options):
             t0 = time.perf_counter()
             try:
                 raw[key] = call().detach().cpu().double().numpy()
                 out[key] = _metrics(raw[key], flipped, time.perf_counter() - t0)
             except (ValueError, ArithmeticError, RuntimeError) as exc:
                 out[key] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
-    # the combined signal (validation and self-influence, ranks averaged: metrics.rank_average)
-    for label in [l for l in raw if not l.startswith(SELF)]:
-        src = variants.self_source(label, set(raw), SELF)
-        if src is not None:
-            out[COMBINED + label] = _metrics(rank_average(raw[label], raw[src]), flipped, 0.0)
+    for key, scores in variants.combined_signals(raw).items():
+        out[key] = _metrics(scores, flipped, 0.0)
     return out
 
 

@@ -17,9 +17,11 @@ with other dampings is not measured.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 BASE_LABEL = "hyperinf, spectral 1"
+SELF = "self: "  # the label prefix of a self-influence signal in the detection records
+COMBINED = "combined: "  # ... of the combined signal (validation and self ranks averaged)
 BASE = ("hyperinf", "spectral", 1.0)  # method, damping rule, scale
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -57,3 +59,42 @@ def self_source(label: str, have: set[str], prefix: str = "self: ") -> str | Non
     if label in OPTIONS and self_options(OPTIONS[label]) == {} and prefix + BASE_LABEL in have:
         return prefix + BASE_LABEL
     return None
+
+
+def signal_jobs(attr: Any, queries: Any, label: str, options: dict[str, Any]) -> list[tuple[str, Callable]]:
+    """(record key, call) of a candidate's validation signal (``mean_scores`` with its options) and, where it
+    has one of its own (plain settings and "unit"), its self-influence signal; ``attr`` already switched to
+    the candidate's method and damping."""
+    jobs: list[tuple[str, Callable]] = [(label, lambda: attr.mean_scores(queries, **options))]
+    own = self_options(options)
+    if own is not None and (not options or "normalize" in options):
+        jobs.append((SELF + label, lambda: attr.self_scores(**own)))
+    return jobs
+
+
+def combined_signals(raw: dict[str, Any]) -> dict[str, Any]:
+    """{"combined: " + label: the ranks of its validation signal and its self signal averaged} for every
+    validation signal in ``raw`` ({record key: scores [n]}) whose self signal is there too."""
+    from hyperinf_ext.app.tasks.metrics import rank_average
+
+    out = {}
+    for label in [l for l in raw if not l.startswith(SELF)]:
+        src = self_source(label, set(raw), SELF)
+        if src is not None:
+            out[COMBINED + label] = rank_average(raw[label], raw[src])
+    return out
+
+
+def detection_metrics(scores: Any, flipped: Any, seconds: float) -> dict[str, float]:
+    """ROC-AUC of ``flipped`` [n] bool under ``scores`` [n] and the share of flipped rows in the top 10%/20%;
+    ArithmeticError unless there are n finite scores."""
+    import numpy as np
+
+    from hyperinf_ext.app.tasks.metrics import found_at, roc_auc
+
+    s = np.asarray(scores.detach().cpu().double() if hasattr(scores, "detach") else scores, dtype=np.float64)
+    s = s.reshape(-1)
+    if s.shape[0] != len(flipped) or not np.isfinite(s).all():
+        raise ArithmeticError(f"scores: expected {len(flipped)} finite values, got shape {s.shape}")
+    return {"auc": roc_auc(s, flipped), "top10": found_at(s, flipped, 0.1), "top20": found_at(s, flipped, 0.2),
+            "seconds": seconds}
