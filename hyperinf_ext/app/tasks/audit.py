@@ -159,7 +159,7 @@ def run_audit(cfg: AuditConfig, log: Log = None) -> dict[str, Any]:
         "target": None if cfg.target is None else str(cfg.target),
         "n_train": len(data.train), "n_target": 0 if data.target is None else len(data.target),
         "causal_lm": data.causal, "notes": data.notes,
-        "signal": cfg.signal, "signal_meaning": SIGNALS[cfg.signal],
+        "signal": cfg.signal, "signal_meaning": SIGNALS[cfg.signal] + cfg.score_options_note(),
         "sign_convention": "rank 1 = the highest score = the most suspicious; " + SIGNALS[cfg.signal],
         "method": method, "damping": damping,
         "index": None if index_run is None else index_summary(index_run, cfg.signal),

@@ -79,6 +79,15 @@ class PipelineConfig:
         """``mix_queries``/``normalize`` as ``HyperINF.scores`` and ``mean_scores`` take them."""
         return {"mix_queries": float(self.mix_queries), "normalize": self.normalize or False}
 
+    def score_options_note(self) -> str:
+        """"" or what ``mix_queries``/``normalize`` change in the scores, for the printed and written signal text."""
+        parts = []
+        if self.mix_queries:
+            parts.append(f"the query set's curvature mixed in with weight {self.mix_queries:g} (--mix-queries)")
+        if self.normalize:
+            parts.append(f"gradients unit-normalised ({self.normalize}): a cosine, not a change of loss (--normalize)")
+        return "; scored with " + " and ".join(parts) if parts else ""
+
     @property
     def resolved_epochs(self) -> int:
         if self.epochs is not None:
