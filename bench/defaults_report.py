@@ -97,6 +97,7 @@ def report(data: Mapping[str, list[dict]], n_boot: int = 1000, expected: Mapping
     from bench import defaults_rule as rule
     from bench import quality, quality_llm
     from bench.lds_baselines import reported_lines
+    from hyperinf_ext.app.tasks.audit import COLUMN_OF, DETECTION_MIX_QUERIES
     from hyperinf_ext.curvature.methods import METHOD_DEFAULTS
 
     llm_table = quality_llm.settings_table()
@@ -144,9 +145,12 @@ def report(data: Mapping[str, list[dict]], n_boot: int = 1000, expected: Mapping
         lines.append(f"No variant of {choice.setting} is measured on every query component: no option.")
     rule_default, scale = METHOD_DEFAULTS["hyperinf"]
     lib = rule.Setting("hyperinf", rule_default, float(scale))
-    lines += ["", f"Chosen default: **{choice.final}**. The library's default today: {lib} with no query-side option"
-              f" — {'the same' if choice.final == lib else 'DIFFERENT: change METHOD_DEFAULTS / the scoring default'}.",
-              ""]
+    audit = rule.Setting("hyperinf", rule_default, float(scale), rule.options_of({"mix_queries": DETECTION_MIX_QUERIES}))
+    lines += ["", f"Chosen default: **{choice.final}**. The library's defaults today: `audit --target` scores "
+              f"{audit} — {'the same' if choice.final == audit else 'DIFFERENT'}; the API (`HyperINF.scores`), "
+              f"`attribute` and `select` score {lib} with no query-side option — "
+              f"{'the same' if choice.final == lib else 'not the rule’s single choice, by design'} "
+              "(docs/methods-and-damping.md says why).", ""]
     signal, values = rule.choose_signal(choice.final, data["classifier detection"],
                                         list(quality.CANDIDATES) + list(quality.VARIANT_CANDIDATES),
                                         data["LLM detection"], llm_table)
@@ -154,7 +158,8 @@ def report(data: Mapping[str, list[dict]], n_boot: int = 1000, expected: Mapping
               "| signal | mean AUC over both studies' selection configurations |", "|---|---|"]
     lines += [f"| {s}{' **(chosen)**' if s == signal else ''} | {_f(values.get(s))} |" for s in rule.SIGNALS]
     lines += ["", f"Recommended: **{signal or 'not decided (a signal is missing)'}**; without trusted rows, "
-              "self-influence.", ""]
+              f"self-influence. `audit --target` ranks by default by `{COLUMN_OF['combined']}` — "
+              f"{'the same' if signal == 'combined' else 'DIFFERENT'}.", ""]
     lines += ["## Reported: LDS on the reporting seeds (not read by the rule)", ""]
     for study in ("classifier LDS", "LLM LDS"):
         recs = data[study]

@@ -121,13 +121,16 @@ class Scoring(ScoreOptions):
             raise ValueError(f"{desc}: the loader yielded no batches")
         return QueryGradients(torch.cat(idx), {n: torch.cat(p) for n, p in parts.items()})
 
-    def precondition(self, queries: Iterable | QueryGradients, *,
-                     mix_queries: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def precondition(self, queries: Iterable | QueryGradients, *, mix_queries: float = 0.0,
+                     mix_with: Iterable | QueryGradients | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The query gradients times the method's inverse curvature, per layer: (index [Q] int64 sorted,
         {layer: [Q, r, d]} in the factor dtype, rows in that index order).
 
         ``−Σ_l ⟨q̃_l, g_k,l⟩`` with these is ``scores``' entry for training example k.  Methods that need a
         pass over the training data to precondition (``needs_train_pass``) are refused: call ``scores``.
+        ``mix_queries=w`` mixes the GFIM of ``mix_with`` (default: ``queries`` themselves) into the curvature,
+        as ``scores`` does; ``mix_with`` lets a part of a query set (its mean gradient, the rows kept for
+        per-token shares) be preconditioned with the whole set's mixed curvature.
         """
         self._require_fit()
         self._prepare()
@@ -138,7 +141,8 @@ class Scoring(ScoreOptions):
         q = self.query_gradients(queries)
         order = q.index.argsort()
         grads = {n: g[order.to(g.device)] for n, g in q.grads.items()}
-        qt, _ = self._prepared(grads, None, weight, None, self._moments(weight, grads))
+        mixed = grads if mix_with is None or not weight else self.query_gradients(mix_with, "mixed query gradients").grads
+        qt, _ = self._prepared(grads, None, weight, None, self._moments(weight, mixed))
         return q.index[order], qt
 
     def _precondition(self, q: dict[str, torch.Tensor], train_loader: Iterable | None, method: Any = None,

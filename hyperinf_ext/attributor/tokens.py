@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..capture import PerSampleGradients
-from .config import torch_dtype
+from .config import QueryGradients, torch_dtype
 from .fitting import _batch_index, _batch_size, _compute, check_finite
 from .topk import TopKScores
 
@@ -121,12 +121,14 @@ class TokenScoring:
     """Per-token attribution, a mixin of :class:`~hyperinf_ext.attributor.hyperinf.HyperINF`.
 
     Uses the attributor's ``model``, ``layers``, ``loss_fn``, ``config``, ``fdtype``, ``_require_fit``,
-    ``_precondition`` (the scoring path of ``scores``), ``_timed`` and ``_bar``.
+    ``_precondition`` (the scoring path of ``scores``), ``_score_options``/``_curvature``/``_moments`` (the
+    mixed curvature of ``mix_queries``), ``query_gradients``, ``_timed`` and ``_bar``.
     """
 
     def token_scores(self, queries: Iterable | Mapping[str, Any], train: Iterable | Mapping[str, Any], *,
                      pairs: Any = None, side: str = "both", train_loader: Iterable | None = None,
-                     batch_size: int = 16) -> list[TokenAttribution]:
+                     batch_size: int = 16, mix_queries: float = 0.0,
+                     mix_with: Iterable | QueryGradients | None = None) -> list[TokenAttribution]:
         """Per-token shares of the scores of the given (query, training example) pairs.
 
         Args:
@@ -143,6 +145,9 @@ class TokenScoring:
             train_loader: as in ``scores``: the training data for methods whose preconditioning re-reads
                 the training gradients (datainf, lissa) when the fit cached none.
             batch_size: rows (example copies) per forward pass.
+            mix_queries, mix_with: split the scores of ``scores(..., mix_queries=w)`` over the query set
+                ``mix_with`` (a loader or ``query_gradients(...)``: the whole query set whose GFIM was mixed
+                in, of which ``queries`` may hold only the kept rows); required together.
 
         Returns:
             One :class:`TokenAttribution` per pair, in the order of ``pairs`` (repeats dropped), or ordered
@@ -162,6 +167,14 @@ class TokenScoring:
         want_q = None if wanted is None else {q for q, _ in wanted}
         want_k = None if wanted is None else {k for _, k in wanted}
         names = [l.name for l in self.layers]
+        weight, _ = self._score_options(mix_queries, False)
+        if bool(weight) != (mix_with is not None):
+            raise ValueError("mix_with: give it with mix_queries > 0 (the query set whose GFIM is mixed in) and "
+                             f"only then; got mix_queries={mix_queries!r} and mix_with "
+                             f"{'None' if mix_with is None else 'given'}")
+        curvature = (self._curvature(weight, self._moments(weight, self.query_gradients(mix_with, "mixed query "
+                                                                                        "gradients").grads))
+                     if weight else (None, None))
 
         # 1. the kept queries: full-row gradients → preconditioned once, as in scores
         q_batches: list[tuple[dict, dict[int, _Kept]]] = []
@@ -179,7 +192,7 @@ class TokenScoring:
                 q_grads.append(grads)
         self._check_given(want_q, q_kept, "query")
         pairs_of_k = self._pairs_by_train(wanted, list(q_kept))
-        qt = self._precondition({n: torch.cat([g[n] for g in q_grads]) for n in names}, train_loader)
+        qt = self._precondition({n: torch.cat([g[n] for g in q_grads]) for n in names}, train_loader, *curvature)
         qflat = self._flat(qt, names)  # [Q, P]
         q_row = {i: r for r, i in enumerate(q_index)}
 
@@ -224,7 +237,7 @@ class TokenScoring:
             for batch, kept in q_batches:
                 jobs = [(i, t) for i, ex in kept.items() for t in range(ex.targets.numel())]
                 for chunk, grads in self._job_grads(batch, kept, jobs, batch_size, "query"):
-                    pre = self._flat(self._precondition(grads, train_loader), names)  # [c, P]
+                    pre = self._flat(self._precondition(grads, train_loader, *curvature), names)  # [c, P]
                     for (q, t), qs in zip(chunk, pre):
                         ks = ks_of_q.get(q, [])
                         if not ks:

@@ -29,9 +29,10 @@ class Search:
         # a float32 store is exact: keep the attributor's precision; compressed rows lose far more than float32
         return self.attributor.fdtype if self.config.dtype == "float32" else torch.float32
 
-    def _projected(self, queries: Iterable | QueryGradients) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    def _projected(self, queries: Iterable | QueryGradients, mix_queries: float = 0.0,
+                   mix_with: QueryGradients | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """(query index [Q] sorted, preconditioned gradients {layer: [Q, r, d]}, stored-row form [Q, W])."""
-        index, qt = self.attributor.precondition(queries)
+        index, qt = self.attributor.precondition(queries, mix_queries=mix_queries, mix_with=mix_with)
         rows = projection.project_rows(self.plans, self._query_maps(), qt, self.attributor.fdtype)
         return index, qt, rows.to(self._work_dtype()).cpu()
 
@@ -50,10 +51,22 @@ class Search:
             train = values.to(rows.dtype) * scales[:, self._column_layer].to(rows.dtype)  # exact: powers of two
             take(-(rows @ train.T), index)
 
-    def scores(self, queries: Iterable | QueryGradients) -> torch.Tensor:
+    def scores(self, queries: Iterable | QueryGradients, *, mix_queries: float = 0.0) -> torch.Tensor:
         """Approximate pairwise influence [Q, n_train] (query-index order), float32 (float64 for an exact
-        float32 store of a float64 attributor)."""
-        _, _, rows = self._projected(queries)
+        float32 store of a float64 attributor).  ``mix_queries=w``: the queries' GFIM mixed into the
+        curvature with weight w, as ``HyperINF.scores`` does (the query side is exact, so is the mixing)."""
+        return self._dense(self._projected(queries, mix_queries)[2])
+
+    def mean_scores(self, val: Iterable | QueryGradients, *, mix_queries: float = 0.0) -> torch.Tensor:
+        """Influence on the mean loss of ``val`` [n_train]: its mean gradient is one query (``mix_queries``:
+        preconditioned with the GFIM of every example of ``val`` mixed in, as ``HyperINF.mean_scores``)."""
+        q = self.attributor.query_gradients(val, "validation gradients")
+        mean = QueryGradients(torch.zeros(1, dtype=torch.int64),
+                              {n: g.to(self.attributor.fdtype).mean(0, keepdim=True) for n, g in q.grads.items()})
+        return self._dense(self._projected(mean, mix_queries, q)[2])[0]
+
+    def _dense(self, rows: torch.Tensor) -> torch.Tensor:
+        """−rows · storedᵀ for every stored row: [Q, n_train] in the rows' dtype."""
         out = torch.zeros(rows.shape[0], self.n_train, dtype=rows.dtype)
 
         def take(block: torch.Tensor, index: torch.Tensor) -> None:
@@ -62,20 +75,13 @@ class Search:
         self._stream(rows, take)
         return out
 
-    def mean_scores(self, val: Iterable | QueryGradients) -> torch.Tensor:
-        """Influence on the mean loss of ``val`` [n_train]: its mean gradient is one query."""
-        q = self.attributor.query_gradients(val, "validation gradients")
-        mean = QueryGradients(torch.zeros(1, dtype=torch.int64),
-                              {n: g.to(self.attributor.fdtype).mean(0, keepdim=True) for n, g in q.grads.items()})
-        return self.scores(mean)[0]
-
     def query(self, queries: Iterable | QueryGradients, *, top_k: int = 10, exact_rerank: int = 0,
-              train_subset: TrainSubset | None = None) -> TopKScores:
+              train_subset: TrainSubset | None = None, mix_queries: float = 0.0) -> TopKScores:
         """Per query the ``top_k`` most positive and most negative training examples.
 
         ``exact_rerank=M`` (≥ top_k): the M best candidates of each side and query (their union over the
         queries) are scored exactly from ``train_subset`` and re-ranked; the returned values are then
-        exact scores.  Without it, values are the index's approximations.
+        exact scores.  Without it, values are the index's approximations.  ``mix_queries`` as in ``scores``.
         """
         check_k(top_k)
         if isinstance(exact_rerank, bool) or not isinstance(exact_rerank, int) or exact_rerank < 0:
@@ -84,7 +90,7 @@ class Search:
             raise ValueError(f"exact_rerank: {exact_rerank} candidates cannot re-rank a top {top_k}; use ≥ {top_k}")
         if exact_rerank and train_subset is None:
             raise ValueError("train_subset: required with exact_rerank (a loader over the candidate training rows)")
-        _, qt, rows = self._projected(queries)
+        _, qt, rows = self._projected(queries, mix_queries)
         keep = TopK(rows.shape[0], max(top_k, exact_rerank), rows.dtype)
         self._stream(rows, keep.update)
         approx = keep.result()

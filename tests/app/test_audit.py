@@ -70,45 +70,70 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def direct_scores(folder, adapter, train, target):
-    """HyperINF.mean_scores on the target (or self_scores without one), computed here from the files."""
+def direct_scores(folder, adapter, train, target, mix=0.0):
+    """HyperINF.mean_scores on the target (mixed with weight ``mix``; or self_scores without one), computed here
+    from the files."""
     with one_thread():
         attr, loader = fitted_here(folder, adapter, train)
-        scores = attr.mean_scores(loader(target)) if target is not None else attr.self_scores()
+        scores = attr.mean_scores(loader(target), mix_queries=mix) if target is not None else attr.self_scores()
     return scores.double().tolist()
+
+
+def direct_columns(folder, adapter, train, target):
+    """The three columns of the default audit with a target: influence mixed with weight 99, self-influence,
+    their rank average."""
+    from hyperinf_ext.app.tasks.metrics import rank_average
+
+    with one_thread():
+        attr, loader = fitted_here(folder, adapter, train)
+        influence = attr.mean_scores(loader(target), mix_queries=99.0).double()
+        self_ = attr.self_scores().double()
+    return {"influence_score": influence.tolist(), "self_influence": self_.tolist(),
+            "combined_score": rank_average(influence, self_).tolist()}
 
 
 def read_jsonl(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-@pytest.mark.parametrize("with_target", [True, False])
-def test_audit_writes_the_users_rows_in_rank_order_with_hyperinf_scores(llm, tmp_path, capsys, with_target):
+@pytest.mark.parametrize("case", ["combined", "influence", "self"])
+def test_audit_writes_the_users_rows_in_rank_order_with_hyperinf_scores(llm, tmp_path, capsys, case):
+    """combined: the default with --target (influence mixed with weight 99, self-influence, their rank average);
+    influence: --signal influence --mix-queries 0, the plain mean_scores; self: no --target."""
     folder, adapter, train, target = llm
     out = tmp_path / "out"
+    flags = {"combined": ["--target", str(target)], "self": [],
+             "influence": ["--target", str(target), "--signal", "influence", "--mix-queries", "0"]}[case]
     argv = ["audit", "--model", str(folder), "--adapter", str(adapter), "--train", str(train), "--out", str(out),
-            *(["--target", str(target)] if with_target else []), *FAST]
+            *flags, *FAST]
     assert main(argv) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
-    signal = "influence_score" if with_target else "self_influence"
-    assert f"ranked by {signal}" in printed and ("--target" in printed if with_target else "no --target" in printed)
+    signal = {"combined": "combined_score", "influence": "influence_score", "self": "self_influence"}[case]
+    with_target = case != "self"
+    assert f"ranked by {signal}" in printed and ("--target" in printed if with_target else "without --target" in printed)
+    assert ("mixed in with weight 99 (the default of --mix-queries)" in printed) == (case == "combined")
     ranked = read_jsonl(out / "ranked.jsonl")
     original = read_jsonl(train)
     assert [r["rank"] for r in ranked] == list(range(1, 25))
-    # every original key and value, unchanged; rank and the score added, nothing else
+    columns = ["influence_score", "self_influence", "combined_score"] if case == "combined" else [signal]
+    # every original key and value, unchanged; rank and the score columns added, nothing else
     by_id = {r["id"]: r for r in original}
     for r in ranked:
-        assert list(r) == [*by_id[r["id"]], "rank", signal]
-        assert {k: v for k, v in r.items() if k not in ("rank", signal)} == by_id[r["id"]]
+        assert list(r) == [*by_id[r["id"]], "rank", *columns]
+        assert {k: v for k, v in r.items() if k not in ("rank", *columns)} == by_id[r["id"]]
     assert sorted(r["id"] for r in ranked) == sorted(by_id)
     scores = [r[signal] for r in ranked]
     assert scores == sorted(scores, reverse=True)  # rank 1 = the highest score
-    expected = direct_scores(folder, adapter, train, target if with_target else None)
+    expected = (direct_columns(folder, adapter, train, target) if case == "combined" else
+                {signal: direct_scores(folder, adapter, train, target if with_target else None)})
     for r in ranked:
-        assert r[signal] == pytest.approx(expected[int(r["id"][2:])], **TOL)
+        for c in columns:
+            assert r[c] == pytest.approx(expected[c][int(r["id"][2:])], **TOL), c
     summary = json.loads((out / "summary.json").read_text())
     assert summary["signal"] == signal and "rank 1 = the highest score" in summary["sign_convention"]
-    assert ("POSITIVE" in summary["sign_convention"]) == with_target
+    assert summary["columns"] == columns and summary["mix_queries"] == {"combined": 99.0, "influence": 0.0,
+                                                                         "self": None}[case]
+    assert ("POSITIVE" in summary["sign_convention"]) == (case == "influence")
     assert summary["finetune"]["epochs"] == 0 and not (out / ".checkpoint").exists()
     assert "# Training-data audit" in (out / "report.md").read_text()
     check_report_html(out, summary, ranked, by_id, signal, printed)
@@ -378,16 +403,19 @@ def exact_index(llm):
 
 @pytest.mark.parametrize("with_target", [True, False])
 def test_audit_from_an_exact_index_equals_the_audit_without(llm, exact_index, tmp_path, capsys, with_target):
+    """With --target: the default mixing (99) from the index, ranked by influence (--signal influence) so that
+    the ranking is compared exactly; then the default combined signal from the same index."""
     folder, adapter, train, target = llm
     out = tmp_path / "out"
     capsys.readouterr()
-    assert main(["audit", "--index", str(exact_index), *(["--target", str(target)] if with_target else []),
+    assert main(["audit", "--index", str(exact_index),
+                 *(["--target", str(target), "--signal", "influence"] if with_target else []),
                  *(["--train", str(train)] if with_target else ["--no-verify", "--estimator", "unbiased"]),
                  "--out", str(out), *FAST]) == 0, capsys.readouterr().err
     assert f"index {exact_index}: scores from the index, exact" in capsys.readouterr().out
     signal = "influence_score" if with_target else "self_influence"
     ranked = read_jsonl(out / "ranked.jsonl")
-    expected = direct_scores(folder, adapter, train, target if with_target else None)
+    expected = direct_scores(folder, adapter, train, target if with_target else None, mix=99.0 if with_target else 0.0)
     # the same ranking as without --index; scores to float32 rounding of the stored gradients
     assert [int(r["id"][2:]) for r in ranked] == sorted(range(24), key=lambda i: (-expected[i], i))
     top = max(abs(v) for v in expected)
@@ -395,6 +423,7 @@ def test_audit_from_an_exact_index_equals_the_audit_without(llm, exact_index, tm
         assert r[signal] == pytest.approx(expected[int(r["id"][2:])], rel=1e-5, abs=1e-6 * top)
     assert {k: v for k, v in ranked[0].items() if k not in ("rank", signal)} in read_jsonl(train)
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["mix_queries"] == (99.0 if with_target else None)
     index = summary["index"]
     assert index["path"] == str(exact_index) and index["proj_dim"] == 0 and index["projected"] is False
     # an exact index has no projected layer, so the estimator changes nothing
@@ -403,6 +432,18 @@ def test_audit_from_an_exact_index_equals_the_audit_without(llm, exact_index, tm
     assert summary["finetune"]["epochs"] == 0 and summary["finetune"]["adapter"] == str(exact_index / "adapter")
     assert "checkpoint" not in summary and not (out / ".checkpoint").exists()
     assert sections_by_title(parse((out / "report.html").read_text()))["Training examples, most suspicious first"]
+    if with_target:
+        from hyperinf_ext.app.tasks.metrics import rank_average
+
+        assert main(["audit", "--index", str(exact_index), "--target", str(target), "--out", str(tmp_path / "c"),
+                     *FAST]) == 0, capsys.readouterr().err
+        combined = read_jsonl(tmp_path / "c" / "ranked.jsonl")
+        want = direct_columns(folder, adapter, train, target)
+        for r in combined:
+            for c in ("influence_score", "self_influence"):
+                assert r[c] == pytest.approx(want[c][int(r["id"][2:])], rel=1e-5, abs=1e-6 * max(map(abs, want[c])))
+        ranks = rank_average([r["influence_score"] for r in combined], [r["self_influence"] for r in combined])
+        assert [r["combined_score"] for r in combined] == pytest.approx(ranks.tolist(), abs=1e-12)
 
 
 def test_audit_index_refusals(llm, exact_index, tmp_path, capsys, no_model_work):
@@ -433,7 +474,8 @@ def test_audit_with_the_query_side_options_equals_the_library_call(llm, tmp_path
                 "unit self": attr.self_scores(normalize="unit").double().tolist()}
         plain = attr.mean_scores(loader(target)).double().tolist()
     assert max(abs(a - b) for a, b in zip(want["mixed"], plain)) > 1e-3 * max(map(abs, plain))  # they differ
-    for name, flags, signal in (("mixed", ["--target", str(target), "--mix-queries", "99", "--normalize", "symmetric"],
+    for name, flags, signal in (("mixed", ["--target", str(target), "--signal", "influence", "--mix-queries", "99", "--normalize",
+                                           "symmetric"],
                                  "influence_score"),
                                 ("unit self", ["--normalize", "unit"], "self_influence")):
         out = tmp_path / name.replace(" ", "_")
@@ -458,8 +500,12 @@ def test_query_side_option_refusals(llm, exact_index, tmp_path, capsys, no_model
                                                                  "unit", "--per-token"])
     assert "--mix-queries: method 'lissa'" in _error(capsys, [*base, "--target", str(target), "--method", "lissa",
                                                              "--mix-queries", "1"])
-    with_index = ["audit", "--index", str(exact_index), "--target", str(target), "--out", str(tmp_path / "i"), *FAST]
-    assert "--mix-queries: not with --index" in _error(capsys, [*with_index, "--mix-queries", "1"])
+    assert "--signal combined: needs --target" in _error(capsys, [*base, "--signal", "combined"])
+    assert "--signal influence: needs --target" in _error(capsys, [*base, "--signal", "influence"])
+    assert "--mix-queries: needs --target and an influence signal" in _error(
+        capsys, [*base, "--target", str(target), "--signal", "self", "--mix-queries", "1"])
+    assert "--normalize symmetric: not with --signal combined" in _error(
+        capsys, [*base, "--target", str(target), "--normalize", "symmetric"])
     assert "--normalize: not with --index" in _error(capsys, ["select", "--index", str(exact_index), "--target",
                                                               str(target), "--fraction", "0.5", "--normalize", "unit",
                                                               "--out", str(tmp_path / "s"), *FAST])

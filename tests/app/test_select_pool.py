@@ -216,14 +216,15 @@ def _scores(out):
         return list(csv.DictReader(f))
 
 
-def test_select_from_an_exact_index_equals_the_select_without(bert, bert_index, tmp_path, capsys):
+@pytest.mark.parametrize("mix", [[], ["--mix-queries", "99"]])
+def test_select_from_an_exact_index_equals_the_select_without(bert, bert_index, tmp_path, capsys, mix):
     folder, adapter, pool, target = bert
     plain, indexed = tmp_path / "plain", tmp_path / "indexed"
     assert main(["select", "--model", str(folder), "--adapter", str(adapter), "--pool", str(pool), "--target",
-                 str(target), "--fraction", "0.25", "--out", str(plain), *FAST]) == 0, capsys.readouterr().err
+                 str(target), "--fraction", "0.25", "--out", str(plain), *mix, *FAST]) == 0, capsys.readouterr().err
     capsys.readouterr()
     assert main(["select", "--index", str(bert_index), "--target", str(target), "--fraction", "0.25", "--evaluate",
-                 "--epochs", "1", "--out", str(indexed), *FAST]) == 0, capsys.readouterr().err
+                 "--epochs", "1", "--out", str(indexed), *mix, *FAST]) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert f"index {bert_index}: scores from the index, exact" in printed and "evaluation: fresh LoRA" in printed
     a, b = _scores(plain), _scores(indexed)

@@ -133,6 +133,29 @@ def test_shares_sum_to_the_scores(tok, data, fitted, method):
         assert a.train.positions.numel() > 1 or a.train.index in (3, 7, 8)  # multi-token responses mostly
 
 
+@pytest.mark.parametrize("method", ["hyperinf", "exact"])
+def test_mixed_shares_sum_to_the_mixed_scores(tok, data, fitted, method):
+    """With ``mix_queries`` the shares split ``scores(..., mix_queries=w)``, even when only some queries are
+    kept: the curvature mixes the GFIM of the whole set ``mix_with`` (1e-6 relative, as above)."""
+    train, query = data
+    attr = fitted[1][method]
+    qb = batches(query, 2, pad_id=tok.pad_token_id)
+    S = attr.scores(qb, mix_queries=99.0)
+    assert not torch.allclose(S, attr.scores(qb), rtol=1e-3)
+    pairs = [(2, 4), (0, 1), (2, 9)]  # queries 0 and 2 of 3 kept
+    res = attr.token_scores(qb, batches(train, 4, pad_id=tok.pad_token_id), pairs=pairs, side="both",
+                            batch_size=5, mix_queries=99.0, mix_with=qb)
+    assert [(a.query_index, a.train_index) for a in res] == pairs
+    for a in res:
+        s = float(S[a.query_index, a.train_index])
+        assert abs(a.score - s) <= 1e-6 * abs(s)
+        for part in (a.train, a.query):
+            assert abs(float(part.shares.sum()) - s) <= 1e-6 * abs(s), (a.query_index, a.train_index)
+    for kw in ({"mix_queries": 99.0}, {"mix_with": qb}):
+        with pytest.raises(ValueError, match="mix_with"):
+            attr.token_scores(qb, batches(train, 4, pad_id=tok.pad_token_id), pairs=pairs, **kw)
+
+
 def brute_token_grads(model, layers, enc):
     """[(position, {layer: [r, d]} gradient of (1/T)·ℓ_t)] for one unpadded example, ℓ_t by hand from logits."""
     ids = torch.tensor([enc["input_ids"]])

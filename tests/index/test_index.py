@@ -153,6 +153,30 @@ def test_mean_and_self_scores(exact_index, projected_index, reference, data):
     assert g_norm2.numel() == N_TRAIN
 
 
+@pytest.mark.parametrize("w", [1.0, 99.0])
+def test_mixed_queries_equal_hyperinf_mixed_scores(exact_index, projected_index, data, w):
+    """The query side of an index is exact, so ``mix_queries`` mixes exactly as ``HyperINF.scores`` does:
+    the same float32-storage bound as the unmixed test, with the mixed preconditioned queries' norms."""
+    train, query = data
+    attr = HyperINF(model_(), progress=False).fit(batches(train, B))
+    ref = attr.scores(batches(query, B), mix_queries=w)
+    _, qt = attr.precondition(batches(query, B), mix_queries=w)
+    g = attr.query_gradients(batches(train, B))
+    order = g.index.argsort()
+    g_norms = _norms({n: t[order] for n, t in g.grads.items()})
+    S = exact_index.scores(batches(query, B), mix_queries=w)
+    assert ((S - ref).abs() <= 4 * 2.0 ** -24 * _norms(qt)[:, None] * g_norms[None, :]).all()
+    assert not torch.allclose(S, exact_index.scores(batches(query, B)), rtol=1e-3)  # the mixing changed them
+    mean_ref = attr.mean_scores(batches(query, B), mix_queries=w)
+    mean = exact_index.mean_scores(batches(query, B), mix_queries=w)
+    torch.testing.assert_close(mean, mean_ref, rtol=1e-5, atol=1e-6 * float(mean_ref.abs().max()))
+    # a projected index: the top-k of its mixed scores, and exact re-ranking gives the exact mixed top-k
+    subset = lambda rows: batches({k: v[rows] for k, v in train.items()}, 3)  # noqa: E731
+    top = projected_index.query(batches(query, B), top_k=3, exact_rerank=N_TRAIN, train_subset=subset, mix_queries=w)
+    assert torch.equal(top.positive_index, ref.topk(3, dim=1).indices)
+    torch.testing.assert_close(top.positive_values, ref.topk(3, dim=1).values, rtol=1e-10, atol=0)
+
+
 def test_an_interrupted_build_resumes_to_the_same_index(tmp_path, data, monkeypatch, projected_index):
     train, query = data
     cfg = IndexConfig(proj_dim=24, rows_per_shard=7)

@@ -147,6 +147,32 @@ def test_attribute_index_per_token_splits_the_exact_scores(files, capsys, name, 
     assert summary["settings"]["verify"] == "False" and "per-token:" in capsys.readouterr().out
 
 
+def test_mixed_attribute_from_an_exact_index_equals_the_mixed_attribute(files, capsys):
+    """``--mix-queries 99`` with and without an exact index: the same kept examples and scores (1e-5 relative,
+    the float32 store), and with ``--per-token`` shares that sum to the mixed score on both paths."""
+    root, folder, train, query, expected = files
+    if not (root / "exact").exists():
+        assert _build(root, folder, train, "exact", "--proj-dim", "0") == 0
+    runs = {}
+    for name, source in (("fit", ["--model", str(folder), "--adapter", str(root / "adapter"), "--train", str(train)]),
+                         ("index", ["--index", str(root / "exact")])):
+        out = root / f"mixed-{name}"
+        assert main(["attribute", *source, "--query", str(query), "--top-k", "3", "--mix-queries", "99",
+                     "--per-token", "--out", str(out), "--no-progress", "--threads", "1"]) == 0, capsys.readouterr().err
+        tokens = [json.loads(x) for x in (out / "tokens.jsonl").read_text().splitlines()]
+        for t in tokens:
+            for side in ("train", "query"):
+                _shares_sum(t[side], t["token_score"])
+            assert t["token_score"] == pytest.approx(t["score"], rel=1e-4)
+        runs[name] = _records(out)
+    plain = [x["score"] for r in expected for x in r["harmful"]]
+    assert [x["score"] for r in runs["fit"] for x in r["harmful"]] != pytest.approx(plain, rel=1e-3)  # it mixed
+    for g, e in zip(runs["index"], runs["fit"]):
+        for side in ("helpful", "harmful"):
+            assert [x["train_line"] for x in g[side]] == [x["train_line"] for x in e[side]]
+            assert [x["score"] for x in g[side]] == pytest.approx([x["score"] for x in e[side]], rel=1e-5)
+
+
 def test_index_reading_options_need_an_index(files, tmp_path, capsys, monkeypatch):
     root, folder, train, query, _ = files
     from hyperinf_ext.app.tasks import index_task

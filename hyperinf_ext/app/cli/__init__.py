@@ -257,7 +257,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from ..tasks.audit import AuditConfig, audit_table, run_audit
 
     cfg = AuditConfig(train=args.train, per_token=args.per_token, per_token_count=args.per_token_count,
-                      **_user_kwargs(args))
+                      score_signal=args.score_signal, **_user_kwargs(args))
     return _run_task(args, cfg, run_audit, audit_table)
 
 
@@ -303,7 +303,7 @@ def _attribute_from_index(args: argparse.Namespace) -> int:
         t.check_index_train(args.index, args.train)
     cfg = t.IndexQueryConfig(index=args.index, query=args.query, top_k=args.top_k, device=args.device,
                              progress=not args.no_progress, per_token=args.per_token, out=args.out,
-                             **index_reading(args))
+                             mix_queries=args.mix_queries, **index_reading(args))
     return _run_task(args, cfg, t.run_index_query, t.index_query_table)
 
 

@@ -183,18 +183,21 @@ def _add_attribute(p: argparse.ArgumentParser) -> None:
     _add_common(p, out="hyperinf-out/attribute", plan=True)
 
 
-def _add_query_options(g: argparse._ArgumentGroup) -> None:
-    """--mix-queries and --normalize: how the query (target) side enters the scores."""
-    g.add_argument("--mix-queries", metavar="W", type=float, default=0.0,
+def _add_query_options(g: argparse._ArgumentGroup, *, detection: bool = False) -> None:
+    """--mix-queries and --normalize: how the query (target) side enters the scores (``detection``: audit's
+    default mixing, chosen by bench/DEFAULTS.md)."""
+    g.add_argument("--mix-queries", metavar="W", type=float, default=None if detection else 0.0,
                    help="mix the query (target) set's curvature into the training set's with weight W before it is "
-                        "inverted (TrackStar's idea; W = 99 is its 0.99 mix) (default: 0, none)")
+                        "inverted (TrackStar's idea; W = 99 is its 0.99 mix) "
+                        + ("(default: 99 with --target and a method that can mix, the choice of bench/DEFAULTS.md; "
+                           "0 = none)" if detection else "(default: 0, none)"))
     g.add_argument("--normalize", choices=("unit", "query", "symmetric"), default=None,
                    help="unit-normalised gradients (cosine influence): unit = score/(|q||g|), query = cosine of the "
                         "preconditioned query and g, symmetric = cosine in the inverse-curvature metric (TrackStar's "
                         "form) (default: raw scores)")
 
 
-def _add_user_model(p: argparse.ArgumentParser, *, epochs_help: str) -> None:
+def _add_user_model(p: argparse.ArgumentParser, *, epochs_help: str, detection: bool = False) -> None:
     """The model, fine-tuning, influence and resume options of the user commands (audit, select)."""
     g = p.add_argument_group("model")
     _add_model(g)
@@ -209,7 +212,7 @@ def _add_user_model(p: argparse.ArgumentParser, *, epochs_help: str) -> None:
     g = p.add_argument_group("influence")
     g.add_argument("--method", metavar="NAME", default="hyperinf", help="influence method (default: hyperinf)")
     g.add_argument("--damping", metavar="VALUE", default="auto", help="damping (default: auto, the method's own)")
-    _add_query_options(g)
+    _add_query_options(g, detection=detection)
     g.add_argument("--checkpoint-every", metavar="N", type=int, default=50,
                    help="fit batches between checkpoint commits in OUT/.checkpoint, from which a rerun with the "
                         "same arguments resumes (default: 50)")
@@ -239,11 +242,20 @@ def _add_audit(p: argparse.ArgumentParser) -> None:
                    help="the training file to audit (CSV or JSONL: text/label, or prompt/response or messages); "
                         "required unless --index is given")
     g.add_argument("--target", metavar="FILE", type=Path, default=None,
-                   help="trusted examples, same format: rank by influence on their mean loss (default: none, rank "
-                        "by self-influence)")
+                   help="trusted examples, same format: rank by influence on their mean loss, combined with "
+                        "self-influence (--signal) (default: none, rank by self-influence)")
     _add_index_option(g, "--train")
     _add_columns(g)
-    _add_user_model(p, epochs_help="fine-tuning epochs on the training file first (default: 3, or 0 with --adapter)")
+    _add_user_model(p, epochs_help="fine-tuning epochs on the training file first (default: 3, or 0 with --adapter)",
+                    detection=True)
+    g = p.add_argument_group("signal")
+    # --score-signal first: torchrun's parser reads --signal as an abbreviation of its --signals-to-handle
+    g.add_argument("--score-signal", "--signal", dest="score_signal", choices=("combined", "influence", "self"),
+                   default=None,
+                   help="the ranking: combined (the mean of the ranks of influence on --target's mean loss and of "
+                        "self-influence; it found flipped labels best in bench/DEFAULTS.md), influence, or self "
+                        "(default: combined with --target, self without). --signal is the same option outside "
+                        "torchrun")
     g = p.add_argument_group("per-token attribution")
     g.add_argument("--per-token", action="store_true",
                    help="causal LMs: also split the scores of the most suspicious examples over their response "

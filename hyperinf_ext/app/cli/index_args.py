@@ -54,8 +54,8 @@ def add_index(p: argparse.ArgumentParser, add_model: Callable, add_columns: Call
 
 def index_reading(args: argparse.Namespace) -> dict:
     """--estimator and --no-verify, which only an index reads (refused without --index); the options an
-    index run cannot honour (--plan, --max-memory: it fits nothing; --mix-queries, --normalize: it scores
-    from its stored gradients) refused with it."""
+    index run cannot honour (--plan, --max-memory: it fits nothing; --normalize: it stores no gradient norms)
+    refused with it."""
     if args.index is None:
         for option, given in (("--estimator", args.estimator is not None), ("--no-verify", args.no_verify)):
             if given:
@@ -63,7 +63,7 @@ def index_reading(args: argparse.Namespace) -> dict:
     elif getattr(args, "plan", False) or getattr(args, "max_memory", None) is not None:
         raise ValueError(f"{'--plan' if args.plan else '--max-memory'}: not with --index (an index run fits nothing; "
                          "plan the index build: `hyperinf-ext index build ... --plan`)")
-    elif getattr(args, "mix_queries", 0.0) or getattr(args, "normalize", None):
-        raise ValueError(f"{'--mix-queries' if args.mix_queries else '--normalize'}: not with --index (an index "
-                         "scores from its stored gradients and fitted curvature; run without --index)")
+    elif getattr(args, "normalize", None):
+        raise ValueError("--normalize: not with --index (an index stores compressed training gradients, not their "
+                         "norms; run without --index)")
     return {"verify": not args.no_verify, "estimator": args.estimator or "regression"}

@@ -155,7 +155,8 @@ def run_attribute(cfg: AttributeConfig, log: Log = None) -> dict[str, Any]:
             t0 = time.perf_counter()
             log_stage(log, f"per-token: shares of the kept pairs of {len(query)} queries (both sides)")
             tokens = attribute_token_records(attr, loaders.influence_val, loaders.influence_train, kept,
-                                             loaders.tokenizer, train, query)
+                                             loaders.tokenizer, train, query, mix_queries=cfg.mix_weight(),
+                                             mix_with=queries)
             token_seconds = time.perf_counter() - t0
     finally:
         attr.cache.close()

@@ -30,6 +30,7 @@ from .attribute_report import write_html, write_markdown
 from .output import prepare_output_dir, staged_outputs
 from .planning import plan_gate
 from .per_token import attribute_token_records, check_per_token, shares_note, write_tokens_jsonl
+from .pipeline_config import check_query_options
 from .pipeline import (Log, PipelineConfig, PreparedData, build_loaders, is_causal, load_model, log_stage, model_dir,
                        train_model)
 from .report import write_json
@@ -83,6 +84,8 @@ class IndexQueryConfig:
     estimator: str = "regression"
     per_token: bool = False
     """Causal LMs: split each kept pair's score over both sides' tokens (the kept pairs re-run exactly)."""
+    mix_queries: float = 0.0
+    """The query set's GFIM mixed into the curvature with this weight (``Index.query(mix_queries=...)``)."""
     out: Path = Path("hyperinf-out/index-query")
 
     def validate(self) -> None:
@@ -92,6 +95,7 @@ class IndexQueryConfig:
             raise ValueError(f"{self.index}: not an index built by `hyperinf-ext index build` ({SOURCE} missing)")
         if self.top_k < 1:
             raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
+        check_query_options(self.mix_queries, None)
         if self.exact_rerank and self.exact_rerank < self.top_k:
             raise ValueError(f"--exact-rerank {self.exact_rerank}: re-ranking a top {self.top_k} needs at least "
                              f"{self.top_k} candidates")
@@ -272,7 +276,7 @@ def run_index_query(cfg: IndexQueryConfig, log: Log = None) -> dict[str, Any]:
                                             mcfg.max_length)
     t0 = time.perf_counter()
     kept = idx.query(loaders.influence_val, top_k=cfg.top_k, exact_rerank=cfg.exact_rerank,
-                     train_subset=subset if cfg.exact_rerank > 0 else None)
+                     train_subset=subset if cfg.exact_rerank > 0 else None, mix_queries=cfg.mix_queries)
     query_seconds = time.perf_counter() - t0
     tokens, token_seconds = None, 0.0
     if cfg.per_token:
@@ -280,7 +284,7 @@ def run_index_query(cfg: IndexQueryConfig, log: Log = None) -> dict[str, Any]:
         log_stage(log, f"per-token: shares of the kept pairs of {len(query)} queries (both sides, run exactly)")
         # only the kept rows of the training loader are run (token_scores drops the others before any forward)
         tokens = attribute_token_records(idx.attributor, loaders.influence_val, loaders.influence_train, kept,
-                                         loaders.tokenizer, train, query)
+                                         loaders.tokenizer, train, query, mix_queries=cfg.mix_queries)
         token_seconds = time.perf_counter() - t0
     records = attribution_records(train, query, kept, causal)
     paths = {"attribution": str(out / "attribution.jsonl"), "report": str(out / "report.md"),

@@ -48,11 +48,14 @@ def _side(view: Any) -> dict[str, Any]:
 
 
 def attribute_token_records(attr: Any, query_loader: Any, train_loader: Any, kept: Any, tokenizer: Any,
-                            train: Any, query: Any) -> list[dict[str, Any]]:
+                            train: Any, query: Any, mix_queries: float = 0.0,
+                            mix_with: Any = None) -> list[dict[str, Any]]:
     """Per (query, kept training example) of the top-k ``kept`` (a ``TopKScores``): both sides' shares.
 
     ``score`` is the pair's score in attribution.jsonl, ``token_score`` the score recomputed with the
-    tokens, which each side's shares sum to (equal to ``score`` up to float rounding)."""
+    tokens, which each side's shares sum to (equal to ``score`` up to float rounding).  ``mix_queries``:
+    the scores were mixed with the GFIM of every query of ``query_loader`` (``mix_with``: their gradients
+    when already computed, ``attr.query_gradients``)."""
     listed: dict[tuple[int, int], tuple[str, float]] = {}
     for side, values, index in (("harmful", kept.positive_values, kept.positive_index),
                                 ("helpful", kept.negative_values, kept.negative_index)):
@@ -60,7 +63,7 @@ def attribute_token_records(attr: Any, query_loader: Any, train_loader: Any, kep
             for v, k in zip(values[q].tolist(), index[q].tolist()):
                 if 0 <= int(k) < kept.n_train:
                     listed.setdefault((q, int(k)), (side, float(v)))
-    pairs = attr.token_scores(query_loader, train_loader, pairs=kept, side="both")
+    pairs = attr.token_scores(query_loader, train_loader, pairs=kept, side="both", **_mixing(mix_queries, query_loader if mix_with is None else mix_with))
     records = []
     for a in pairs:
         side, score = listed[(a.query_index, a.train_index)]
@@ -72,7 +75,8 @@ def attribute_token_records(attr: Any, query_loader: Any, train_loader: Any, kep
 
 
 def audit_token_records(attr: Any, train_loader: Any, target_loader: Any | None, n_target: int,
-                        top: Sequence[int], scores: np.ndarray, train: Any, tokenizer: Any) -> list[dict[str, Any]]:
+                        top: Sequence[int], scores: np.ndarray, train: Any, tokenizer: Any,
+                        mix_queries: float = 0.0) -> list[dict[str, Any]]:
     """The training-side shares of the ``top`` examples (positions, rank order) of an audit.
 
     With a target (``target_loader``): the score is the influence on the target's MEAN loss.  It is linear
@@ -80,11 +84,12 @@ def audit_token_records(attr: Any, train_loader: Any, target_loader: Any | None,
     queries of the per-query token shares, and they sum to ``influence_score``.  Without one the score is
     the self-influence g_k·H⁻¹·g_k ≥ 0, the pair (k, k); ``token_scores`` follows the sign of ``scores``
     (−⟨g̃_k, g_k⟩ = −self-influence), so its shares are negated here to sum to ``self_influence``.
+    ``mix_queries``: the target's GFIM was mixed into the curvature (with a target only).
     """
     top = [int(k) for k in top]
     if target_loader is not None:
         pairs = attr.token_scores(target_loader, train_loader, pairs={q: top for q in range(n_target)},
-                                  side="train")
+                                  side="train", **_mixing(mix_queries, target_loader))
         by_k: dict[int, list[Any]] = {}
         for a in pairs:
             by_k.setdefault(a.train_index, []).append(a)
@@ -106,6 +111,11 @@ def audit_token_records(attr: Any, train_loader: Any, target_loader: Any | None,
         records.append({"rank": rank + 1, "train_line": train.row(k), "against": against, "score": float(scores[k]),
                         "token_score": float(a.score), "train": _side(token_view(a, tokenizer, "train"))})
     return records
+
+
+def _mixing(mix_queries: float, queries: Any) -> dict[str, Any]:
+    """``token_scores``' mixing arguments: the whole query set is the one whose GFIM was mixed in."""
+    return {"mix_queries": float(mix_queries), "mix_with": queries} if mix_queries else {}
 
 
 def write_tokens_jsonl(path: str | Path, records: Sequence[dict[str, Any]]) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from ..models.llm import model_label
 
-__all__ = ["DEFAULT_EPOCHS", "Log", "log_stage", "PipelineConfig", "check_query_option_use"]
+__all__ = ["DEFAULT_EPOCHS", "Log", "log_stage", "PipelineConfig", "check_query_options", "check_query_option_use"]
 
 DEFAULT_EPOCHS = 3
 EVAL_BATCH_SIZE = 32  # the evaluation pass has no backward: it may batch more than the influence passes
@@ -68,22 +68,36 @@ class PipelineConfig:
     """Make the run's plan (predicted peak memory and time, module ``planning``) and stop before training."""
     max_memory: int | None = None
     """Bytes: refuse to start a run whose plan predicts a higher peak (None = no limit, no plan)."""
-    mix_queries: float = 0.0
+    mix_queries: float | None = 0.0
     """Weight w of the query (target) set's GFIM mixed into the curvature before it is inverted
-    (``HyperINF.scores(mix_queries=w)``, TrackStar's idea; 0 = the training set's alone)."""
+    (``HyperINF.scores(mix_queries=w)``, TrackStar's idea; 0 = the training set's alone; None = the
+    command's default, :meth:`default_mix_queries`)."""
     normalize: str | None = None
     """Unit-normalised gradients, "unit", "query" or "symmetric" (``HyperINF.scores(normalize=...)``: cosine
     influence; None = raw scores)."""
 
-    def score_options(self) -> dict[str, Any]:
-        """``mix_queries``/``normalize`` as ``HyperINF.scores`` and ``mean_scores`` take them."""
-        return {"mix_queries": float(self.mix_queries), "normalize": self.normalize or False}
+    def default_mix_queries(self, method: str) -> float:
+        """The mixing weight when ``mix_queries`` is None (not given): 0 here; ``audit`` overrides it."""
+        return 0.0
 
-    def score_options_note(self) -> str:
+    def mix_weight(self, method: str | None = None) -> float:
+        """The mixing weight the scores use with ``method`` (default: the config's own ``method``)."""
+        if self.mix_queries is not None:
+            return float(self.mix_queries)
+        return self.default_mix_queries(method or getattr(self, "method", "hyperinf"))
+
+    def score_options(self, method: str | None = None) -> dict[str, Any]:
+        """``mix_queries``/``normalize`` as ``HyperINF.scores`` and ``mean_scores`` take them (``method``: the
+        one that scores, when it is not the config's, e.g. an index's)."""
+        return {"mix_queries": self.mix_weight(method), "normalize": self.normalize or False}
+
+    def score_options_note(self, method: str | None = None) -> str:
         """"" or what ``mix_queries``/``normalize`` change in the scores, for the printed and written signal text."""
         parts = []
-        if self.mix_queries:
-            parts.append(f"the query set's curvature mixed in with weight {self.mix_queries:g} (--mix-queries)")
+        weight = self.mix_weight(method)
+        if weight:
+            how = "--mix-queries" if self.mix_queries is not None else "the default of --mix-queries"
+            parts.append(f"the query set's curvature mixed in with weight {weight:g} ({how})")
         if self.normalize:
             parts.append(f"gradients unit-normalised ({self.normalize}): a cosine, not a change of loss (--normalize)")
         return "; scored with " + " and ".join(parts) if parts else ""
@@ -118,7 +132,7 @@ class PipelineConfig:
             raise ValueError(f"--max-memory must be > 0, got {self.max_memory}")
         if self.max_length < 2:
             raise ValueError(f"--max-length must be >= 2, got {self.max_length}")
-        _check_query_options(self.mix_queries, self.normalize)
+        check_query_options(0.0 if self.mix_queries is None else self.mix_queries, self.normalize)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device}: CUDA is not available on this machine")
         if self.device != "cpu" and not self.device.startswith("cuda"):
@@ -133,7 +147,7 @@ class PipelineConfig:
         return out
 
 
-def _check_query_options(mix_queries: object, normalize: object) -> None:
+def check_query_options(mix_queries: object, normalize: object) -> None:
     """The library's own checks of ``mix_queries``/``normalize``, their messages naming the options."""
     from ...curvature import mixing, normalize as unit
 
@@ -147,17 +161,17 @@ def _check_query_options(mix_queries: object, normalize: object) -> None:
 
 def check_query_option_use(cfg: "PipelineConfig", *, queries: bool, per_token: bool = False,
                            index: bool = False) -> None:
-    """Where ``mix_queries``/``normalize`` cannot apply, a one-line ValueError naming the option: with an index
-    (its scores come from the stored gradients), with per-token shares (they add up to the plain score), and
-    without a query set for mixing or the symmetric cosine (self-influence would be 1 for every example)."""
-    given = [o for o, on in (("--mix-queries", cfg.mix_queries), ("--normalize", cfg.normalize)) if on]
-    if not given:
+    """Where an explicitly given ``mix_queries``/``normalize`` cannot apply, a one-line ValueError naming the
+    option: ``normalize`` with an index (its stored training gradients are compressed: their norms are not
+    kept) or with per-token shares (they split the raw score); mixing with a method that
+    cannot mix; mixing or the symmetric cosine without a query set (self-influence would be 1 for every
+    example).  Mixing itself works with an index and with per-token shares (the query side is exact)."""
+    if cfg.normalize and (index or per_token):
+        raise ValueError(f"--normalize: not with {'--index' if index else '--per-token'} ("
+                         + ("an index stores compressed training gradients, not their norms"
+                            if index else "token shares split the raw score") + ")")
+    if not cfg.mix_queries and not cfg.normalize:
         return
-    if index:
-        raise ValueError(f"{given[0]}: not with --index (an index scores from its stored gradients and fitted "
-                         "curvature; run without --index)")
-    if per_token:
-        raise ValueError(f"{given[0]}: not with --per-token (the token shares add up to the plain score)")
     method = getattr(cfg, "method", None)
     if cfg.mix_queries and method is not None:
         from ...curvature import mixing
@@ -169,6 +183,7 @@ def check_query_option_use(cfg: "PipelineConfig", *, queries: bool, per_token: b
             except ValueError as exc:
                 raise ValueError(f"--mix-queries: {str(exc).split(': ', 1)[-1]}") from None
     if not queries and cfg.mix_queries:
-        raise ValueError("--mix-queries: needs --target (self-influence has no query set to mix in)")
+        raise ValueError("--mix-queries: needs --target and an influence signal (self-influence has no query set "
+                         "to mix in)")
     if not queries and cfg.normalize == "symmetric":
         raise ValueError("--normalize symmetric: needs --target (it makes every self-influence 1)")

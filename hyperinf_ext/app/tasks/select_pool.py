@@ -148,10 +148,11 @@ def run_select(cfg: SelectPoolConfig, log: Log = None) -> dict[str, Any]:
         scorer = attr
     try:
         t0 = time.perf_counter()
-        options = {}  # an index scores from its stored gradients (validate refused the options with one)
+        options = cfg.score_options(None if index_run is None else index_run.idx.attributor.config.method)
         if index_run is None:
             use_method(cfg, attr)
-            options = cfg.score_options()
+        else:  # an index stores no gradient norms (validate refused --normalize with one)
+            options.pop("normalize")
         log_stage(log, f"influence: {cfg.method} on the mean loss of {len(data.target)} target examples")
         scores = scorer.mean_scores(loaders.influence_val, **options).detach().cpu().double().numpy()
         query_scores = (scorer.scores(loaders.influence_val, **options).detach().cpu().double().numpy()

@@ -113,7 +113,7 @@ def index_summary(run: IndexRun, signal: str) -> dict[str, Any]:
     exact = proj == 0
     how = ("exact (proj_dim 0: the float32 training gradients are stored)" if exact else
            f"approximate (proj_dim {proj}: the training gradients are stored randomly projected, see docs/index.md)")
-    if signal == "self_influence" and not exact:
+    if signal in ("self_influence", "combined_score") and not exact:
         how += "; self-influence is sketched through the projection"
     return {"path": str(run.cfg.index), "proj_dim": proj, "projected": not exact, "store_dtype": run.idx.config.dtype,
             "scores": f"from the index, {how}", "train": run.source["train"],
