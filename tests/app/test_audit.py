@@ -148,15 +148,16 @@ def check_report_html(out, summary, ranked, by_id, signal, printed):
     assert signal in sections["Signal"].content() and summary["signal_meaning"] in sections["Signal"].content()
     table = sections["Training examples, most suspicious first"].all("table")[0]
     assert "sortable" in table.attrs["class"]
-    assert [h.content() for h in table.all("th")] == ["rank", "line", "prompt", "response", signal]
+    parts = [c for c in summary["columns"] if c != signal]  # combined: its two parts beside it
+    assert [h.content() for h in table.all("th")] == ["rank", "line", "prompt", "response", signal, *parts]
     rows = table.all("tbody")[0].all("tr")
-    assert len(rows) == len(ranked) and len(table.all("span", "bar")) == len(ranked)
+    assert len(rows) == len(ranked) and len(table.all("span", "bar")) == len(ranked) * (1 + len(parts))
     lines = {r["id"]: i + 1 for i, r in enumerate(by_id.values())}  # JSONL: the file line
     for row, r in zip(rows, ranked):
         cells = row.all("td")
         assert [int(cells[0].content()), int(cells[1].content())] == [r["rank"], lines[r["id"]]]
         assert cells[2].content() == r["prompt"] and cells[3].content() == r["response"]
-        assert float(cells[4].attrs["data-v"]) == r[signal]
+        assert [float(c.attrs["data-v"]) for c in cells[4:]] == [r[signal], *(r[c] for c in parts)]
 
 
 def _bert_folder(path, num_labels=None):

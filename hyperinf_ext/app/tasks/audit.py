@@ -226,7 +226,8 @@ def run_audit(cfg: AuditConfig, log: Log = None) -> dict[str, Any]:
                                  "rerun with the same arguments resumes from it)")
     answer = data.train.label_names
     table = [{"rank": a["rank"], "line": line, "text": data.train.texts[int(i)],
-              "answer": answer[data.train.labels[int(i)]], "score": a[cfg.signal]}
+              "answer": answer[data.train.labels[int(i)]], "score": a[cfg.signal],
+              **{c: a[c] for c in columns if c != cfg.signal}}
              for a, line, i in zip(added[:MAX_ROWS], lines, order)]
     with staged_outputs(out) as stage:
         data.train_rows.write(stage / name, lines, added)

@@ -37,7 +37,7 @@ def write_audit_html(path: str | Path, summary: dict[str, Any], rows: Sequence[d
     """``report.html`` of audit.
 
     ``rows``: one dict per training example in rank order with ``rank``, ``line``, ``text``, ``answer``
-    (label or response) and ``score``; ``tokens``: the ``tokens.jsonl`` records of ``--per-token``."""
+    (label or response), ``score`` and the other columns of ``summary["columns"]``; ``tokens``: the ``tokens.jsonl`` records of ``--per-token``."""
     signal = summary["signal"]
     text_key, answer_key = _keys(summary["causal_lm"])
     ft = summary["finetune"]
@@ -52,7 +52,8 @@ def write_audit_html(path: str | Path, summary: dict[str, Any], rows: Sequence[d
     if summary.get("target"):
         lines.insert(1, f"Target: {summary['target']} ({summary['n_target']} trusted examples).")
     columns = [Column("rank", "rank", "int"), Column("line", "line", "int"), Column("text", text_key),
-               Column("answer", answer_key), Column("score", signal, "score")]
+               Column("answer", answer_key), Column("score", signal, "score"),
+               *[Column(c, c, "score") for c in summary.get("columns", [signal]) if c != signal]]  # combined's parts
     shown, cut = cut_rows(list(rows), "examples", f"{Path(summary['outputs']['ranked']).name} has every one",
                           MAX_ROWS)
     sections: list[Section] = [
