@@ -10,9 +10,12 @@ prompt/response) — and each pool size n (300, 2,000), this script writes the f
 
 and runs the command line on them (``python -m hyperinf_ext``, defaults otherwise), one cell at a time:
 
-* ``audit-target`` / ``audit-self``: ``audit --train train --target target`` / ``audit --train train``
-  (a LoRA is fine-tuned on the training file first, 3 epochs) — wall time, and the ranking of the planted
-  errors: ROC-AUC and the fraction of them found in the top 10 % of ``ranked.*``;
+* ``audit-target`` / ``audit-combined`` / ``audit-self``: ``audit --train train --target target --signal
+  influence --mix-queries 0`` (the target signal alone, unmixed: audit's default with a target until issue
+  #25 switched it) / ``audit --train train --target target`` (today's default: the combined signal with
+  the target's curvature mixed in, bench/DEFAULTS.md) / ``audit --train train`` (a LoRA is fine-tuned on
+  the training file first, 3 epochs) — wall time, and the ranking of the planted errors: ROC-AUC and the
+  fraction of them found in the top 10 % of ``ranked.*``;
 * ``select-seedS`` (S = 0, 1, 2): ``select --pool train --target target --fraction 0.3 --evaluate --seed S``
   — wall time without the evaluation's two fine-tunes, and the target loss of fresh LoRA adapters trained
   on the selection and on a random subset of the same size.
@@ -20,7 +23,7 @@ and runs the command line on them (``python -m hyperinf_ext``, defaults otherwis
 Every cell is one JSON line in bench/user_commands_runs.jsonl (a rerun skips the cells it holds), and
 bench/USER_COMMANDS.md is rewritten from all lines after each cell.
 
-    python -m bench.user_commands --models minilm --sizes 300      # the 5 classifier cells at n = 300
+    python -m bench.user_commands --models minilm --sizes 300      # the 6 classifier cells at n = 300
     python -m bench.user_commands                                  # every cell (hours on 2 CPU cores)
     python -m bench.user_commands --report-only
 """
@@ -45,7 +48,10 @@ RUNS = HERE / "user_commands_runs.jsonl"
 REPORT = HERE / "USER_COMMANDS.md"
 MODELS = ("minilm", "smollm2")
 SIZES = (300, 2000)
-CELLS = ("audit-target", "audit-self", "select-seed0", "select-seed1", "select-seed2")
+CELLS = ("audit-target", "audit-self", "select-seed0", "select-seed1", "select-seed2", "audit-combined")
+AUDIT_FLAGS = {"audit-target": ["--signal", "influence", "--mix-queries", "0"], "audit-combined": [], "audit-self": []}
+AUDIT_LABEL = {"audit-target": "--target, influence, unmixed", "audit-combined": "--target, today's default",
+               "audit-self": "no target"}
 FLIP_RATE = 0.2
 N_TARGET = 100
 FRACTION = 0.3
@@ -122,9 +128,11 @@ def run_cell(model: str, n: int, cell: str, work: Path, threads: int | None) -> 
     train, target, flipped = write_files(model, n, folder / "data")
     out = folder / cell
     common = ["--model", model, "--out", str(out), "--no-progress", *(["--threads", str(threads)] if threads else [])]
-    record: dict[str, Any] = {"model": model, "n": n, "cell": cell, "n_target": N_TARGET, "flip_rate": FLIP_RATE}
+    record: dict[str, Any] = {"model": model, "n": n, "cell": cell, "n_target": N_TARGET, "flip_rate": FLIP_RATE,
+                              "load_at_start": os.getloadavg()[0]}  # other jobs on the machine slow the wall time
     if cell.startswith("audit"):
-        argv = ["audit", "--train", str(train), *(["--target", str(target)] if cell == "audit-target" else []), *common]
+        argv = ["audit", "--train", str(train), *([] if cell == "audit-self" else ["--target", str(target)]),
+                *AUDIT_FLAGS[cell], *common]
         record["seconds"] = run_cli(argv, folder / f"{cell}.log")
         lines, scores, signal = ranked_lines(out)
         planted = np.isin(np.array(lines), np.array(flipped))
@@ -161,6 +169,15 @@ def _f(x: Any, fmt: str = ".3f") -> str:
     return "—" if x is None else format(x, fmt)
 
 
+BUSY = 1.5  # 1-minute load average on the 2-core machine above which a cell's wall time is marked
+
+
+def _seconds(record: dict[str, Any] | None) -> str:
+    if record is None:
+        return "—"
+    return f"{record['seconds']:.0f}" + ("\\*" if record.get("load_at_start", 0.0) >= BUSY else "")
+
+
 def write_report(runs: list[dict[str, Any]]) -> None:
     """bench/USER_COMMANDS.md from every recorded cell."""
     cell = {(r["model"], r["n"], r["cell"]): r for r in runs}
@@ -171,14 +188,19 @@ def write_report(runs: list[dict[str, Any]]) -> None:
         "flipped by the script (planted errors); target: 100 other, clean reviews. Each command ran as a user "
         "runs it, with its defaults (a LoRA fine-tuned / warmed up 3 epochs; hyperinf at its default damping).", "",
         "## Wall time (seconds, the whole command: data, fine-tune, gradients, scores, outputs)", "",
-        "| model | n | audit --target | audit (self) | select --fraction 0.3 (without --evaluate's fine-tunes) |",
-        "|---|---:|---:|---:|---:|",
+        "| model | n | audit --target (influence, unmixed) | audit --target (default: combined, mixed) | audit (self) "
+        "| select --fraction 0.3 (without --evaluate's fine-tunes) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for (model, n) in sorted({(r["model"], r["n"]) for r in runs}):
-        sel = [cell[(model, n, c)]["seconds"] for c in CELLS[2:] if (model, n, c) in cell]
-        lines.append(f"| {model} | {n} | {_f(cell.get((model, n, 'audit-target'), {}).get('seconds'), '.0f')} | "
-                     f"{_f(cell.get((model, n, 'audit-self'), {}).get('seconds'), '.0f')} | "
+        sel = [cell[(model, n, c)]["seconds"] for c in CELLS if c.startswith("select") and (model, n, c) in cell]
+        lines.append(f"| {model} | {n} | {_seconds(cell.get((model, n, 'audit-target')))} | "
+                     f"{_seconds(cell.get((model, n, 'audit-combined')))} | "
+                     f"{_seconds(cell.get((model, n, 'audit-self')))} | "
                      f"{_f(statistics.mean(sel) if sel else None, '.0f')} |")
+    if any(r.get("load_at_start", 0.0) >= BUSY for r in runs):
+        lines += ["", f"\\* ran beside other jobs (1-minute load ≥ {BUSY} when the cell started): its time is not "
+                  "comparable with the others."]
     lines += ["", "## audit: ranking the planted label errors", "",
               "ROC-AUC of the flipped rows by the command's score, and the fraction of them in the top 10% of "
               "`ranked.*` (random: AUC 0.5, found 0.10).", "",
@@ -188,7 +210,7 @@ def write_report(runs: list[dict[str, Any]]) -> None:
               "|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in sorted((r for r in runs if r["cell"].startswith("audit")), key=lambda r: (r["model"], r["n"], r["cell"])):
         lines.append(f"| {r['model']} | {r['n']} | {r['n_flipped']} | {r['signal']} "
-                     f"({'--target' if r['cell'] == 'audit-target' else 'no target'}) | {r['auc']:.3f} | "
+                     f"({AUDIT_LABEL[r['cell']]}) | {r['auc']:.3f} | "
                      f"{r['found_at_10']:.3f} | {_f(r.get('model_loss'), '.4f')} | {_f(r.get('model_accuracy'))} |")
     lines += ["", f"## select: fresh-LoRA target loss, selection vs a random subset (fraction {FRACTION})", "",
               "`select --evaluate`: fresh LoRA adapters (3 epochs) on the selected rows and on a random subset of "
