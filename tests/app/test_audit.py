@@ -510,3 +510,15 @@ def test_query_side_option_refusals(llm, exact_index, tmp_path, capsys, no_model
     assert "--normalize: not with --index" in _error(capsys, ["select", "--index", str(exact_index), "--target",
                                                               str(target), "--fraction", "0.5", "--normalize", "unit",
                                                               "--out", str(tmp_path / "s"), *FAST])
+
+
+def test_a_method_that_cannot_mix_audits_unmixed_by_default(llm, tmp_path, capsys):
+    """The default --mix-queries (99) applies where the method can mix; tracin (no curvature) scores unmixed
+    and says so (summary mix_queries 0, no mixing in the signal text), ranked by the combined signal."""
+    folder, adapter, train, target = llm
+    out = tmp_path / "tracin"
+    assert main(["audit", "--model", str(folder), "--adapter", str(adapter), "--train", str(train), "--target",
+                 str(target), "--method", "tracin", "--out", str(out), *FAST]) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mix_queries"] == 0.0 and summary["signal"] == "combined_score"
+    assert "mixed in" not in summary["signal_meaning"] and "mixed in" not in capsys.readouterr().out
