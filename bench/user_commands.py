@@ -102,10 +102,11 @@ def run_cli(argv: list[str], log: Path) -> float:
     return seconds
 
 
-def ranked_lines(out: Path) -> tuple[list[int], list[float], str]:
-    """File lines of the training rows in rank order (recovered from the rows' texts), their scores, the signal."""
+def ranked_lines(out: Path, column: str | None = None) -> tuple[list[int], list[float], str]:
+    """File lines of the training rows in rank order (recovered from the rows' texts), their scores in
+    ``column`` (default: the ranking signal), the signal."""
     summary = json.loads((out / "summary.json").read_text())
-    signal = summary["signal"]
+    signal = column or summary["signal"]
     ranked = Path(summary["outputs"]["ranked"])
     train = Path(summary["train"])
     if ranked.suffix == ".csv":
@@ -119,6 +120,20 @@ def ranked_lines(out: Path) -> tuple[list[int], list[float], str]:
         rows = [json.loads(l) for l in ranked.read_text(encoding="utf-8").splitlines()]
         key = "prompt"
     return [line_of[r[key]] for r in rows], [float(r[signal]) for r in rows], signal
+
+
+def column_metrics(out: Path, flipped: list[int]) -> dict[str, dict[str, float]]:
+    """ROC-AUC and found-in-top-10 % of the planted errors by every score column of an audit's output
+    (the combined signal's parts beside it)."""
+    from hyperinf_ext.app.tasks.metrics import found_at, roc_auc
+
+    out_metrics = {}
+    for column in json.loads((out / "summary.json").read_text()).get("columns", []):
+        lines, scores, _ = ranked_lines(out, column)
+        planted = np.isin(np.array(lines), np.array(flipped))
+        out_metrics[column] = {"auc": roc_auc(np.array(scores), planted),
+                               "found_at_10": found_at(np.array(scores), planted, 0.1)}
+    return out_metrics
 
 
 def run_cell(model: str, n: int, cell: str, work: Path, threads: int | None) -> dict[str, Any]:
@@ -140,7 +155,7 @@ def run_cell(model: str, n: int, cell: str, work: Path, threads: int | None) -> 
         ft = json.loads((out / "summary.json").read_text())["finetune"]
         record.update(signal=signal, n_flipped=len(flipped), auc=roc_auc(np.array(scores), planted),
                       found_at_10=found_at(np.array(scores), planted, 0.1), model_eval_on=ft["eval_on"],
-                      model_loss=ft["loss"], model_accuracy=ft["accuracy"])
+                      model_loss=ft["loss"], model_accuracy=ft["accuracy"], by_column=column_metrics(out, flipped))
     else:
         seed = int(cell.removeprefix("select-seed"))
         argv = ["select", "--pool", str(train), "--target", str(target), "--fraction", str(FRACTION), "--evaluate",
@@ -212,6 +227,10 @@ def write_report(runs: list[dict[str, Any]]) -> None:
         lines.append(f"| {r['model']} | {r['n']} | {r['n_flipped']} | {r['signal']} "
                      f"({AUDIT_LABEL[r['cell']]}) | {r['auc']:.3f} | "
                      f"{r['found_at_10']:.3f} | {_f(r.get('model_loss'), '.4f')} | {_f(r.get('model_accuracy'))} |")
+        for column, m in r.get("by_column", {}).items():
+            if column != r["signal"]:
+                lines.append(f"| | | | its part {column}{' (mixed)' if column == 'influence_score' else ''} | "
+                             f"{m['auc']:.3f} | {m['found_at_10']:.3f} | | |")
     lines += ["", f"## select: fresh-LoRA target loss, selection vs a random subset (fraction {FRACTION})", "",
               "`select --evaluate`: fresh LoRA adapters (3 epochs) on the selected rows and on a random subset of "
               "the same size, loss on the target file; the pool holds the planted errors.", "",
@@ -235,6 +254,20 @@ def write_report(runs: list[dict[str, Any]]) -> None:
     REPORT.write_text("\n".join(lines), encoding="utf-8")
 
 
+def rescore(work: Path) -> None:
+    """Fill ``by_column`` of the audit records that lack it, from the outputs of the same run under ``work``
+    (the ranked file and summary the command wrote; the planted lines drawn again from the same seed)."""
+    runs = load_runs()
+    for r in runs:
+        out = work / f"{r['model']}-n{r['n']}" / r["cell"]
+        if r["cell"].startswith("audit") and "by_column" not in r and (out / "summary.json").is_file():
+            _, _, flipped = write_files(r["model"], r["n"], work / f"{r['model']}-n{r['n']}" / "data")
+            r["by_column"] = column_metrics(out, flipped)
+    tmp = RUNS.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    tmp.replace(RUNS)  # the records are whole or as before
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help="comma list of minilm, smollm2")
@@ -244,7 +277,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder for the data files and the commands' outputs")
     p.add_argument("--threads", type=int, default=None, help="--threads passed to every command")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--rescore", action="store_true",
+                   help="add the per-column metrics (by_column) to audit records whose outputs are still in --work")
     args = p.parse_args(argv)
+    if args.rescore:
+        rescore(args.work)
     if not args.report_only:
         done = {(r["model"], r["n"], r["cell"]) for r in load_runs()}
         for model in args.models.split(","):
