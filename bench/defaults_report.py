@@ -167,7 +167,11 @@ def report(data: Mapping[str, list[dict]], n_boot: int = 1000, expected: Mapping
         if not recs:
             lines += ["No records.", ""]
             continue
-        lines += reported_lines(recs, choice.final, rule.tune_peers(recs, rule.study_of(recs)), None, n_boot)
+        peers = rule.tune_peers(recs, rule.study_of(recs))
+        lines += reported_lines(recs, choice.final, peers, None, n_boot)
+        if choice.final != lib and any(rule.label_for(recs, s, lib) for s in rule.REPORTING_SEEDS[rule.study_of(recs)]):
+            lines += reported_lines(recs, lib, peers, None, n_boot, name="unmixed default",
+                                    heading=f"#### The setting `attribute`, `select` and the API use ({lib})")
     lines += ["## Reported: detection on the reporting configurations (not read by the rule)", ""]
     for study, table, seeds in (("classifier detection", classifier_table(), CLASSIFIER_REPORTING),
                                 ("LLM detection", {**llm_table, **quality_llm.peer_table()}, LLM_REPORTING)):

@@ -528,10 +528,10 @@ def rule_section(records: Sequence[Mapping], labels: Sequence[str], n_subsets: i
 
 
 def reported_lines(records: Sequence[Mapping], setting: Any, peers: Mapping[str, tuple], n_subsets: int | None,
-                   n_boot: int, name: str = "default") -> list[str]:
+                   n_boot: int, name: str = "default", heading: str | None = None) -> list[str]:
     """``setting`` (a bench.defaults_rule.Setting) against every tuned peer ({method: (Setting, ...)}) on
     the study's REPORTING seeds only: per-seed LDS and pooled paired intervals; or the command that
-    measures those seeds when they are missing."""
+    measures those seeds when they are missing.  ``heading``: the table's title (default: the seeds)."""
     from bench import defaults_rule as rule
 
     rep = rule.REPORTING_SEEDS[rule.study_of(records)]
@@ -555,7 +555,7 @@ def reported_lines(records: Sequence[Mapping], setting: Any, peers: Mapping[str,
                   f"--seeds {','.join(map(str, rep))}{cost}", "```", ""]
         return lines
     # the reported result: the chosen default vs every tuned peer, on the reporting seeds only
-    lines += [f"### Reported on seeds {', '.join(map(str, have))} (not used by the rule)", "",
+    lines += [heading or f"### Reported on seeds {', '.join(map(str, have))} (not used by the rule)", "",
               f"| method | setting | LDS per seed | default − method, pooled [{int(LEVEL * 100)}% interval] | p |",
               "|---|---|---|---|---|",
               f"| {name} | {setting} | " + ", ".join(_f(lds(*ref_mats[s])) for s in have) + " | — | — |"]
