@@ -167,9 +167,7 @@ def run_audit(cfg: AuditConfig, log: Log = None) -> dict[str, Any]:
         scorer = attr
     tokens, token_seconds = None, 0.0
     method = cfg.method if index_run is None else index_run.idx.attributor.config.method
-    options = cfg.score_options(method)
-    if index_run is not None:  # an index stores no gradient norms (validate refused --normalize with one)
-        options.pop("normalize")
+    options = cfg.score_options(method, index=index_run is not None)
     try:
         t0 = time.perf_counter()
         if index_run is None:

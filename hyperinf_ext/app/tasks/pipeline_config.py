@@ -86,10 +86,14 @@ class PipelineConfig:
             return float(self.mix_queries)
         return self.default_mix_queries(method or getattr(self, "method", "hyperinf"))
 
-    def score_options(self, method: str | None = None) -> dict[str, Any]:
+    def score_options(self, method: str | None = None, *, index: bool = False) -> dict[str, Any]:
         """``mix_queries``/``normalize`` as ``HyperINF.scores`` and ``mean_scores`` take them (``method``: the
-        one that scores, when it is not the config's, e.g. an index's)."""
-        return {"mix_queries": self.mix_weight(method), "normalize": self.normalize or False}
+        one that scores, when it is not the config's, e.g. an index's).  ``index``: the options ``Index``'s
+        scoring takes — mixing only (it stores no gradient norms; validate refused ``--normalize`` with one)."""
+        options = {"mix_queries": self.mix_weight(method), "normalize": self.normalize or False}
+        if index:
+            del options["normalize"]
+        return options
 
     def score_options_note(self, method: str | None = None) -> str:
         """"" or what ``mix_queries``/``normalize`` change in the scores, for the printed and written signal text."""

@@ -148,11 +148,10 @@ def run_select(cfg: SelectPoolConfig, log: Log = None) -> dict[str, Any]:
         scorer = attr
     try:
         t0 = time.perf_counter()
-        options = cfg.score_options(None if index_run is None else index_run.idx.attributor.config.method)
+        options = cfg.score_options(None if index_run is None else index_run.idx.attributor.config.method,
+                                    index=index_run is not None)
         if index_run is None:
             use_method(cfg, attr)
-        else:  # an index stores no gradient norms (validate refused --normalize with one)
-            options.pop("normalize")
         log_stage(log, f"influence: {cfg.method} on the mean loss of {len(data.target)} target examples")
         scores = scorer.mean_scores(loaders.influence_val, **options).detach().cpu().double().numpy()
         query_scores = (scorer.scores(loaders.influence_val, **options).detach().cpu().double().numpy()
