@@ -177,6 +177,16 @@ def run_attribute(cfg: AttributeConfig, log: Log = None) -> dict[str, Any]:
                                                   "check": shares_note(tokens)},
         "outputs": paths,
     }
+    write_attribution_outputs(out, summary, records, tokens, t_start)
+    return summary
+
+
+def write_attribution_outputs(out: Path, summary: dict[str, Any], records: list[dict[str, Any]],
+                              tokens: list[dict[str, Any]] | None, t_start: float) -> None:
+    """Write an attribution's files into ``out`` all at once (``staged_outputs``: an interrupted run leaves the
+    previous outputs whole): attribution.jsonl, report.md, report.html, tokens.jsonl (per-token shares, when
+    ``tokens`` is given) and summary.json, whose ``total_seconds`` counts from ``t_start``
+    (``time.perf_counter``)."""
     with staged_outputs(out) as stage:
         write_jsonl(stage / "attribution.jsonl", records)
         write_markdown(stage / "report.md", summary, records)
@@ -185,7 +195,6 @@ def run_attribute(cfg: AttributeConfig, log: Log = None) -> dict[str, Any]:
             write_tokens_jsonl(stage / "tokens.jsonl", tokens)
         summary["total_seconds"] = time.perf_counter() - t_start
         write_json(stage / "summary.json", summary)
-    return summary
 
 
 def attribution_records(train: TextDataset, query: TextDataset, kept: Any, causal: bool) -> list[dict[str, Any]]:

@@ -25,15 +25,13 @@ from ...curvature.methods import Damping, damping_label, parse_dampings, parse_m
 from ..data.dataset import TextDataset
 from ..data.dataset import DataError
 from ..data.files import load_text_file
-from .attribute import attribution_records, write_jsonl
-from .attribute_report import write_html, write_markdown
-from .output import prepare_output_dir, staged_outputs
+from .attribute import attribution_records, write_attribution_outputs
+from .output import prepare_output_dir
 from .planning import plan_gate
-from .per_token import attribute_token_records, check_per_token, shares_note, write_tokens_jsonl
+from .per_token import attribute_token_records, check_per_token, shares_note
 from .pipeline_config import check_query_options
 from .pipeline import (Log, PipelineConfig, PreparedData, build_loaders, is_causal, load_model, log_stage, model_dir,
                        train_model)
-from .report import write_json
 
 __all__ = ["IndexBuildConfig", "IndexQueryConfig", "run_index_build", "run_index_query", "SOURCE"]
 
@@ -306,14 +304,7 @@ def run_index_query(cfg: IndexQueryConfig, log: Log = None) -> dict[str, Any]:
                                             if not cfg.exact_rerank and idx.config.proj_dim else "")},
         "outputs": paths,
     }
-    with staged_outputs(out) as stage:
-        write_jsonl(stage / "attribution.jsonl", records)
-        write_markdown(stage / "report.md", summary, records)
-        write_html(stage / "report.html", summary, records, tokens=tokens)
-        if tokens is not None:
-            write_tokens_jsonl(stage / "tokens.jsonl", tokens)
-        summary["total_seconds"] = time.perf_counter() - t_start
-        write_json(stage / "summary.json", summary)
+    write_attribution_outputs(out, summary, records, tokens, t_start)
     return summary
 
 
