@@ -80,14 +80,16 @@ def detection_reported(runs: Sequence[Mapping], table: Mapping[str, Any], settin
              "| peer (tuned on the selection configurations) | setting | mean AUC | default − peer (mean ± sd) | won |",
              "|---|---|---|---|---|"]
     for method, (c, label, _) in rule.tune_detection_peers(runs, table).items():
-        theirs = [r["results"].get(label, {}).get("auc") for r in rep]
-        if any(v is None for v in theirs):
-            lines.append(f"| {method} | {c} | not on every reporting configuration | — | — |")
+        # a peer still being measured is compared on the configurations it has, and says how many
+        pairs = [(a, b) for a, b in zip(ours, (r["results"].get(label, {}).get("auc") for r in rep)) if b is not None]
+        if not pairs:
+            lines.append(f"| {method} | {c} | not on a reporting configuration yet | — | — |")
             continue
-        d = [a - b for a, b in zip(ours, theirs)]
+        d = [a - b for a, b in pairs]
         sd = f" ± {statistics.stdev(d):.3f}" if len(d) > 1 else ""
-        lines.append(f"| {method} | {c} | {_f(statistics.mean(theirs))} | {_f(statistics.mean(d), True)}{sd} | "
-                     f"{sum(x > 0 for x in d)}/{len(d)} |")
+        on = "" if len(pairs) == len(rep) else f" (on {len(pairs)} of {len(rep)}; default there {_f(statistics.mean(a for a, _ in pairs))})"
+        lines.append(f"| {method} | {c} | {_f(statistics.mean(b for _, b in pairs))}{on} | "
+                     f"{_f(statistics.mean(d), True)}{sd} | {sum(x > 0 for x in d)}/{len(d)} |")
     return lines + [""]
 
 

@@ -558,3 +558,21 @@ def test_defaults_report_chooses_on_selection_data_and_reports_on_the_rest():
     assert "Default: `hyperinf, spectral 1, mixed 99`, mean AUC 0.900." in text
     assert "| tracin | tracin | 0.500 | +0.400 ± 0.000 | 2/2 |" in text  # LLM: two configurations
     assert "### Reported on seeds 2, 3 (not used by the rule)" in text
+
+
+def test_detection_peer_measured_on_some_reporting_configurations_is_compared_there_and_says_so():
+    from bench.defaults_report import detection_reported
+
+    table = {**LLM_TABLE, "tracin": rule.Setting("tracin", None, None)}
+    sel = _detection({MIX: 0.8, "tracin": 0.6, "hyperinf, spectral 1": 0.7}, {}, (0, 1))
+    rep = [{**r, "results": dict(r["results"])} for r in _detection({MIX: 0.9, "hyperinf, spectral 1": 0.7}, {}, (2, 3))]
+    rep[0]["results"]["tracin"] = {"auc": 0.5}  # the peer on one of the two reporting configurations
+    rep[1]["results"][MIX] = {"auc": 0.7}
+    lines = detection_reported(sel + rep, table, table[MIX], "validation", (2, 3))
+    row = next(l for l in lines if l.startswith("| tracin |"))
+    # paired on configuration 2 only: 0.9 - 0.5; the default's mean there (0.9) beside the peer's
+    assert row == "| tracin | tracin | 0.500 (on 1 of 2; default there 0.900) | +0.400 | 1/1 |"
+    assert "mean AUC 0.800." in lines[0]  # the default's mean over both reporting configurations
+    rep[0]["results"].pop("tracin")
+    lines = detection_reported(sel + rep, table, table[MIX], "validation", (2, 3))
+    assert "| tracin | tracin | not on a reporting configuration yet | — | — |" in lines
