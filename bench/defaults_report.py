@@ -54,6 +54,33 @@ def load_all(root: Path = HERE) -> dict[str, list[dict]]:
             "LLM detection": quality_llm.load_runs(root / "quality_llm_runs.jsonl")}
 
 
+def untuned_peers(records: Sequence[Mapping], peers: Mapping[str, tuple]) -> tuple[dict[str, tuple], list[str]]:
+    """The LDS peers rule 2 could not tune (no score set on the selection seeds), as extra rows for
+    :func:`bench.lds_baselines.reported_lines` ({row name: (Setting, None)}), and the names of the grids among
+    them.  A peer with one setting on the reporting seeds needs no tuning: its row is that setting.  A peer
+    with a damping grid gets its best setting by mean LDS over the reporting seeds ("best against best", in
+    the peer's favour: the default did not pick its setting there)."""
+    from bench import defaults_rule as rule
+
+    rep = rule.REPORTING_SEEDS[rule.study_of(records)]
+    settings: dict[str, set] = {}
+    for r in records:
+        if r["kind"] == "scores" and r["config"]["seed"] in set(rep) and r.get("predicted") is not None:
+            c = rule.setting_of(r)
+            if not c.options and c.method not in peers:
+                settings.setdefault(c.method, set()).add(c)
+    rows = {m: (next(iter(cs)), None) for m, cs in settings.items() if len(cs) == 1}
+    grids = sorted(m for m, cs in settings.items() if len(cs) > 1)
+    if grids:
+        per_seed = rule.seed_lds(records, rep)
+        means = rule.mean_lds(per_seed, [s for s in rep if s in per_seed])
+        for m in grids:
+            best = max((c for c in settings[m] if c in means), key=lambda c: means[c], default=None)
+            if best is not None:
+                rows[f"{m}, best of its grid on these seeds"] = (best, None)
+    return rows, grids
+
+
 def detection_reported(runs: Sequence[Mapping], table: Mapping[str, Any], setting: Any, signal: str,
                        seeds: Sequence[int]) -> list[str]:
     """``setting``'s AUC (``signal``) against every peer tuned by rule 2' (validation signal), on the
@@ -79,7 +106,25 @@ def detection_reported(runs: Sequence[Mapping], table: Mapping[str, Any], settin
              f"mean AUC {_f(statistics.mean(ours))}.", "",
              "| peer (tuned on the selection configurations) | setting | mean AUC | default − peer (mean ± sd) | won |",
              "|---|---|---|---|---|"]
-    for method, (c, label, _) in rule.tune_detection_peers(runs, table).items():
+    tuned = {m: (c, label) for m, (c, label, _) in rule.tune_detection_peers(runs, table).items()}
+    settings_of: dict[str, list] = {}
+    for label, c in table.items():
+        if not c.options:
+            settings_of.setdefault(c.method, []).append((c, label))
+    measured = {l for r in rep for l in r["results"]}
+    untuned = []
+    for method, cl in settings_of.items():
+        if method in tuned or not any(label in measured for _, label in cl):
+            continue
+        if len(cl) == 1:  # a peer with one setting needs no tuning: it is reported as it is
+            tuned[method] = (f"{cl[0][0]} (its one setting)", cl[0][1])
+        else:  # a grid: its best setting here, in its favour (best against best)
+            untuned.append(method)
+            mean = {label: statistics.mean(v) for c, label in cl
+                    if (v := [r["results"][label]["auc"] for r in rep if r["results"].get(label, {}).get("auc") is not None])}
+            best = max(mean, key=mean.get)
+            tuned[f"{method}, best of its grid here"] = (table[best], best)
+    for method, (c, label) in tuned.items():
         # a peer still being measured is compared on the configurations it has, and says how many
         pairs = [(a, b) for a, b in zip(ours, (r["results"].get(label, {}).get("auc") for r in rep)) if b is not None]
         if not pairs:
@@ -90,6 +135,10 @@ def detection_reported(runs: Sequence[Mapping], table: Mapping[str, Any], settin
         on = "" if len(pairs) == len(rep) else f" (on {len(pairs)} of {len(rep)}; default there {_f(statistics.mean(a for a, _ in pairs))})"
         lines.append(f"| {method} | {c} | {_f(statistics.mean(b for _, b in pairs))}{on} | "
                      f"{_f(statistics.mean(d), True)}{sd} | {sum(x > 0 for x in d)}/{len(d)} |")
+    if untuned:
+        lines += ["", f"Not measured on every selection configuration, so not tuned by rule 2': {', '.join(untuned)}; "
+                  "each is reported by its best setting (mean AUC) on the reporting configurations that have it, "
+                  "which favours it."]
     return lines + [""]
 
 
@@ -170,7 +219,13 @@ def report(data: Mapping[str, list[dict]], n_boot: int = 1000, expected: Mapping
             lines += ["No records.", ""]
             continue
         peers = rule.tune_peers(recs, rule.study_of(recs))
+        extra, grids = untuned_peers(recs, peers)
+        peers = {**peers, **extra}
         lines += reported_lines(recs, choice.final, peers, None, n_boot)
+        if extra:
+            lines += ["Peers with no score set on the selection seeds: one setting is reported as it is; "
+                      f"a damping grid ({', '.join(grids) or 'none'}) by its best setting on the reporting seeds, "
+                      "which favours it.", ""]
         if choice.final != lib and any(rule.label_for(recs, s, lib) for s in rule.REPORTING_SEEDS[rule.study_of(recs)]):
             lines += reported_lines(recs, lib, peers, None, n_boot, name="unmixed default",
                                     heading=f"#### The setting `attribute`, `select` and the API use ({lib})")

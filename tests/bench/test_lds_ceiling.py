@@ -576,3 +576,40 @@ def test_detection_peer_measured_on_some_reporting_configurations_is_compared_th
     rep[0]["results"].pop("tracin")
     lines = detection_reported(sel + rep, table, table[MIX], "validation", (2, 3))
     assert "| tracin | tracin | not on a reporting configuration yet | — | — |" in lines
+
+
+def test_detection_peer_with_one_setting_is_reported_without_selection_data_and_a_grid_peer_is_named():
+    from bench.defaults_report import detection_reported
+
+    table = {**LLM_TABLE, "tracin": rule.Setting("tracin", None, None), "bergson TrackStar": rule.Setting("bergson TrackStar"),
+             "ek 0.1": rule.Setting("ekfac", "kronfluence heuristic", 0.1),
+             "ek 1": rule.Setting("ekfac", "kronfluence heuristic", 1.0)}
+    sel = _detection({MIX: 0.8, "tracin": 0.6, "hyperinf, spectral 1": 0.7}, {}, (0, 1))
+    rep = [{**r, "results": dict(r["results"])} for r in
+           _detection({MIX: 0.9, "hyperinf, spectral 1": 0.7, "bergson TrackStar": 0.95, "ek 1": 0.5}, {}, (2, 3))]
+    lines = detection_reported(sel + rep, table, table[MIX], "validation", (2, 3))
+    assert "| bergson TrackStar | bergson TrackStar (its one setting) | 0.950 | -0.050 ± 0.000 | 0/2 |" in lines
+    # a grid without selection data: its best setting on the reporting configurations (ek 1, the one measured)
+    assert "| ekfac, best of its grid here | ekfac, kronfluence heuristic × 1 | 0.500 | +0.400 ± 0.000 | 2/2 |" in lines
+    assert any(l.startswith("Not measured on every selection configuration") and "ekfac" in l for l in lines)
+
+
+def test_lds_peers_without_selection_data_one_setting_as_it_is_a_grid_by_its_best(monkeypatch):
+    from bench.defaults_report import untuned_peers
+
+    def rec(seed, method, damping):
+        return {"kind": "scores", "config": {"seed": seed, "model": "smollm2"}, "label": f"{method} {damping}",
+                "method": method, "damping": damping, "predicted": [[0.0]]}
+
+    recs = [rec(0, "hyperinf", ["spectral", 1.0]), rec(1, "hyperinf", ["spectral", 1.0]),
+            rec(1, "bergson TrackStar", ["bergson damped_inverse", 0.1]),
+            rec(1, "ekfac", ["kronfluence heuristic", 0.1]), rec(1, "ekfac", ["kronfluence heuristic", 1.0]),
+            rec(0, "lissa", ["spectral", 10.0]), rec(1, "lissa", ["spectral", 10.0])]
+    peers = {"hyperinf": (rule.Setting("hyperinf", "spectral", 1.0), 0.5), "lissa": (rule.Setting("lissa", "spectral", 10.0), 0.5)}
+    ek = [rule.Setting("ekfac", "kronfluence heuristic", x) for x in (0.1, 1.0)]
+    # the grid's LDS on reporting seed 1 (the records carry no subset models): the larger scale is better
+    monkeypatch.setattr(rule, "seed_lds", lambda records, seeds, n_subsets=None: {1: {ek[0]: ("a", 0.6), ek[1]: ("b", 0.7)}})
+    rows, grids = untuned_peers(recs, peers)
+    assert grids == ["ekfac"]
+    assert rows == {"bergson TrackStar": (rule.Setting("bergson TrackStar", "bergson damped_inverse", 0.1), None),
+                    "ekfac, best of its grid on these seeds": (ek[1], None)}
