@@ -81,6 +81,33 @@ def untuned_peers(records: Sequence[Mapping], peers: Mapping[str, tuple]) -> tup
     return rows, grids
 
 
+def untuned_detection_peers(rep: Sequence[Mapping], table: Mapping[str, Any],
+                            tuned: set[str]) -> tuple[dict[str, tuple], list[str]]:
+    """The detection peers rule 2' could not tune (not measured on every selection configuration) that the
+    reporting configurations ``rep`` have: {row name: (setting, label)} and the names of the grids among
+    them.  A peer with one setting is reported as it is; a grid by its best setting (mean validation AUC)
+    on ``rep``, in its favour ("best against best": the default did not pick its setting there)."""
+    settings_of: dict[str, list] = {}
+    for label, c in table.items():
+        if not c.options and c.method not in tuned:
+            settings_of.setdefault(c.method, []).append((c, label))
+    measured = {l for r in rep for l in r["results"]}
+    rows: dict[str, tuple] = {}
+    grids: list[str] = []
+    for method, cl in settings_of.items():
+        if not any(label in measured for _, label in cl):
+            continue
+        if len(cl) == 1:
+            rows[method] = (f"{cl[0][0]} (its one setting)", cl[0][1])
+            continue
+        grids.append(method)
+        mean = {label: statistics.mean(v) for c, label in cl
+                if (v := [r["results"][label]["auc"] for r in rep if r["results"].get(label, {}).get("auc") is not None])}
+        best = max(mean, key=mean.get)
+        rows[f"{method}, best of its grid here"] = (table[best], best)
+    return rows, grids
+
+
 def detection_reported(runs: Sequence[Mapping], table: Mapping[str, Any], setting: Any, signal: str,
                        seeds: Sequence[int]) -> list[str]:
     """``setting``'s AUC (``signal``) against every peer tuned by rule 2' (validation signal), on the
@@ -107,23 +134,8 @@ def detection_reported(runs: Sequence[Mapping], table: Mapping[str, Any], settin
              "| peer (tuned on the selection configurations) | setting | mean AUC | default − peer (mean ± sd) | won |",
              "|---|---|---|---|---|"]
     tuned = {m: (c, label) for m, (c, label, _) in rule.tune_detection_peers(runs, table).items()}
-    settings_of: dict[str, list] = {}
-    for label, c in table.items():
-        if not c.options:
-            settings_of.setdefault(c.method, []).append((c, label))
-    measured = {l for r in rep for l in r["results"]}
-    untuned = []
-    for method, cl in settings_of.items():
-        if method in tuned or not any(label in measured for _, label in cl):
-            continue
-        if len(cl) == 1:  # a peer with one setting needs no tuning: it is reported as it is
-            tuned[method] = (f"{cl[0][0]} (its one setting)", cl[0][1])
-        else:  # a grid: its best setting here, in its favour (best against best)
-            untuned.append(method)
-            mean = {label: statistics.mean(v) for c, label in cl
-                    if (v := [r["results"][label]["auc"] for r in rep if r["results"].get(label, {}).get("auc") is not None])}
-            best = max(mean, key=mean.get)
-            tuned[f"{method}, best of its grid here"] = (table[best], best)
+    extra, untuned = untuned_detection_peers(rep, table, set(tuned))
+    tuned.update(extra)
     for method, (c, label) in tuned.items():
         # a peer still being measured is compared on the configurations it has, and says how many
         pairs = [(a, b) for a, b in zip(ours, (r["results"].get(label, {}).get("auc") for r in rep)) if b is not None]
