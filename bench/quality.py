@@ -46,10 +46,10 @@ CANDIDATES = [
     ("lissa", "lissa", "datainf", 0.1),
     ("tracin", "tracin", "datainf", 0.1),
 ]
-# Issue #25: the query-side variants of hyperinf at its default damping (bench/variants.py), as
+# Issue #25: the query-side variants of hyperinf at its default damping and at spectral × 0.1 (bench/variants.py), as
 # (label, method, rule, scale, options) rows, and the self-influence signal ("self: <label>") of every
 # candidate that has one (a mixed-only variant's is its base's; "symmetric" has none).
-VARIANT_CANDIDATES = [(l, "hyperinf", "spectral", 1.0, dict(o)) for l, o in variants.OPTIONS.items()]
+VARIANT_CANDIDATES = [(l, "hyperinf", "spectral", variants.SCALES[l], dict(o)) for l, o in variants.OPTIONS.items()]
 SELF = variants.SELF
 SELF_LABELS = [SELF + c[0] for c in CANDIDATES] + [SELF + l for l, *_, o in VARIANT_CANDIDATES
                                                    if variants.self_options(o) and "normalize" in o]
@@ -121,7 +121,8 @@ def run_one(cfg: RunConfig, progress: bool, labels: list[str] | None = None) -> 
     for l in labels:
         if l.startswith(COMBINED):
             base = l[len(COMBINED):]
-            need |= {base, SELF + base if SELF + base in ALL_LABELS else SELF + variants.BASE_LABEL}
+            need |= {base, SELF + base if SELF + base in ALL_LABELS else
+                     SELF + variants.base_label(variants.SCALES.get(base, 1.0))}
     rows = [(*c, {}) for c in CANDIDATES] + VARIANT_CANDIDATES
     for label, method, rule, scale, options in rows:
         jobs = [j for j in variants.signal_jobs(attr, queries, label, options) if j[0] in need]

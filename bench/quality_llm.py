@@ -118,24 +118,43 @@ def pipeline_config(cfg: LlmRunConfig, progress: bool = False) -> Any:
 _metrics = variants.detection_metrics
 
 
-def _library_part(run: Any, flipped: np.ndarray) -> dict[str, dict]:
-    """Validation and self signal of every library candidate, from the run's one fit."""
+def _library_part(run: Any, flipped: np.ndarray, labels: set[str] | None = None) -> dict[str, dict]:
+    """Validation and self signal of every library candidate (or of the validation ``labels`` only, with their
+    self and combined signals), from the run's one fit.  A combined signal whose self ingredient is not among
+    them (a mixed-only variant takes its damping's) computes that ingredient without recording it."""
     from hyperinf_ext.curvature.methods import split_damping
 
+    cands = library_candidates()
+    want = {c[0] for c in cands} if labels is None else set(labels)
+    need = {SELF + variants.base_label(variants.SCALES[l]) for l in want if l in variants.SCALES}
     attr, queries, out, raw = run.attr, run.queries, {}, {}
-    for label, method, damping, options in library_candidates():
+    for label, method, damping, options in cands:
+        jobs = [(k, call) for k, call in variants.signal_jobs(attr, queries, label, options)
+                if label in want or k in need]
+        if not jobs:
+            continue
         rule, scale = split_damping(damping)
         attr.use(method, damping=rule, **({} if scale is None else {"damping_scale": scale}))
-        for key, call in variants.signal_jobs(attr, queries, label, options):
+        for key, call in jobs:
             t0 = time.perf_counter()
             try:
                 raw[key] = call().detach().cpu().double().numpy()
-                out[key] = _metrics(raw[key], flipped, time.perf_counter() - t0)
+                if label in want:
+                    out[key] = _metrics(raw[key], flipped, time.perf_counter() - t0)
             except (ValueError, ArithmeticError, RuntimeError) as exc:
-                out[key] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+                if label in want:
+                    out[key] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
     for key, scores in variants.combined_signals(raw).items():
-        out[key] = _metrics(scores, flipped, 0.0)
+        if key[len(COMBINED):] in want:
+            out[key] = _metrics(scores, flipped, 0.0)
     return out
+
+
+def missing_library_labels(run_record: dict | None) -> list[str]:
+    """The library candidates' validation labels a configuration's merged record lacks (all when None):
+    candidates added after it was scored (bench/variants.py DAMPED) are scored by a rerun of its library part."""
+    have = set() if run_record is None else set(run_record["results"])
+    return [c[0] for c in library_candidates() if c[0] not in have]
 
 
 def _peer_part(part: str, run: Any, cfg: LlmRunConfig, flipped: np.ndarray) -> dict[str, dict]:
@@ -178,9 +197,11 @@ def available_parts() -> list[str]:
         (["kronfluence"] if importlib.util.find_spec("kronfluence") is not None else [])
 
 
-def run_config(cfg: LlmRunConfig, parts: list[str], progress: bool = False) -> Iterator[dict]:
+def run_config(cfg: LlmRunConfig, parts: list[str], progress: bool = False,
+               library_labels: list[str] | None = None) -> Iterator[dict]:
     """Train the configuration's model once and yield one record per part of ``parts`` (library first: the
-    peers save or wrap the model afterwards)."""
+    peers save or wrap the model afterwards); ``library_labels``: the library part scores only these
+    validation labels (and their self and combined signals)."""
     from hyperinf_ext.app.tasks.pipeline import fit_and_query
 
     t0 = time.perf_counter()
@@ -192,7 +213,8 @@ def run_config(cfg: LlmRunConfig, parts: list[str], progress: bool = False) -> I
     try:
         for part in [p for p in PARTS if p in parts]:
             t1 = time.perf_counter()
-            results = _library_part(run, flipped) if part == "library" else _peer_part(part, run, cfg, flipped)
+            results = (_library_part(run, flipped, None if library_labels is None else set(library_labels))
+                       if part == "library" else _peer_part(part, run, cfg, flipped))
             yield {**base, "part": part, "results": results, "part_seconds": time.perf_counter() - t1,
                    "wall_seconds": time.perf_counter() - t0}
     finally:
@@ -297,12 +319,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.only:
             todo = [todo[int(i)] for i in args.only.split(",")]
         for cfg in todo:
-            done = {p for r in load_runs(runs) if r["config"] == asdict(cfg) for p in r["parts"]}
+            record = next((r for r in load_runs(runs) if r["config"] == asdict(cfg)), None)
+            done = set(record["parts"]) if record else set()
+            labels = None
+            if "library" in done and (labels := missing_library_labels(record)):
+                done.discard("library")  # candidates added since: the rerun scores those alone
             missing = [p for p in parts if p not in done]
             if not missing:
                 continue
-            print(f"[quality_llm] {cfg}: {', '.join(missing)}", flush=True)
-            for rec in run_config(cfg, missing, args.progress):
+            what = ", ".join(missing) + (f" (library: {len(labels)} new labels)" if labels else "")
+            print(f"[quality_llm] {cfg}: {what}", flush=True)
+            for rec in run_config(cfg, missing, args.progress, labels or None):
                 with runs.open("a") as fh:
                     fh.write(json.dumps(rec) + "\n")
                 print(f"[quality_llm] {cfg.seed}/{cfg.flip}/{cfg.rank}: {rec['part']} recorded "

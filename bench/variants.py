@@ -12,8 +12,12 @@ Each variant is ``method="hyperinf"`` at the library's default damping (spectral
 
 Self-influence has no query set: ``self_options`` gives the options a variant keeps there (its ``normalize``
 only; "symmetric" makes every self score 1, so such a variant has no self signal of its own).
-The variants are measured at spectral × 1 only (the damping they would join as default); their interplay
-with other dampings is not measured.
+The variants above are measured at spectral × 1 (the damping they would join as default).  ``DAMPED`` adds
+two at spectral × 0.1 (amendment 3 of bench/defaults_rule.py, rule 1d): with the query set mixed in, the
+damping is relative to the MIXED matrix, whose mean eigenvalue the query part dominates at w = 99, so × 1
+damps the training curvature far more than it does unmixed (an offline ablation on the LLM's detection
+configurations 1 and 6 ranked flipped rows higher at × 0.1).  Their labels name the damping:
+"hyperinf, spectral 0.1, mixed 99".
 """
 from __future__ import annotations
 
@@ -33,15 +37,29 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def label(name: str) -> str:
-    """The candidate label of variant ``name`` (e.g. "hyperinf, spectral 1, mixed 99")."""
+# (variant name, spectral damping scale) of the variants measured at a damping other than the default's
+DAMPED: list[tuple[str, float]] = [("mixed 99", 0.1), ("mixed 99, symmetric", 0.1)]
+
+
+def base_label(scale: float = 1.0) -> str:
+    """The label of plain hyperinf at spectral × ``scale`` (the LDS and detection studies' name for it)."""
+    return f"hyperinf, spectral {scale:g}"
+
+
+def label(name: str, scale: float = 1.0) -> str:
+    """The candidate label of variant ``name`` at spectral × ``scale`` (e.g. "hyperinf, spectral 1, mixed 99")."""
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r} (known: {list(VARIANTS)})")
-    return f"{BASE_LABEL}, {name}"
+    return f"{base_label(scale)}, {name}"
 
 
-LABELS = [label(n) for n in VARIANTS]
+LABELS = [label(n) for n in VARIANTS]  # at the default's damping (spectral × 1)
+DAMPED_LABELS = [label(n, s) for n, s in DAMPED]
 OPTIONS: dict[str, dict[str, Any]] = {label(n): dict(o) for n, o in VARIANTS.items()}
+OPTIONS.update({label(n, s): dict(VARIANTS[n]) for n, s in DAMPED})
+SCALES: dict[str, float] = {label(n): 1.0 for n in VARIANTS}
+SCALES.update({label(n, s): s for n, s in DAMPED})
+"""The spectral damping scale of every variant label (OPTIONS' keys)."""
 
 
 def self_options(options: dict[str, Any]) -> dict[str, Any] | None:
@@ -53,11 +71,12 @@ def self_options(options: dict[str, Any]) -> dict[str, Any] | None:
 
 def self_source(label: str, have: set[str], prefix: str = "self: ") -> str | None:
     """The self-influence entry that goes with candidate ``label``'s validation signal (for the combined
-    signal): its own when scored (in ``have``), a mixed-only variant's base, None for "symmetric" ones."""
+    signal): its own when scored (in ``have``), a mixed-only variant's base (plain hyperinf at the variant's
+    damping), None for "symmetric" ones."""
     if prefix + label in have:
         return prefix + label
-    if label in OPTIONS and self_options(OPTIONS[label]) == {} and prefix + BASE_LABEL in have:
-        return prefix + BASE_LABEL
+    if label in OPTIONS and self_options(OPTIONS[label]) == {} and prefix + base_label(SCALES[label]) in have:
+        return prefix + base_label(SCALES[label])
     return None
 
 

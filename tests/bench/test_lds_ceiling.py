@@ -525,6 +525,37 @@ def test_amendment_2_recommends_the_signal_with_the_best_mean_auc_over_both_stud
     assert rule.choose_signal(s1, cls, QC_MIX, runs(0.8, None, 0.79), LLM_TABLE)[0] is None
 
 
+def test_amendment_3_chooses_the_validation_setting_by_its_mean_auc_over_both_studies():
+    from bench import variants
+
+    mix = rule.Setting("hyperinf", "spectral", 1.0, rule.options_of(MIX_OPTS))
+    d_mix, d_sym = variants.DAMPED_LABELS
+    damped = {d_mix: rule.Setting("hyperinf", "spectral", 0.1, rule.options_of(variants.OPTIONS[d_mix])),
+              d_sym: rule.Setting("hyperinf", "spectral", 0.1, rule.options_of(variants.OPTIONS[d_sym]))}
+    table = {**LLM_TABLE, **damped}
+    qc = QC_MIX + [(l, "hyperinf", "spectral", 0.1, variants.OPTIONS[l]) for l in damped]
+
+    def runs(v_mix, v_dmix, v_dsym, seeds=(0, 1)):
+        res = {MIX: {"auc": v_mix}, d_mix: {"auc": v_dmix}}
+        if v_dsym is not None:
+            res[d_sym] = {"auc": v_dsym}
+        return [{"config": {"seed": s, "i": s}, "results": res} for s in seeds]
+
+    # classifier: 0.80 / 0.78 / 0.79; LLM: 0.84 / 0.88 / 0.86 -> means 0.82, 0.83, 0.825: the damped mixed one
+    best, vals = rule.choose_validation_setting(mix, runs(0.80, 0.78, 0.79), qc, runs(0.84, 0.88, 0.86), table)
+    assert best == damped[d_mix] and vals == pytest.approx({mix: 0.82, damped[d_mix]: 0.83, damped[d_sym]: 0.825})
+    # ties go to 1a-1b's setting; the reporting configurations (seeds 2, 3) are never read
+    tie = runs(0.8, 0.8, 0.8) + runs(0.1, 0.99, 0.99, seeds=(2, 3))
+    assert rule.choose_validation_setting(mix, tie, qc, tie, table)[0] == mix
+    # a candidate missing from a study's selection configurations: no choice, the others' values shown
+    best, vals = rule.choose_validation_setting(mix, runs(0.80, 0.78, None), qc, runs(0.84, 0.88, 0.86), table)
+    assert best is None and set(vals) == {mix, damped[d_mix]}
+    # fewer selection configurations than the grid has: that study counts as unmeasured
+    best, vals = rule.choose_validation_setting(mix, runs(0.80, 0.78, 0.79), qc, runs(0.84, 0.88, 0.86), table,
+                                                expected_configs={"classifier": 2, "LLM": 3})
+    assert best is None and vals == {}
+
+
 def test_defaults_report_chooses_on_selection_data_and_reports_on_the_rest():
     from bench.defaults_report import report
 
@@ -546,6 +577,10 @@ def test_defaults_report_chooses_on_selection_data_and_reports_on_the_rest():
     assert "| hyperinf, spectral × 1 **(chosen)** |" in text
     assert "| hyperinf, spectral × 1, mix_queries=99 **(chosen)** |" in text  # 1b
     assert "| combined **(chosen)** | 0.850 |" in text and "| self | 0.700 |" in text and "| validation | 0.800 |" in text
+    # 1d: the damped variants have no record here, so no choice, and the report names the commands
+    assert "## 1d. The setting of the validation signal (amendment 3)" in text
+    assert "| hyperinf, spectral × 1, mix_queries=99 | 0.800 | 0.800 | 0.800 |" in text
+    assert "No choice yet: a candidate lacks" in text and "--parts library" in text
     assert "python -m bench.lds --seeds 2,3" in text and "python -m bench.lds --model smollm2 --seeds 1,2" in text
     assert text.count("No reporting configuration") == 4
     # reporting data: detection of seed 2 (classifier) and seeds 2-3 (LLM); tracin is the tuned peer there

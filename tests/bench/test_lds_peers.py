@@ -235,8 +235,9 @@ def test_llm_labels_keep_the_recorded_ones_and_add_the_peers():
     n = len(before) + len(peers)
     assert lds.LLM_LABELS[n:n + len(variants.LABELS)] == variants.LABELS
     # then the eigenvalue-corrected GFIM at its default and the LLM's damping grid
-    assert lds.LLM_LABELS[n + len(variants.LABELS):] == ["eigen", "eigen, datainf damping", "eigen, spectral 1",
-                                                         "eigen, spectral 3", "eigen, spectral 10"]
+    eigen = ["eigen", "eigen, datainf damping", "eigen, spectral 1", "eigen, spectral 3", "eigen, spectral 10"]
+    assert lds.LLM_LABELS[n + len(variants.LABELS):] == eigen + variants.DAMPED_LABELS
+    assert variants.DAMPED_LABELS == ["hyperinf, spectral 0.1, mixed 99", "hyperinf, spectral 0.1, mixed 99, symmetric"]
     assert len(set(lds.LLM_LABELS)) == len(lds.LLM_LABELS)
 
 

@@ -30,17 +30,50 @@ def fitted():
     return attr, queries, flipped
 
 
+def test_library_part_scores_only_the_labels_asked_for(fitted, monkeypatch):
+    """A rerun for candidates added later (bench/variants.py DAMPED) records those alone, with the values a
+    full run gives them; a mixed-only variant's combined signal takes its damping's self signal, computed
+    but not recorded again."""
+    attr, queries, flipped = fitted
+    rows = [("hyperinf, spectral 0.1", "hyperinf", "spectral:0.1", {}), ("hyperinf, spectral 1", "hyperinf", "spectral:1", {})]
+    rows += [(l, "hyperinf", "spectral:0.1", dict(variants.OPTIONS[l])) for l in variants.DAMPED_LABELS]
+    monkeypatch.setattr(ql, "library_candidates", lambda: rows)
+    run = SimpleNamespace(attr=attr, queries=queries)
+    full = ql._library_part(run, flipped)
+    part = ql._library_part(run, flipped, set(variants.DAMPED_LABELS))
+    mixed, sym = variants.DAMPED_LABELS
+    assert set(part) == {mixed, sym, ql.COMBINED + mixed}
+    for key, v in part.items():
+        assert v["auc"] == pytest.approx(full[key]["auc"], abs=1e-12), key
+    attr.use("hyperinf", damping="spectral", damping_scale=0.1)
+    val = attr.mean_scores(queries, mix_queries=99.0).double().numpy()
+    assert part[mixed]["auc"] == pytest.approx(roc_auc(val, flipped), abs=1e-12)
+    base_self = attr.self_scores().double().numpy()
+    assert part[ql.COMBINED + mixed]["auc"] == pytest.approx(roc_auc(rank_average(val, base_self), flipped), abs=1e-12)
+    # the damping is the variant's own: at spectral × 1 the same option scores differently
+    attr.use("hyperinf", damping="spectral", damping_scale=1.0)
+    assert not np.allclose(attr.mean_scores(queries, mix_queries=99.0).double().numpy(), val, rtol=1e-6)
+
+
+def test_missing_library_labels_names_the_candidates_a_record_lacks(monkeypatch):
+    rows = [("a", "hyperinf", "spectral:1", {}), ("b", "hyperinf", "spectral:0.1", {})]
+    monkeypatch.setattr(ql, "library_candidates", lambda: rows)
+    assert ql.missing_library_labels(None) == ["a", "b"]
+    assert ql.missing_library_labels({"results": {"a": {"auc": 0.5}, "self: a": {}}}) == ["b"]
+    assert ql.missing_library_labels({"results": {"a": {}, "b": {}}}) == []
+
+
 def test_library_part_records_the_auc_of_each_named_call(fitted, monkeypatch):
     attr, queries, flipped = fitted
     # a small candidate list: the default, a peer, tracin and every variant
     rows = [("hyperinf, spectral 1", "hyperinf", "spectral:1", {}), ("datainf", "datainf", "auto", {}),
             ("tracin", "tracin", "auto", {})]
-    rows += [(l, "hyperinf", "spectral:1", dict(o)) for l, o in variants.OPTIONS.items()]
+    rows += [(l, "hyperinf", f"spectral:{variants.SCALES[l]:g}", dict(o)) for l, o in variants.OPTIONS.items()]
     monkeypatch.setattr(ql, "library_candidates", lambda: rows)
     out = ql._library_part(SimpleNamespace(attr=attr, queries=queries), flipped)
     for label, method, damping, options in rows:
-        attr.use(method, damping="spectral", damping_scale=1.0) if method == "hyperinf" else \
-            attr.use(method, damping="auto")
+        attr.use(method, damping="spectral", damping_scale=float(damping.split(":")[1])) if method == "hyperinf" \
+            else attr.use(method, damping="auto")
         want = roc_auc(attr.mean_scores(queries, **options).double().numpy(), flipped)
         assert out[label]["auc"] == pytest.approx(want, abs=1e-12), label
     # self signal: plain settings and "unit" (normalised self-influence); not the mixed-only or symmetric variants
@@ -81,11 +114,16 @@ def test_parts_merge_resume_and_the_rule_reads_them(tmp_path, monkeypatch):
     cfg = ql.LlmRunConfig(seed=0, n_train=8, n_val=2)
     calls = []
 
-    def fake_run_config(c, parts, progress=False):
+    cands = [("hyperinf, spectral 1", "hyperinf", "spectral:1", {})]
+    labels_asked = []
+
+    def fake_run_config(c, parts, progress=False, library_labels=None):
         calls.append(list(parts))
+        labels_asked.append(library_labels)
         for p in parts:
-            res = {"hyperinf, spectral 1": {"auc": 0.7, "top10": 0.5, "top20": 0.5, "seconds": 1.0},
-                   ql.SELF + "hyperinf, spectral 1": {"auc": 0.8, "top10": 0.5, "top20": 0.5, "seconds": 1.0}} \
+            res = {l: {"auc": 0.7, "top10": 0.5, "top20": 0.5, "seconds": 1.0}
+                   for l in (library_labels or [c[0] for c in cands])}
+            res = {**res, ql.SELF + "hyperinf, spectral 1": {"auc": 0.8, "top10": 0.5, "top20": 0.5, "seconds": 1.0}} \
                 if p == "library" else {f"{p} peer": {"auc": 0.6, "top10": 0.0, "top20": 0.5, "seconds": 2.0}}
             yield {"config": json.loads(c.key()), "val_accuracy": 0.9, "wall_seconds": 60.0, "part": p,
                    "part_seconds": 1.0, "results": res}
@@ -93,6 +131,7 @@ def test_parts_merge_resume_and_the_rule_reads_them(tmp_path, monkeypatch):
                 raise KeyboardInterrupt  # killed after the first part
 
     monkeypatch.setattr(ql, "run_config", fake_run_config)
+    monkeypatch.setattr(ql, "library_candidates", lambda: cands)
     monkeypatch.setattr(ql, "available_parts", lambda: ["library", "bergson", "kronfluence"])
     monkeypatch.setattr(ql, "grid", lambda smoke=False: [cfg])
     out = tmp_path / "Q.md"
@@ -105,6 +144,15 @@ def test_parts_merge_resume_and_the_rule_reads_them(tmp_path, monkeypatch):
     assert set(merged[0]["results"]) == {"hyperinf, spectral 1", ql.SELF + "hyperinf, spectral 1", "bergson peer",
                                          "kronfluence peer"}
     assert ql.main(["--runs", str(runs), "--out", str(out)]) == 0 and len(calls) == 2  # nothing left to run
+    assert labels_asked == [None, None]
+    # a candidate added later: the library part reruns for it alone, the peers are not rerun
+    cands.append(("hyperinf, spectral 0.1, mixed 99", "hyperinf", "spectral:0.1", {"mix_queries": 99.0}))
+    assert ql.main(["--runs", str(runs), "--out", str(out)]) == 0
+    assert calls[2:] == [["library"]] and labels_asked[2:] == [["hyperinf, spectral 0.1, mixed 99"]]
+    assert ql.main(["--runs", str(runs), "--out", str(out)]) == 0 and len(calls) == 3
+    merged = ql.load_runs(runs)
+    assert "hyperinf, spectral 0.1, mixed 99" in merged[0]["results"] and "bergson peer" in merged[0]["results"]
+    cands.pop()
     s1 = Setting("hyperinf", "spectral", 1.0)
     table = {"hyperinf, spectral 1": s1}
     assert detection_auc(merged, table, seeds=(0,)) == {s1: 0.7}
