@@ -177,8 +177,8 @@ def validation_setting_lines(final: Any, data: Mapping[str, Sequence[Mapping]], 
         lines.append(f"| {c}{star} | {_f(per['classifier'].get(c))} | {_f(per['LLM'].get(c))} | {_f(values.get(c))} |")
     if best is None:
         return lines + ["", "No choice yet: a candidate lacks a selection configuration of a study. The commands that "
-                        "fill them: `python -m bench.quality` (the classifier's configurations get the new labels as "
-                        "supplements) and `python -m bench.quality_llm --only 0,1,2,3 --parts library` (the library "
+                        "fill them: `python -m bench.quality --seeds 0,1` (the classifier's selection configurations get the "
+                        "new labels as supplements, about 20 min each on 2 cores) and `python -m bench.quality_llm --only 0,1,2,3 --parts library` (the library "
                         "part reruns for the labels a configuration lacks).", ""]
     lines += ["", f"Chosen: **{best}**{' (the 1a–1b setting: no change)' if best == final else ''}.", ""]
     if best != final:
