@@ -183,7 +183,11 @@ def validation_setting_lines(final: Any, data: Mapping[str, Sequence[Mapping]], 
     lines += ["", f"Chosen: **{best}**{' (the 1a–1b setting: no change)' if best == final else ''}.", ""]
     if best != final:
         signal, vals = rule.choose_signal(best, data["classifier detection"], cls_rows, data["LLM detection"], llm_table)
-        lines += [f"1c applied to it: {', '.join(f'{k} {_f(v)}' for k, v in vals.items())} → **{signal}**.", ""]
+        got = ", ".join(f"{k} {_f(v)}" for k, v in vals.items())
+        lines += ([f"1c applied to it: {got} → **{signal}**.", ""] if signal else
+                  [f"1c cannot be applied to it ({got}; the others are missing: a \"symmetric\" setting has no "
+                   "self-influence of its own, so no combined ranking either). `audit --target` is unchanged until "
+                   "that is settled.", ""])
     table = {**llm_table, **quality_llm.peer_table()}
     clean = [r for r in data["LLM detection"] if not (r["config"]["seed"] == 2 and r["config"]["rank"] == 4)]
     for name, runs in (("every LLM reporting configuration", data["LLM detection"]),
