@@ -167,12 +167,9 @@ def validation_setting_lines(final: Any, data: Mapping[str, Sequence[Mapping]], 
                                                   data["LLM detection"], llm_table, expected)
     per = {"classifier": rule.detection_auc(data["classifier detection"], cls_rows),
            "LLM": rule.detection_auc(data["LLM detection"], llm_table)}
-    from bench.variants import DAMPED, VARIANTS
-
-    cands = [final] + [rule.Setting("hyperinf", "spectral", float(sc), rule.options_of(VARIANTS[n])) for n, sc in DAMPED]
     lines = ["## 1d. The setting of the validation signal (amendment 3)", "",
              "| setting | classifier, mean validation AUC | LLM, mean validation AUC | value |", "|---|---|---|---|"]
-    for c in cands:
+    for c in rule.validation_candidates(final):
         star = " **(chosen)**" if c == best else ""
         lines.append(f"| {c}{star} | {_f(per['classifier'].get(c))} | {_f(per['LLM'].get(c))} | {_f(values.get(c))} |")
     if best is None:
@@ -189,7 +186,8 @@ def validation_setting_lines(final: Any, data: Mapping[str, Sequence[Mapping]], 
                    "self-influence of its own, so no combined ranking either). `audit --target` is unchanged until "
                    "that is settled.", ""])
     table = {**llm_table, **quality_llm.peer_table()}
-    clean = [r for r in data["LLM detection"] if not (r["config"]["seed"] == 2 and r["config"]["rank"] == 4)]
+    seen = rule.ABLATION_SEEN_CONFIG
+    clean = [r for r in data["LLM detection"] if any(r["config"][k] != v for k, v in seen.items())]
     for name, runs in (("every LLM reporting configuration", data["LLM detection"]),
                        ("without configuration 6 (seed 2, rank 4), which the ablation looked at", clean)):
         lines += [f"### {best}: validation signal, {name}", ""]

@@ -364,6 +364,19 @@ def choose_signal(setting: Setting, classifier_quality: Sequence[Mapping], class
     return best, values
 
 
+# the reporting configuration amendment 3's ablation looked at (1d is reported with and without it)
+ABLATION_SEEN_CONFIG = {"seed": 2, "rank": 4}
+
+
+def validation_candidates(chosen: Setting) -> list[Setting]:
+    """Rule 1d's candidates, in its tie order: ``chosen`` (1a–1b's), then hyperinf at spectral × s with each
+    variant of bench/variants.py ``DAMPED``."""
+    from bench.variants import DAMPED, VARIANTS
+
+    return [chosen] + [Setting(DEFAULT_METHOD, "spectral", float(scale), options_of(VARIANTS[name]))
+                       for name, scale in DAMPED]
+
+
 def choose_validation_setting(chosen: Setting, classifier_quality: Sequence[Mapping],
                               classifier_candidates: Sequence[tuple], llm_quality: Sequence[Mapping],
                               llm_candidates: Mapping[str, Setting],
@@ -373,11 +386,8 @@ def choose_validation_setting(chosen: Setting, classifier_quality: Sequence[Mapp
     (1a–1b's) and hyperinf at spectral × s with each variant of bench/variants.py ``DAMPED``; (None, values
     of the candidates measured everywhere) while a candidate lacks a selection configuration of a study.
     ``expected_configs`` as in :func:`choose_default_amended`."""
-    from bench.variants import DAMPED, VARIANTS
-
     expected = expected_configs or {}
-    cands = [chosen] + [Setting(DEFAULT_METHOD, "spectral", float(scale), options_of(VARIANTS[name]))
-                        for name, scale in DAMPED]
+    cands = validation_candidates(chosen)
     per_study = []
     for study, runs, table in (("classifier", classifier_quality, classifier_candidates),
                                ("LLM", llm_quality, llm_candidates)):

@@ -23,10 +23,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-BASE_LABEL = "hyperinf, spectral 1"
 SELF = "self: "  # the label prefix of a self-influence signal in the detection records
 COMBINED = "combined: "  # ... of the combined signal (validation and self ranks averaged)
-BASE = ("hyperinf", "spectral", 1.0)  # method, damping rule, scale
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "mixed 1": {"mix_queries": 1.0},
