@@ -90,6 +90,22 @@ configuration was looked at, what 1d chooses is reported with and without config
       MAXIMISED; ties (1e-12) go to the 1a–1b setting, then to the order of ``DAMPED``.  No choice while a
       candidate lacks a selection configuration of either study.  1c is applied again to the chosen setting.
 
+AMENDMENT 4 (2026-12-07, written and committed before any combined signal of a "symmetric" setting was
+scored and before any detection configuration of seeds 4–5 existed; every rule above stands).  1d chose
+hyperinf at spectral × 0.1 with "mixed 99, symmetric" (bench/DEFAULTS.md), and 1c could not be applied to it:
+a "symmetric" setting's own self-influence is 1 for every row, so 1c's "self" and "combined" were missing.
+1d already says the combined signal of its setting averages its ranks with ITS DAMPING'S self signal; 1c's
+"self" candidate for a mixed-only setting is its damping's.  This amendment makes that one rule:
+  1c'. For a setting with query-side options and no self-influence signal of its own (mixed-only and
+      "symmetric" settings; a "unit" setting has one), 1c's "self" is the self-influence of plain hyperinf
+      at the same damping rule and scale, and "combined" averages the setting's validation ranks with it
+      (bench/variants.py ``self_source``).  Nothing else of 1c changes.
+  Fresh reporting configurations.  Every configuration of seeds 2–3 had been looked at when amendments 3–4
+      were written.  The LLM detection study adds two configurations, seeds ``FRESH_DETECTION_SEEDS`` = 4, 5
+      (20% flipped, rank 8, the grid's main setting; bench/quality_llm.py ``FRESH_SEEDS``), recorded after
+      this amendment was committed; what 1c–1d choose is reported on them beside the issue's 8
+      configurations.  No rule reads them.
+
 Reported.  The chosen default and every tuned peer on the REPORTING seeds only: per-seed LDS, and the
 pooled two-sided 95% paired interval of default − peer (bootstrap over subsets and queries within each
 seed, pooled over the reporting seeds; bench/lds_baselines.py ``pooled_paired``).  The library's default
@@ -106,6 +122,7 @@ from typing import Iterable, Mapping, Sequence
 SELECTION_SEEDS: dict[str, tuple[int, ...]] = {"minilm": (0, 1), "smollm2": (0,)}
 REPORTING_SEEDS: dict[str, tuple[int, ...]] = {"minilm": (2, 3), "smollm2": (1, 2)}
 DETECTION_SELECTION_SEEDS: tuple[int, ...] = (0, 1)
+FRESH_DETECTION_SEEDS: tuple[int, ...] = (4, 5)  # amendment 4: reported only, read by no rule
 DEFAULT_METHOD = "hyperinf"
 SCALE_FREE = ("datainf", "spectral")
 _RULE_ORDER = {"datainf": 0, "spectral": 1, "kronfluence heuristic": 1, "paper": 2}
@@ -338,6 +355,14 @@ def _config_key(run: Mapping) -> str:
     return json.dumps(run["config"], sort_keys=True)
 
 
+def has_base_self(setting: Setting) -> bool:
+    """True when ``setting`` has query-side options and no self-influence signal of its own (mixed-only or
+    "symmetric"): 1c reads its damping's (amendment 4)."""
+    from bench.variants import self_options
+
+    return bool(setting.options) and not self_options(dict(setting.options))
+
+
 def choose_signal(setting: Setting, classifier_quality: Sequence[Mapping], classifier_candidates: Sequence[tuple],
                   llm_quality: Sequence[Mapping], llm_candidates: Mapping[str, Setting]
                   ) -> tuple[str | None, dict[str, float]]:
@@ -349,8 +374,8 @@ def choose_signal(setting: Setting, classifier_quality: Sequence[Mapping], class
         for runs, table in ((classifier_quality, classifier_candidates), (llm_quality, llm_candidates)):
             auc = detection_auc(runs, table, signal=signal)
             key = setting
-            if key not in auc and signal == "self" and all(k == "mix_queries" for k, _ in setting.options):
-                key = setting.plain()  # a mixed-only variant has no self signal of its own: its damping's
+            if key not in auc and signal == "self" and has_base_self(setting):
+                key = setting.plain()  # no self signal of its own: its damping's (amendments 2 and 4)
             if key in auc:
                 per_study.append(auc[key])
         if len(per_study) == 2:

@@ -54,8 +54,8 @@ SELF = variants.SELF
 SELF_LABELS = [SELF + c[0] for c in CANDIDATES] + [SELF + l for l, *_, o in VARIANT_CANDIDATES
                                                    if variants.self_options(o) and "normalize" in o]
 COMBINED = variants.COMBINED  # validation and self-influence signal, ranks averaged (metrics.rank_average)
-COMBINED_LABELS = [COMBINED + c[0] for c in CANDIDATES] + [
-    COMBINED + l for l, *_, o in VARIANT_CANDIDATES if variants.self_options(o) is not None]
+# every variant has a combined signal: its own self signal's, or its damping's (amendment 4)
+COMBINED_LABELS = [COMBINED + c[0] for c in CANDIDATES] + [COMBINED + l for l, *_ in VARIANT_CANDIDATES]
 ALL_LABELS = [c[0] for c in CANDIDATES] + [c[0] for c in VARIANT_CANDIDATES] + SELF_LABELS + COMBINED_LABELS
 
 

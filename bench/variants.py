@@ -11,7 +11,9 @@ Each variant is ``method="hyperinf"`` at the library's default damping (spectral
 * ``mixed 99, symmetric`` — both: TrackStar's estimator in HyperINF's d×d form.
 
 Self-influence has no query set: ``self_options`` gives the options a variant keeps there (its ``normalize``
-only; "symmetric" makes every self score 1, so such a variant has no self signal of its own).
+only; "symmetric" makes every self score 1, so such a variant has no self signal of its own).  A variant
+without a self signal of its own (mixed-only and "symmetric" ones) takes its damping's, plain hyperinf at
+the same damping, for the combined signal (amendment 4 of bench/defaults_rule.py).
 The variants above are measured at spectral × 1 (the damping they would join as default).  ``DAMPED`` adds
 two at spectral × 0.1 (amendment 3 of bench/defaults_rule.py, rule 1d): with the query set mixed in, the
 damping is relative to the MIXED matrix, whose mean eigenvalue the query part dominates at w = 99, so × 1
@@ -69,11 +71,12 @@ def self_options(options: dict[str, Any]) -> dict[str, Any] | None:
 
 def self_source(label: str, have: set[str], prefix: str = "self: ") -> str | None:
     """The self-influence entry that goes with candidate ``label``'s validation signal (for the combined
-    signal): its own when scored (in ``have``), a mixed-only variant's base (plain hyperinf at the variant's
-    damping), None for "symmetric" ones."""
+    signal): its own when scored (in ``have``); for a variant without one of its own (mixed-only or
+    "symmetric"; amendment 4) its damping's, plain hyperinf at the variant's damping; None when that is not
+    in ``have`` either (a "unit" variant whose own self signal is missing gets none)."""
     if prefix + label in have:
         return prefix + label
-    if label in OPTIONS and self_options(OPTIONS[label]) == {} and prefix + base_label(SCALES[label]) in have:
+    if label in OPTIONS and not self_options(OPTIONS[label]) and prefix + base_label(SCALES[label]) in have:
         return prefix + base_label(SCALES[label])
     return None
 

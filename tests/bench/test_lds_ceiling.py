@@ -525,6 +525,34 @@ def test_amendment_2_recommends_the_signal_with_the_best_mean_auc_over_both_stud
     assert rule.choose_signal(s1, cls, QC_MIX, runs(0.8, None, 0.79), LLM_TABLE)[0] is None
 
 
+def test_amendment_4_reads_a_symmetric_settings_self_signal_from_its_damping():
+    from bench import variants
+
+    d_sym = variants.DAMPED_LABELS[1]
+    sym = rule.Setting("hyperinf", "spectral", 0.1, rule.options_of(variants.OPTIONS[d_sym]))
+    plain = rule.Setting("hyperinf", "spectral", 0.1)
+    table = {"hyperinf, spectral 0.1": plain, d_sym: sym}
+    qc = [("hyperinf, spectral 0.1", "hyperinf", "spectral", 0.1, {}),
+          (d_sym, "hyperinf", "spectral", 0.1, variants.OPTIONS[d_sym])]
+    assert rule.has_base_self(sym) and not rule.has_base_self(plain)
+    assert not rule.has_base_self(rule.Setting("hyperinf", "spectral", 1.0, (("normalize", "unit"),)))
+
+    def runs(val, self_, comb, seeds=(0, 1)):
+        res = {"hyperinf, spectral 0.1": {"auc": 0.5}, rule.SELF + "hyperinf, spectral 0.1": {"auc": self_},
+               d_sym: {"auc": val}}
+        if comb is not None:
+            res[rule.COMBINED + d_sym] = {"auc": comb}
+        return [{"config": {"seed": s}, "results": res} for s in seeds]
+
+    # validation 0.80 / 0.86, its damping's self 0.70 / 0.80, combined 0.84 / 0.88 -> combined 0.86 > 0.83
+    sig, vals = rule.choose_signal(sym, runs(0.80, 0.70, 0.84), qc, runs(0.86, 0.80, 0.88), table)
+    assert sig == "combined" and vals == pytest.approx({"validation": 0.83, "self": 0.75, "combined": 0.86})
+    # before its combined signal is recorded: no recommendation
+    assert rule.choose_signal(sym, runs(0.80, 0.70, None), qc, runs(0.86, 0.80, 0.88), table)[0] is None
+    # the fresh reporting seeds are none of the selection ones
+    assert not set(rule.FRESH_DETECTION_SEEDS) & set(rule.DETECTION_SELECTION_SEEDS)
+
+
 def test_amendment_3_chooses_the_validation_setting_by_its_mean_auc_over_both_studies():
     from bench import variants
 
