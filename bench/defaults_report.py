@@ -154,6 +154,19 @@ def detection_reported(runs: Sequence[Mapping], table: Mapping[str, Any], settin
     return lines + [""]
 
 
+def audit_defaults() -> tuple[Any, str]:
+    """(the Setting, the rule's signal name) that ``audit --target`` scores with hyperinf at its defaults."""
+    from bench import defaults_rule as rule
+    from hyperinf_ext.app.tasks.audit import (DETECTION_DAMPING, DETECTION_MIX_QUERIES, DETECTION_NORMALIZE,
+                                              DETECTION_SIGNAL)
+    from hyperinf_ext.curvature.methods import split_damping
+
+    damping, scale = split_damping(DETECTION_DAMPING)
+    options = {"mix_queries": DETECTION_MIX_QUERIES, **({"normalize": DETECTION_NORMALIZE} if DETECTION_NORMALIZE else {})}
+    setting = rule.Setting("hyperinf", damping, float(scale), rule.options_of(options))
+    return setting, {"influence": "validation"}.get(DETECTION_SIGNAL, DETECTION_SIGNAL)
+
+
 def validation_setting_lines(final: Any, data: Mapping[str, Sequence[Mapping]], llm_table: Mapping[str, Any],
                              expected: Mapping[str, int]) -> list[str]:
     """Rule 1d (amendment 3): the candidates' mean validation AUC per study on the selection configurations,
@@ -186,6 +199,12 @@ def validation_setting_lines(final: Any, data: Mapping[str, Sequence[Mapping]], 
         lines += ([f"1c applied to it{base}: {got} → **{signal}**.", ""] if signal else
                   [f"1c cannot be applied to it yet ({got}; the others are not measured on every selection "
                    "configuration). `audit --target` is unchanged until they are.", ""])
+    audit, audit_signal = audit_defaults()
+    final_signal = signal if best != final else rule.choose_signal(
+        final, data["classifier detection"], cls_rows, data["LLM detection"], llm_table)[0]
+    same = audit == best and audit_signal == final_signal
+    lines += [f"`audit --target` today (hyperinf_ext/app/tasks/audit.py): {audit}, signal {audit_signal} — "
+              f"{'the same' if same else 'DIFFERENT'}.", ""]
     table = {**llm_table, **quality_llm.peer_table()}
     seen = rule.ABLATION_SEEN_CONFIG
     clean = [r for r in data["LLM detection"] if any(r["config"][k] != v for k, v in seen.items())]
@@ -198,6 +217,8 @@ def validation_setting_lines(final: Any, data: Mapping[str, Sequence[Mapping]], 
                  rule.FRESH_DETECTION_SEEDS)):
             lines += [f"### {best}: {sig} signal, {name}", ""]
             lines += detection_reported(runs, table, best, sig, seeds)
+        lines += [f"### {best}: {sig} signal, the classifier's reporting configurations", ""]
+        lines += detection_reported(data["classifier detection"], classifier_table(), best, sig, CLASSIFIER_REPORTING)
     return lines
 
 
@@ -207,7 +228,6 @@ def report(data: Mapping[str, list[dict]], n_boot: int = 1000, expected: Mapping
     from bench import defaults_rule as rule
     from bench import quality, quality_llm
     from bench.lds_baselines import reported_lines
-    from hyperinf_ext.app.tasks.audit import COLUMN_OF, DETECTION_MIX_QUERIES
     from hyperinf_ext.curvature.methods import METHOD_DEFAULTS
 
     llm_table = quality_llm.settings_table()
@@ -255,21 +275,18 @@ def report(data: Mapping[str, list[dict]], n_boot: int = 1000, expected: Mapping
         lines.append(f"No variant of {choice.setting} is measured on every query component: no option.")
     rule_default, scale = METHOD_DEFAULTS["hyperinf"]
     lib = rule.Setting("hyperinf", rule_default, float(scale))
-    audit = rule.Setting("hyperinf", rule_default, float(scale), rule.options_of({"mix_queries": DETECTION_MIX_QUERIES}))
-    lines += ["", f"Chosen default: **{choice.final}**. The library's defaults today: `audit --target` scores "
-              f"{audit} — {'the same' if choice.final == audit else 'DIFFERENT'}; the API (`HyperINF.scores`), "
+    lines += ["", f"Chosen default: **{choice.final}**. The library's defaults today: the API (`HyperINF.scores`), "
               f"`attribute` and `select` score {lib} with no query-side option — "
               f"{'the same' if choice.final == lib else 'not the rule’s single choice, by design'} "
-              "(docs/methods-and-damping.md says why).", ""]
+              "(docs/methods-and-damping.md says why); `audit --target` follows 1d below.", ""]
     signal, values = rule.choose_signal(choice.final, data["classifier detection"],
                                         list(quality.CANDIDATES) + list(quality.VARIANT_CANDIDATES),
                                         data["LLM detection"], llm_table)
     lines += ["## 1c. The detection signal to recommend with trusted rows (amendment 2)", "",
               "| signal | mean AUC over both studies' selection configurations |", "|---|---|"]
     lines += [f"| {s}{' **(chosen)**' if s == signal else ''} | {_f(values.get(s))} |" for s in rule.SIGNALS]
-    lines += ["", f"Recommended: **{signal or 'not decided (a signal is missing)'}**; without trusted rows, "
-              f"self-influence. `audit --target` ranks by default by `{COLUMN_OF['combined']}` — "
-              f"{'the same' if signal == 'combined' else 'DIFFERENT'}.", ""]
+    lines += ["", f"Recommended for {choice.final}: **{signal or 'not decided (a signal is missing)'}**; without "
+              "trusted rows, self-influence. 1d below may change the setting, and 1c is applied to it again.", ""]
     lines += validation_setting_lines(choice.final, data, llm_table, expected)
     lines += ["## Reported: LDS on the reporting seeds (not read by the rule)", ""]
     for study in ("classifier LDS", "LLM LDS"):
@@ -293,7 +310,7 @@ def report(data: Mapping[str, list[dict]], n_boot: int = 1000, expected: Mapping
     for study, table, seeds in (("classifier detection", classifier_table(), CLASSIFIER_REPORTING),
                                 ("LLM detection", {**llm_table, **quality_llm.peer_table()}, LLM_REPORTING)):
         for sig in ("validation", signal) if signal and signal != "validation" else ("validation",):
-            lines += [f"### {study}, {sig} signal", ""]
+            lines += [f"### {study}, {sig} signal of 1a–1c's {choice.final}", ""]
             lines += detection_reported(data[study], table, choice.final, sig, seeds)
     return "\n".join(lines)
 

@@ -10,12 +10,14 @@ prompt/response) — and each pool size n (300, 2,000), this script writes the f
 
 and runs the command line on them (``python -m hyperinf_ext``, defaults otherwise), one cell at a time:
 
-* ``audit-target`` / ``audit-combined`` / ``audit-self``: ``audit --train train --target target --signal
-  influence --mix-queries 0`` (the target signal alone, unmixed: audit's default with a target until issue
-  #25 switched it) / ``audit --train train --target target`` (today's default: the combined signal with
-  the target's curvature mixed in, bench/DEFAULTS.md) / ``audit --train train`` (a LoRA is fine-tuned on
-  the training file first, 3 epochs) — wall time, and the ranking of the planted errors: ROC-AUC and the
-  fraction of them found in the top 10 % of ``ranked.*``;
+* ``audit-target`` / ``audit-combined`` / ``audit-default`` / ``audit-self``: ``audit --train train --target
+  target --signal influence --mix-queries 0 --normalize none --damping spectral:1`` (the target signal alone,
+  unmixed, raw: audit's default with a target until issue #25 switched it) / the same with the combined
+  signal and ``--mix-queries`` at its default 99 (the default from amendment 2 to amendment 4 of
+  bench/defaults_rule.py) / ``audit --train train --target target`` (today's default, bench/DEFAULTS.md 1d:
+  hyperinf at spectral × 0.1 with the target mixed in, the symmetric cosine) / ``audit --train train`` (a
+  LoRA is fine-tuned on the training file first, 3 epochs) — wall time, and the ranking of the planted
+  errors: ROC-AUC and the fraction of them found in the top 10 % of ``ranked.*``;
 * ``select-seedS`` (S = 0, 1, 2): ``select --pool train --target target --fraction 0.3 --evaluate --seed S``
   — wall time without the evaluation's two fine-tunes, and the target loss of fresh LoRA adapters trained
   on the selection and on a random subset of the same size.
@@ -48,9 +50,14 @@ RUNS = HERE / "user_commands_runs.jsonl"
 REPORT = HERE / "USER_COMMANDS.md"
 MODELS = ("minilm", "smollm2")
 SIZES = (300, 2000)
-CELLS = ("audit-target", "audit-self", "select-seed0", "select-seed1", "select-seed2", "audit-combined")
-AUDIT_FLAGS = {"audit-target": ["--signal", "influence", "--mix-queries", "0"], "audit-combined": [], "audit-self": []}
-AUDIT_LABEL = {"audit-target": "--target, influence, unmixed", "audit-combined": "--target, today's default",
+CELLS = ("audit-target", "audit-self", "select-seed0", "select-seed1", "select-seed2", "audit-combined",
+         "audit-default")
+_RAW_AT_1 = ["--normalize", "none", "--damping", "spectral:1"]  # the defaults before amendment 4
+AUDIT_FLAGS = {"audit-target": ["--signal", "influence", "--mix-queries", "0", *_RAW_AT_1],
+               "audit-combined": ["--signal", "combined", *_RAW_AT_1], "audit-default": [], "audit-self": []}
+AUDIT_LABEL = {"audit-target": "--target, influence, unmixed",
+               "audit-combined": "--target, combined, mixed 99 at spectral × 1: the default before amendment 4",
+               "audit-default": "--target, today's default",
                "audit-self": "no target"}
 FLIP_RATE = 0.2
 N_TARGET = 100
@@ -203,14 +210,15 @@ def write_report(runs: list[dict[str, Any]]) -> None:
         "flipped by the script (planted errors); target: 100 other, clean reviews. Each command ran as a user "
         "runs it, with its defaults (a LoRA fine-tuned / warmed up 3 epochs; hyperinf at its default damping).", "",
         "## Wall time (seconds, the whole command: data, fine-tune, gradients, scores, outputs)", "",
-        "| model | n | audit --target (influence, unmixed) | audit --target (default: combined, mixed) | audit (self) "
-        "| select --fraction 0.3 (without --evaluate's fine-tunes) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | n | audit --target (influence, unmixed) | audit --target (combined, mixed, × 1) "
+        "| audit --target (today's default) | audit (self) | select --fraction 0.3 (without --evaluate's fine-tunes) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for (model, n) in sorted({(r["model"], r["n"]) for r in runs}):
         sel = [cell[(model, n, c)]["seconds"] for c in CELLS if c.startswith("select") and (model, n, c) in cell]
         lines.append(f"| {model} | {n} | {_seconds(cell.get((model, n, 'audit-target')))} | "
                      f"{_seconds(cell.get((model, n, 'audit-combined')))} | "
+                     f"{_seconds(cell.get((model, n, 'audit-default')))} | "
                      f"{_seconds(cell.get((model, n, 'audit-self')))} | "
                      f"{_f(statistics.mean(sel) if sel else None, '.0f')} |")
     if any(r.get("load_at_start", 0.0) >= BUSY for r in runs):

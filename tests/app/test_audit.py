@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,23 +71,31 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def direct_scores(folder, adapter, train, target, mix=0.0):
-    """HyperINF.mean_scores on the target (mixed with weight ``mix``; or self_scores without one), computed here
-    from the files."""
+def direct_scores(folder, adapter, train, target, mix=0.0, scale=None, normalize=False):
+    """HyperINF.mean_scores on the target (mixed with weight ``mix``, normalised as ``normalize``, at spectral ×
+    ``scale``, default the method's own; or self_scores without one), computed here from the files."""
     with one_thread():
         attr, loader = fitted_here(folder, adapter, train)
-        scores = attr.mean_scores(loader(target), mix_queries=mix) if target is not None else attr.self_scores()
+        if scale is not None:
+            attr.use("hyperinf", damping="spectral", damping_scale=scale)
+        scores = (attr.mean_scores(loader(target), mix_queries=mix, normalize=normalize) if target is not None
+                  else attr.self_scores())
     return scores.double().tolist()
 
 
-def direct_columns(folder, adapter, train, target):
+def direct_columns(folder, adapter, train, target, detection=True):
     """The three columns of the default audit with a target: influence mixed with weight 99, self-influence,
-    their rank average."""
+    their rank average; ``detection``: with a fit of its own, hyperinf's 1d setting (audit.DETECTION_DAMPING,
+    the influence the "symmetric" cosine, the self-influence raw at the same damping); else (an index) at the
+    method's own damping, raw."""
     from hyperinf_ext.app.tasks.metrics import rank_average
 
     with one_thread():
         attr, loader = fitted_here(folder, adapter, train)
-        influence = attr.mean_scores(loader(target), mix_queries=99.0).double()
+        if detection:
+            attr.use("hyperinf", damping="spectral", damping_scale=0.1)
+        influence = attr.mean_scores(loader(target), mix_queries=99.0,
+                                     normalize="symmetric" if detection else False).double()
         self_ = attr.self_scores().double()
     return {"influence_score": influence.tolist(), "self_influence": self_.tolist(),
             "combined_score": rank_average(influence, self_).tolist()}
@@ -96,22 +105,26 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-@pytest.mark.parametrize("case", ["combined", "influence", "self"])
+@pytest.mark.parametrize("case", ["default", "combined", "influence", "self"])
 def test_audit_writes_the_users_rows_in_rank_order_with_hyperinf_scores(llm, tmp_path, capsys, case):
-    """combined: the default with --target (influence mixed with weight 99, self-influence, their rank average);
-    influence: --signal influence --mix-queries 0, the plain mean_scores; self: no --target."""
+    """default with --target: the influence on the target (mixed with weight 99, the symmetric cosine at spectral
+    × 0.1); combined: --signal combined (that influence, self-influence at the same damping, their rank
+    average); influence: --signal influence --mix-queries 0, the unmixed cosine at spectral × 0.1; self: no
+    --target, the method's own damping."""
     folder, adapter, train, target = llm
     out = tmp_path / "out"
-    flags = {"combined": ["--target", str(target)], "self": [],
-             "influence": ["--target", str(target), "--signal", "influence", "--mix-queries", "0"]}[case]
+    flags = {"default": ["--target", str(target)], "combined": ["--target", str(target), "--signal", "combined"],
+             "self": [], "influence": ["--target", str(target), "--signal", "influence", "--mix-queries", "0"]}[case]
     argv = ["audit", "--model", str(folder), "--adapter", str(adapter), "--train", str(train), "--out", str(out),
             *flags, *FAST]
     assert main(argv) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
-    signal = {"combined": "combined_score", "influence": "influence_score", "self": "self_influence"}[case]
+    signal = {"combined": "combined_score", "influence": "influence_score", "default": "influence_score",
+              "self": "self_influence"}[case]
     with_target = case != "self"
+    mixed = case in ("default", "combined")
     assert f"ranked by {signal}" in printed and ("--target" in printed if with_target else "without --target" in printed)
-    assert ("mixed in with weight 99 (the default of --mix-queries)" in printed) == (case == "combined")
+    assert ("mixed in with weight 99 (the default of --mix-queries)" in printed) == mixed
     ranked = read_jsonl(out / "ranked.jsonl")
     original = read_jsonl(train)
     assert [r["rank"] for r in ranked] == list(range(1, 25))
@@ -125,15 +138,19 @@ def test_audit_writes_the_users_rows_in_rank_order_with_hyperinf_scores(llm, tmp
     scores = [r[signal] for r in ranked]
     assert scores == sorted(scores, reverse=True)  # rank 1 = the highest score
     expected = (direct_columns(folder, adapter, train, target) if case == "combined" else
-                {signal: direct_scores(folder, adapter, train, target if with_target else None)})
+                {signal: direct_scores(folder, adapter, train, target if with_target else None,
+                                       mix=99.0 if mixed else 0.0, scale=0.1 if with_target else None,
+                                       normalize="symmetric" if with_target else False)})
     for r in ranked:
         for c in columns:
             assert r[c] == pytest.approx(expected[c][int(r["id"][2:])], **TOL), c
     summary = json.loads((out / "summary.json").read_text())
     assert summary["signal"] == signal and "rank 1 = the highest score" in summary["sign_convention"]
-    assert summary["columns"] == columns and summary["mix_queries"] == {"combined": 99.0, "influence": 0.0,
-                                                                         "self": None}[case]
-    assert ("POSITIVE" in summary["sign_convention"]) == (case == "influence")
+    assert summary["columns"] == columns and summary["mix_queries"] == {"combined": 99.0, "default": 99.0,
+                                                                         "influence": 0.0, "self": None}[case]
+    assert ("POSITIVE" in summary["sign_convention"]) == (signal == "influence_score")
+    assert summary["damping"] == ("spectral:0.1" if with_target else "auto")
+    assert ("unit-normalised (symmetric)" in summary["signal_meaning"]) == with_target
     assert summary["finetune"]["epochs"] == 0 and not (out / ".checkpoint").exists()
     assert "# Training-data audit" in (out / "report.md").read_text()
     check_report_html(out, summary, ranked, by_id, signal, printed)
@@ -404,8 +421,8 @@ def exact_index(llm):
 
 @pytest.mark.parametrize("with_target", [True, False])
 def test_audit_from_an_exact_index_equals_the_audit_without(llm, exact_index, tmp_path, capsys, with_target):
-    """With --target: the default mixing (99) from the index, ranked by influence (--signal influence) so that
-    the ranking is compared exactly; then the default combined signal from the same index."""
+    """With --target: the default mixing (99) from the index at its own damping, raw, ranked by influence
+    (--signal influence) so that the ranking is compared exactly; then the combined signal from the same index."""
     folder, adapter, train, target = llm
     out = tmp_path / "out"
     capsys.readouterr()
@@ -436,10 +453,10 @@ def test_audit_from_an_exact_index_equals_the_audit_without(llm, exact_index, tm
     if with_target:
         from hyperinf_ext.app.tasks.metrics import rank_average
 
-        assert main(["audit", "--index", str(exact_index), "--target", str(target), "--out", str(tmp_path / "c"),
-                     *FAST]) == 0, capsys.readouterr().err
+        assert main(["audit", "--index", str(exact_index), "--target", str(target), "--signal", "combined",
+                     "--out", str(tmp_path / "c"), *FAST]) == 0, capsys.readouterr().err
         combined = read_jsonl(tmp_path / "c" / "ranked.jsonl")
-        want = direct_columns(folder, adapter, train, target)
+        want = direct_columns(folder, adapter, train, target, detection=False)  # the index's damping, raw
         for r in combined:
             for c in ("influence_score", "self_influence"):
                 assert r[c] == pytest.approx(want[c][int(r["id"][2:])], rel=1e-5, abs=1e-6 * max(map(abs, want[c])))
@@ -466,18 +483,26 @@ def test_audit_index_refusals(llm, exact_index, tmp_path, capsys, no_model_work)
 
 
 def test_audit_with_the_query_side_options_equals_the_library_call(llm, tmp_path, capsys):
-    """--mix-queries 99 --normalize symmetric (TrackStar's estimator in the GFIM form): the ranked scores are
-    HyperINF.mean_scores with the same options; --normalize unit without --target is the normalised self-influence."""
+    """--mix-queries 99 --normalize symmetric --damping spectral:1 (TrackStar's estimator in the GFIM form at the
+    method's own damping): the ranked scores are HyperINF.mean_scores with the same options; --normalize none
+    --damping spectral:1: the raw mixed score; --normalize unit without --target is the normalised
+    self-influence; --normalize symmetric with the combined signal ranks with the raw self-influence."""
+    from hyperinf_ext.app.tasks.metrics import rank_average
+
     folder, adapter, train, target = llm
     with one_thread():
         attr, loader = fitted_here(folder, adapter, train)
-        want = {"mixed": attr.mean_scores(loader(target), mix_queries=99.0, normalize="symmetric").double().tolist(),
-                "unit self": attr.self_scores(normalize="unit").double().tolist()}
+        attr.use("hyperinf", damping="spectral", damping_scale=1.0)
+        sym = attr.mean_scores(loader(target), mix_queries=99.0, normalize="symmetric").double()
+        want = {"mixed": sym.tolist(), "raw": attr.mean_scores(loader(target), mix_queries=99.0).double().tolist(),
+                "unit self": attr.self_scores(normalize="unit").double().tolist(),
+                "combined": rank_average(sym, attr.self_scores().double()).tolist()}
         plain = attr.mean_scores(loader(target)).double().tolist()
     assert max(abs(a - b) for a, b in zip(want["mixed"], plain)) > 1e-3 * max(map(abs, plain))  # they differ
-    for name, flags, signal in (("mixed", ["--target", str(target), "--signal", "influence", "--mix-queries", "99", "--normalize",
-                                           "symmetric"],
-                                 "influence_score"),
+    at1 = ["--target", str(target), "--damping", "spectral:1"]
+    for name, flags, signal in (("mixed", [*at1, "--signal", "influence", "--normalize", "symmetric"], "influence_score"),
+                                ("raw", [*at1, "--signal", "influence", "--normalize", "none"], "influence_score"),
+                                ("combined", [*at1, "--signal", "combined", "--normalize", "symmetric"], "combined_score"),
                                 ("unit self", ["--normalize", "unit"], "self_influence")):
         out = tmp_path / name.replace(" ", "_")
         argv = ["audit", "--model", str(folder), "--adapter", str(adapter), "--train", str(train), "--out", str(out),
@@ -486,7 +511,8 @@ def test_audit_with_the_query_side_options_equals_the_library_call(llm, tmp_path
         for r in read_jsonl(out / "ranked.jsonl"):
             assert r[signal] == pytest.approx(want[name][int(r["id"][2:])], **TOL)
         settings = json.loads((out / "summary.json").read_text())["settings"]
-        assert settings["normalize"] == flags[flags.index("--normalize") + 1]
+        given = flags[flags.index("--normalize") + 1]
+        assert settings["normalize"] == (False if given == "none" else given)
 
 
 def test_query_side_option_refusals(llm, exact_index, tmp_path, capsys, no_model_work):
@@ -505,8 +531,6 @@ def test_query_side_option_refusals(llm, exact_index, tmp_path, capsys, no_model
     assert "--signal influence: needs --target" in _error(capsys, [*base, "--signal", "influence"])
     assert "--mix-queries: needs --target and an influence signal" in _error(
         capsys, [*base, "--target", str(target), "--signal", "self", "--mix-queries", "1"])
-    assert "--normalize symmetric: not with --signal combined" in _error(
-        capsys, [*base, "--target", str(target), "--normalize", "symmetric"])
     assert "--normalize: not with --index" in _error(capsys, ["select", "--index", str(exact_index), "--target",
                                                               str(target), "--fraction", "0.5", "--normalize", "unit",
                                                               "--out", str(tmp_path / "s"), *FAST])
@@ -514,11 +538,38 @@ def test_query_side_option_refusals(llm, exact_index, tmp_path, capsys, no_model
 
 def test_a_method_that_cannot_mix_audits_unmixed_by_default(llm, tmp_path, capsys):
     """The default --mix-queries (99) applies where the method can mix; tracin (no curvature) scores unmixed
-    and says so (summary mix_queries 0, no mixing in the signal text), ranked by the combined signal."""
+    and says so (summary mix_queries 0, no mixing in the signal text), ranked by the default signal; hyperinf's
+    damping and normalisation defaults are not tracin's."""
     folder, adapter, train, target = llm
     out = tmp_path / "tracin"
     assert main(["audit", "--model", str(folder), "--adapter", str(adapter), "--train", str(train), "--target",
                  str(target), "--method", "tracin", "--out", str(out), *FAST]) == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["mix_queries"] == 0.0 and summary["signal"] == "combined_score"
+    assert summary["mix_queries"] == 0.0 and summary["signal"] == "influence_score"
     assert "mixed in" not in summary["signal_meaning"] and "mixed in" not in capsys.readouterr().out
+    assert summary["damping"] == "auto" and "normalised" not in summary["signal_meaning"]
+
+
+def test_detection_defaults_apply_to_hyperinf_on_a_target_with_its_own_fit(capsys):
+    """1d's setting (bench/DEFAULTS.md): hyperinf's influence on --target at DETECTION_DAMPING as the
+    DETECTION_NORMALIZE cosine; an index keeps its own damping and raw scores, --per-token raw scores, another
+    method or no target neither; a given --damping / --normalize wins; the CLI help names the constants."""
+    from hyperinf_ext.app.cli.args import build_parser
+    from hyperinf_ext.app.tasks.audit import DETECTION_DAMPING, DETECTION_NORMALIZE, AuditConfig
+
+    t = Path("target.jsonl")
+    cfg = AuditConfig(train=Path("train.jsonl"), target=t)
+    assert (cfg.resolved_damping("hyperinf"), cfg.resolved_normalize("hyperinf")) == (DETECTION_DAMPING,
+                                                                                      DETECTION_NORMALIZE)
+    assert cfg.score_options("hyperinf") == {"mix_queries": 99.0, "normalize": DETECTION_NORMALIZE}
+    for other in (AuditConfig(train=Path("x"), target=t, index=Path("idx")), AuditConfig(train=Path("x")),
+                  AuditConfig(train=Path("x"), target=t, score_signal="self")):
+        assert (other.resolved_damping("hyperinf"), other.resolved_normalize("hyperinf")) == ("auto", None)
+    assert (cfg.resolved_damping("exact"), cfg.resolved_normalize("exact")) == ("auto", None)
+    tokens = AuditConfig(train=Path("x"), target=t, per_token=True)
+    assert (tokens.resolved_damping("hyperinf"), tokens.resolved_normalize("hyperinf")) == (DETECTION_DAMPING, None)
+    given = AuditConfig(train=Path("x"), target=t, damping="spectral:1", normalize=False)
+    assert (given.resolved_damping("hyperinf"), given.resolved_normalize("hyperinf")) == ("spectral:1", None)
+    assert given.score_options("hyperinf")["normalize"] is False
+    helps = {a.dest: a.help for a in build_parser()._subparsers._group_actions[0].choices["audit"]._actions}
+    assert DETECTION_DAMPING in helps["damping"] and f"default: {DETECTION_NORMALIZE}" in helps["normalize"]

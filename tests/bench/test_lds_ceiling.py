@@ -676,3 +676,20 @@ def test_lds_peers_without_selection_data_one_setting_as_it_is_a_grid_by_its_bes
     assert grids == ["ekfac"]
     assert rows == {"bergson TrackStar": (rule.Setting("bergson TrackStar", "bergson damped_inverse", 0.1), None),
                     "ekfac, best of its grid on these seeds": (ek[1], None)}
+
+
+def test_audit_defaults_are_what_rules_1c_and_1d_choose_on_the_committed_records():
+    """hyperinf_ext/app/tasks/audit.py's DETECTION_* constants are the rule's output on bench/*.jsonl (the
+    selection data only), not a hand-picked setting: 1a-1b's setting, then 1d's, then 1c on it."""
+    from bench import quality, quality_llm
+    from bench.defaults_report import audit_defaults, load_all
+
+    data = load_all()
+    cls_rows = list(quality.CANDIDATES) + list(quality.VARIANT_CANDIDATES)
+    table = quality_llm.settings_table()
+    choice = rule.choose_default_amended(data["classifier LDS"], data["classifier detection"], cls_rows,
+                                         data["LLM LDS"], data["LLM detection"], table)
+    best, _ = rule.choose_validation_setting(choice.final, data["classifier detection"], cls_rows,
+                                             data["LLM detection"], table)
+    signal, _ = rule.choose_signal(best, data["classifier detection"], cls_rows, data["LLM detection"], table)
+    assert audit_defaults() == (best, signal)

@@ -101,7 +101,12 @@ def _torchrun(args: argparse.Namespace):
 def _plan_kwargs(args: argparse.Namespace) -> dict:
     """--plan, --max-memory and --fit-batch-size (the commands that fit), --mix-queries and --normalize."""
     return dict(plan=args.plan, max_memory=args.max_memory, fit_batch_size=args.fit_batch_size,
-                mix_queries=getattr(args, "mix_queries", 0.0), normalize=getattr(args, "normalize", None))
+                mix_queries=getattr(args, "mix_queries", 0.0), normalize=_normalize(getattr(args, "normalize", None)))
+
+
+def _normalize(value: str | None) -> str | bool | None:
+    """--normalize: "none" (audit's way to turn its default off) = False, raw scores; None = not given."""
+    return False if value == "none" else value
 
 
 def _pipeline_kwargs(args: argparse.Namespace) -> dict:

@@ -191,10 +191,13 @@ def _add_query_options(g: argparse._ArgumentGroup, *, detection: bool = False) -
                         "inverted (TrackStar's idea; W = 99 is its 0.99 mix) "
                         + ("(default: 99 with --target and a method that can mix, the choice of bench/DEFAULTS.md; "
                            "0 = none)" if detection else "(default: 0, none)"))
-    g.add_argument("--normalize", choices=("unit", "query", "symmetric"), default=None,
+    g.add_argument("--normalize", choices=("unit", "query", "symmetric") + (("none",) if detection else ()),
+                   default=None,
                    help="unit-normalised gradients (cosine influence): unit = score/(|q||g|), query = cosine of the "
                         "preconditioned query and g, symmetric = cosine in the inverse-curvature metric (TrackStar's "
-                        "form) (default: raw scores)")
+                        "form) " + ("(default: symmetric for hyperinf's influence on --target without --index or "
+                                    "--per-token, the choice of bench/DEFAULTS.md; none = raw scores)" if detection
+                                    else "(default: raw scores)"))
 
 
 def _add_user_model(p: argparse.ArgumentParser, *, epochs_help: str, detection: bool = False) -> None:
@@ -211,7 +214,10 @@ def _add_user_model(p: argparse.ArgumentParser, *, epochs_help: str, detection: 
     g.add_argument("--device", metavar="DEV", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     g = p.add_argument_group("influence")
     g.add_argument("--method", metavar="NAME", default="hyperinf", help="influence method (default: hyperinf)")
-    g.add_argument("--damping", metavar="VALUE", default="auto", help="damping (default: auto, the method's own)")
+    g.add_argument("--damping", metavar="VALUE", default="auto",
+                   help="damping (default: auto, the method's own" + ("; spectral:0.1 for hyperinf's influence on "
+                                                                       "--target, the choice of bench/DEFAULTS.md)"
+                                                                       if detection else ")"))
     _add_query_options(g, detection=detection)
     g.add_argument("--checkpoint-every", metavar="N", type=int, default=50,
                    help="fit batches between checkpoint commits in OUT/.checkpoint, from which a rerun with the "
@@ -242,8 +248,8 @@ def _add_audit(p: argparse.ArgumentParser) -> None:
                    help="the training file to audit (CSV or JSONL: text/label, or prompt/response or messages); "
                         "required unless --index is given")
     g.add_argument("--target", metavar="FILE", type=Path, default=None,
-                   help="trusted examples, same format: rank by influence on their mean loss, combined with "
-                        "self-influence (--signal) (default: none, rank by self-influence)")
+                   help="trusted examples, same format: rank by influence on their mean loss (--signal) "
+                        "(default: none, rank by self-influence)")
     _add_index_option(g, "--train")
     _add_columns(g)
     _add_user_model(p, epochs_help="fine-tuning epochs on the training file first (default: 3, or 0 with --adapter)",
@@ -252,9 +258,9 @@ def _add_audit(p: argparse.ArgumentParser) -> None:
     # --score-signal first: torchrun's parser reads --signal as an abbreviation of its --signals-to-handle
     g.add_argument("--score-signal", "--signal", dest="score_signal", choices=("combined", "influence", "self"),
                    default=None,
-                   help="the ranking: combined (the mean of the ranks of influence on --target's mean loss and of "
-                        "self-influence; it found flipped labels best in bench/DEFAULTS.md), influence, or self "
-                        "(default: combined with --target, self without). --signal is the same option outside "
+                   help="the ranking: influence (on --target's mean loss; it found flipped labels best in "
+                        "bench/DEFAULTS.md), combined (the mean of its rank and self-influence's), or self "
+                        "(default: influence with --target, self without). --signal is the same option outside "
                         "torchrun")
     g = p.add_argument_group("per-token attribution")
     g.add_argument("--per-token", action="store_true",

@@ -7,15 +7,19 @@ HyperINF fit over the training file → one score per example:
 * ``influence_score`` (needs ``--target``) = ``HyperINF.mean_scores(target)``, the change of the target's mean
   loss when the example is up-weighted (``attributor.SIGN_CONVENTION``): positive = the example raises
   the loss on the trusted examples (suspicious: mislabeled, contradicting or off-task); by default the
-  target's GFIM is mixed into the curvature with weight :data:`DETECTION_MIX_QUERIES` (``--mix-queries``);
+  target's GFIM is mixed into the curvature with weight :data:`DETECTION_MIX_QUERIES` (``--mix-queries``),
+  and hyperinf scores it at :data:`DETECTION_DAMPING` (``--damping auto``) as the cosine
+  :data:`DETECTION_NORMALIZE` (``--normalize``; not with ``--index`` or ``--per-token``);
 * ``self_influence`` = ``HyperINF.self_scores()``, g·H⁻¹·g ≥ 0: how far the model bends to fit the example
-  (large for mislabeled and atypical examples);
+  (large for mislabeled and atypical examples), at the same damping; a "symmetric" influence signal takes
+  the raw self-influence (its own would be 1 for every example);
 * ``combined_score`` (needs ``--target``) = the mean of the two signals' ranks scaled to (0, 1]
   (``metrics.rank_average``).
 
-``--signal`` picks the ranking signal: by default ``combined`` with ``--target`` and ``self`` without.  The
-defaults are the pre-registered rule's choices on the selection data of both detection studies
-(bench/DEFAULTS.md 1b, 1c); docs/methods-and-damping.md says what mixing costs and when not to use it.
+``--signal`` picks the ranking signal: by default :data:`DETECTION_SIGNAL` (``influence``) with ``--target``
+and ``self`` without.  The defaults are the pre-registered rule's choices on the selection data of both
+detection studies (bench/DEFAULTS.md 1b–1d, amendments 2–4 of bench/defaults_rule.py);
+docs/methods-and-damping.md says what mixing costs and when not to use it.
 
 Rank 1 = the highest score = the most suspicious.  Outputs: ``ranked.jsonl`` / ``ranked.csv`` /
 ``ranked.json`` (the input's format: the user's rows unchanged, every column, in rank order, plus ``rank``
@@ -46,7 +50,7 @@ from .user_run import (RunCheckpoint, UserConfig, checkpointed_fit, load_user_fi
                        use_method)
 
 __all__ = ["AuditConfig", "run_audit", "audit_table", "SIGNALS", "ADDED_COLUMNS", "COLUMN_OF",
-           "DETECTION_MIX_QUERIES"]
+           "DETECTION_SIGNAL", "DETECTION_MIX_QUERIES", "DETECTION_DAMPING", "DETECTION_NORMALIZE"]
 
 ADDED_COLUMNS = ("rank", "influence_score", "self_influence", "combined_score")
 COLUMN_OF = {"influence": "influence_score", "self": "self_influence", "combined": "combined_score"}
@@ -57,15 +61,27 @@ SIGNALS = {
     "self_influence": "self-influence (without --target, or --signal self): HyperINF.self_scores, g·H⁻¹·g >= 0, how far the model bends "
                       "to fit the example; LARGE = suspicious (mislabeled or atypical)",
     "combined_score": "the mean of two ranks, each scaled to (0, 1]: influence on the mean loss of --target "
-                      "(influence_score) and self-influence (self_influence); HIGH = suspicious by both. It "
-                      "found flipped labels best on the selection data of both detection studies (mean ROC-AUC "
-                      "0.830, against 0.809 for influence_score and 0.750 for self_influence: bench/DEFAULTS.md)",
+                      "(influence_score) and self-influence (self_influence); HIGH = suspicious by both. With "
+                      "the default setting it found flipped labels less well than influence_score on the selection "
+                      "data of both detection studies (mean ROC-AUC 0.804 against 0.835; bench/DEFAULTS.md 1d)",
 }
 DETECTION_MIX_QUERIES = 99.0
 """The default ``--mix-queries`` of ``audit`` with a target: TrackStar's 0.99 mix, the pre-registered rule's
 choice (bench/DEFAULTS.md 1b: mean detection ROC-AUC 0.769 against 0.701 unmixed on the classifier, 0.849
 against 0.769 on the LLM; LDS 0.031 and 0.006 lower).  ``attribute`` and ``select`` keep 0 (see
 docs/methods-and-damping.md)."""
+DETECTION_SIGNAL = "influence"
+"""The default ``--signal`` with ``--target``: rule 1c applied to 1d's setting (bench/DEFAULTS.md) ranked the
+target signal alone (mean selection ROC-AUC 0.835) above its rank average with self-influence (0.804) and
+self-influence (0.746)."""
+DETECTION_DAMPING = "spectral:0.1"
+"""hyperinf's damping for ``audit --target`` at ``--damping auto``: with the target mixed in at w = 99 the spectral
+λ is relative to the MIXED matrix, which the target part dominates, so × 1 over-damps the training curvature
+(bench/DEFAULTS.md 1d, amendments 3–4).  Without ``--target`` (self-influence alone) the method's own default."""
+DETECTION_NORMALIZE = "symmetric"
+"""hyperinf's ``--normalize`` for ``audit --target`` when not given: the cosine in the inverse-curvature metric
+(TrackStar's form; bench/DEFAULTS.md 1d).  Not with ``--index`` (no stored gradient norms) or ``--per-token``
+(the shares split the raw score): those score raw."""
 REPORT_ROWS = 20
 
 
@@ -80,8 +96,8 @@ class AuditConfig(UserConfig):
     """Also split the scores of the ``per_token_count`` most suspicious examples over their tokens (causal LMs)."""
     per_token_count: int = PER_TOKEN_COUNT
     score_signal: str | None = None
-    """The ranking signal: "combined", "influence" or "self" (keys of ``COLUMN_OF``); None = combined with
-    ``target``, self without."""
+    """The ranking signal: "combined", "influence" or "self" (keys of ``COLUMN_OF``); None =
+    :data:`DETECTION_SIGNAL` with ``target``, self without."""
     mix_queries: float | None = None
     """As in ``PipelineConfig``; None = :data:`DETECTION_MIX_QUERIES` when the influence signal is computed
     and the method can mix (hyperinf, exact, paper, kronecker), else 0."""
@@ -98,7 +114,7 @@ class AuditConfig(UserConfig):
     @property
     def resolved_signal(self) -> str:
         """"combined", "influence" or "self"."""
-        return self.score_signal or ("combined" if self.target is not None else "self")
+        return self.score_signal or (DETECTION_SIGNAL if self.target is not None else "self")
 
     @property
     def signal(self) -> str:
@@ -108,6 +124,21 @@ class AuditConfig(UserConfig):
     @property
     def with_influence(self) -> bool:
         return self.resolved_signal != "self"
+
+    def _detection_defaults(self, method: str) -> bool:
+        """True where 1d's setting applies: hyperinf scoring a target with a fit of its own (no index)."""
+        return self.with_influence and method == "hyperinf" and self.index is None
+
+    def resolved_damping(self, method: str) -> Any:
+        """The damping the scores use: :data:`DETECTION_DAMPING` for 1d's setting at ``--damping auto``."""
+        if self.damping == "auto" and self._detection_defaults(method):
+            return DETECTION_DAMPING
+        return self.damping
+
+    def default_normalize(self, method: str) -> str | None:
+        if self._detection_defaults(method) and not self.per_token:
+            return DETECTION_NORMALIZE
+        return None
 
     def default_mix_queries(self, method: str) -> float:
         from ...curvature import mixing
@@ -123,9 +154,6 @@ class AuditConfig(UserConfig):
         if self.score_signal in ("influence", "combined") and self.target is None:
             raise ValueError(f"--signal {self.score_signal}: needs --target (the trusted examples whose loss the "
                              "influence is about)")
-        if self.normalize == "symmetric" and self.resolved_signal == "combined":
-            raise ValueError("--normalize symmetric: not with --signal combined (its self-influence part would be 1 "
-                             "for every example); use --signal influence, or unit/query")
         super().validate()
         if self.index is not None:
             check_index_options(self, "--train", self.train)
@@ -171,7 +199,7 @@ def run_audit(cfg: AuditConfig, log: Log = None) -> dict[str, Any]:
     try:
         t0 = time.perf_counter()
         if index_run is None:
-            use_method(cfg, attr)
+            use_method(cfg, attr, cfg.resolved_damping(method))
         columns = _signals(cfg, scorer, loaders, data, options, log)
         score_seconds = time.perf_counter() - t0
         scores = columns[cfg.signal]
@@ -195,7 +223,8 @@ def run_audit(cfg: AuditConfig, log: Log = None) -> dict[str, Any]:
              "summary": str(out / "summary.json")}
     if tokens is not None:
         paths["tokens"] = str(out / "tokens.jsonl")
-    damping = damping_label(cfg.damping) if index_run is None else str(index_run.idx.attributor.config.damping)
+    damping = (damping_label(cfg.resolved_damping(method)) if index_run is None
+               else str(index_run.idx.attributor.config.damping))
     adapter = cfg.adapter if index_run is None else Path(cfg.index) / "adapter"
     summary = {
         "task": "audit", "settings": cfg.settings(),
@@ -243,8 +272,8 @@ def run_audit(cfg: AuditConfig, log: Log = None) -> dict[str, Any]:
 def _signals(cfg: AuditConfig, scorer: Any, loaders: Any, data: Any, options: dict[str, Any],
              log: Log) -> dict[str, np.ndarray]:
     """The score columns of the chosen signal, float64 [n_train] each: ``influence_score`` (with the options),
-    ``self_influence`` (``normalize`` only: there is no query set to mix) and, for combined, their rank
-    average ``combined_score``."""
+    ``self_influence`` (``normalize`` only: there is no query set to mix; raw for "symmetric", which would
+    make it 1 for every example) and, for combined, their rank average ``combined_score``."""
     out = {}
     if cfg.with_influence:
         log_stage(log, f"influence: {cfg.method} on the mean loss of {len(data.target)} target examples"
@@ -252,11 +281,13 @@ def _signals(cfg: AuditConfig, scorer: Any, loaders: Any, data: Any, options: di
         out["influence_score"] = scorer.mean_scores(loaders.influence_val, **options)
     if cfg.resolved_signal != "influence":
         log_stage(log, f"influence: {cfg.method} self-influence of {len(data.train)} training examples")
-        out["self_influence"] = scorer.self_scores(**{k: v for k, v in options.items() if k == "normalize"})
+        out["self_influence"] = scorer.self_scores(**{k: v for k, v in options.items()
+                                                      if k == "normalize" and v != "symmetric"})
     for column, s in out.items():
         out[column] = s = s.detach().cpu().double().numpy()
         if not np.isfinite(s).all():
-            raise ValueError(f"{cfg.method}: {column} is not finite (damping {damping_label(cfg.damping)} too small?)")
+            raise ValueError(f"{cfg.method}: {column} is not finite (damping "
+                             f"{damping_label(cfg.resolved_damping(cfg.method))} too small?)")
     if cfg.resolved_signal == "combined":
         out["combined_score"] = rank_average(out["influence_score"], out["self_influence"])
     return out

@@ -72,13 +72,23 @@ class PipelineConfig:
     """Weight w of the query (target) set's GFIM mixed into the curvature before it is inverted
     (``HyperINF.scores(mix_queries=w)``, TrackStar's idea; 0 = the training set's alone; None = the
     command's default, :meth:`default_mix_queries`)."""
-    normalize: str | None = None
+    normalize: str | bool | None = None
     """Unit-normalised gradients, "unit", "query" or "symmetric" (``HyperINF.scores(normalize=...)``: cosine
-    influence; None = raw scores)."""
+    influence); False = raw scores; None = the command's default, :meth:`default_normalize` (raw here)."""
 
     def default_mix_queries(self, method: str) -> float:
         """The mixing weight when ``mix_queries`` is None (not given): 0 here; ``audit`` overrides it."""
         return 0.0
+
+    def default_normalize(self, method: str) -> str | None:
+        """The normalisation when ``normalize`` is None (not given): none here; ``audit`` overrides it."""
+        return None
+
+    def resolved_normalize(self, method: str | None = None) -> str | None:
+        """The normalisation the scores use with ``method`` (default: the config's own ``method``); None = raw."""
+        if self.normalize is not None:
+            return self.normalize or None
+        return self.default_normalize(method or getattr(self, "method", "hyperinf"))
 
     def mix_weight(self, method: str | None = None) -> float:
         """The mixing weight the scores use with ``method`` (default: the config's own ``method``)."""
@@ -90,7 +100,7 @@ class PipelineConfig:
         """``mix_queries``/``normalize`` as ``HyperINF.scores`` and ``mean_scores`` take them (``method``: the
         one that scores, when it is not the config's, e.g. an index's).  ``index``: the options ``Index``'s
         scoring takes — mixing only (it stores no gradient norms; validate refused ``--normalize`` with one)."""
-        options = {"mix_queries": self.mix_weight(method), "normalize": self.normalize or False}
+        options = {"mix_queries": self.mix_weight(method), "normalize": self.resolved_normalize(method) or False}
         if index:
             del options["normalize"]
         return options
@@ -102,8 +112,10 @@ class PipelineConfig:
         if weight:
             how = "--mix-queries" if self.mix_queries is not None else "the default of --mix-queries"
             parts.append(f"the query set's curvature mixed in with weight {weight:g} ({how})")
-        if self.normalize:
-            parts.append(f"gradients unit-normalised ({self.normalize}): a cosine, not a change of loss (--normalize)")
+        mode = self.resolved_normalize(method)
+        if mode:
+            how = "--normalize" if self.normalize else "the default of --normalize"
+            parts.append(f"gradients unit-normalised ({mode}): a cosine, not a change of loss ({how})")
         return "; scored with " + " and ".join(parts) if parts else ""
 
     @property

@@ -267,7 +267,7 @@ def checkpointed_fit(cfg: UserConfig, model: Any, loaders: Loaders, ckpt: RunChe
                           checkpoint_every=cfg.checkpoint_every)
 
 
-def use_method(cfg: UserConfig, attr: Any) -> None:
-    """Switch the fitted attributor to ``cfg.method`` at ``cfg.damping``."""
-    rule, scale = split_damping(cfg.damping)
+def use_method(cfg: UserConfig, attr: Any, damping: Damping | None = None) -> None:
+    """Switch the fitted attributor to ``cfg.method`` at ``damping`` (default ``cfg.damping``)."""
+    rule, scale = split_damping(cfg.damping if damping is None else damping)
     attr.use(cfg.method, damping=rule, **({} if scale is None else {"damping_scale": scale}))
