@@ -107,6 +107,9 @@ def test_dora_magnitude_of_every_layer_and_lora_gradients_unchanged_by_it():
 
 
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+# a half-precision LoRA gradient against the float64 one, in units of the base dtype's roundoff: the rounding of
+# a two-layer stack's forward and backward (a few u per layer and pass) carried back to layer 0
+HALF_SLACK = 16
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -128,13 +131,16 @@ def test_half_precision_base_float32_lora(dtype):
         for l, g in zip(layers, gs):
             r = g.T if l.transposed else g
             assert (got[l.name][i] - r).abs().max() <= 1e-5 * r.abs().max(), (dtype, l.name, i)
-    # (2) the batch-size-1 brute force on the same half-precision model
+    # (2) the batch-size-1 brute force on the same half-precision model.  Both paths round on their own (other
+    # kernels and blockings for one row than for a padded batch, and MKL's differ between CPUs); each is within
+    # HALF_SLACK of the float64 gradient (3), so they differ by at most twice that (observed up to 9 u on an
+    # AMD EPYC under float16, which an 8 u bound failed).
     u = UNIT_ROUNDOFF[dtype]
     ref = brute_gradients(model, layers, data)
     for l in layers:
         r = ref[l.name]
         err = float((got[l.name].double() - r).abs().max() / r.abs().max())
-        assert err <= 8 * u, (dtype, l.name, err / u)
+        assert err <= 2 * HALF_SLACK * u, (dtype, l.name, err / u)
     # (3) the float64 brute force of the same weights
     exact = copy.deepcopy(model).double()
     for m in exact.modules():
@@ -144,7 +150,7 @@ def test_half_precision_base_float32_lora(dtype):
     for l in layers:
         r = ref64[l.name]
         err = float((got[l.name].double() - r).abs().max() / r.abs().max())
-        assert err <= 16 * u, (dtype, l.name, err / u)
+        assert err <= HALF_SLACK * u, (dtype, l.name, err / u)
 
 
 def test_half_precision_exact_scores():
