@@ -149,7 +149,9 @@ def test_audit_writes_the_users_rows_in_rank_order_with_hyperinf_scores(llm, tmp
     assert summary["columns"] == columns and summary["mix_queries"] == {"combined": 99.0, "default": 99.0,
                                                                          "influence": 0.0, "self": None}[case]
     assert ("POSITIVE" in summary["sign_convention"]) == (signal == "influence_score")
-    assert summary["damping"] == ("spectral:0.1" if with_target else "auto")
+    assert summary["damping"] == ("spectral:0.1" if with_target else "spectral:1")
+    assert summary["settings"]["normalize"] == ("symmetric" if with_target else "none")
+    assert summary["settings"]["mix_queries"] == (summary["mix_queries"] or 0.0)
     assert ("unit-normalised (symmetric)" in summary["signal_meaning"]) == with_target
     assert summary["finetune"]["epochs"] == 0 and not (out / ".checkpoint").exists()
     assert "# Training-data audit" in (out / "report.md").read_text()
@@ -163,6 +165,10 @@ def check_report_html(out, summary, ranked, by_id, signal, printed):
     sections = sections_by_title(doc)
     assert list(sections)[:3] == ["Settings", "Signal", "Training examples, most suspicious first"]
     assert signal in sections["Signal"].content() and summary["signal_meaning"] in sections["Signal"].content()
+    shown = {dt.content(): dd.content() for dt, dd in zip(sections["Settings"].all("dt"), sections["Settings"].all("dd"))}
+    # the Settings table shows what the scores used, not the arguments that defer to a default ("auto", None)
+    assert shown["damping"] == summary["damping"] == summary["settings"]["damping"] != "auto"
+    assert shown["normalize"] == summary["settings"]["normalize"] and shown["method"] == summary["method"]
     table = sections["Training examples, most suspicious first"].all("table")[0]
     assert "sortable" in table.attrs["class"]
     parts = [c for c in summary["columns"] if c != signal]  # combined: its two parts beside it
@@ -512,7 +518,7 @@ def test_audit_with_the_query_side_options_equals_the_library_call(llm, tmp_path
             assert r[signal] == pytest.approx(want[name][int(r["id"][2:])], **TOL)
         settings = json.loads((out / "summary.json").read_text())["settings"]
         given = flags[flags.index("--normalize") + 1]
-        assert settings["normalize"] == (False if given == "none" else given)
+        assert settings["normalize"] == given and settings["damping"] == "spectral:1"  # given, or hyperinf's auto
 
 
 def test_query_side_option_refusals(llm, exact_index, tmp_path, capsys, no_model_work):

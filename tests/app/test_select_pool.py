@@ -109,6 +109,9 @@ def test_select_on_a_classifier_keeps_the_fraction_class_balanced_in_pool_order(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_selected"] == 8 and summary["rule"] == "class-balanced" and summary["warmup"]["n_examples"] == 0
     assert "NEGATIVE = helpful" in summary["signal"] and not (out / ".checkpoint").exists()
+    # what the scores used ("auto" resolved to hyperinf's own default), in the summary and its settings
+    assert summary["damping"] == summary["settings"]["damping"] == "spectral:1"
+    assert (summary["settings"]["mix_queries"], summary["settings"]["normalize"]) == (0.0, "none")
     check_report_html(out, summary, scores, original, text_key="text", answer_key="label")
 
 

@@ -26,7 +26,7 @@ from ...curvature.methods import Damping, damping_label, parse_dampings, parse_m
 from .attribute_report import write_html, write_markdown
 from .output import prepare_output_dir, staged_outputs
 from .planning import plan_gate
-from .pipeline_config import check_query_option_use
+from .pipeline_config import check_query_option_use, damping_used, used_settings
 from .per_token import attribute_token_records, check_per_token, shares_note, write_tokens_jsonl
 from .pipeline import (
     Log,
@@ -162,13 +162,15 @@ def run_attribute(cfg: AttributeConfig, log: Log = None) -> dict[str, Any]:
         attr.cache.close()
 
     records = attribution_records(train, query, kept, causal)
+    damping = damping_used(cfg.method, cfg.damping)
     paths = {"attribution": str(out / "attribution.jsonl"), "report": str(out / "report.md"),
              "html": str(out / "report.html"), "summary": str(out / "summary.json")}
     if tokens is not None:
         paths["tokens"] = str(out / "tokens.jsonl")
     summary = {
-        "task": "attribute", "settings": cfg.settings(), "n_train": len(train), "n_query": len(query),
-        "causal_lm": causal, "notes": train.notes + query.notes, "method": cfg.method, "damping": damping_label(cfg.damping), "top_k": cfg.top_k,
+        "task": "attribute", "settings": used_settings(cfg, cfg.method, damping, cfg.score_options()),
+        "n_train": len(train), "n_query": len(query), "causal_lm": causal, "notes": train.notes + query.notes,
+        "method": cfg.method, "damping": damping, "top_k": cfg.top_k,
         "finetune": {"epochs": cfg.resolved_epochs, "seconds": trained.seconds, "history": trained.history,
                      "query_loss": trained.val["loss"], "query_accuracy": trained.val["accuracy"]},
         "timings": {"fit_seconds": fit_seconds, "score_seconds": score_seconds,

@@ -37,11 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from ...curvature.methods import damping_label
 from .output import prepare_output_dir, staged_outputs
 from .per_token import PER_TOKEN_COUNT, audit_token_records, check_per_token, shares_note, write_tokens_jsonl
 from .pipeline import DEFAULT_EPOCHS, Log, is_causal, log_stage
-from .pipeline_config import check_query_option_use
+from .pipeline_config import check_query_option_use, damping_used, used_settings
 from .metrics import rank_average
 from .report import write_json
 from .user_index import check_index_options, index_inputs, index_summary, read_source
@@ -223,11 +222,11 @@ def run_audit(cfg: AuditConfig, log: Log = None) -> dict[str, Any]:
              "summary": str(out / "summary.json")}
     if tokens is not None:
         paths["tokens"] = str(out / "tokens.jsonl")
-    damping = (damping_label(cfg.resolved_damping(method)) if index_run is None
+    damping = (damping_used(method, cfg.resolved_damping(method)) if index_run is None
                else str(index_run.idx.attributor.config.damping))
     adapter = cfg.adapter if index_run is None else Path(cfg.index) / "adapter"
     summary = {
-        "task": "audit", "settings": cfg.settings(),
+        "task": "audit", "settings": used_settings(cfg, method, damping, options),
         "train": str(cfg.train) if index_run is None else index_run.source["train"],
         "target": None if cfg.target is None else str(cfg.target),
         "n_train": len(data.train), "n_target": 0 if data.target is None else len(data.target),
@@ -287,7 +286,7 @@ def _signals(cfg: AuditConfig, scorer: Any, loaders: Any, data: Any, options: di
         out[column] = s = s.detach().cpu().double().numpy()
         if not np.isfinite(s).all():
             raise ValueError(f"{cfg.method}: {column} is not finite (damping "
-                             f"{damping_label(cfg.resolved_damping(cfg.method))} too small?)")
+                             f"{damping_used(cfg.method, cfg.resolved_damping(cfg.method))} too small?)")
     if cfg.resolved_signal == "combined":
         out["combined_score"] = rank_average(out["influence_score"], out["self_influence"])
     return out

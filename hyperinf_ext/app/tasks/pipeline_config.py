@@ -163,6 +163,28 @@ class PipelineConfig:
         return out
 
 
+def damping_used(method: str, damping: Any) -> str:
+    """The damping ``method`` scores at, as shown in reports: ``"auto"`` resolved to the method's own default
+    (``METHOD_DEFAULTS``, e.g. ``"spectral:1"``); a method without a curvature keeps ``"auto"``."""
+    from ...curvature.methods import METHOD_DEFAULTS, damping_label
+
+    if damping == "auto" and method in METHOD_DEFAULTS:
+        rule, scale = METHOD_DEFAULTS[method]
+        return f"{rule}:{scale:g}"
+    return damping_label(damping)
+
+
+def used_settings(cfg: "PipelineConfig", method: str, damping: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``cfg.settings()`` with what the scores used in place of the arguments that defer to a default: the
+    method (an index's), its damping (``damping_used``), the mixing weight and the normalisation
+    (``options`` as ``score_options`` gives them; "none" = raw).  The run's summary and reports show these;
+    the checkpoint identity keeps the arguments (``cfg.settings()``)."""
+    out = cfg.settings()
+    out.update(method=method, damping=damping, mix_queries=float(options.get("mix_queries") or 0.0),
+               normalize=options.get("normalize") or "none")
+    return out
+
+
 def check_query_options(mix_queries: object, normalize: object) -> None:
     """The library's own checks of ``mix_queries``/``normalize``, their messages naming the options."""
     from ...curvature import mixing, normalize as unit

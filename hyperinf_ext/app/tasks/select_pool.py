@@ -24,10 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from ...curvature.methods import damping_label
 from .output import prepare_output_dir, staged_outputs
 from .pipeline import DEFAULT_EPOCHS, Log, finetune_loader, log_stage
-from .pipeline_config import check_query_option_use
+from .pipeline_config import check_query_option_use, damping_used, used_settings
 from .report import column_table, write_csv, write_json
 from .selection import compare_with_random
 from .selection_rules import RULES, select
@@ -160,7 +159,7 @@ def run_select(cfg: SelectPoolConfig, log: Log = None) -> dict[str, Any]:
     finally:
         attr.cache.close()
     if not np.isfinite(scores).all():
-        raise ValueError(f"{cfg.method}: scores are not finite (damping {damping_label(cfg.damping)} too small?)")
+        raise ValueError(f"{cfg.method}: scores are not finite (damping {damping_used(cfg.method, cfg.damping)} too small?)")
     chosen = select(rule, k, scores=scores, query_scores=query_scores, labels=np.asarray(data.train.labels),
                     seed=cfg.seed)
     kept = np.zeros(n, dtype=bool)
@@ -175,12 +174,15 @@ def run_select(cfg: SelectPoolConfig, log: Log = None) -> dict[str, Any]:
     paths = {"selected": str(out / name), "scores": str(out / "scores.csv"), "report": str(out / "report.md"),
              "html": str(out / "report.html"), "summary": str(out / "summary.json")}
     pool = str(cfg.pool) if index_run is None else index_run.source["train"]
+    method = cfg.method if index_run is None else index_run.idx.attributor.config.method
+    damping = (damping_used(method, cfg.damping) if index_run is None
+               else str(index_run.idx.attributor.config.damping))
     summary = {
-        "task": "select", "settings": cfg.settings(), "pool": pool, "target": str(cfg.target),
+        "task": "select", "settings": used_settings(cfg, method, damping, options), "pool": pool,
+        "target": str(cfg.target),
         "n_pool": n, "n_target": len(data.target), "n_selected": int(k), "causal_lm": data.causal,
         "notes": data.notes, "rule": rule, "rule_reason": why,
-        "method": cfg.method if index_run is None else index_run.idx.attributor.config.method,
-        "damping": damping_label(cfg.damping) if index_run is None else str(index_run.idx.attributor.config.damping),
+        "method": method, "damping": damping,
         "signal": "influence_score: HyperINF.mean_scores on the target, the change of the target's mean loss when "
                   "the example is up-weighted; NEGATIVE = helpful (kept first), positive = harmful",
         "index": None if index_run is None else index_summary(index_run, "influence_score"),

@@ -28,7 +28,7 @@ from ..data.dataset import DataError, TextDataset
 from ..data.files import load_text_file
 from ..data.instruction import ensure_pad_token
 from ..data.user_rows import UserRows, check_added_columns, read_user_rows
-from ...curvature.methods import Damping, parse_dampings, parse_methods, split_damping
+from ...curvature.methods import Damping, damping_label, parse_dampings, parse_methods, split_damping
 from .pipeline import (Log, Loaders, PipelineConfig, PreparedData, TrainedModel, build_loaders, fit_attributor,
                        is_causal, load_instruction, load_model, log_stage, model_dir, train_model)
 from .planning import plan_gate
@@ -75,8 +75,6 @@ class UserConfig(PipelineConfig):
                                      "`hyperinf-ext index build ... --plan`)")
 
     def settings(self) -> dict[str, Any]:
-        from ...curvature.methods import damping_label
-
         out = super().settings()
         for unused in ("data", "n_train", "n_val", "flip_rate", "top_k", *(("index", "index_verify", "index_estimator") if self.index is None else ())):
             out.pop(unused, None)
@@ -271,3 +269,4 @@ def use_method(cfg: UserConfig, attr: Any, damping: Damping | None = None) -> No
     """Switch the fitted attributor to ``cfg.method`` at ``damping`` (default ``cfg.damping``)."""
     rule, scale = split_damping(cfg.damping if damping is None else damping)
     attr.use(cfg.method, damping=rule, **({} if scale is None else {"damping_scale": scale}))
+
