@@ -118,6 +118,21 @@ def test_attribute_top_k_equals_full_matrix(llm_files, tmp_path, method, flags, 
     assert summary["n_train"] == 14 and summary["causal_lm"] and summary["finetune"]["epochs"] == 0
 
 
+def test_attribute_states_truncated_prompts_in_its_summary(llm_files, tmp_path, capsys):
+    """The tokenizer's notes (a prompt cut to --max-length) reach summary.json and report.md, not only the log."""
+    folder, adapter, train, query = llm_files
+    rows = [json.loads(line) for line in query.read_text().splitlines()]
+    long = write_instructions(tmp_path / "q.jsonl", [rows[0], {**rows[1], "prompt": "a quiet film " * 40}])
+    out = tmp_path / "out"
+    assert main(["attribute", "--model", str(folder), "--adapter", str(adapter), "--train", str(train),
+                 "--query", str(long), "--top-k", "2", "--max-length", "48", "--out", str(out), "--no-progress",
+                 "--threads", "1"]) == 0, capsys.readouterr().err
+    notes = json.loads((out / "summary.json").read_text())["notes"]
+    assert "1 prompt(s) longer than --max-length 48 lost tokens from their middle (responses are never truncated)" \
+        in notes
+    assert "Note: 1 prompt(s) longer than --max-length 48" in (out / "report.md").read_text()
+
+
 def test_attribute_fine_tunes_when_asked(llm_files, tmp_path):
     folder, _, train, query = llm_files
     out = tmp_path / "ft"

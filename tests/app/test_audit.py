@@ -327,6 +327,24 @@ def test_bad_causal_inputs_name_file_line_and_column(llm, tmp_path, capsys, no_m
     assert "--out" in err and "a-file" in err
 
 
+def test_truncated_prompts_are_stated_in_the_report_not_only_the_log(llm, tmp_path, capsys):
+    """A prompt cut to --max-length is a change to the user's data: summary.json's notes and report.md say so
+    (and how many), as they say what the files lost; a run without a cut has no such note."""
+    folder, adapter, train, _ = llm
+    rows = read_jsonl(train)
+    long = write_instructions(tmp_path / "long.jsonl", [*rows[:6], {**rows[6], "prompt": "a quiet film " * 40}])
+    base = ["audit", "--model", str(folder), "--adapter", str(adapter), *FAST]
+    for name, path, cut in (("cut", long, True), ("whole", train, False)):
+        out = tmp_path / name
+        assert main([*base, "--train", str(path), "--max-length", "48", "--out", str(out)]) == 0, \
+            capsys.readouterr().err
+        notes = json.loads((out / "summary.json").read_text())["notes"]
+        stated = [n for n in notes if "longer than --max-length 48" in n]
+        assert stated == (["1 prompt(s) longer than --max-length 48 lost tokens from their middle (responses are "
+                           "never truncated)"] if cut else []), notes
+        assert ("Note: 1 prompt(s) longer than --max-length 48" in (out / "report.md").read_text()) == cut
+
+
 def test_labelled_tokens_are_checked_per_example(tmp_path):
     """An example left without a labelled token is named by file, line and column."""
     from hyperinf_ext.app.data.dataset import DataError

@@ -171,6 +171,14 @@ def rotten_tomatoes_instructions() -> InstructionDataset:
 # ------------------------------------------------------------------------------ tokenizing
 
 
+def truncation_note(cut: int, max_length: int) -> str | None:
+    """The note a run states (log and report) when ``cut`` prompts lost tokens to ``max_length``; None if none."""
+    if not cut:
+        return None
+    return (f"{cut} prompt(s) longer than --max-length {max_length} lost tokens from their middle "
+            "(responses are never truncated)")
+
+
 def ensure_pad_token(tokenizer: Any) -> str | None:
     """Give a tokenizer without a pad token its eos token as pad; returns a note saying so, else None.
 

@@ -21,6 +21,7 @@ from ..data.instruction import (
     ensure_pad_token,
     load_instruction_file,
     rotten_tomatoes_instructions,
+    truncation_note,
 )
 from ..data.vlm import VLMDataset, load_vlm_file
 from .llm import is_causal_lm, resolve_model
@@ -73,10 +74,8 @@ def encode_instruction_splits(
         notes.append(note)
     train_encoded = encode_instructions(train, tokenizer, max_length)
     val_encoded = encode_instructions(val, tokenizer, max_length)
-    cut = train_encoded.truncated + val_encoded.truncated
-    if cut:
-        notes.append(f"{cut} prompt(s) longer than --max-length {max_length} lost tokens from their middle "
-                     "(responses are never truncated)")
+    cut = truncation_note(train_encoded.truncated + val_encoded.truncated, max_length)
+    notes += [cut] if cut else []
     if isinstance(train, VLMDataset):
         notes.append("vision-language model: prompts are read whole with their image tokens (--max-length unused)")
     return train_encoded.encodings, val_encoded.encodings, notes

@@ -169,7 +169,8 @@ def run_attribute(cfg: AttributeConfig, log: Log = None) -> dict[str, Any]:
         paths["tokens"] = str(out / "tokens.jsonl")
     summary = {
         "task": "attribute", "settings": used_settings(cfg, cfg.method, damping, cfg.score_options()),
-        "n_train": len(train), "n_query": len(query), "causal_lm": causal, "notes": train.notes + query.notes,
+        "n_train": len(train), "n_query": len(query), "causal_lm": causal,
+        "notes": train.notes + query.notes + loaders.notes,  # tokenizing's too (pad token, truncated prompts)
         "method": cfg.method, "damping": damping, "top_k": cfg.top_k,
         "finetune": {"epochs": cfg.resolved_epochs, "seconds": trained.seconds, "history": trained.history,
                      "query_loss": trained.val["loss"], "query_accuracy": trained.val["accuracy"]},

@@ -26,7 +26,7 @@ from ... import persistence
 from ..data.batching import encode_texts
 from ..data.dataset import DataError, TextDataset
 from ..data.files import load_text_file
-from ..data.instruction import ensure_pad_token
+from ..data.instruction import ensure_pad_token, truncation_note
 from ..data.user_rows import UserRows, check_added_columns, read_user_rows
 from ...curvature.methods import Damping, damping_label, parse_dampings, parse_methods, split_damping
 from .pipeline import (Log, Loaders, PipelineConfig, PreparedData, TrainedModel, build_loaders, fit_attributor,
@@ -148,9 +148,8 @@ def prepare_inputs(cfg: UserConfig, data: UserData, log: Log = None) -> tuple[Lo
             val_enc, cut_target = labelled_encodings(data.target, data.target_rows, cfg.response_column, tokenizer,
                                                      cfg.max_length)
             cut += cut_target
-        if cut:
-            notes.append(f"{cut} prompt(s) longer than --max-length {cfg.max_length} lost tokens from their middle "
-                         "(responses are never truncated)")
+        note = truncation_note(cut, cfg.max_length)
+        notes += [note] if note else []
     else:
         train_enc = encode_texts(data.train, tokenizer, cfg.max_length)
         val_enc = train_enc if data.target is None else encode_texts(data.target, tokenizer, cfg.max_length)
@@ -158,7 +157,8 @@ def prepare_inputs(cfg: UserConfig, data: UserData, log: Log = None) -> tuple[Lo
     prepared = PreparedData(data.train, target, list(data.train.labels), np.zeros(len(data.train), dtype=bool),
                             str(data.train_rows.path), len(data.train), data.causal)
     loaders = build_loaders(cfg, prepared, tokenizer, encodings=(train_enc, val_enc, notes))
-    for note in data.notes + notes:
+    data.notes += notes  # the report and summary.json state what tokenizing changed, not only the log
+    for note in data.notes:
         log_stage(log, f"data: {note}")
     return loaders, prepared
 
