@@ -466,6 +466,8 @@ def test_audit_from_an_exact_index_equals_the_audit_without(llm, exact_index, tm
     assert {k: v for k, v in ranked[0].items() if k not in ("rank", signal)} in read_jsonl(train)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mix_queries"] == (99.0 if with_target else None)
+    # the index was built at --damping auto: the report names what that meant (hyperinf's spectral × 1)
+    assert summary["damping"] == summary["settings"]["damping"] == "spectral:1"
     index = summary["index"]
     assert index["path"] == str(exact_index) and index["proj_dim"] == 0 and index["projected"] is False
     # an exact index has no projected layer, so the estimator changes nothing
@@ -486,6 +488,21 @@ def test_audit_from_an_exact_index_equals_the_audit_without(llm, exact_index, tm
                 assert r[c] == pytest.approx(want[c][int(r["id"][2:])], rel=1e-5, abs=1e-6 * max(map(abs, want[c])))
         ranks = rank_average([r["influence_score"] for r in combined], [r["self_influence"] for r in combined])
         assert [r["combined_score"] for r in combined] == pytest.approx(ranks.tolist(), abs=1e-12)
+
+
+def test_config_damping_names_the_rule_and_scale_an_index_scores_at():
+    """An index's attributor config → the damping label its reports show: "auto" resolved to the method's
+    default, a rule with its damping_scale, a number as given, a method without curvature as it is."""
+    from types import SimpleNamespace as Config
+
+    from hyperinf_ext.app.tasks.pipeline_config import config_damping
+
+    assert config_damping(Config(method="hyperinf", damping="auto", damping_scale=None)) == "spectral:1"
+    assert config_damping(Config(method="hyperinf", damping="spectral", damping_scale=3.0)) == "spectral:3"
+    assert config_damping(Config(method="datainf", damping="auto", damping_scale=None)) == "datainf:0.1"
+    assert config_damping(Config(method="hyperinf", damping="datainf", damping_scale=None)) == "datainf:0.1"
+    assert config_damping(Config(method="hyperinf", damping=1e-3, damping_scale=None)) == "0.001"
+    assert config_damping(Config(method="tracin", damping="auto", damping_scale=None)) == "auto"
 
 
 def test_audit_index_refusals(llm, exact_index, tmp_path, capsys, no_model_work):

@@ -44,6 +44,7 @@ def test_exact_index_query_equals_attribute(files, capsys):
     assert _build(root, folder, train, "exact", "--proj-dim", "0") == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "index build: 14 training examples" in printed and "float32" in printed
+    assert "(hyperinf, damping spectral:1)" in printed  # what --damping auto meant, not "auto"
     out = root / "q-exact"
     assert main(["index", "query", str(root / "exact"), "--query", str(query), "--top-k", "3", "--out", str(out),
                  "--no-progress", "--threads", "1"]) == 0, capsys.readouterr().err
@@ -56,6 +57,7 @@ def test_exact_index_query_equals_attribute(files, capsys):
                 assert x["prompt"] == y["prompt"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["scores"] == "index approximation" and summary["n_train"] == 14
+    assert summary["damping"] == "spectral:1"
 
 
 def test_projected_index_with_exact_rerank_equals_attribute(files, capsys):

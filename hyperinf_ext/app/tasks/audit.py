@@ -40,7 +40,7 @@ import numpy as np
 from .output import prepare_output_dir, staged_outputs
 from .per_token import PER_TOKEN_COUNT, audit_token_records, check_per_token, shares_note, write_tokens_jsonl
 from .pipeline import DEFAULT_EPOCHS, Log, is_causal, log_stage
-from .pipeline_config import check_query_option_use, damping_used, used_settings
+from .pipeline_config import check_query_option_use, config_damping, damping_used, used_settings
 from .metrics import rank_average
 from .report import write_json
 from .user_index import check_index_options, index_inputs, index_summary, read_source
@@ -223,7 +223,7 @@ def run_audit(cfg: AuditConfig, log: Log = None) -> dict[str, Any]:
     if tokens is not None:
         paths["tokens"] = str(out / "tokens.jsonl")
     damping = (damping_used(method, cfg.resolved_damping(method)) if index_run is None
-               else str(index_run.idx.attributor.config.damping))
+               else config_damping(index_run.idx.attributor.config))
     adapter = cfg.adapter if index_run is None else Path(cfg.index) / "adapter"
     summary = {
         "task": "audit", "settings": used_settings(cfg, method, damping, options),

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ... import persistence
-from ...curvature.methods import Damping, damping_label, parse_dampings, parse_methods, split_damping
+from ...curvature.methods import Damping, parse_dampings, parse_methods, split_damping
 from ..data.dataset import TextDataset
 from ..data.dataset import DataError
 from ..data.files import load_text_file
@@ -29,7 +29,7 @@ from .attribute import attribution_records, write_attribution_outputs
 from .output import prepare_output_dir
 from .planning import plan_gate
 from .per_token import attribute_token_records, check_per_token, shares_note
-from .pipeline_config import check_query_options
+from .pipeline_config import check_query_options, config_damping, damping_used
 from .pipeline import (Log, PipelineConfig, PreparedData, build_loaders, is_causal, load_model, log_stage, model_dir,
                        train_model)
 
@@ -179,7 +179,7 @@ def run_index_build(cfg: IndexBuildConfig, log: Log = None) -> dict[str, Any]:
     summary = {"task": "index build", "index": str(out), "n_train": idx.n_train, "proj_dim": cfg.proj_dim,
                "store_dtype": idx.config.dtype, "bytes": idx.nbytes, "bytes_per_example": idx.bytes_per_example,
                "float32_gradient_bytes_per_example": 4 * sum(p.rank * p.dim for p in idx.plans),
-               "method": cfg.method, "damping": damping_label(cfg.damping), "build_seconds": build_seconds,
+               "method": cfg.method, "damping": damping_used(cfg.method, cfg.damping), "build_seconds": build_seconds,
                "total_seconds": time.perf_counter() - t_start}
     return summary
 
@@ -292,7 +292,7 @@ def run_index_query(cfg: IndexQueryConfig, log: Log = None) -> dict[str, Any]:
     summary = {
         "task": "index query", "index": str(cfg.index), "settings": {k: str(v) for k, v in vars(cfg).items()},
         "n_train": idx.n_train, "n_query": len(query), "causal_lm": causal, "notes": notes,
-        "method": idx.attributor.config.method, "damping": str(idx.attributor.config.damping), "top_k": cfg.top_k,
+        "method": idx.attributor.config.method, "damping": config_damping(idx.attributor.config), "top_k": cfg.top_k,
         "exact_rerank": cfg.exact_rerank, "estimator": cfg.estimator, "proj_dim": idx.config.proj_dim,
         "scores": "exact (re-ranked)" if need_train else "index approximation",
         "timings": {"open_seconds": t_open, "query_seconds": query_seconds,

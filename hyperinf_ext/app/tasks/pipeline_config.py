@@ -174,6 +174,17 @@ def damping_used(method: str, damping: Any) -> str:
     return damping_label(damping)
 
 
+def config_damping(config: Any) -> str:
+    """The damping an attributor's config (an index's) scores at, as :func:`damping_used` shows it: its rule
+    with its ``damping_scale`` (``"spectral:3"``), ``"auto"`` resolved to the method's default."""
+    from ...curvature.methods import METHOD_DEFAULTS, damping_label, resolve
+
+    if config.method not in METHOD_DEFAULTS:
+        return damping_label(config.damping)
+    rule, scale = resolve(config.method, config.damping, config.damping_scale)
+    return damping_label(rule) if isinstance(rule, float) else f"{rule}:{scale:g}"
+
+
 def used_settings(cfg: "PipelineConfig", method: str, damping: str, options: dict[str, Any]) -> dict[str, Any]:
     """``cfg.settings()`` with what the scores used in place of the arguments that defer to a default: the
     method (an index's), its damping (``damping_used``), the mixing weight and the normalisation
