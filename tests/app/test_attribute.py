@@ -86,6 +86,7 @@ def full_matrix(folder, adapter, train, query, method, **options):
     # the query-side options (TrackStar's estimator in the GFIM form): the library's scores with the same options
     ("hyperinf", ["--mix-queries", "99", "--normalize", "symmetric"], {"mix_queries": 99.0, "normalize": "symmetric"}),
     ("datainf", ["--normalize", "unit"], {"normalize": "unit"}),
+    ("hyperinf", ["--normalize", "none"], {}),  # the value the reports' Settings show for raw scores
 ])
 def test_attribute_top_k_equals_full_matrix(llm_files, tmp_path, method, flags, options, capsys):
     folder, adapter, train, query = llm_files

@@ -105,7 +105,7 @@ def _plan_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _normalize(value: str | None) -> str | bool | None:
-    """--normalize: "none" (audit's way to turn its default off) = False, raw scores; None = not given."""
+    """--normalize: "none" (raw scores; audit's way to turn its default off) = False; None = not given."""
     return False if value == "none" else value
 
 

@@ -191,13 +191,14 @@ def _add_query_options(g: argparse._ArgumentGroup, *, detection: bool = False) -
                         "inverted (TrackStar's idea; W = 99 is its 0.99 mix) "
                         + ("(default: 99 with --target and a method that can mix, the choice of bench/DEFAULTS.md; "
                            "0 = none)" if detection else "(default: 0, none)"))
-    g.add_argument("--normalize", choices=("unit", "query", "symmetric") + (("none",) if detection else ()),
+    # "none" everywhere: the reports' Settings show normalize "none", and a value read there must be accepted back
+    g.add_argument("--normalize", choices=("unit", "query", "symmetric", "none"),
                    default=None,
                    help="unit-normalised gradients (cosine influence): unit = score/(|q||g|), query = cosine of the "
                         "preconditioned query and g, symmetric = cosine in the inverse-curvature metric (TrackStar's "
                         "form) " + ("(default: symmetric for hyperinf's influence on --target without --index or "
                                     "--per-token, the choice of bench/DEFAULTS.md; none = raw scores)" if detection
-                                    else "(default: raw scores)"))
+                                    else "(default: none, raw scores)"))
 
 
 def _add_user_model(p: argparse.ArgumentParser, *, epochs_help: str, detection: bool = False) -> None:
