@@ -647,7 +647,9 @@ def main(argv: list[str] | None = None) -> int:
     from bench.lds_report import write_report
 
     command = "python -m bench.lds" + (" --model smollm2" if llm else "") + (" --smoke" if args.smoke else "")
-    text = write_report(load_records(args.runs), args.out, command, n_subsets=args.subsets, n_boot=args.n_boot,
+    # every subset model a seed has scored, whatever --subsets this invocation used (a run that adds seed 0's
+    # peers at --subsets 12 must not cut seed 1's table to 12 of its 16 subsets)
+    text = write_report(load_records(args.runs), args.out, command, n_subsets=None, n_boot=args.n_boot,
                         labels=LLM_LABELS if llm else LABELS, choose_damping=not llm,
                         split=reconstruct_split, rule=not args.smoke,
                         classifier_records=load_records(HERE / "lds_runs.jsonl") if llm else None)
