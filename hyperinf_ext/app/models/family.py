@@ -74,8 +74,8 @@ def encode_instruction_splits(
         notes.append(note)
     train_encoded = encode_instructions(train, tokenizer, max_length)
     val_encoded = encode_instructions(val, tokenizer, max_length)
-    cut = truncation_note(train_encoded.truncated + val_encoded.truncated, max_length)
-    notes += [cut] if cut else []
+    truncated = truncation_note(train_encoded.truncated + val_encoded.truncated, max_length)
+    notes += [truncated] if truncated else []
     if isinstance(train, VLMDataset):
         notes.append("vision-language model: prompts are read whole with their image tokens (--max-length unused)")
     return train_encoded.encodings, val_encoded.encodings, notes
