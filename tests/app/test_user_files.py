@@ -83,3 +83,29 @@ def test_a_row_with_quoted_newlines_is_named_by_its_first_line(tmp_path):
     """csv's line_num points at a row's last physical line; outputs name a multi-line row by its first."""
     ds = load_text_file(_csv(tmp_path, 'text,label\na,1\n"two\nlines, and\nthree",0\nb,1\n', "multi.csv"))
     assert ds.rows == [2, 3, 6]
+
+
+def test_settings_list_only_the_columns_the_run_reads(tmp_path):
+    """Reports and summaries show the settings: a causal LM's run reads prompt/response, a classifier's
+    text/label, the embedded data neither; the others are not shown (nor part of a checkpoint's identity)."""
+    import json as _json
+    from pathlib import Path
+
+    from hyperinf_ext.app.tasks.attribute import AttributeConfig
+    from hyperinf_ext.app.tasks.index_task import IndexBuildConfig
+    from hyperinf_ext.app.tasks.pipeline_config import PipelineConfig
+    from hyperinf_ext.app.tasks.user_run import UserConfig
+
+    folder = tmp_path / "causal-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(_json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    instruction, classifier, neither = ["prompt_column", "response_column"], ["text_column", "label_column"], []
+    cases = [(PipelineConfig(), neither), (PipelineConfig(model="smollm2"), neither),
+             (PipelineConfig(data=Path("x.csv")), classifier), (PipelineConfig(data=Path("x.jsonl"), model="smollm2"),
+                                                                 instruction),
+             (UserConfig(), classifier), (UserConfig(model="smollm2"), instruction), (UserConfig(model=folder),
+                                                                                      instruction),
+             (AttributeConfig(), classifier), (AttributeConfig(model="smollm2"), instruction),
+             (IndexBuildConfig(model="smollm2"), instruction), (IndexBuildConfig(), classifier)]
+    for cfg, shown in cases:
+        assert [k for k in cfg.settings() if k.endswith("_column")] == shown, (type(cfg).__name__, cfg.model, cfg.data)

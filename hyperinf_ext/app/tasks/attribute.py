@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -50,6 +50,8 @@ __all__ = ["AttributeConfig", "run_attribute"]
 class AttributeConfig(PipelineConfig):
     """Settings of ``attribute`` (``data``, ``n_train``, ``n_val`` and ``flip_rate`` are unused)."""
 
+    reads_own_file: ClassVar[bool] = True
+
     train: Path | None = None
     """Training file: prompt/response (or messages) for a causal LM, text/label for a classifier."""
     query: Path | None = None
@@ -82,7 +84,7 @@ class AttributeConfig(PipelineConfig):
 
     def settings(self) -> dict[str, Any]:
         out = super().settings()
-        for unused in ("data", "n_train", "n_val", "flip_rate", "text_column", "label_column"):
+        for unused in ("data", "n_train", "n_val", "flip_rate"):
             out.pop(unused, None)
         out["damping"] = damping_label(self.damping)
         return out

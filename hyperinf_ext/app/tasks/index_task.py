@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -33,16 +33,19 @@ from .pipeline_config import check_query_options, config_damping, damping_used
 from .pipeline import (Log, PipelineConfig, PreparedData, build_loaders, is_causal, load_model, log_stage, model_dir,
                        train_model)
 
-__all__ = ["IndexBuildConfig", "IndexQueryConfig", "run_index_build", "run_index_query", "SOURCE"]
+__all__ = ["IndexBuildConfig", "IndexQueryConfig", "READ_SETTINGS", "run_index_build", "run_index_query", "SOURCE"]
 
 SOURCE = "source.json"
-_READ_SETTINGS = ("text_column", "label_column", "prompt_column", "response_column", "max_length", "model", "rank",
-                  "alpha", "fit_batch_size")
+READ_SETTINGS = ("text_column", "label_column", "prompt_column", "response_column", "max_length", "model", "rank",
+                 "alpha", "fit_batch_size")
+"""How the index read its training file and loaded its model (``IDX/source.json``): a run reads the same way."""
 
 
 @dataclass
 class IndexBuildConfig(PipelineConfig):
     """Settings of ``index build`` (``data``, ``n_train``, ``n_val``, ``flip_rate`` are unused)."""
+
+    reads_own_file: ClassVar[bool] = True
 
     train: Path | None = None
     """Training file: prompt/response (or messages) for a causal LM, text/label for a classifier."""
@@ -125,7 +128,7 @@ def _source(cfg: IndexBuildConfig, train: TextDataset, causal: bool) -> dict[str
     return {"train": str(Path(cfg.train).resolve()), "train_sha256": persistence.file_sha256(Path(cfg.train)),
             "causal": causal, "label_names": list(train.label_names), "n_train": len(train),
             "rows": train.rows, **{k: (str(getattr(cfg, k)) if isinstance(getattr(cfg, k), Path) else getattr(cfg, k))
-                                   for k in _READ_SETTINGS}}
+                                   for k in READ_SETTINGS}}
 
 
 def run_index_build(cfg: IndexBuildConfig, log: Log = None) -> dict[str, Any]:
@@ -232,7 +235,7 @@ def open_index(index_dir: Path, device: str, progress: bool, verify: bool, log: 
 
 
 def _model_config(source: dict, device: str, progress: bool) -> PipelineConfig:
-    kw = {k: source[k] for k in _READ_SETTINGS}
+    kw = {k: source[k] for k in READ_SETTINGS}
     if kw["model"] not in (None, "smollm2", "minilm"):
         kw["model"] = Path(kw["model"])
     return PipelineConfig(**kw, device=device, progress=progress)

@@ -7,10 +7,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
+from ..models.family import is_causal
 from ..models.llm import model_label
 
 __all__ = ["DEFAULT_EPOCHS", "Log", "log_stage", "PipelineConfig", "check_query_options", "check_query_option_use"]
@@ -19,6 +20,8 @@ DEFAULT_EPOCHS = 3
 EVAL_BATCH_SIZE = 32  # the evaluation pass has no backward: it may batch more than the influence passes
 FIT_BATCH_SIZE = 32
 CAUSAL_FIT_BATCH_SIZE = 8  # a causal LM's logits are [batch, tokens, vocabulary]: memory, not speed, limits it
+CLASSIFIER_COLUMNS = ("text_column", "label_column")
+INSTRUCTION_COLUMNS = ("prompt_column", "response_column")
 
 Log = Callable[[str], None] | None
 
@@ -75,6 +78,16 @@ class PipelineConfig:
     normalize: str | bool | None = None
     """Unit-normalised gradients, "unit", "query" or "symmetric" (``HyperINF.scores(normalize=...)``: cosine
     influence); False = raw scores; None = the command's default, :meth:`default_normalize` (raw here)."""
+
+    reads_own_file: ClassVar[bool] = False
+    """Whether the command reads a file of its own (the user commands' training file) instead of ``data``."""
+
+    def unused_columns(self) -> tuple[str, ...]:
+        """The column options this run does not read: all four on the embedded data; otherwise the other
+        family's (a causal LM or VLM reads prompt/response, a classifier text/label)."""
+        if self.data is None and not self.reads_own_file:
+            return CLASSIFIER_COLUMNS + INSTRUCTION_COLUMNS
+        return CLASSIFIER_COLUMNS if is_causal(self) else INSTRUCTION_COLUMNS
 
     def default_mix_queries(self, method: str) -> float:
         """The mixing weight when ``mix_queries`` is None (not given): 0 here; ``audit`` overrides it."""
@@ -160,6 +173,8 @@ class PipelineConfig:
         out["epochs"] = self.resolved_epochs
         out["data"] = str(self.data) if self.data is not None else "rotten_tomatoes (embedded)"
         out["model"] = model_label(self.model)
+        for unused in self.unused_columns():
+            del out[unused]
         return out
 
 

@@ -17,16 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from ... import persistence
-from .index_task import SOURCE, open_index
+from .index_task import READ_SETTINGS, SOURCE, open_index
 from .pipeline import Loaders, Log, TrainedModel, log_stage, train_model
 from .user_run import UserConfig, UserData, load_user_files, prepare_inputs
 
-__all__ = ["READ_SETTINGS", "IndexRun", "read_source", "check_index_options", "index_inputs", "index_summary"]
-
-READ_SETTINGS = ("text_column", "label_column", "prompt_column", "response_column", "max_length", "model", "rank",
-                 "alpha", "fit_batch_size")
-"""How the index read its training file and loaded its model (``IDX/source.json``): a run reads the same way."""
-
+__all__ = ["IndexRun", "read_source", "check_index_options", "index_inputs", "index_summary"]
 
 def read_source(index_dir: Path) -> dict[str, Any]:
     """``IDX/source.json``, or a one-line error naming ``--index``."""

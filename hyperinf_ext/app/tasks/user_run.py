@@ -18,7 +18,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
@@ -42,6 +42,8 @@ __all__ = ["UserConfig", "UserData", "load_user_files", "prepare_inputs", "RunCh
 @dataclass
 class UserConfig(PipelineConfig):
     """Settings the user commands share (``data``, ``n_train``, ``n_val``, ``flip_rate``, ``top_k`` unused)."""
+
+    reads_own_file: ClassVar[bool] = True
 
     target: Path | None = None
     """Trusted examples whose mean loss the scores are about (same format as the training file)."""
