@@ -196,3 +196,26 @@ def test_the_printed_table_carries_the_input_notes():
     lines = attribute_table(summary).splitlines()
     assert "note: train.csv: skipped 1 row(s) with empty 'text' at line(s) 4" in lines
     assert "note:" not in attribute_table({**summary, "notes": []})
+
+
+def test_attribute_reports_head_the_texts_with_the_users_column_names(tmp_path):
+    """A classifier file read with --text-column review --label-column sentiment: both reports say review and
+    sentiment (the records keep their own keys, text and label); a causal LM's say its prompt/response names."""
+    from hyperinf_ext.app.tasks.attribute_report import write_html, write_markdown
+
+    example = {"rank": 1, "train_line": 3, "score": -1.5}
+    for causal, keys, names in ((False, ("text", "label"), ("review", "sentiment")),
+                                (True, ("prompt", "response"), ("question", "answer"))):
+        settings = {"text_column": "review", "label_column": "sentiment"} if not causal else {
+            "prompt_column": "question", "response_column": "answer"}
+        rec = {"query_line": 2, keys[0]: "a fine film", keys[1]: "positive",
+               "helpful": [{**example, keys[0]: "great", keys[1]: "positive"}], "harmful": []}
+        summary = {"n_query": 1, "n_train": 4, "method": "hyperinf", "damping": "spectral:1", "top_k": 1,
+                   "settings": settings, "timings": {"open_seconds": 0.1, "query_seconds": 0.1}}
+        write_markdown(tmp_path / "report.md", summary, [rec])
+        md = (tmp_path / "report.md").read_text()
+        assert f"| rank | train line | score | {names[0]} | {names[1]} |" in md and f"**{names[1]}:** positive" in md
+        write_html(tmp_path / "report.html", summary, [rec])
+        html = (tmp_path / "report.html").read_text()
+        assert all(f'scope="col">{n}</th>' in html for n in names), causal
+        assert not any(f'scope="col">{k}</th>' in html for k in keys), causal

@@ -196,6 +196,7 @@ def _bert_folder(path, num_labels=None):
 
 
 def test_audit_a_classifier_csv_keeps_every_column_and_names_skipped_lines(tmp_path, capsys, monkeypatch):
+    """The user's own column names (--text-column/--label-column) name the reports' columns too."""
     from hyperinf_ext.app.tasks import user_report
 
     monkeypatch.setattr(user_report, "MAX_ROWS", 10)  # report.html shows the first MAX_ROWS (1,000) rows
@@ -203,33 +204,36 @@ def test_audit_a_classifier_csv_keeps_every_column_and_names_skipped_lines(tmp_p
     train = tmp_path / "train.csv"
     with open(train, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["id", "text", "label", "note"])
+        w.writerow(["id", "review", "sentiment", "note"])
         for i, r in enumerate(sentiment_rows(14)):
             w.writerow([f"r{i}", r["prompt"], r["response"], f'said "hi", {i}'])
         w.writerow(["r-empty", "   ", "positive", "skipped"])
     out = tmp_path / "out"
     assert main(["audit", "--model", str(folder), "--train", str(train), "--epochs", "1", "--out", str(out),
-                 *FAST]) == 0, capsys.readouterr().err
+                 "--text-column", "review", "--label-column", "sentiment", *FAST]) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
-    assert "skipped 1 row(s) with empty 'text' at line(s) 16" in printed
+    assert "skipped 1 row(s) with empty 'review' at line(s) 16" in printed
     with open(train, newline="", encoding="utf-8") as f:
         original = {r["id"]: r for r in csv.DictReader(f)}
     with open(out / "ranked.csv", newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        assert reader.fieldnames == ["id", "text", "label", "note", "rank", "self_influence"]
+        assert reader.fieldnames == ["id", "review", "sentiment", "note", "rank", "self_influence"]
         ranked = list(reader)
     assert len(ranked) == 14 and [int(r["rank"]) for r in ranked] == list(range(1, 15))
-    assert all({k: r[k] for k in ("id", "text", "label", "note")} == original[r["id"]] for r in ranked)
+    assert all({k: r[k] for k in ("id", "review", "sentiment", "note")} == original[r["id"]] for r in ranked)
     scores = [float(r["self_influence"]) for r in ranked]
     assert scores == sorted(scores, reverse=True) and all(s >= 0 for s in scores)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finetune"]["epochs"] == 1 and summary["notes"]
+    shown = {k: v for k, v in summary["settings"].items() if k.endswith("_column")}
+    assert shown == {"text_column": "review", "label_column": "sentiment"}  # a classifier reads no prompt column
+    assert "| rank | line | self_influence | review | sentiment |" in (out / "report.md").read_text()
     (table,) = [s for t, s in sections_by_title(parse((out / "report.html").read_text())).items()
                 if t.startswith("Training examples")]
     assert "The first 10 of 14 examples are shown; ranked.csv has every one" in table.content()
     rows = table.all("tbody")[0].all("tr")
-    assert [r.all("td")[2].content() for r in rows] == [r["text"] for r in ranked[:10]]
-    assert [h.content() for h in table.all("th")][2:4] == ["text", "label"]
+    assert [r.all("td")[2].content() for r in rows] == [r["review"] for r in ranked[:10]]
+    assert [h.content() for h in table.all("th")][2:4] == ["review", "sentiment"]
 
 
 def test_an_interrupted_fit_resumes_to_the_same_scores(llm, tmp_path, monkeypatch, capsys):

@@ -359,3 +359,16 @@ def test_render_script_makes_a_png(page, tmp_path):
                           "800,600"], capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr
     assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_cut_rows_says_how_many_there_are_also_when_given_only_the_leading_rows():
+    from hyperinf_ext.app.tasks.html_report import cut_rows
+
+    rows = [{"i": i} for i in range(5)]
+    assert cut_rows(rows, "examples", "x.csv has every one", 5) == (rows, "")
+    assert cut_rows(rows, "examples", "x.csv has every one", 3) == (rows[:3], "The first 3 of 5 examples are shown; "
+                                                                               "x.csv has every one.")
+    # a caller that built only the shown rows (audit: a generator cut at the limit) passes the total
+    assert cut_rows(rows[:3], "examples", "x.csv has every one", 3, total=1000)[1] == (
+        "The first 3 of 1000 examples are shown; x.csv has every one.")
+    assert cut_rows(rows[:3], "examples", "x.csv has every one", 3, total=3) == (rows[:3], "")

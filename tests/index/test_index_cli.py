@@ -64,8 +64,10 @@ def test_projected_index_with_exact_rerank_equals_attribute(files, capsys):
     root, folder, train, query, expected = files
     assert _build(root, folder, train, "proj", "--proj-dim", "4") == 0, capsys.readouterr().err
     out = root / "q-proj"
-    assert main(["index", "query", str(root / "proj"), "--query", str(query), "--top-k", "3", "--exact-rerank", "14",
-                 "--out", str(out), "--no-progress", "--threads", "1"]) == 0, capsys.readouterr().err
+    # --index IDX, as audit, select and attribute spell it, is the positional IDX
+    assert main(["index", "query", "--index", str(root / "proj"), "--query", str(query), "--top-k", "3",
+                 "--exact-rerank", "14", "--out", str(out), "--no-progress", "--threads", "1"]) == 0, \
+        capsys.readouterr().err
     for g, e in zip(_records(out), expected):
         for side in ("helpful", "harmful"):
             assert [x["train_line"] for x in g[side]] == [x["train_line"] for x in e[side]]
@@ -78,6 +80,11 @@ def test_index_cli_errors(files, tmp_path, capsys):
     code = main(["index", "query", str(tmp_path), "--query", str(query), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "not an index built by `hyperinf-ext index build`" in err and err.count("\n") == 1
+    for argv, message in (([], "name the index folder (IDX or --index IDX)"),
+                          ([str(tmp_path), "--index", str(root)], f"two index folders given, {tmp_path} and --index")):
+        code = main(["index", "query", *argv, "--query", str(query), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, err
     code = main(["index", "build", "--model", str(folder), "--train", str(train), "--proj-dim", "-1",
                  "--out", str(tmp_path / "x"), "--no-progress"])
     err = capsys.readouterr().err

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from .args import PROG, build_parser
-from .index_args import index_reading
+from .index_args import index_reading, query_index
 from ..messages import one_line
 from ..tasks.output import prepare_output_dir
 
@@ -329,6 +329,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         cfg.validate()
         _setup(args)  # no prepare_output_dir: a rerun into the same --out resumes the build
         return _print_run(args, cfg, t.run_index_build, t.index_build_table)
+    args.index = query_index(args)
     cfg = t.IndexQueryConfig(index=args.index, query=args.query, top_k=args.top_k, exact_rerank=args.exact_rerank,
                              device=args.device, progress=not args.no_progress, per_token=args.per_token,
                              out=args.out, **index_reading(args))

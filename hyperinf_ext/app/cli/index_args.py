@@ -37,7 +37,9 @@ def add_index(p: argparse.ArgumentParser, add_model: Callable, add_columns: Call
         description="Per query of --query, the --top-k most helpful and most harmful training examples from "
                     "the index (the model is loaded from the index). Writes attribution.jsonl, report.md and "
                     "summary.json, as `attribute` does.")
-    q.add_argument("index", metavar="IDX", type=Path, help="folder written by `index build`")
+    q.add_argument("index", metavar="IDX", type=Path, nargs="?", default=None, help="folder written by `index build`")
+    q.add_argument("--index", dest="index_option", metavar="IDX", type=Path, default=None,
+                   help="the same, spelt as audit, select and attribute take it")
     q.add_argument("--query", metavar="FILE", type=Path, required=True, help="query examples, as the training file")
     q.add_argument("--top-k", metavar="K", type=int, default=10, help="examples per query and side (default: 10)")
     q.add_argument("--exact-rerank", metavar="M", type=int, default=0,
@@ -50,6 +52,16 @@ def add_index(p: argparse.ArgumentParser, add_model: Callable, add_columns: Call
                         "unchanged): tokens.jsonl, heatmaps in report.html")
     q.add_argument("--device", metavar="DEV", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     add_common(q, out="hyperinf-out/index-query")
+
+
+def query_index(args: argparse.Namespace) -> Path:
+    """``index query``'s folder, given as IDX or as ``--index IDX``; a ValueError when neither or two differ."""
+    given = [p for p in (args.index, args.index_option) if p is not None]
+    if not given:
+        raise ValueError("index query: name the index folder (IDX or --index IDX)")
+    if len(given) == 2 and given[0] != given[1]:
+        raise ValueError(f"index query: two index folders given, {given[0]} and --index {given[1]}; give one")
+    return given[0]
 
 
 def index_reading(args: argparse.Namespace) -> dict:

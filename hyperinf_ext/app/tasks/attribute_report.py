@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 from .html_report import Column, Group, Table, Text, write_html_report
 from .per_token import shares_note, token_heatmap
+from .pipeline_config import column_headings
 
 __all__ = ["write_html", "write_markdown"]
 
@@ -19,8 +20,10 @@ def _cell(text: Any) -> str:
     return s if len(s) <= SNIPPET else s[: SNIPPET - 1] + "…"
 
 
-def _answer_key(rec: dict[str, Any]) -> tuple[str, str]:
-    return ("prompt", "response") if "prompt" in rec else ("text", "label")
+def _keys(rec: dict[str, Any], settings: dict[str, Any]) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(the record's keys of an example's two texts, their headings: the user's column names)."""
+    causal = "prompt" in rec
+    return ("prompt", "response") if causal else ("text", "label"), column_headings(settings, causal)
 
 
 def write_markdown(path: str | Path, summary: dict[str, Any], records: Sequence[dict[str, Any]]) -> None:
@@ -41,11 +44,11 @@ def write_markdown(path: str | Path, summary: dict[str, Any], records: Sequence[
         "",
     ]
     for rec in records:
-        text_key, answer_key = _answer_key(rec)
+        (text_key, answer_key), (text_name, answer_name) = _keys(rec, summary["settings"])
         lines += [f"## Query (line {rec['query_line']})", "", f"> {_cell(rec[text_key])}", ">",
-                  f"> **{answer_key}:** {_cell(rec[answer_key])}", ""]
+                  f"> **{answer_name}:** {_cell(rec[answer_key])}", ""]
         for name in ("helpful", "harmful"):
-            lines += [f"**Most {name}**", "", f"| rank | train line | score | {text_key} | {answer_key} |",
+            lines += [f"**Most {name}**", "", f"| rank | train line | score | {text_name} | {answer_name} |",
                       "|---:|---:|---:|---|---|"]
             lines += [f"| {e['rank']} | {e['train_line']} | {e['score']:.4g} | {_cell(e[text_key])} | "
                       f"{_cell(e[answer_key])} |" for e in rec[name]]
@@ -80,12 +83,12 @@ def write_html(path: str | Path, summary: dict[str, Any], records: Sequence[dict
     ]
     sections: list[Any] = []
     for rec in records:
-        text_key, answer_key = _answer_key(rec)
+        (text_key, answer_key), (text_name, answer_name) = _keys(rec, summary["settings"])
         line = rec["query_line"]
         columns = [Column("side", "side"), Column("rank", "rank", "int"), Column("train_line", "train line", "int"),
-                   Column("score", "score", "score"), Column(text_key, text_key), Column(answer_key, answer_key)]
+                   Column("score", "score", "score"), Column(text_key, text_name), Column(answer_key, answer_name)]
         rows = [{"side": name, **e} for name in ("helpful", "harmful") for e in rec[name]]
-        parts: list[Any] = [Text("Query", f"{text_key}: {rec[text_key]}\n\n{answer_key}: {rec[answer_key]}"),
+        parts: list[Any] = [Text("Query", f"{text_name}: {rec[text_key]}\n\n{answer_name}: {rec[answer_key]}"),
                             Table("Most helpful and most harmful training examples", columns, rows)]
         if tokens is not None:
             mine = [t for t in tokens if t["query_line"] == line]

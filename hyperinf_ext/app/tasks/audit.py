@@ -40,11 +40,11 @@ import numpy as np
 from .output import prepare_output_dir, staged_outputs
 from .per_token import PER_TOKEN_COUNT, audit_token_records, check_per_token, shares_note, write_tokens_jsonl
 from .pipeline import DEFAULT_EPOCHS, Log, is_causal, log_stage
-from .pipeline_config import check_query_option_use, config_damping, damping_used, used_settings
+from .pipeline_config import check_query_option_use, column_headings, config_damping, damping_used, used_settings
 from .metrics import rank_average
 from .report import write_json
 from .user_index import check_index_options, index_inputs, index_summary, read_source
-from .user_report import MAX_ROWS, write_audit_html
+from .user_report import write_audit_html
 from .user_run import (RunCheckpoint, UserConfig, checkpointed_fit, load_user_files, prepare_inputs, trained_model,
                        use_method)
 
@@ -251,10 +251,10 @@ def run_audit(cfg: AuditConfig, log: Log = None) -> dict[str, Any]:
         summary["checkpoint"] = (f"{ckpt.root} (removed when the run finished; an interrupted run keeps it and a "
                                  "rerun with the same arguments resumes from it)")
     answer = data.train.label_names
-    table = [{"rank": a["rank"], "line": line, "text": data.train.texts[int(i)],
+    table = ({"rank": a["rank"], "line": line, "text": data.train.texts[int(i)],
               "answer": answer[data.train.labels[int(i)]], "score": a[cfg.signal],
               **{c: a[c] for c in columns if c != cfg.signal}}
-             for a, line, i in zip(added[:MAX_ROWS], lines, order)]
+             for a, line, i in zip(added, lines, order))  # write_audit_html reads the rows it shows
     with staged_outputs(out) as stage:
         data.train_rows.write(stage / name, lines, added)
         write_report(stage / "report.md", summary, data, lines, added)
@@ -306,7 +306,7 @@ def _cell(text: Any, width: int = 120) -> str:
 def write_report(path: Path, summary: dict[str, Any], data: Any, lines: list[int], added: list[dict]) -> None:
     """``report.md``: the signal and its meaning, the settings, the notes and the most suspicious rows."""
     signal = summary["signal"]
-    text_name, label_name = ("prompt", "response") if summary["causal_lm"] else ("text", "label")
+    text_name, label_name = column_headings(summary["settings"], summary["causal_lm"])
     position = {line: i for i, line in enumerate(data.train.rows or [])}
     out = [
         "# Training-data audit", "",

@@ -52,12 +52,14 @@ MAX_ROWS = 1000
 """Rows of a per-example table in a report.html (the first ones in their order); the file beside it has all."""
 
 
-def cut_rows(rows: list[dict[str, Any]], what: str, where: str, limit: int = MAX_ROWS
+def cut_rows(rows: list[dict[str, Any]], what: str, where: str, limit: int = MAX_ROWS, total: int | None = None
              ) -> tuple[list[dict[str, Any]], str]:
-    """The first ``limit`` rows, and a note saying so (and ``where`` the rest is) when some were left out."""
-    if len(rows) <= limit:
+    """The first ``limit`` rows, and a note saying so (and ``where`` the rest is) when some were left out;
+    ``total``: how many rows there are when ``rows`` holds only the leading ones."""
+    total = len(rows) if total is None else total
+    if total <= limit:
         return rows, ""
-    return rows[:limit], f"The first {limit} of {len(rows)} {what} are shown; {where}."
+    return rows[:limit], f"The first {limit} of {total} {what} are shown; {where}."
 
 
 @dataclass(frozen=True)

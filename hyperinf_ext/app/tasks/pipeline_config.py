@@ -14,7 +14,8 @@ import torch
 from ..models.family import is_causal
 from ..models.llm import model_label
 
-__all__ = ["DEFAULT_EPOCHS", "Log", "log_stage", "PipelineConfig", "check_query_options", "check_query_option_use"]
+__all__ = ["DEFAULT_EPOCHS", "Log", "column_headings", "log_stage", "PipelineConfig", "check_query_options",
+           "check_query_option_use"]
 
 DEFAULT_EPOCHS = 3
 EVAL_BATCH_SIZE = 32  # the evaluation pass has no backward: it may batch more than the influence passes
@@ -22,6 +23,14 @@ FIT_BATCH_SIZE = 32
 CAUSAL_FIT_BATCH_SIZE = 8  # a causal LM's logits are [batch, tokens, vocabulary]: memory, not speed, limits it
 CLASSIFIER_COLUMNS = ("text_column", "label_column")
 INSTRUCTION_COLUMNS = ("prompt_column", "response_column")
+
+
+def column_headings(settings: dict[str, Any], causal: bool) -> tuple[str, str]:
+    """How reports head an example's two texts: the user's own column names as ``settings`` give them
+    (``--prompt-column``/``--response-column`` for a causal LM, ``--text-column``/``--label-column``
+    for a classifier), else the defaults."""
+    names = INSTRUCTION_COLUMNS if causal else CLASSIFIER_COLUMNS
+    return tuple(str(settings.get(k) or k.removesuffix("_column")) for k in names)  # type: ignore[return-value]
 
 Log = Callable[[str], None] | None
 

@@ -8,20 +8,18 @@ show the first :data:`MAX_ROWS` rows; the file beside the report (ranked / score
 """
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from .html_report import MAX_ROWS as HTML_MAX_ROWS
 from .html_report import Column, Section, Table, Text, cut_rows, write_html_report
 from .per_token import shares_note, token_heatmap
+from .pipeline_config import column_headings
 
 __all__ = ["MAX_ROWS", "write_audit_html", "write_select_html"]
 
 MAX_ROWS = HTML_MAX_ROWS  # a module global, so a test can lower it here
-
-
-def _keys(causal: bool) -> tuple[str, str]:
-    return ("prompt", "response") if causal else ("text", "label")
 
 
 def _model_line(summary: dict[str, Any], model: str) -> str:
@@ -32,14 +30,16 @@ def _model_line(summary: dict[str, Any], model: str) -> str:
     return model
 
 
-def write_audit_html(path: str | Path, summary: dict[str, Any], rows: Sequence[dict[str, Any]],
+def write_audit_html(path: str | Path, summary: dict[str, Any], rows: Iterable[dict[str, Any]],
                      tokens: Sequence[dict[str, Any]] | None = None) -> None:
     """``report.html`` of audit.
 
     ``rows``: one dict per training example in rank order with ``rank``, ``line``, ``text``, ``answer``
-    (label or response), ``score`` and the other columns of ``summary["columns"]``; ``tokens``: the ``tokens.jsonl`` records of ``--per-token``."""
+    (label or response), ``score`` and the other columns of ``summary["columns"]`` (only the first
+    :data:`MAX_ROWS` are read: a generator saves building the rest); ``tokens``: the ``tokens.jsonl``
+    records of ``--per-token``."""
     signal = summary["signal"]
-    text_key, answer_key = _keys(summary["causal_lm"])
+    text_key, answer_key = column_headings(summary["settings"], summary["causal_lm"])
     ft = summary["finetune"]
     model = (f"Model {summary['settings']['model']}, "
              + (f"adapter {ft['adapter']}" if ft["adapter"] else "a fresh LoRA")
@@ -54,8 +54,9 @@ def write_audit_html(path: str | Path, summary: dict[str, Any], rows: Sequence[d
     columns = [Column("rank", "rank", "int"), Column("line", "line", "int"), Column("text", text_key),
                Column("answer", answer_key), Column("score", signal, "score"),
                *[Column(c, c, "score") for c in summary.get("columns", [signal]) if c != signal]]  # combined's parts
-    shown, cut = cut_rows(list(rows), "examples", f"{Path(summary['outputs']['ranked']).name} has every one",
-                          MAX_ROWS)
+    shown, cut = cut_rows(list(islice(rows, MAX_ROWS)), "examples",
+                          f"{Path(summary['outputs']['ranked']).name} has every one", MAX_ROWS,
+                          total=summary["n_train"])
     sections: list[Section] = [
         # sign_convention repeats signal_meaning: the page says the meaning once
         Text("Signal", f"{signal}: {summary['signal_meaning']}.\n\nRank 1 = the highest score = the most suspicious. "
@@ -77,7 +78,7 @@ def write_select_html(path: str | Path, summary: dict[str, Any], rows: Sequence[
 
     ``rows``: one dict per pool example in pool order with ``line``, ``text``, ``answer``, ``score`` and
     ``selected`` (bool); the table shows them most helpful (most negative) first."""
-    text_key, answer_key = _keys(summary["causal_lm"])
+    text_key, answer_key = column_headings(summary["settings"], summary["causal_lm"])
     w = summary["warmup"]
     model = (f"Model {summary['settings']['model']}, "
              + (f"adapter {w['adapter']}" if w["adapter"] else "a fresh LoRA")
