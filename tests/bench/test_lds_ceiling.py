@@ -146,6 +146,11 @@ def test_noise_ceiling_is_one_for_identical_retrains_and_lower_with_noise(tmp_pa
     text = "\n".join(ceiling_section(load_records(plain), LABELS, None, 50))
     assert "No seed has retrained subset models yet" in text and "--retrain-seeds 0,1,2" in text
     assert "44 models" in text  # 16 subsets × 3 retrains, less the 4 of retrain 0 already recorded
+    # retrains of only the leading subsets (a run still filling it): no ceiling from 2 subsets, it says so
+    run(NoisyLinearExperiment(), CFG, plain, 2, LABELS, retrains=(0, 1, 2), **QUIET)
+    text = "\n".join(ceiling_section(load_records(plain), LABELS, None, 50))
+    assert "in progress" in text and "cover the leading 2 subsets" in text and "test-retest" not in text
+    assert "--retrain-seeds 0,1,2" in text and "40 models" in text
 
 
 def test_averaging_retrains_helps_a_good_predictor(tmp_path):
@@ -366,13 +371,13 @@ def test_report_only_command_line_on_records_with_retrains(tmp_path):
     from bench.lds import main
 
     runs, out = tmp_path / "runs.jsonl", tmp_path / "LDS.md"
-    run(NoisyLinearExperiment(noise=0.3), CFG, runs, 6, LABELS, retrains=(0, 1, 2), **QUIET)
+    run(NoisyLinearExperiment(noise=0.3), CFG, runs, 8, LABELS, retrains=(0, 1, 2), **QUIET)  # 8: the ceiling's least
     rename = {"exact": "hyperinf, spectral 1", "random": "tracin"}  # labels of the real grid
     runs.write_text("".join(json.dumps({**r, "label": rename[r["label"]]} if r["kind"] == "scores" else r) + "\n"
                             for r in load_records(runs)))
     assert main(["--report-only", "--seeds", "0", "--runs", str(runs), "--out", str(out), "--n-boot", "20"]) == 0
     text = out.read_text()
-    assert "### Seed 0: 3 retrains (0, 1, 2) × 6 subsets × 12 queries" in text
+    assert "### Seed 0: 3 retrains (0, 1, 2) × 8 subsets × 12 queries" in text
     assert "same-label member count (split record)" in text and "## Pooled paired differences" in text
     assert "| tracin |" in text and "| hyperinf, spectral 1 (default) |" in text
 
