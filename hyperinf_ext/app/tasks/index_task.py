@@ -29,8 +29,7 @@ from .attribute import attribution_records, write_attribution_outputs
 from .output import prepare_output_dir
 from .planning import plan_gate
 from .per_token import attribute_token_records, check_per_token, shares_note
-from .pipeline_config import (CLASSIFIER_COLUMNS, INSTRUCTION_COLUMNS, check_query_options, config_damping,
-                              damping_used)
+from .pipeline_config import check_query_options, config_damping, damping_used, read_columns
 from .pipeline import (Log, PipelineConfig, PreparedData, build_loaders, is_causal, load_model, log_stage, model_dir,
                        train_model)
 
@@ -293,10 +292,11 @@ def run_index_query(cfg: IndexQueryConfig, log: Log = None) -> dict[str, Any]:
              "html": str(out / "report.html"), "summary": str(out / "summary.json")}
     if tokens is not None:
         paths["tokens"] = str(out / "tokens.jsonl")
-    columns = INSTRUCTION_COLUMNS if causal else CLASSIFIER_COLUMNS  # the query file was read as the index's
     summary = {
         "task": "index query", "index": str(cfg.index),
-        "settings": {**{k: str(v) for k, v in vars(cfg).items()}, **{k: source[k] for k in columns}},
+        # the query file was read with the index's columns
+        "settings": {**{k: str(v) for k, v in vars(cfg).items()},
+                     **{k: source[k] for k in read_columns(causal)}},
         "n_train": idx.n_train, "n_query": len(query), "causal_lm": causal, "notes": notes,
         "method": idx.attributor.config.method, "damping": config_damping(idx.attributor.config), "top_k": cfg.top_k,
         "exact_rerank": cfg.exact_rerank, "estimator": cfg.estimator, "proj_dim": idx.config.proj_dim,

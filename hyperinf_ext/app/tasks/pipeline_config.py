@@ -15,7 +15,7 @@ from ..models.family import is_causal
 from ..models.llm import model_label
 
 __all__ = ["DEFAULT_EPOCHS", "Log", "column_headings", "log_stage", "PipelineConfig", "check_query_options",
-           "check_query_option_use"]
+           "check_query_option_use", "read_columns"]
 
 DEFAULT_EPOCHS = 3
 EVAL_BATCH_SIZE = 32  # the evaluation pass has no backward: it may batch more than the influence passes
@@ -25,12 +25,17 @@ CLASSIFIER_COLUMNS = ("text_column", "label_column")
 INSTRUCTION_COLUMNS = ("prompt_column", "response_column")
 
 
+def read_columns(causal: bool) -> tuple[str, str]:
+    """The column options a model family reads: prompt/response for a causal LM or VLM, text/label for a
+    classifier."""
+    return INSTRUCTION_COLUMNS if causal else CLASSIFIER_COLUMNS
+
+
 def column_headings(settings: dict[str, Any], causal: bool) -> tuple[str, str]:
     """How reports head an example's two texts: the user's own column names as ``settings`` give them
-    (``--prompt-column``/``--response-column`` for a causal LM, ``--text-column``/``--label-column``
-    for a classifier), else the defaults."""
-    names = INSTRUCTION_COLUMNS if causal else CLASSIFIER_COLUMNS
-    return tuple(str(settings.get(k) or k.removesuffix("_column")) for k in names)  # type: ignore[return-value]
+    (:func:`read_columns`), else the defaults."""
+    return tuple(str(settings.get(k) or k.removesuffix("_column"))  # type: ignore[return-value]
+                 for k in read_columns(causal))
 
 Log = Callable[[str], None] | None
 
@@ -96,7 +101,7 @@ class PipelineConfig:
         family's (a causal LM or VLM reads prompt/response, a classifier text/label)."""
         if self.data is None and not self.reads_own_file:
             return CLASSIFIER_COLUMNS + INSTRUCTION_COLUMNS
-        return CLASSIFIER_COLUMNS if is_causal(self) else INSTRUCTION_COLUMNS
+        return read_columns(not is_causal(self))
 
     def default_mix_queries(self, method: str) -> float:
         """The mixing weight when ``mix_queries`` is None (not given): 0 here; ``audit`` overrides it."""

@@ -23,6 +23,7 @@ from .user_run import UserConfig, UserData, load_user_files, prepare_inputs
 
 __all__ = ["IndexRun", "read_source", "check_index_options", "index_inputs", "index_summary"]
 
+
 def read_source(index_dir: Path) -> dict[str, Any]:
     """``IDX/source.json``, or a one-line error naming ``--index``."""
     path = Path(index_dir) / SOURCE
