@@ -45,7 +45,7 @@ def classifier_table() -> dict[str, Any]:
 
 def load_all(root: Path = HERE) -> dict[str, list[dict]]:
     from bench import quality, quality_llm
-    from bench.lds import load_records
+    from bench.records import load as load_records
 
     return {"classifier LDS": load_records(root / "lds_runs.jsonl"),
             "LLM LDS": load_records(root / "lds_llm_runs.jsonl"),

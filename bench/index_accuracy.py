@@ -35,18 +35,11 @@ from typing import Any
 
 import numpy as np
 
+from bench.records import append as append_record, load as load_records
+
 HERE = Path(__file__).resolve().parent
 RUNS = HERE / "index_runs.jsonl"
 RERANK = 100
-
-
-def _records() -> list[dict]:
-    return [json.loads(l) for l in RUNS.read_text().splitlines() if l.strip()] if RUNS.exists() else []
-
-
-def _append(rec: dict) -> None:
-    with RUNS.open("a") as fh:
-        fh.write(json.dumps(rec) + "\n")
 
 
 def recall(exact: np.ndarray, approx: np.ndarray, k: int, depth: int) -> float:
@@ -111,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from bench.lds import SIZES, LdsConfig, PipelineExperiment, load_records, matrices, subset_members, subset_table
+    from bench.lds import SIZES, LdsConfig, PipelineExperiment, matrices, subset_members, subset_table
     from hyperinf_ext import HyperINF
     from hyperinf_ext.app.tasks.index_task import subset_loader
     from hyperinf_ext.app.tasks.metrics import found_at, lds, roc_auc, spearman
@@ -126,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = replace(cfg, n_train=1000)
     # records before the estimator option existed measured the unbiased one; an exact index has no estimator
     done = {(r["proj_dim"], "exact" if r["proj_dim"] == 0 else r.get("estimator", "unbiased"))
-            for r in _records() if r["setting"] == setting}
+            for r in load_records(RUNS) if r["setting"] == setting}
     wanted = [(k, "exact" if k == 0 else e) for k in map(int, args.proj_dims.split(","))
               for e in (args.estimators.split(",") if k else ["exact"])]
     todo = [k for k in dict.fromkeys(k for k, _ in wanted) if any(w not in done for w in wanted if w[0] == k)]
@@ -165,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     attr.cache.close()
     measured = None
     if not args.detect:
-        records = load_records(HERE / ("lds_llm_runs.jsonl" if llm else "lds_runs.jsonl"))
-        subs = subset_table(records, json.loads(cfg.key()))  # retrain 0: the models the LDS is reported on
+        lds_records = load_records(HERE / ("lds_llm_runs.jsonl" if llm else "lds_runs.jsonl"))
+        subs = subset_table(lds_records, json.loads(cfg.key()))  # retrain 0: the models the LDS is reported on
         M = max(j for j in subs if all(i in subs for i in range(j + 1))) + 1
         members = [subset_members(cfg.n_train, cfg.fraction, cfg.seed, j) for j in range(M)]
         measured = np.asarray([subs[j] for j in range(M)])
@@ -181,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                          "auc_self": roc_auc(exact_self, flipped),
                          "found10_validation": found_at(exact_mean, flipped, 0.1)}
     else:
-        harness = [r for r in records if r["kind"] == "scores" and r["config"] == json.loads(cfg.key())
+        harness = [r for r in lds_records if r["kind"] == "scores" and r["config"] == json.loads(cfg.key())
                    and r["label"] == "hyperinf, spectral 1" and r["predicted"] is not None]
         base["exact"] = {"lds": lds_of(exact), "subsets": int(measured.shape[0]),
                          # the harness's own record of the same estimator: equal when the full model reproduced
@@ -225,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                                found10_validation=found_at(mean, flipped, 0.1))
                 else:
                     rec.update(lds=lds_of(S), lds_rerank=lds_of(hybrid(exact, S, RERANK)))
-                _append(rec)
+                append_record(RUNS, rec)
                 print(f"[index] {args.model} K={K} {est}: " + ", ".join(
                     f"{k} {v:.4g}" for k, v in rec.items() if isinstance(v, float)), flush=True)
     return 0

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.records import append as append_record
+
 HERE = Path(__file__).resolve().parent
 RUNS = HERE / "index_runs.jsonl"
 
@@ -112,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[latency] API query ({q}): {rec[f'api_query_{q}']:.2f} s", flush=True)
     if args.no_api_baseline:
         rec["api_attribute_10"] = None
-        with RUNS.open("a") as fh:
-            fh.write(json.dumps(rec) + "\n")
+        append_record(RUNS, rec)
         return 0
     trainset = read_examples(train, mcfg, True)
     data = PreparedData(trainset, trainset, [], np.zeros(0, dtype=bool), str(train), n, True)
@@ -124,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     rec["api_attribute_10"] = time.perf_counter() - t0
     attr.cache.close()
     print(f"[latency] API fit + scores (10): {rec['api_attribute_10']:.1f} s", flush=True)
-    with RUNS.open("a") as fh:
-        fh.write(json.dumps(rec) + "\n")
+    append_record(RUNS, rec)
     return 0
 
 

@@ -4,9 +4,10 @@
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+from bench.records import load as load_records
 
 HERE = Path(__file__).resolve().parent
 RUNS = HERE / "index_runs.jsonl"
@@ -46,7 +47,7 @@ def accuracy_table(recs: list[dict], detect: bool) -> list[str]:
 
 
 def write_report() -> str:
-    recs = [json.loads(l) for l in RUNS.read_text().splitlines() if l.strip()] if RUNS.exists() else []
+    recs = load_records(RUNS)
     out = ["# Gradient index: accuracy and cost (issue #28)", "",
            "Written by `python -m bench.index_report` from `bench/index_runs.jsonl` (`python -m bench.index_accuracy`, "
            "`python -m bench.index_latency`). Machine: 2-core AMD EPYC, CPU only; other work "

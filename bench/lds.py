@@ -94,7 +94,9 @@ Records (JSON lines): ``{"kind": "subset", "config", "subset": j, "val_loss": [Q
 (the predicted subset effects, not the [Q, n_train] scores, keep the file small; a later run with more
 subsets re-scores) and ``{"kind": "split", "config", "train_labels", "val_labels"}`` once per seed (the
 labels of the data split, for the same-label baseline).  bench/lds_report.py writes the Markdown and the
-plot from them.
+plot from them.  Two processes must not append to one records file: to spread a run over both cores (the
+noise ceiling's retrains 1 and 2, say), give the second a copy (``--runs``) and fold it back with
+``python -m bench.records merge COPY bench/lds_llm_runs.jsonl`` once both have stopped (bench/records.py).
 """
 from __future__ import annotations
 
@@ -111,6 +113,7 @@ import numpy as np
 
 from bench import variants
 from bench.lds_bergson import LABELS as BERGSON_LABELS, have_bergson
+from bench.records import append as append_record, load as load_records
 
 HERE = Path(__file__).resolve().parent
 EKFAC = "kronfluence EK-FAC"
@@ -226,18 +229,6 @@ class Experiment(Protocol):
     # optional: ``split_labels() -> (train labels [n_train], validation labels [Q])``, recorded once per seed
 
 
-def load_records(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _append(path: Path, record: dict) -> None:
-    # one line per record, flushed at once: a kill loses at most the record being measured
-    with path.open("a") as fh:
-        fh.write(json.dumps(record) + "\n")
-
-
 def _round(x: float) -> float:
     return float(f"{float(x):.9g}")  # 9 digits: far below any loss difference, a third of repr's size
 
@@ -276,7 +267,7 @@ def run(
             if res.get("val_margin") is not None:
                 rec["val_margin"] = [_round(v) for v in res["val_margin"]]
             rec["seconds"] = time.perf_counter() - t0
-            _append(runs, rec)
+            append_record(runs, rec)
             log(f"[lds] seed {cfg.seed} subset {j + 1}/{n_subsets}" + (f" retrain {t}" if t else "")
                 + f": val acc {rec['val_accuracy']:.3f}, mean loss {np.mean(rec['val_loss']):.4f} ({rec['seconds']:.0f} s)")
     scored = {r["label"] for r in mine if r["kind"] == "scores" and r["n_subsets"] >= n_subsets}
@@ -286,13 +277,13 @@ def run(
     subsets = [subset_members(cfg.n_train, cfg.fraction, cfg.seed, j) for j in range(n_subsets)]
     for label, scores, extra in exp.score_sets(todo):
         if scores is None:  # the method failed (extra["error"] says why): recorded, not retried
-            _append(runs, {"kind": "scores", "config": key, "label": label, "n_subsets": n_subsets,
+            append_record(runs, {"kind": "scores", "config": key, "label": label, "n_subsets": n_subsets,
                            "predicted": None, **extra})
             log(f"[lds] seed {cfg.seed} {label} FAILED: {extra.get('error')}")
             continue
         scores = np.asarray(scores, dtype=np.float64)
         predicted = np.stack([scores[:, m].sum(axis=1) for m in subsets])  # [M, Q]
-        _append(runs, {"kind": "scores", "config": key, "label": label, "n_subsets": n_subsets,
+        append_record(runs, {"kind": "scores", "config": key, "label": label, "n_subsets": n_subsets,
                        "predicted": [[_round(v) for v in row] for row in predicted], **extra})
         log(f"[lds] seed {cfg.seed} scored {label}")
 
@@ -303,7 +294,7 @@ def write_split(exp: Any, key: dict, runs: Path, mine: list[dict] | None = None)
     if any(r["kind"] == "split" for r in mine) or not hasattr(exp, "split_labels"):
         return False
     train, val = exp.split_labels()
-    _append(runs, {"kind": "split", "config": key, "train_labels": [int(y) for y in train],
+    append_record(runs, {"kind": "split", "config": key, "train_labels": [int(y) for y in train],
                    "val_labels": [int(y) for y in val]})
     return True
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from bench import variants
+from bench.records import append as append_record, load as load_records
 
 HERE = Path(__file__).resolve().parent
 
@@ -144,13 +145,8 @@ def run_one(cfg: RunConfig, progress: bool, labels: list[str] | None = None) -> 
 def load_runs(path: Path) -> list[dict]:
     """One record per configuration; a later "supplement" record (labels added to the grid after the
     configuration was run, scored on its model retrained from the same seed) adds its results."""
-    if not path.exists():
-        return []
     out: dict[str, dict] = {}
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        r = json.loads(line)
+    for r in load_records(path):
         k = json.dumps(r["config"], sort_keys=True)
         if r.get("supplement") and k in out:
             out[k]["results"].update(r["results"])
@@ -353,8 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             rec = run_one(cfg, progress=not args.no_progress, labels=None if old is None else missing)
             if old is not None:
                 rec["supplement"] = True
-            with args.runs.open("a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+            append_record(args.runs, rec)
             print(f"[quality] val acc {rec['val_accuracy']:.3f}; {len(rec['results'])} labels recorded", flush=True)
     command = "python -m bench.quality" + (" --quick" if args.quick else "")
     ekfac = load_runs(Path("/tmp/hyperinf_quality_ekfac_quick.jsonl") if args.quick else HERE / "quality_ekfac_runs.jsonl")

@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from bench.quality import HERE, grid, load_runs, train_config
+from bench.records import append as append_record
 
 LABEL = "kronfluence EK-FAC"
 
@@ -181,8 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"[ekfac] {cfg}", flush=True)
         rec = run_one(cfg, recorded, progress=not args.no_progress)
-        with args.runs.open("a") as fh:
-            fh.write(json.dumps(rec) + "\n")
+        append_record(args.runs, rec)
     return 0
 
 

@@ -48,6 +48,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from bench import variants
+from bench.records import append as append_record, load as load_records
 
 HERE = Path(__file__).resolve().parent
 PARTS = ("library", "bergson", "kronfluence")
@@ -238,12 +239,7 @@ def run_config(cfg: LlmRunConfig, parts: list[str], progress: bool = False,
 def load_runs(path: Path) -> list[dict]:
     """One merged record per configuration: the parts' results together (later parts add labels)."""
     merged: dict[str, dict] = {}
-    if not path.exists():
-        return []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        r = json.loads(line)
+    for r in load_records(path):
         k = json.dumps(r["config"], sort_keys=True)
         m = merged.setdefault(k, {**r, "results": {}, "parts": []})
         m["results"].update(r["results"])
@@ -349,8 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             what = ", ".join(missing) + (f" (library: {len(labels)} new labels)" if labels else "")
             print(f"[quality_llm] {cfg}: {what}", flush=True)
             for rec in run_config(cfg, missing, args.progress, labels or None):
-                with runs.open("a") as fh:
-                    fh.write(json.dumps(rec) + "\n")
+                append_record(runs, rec)
                 print(f"[quality_llm] {cfg.seed}/{cfg.flip}/{cfg.rank}: {rec['part']} recorded "
                       f"({rec['part_seconds']:.0f} s)", flush=True)
     cmd = "python -m bench.quality_llm" + (" --smoke" if args.smoke else "")

@@ -38,7 +38,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from bench.lds import LdsConfig, load_records
+from bench.lds import LdsConfig
+from bench.records import append as append_record, load as load_records
 from hyperinf_ext.app.tasks.selection_rules import DEFAULT_RULE, RULES, random_subset, select
 
 HERE = Path(__file__).resolve().parent
@@ -83,7 +84,7 @@ def run(exp: SelectionExperiment, cfg: LdsConfig, runs: Path, fractions: Sequenc
         qs, labels, extra = exp.scores()
         sel = {"kind": "selections", "config": key, "labels": [int(y) for y in labels],
                "selections": selections(qs, np.asarray(labels), fractions, cfg.seed, rules), **extra}
-        _append(runs, sel)
+        append_record(runs, sel)
     done = {(r["rule"], r["k"]) for r in mine if r["kind"] == "trained"}
     labels = np.asarray(sel["labels"])
     for f in fractions:
@@ -98,14 +99,9 @@ def run(exp: SelectionExperiment, cfg: LdsConfig, runs: Path, fractions: Sequenc
                    "val_loss": float(res["val_loss"]), "val_accuracy": float(res["val_accuracy"]),
                    "class_counts": np.bincount(labels[idx], minlength=int(labels.max()) + 1).tolist(),
                    "seconds": time.perf_counter() - t0}
-            _append(runs, rec)
+            append_record(runs, rec)
             log(f"[selection] seed {cfg.seed} {rule} k={k}: val loss {rec['val_loss']:.4f}, "
                 f"acc {rec['val_accuracy']:.3f}, classes {rec['class_counts']}")
-
-
-def _append(path: Path, record: dict) -> None:
-    with path.open("a") as fh:
-        fh.write(json.dumps(record) + "\n")
 
 
 class MiniLMSelection:

@@ -43,6 +43,8 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from bench import records as jsonl
+
 HERE = Path(__file__).resolve().parent
 RECORDS = HERE / "trackstar_ablation_runs.jsonl"
 REPORT = HERE / "TRACKSTAR_ABLATION.md"
@@ -195,9 +197,7 @@ def run_config(cfg) -> dict:
 
 
 def load_records(path: Path = RECORDS) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return jsonl.load(path)
 
 
 def report(records: list[dict], library: list[dict]) -> str:
@@ -270,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"[trackstar_ablation] {cfg}", flush=True)
             rec = run_config(cfg)
-            with RECORDS.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+            jsonl.append(RECORDS, rec)
     REPORT.write_text(report(load_records(), load_runs(QHERE / "quality_llm_runs.jsonl")))
     print(f"[trackstar_ablation] wrote {REPORT}", flush=True)
     return 0

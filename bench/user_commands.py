@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.records import load as load_records
+
 HERE = Path(__file__).resolve().parent
 RUNS = HERE / "user_commands_runs.jsonl"
 REPORT = HERE / "USER_COMMANDS.md"
@@ -182,9 +184,7 @@ def run_cell(model: str, n: int, cell: str, work: Path, threads: int | None) -> 
 
 
 def load_runs() -> list[dict[str, Any]]:
-    if not RUNS.exists():
-        return []
-    return [json.loads(l) for l in RUNS.read_text().splitlines() if l.strip()]
+    return load_records(RUNS)
 
 
 def _f(x: Any, fmt: str = ".3f") -> str:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.lds import LdsConfig, load_records
+from bench.lds import LdsConfig
+from bench.records import load as load_records
 from bench.selection import RANDOM, best_rule, budget, paired, report, run
 
 N, Q = 40, 6

@@ -11,8 +11,9 @@ import json
 import numpy as np
 import pytest
 
-from bench.lds import LdsConfig, load_records, matrices, run, subset_members
+from bench.lds import LdsConfig, matrices, run, subset_members
 from bench.lds_report import damping_choice, quality_auc, seed_rows, write_report
+from bench.records import load as load_records
 from hyperinf_ext.app.tasks.metrics import lds
 
 RIDGE = 0.05

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 from bench import defaults_rule as rule
-from bench.lds import LdsConfig, _round, load_records, matrices, run, subset_table, train_seed
+from bench.lds import LdsConfig, _round, matrices, run, subset_table, train_seed
 from bench.lds_baselines import (ceiling_section, label_averaged, loo_subset_mean, mean_removed, pooled_paired,
                                  query_averaged, retrain_losses, same_label_prediction, sections, shared_section,
                                  retest_correlation, retest_per_query)
 from bench.lds_report import write_report
+from bench.records import load as load_records
 from hyperinf_ext.app.tasks.metrics import lds
 
 RIDGE = 0.05
