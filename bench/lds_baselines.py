@@ -253,7 +253,10 @@ def _seconds_per_subset(records: Sequence[Mapping], key: dict) -> float:
 
 
 def ceiling_section(records: Sequence[Mapping], labels: Sequence[str], n_subsets: int | None, n_boot: int,
-                    field: str = "val_loss") -> list[str]:
+                    field: str = "val_loss", ref: str | None = None) -> list[str]:
+    """Test-retest of the retrained subset models per seed, and every method's LDS against each retrain and
+    against the retrain mean; with ``ref``, also ``ref`` − method against the retrain mean (paired, as in
+    :func:`pooled_paired` on that one seed): the comparison with the least retraining noise in it."""
     what = "loss" if field == "val_loss" else "margin"
     lines = [f"## Noise ceiling: subset models retrained ({what})", "",
              "Each subset model retrained on the same members from the same initial adapter with other training "
@@ -261,7 +264,9 @@ def ceiling_section(records: Sequence[Mapping], labels: Sequence[str], n_subsets
              "Spearman correlation across subsets between two retrains' losses, averaged over retrain pairs and "
              f"queries ({int(LEVEL * 100)}% bootstrap over subsets and queries). √ρ and √ρ_R (Spearman–Brown, R "
              "retrains averaged) are what a perfect predictor of the expected loss would reach under "
-             "independent noise: a guide, not a bound.", ""]
+             "independent noise: a guide, not a bound."
+             + (f" The last column: {ref} − method against the retrain mean, paired bootstrap over subsets and "
+                "queries." if ref else ""), ""]
     found = False
     for key in _configs(records):
         rl = retrain_losses(records, key, field)
@@ -289,17 +294,28 @@ def ceiling_section(records: Sequence[Mapping], labels: Sequence[str], n_subsets
                   f"√ρ_{R} = {_f(math.sqrt(spearman_brown(rho, R)) if rho > 0 else float('nan'))} against the "
                   f"mean of {R}", "",
                   "| method | LDS vs retrain 0 (these subsets) | LDS vs each retrain | LDS vs the retrain mean "
-                  f"[{int(LEVEL * 100)}% interval] |", "|---|---|---|---|"]
+                  f"[{int(LEVEL * 100)}% interval] |" + (f" {ref} − method, vs the retrain mean [interval] |"
+                                                         if ref else ""),
+                  "|---|---|---|---|" + ("---|" if ref else "")]
         avg = L.mean(axis=0)
-        for label, (p, _) in _present(records, key, labels, n_subsets).items():
+        present = _present(records, key, labels, n_subsets)
+        p_ref = present[ref][0] if ref in present else None
+        for label, (p, _) in present.items():
             k = min(p.shape[0], len(subs))
             if k < 2:
                 continue
-            p = p[:k]
-            each = [lds(p, L[i, :k]) for i in range(R)]
-            a_lo, a_hi = _interval(p, avg[:k], n_boot)
-            lines.append(f"| {label} | {_f(each[0])} | {', '.join(_f(v) for v in each)} | "
-                         f"{_ci(lds(p, avg[:k]), a_lo, a_hi)} |")
+            each = [lds(p[:k], L[i, :k]) for i in range(R)]
+            a_lo, a_hi = _interval(p[:k], avg[:k], n_boot)
+            row = (f"| {label} | {_f(each[0])} | {', '.join(_f(v) for v in each)} | "
+                   f"{_ci(lds(p[:k], avg[:k]), a_lo, a_hi)} |")
+            if ref:
+                kk = min(k, p_ref.shape[0]) if p_ref is not None else 0
+                if label == ref or kk < 2:
+                    row += " — |"
+                else:
+                    d = pooled_paired([(p_ref[:kk], p[:kk], avg[:kk])], n_boot=n_boot)
+                    row += f" {_f(d['diff'], True)} [{_f(d['lo'], True)}, {_f(d['hi'], True)}] |"
+            lines.append(row)
         lines.append("")
     if not found:
         lines += [f"No seed has retrained subset models{'' if what == 'loss' else ' with margins'} yet. Fill it with "
@@ -445,7 +461,7 @@ def margin_section(records: Sequence[Mapping], labels: Sequence[str], n_subsets:
                     out.append(f"| {label} | {l_txt} | {_f(lds(p, -m))} |")
                 out.append("")
                 break
-    out += ceiling_section(records, labels, n_subsets, n_boot, field="val_margin")
+    out += ceiling_section(records, labels, n_subsets, n_boot, field="val_margin", ref=ref)
     return out
 
 
@@ -595,7 +611,7 @@ def sections(records: Sequence[Mapping], labels: Sequence[str], *, n_subsets: in
              quality: tuple | None = None) -> list[str]:
     """Every issue-#25 section, as Markdown lines (sections without data say what command fills them)."""
     llm = any(r["config"].get("model") for r in records)
-    out = ceiling_section(records, labels, n_subsets, n_boot)
+    out = ceiling_section(records, labels, n_subsets, n_boot, ref=ref)
     out += shared_section(records, labels, n_subsets, n_boot, ref, split)
     if llm:
         out += margin_section(records, labels, n_subsets, n_boot, ref, split)

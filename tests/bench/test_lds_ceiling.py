@@ -9,6 +9,7 @@ test-retest correlation of exactly 1, noisy ones less.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -140,7 +141,18 @@ def test_noise_ceiling_is_one_for_identical_retrains_and_lower_with_noise(tmp_pa
     text = "\n".join(ceiling_section(load_records(same), LABELS, None, 50))
     assert "test-retest ρ = 1.000" in text and "| exact |" in text
     text = "\n".join(ceiling_section(load_records(noisy), LABELS, None, 50))
-    assert f"test-retest ρ = {rho:.3f}" in text
+    assert f"test-retest ρ = {rho:.3f}" in text and "exact − method" not in text
+    # with a reference: reference − method against the retrain mean, paired; exact beats random outside it
+    text = "\n".join(ceiling_section(load_records(noisy), LABELS, None, 200, ref="exact"))
+    row = {line.split(" | ")[0]: line.rstrip(" |").split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    assert "exact − method, vs the retrain mean" in text and row["| exact"][-1] == "—"
+    recs = load_records(noisy)
+    pe, pr = matrices(recs, KEY, "exact")[0], matrices(recs, KEY, "random")[0]
+    avg = retrain_losses(recs, KEY)[2].mean(axis=0)
+    cell = re.fullmatch(r"([+-][\d.]+) \[([+-][\d.]+), ([+-][\d.]+)\]", row["| random"][-1])
+    diff, lo, hi = (float(x) for x in cell.groups())
+    assert diff == pytest.approx(lds(pe, avg) - lds(pr, avg), abs=5e-4)  # printed to 3 decimals
+    assert 0 < lo <= diff <= hi
     # one retrain only: the section says what fills it
     plain = tmp_path / "plain.jsonl"
     run(NoisyLinearExperiment(), CFG, plain, 4, LABELS, **QUIET)
