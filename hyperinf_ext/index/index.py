@@ -87,7 +87,9 @@ class Index(Search):
         finished shards are kept, nothing half-written is read).  Under torchrun every rank streams its
         shard of the loader and writes its own store folder; the index is their union.
         ``hyperinf_options`` go to ``HyperINF`` (method, damping, dtype, layers, ...); ``cache`` is
-        not one (the store replaces it).  ``estimator``: see :meth:`open`.  ``train_fingerprint``: the caller's fingerprint of the
+        not one (the store replaces it).  The batches' ``index`` must number the training examples
+        0..n−1, each once (a ``ValueError`` at the end of the pass otherwise, the build left incomplete).
+        ``estimator``: see :meth:`open`.  ``train_fingerprint``: the caller's fingerprint of the
         training data (the CLI's: the file's SHA-256 and reading settings), recorded and reported.
         """
         config = config or IndexConfig()
@@ -130,6 +132,16 @@ class Index(Search):
                                    config.rows_per_shard)
         attr.fit(train_loader, checkpoint_dir=d / "fit", checkpoint_every=checkpoint_every, gradient_sink=writer)
         attr.save(d / "factors")
+        _barrier()  # every rank's rows are on disk: check they number the examples before calling the index complete
+        width = sum(p.width for p in plans)
+        stored = [s for r in range(world)
+                  for s in store.open_shards(d / "shards" / f"rank-{r:03d}", width, len(plans), config.dtype,
+                                             verify=False)]
+        problem = _coverage_problem(stored, attr.n_train)
+        if problem:
+            raise ValueError(f"train_loader: the batches' 'index' must number the training examples 0..n-1, each "
+                             f"once ({problem}); the build in {d} stays incomplete: renumber the examples and build "
+                             "into another folder")
         if rank == 0:
             fit_meta = d / "fit" / kinds.MANIFEST
             batches = persistence.read_json(fit_meta, "fit checkpoint").get("data") if fit_meta.exists() else None
@@ -137,7 +149,7 @@ class Index(Search):
                     "n_train": attr.n_train, "shards": [f"shards/rank-{r:03d}" for r in range(world)],
                     "fingerprints": {"base": persistence.base_fingerprint(model),
                                      "adapter": persistence.read_json(d / "factors" / kinds.MANIFEST,
-                                                                      "saved factors").get("adapter"),
+                                                                      "saved factors").get("adapter_sha256"),
                                      "train": train_fingerprint, "batches": batches},
                     "bytes_per_example": sum(p.width for p in plans) * _itemsize(config.dtype) + 4 * len(plans) + 8}
             _write_meta(d, meta)
@@ -205,14 +217,23 @@ def _write_meta(d: Path, meta: Mapping) -> None:
     persistence.write_bytes_atomic(d / kinds.MANIFEST, json.dumps(meta, indent=1).encode(), step="index_meta")
 
 
-def _check_coverage(d: Path, shards: list[store.Shard], n_train: int) -> None:
+def _coverage_problem(shards: list[store.Shard], n_train: int) -> str | None:
+    """What is wrong with the stored rows' training indices (None: each of 0..n_train−1 exactly once)."""
     seen = np.zeros(n_train, dtype=np.int64)
     for s in shards:
         idx = np.asarray(s.index)
         if idx.size and (idx.min() < 0 or idx.max() >= n_train):
-            raise ValueError(f"{s.path}: training index outside 0..{n_train - 1}; the index is corrupt")
+            return f"{s.path}: training index outside 0..{n_train - 1}"
         np.add.at(seen, idx, 1)
-    if (seen != 1).any():
-        bad = np.nonzero(seen != 1)[0][:5].tolist()
-        raise ValueError(f"{d}: training examples {bad} are stored {'twice' if seen.max() > 1 else 'nowhere'}; "
-                         "the index is corrupt: build it again")
+    if (seen > 1).any():
+        return f"training examples {np.nonzero(seen > 1)[0][:5].tolist()} are stored twice"
+    if (seen == 0).any():
+        return (f"training examples {np.nonzero(seen == 0)[0][:5].tolist()} are stored nowhere "
+                f"({int((seen == 0).sum())} of 0..{n_train - 1})")
+    return None
+
+
+def _check_coverage(d: Path, shards: list[store.Shard], n_train: int) -> None:
+    problem = _coverage_problem(shards, n_train)
+    if problem:
+        raise ValueError(f"{d}: {problem}; the index is corrupt: build it again")

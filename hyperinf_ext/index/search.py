@@ -7,6 +7,7 @@ score[q, k] ≈ −Σ_l ⟨q̃_l P_l, g_k,l P_l⟩ (SIGN_CONVENTION of the attri
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable, Iterable
 
 import torch
@@ -107,7 +108,8 @@ class Search:
             block = -sum(torch.einsum("qrd,brd->qb", qt[n].to(self.attributor.fdtype), g.grads[n].to(self.attributor.fdtype)
                                       .to(qt[n].device)) for n in qt)
             exact.update(block.cpu(), g.index)
-        return exact.result()
+        # the kept indices are training indices: n_train is the index's, not the number of candidates
+        return replace(exact.result(), n_train=self.n_train)
 
     def self_scores(self) -> torch.Tensor:
         """Self-influence g_kᵀ H⁻¹ g_k of every training example [n_train] (positive; ``HyperINF.self_scores``).

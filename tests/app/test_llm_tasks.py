@@ -148,10 +148,11 @@ def test_causal_lm_influence_and_evaluation_batches_default_to_8(files):
     cfg = PipelineConfig(data=data, model=folder, n_train=12, n_val=4, max_length=64)
     loaders = build_loaders(cfg, prepare_data(cfg, causal=True), load_tokenizer(folder))
     assert [len(b) for b in loaders.influence_train.batch_sampler.batches] == [8, 4]
-    assert loaders.evaluation is loaders.influence_val
+    assert loaders.evaluation is loaders.influence_val and loaders.fit_batch == 8
     cfg.fit_batch_size = 5
     loaders = build_loaders(cfg, prepare_data(cfg, causal=True), load_tokenizer(folder))
     assert [len(b) for b in loaders.influence_train.batch_sampler.batches] == [5, 5, 2]
+    assert loaders.fit_batch == 5  # what a loader over other rows (an index's re-rank) batches by
 
 
 def test_balance_flag_is_the_class_balanced_rule():

@@ -151,3 +151,25 @@ def test_selection_protocol_end_to_end_on_a_tiny_vlm(work, tmp_path):
     table = (tmp_path / "VLM_SELECTION.md").read_text()
     assert "| 0 |" in table and "| mean |" in table
     assert json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[0])["seed"] == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_index_of_a_vlm_with_exact_rerank(work, kind):
+    """index build / index query --exact-rerank on a VLM folder with a LoRA on the vision tower and two images
+    per training row: the vision tower sees two rows per example, so the build captures one example per
+    batch, and the re-rank's loader must batch the same way."""
+    d, folders, _, query = work
+    adapter = d / f"adapter_vision_{kind}"
+    load_vlm_lora_model(folders[kind], rank=2, projector=True, vision=True).save_pretrained(str(adapter))
+    rows = vlm_rows(write_images(d / "images2", 12), relative_to=d)
+    two = [{**{k: v for k, v in r.items() if k != "image"}, "images": [r["image"], rows[i + 6]["image"]]}
+           for i, r in enumerate(rows[:6])]
+    train = write_rows(d / f"train_two_images_{kind}.jsonl", two)
+    idx, out = d / f"index_{kind}", d / f"index_query_{kind}"
+    assert main(["index", "build", "--model", str(folders[kind]), "--adapter", str(adapter), "--train", str(train),
+                 "--proj-dim", "4", "--out", str(idx), "--no-progress", "--threads", "1"]) == 0
+    assert main(["index", "query", str(idx), "--query", str(query), "--top-k", "2", "--exact-rerank", "6",
+                 "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    records = [json.loads(x) for x in (out / "attribution.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(len(r["helpful"]) == 2 for r in records)
+    assert json.loads((out / "summary.json").read_text())["scores"] == "exact (re-ranked)"

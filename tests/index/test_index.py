@@ -128,6 +128,11 @@ def test_top_k_and_exact_rerank(projected_index, reference, data):
     assert torch.equal(exact.positive_index, ref.topk(3, dim=1).indices)
     assert torch.equal(exact.negative_index, (-ref).topk(3, dim=1).indices)
     torch.testing.assert_close(exact.positive_values, ref.topk(3, dim=1).values, rtol=1e-10, atol=0)
+    # fewer candidates than rows: the result still speaks of the whole training set (per-token and the
+    # reports keep only pairs with an index below n_train)
+    one = batches({k: v[:1] for k, v in query.items()}, B)  # one query: at most 6 of the 23 rows are candidates
+    few = projected_index.query(one, top_k=2, exact_rerank=3, train_subset=subset)
+    assert few.n_train == N_TRAIN == exact.n_train == top.n_train and few.positive_index.shape == (1, 2)
 
 
 def test_mean_and_self_scores(exact_index, projected_index, reference, data):
@@ -273,6 +278,30 @@ def test_bad_settings_and_folders(tmp_path, data, exact_index):
         Index.open(exact_index.directory / "factors", model_())
     with pytest.raises(ValueError, match="exact_rerank: 2 candidates cannot re-rank a top 3"):
         exact_index.query(batches(make_data(2, 5), B), top_k=3, exact_rerank=2, train_subset=lambda r: [])
+
+
+def test_training_indices_other_than_0_to_n_minus_1_are_refused_before_the_index_is_complete(tmp_path, data):
+    """Dataset ids 5..27 would make a 'complete' index that no open accepts and no build can redo: the build
+    names the problem and leaves the manifest incomplete (a repeated id the fit refuses itself)."""
+    train, _ = data
+    shifted = [{**b, "index": b["index"] + 5} for b in batches(train, B)]
+    with pytest.raises(ValueError, match=r"train_loader: .*0\.\.n-1, each once \(training examples \[0, 1, 2, 3, 4\] "
+                                         r"are stored nowhere \(5 of 0\.\.27\)\)"):
+        Index.build(model_(), shifted, tmp_path / "shifted", config=IndexConfig(proj_dim=0), progress=False)
+    assert json.loads((tmp_path / "shifted" / persistence.kinds.MANIFEST).read_text())["complete"] is False
+    with pytest.raises(ValueError, match="did not complete"):
+        Index.open(tmp_path / "shifted", model_())
+    twice = batches(train, B)
+    twice[-1] = {**twice[-1], "index": twice[0]["index"][: twice[-1]["index"].numel()]}
+    with pytest.raises(ValueError, match=r"index \[0, 1, 2\] already used by an earlier batch"):  # the fit's own check
+        Index.build(model_(), twice, tmp_path / "twice", config=IndexConfig(proj_dim=0), progress=False)
+
+
+def test_the_manifest_records_the_fingerprints(exact_index):
+    fp = exact_index.meta["fingerprints"]
+    factors = json.loads((exact_index.directory / "factors" / persistence.kinds.MANIFEST).read_text())
+    assert fp["adapter"] == factors["adapter_sha256"] and len(fp["adapter"]) == 64
+    assert fp["base"] == persistence.base_fingerprint(model_())
 
 
 def test_sizes(exact_index, projected_index):

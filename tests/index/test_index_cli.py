@@ -73,6 +73,16 @@ def test_projected_index_with_exact_rerank_equals_attribute(files, capsys):
             assert [x["train_line"] for x in g[side]] == [x["train_line"] for x in e[side]]
             for x, y in zip(g[side], e[side]):
                 assert x["score"] == pytest.approx(y["score"], rel=1e-6)
+    assert json.loads((out / "summary.json").read_text())["scores"] == "exact (re-ranked)"
+    # one query re-ranked from 3 candidates a side (at most 6 of the 14 rows) with --per-token: every kept
+    # pair has its token record (the re-ranked result speaks of all 14 rows, not of the candidates)
+    one, out1 = write_instructions(root / "one.jsonl", sentiment_rows(1, seed=2)), root / "q-proj-one"
+    assert main(["index", "query", str(root / "proj"), "--query", str(one), "--top-k", "2", "--exact-rerank", "3",
+                 "--per-token", "--out", str(out1), "--no-progress", "--threads", "1"]) == 0, capsys.readouterr().err
+    kept = {e["train_line"] for r in _records(out1) for side in ("helpful", "harmful") for e in r[side]}
+    tokens = [json.loads(x) for x in (out1 / "tokens.jsonl").read_text().splitlines()]
+    assert len(kept) == 4 and {t["train_line"] for t in tokens} == kept
+
 
 
 def test_index_cli_errors(files, tmp_path, capsys):
@@ -96,6 +106,44 @@ def test_index_cli_errors(files, tmp_path, capsys):
                  "--out", str(root / "exact2"), "--no-progress", "--proj-dim", "0"])
     err = capsys.readouterr().err
     assert code == 2 and "other data or settings" in err
+
+
+def test_a_resumed_build_keeps_its_adapter_and_refuses_another(files, capsys, monkeypatch):
+    """IDX/adapter is written whole before the fit; a build killed after it resumes only with the same
+    adapter weights (another adapter would make factors and stored rows that no query's model matches)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from hyperinf_ext.index import Index
+
+    root, folder, train, query, expected = files
+    other = root / "adapter-other"
+    shutil.copytree(root / "adapter", other, dirs_exist_ok=True)
+    w = load_file(str(other / "adapter_model.safetensors"))
+    w = {k: (v * 1.5 if i == 0 else v) for i, (k, v) in enumerate(sorted(w.items()))}
+    save_file(w, str(other / "adapter_model.safetensors"))
+
+    def killed(*_a, **_k):
+        raise KeyboardInterrupt
+
+    out = root / "resumed"
+    (out / ".adapter-tmp").mkdir(parents=True)  # what a save killed half-way left
+    (out / ".adapter-tmp" / "adapter_model.safetensors").write_bytes(b"half")
+    with monkeypatch.context() as m:
+        m.setattr(Index, "build", killed)
+        assert _build(root, folder, train, "resumed", "--proj-dim", "0") == 130  # the CLI's "interrupted"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and not (out / ".adapter-tmp").exists()
+    code = main(["index", "build", "--model", str(folder), "--adapter", str(other), "--train", str(train),
+                 "--out", str(out), "--no-progress", "--threads", "1", "--proj-dim", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "an interrupted build of another adapter" in err, err
+    assert _build(root, folder, train, "resumed", "--proj-dim", "0") == 0, capsys.readouterr().err
+    q = root / "q-resumed"
+    assert main(["index", "query", str(out), "--query", str(query), "--top-k", "3", "--out", str(q),
+                 "--no-progress", "--threads", "1"]) == 0, capsys.readouterr().err
+    assert [[x["train_line"] for x in r["helpful"]] for r in _records(q)] == \
+        [[x["train_line"] for x in r["helpful"]] for r in expected]
 
 
 def test_attribute_with_index_equals_index_query(files, capsys):
@@ -152,6 +200,7 @@ def test_attribute_index_per_token_splits_the_exact_scores(files, capsys, name, 
             assert t["token_score"] == pytest.approx(t["score"], rel=1e-4)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["per_token"]["pairs"] == len(tokens)
+    assert summary["scores"] == "index approximation"  # --per-token re-runs the pairs; it does not re-rank
     assert ("approximate score" in summary["per_token"]["check"]) == (proj != "0")
     assert summary["settings"]["verify"] == "False" and "per-token:" in capsys.readouterr().out
 
@@ -203,3 +252,25 @@ def test_index_reading_options_need_an_index(files, tmp_path, capsys, monkeypatc
         code = main([*argv, "--out", str(tmp_path / "o"), "--no-progress"])
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("proj_dim, dtype, exact_layers, projected, starts", [
+    (0, "float32", [True, True], False, "from the index, exact (no layer projected"),
+    (0, "float16", [True, True], False, "from the index, approximate (no layer projected, but the training "
+                                        "gradients are stored rounded to float16)"),
+    (4096, "float32", [True, True], False, "from the index, exact"),  # k ≥ every d: nothing was projected
+    (4, "float32", [True, False], True, "from the index, approximate (proj_dim 4"),
+])
+def test_the_index_summary_says_what_was_stored(proj_dim, dtype, exact_layers, projected, starts):
+    """summary.json's ``index`` entry follows what the store holds (projected layers, store dtype), not
+    proj_dim alone: a float16 store is not exact, and proj_dim ≥ every layer's d projects nothing."""
+    from types import SimpleNamespace as NS
+
+    from hyperinf_ext.app.tasks.user_index import index_summary
+
+    idx = NS(config=NS(proj_dim=proj_dim, dtype=dtype), plans=[NS(exact=e) for e in exact_layers],
+             estimator="regression", attributor=NS(config=NS(method="hyperinf", damping="spectral")))
+    run = NS(idx=idx, cfg=NS(index="IDX", index_verify=True), source={"train": "t.jsonl"}, open_seconds=0.0)
+    s = index_summary(run, "self_influence")
+    assert s["projected"] is projected and s["store_dtype"] == dtype and s["scores"].startswith(starts), s["scores"]
+    assert ("sketched through the projection" in s["scores"]) == projected

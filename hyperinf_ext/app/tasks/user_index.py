@@ -105,13 +105,18 @@ def index_inputs(cfg: UserConfig, command: str, added: tuple[str, ...], log: Log
 
 def index_summary(run: IndexRun, signal: str) -> dict[str, Any]:
     """summary.json's ``index`` entry: where the scores came from and whether they are approximate."""
-    proj = int(run.idx.config.proj_dim)
-    exact = proj == 0
-    how = ("exact (proj_dim 0: the float32 training gradients are stored)" if exact else
-           f"approximate (proj_dim {proj}: the training gradients are stored randomly projected, see docs/index.md)")
-    if signal in ("self_influence", "combined_score") and not exact:
+    proj, dtype = int(run.idx.config.proj_dim), run.idx.config.dtype
+    # a layer is stored unprojected when proj_dim is 0 or at least its d: what was stored decides, not proj_dim
+    projected = not all(p.exact for p in run.idx.plans)
+    if projected:
+        how = f"approximate (proj_dim {proj}: the training gradients are stored randomly projected, see docs/index.md)"
+    elif dtype == "float32":
+        how = "exact (no layer projected: the float32 training gradients are stored)"
+    else:
+        how = f"approximate (no layer projected, but the training gradients are stored rounded to {dtype})"
+    if signal in ("self_influence", "combined_score") and projected:
         how += "; self-influence is sketched through the projection"
-    return {"path": str(run.cfg.index), "proj_dim": proj, "projected": not exact, "store_dtype": run.idx.config.dtype,
+    return {"path": str(run.cfg.index), "proj_dim": proj, "projected": projected, "store_dtype": dtype,
             "scores": f"from the index, {how}", "train": run.source["train"],
             "estimator": run.idx.estimator, "verified": run.cfg.index_verify,
             "method": run.idx.attributor.config.method, "damping": str(run.idx.attributor.config.damping),
