@@ -6,8 +6,10 @@ amax / power-of-two scale / cast in torch — the same work in unfused torch, me
     python -m bench.bench_project --quick    # tiny sizes: checks that the script runs
     python -m bench.bench_project --threads 1   # one thread (steadier on a shared, loaded machine)
 
-Prints a Markdown table.  Flops: 2·B·r·d·k per projection.  "rel. err" is max |ours − float64| over
-max |float64| (for project_quantize, of the reconstruction values·scale).
+Prints Markdown tables.  Flops: 2·B·r·d·k per projection.  "rel. err" is max |ours − float64| over
+max |float64| (for project_quantize, of the reconstruction values·scale).  A second table times the
+layers an index keeps whole (k ≥ d): ops.quantize against project_quantize with the d×d identity, which
+the index used for them before.
 """
 from __future__ import annotations
 
@@ -70,6 +72,23 @@ def project_case(B: int, r: int, d: int, k: int, dtype: torch.dtype, timer: Time
     return {"t": t, "err": err, "flops": 2.0 * B * r * d * k}
 
 
+def unprojected_case(B: int, r: int, d: int, dtype: torch.dtype, timer: TimerConfig) -> dict:
+    progress(f"unprojected B={B} r={r} d={d}")
+    g = torch.randn(B, r, d, generator=torch.Generator().manual_seed(d)).to(dtype)
+    cands = {f"project_quantize(g, eye(d)) [{b}]": (lambda b: lambda: ops.project_quantize(
+        g, torch.eye(d), backend=b))(b) for b in cpu_backends()}
+    cands["ours quantize [torch]"] = lambda: ops.quantize(g)
+    t = measure_group(cands, timer, keep_result=True)
+    ref = g.double()
+    err = {}
+    for name, tm in t.items():
+        if tm.ok:
+            v, s = tm.result
+            err[name] = float((v.double() * s.double()[:, None, None] - ref).abs().max()) / float(ref.abs().max())
+            tm.result = None
+    return {"t": t, "err": err}
+
+
 def section(quick: bool, timer: TimerConfig) -> Section:
     cfg = QUICK if quick else FULL
     sec = Section("Gradient projection")
@@ -90,6 +109,18 @@ def section(quick: bool, timer: TimerConfig) -> Section:
     tab.notes.append("project_quantize rows include the per-example max, the power-of-two scale and the fp16 cast; "
                      "the 'torch.matmul + amax/scale/cast' row does the same work as separate torch ops.")
     sec.tables.append(tab)
+    unp = Table(f"Layers kept whole (k ≥ d): grads [B={cfg.B}, r={cfg.r}, d] {dn} stored as fp16 values × scale, CPU",
+                ["d", "implementation", "time (median)", "time / quantize", "rel. err vs fp64"])
+    for d in cfg.dims:
+        res = unprojected_case(cfg.B, cfg.r, d, cfg.grads_dtype, timer)
+        t = res["t"]
+        base = t["ours quantize [torch]"].median if t["ours quantize [torch]"].ok else float("nan")
+        for name, tm in t.items():
+            unp.rows.append([d, name, fmt_timing(tm), fmt_ratio(tm.median / base),
+                             fmt_sci(res["err"].get(name, float("nan")))])
+    unp.notes.append("The identity rows are what an index did per batch for such a layer before ops.quantize: a d×d "
+                     "matrix and a GEMM whose result equals the input; the stored values are equal either way.")
+    sec.tables.append(unp)
     return sec
 
 

@@ -9,6 +9,8 @@ No argument checking here (``ops/`` does that once); layouts as ``ops/`` hands t
   contiguous → [B, r, k] in proj's dtype.
 * ``project_quantize(grads, proj, out_dtype, top_exponent)`` → (values [B, r, k] out_dtype, scale
   float32 [B]); the scale rule is :func:`pow2_scale`.
+* ``quantize(y, out_dtype, top_exponent)``: y [B, r, k] float32/float64 → the same storage without a
+  projection (this backend only: elementwise, it serves every device).
 * ``schulz_inverse(A, lower, upper, tol, max_iter)``: A [B, d, d] float32/float64 contiguous,
   lower/upper [B] float64; the decisions are ``reference.SchulzSchedule``'s and the host loop is
   ``schulz_driver``'s (this module and the Triton backend supply only the GEMM steps).
@@ -70,12 +72,17 @@ def pow2_scale(amax: torch.Tensor, top_exponent: int) -> torch.Tensor:
 
 def project_quantize(grads: torch.Tensor, proj: torch.Tensor, out_dtype: torch.dtype,
                      top_exponent: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values [B, r, k] out_dtype, scale float32 [B]) with y = grads·proj ≈ values·scale[b].
+    """(values [B, r, k] out_dtype, scale float32 [B]) with y = grads·proj ≈ values·scale[b]: :func:`quantize`
+    of :func:`project`."""
+    return quantize(project(grads, proj), out_dtype, top_exponent)
+
+
+def quantize(y: torch.Tensor, out_dtype: torch.dtype, top_exponent: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values [B, r, k] out_dtype, scale float32 [B]) with y [B, r, k] (float32/float64) ≈ values·scale[b].
 
     values = y / scale rounded to out_dtype; the division by a power of two is exact, so the cast is
     the one rounding.
     """
-    y = project(grads, proj)
     amax = y.abs().flatten(1).amax(1) if y.shape[1] * y.shape[2] else y.new_zeros(y.shape[0])
     scale = pow2_scale(amax, top_exponent)
     # Non-finite scales only occur on rows ops/ refuses; divide those by 1 (values stay finite-or-not as y).

@@ -78,10 +78,6 @@ def load(path: Path, plans: list[LayerPlan]) -> dict[str, torch.Tensor]:
     return out
 
 
-def identity(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.eye(dim, dtype=dtype, device=device)
-
-
 ESTIMATORS = ("regression", "unbiased")
 
 
@@ -129,9 +125,11 @@ def quantize_rows(plans: list[LayerPlan], matrices: dict[str, torch.Tensor], gra
     values, scales = [], []
     for p in plans:
         g = grads[p.name]
-        work = torch.float64 if g.dtype == torch.float64 else torch.float32
-        P = matrices[p.name].to(dtype=work, device=g.device) if not p.exact else identity(p.dim, work, g.device)
-        v, s = ops.project_quantize(g, P, out_dtype=store)
+        if p.exact:  # stored whole: no d×d identity and GEMM per batch (equal to projecting with one)
+            v, s = ops.quantize(g, out_dtype=store)
+        else:
+            work = torch.float64 if g.dtype == torch.float64 else torch.float32
+            v, s = ops.project_quantize(g, matrices[p.name].to(dtype=work, device=g.device), out_dtype=store)
         values.append(v.reshape(g.shape[0], -1))
         scales.append(s.reshape(-1, 1))
     return torch.cat(values, dim=1), torch.cat(scales, dim=1).to(torch.float32)

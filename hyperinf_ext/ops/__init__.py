@@ -2,7 +2,7 @@
 
 Imports only ``backends`` and its own checks; the inverse-HVP front doors built on these ops are
 ``hyperinf_ext.inverse_hvp`` (solvers/ihvp.py) and ``hyperinf_ext.make_ihvp`` (curvature/ihvp.py).
-The gradient projection ops (``project``, ``project_quantize``) live in ``ops/projection.py``.
+The gradient projection ops (``project``, ``project_quantize``, ``quantize``) live in ``ops/projection.py``.
 
 Every function validates shapes, dtypes, devices and finiteness (helpers in ``ops/checks.py``), brings tensors to the layout the
 backends expect (see ``backends/schedule.py``) and calls ``backends.select`` — the single dispatch point.
@@ -30,7 +30,7 @@ from .checks import (
 )
 from ..errors import ConvergenceError
 from .info import SchulzInfo
-from .projection import project, project_quantize
+from .projection import project, project_quantize, quantize
 
 # Default Schulz acceptance bound on ‖I − A·X‖_F (an upper bound of ‖X − A⁻¹‖₂ / ‖A⁻¹‖₂), per
 # compute dtype.  float32's rounding floor is about κ·u·√d/2 (measured: 5.6e-3 at κ = 1e4, d = 1024),

@@ -4,9 +4,12 @@
   gradients are projected with it).
 * :func:`project_quantize` — the same product stored as out_dtype values times a power-of-two scale
   per example, so that rows of any magnitude keep out_dtype's full relative precision.
+* :func:`quantize` — that storage for rows that are not projected (an index layer kept whole): the
+  result of ``project_quantize`` with the identity, without its d×d matrix and GEMM.
 
-Every backend implements both (``backends.select(..., op=...)``); the scale rule is
-``backends.torch.pow2_scale``, with the top exponent per output dtype chosen here.
+Every backend implements the first two (``backends.select(..., op=...)``); ``quantize`` is elementwise
+and memory-bound, the torch backend's on every device.  The scale rule is ``backends.torch.pow2_scale``,
+with the top exponent per output dtype chosen here.
 """
 from __future__ import annotations
 
@@ -98,10 +101,37 @@ def project_quantize(
     (possible with a float64 proj only).
     """
     proj = _check(grads, proj)
+    _check_out_dtype(out_dtype)
+    _, impl = backends.select(backend, grads.device, op="project_quantize")
+    return _checked(*impl.project_quantize(grads, proj, out_dtype, TOP_EXPONENT[out_dtype]))
+
+
+def quantize(
+    grads: torch.Tensor,
+    *,
+    out_dtype: torch.dtype = torch.float16,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``project_quantize(grads, I)`` without the identity: (values [B, r, d] out_dtype, scale [B] float32).
+
+    grads: [B, r, d] any float dtype and strides, converted to float64 when float64, else to float32 (as
+    the identity's dtype would be), exactly; the scale rule and the rounding are ``project_quantize``'s,
+    so the result equals it with ``proj = torch.eye(d)`` of that dtype, value for value (a zero keeps its
+    sign here, where the GEMM's sum gives +0).  ValueError for bad input and for NaN/Inf gradients.
+    """
+    check_tensor("grads", grads, (3,))
+    _check_out_dtype(out_dtype)
+    _, impl = backends.select(backend, grads.device, op="quantize")
+    work = torch.float64 if grads.dtype == torch.float64 else torch.float32
+    return _checked(*impl.quantize(grads.to(work), out_dtype, TOP_EXPONENT[out_dtype]))
+
+
+def _check_out_dtype(out_dtype: torch.dtype) -> None:
     if out_dtype not in QUANT_DTYPES:
         raise ValueError(f"out_dtype: expected one of {list(QUANT_DTYPES)}, got {out_dtype!r}")
-    _, impl = backends.select(backend, grads.device, op="project_quantize")
-    values, scale = impl.project_quantize(grads, proj, out_dtype, TOP_EXPONENT[out_dtype])
+
+
+def _checked(values: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if scale.numel() and not bool(torch.isfinite(scale).all()):
         # O(B): the backends mark a non-finite row with a NaN scale and one past float32's scales with inf.
         raise ValueError(_nonfinite_message(scale.cpu()))

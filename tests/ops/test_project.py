@@ -186,6 +186,43 @@ def test_project_quantize_backends_agree_with_torch(backend):
     assert bool(((v.double() - vr.double()).abs() <= 2.0 ** (TOP_EXPONENT[torch.float16] - 10)).all())
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=lambda t: str(t)[6:])
+def test_quantize_is_project_quantize_with_the_identity(out_dtype, dtype):
+    """ops.quantize (an unprojected index layer): equal to project_quantize with torch.eye(d) in the work
+    dtype (float64 for float64 grads, else float32) on every backend, over magnitudes, layouts, sizes
+    (B = 0, d = 1, odd d); and within half an ulp of out_dtype of the float64 gradients."""
+    mags = MAGNITUDES[dtype]
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    for r, d in ((8, 129), (1, 1), (3, 7)):
+        for layout in LAYOUTS:
+            g = _grads(len(mags), r, d, dtype, layout, row_scale=mags)
+            v, s = ops.quantize(g, out_dtype=out_dtype)
+            for backend in BACKENDS:
+                vr, sr = ops.project_quantize(g, torch.eye(d, dtype=work), out_dtype=out_dtype, backend=backend)
+                # equal values (an all-zero example's −0.0 sums to +0.0 in the GEMM: equal, not the same bits)
+                assert torch.equal(s, sr.cpu()) and torch.equal(v, vr.cpu()), (backend, layout, r, d)
+            y_ref, bound = _reference(g, torch.eye(d, dtype=work))
+            _check_quantized(v, s, y_ref, bound, work, out_dtype)
+    v, s = ops.quantize(torch.randn(0, 2, 5, dtype=dtype), out_dtype=out_dtype)
+    assert v.shape == (0, 2, 5) and v.dtype == out_dtype and s.shape == (0,)
+
+
+def test_quantize_rejects_bad_input():
+    g = torch.randn(3, 2, 7)
+    for bad, msg in ((torch.randn(3, 7), "grads: expected a 3-D"), (g.to(torch.int64), "grads: unsupported dtype"),
+                     ("grads", "grads: expected a torch.Tensor")):
+        with pytest.raises(ValueError, match=msg):
+            ops.quantize(bad)
+    with pytest.raises(ValueError, match="out_dtype: expected one of"):
+        ops.quantize(g, out_dtype=torch.float64)
+    g[1, 0, 3] = float("inf")
+    with pytest.raises(ValueError, match="grads: the projection of example 1 is not finite"):
+        ops.quantize(g)
+    with pytest.raises(ValueError, match="backend: 'cpp' does not implement quantize|backend: 'cpp' is not available"):
+        ops.quantize(g, backend="cpp")
+
+
 def test_scale_rule():
     # backends.torch.pow2_scale, the one rule: exponent of amax (frexp) minus E, clamped at 2^-126; 0 → 1;
     # non-finite → NaN; past 2^127 → inf.
