@@ -151,7 +151,9 @@ class Index(Search):
                                      "adapter": persistence.read_json(d / "factors" / kinds.MANIFEST,
                                                                       "saved factors").get("adapter_sha256"),
                                      "train": train_fingerprint, "batches": batches},
-                    "bytes_per_example": sum(p.width for p in plans) * _itemsize(config.dtype) + 4 * len(plans) + 8}
+                    "bytes_per_example": sum(p.width for p in plans) * _itemsize(config.dtype) + 4 * len(plans) + 8,
+                    # the query side reads P too: a damaged P would score every query wrongly
+                    "projection_sha256": persistence.file_sha256(P_path) if P_path.exists() else None}
             _write_meta(d, meta)
             shutil.rmtree(d / "fit", ignore_errors=True)
         _barrier()
@@ -189,7 +191,11 @@ class Index(Search):
         plans = projection.plan_layers([(l.name, l.rank, l.dim) for l in attr.layers], IndexConfig(**meta["config"]))
         if [[p.name, p.rank, p.dim, p.columns] for p in plans] != meta.get("layers"):
             raise ValueError(f"{d}: the model's LoRA layers differ from the index's (another adapter layout)")
-        matrices = projection.load(d / "projection.safetensors", plans)
+        P_path = d / "projection.safetensors"
+        if verify and meta.get("projection_sha256") and persistence.file_sha256(P_path) != meta["projection_sha256"]:
+            raise ValueError(f"{P_path}: SHA-256 differs from the one recorded at build time; the index is "
+                             "corrupt: build it again")
+        matrices = projection.load(P_path, plans)
         width = sum(p.width for p in plans)
         dtype = IndexConfig(**meta["config"]).dtype
         shards = [s for folder in meta["shards"]

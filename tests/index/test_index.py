@@ -231,6 +231,15 @@ def test_corrupt_truncated_and_missing_shards_are_named(tmp_path, data):
     train, _ = data
     Index.build(model_(), batches(train, B), tmp_path / "i", config=IndexConfig(proj_dim=24, rows_per_shard=8),
                 progress=False)
+    # the projection matrices, read by every query: a flipped byte in a value is caught by the checksum
+    P_path = tmp_path / "i" / "projection.safetensors"
+    good = P_path.read_bytes()
+    raw = bytearray(good)
+    raw[-5] ^= 0x40
+    P_path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="projection.safetensors: SHA-256 differs"):
+        Index.open(tmp_path / "i", model_())
+    P_path.write_bytes(good)
     folder = tmp_path / "i" / "shards" / "rank-000"
     manifest = json.loads((folder / "shards.json").read_text())
     name = manifest["shards"][1]["name"]
