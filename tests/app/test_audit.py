@@ -434,6 +434,55 @@ def test_classifier_labels_outside_the_head_and_unknown_target_labels(tmp_path, 
     assert "task_type SEQ_CLS" in err and "causal LM" in err
 
 
+def test_text_labels_follow_the_heads_own_class_names(tmp_path):
+    """A fixed head's outputs are its classes, not the file's sorted names: by id2label when the model folder
+    names them (any order); a nameless head takes the sorted names only when the file names all its classes."""
+    from hyperinf_ext.app.data.dataset import DataError, TextDataset
+    from hyperinf_ext.app.tasks.user_checks import folder_head_label_names, labels_for_head
+
+    f = tmp_path / "t.csv"
+    ds = TextDataset(["a", "b", "c"], [1, 0, 1], ["joy", "sadness"], rows=[2, 3, 4])
+    mapped, note = labels_for_head(ds, f, "label", 3, ["sadness", "anger", "joy"], "the head")
+    assert mapped.labels == [0, 2, 0] and mapped.label_names == ["sadness", "anger", "joy"] and note is None
+    assert mapped.texts == ds.texts and mapped.rows == ds.rows
+    with pytest.raises(DataError, match=r"t\.csv: line 2, column 'label': label 'sadness' is not a class of the "
+                                        r"head \(joy, anger\)"):
+        labels_for_head(ds, f, "label", 2, ["joy", "anger"], "the head")
+    with pytest.raises(DataError, match=r"names 2 classes \(joy, sadness\), but the head has 3 and names none"):
+        labels_for_head(ds, f, "label", 3, None, "the head")
+    same, note = labels_for_head(ds, f, "label", 2, None, "the head")
+    assert same is ds and "sorted order as its classes 0 = joy, 1 = sadness" in note
+    ints = TextDataset(["a", "b"], [0, 1], ["0", "1"], rows=[2, 3])  # class ids: as written, names or not
+    assert labels_for_head(ints, f, "label", 2, ["pos", "neg"], "the head") == (ints, None)
+    with pytest.raises(DataError, match="label '1' is class 1 of the data's 2 .* outside the 1 classes"):
+        labels_for_head(ints, f, "label", 1, None, "the head")
+    for id2label, want in (({"0": "pos", "1": "neg"}, ["pos", "neg"]), ({"0": "LABEL_0", "1": "LABEL_1"}, None),
+                           ({"0": "pos"}, None), ({"0": "x", "1": "x"}, None)):
+        (tmp_path / "m").mkdir(exist_ok=True)
+        (tmp_path / "m" / "config.json").write_text(json.dumps({"id2label": id2label}))
+        assert folder_head_label_names(tmp_path / "m", 2) == want, id2label
+
+
+def test_a_file_naming_a_subset_of_a_nameless_heads_classes_is_refused(tmp_path, capsys, no_model_work):
+    folder = _bert_folder(tmp_path / "bert")
+    from hyperinf_ext.app.models.training import load_lora_model
+
+    head = tmp_path / "head3"
+    load_lora_model(folder, num_labels=3, rank=2).save_pretrained(str(head))
+    two = tmp_path / "two.csv"
+    two.write_text("text,label\na great film,good\na bad film,poor\n")
+    err = _error(capsys, ["audit", "--model", str(folder), "--adapter", str(head), "--train", str(two),
+                          "--out", str(tmp_path / "o"), *FAST])
+    assert "names 2 classes (good, poor), but the classification head of --adapter" in err
+    assert "write the labels as its class ids 0..2" in err
+    named = _bert_folder(tmp_path / "bert-named", num_labels=2)
+    config = json.loads((named / "config.json").read_text())
+    (named / "config.json").write_text(json.dumps({**config, "id2label": {"0": "poor", "1": "fine"},
+                                                   "label2id": {"poor": 0, "fine": 1}}))
+    err = _error(capsys, ["audit", "--model", str(named), "--train", str(two), "--out", str(tmp_path / "o2"), *FAST])
+    assert f"{two}: line 2, column 'label': label 'good' is not a class of the classification head of --model" in err
+
+
 # ------------------------------------------------------------------------------ --index
 
 

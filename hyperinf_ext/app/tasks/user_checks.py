@@ -10,7 +10,8 @@ and the column, or the adapter folder and what differs:
   model's hidden size and layer count, and its task type fits the model family; returns the classes of
   its classification head, if it has one;
 * :func:`align_target_labels`: a classifier target names only the training file's classes;
-* :func:`check_head_classes`: every label lies within a fixed classification head's classes;
+* :func:`labels_for_head`: the labels as class ids of a fixed classification head (by its own class names,
+  :func:`folder_head_label_names`, when it has them), every label within its classes;
 * :func:`labelled_encodings`: causal-LM examples tokenized with every error named by file, line and
   column, and every example left with at least one labelled (scored) token.
 """
@@ -26,8 +27,8 @@ from ..data.instruction import InstructionDataset, encode_instructions
 from ..data.user_rows import UserRows
 from ..messages import one_line
 
-__all__ = ["check_model_folder", "AdapterInfo", "inspect_adapter", "align_target_labels", "check_head_classes",
-           "labelled_encodings", "folder_head_classes"]
+__all__ = ["check_model_folder", "AdapterInfo", "inspect_adapter", "align_target_labels", "labels_for_head",
+           "folder_head_label_names", "labelled_encodings", "folder_head_classes"]
 
 _HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -172,17 +173,63 @@ def align_target_labels(train: TextDataset, target: TextDataset, train_path: Pat
                        list(train.label_names), rows=target.rows, notes=target.notes)
 
 
-def check_head_classes(ds: TextDataset, path: Path, column: str, classes: int, whose: str) -> None:
-    """Every label of ``ds`` must be one of the ``classes`` outputs of a fixed classification head.
+_DEFAULT_LABEL = re.compile(r"LABEL_\d+")
+
+
+def folder_head_label_names(folder: Path, classes: int) -> list[str] | None:
+    """The class names of the head in ``folder``'s config.json by class id (its ``id2label``), when it names
+    all ``classes`` outputs with names of its own (not transformers' placeholders LABEL_k); else None."""
+    id2label = _config(folder).get("id2label")
+    if not isinstance(id2label, dict) or len(id2label) != classes:
+        return None
+    try:
+        names = [str(id2label.get(str(k), id2label.get(k))).strip() for k in range(classes)]
+    except (TypeError, ValueError):
+        return None
+    if any(n in ("", "None") or _DEFAULT_LABEL.fullmatch(n) for n in names) or len(set(names)) != classes:
+        return None
+    return names
+
+
+def _integer_labels(ds: TextDataset) -> bool:
+    return ds.label_names == [str(k) for k in range(len(ds.label_names))]
+
+
+def labels_for_head(ds: TextDataset, path: Path, column: str, classes: int, names: list[str] | None,
+                    whose: str) -> tuple[TextDataset, str | None]:
+    """``ds`` with its labels as class ids of a fixed classification head of ``classes`` outputs, and a note
+    (None: nothing to say).  Integer labels are the head's ids as written.  Class names are looked up in the
+    head's own ``names`` when it has them; without them they are taken in sorted order as the head's classes
+    0..k−1, which only a file naming all ``classes`` classes can do (said in the note).
 
     Raises:
-        DataError: the first row whose class lies outside (file, line, column, the label and its class id).
+        DataError: a label that is not a class of the head (file, line, column, label and the head's classes),
+            or names a nameless head cannot be matched to (fewer classes than the head has).
     """
-    for i, y in enumerate(ds.labels):
-        if y >= classes:
-            raise DataError(f"{path}: line {ds.row(i)}, column '{column}': label {ds.label_names[y]!r} is class "
-                            f"{y} of the data's {ds.num_classes} ({', '.join(ds.label_names)}), outside the "
-                            f"{classes} classes of {whose}")
+    if _integer_labels(ds) or (names is None and ds.num_classes > classes):
+        for i, y in enumerate(ds.labels):
+            if y >= classes:
+                raise DataError(f"{path}: line {ds.row(i)}, column '{column}': label {ds.label_names[y]!r} is class "
+                                f"{y} of the data's {ds.num_classes} ({', '.join(ds.label_names)}), outside the "
+                                f"{classes} classes of {whose}")
+        return ds, None
+    if names is not None:
+        to_id = {n: k for k, n in enumerate(names)}
+        for i, y in enumerate(ds.labels):
+            if ds.label_names[y] not in to_id:
+                raise DataError(f"{path}: line {ds.row(i)}, column '{column}': label {ds.label_names[y]!r} is not a "
+                                f"class of {whose} ({', '.join(names)})")
+        mapped = TextDataset(list(ds.texts), [to_id[ds.label_names[y]] for y in ds.labels], list(names),
+                             rows=ds.rows, notes=ds.notes)
+        return mapped, None
+    if ds.num_classes < classes:
+        raise DataError(f"{path}: column '{column}' names {ds.num_classes} classes ({', '.join(ds.label_names)}), "
+                        f"but {whose} has {classes} and names none of them, so which output is which label is "
+                        f"unknown; write the labels as its class ids 0..{classes - 1}, or give --model a folder "
+                        "whose config.json names the classes (id2label)")
+    return ds, (f"{whose} names no classes: the labels of {path.name} are taken in sorted order as its classes "
+                + ", ".join(f"{k} = {n}" for k, n in enumerate(ds.label_names))
+                + " (if it was trained with another numbering, write the labels as class ids)")
 
 
 def labelled_encodings(ds: InstructionDataset, rows: UserRows, response_column: str, tokenizer: Any,

@@ -32,8 +32,8 @@ from ...curvature.methods import Damping, damping_label, parse_dampings, parse_m
 from .pipeline import (Log, Loaders, PipelineConfig, PreparedData, TrainedModel, build_loaders, fit_attributor,
                        is_causal, load_instruction, load_model, log_stage, model_dir, train_model)
 from .planning import plan_gate
-from .user_checks import (align_target_labels, check_head_classes, check_model_folder, folder_head_classes,
-                          inspect_adapter, labelled_encodings)
+from .user_checks import (align_target_labels, check_model_folder, folder_head_classes, folder_head_label_names,
+                          inspect_adapter, labelled_encodings, labels_for_head)
 
 __all__ = ["UserConfig", "UserData", "load_user_files", "prepare_inputs", "RunCheckpoint", "trained_model",
            "checkpointed_fit", "use_method"]
@@ -135,9 +135,13 @@ def prepare_inputs(cfg: UserConfig, data: UserData, log: Log = None) -> tuple[Lo
         if head is None:
             head, whose = folder_head_classes(folder), f"the classification head of --model {folder}"
         if head is not None:
-            check_head_classes(data.train, data.train_rows.path, cfg.label_column, head, whose)
+            # the file's class names must mean the head's outputs: by the head's own names when it has them
+            names = folder_head_label_names(folder, head)
+            data.train, note = labels_for_head(data.train, data.train_rows.path, cfg.label_column, head, names, whose)
+            data.notes += [note] if note else []
             if data.target is not None:
-                check_head_classes(data.target, data.target_rows.path, cfg.label_column, head, whose)
+                data.target, _ = labels_for_head(data.target, data.target_rows.path, cfg.label_column, head, names,
+                                                 whose)
             data.num_labels = head
     tokenizer = load_tokenizer(folder)
     notes: list[str] = []
