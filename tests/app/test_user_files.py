@@ -85,6 +85,27 @@ def test_a_row_with_quoted_newlines_is_named_by_its_first_line(tmp_path):
     assert ds.rows == [2, 3, 6]
 
 
+@pytest.mark.parametrize("sep", ["\u2028", "\u2029", "\u0085"])
+def test_jsonl_rows_holding_unicode_line_separators_stay_whole(tmp_path, sep):
+    """JSON strings may hold U+2028, U+2029 and U+0085 unescaped (json.dumps(ensure_ascii=False) writes them
+    so), which str.splitlines splits at: a JSON-lines file splits at "\n" only, CRLF files included, and the
+    rows keep their lines and their text as written."""
+    from hyperinf_ext.app.data.user_rows import read_user_rows
+
+    rows = [{"text": f"a{sep}b", "label": "pos"}, {"text": "plain", "label": "neg"}, {"text": f"c{sep}d", "label": "pos"}]
+    raw = "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n"
+    for name, content in (("lf.jsonl", raw), ("crlf.jsonl", raw.replace("\n", "\r\n"))):
+        path = tmp_path / name
+        path.write_bytes(content.encode("utf-8"))
+        ds = load_text_file(path)
+        assert ds.texts == [r["text"] for r in rows] and ds.rows == [1, 2, 3]
+        user = read_user_rows(path)
+        assert [json.loads(user.raw[i]) for i in (1, 2, 3)] == rows  # the line as written, for the outputs
+        (tmp_path / f"i-{name}").write_bytes(content.replace('"text"', '"prompt"').replace('"label"', '"response"')
+                                              .encode("utf-8"))
+        assert load_instruction_file(tmp_path / f"i-{name}").rows == [1, 2, 3]
+
+
 def test_settings_list_only_the_columns_the_run_reads(tmp_path):
     """Reports and summaries show the settings: a causal LM's run reads prompt/response, a classifier's
     text/label, the embedded data neither; the others are not shown (nor part of a checkpoint's identity)."""

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 from ..messages import one_line
 from .dataset import DataError, TextDataset
 
-__all__ = ["load_text_file", "open_text"]
+__all__ = ["load_text_file", "open_text", "jsonl_lines"]
 
 _CSV_SUFFIXES = (".csv", ".csv.bz2", ".csv.gz")
 _JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.bz2", ".jsonl.gz", ".json.bz2", ".json.gz")
@@ -56,6 +56,16 @@ def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any
     return fieldnames, rows
 
 
+def jsonl_lines(content: str) -> list[str]:
+    """The lines of a JSON-lines text: split at "\n" only (a "\r" before it dropped).  ``str.splitlines``
+    would also split at U+2028, U+2029, U+0085 and other separators, which JSON strings may hold unescaped
+    (``json.dumps(..., ensure_ascii=False)`` writes them so), and so break a valid row in two."""
+    lines = content.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def _read_json_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     try:
         with open_text(path) as f:
@@ -74,7 +84,7 @@ def _read_json_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 raise DataError(f"{path}: array element {i} is not a JSON object")
             yield i, rec
         return
-    for lineno, line in enumerate(content.splitlines(), start=1):
+    for lineno, line in enumerate(jsonl_lines(content), start=1):
         if not line.strip():
             continue
         try:

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from ..messages import one_line
 from .dataset import DataError
-from .files import _CSV_SUFFIXES, _JSONL_SUFFIXES, _read_csv_rows, _read_json_rows, open_text
+from .files import _CSV_SUFFIXES, _JSONL_SUFFIXES, _read_csv_rows, _read_json_rows, jsonl_lines, open_text
 
 __all__ = ["UserRows", "read_user_rows", "check_added_columns"]
 
@@ -105,7 +105,7 @@ def read_user_rows(path: str | Path) -> UserRows:
         columns.update(dict.fromkeys(map(str, row)))
     if content.lstrip().startswith("["):
         return UserRows(path, "json", list(columns), rows)
-    lines = content.splitlines()
+    lines = jsonl_lines(content)
     return UserRows(path, "jsonl", list(columns), rows, {line: lines[line - 1] for line in rows})
 
 
