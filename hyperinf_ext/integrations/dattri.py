@@ -88,6 +88,9 @@ class _Batches:
         if not hasattr(loader, "sampler") or getattr(loader, "batch_size", None) is None:
             raise ValueError(f"{where}: dattri's attribute needs a torch DataLoader with a batch_size (it places "
                              f"scores by batch), got {type(loader).__name__}")
+        if getattr(loader, "drop_last", False):
+            raise ValueError(f"{where}: drop_last=True leaves the last rows' scores at zero (dattri places scores "
+                             "by batch position); use drop_last=False")
         self.loader, self.where = loader, where
 
     def __getattr__(self, name: str) -> Any:
@@ -97,8 +100,19 @@ class _Batches:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple]:
+        pos = 0
         for batch in self.loader:
-            yield _as_dattri_batch(batch, self.where)
+            out = _as_dattri_batch(batch, self.where)
+            index = batch.get("index") if isinstance(batch, Mapping) else None
+            n = next(iter(batch.values())).shape[0] if isinstance(batch, Mapping) else out[0].shape[0]
+            # dattri puts a batch's rows at batch_number·batch_size: a batch that names other rows (this
+            # library's ``index``, from a sorting or subset sampler) would have its scores put elsewhere
+            if index is not None and not torch.equal(index.reshape(-1).cpu().long(), torch.arange(pos, pos + n)):
+                raise ValueError(f"{self.where}: a batch's 'index' is {index.reshape(-1)[:5].tolist()}..., but dattri "
+                                 f"places its scores at rows {pos}..{pos + n - 1} (by batch position); iterate the "
+                                 "data in order (no sorting or subset sampler)")
+            pos += n
+            yield out
 
 
 # Methods whose preconditioning needs only the fitted factors (datainf/lissa stream the training

@@ -11,7 +11,9 @@ order — or, with ``group_by_length=True`` (the default), ordered by token leng
 little — ``batch_size`` rows at a time, through the Trainer's collator (the one its dataloader uses,
 i.e. with unused columns already removed), plus ``index`` = the row's position in the dataset — so
 ``scores[..., k]`` belongs to ``train_dataset[k]`` whatever the order.  Every collated tensor must keep
-one row per example (packing / padding-free collators, which merge examples into one row, are refused).
+one row per example (packing / padding-free collators, which merge examples into one row, are refused, and
+so is TRL's ``packing=True``).  The callback fits in one process: a Trainer of several processes is
+refused when training begins (fit after training under torchrun instead), as is a hyperparameter search.
 On the embedded LLM's data grouping cuts the pad tokens of a fit from 17–18% of its tokens to under 1%
 (bench/BUCKETING.md); data of more varied lengths gain more.
 """
@@ -175,6 +177,22 @@ class HyperINFCallback(TrainerCallback):
         # collate into per-example batches with labels.
         if model is None:
             raise ValueError("HyperINFCallback: the Trainer passed no model")
+        world = int(getattr(args, "world_size", 1) or 1)
+        if world > 1:
+            # rank 0 alone would fit while the other ranks wait in the next collective (a sharded FSDP /
+            # ZeRO-3 model cannot even run forward there): refuse instead of hanging after training
+            raise ValueError(f"HyperINFCallback: fits in the main process only, but this Trainer runs {world} "
+                             "processes; train in one process with the callback, or fit after training under "
+                             "torchrun with HyperINF(model).fit(loader) (docs/scale-out.md)")
+        if getattr(args, "packing", False):
+            # TRL packs at the dataset level: a row is a chunk of several examples, which no check of the
+            # collated batches can see
+            raise ValueError("HyperINFCallback: packing=True merges several examples into one training row, so "
+                             "a score column would be a chunk, not an example; train with packing=False")
+        if getattr(state, "is_hyper_param_search", False):
+            raise ValueError("HyperINFCallback: under a hyperparameter search every trial saves to its own "
+                             "output_dir/run-N, but the factors would all go to <output_dir>/<subdir>; fit the "
+                             "chosen trial's model after the search")
         # the first place output_dir is known: a file where the factors go would fail only at the end
         for target in self._targets(args):
             if target.exists() and not target.is_dir():

@@ -257,3 +257,23 @@ def test_batch_formats(float64_default):
     attributor.cache(DataLoader(TensorDataset(*train), batch_size=4))
     with pytest.raises(ValueError, match="train_dataloader: dattri's attribute needs a torch DataLoader"):
         attributor.attribute([tuple(train)], DataLoader(TensorDataset(*test), batch_size=2))
+    # dattri puts batch b's scores at rows b·batch_size...: a loader that drops its last rows, or whose dict
+    # batches name other rows (this library's 'index', from a sorting sampler), is refused
+    with pytest.raises(ValueError, match="train_dataloader: drop_last=True leaves the last rows"):
+        attributor.attribute(DataLoader(TensorDataset(*train), batch_size=4, drop_last=True),
+                             DataLoader(TensorDataset(*test), batch_size=2))
+
+    class Indexed(DictDataset):
+        def __getitem__(self, i):
+            return {**super().__getitem__(i), "index": torch.tensor(i)}
+
+    indexed = AttributionTask(loss_func=dict_loss(model), model=model, checkpoints=model.state_dict())
+    attributor = IFAttributorHyperINF(indexed, method="exact")
+    attributor.cache(DataLoader(Indexed(train), batch_size=4))
+    in_order = attributor.attribute(DataLoader(Indexed(train), batch_size=4),
+                                    DataLoader(DictDataset(test), batch_size=2))
+    torch.testing.assert_close(in_order, results[0], rtol=0, atol=1e-10 * scale)
+    with pytest.raises(ValueError, match=r"a batch's 'index' is \[5, 4, 3, 2\]\.\.\., but dattri places its "
+                                         r"scores at rows 0\.\.3"):
+        attributor.attribute(DataLoader(Indexed(train), batch_size=4, sampler=list(range(5, -1, -1))),
+                             DataLoader(DictDataset(test), batch_size=2))

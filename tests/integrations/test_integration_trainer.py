@@ -185,6 +185,29 @@ def test_bad_input(tmp_path):
         train(tmp_path / "nolabels", model, dataset(causal=True), HyperINFCallback(data_collator=no_labels))
 
 
+def test_set_ups_the_callback_cannot_serve_are_refused_when_training_begins(tmp_path, monkeypatch):
+    """Several processes (rank 0 alone would fit while the others wait in their next collective), TRL's
+    dataset-level packing (a row is a chunk of examples) and a hyperparameter search (every trial into one
+    folder): each a ValueError at on_train_begin, before any step."""
+    from types import SimpleNamespace as NS
+
+    cb, model = HyperINFCallback(), bert_lora()
+    args = dict(output_dir=str(tmp_path), world_size=1, packing=False)
+    for change, state, message in ((dict(world_size=2), NS(), "this Trainer runs 2 processes"),
+                                   (dict(packing=True), NS(), "packing=True merges several examples"),
+                                   ({}, NS(is_hyper_param_search=True), "hyperparameter search")):
+        with pytest.raises(ValueError, match=message):
+            cb.on_train_begin(NS(**{**args, **change}), state, None, model=model)
+    out = tmp_path / "ddp"
+    trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(
+        output_dir=str(out), use_cpu=True, report_to="none", max_steps=1, save_strategy="steps", save_steps=1),
+        train_dataset=dataset(), data_collator=collate, callbacks=[cb])
+    monkeypatch.setattr(type(trainer.args), "world_size", property(lambda self: 2))  # what 2 torchrun ranks report
+    with pytest.raises(ValueError, match="runs 2 processes"):  # through a Trainer: before the first step
+        trainer.train()
+    assert not (out / "checkpoint-1").exists()
+
+
 def test_bad_options_fail_before_training(tmp_path):
     """Every option is refused where it enters (the callback's __init__), or — for the folder, which
     needs the Trainer's output_dir — when training begins: never after a run whose factors are lost."""
