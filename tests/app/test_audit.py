@@ -236,6 +236,35 @@ def test_audit_a_classifier_csv_keeps_every_column_and_names_skipped_lines(tmp_p
     assert [h.content() for h in table.all("th")][2:4] == ["review", "sentiment"]
 
 
+def test_classifier_texts_cut_at_max_length_are_stated(tmp_path, capsys):
+    """A classifier's texts beyond --max-length tokens are cut to their first tokens: the run says how many
+    (summary.json notes, the report), as it does for a causal LM's prompts."""
+    from hyperinf_ext.app.data.batching import count_truncated, encode_texts
+    from hyperinf_ext.app.data.dataset import TextDataset
+    from hyperinf_ext.app.models.training import load_tokenizer
+
+    folder = _bert_folder(tmp_path / "bert")
+    rows = sentiment_rows(8)
+    long = " ".join(["great"] * 40)
+    train = tmp_path / "train.csv"
+    with open(train, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows([[r["prompt"], r["response"]] for r in rows] + [[long, "positive"], [long + " film", "negative"]])
+    tok = load_tokenizer(folder)
+    texts = [r["prompt"] for r in rows] + [long, long + " film"]
+    ds = TextDataset(texts, [0] * len(texts), ["x"])
+    want = sum(len(tok(x)["input_ids"]) > 16 for x in texts)
+    assert want >= 2 and count_truncated(ds, encode_texts(ds, tok, 16), tok, 16) == want
+    assert count_truncated(ds, encode_texts(ds, tok, 60), tok, 60) == 0
+    out = tmp_path / "out"
+    assert main(["audit", "--model", str(folder), "--train", str(train), "--epochs", "1", "--max-length", "16",
+                 "--out", str(out), *FAST]) == 0, capsys.readouterr().err
+    note = f"{want} text(s) longer than --max-length 16 tokens were cut to their first 16"
+    assert any(note in n for n in json.loads((out / "summary.json").read_text())["notes"])
+    assert note in (out / "report.md").read_text()
+
+
 def test_an_interrupted_fit_resumes_to_the_same_scores(llm, tmp_path, monkeypatch, capsys):
     """Ctrl-C during the fit keeps OUT/.checkpoint (the fine-tuned adapter, the fit's commits); the rerun loads
     the adapter without training and resumes the fit, and its scores equal an uninterrupted run's."""

@@ -239,6 +239,9 @@ def test_select_from_an_exact_index_equals_the_select_without(bert, bert_index, 
     assert (indexed / "selected.csv").read_bytes() == (plain / "selected.csv").read_bytes()
     summary = json.loads((indexed / "summary.json").read_text())
     assert summary["index"]["proj_dim"] == 0 and summary["index"]["projected"] is False
+    # the damping the index scores at, as the run without it reports it (not the stored "auto")
+    plain_summary = json.loads((plain / "summary.json").read_text())
+    assert summary["damping"] == summary["index"]["damping"] == plain_summary["damping"] == "spectral:1"
     assert summary["warmup"]["n_examples"] == 0 and summary["pool"] == str(pool.resolve())
     assert summary["evaluation"]["n_examples"] == 8 and summary["evaluation"]["epochs"] == 1
     with open(pool, newline="", encoding="utf-8") as f:
@@ -264,3 +267,13 @@ def test_select_index_refusals(bert, bert_index, tmp_path, capsys, monkeypatch):
         code = main([*base, *argv])
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_fraction_budget_rounds_halves_up_and_keeps_at_least_one():
+    from hyperinf_ext.app.tasks.select_pool import SelectPoolConfig
+
+    def keep(fraction, n):
+        return SelectPoolConfig(pool="p.csv", target="t.csv", fraction=fraction).budget(n)
+
+    assert [keep(0.5, 5), keep(0.5, 7), keep(0.25, 10), keep(0.3, 10), keep(0.01, 10), keep(1.0, 9)] == [3, 4, 3, 3, 1, 9]
+    assert SelectPoolConfig(pool="p.csv", target="t.csv", count=4).budget(10) == 4

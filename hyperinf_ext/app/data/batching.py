@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .dataset import DataError, TextDataset
 
-__all__ = ["TOKEN_KEYS", "Collator", "encode_texts", "make_loader"]
+__all__ = ["TOKEN_KEYS", "Collator", "encode_texts", "count_truncated", "make_loader"]
 
 #: The tokenizer outputs a batch carries (``token_type_ids`` only when the tokenizer makes them).
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -144,6 +144,17 @@ def encode_texts(ds: TextDataset, tokenizer: Any, max_length: int = 64) -> list[
     enc = tokenizer(list(ds.texts), truncation=True, max_length=int(max_length))
     keys = [k for k in TOKEN_KEYS if k in enc]
     return [{k: enc[k][i] for k in keys} for i in range(len(ds))]
+
+
+def count_truncated(ds: TextDataset, encodings: Sequence[dict[str, list[int]]], tokenizer: Any,
+                    max_length: int) -> int:
+    """How many texts of ``ds`` :func:`encode_texts` cut at ``max_length`` tokens (``encodings`` are its
+    output): only the rows that came out exactly ``max_length`` long are tokenized again, whole."""
+    full = [i for i, e in enumerate(encodings) if len(e["input_ids"]) >= int(max_length)]
+    if not full:
+        return 0
+    whole = tokenizer([ds.texts[i] for i in full], truncation=False)["input_ids"]
+    return sum(len(ids) > int(max_length) for ids in whole)
 
 
 def make_loader(

@@ -17,6 +17,7 @@ the same size (``selection.compare_with_random``, as select-data) and reports th
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 
 from .output import prepare_output_dir, staged_outputs
 from .pipeline import DEFAULT_EPOCHS, Log, finetune_loader, log_stage
-from .pipeline_config import check_query_option_use, damping_used, used_settings
+from .pipeline_config import check_query_option_use, config_damping, damping_used, used_settings
 from .report import column_table, write_csv, write_json
 from .selection import compare_with_random
 from .selection_rules import RULES, select
@@ -84,7 +85,8 @@ class SelectPoolConfig(UserConfig):
 
     def budget(self, n: int) -> int:
         """Examples to keep of a pool of ``n``."""
-        k = self.count if self.count is not None else max(1, int(round(self.fraction * n)))
+        # halves round up (Python's round() would keep 2 of 5 at --fraction 0.5, and 4 of 7)
+        k = self.count if self.count is not None else max(1, math.floor(self.fraction * n + 0.5))
         if k > n:
             pool = self.pool if self.pool is not None else f"of the index {self.index}"
             raise ValueError(f"--count {k}: the pool {pool} has only {n} examples")
@@ -176,7 +178,7 @@ def run_select(cfg: SelectPoolConfig, log: Log = None) -> dict[str, Any]:
     pool = str(cfg.pool) if index_run is None else index_run.source["train"]
     method = cfg.method if index_run is None else index_run.idx.attributor.config.method
     damping = (damping_used(method, cfg.damping) if index_run is None
-               else str(index_run.idx.attributor.config.damping))
+               else config_damping(index_run.idx.attributor.config))
     summary = {
         "task": "select", "settings": used_settings(cfg, method, damping, options), "pool": pool,
         "target": str(cfg.target),

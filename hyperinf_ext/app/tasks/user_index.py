@@ -19,6 +19,7 @@ from typing import Any
 from ... import persistence
 from .index_task import READ_SETTINGS, SOURCE, open_index
 from .pipeline import Loaders, Log, TrainedModel, log_stage, train_model
+from .pipeline_config import config_damping
 from .user_run import UserConfig, UserData, load_user_files, prepare_inputs
 
 __all__ = ["IndexRun", "read_source", "check_index_options", "index_inputs", "index_summary"]
@@ -119,5 +120,5 @@ def index_summary(run: IndexRun, signal: str) -> dict[str, Any]:
     return {"path": str(run.cfg.index), "proj_dim": proj, "projected": projected, "store_dtype": dtype,
             "scores": f"from the index, {how}", "train": run.source["train"],
             "estimator": run.idx.estimator, "verified": run.cfg.index_verify,
-            "method": run.idx.attributor.config.method, "damping": str(run.idx.attributor.config.damping),
+            "method": run.idx.attributor.config.method, "damping": config_damping(run.idx.attributor.config),
             "open_seconds": run.open_seconds}

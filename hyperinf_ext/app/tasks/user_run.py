@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from ... import persistence
-from ..data.batching import encode_texts
+from ..data.batching import count_truncated, encode_texts
 from ..data.dataset import DataError, TextDataset
 from ..data.files import load_text_file
 from ..data.instruction import ensure_pad_token, truncation_note
@@ -159,6 +159,12 @@ def prepare_inputs(cfg: UserConfig, data: UserData, log: Log = None) -> tuple[Lo
     else:
         train_enc = encode_texts(data.train, tokenizer, cfg.max_length)
         val_enc = train_enc if data.target is None else encode_texts(data.target, tokenizer, cfg.max_length)
+        cut = count_truncated(data.train, train_enc, tokenizer, cfg.max_length)
+        if data.target is not None:
+            cut += count_truncated(data.target, val_enc, tokenizer, cfg.max_length)
+        if cut:
+            notes.append(f"{cut} text(s) longer than --max-length {cfg.max_length} tokens were cut to their first "
+                         f"{cfg.max_length} (the model saw only those)")
     target = data.target if data.target is not None else data.train
     prepared = PreparedData(data.train, target, list(data.train.labels), np.zeros(len(data.train), dtype=bool),
                             str(data.train_rows.path), len(data.train), data.causal)
