@@ -52,6 +52,17 @@ def test_class_quotas_and_balance():
     assert kept.tolist() == [0, 1, 2, 6, 7]  # best within each class, ordered by score
     with pytest.raises(ValueError, match="labels"):
         class_balanced(s, labels[:5], 3)
+    # equal remainders go to the class with the more helpful next candidate, not to the first class name:
+    # 51 "yes" and 49 one-off answers at k = 20 (remainder 0.2 for each one-off class)
+    many = np.array([0] * 51 + list(range(1, 50)))
+    score = np.zeros(100)
+    score[51:] = np.linspace(1.0, -1.0, 49)  # the later one-off answers are the more helpful
+    q = class_quotas(many, 20, score)
+    assert q[0] == 10 and sum(q.values()) == 20
+    assert sorted(c for c, n in q.items() if c and n) == list(range(40, 50))  # the 10 most helpful one-offs
+    assert sorted(c for c, n in class_quotas(many, 20).items() if c and n) == list(range(1, 11))  # no scores: ids
+    kept = class_balanced(score, many, 20)
+    assert sorted(many[kept][many[kept] > 0].tolist()) == list(range(40, 50))
 
 
 def test_query_round_robin_takes_turns():

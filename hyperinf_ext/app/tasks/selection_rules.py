@@ -73,15 +73,24 @@ def drop_harmful(scores: Sequence[float] | np.ndarray, k: int, seed: int) -> np.
     return rest[np.random.default_rng(seed).permutation(rest.size)[:k]]
 
 
-def class_quotas(labels: Sequence[int] | np.ndarray, k: int) -> dict[int, int]:
-    """Per-class budgets summing to k, proportional to the class counts (largest remainder; ties to the
-    smaller class id), never above a class's count."""
+def class_quotas(labels: Sequence[int] | np.ndarray, k: int,
+                 scores: Sequence[float] | np.ndarray | None = None) -> dict[int, int]:
+    """Per-class budgets summing to k, proportional to the class counts (largest remainder), never above a
+    class's count.  Equal remainders go to the class whose next candidate is the more helpful (the lower
+    score of its (quota+1)-th best example) when ``scores`` are given, else — and on equal scores — to the
+    smaller class id."""
     y = np.asarray(labels).astype(np.int64).reshape(-1)
     k = _budget(k, y.size)
     classes, counts = np.unique(y, return_counts=True)
     exact = k * counts / y.size
     quota = np.floor(exact).astype(np.int64)
-    order = np.lexsort((classes, -(exact - quota)))  # largest remainder first
+    nxt = np.zeros(classes.size)
+    if scores is not None:
+        s = _vector(scores)
+        for i, c in enumerate(classes):
+            member = np.sort(s[y == c])
+            nxt[i] = member[quota[i]] if quota[i] < member.size else np.inf
+    order = np.lexsort((classes, nxt, -(exact - quota)))  # largest remainder first, then the better candidate
     for i in order[: k - int(quota.sum())]:
         quota[i] += 1
     return {int(c): int(q) for c, q in zip(classes, quota)}
@@ -95,7 +104,7 @@ def class_balanced(scores: Sequence[float] | np.ndarray, labels: Sequence[int] |
     if y.shape != s.shape:
         raise ValueError(f"labels: expected {s.size} labels (one per training example), got {y.size}")
     kept = []
-    for c, q in class_quotas(y, k).items():
+    for c, q in class_quotas(y, k, s).items():
         members = np.flatnonzero(y == c)
         kept.append(members[np.argsort(s[members], kind="stable")[:q]])
     out = np.concatenate(kept)
