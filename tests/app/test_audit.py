@@ -605,6 +605,31 @@ def test_audit_index_refusals(llm, exact_index, tmp_path, capsys, no_model_work)
         assert message in err, (argv, err)
 
 
+def test_audit_index_reads_the_given_train_file_when_the_built_one_moved(llm, exact_index, tmp_path, capsys):
+    """--train FILE with --index: FILE is read when it hashes as the index's, so an index whose data moved (or
+    was copied to another machine) still answers; the outputs name the file read."""
+    import shutil
+
+    folder, adapter, train, target = llm
+    copy = tmp_path / "moved" / "train.jsonl"
+    copy.parent.mkdir()
+    shutil.copy(train, copy)
+    aside = train.with_suffix(".aside")
+    train.rename(aside)  # the file the index was built from is gone
+    try:
+        out = tmp_path / "o"
+        assert main(["audit", "--index", str(exact_index), "--train", str(copy), "--target", str(target),
+                     "--out", str(out), *FAST]) == 0, capsys.readouterr().err
+        err = _error(capsys, ["audit", "--index", str(exact_index), "--target", str(target),
+                              "--out", str(tmp_path / "o2"), *FAST])
+        assert f"its training file {train} is missing or changed" in err
+    finally:
+        aside.rename(train)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train"] == summary["index"]["train"] == str(copy.resolve())
+    assert len(read_jsonl(out / "ranked.jsonl")) == len(read_jsonl(train))
+
+
 def test_audit_with_the_query_side_options_equals_the_library_call(llm, tmp_path, capsys):
     """--mix-queries 99 --normalize symmetric --damping spectral:1 (TrackStar's estimator in the GFIM form at the
     method's own damping): the ranked scores are HyperINF.mean_scores with the same options; --normalize none

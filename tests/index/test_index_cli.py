@@ -270,7 +270,8 @@ def test_the_index_summary_says_what_was_stored(proj_dim, dtype, exact_layers, p
 
     idx = NS(config=NS(proj_dim=proj_dim, dtype=dtype), plans=[NS(exact=e) for e in exact_layers],
              estimator="regression", attributor=NS(config=NS(method="hyperinf", damping="auto", damping_scale=1.0)))
-    run = NS(idx=idx, cfg=NS(index="IDX", index_verify=True), source={"train": "t.jsonl"}, open_seconds=0.0)
+    run = NS(idx=idx, cfg=NS(index="IDX", index_verify=True), source={"train": "t.jsonl"}, open_seconds=0.0,
+             train_path="t.jsonl")
     s = index_summary(run, "self_influence")
     assert s["projected"] is projected and s["store_dtype"] == dtype and s["scores"].startswith(starts), s["scores"]
     assert ("sketched through the projection" in s["scores"]) == projected

@@ -180,7 +180,7 @@ def run_audit(cfg: AuditConfig, log: Log = None) -> dict[str, Any]:
     out = prepare_output_dir(cfg.out)
     ckpt, index_run, fit_seconds = None, None, 0.0
     if cfg.index is not None:  # the index holds the model, the factors and the training gradients
-        index_run = index_inputs(cfg, "audit", ADDED_COLUMNS, log)
+        index_run = index_inputs(cfg, "audit", ADDED_COLUMNS, log, given=cfg.train)
         data, loaders, trained = index_run.data, index_run.loaders, index_run.trained
         attr, scorer = index_run.idx.attributor, index_run.idx
     else:
@@ -227,7 +227,7 @@ def run_audit(cfg: AuditConfig, log: Log = None) -> dict[str, Any]:
     adapter = cfg.adapter if index_run is None else Path(cfg.index) / "adapter"
     summary = {
         "task": "audit", "settings": used_settings(cfg, method, damping, options),
-        "train": str(cfg.train) if index_run is None else index_run.source["train"],
+        "train": str(cfg.train) if index_run is None else str(index_run.train_path),
         "target": None if cfg.target is None else str(cfg.target),
         "n_train": len(data.train), "n_target": 0 if data.target is None else len(data.target),
         "causal_lm": data.causal, "notes": data.notes,

@@ -125,7 +125,7 @@ def run_select(cfg: SelectPoolConfig, log: Log = None) -> dict[str, Any]:
     out = prepare_output_dir(cfg.out)
     if cfg.index is not None:
         cfg.budget(int(read_source(cfg.index)["n_train"]))  # a --count larger than the pool: before any work
-    index_run = index_inputs(cfg, "select", (), log) if cfg.index is not None else None
+    index_run = index_inputs(cfg, "select", (), log, given=cfg.pool) if cfg.index is not None else None
     rcfg = cfg if index_run is None else index_run.cfg  # with --index: its columns, model and LoRA settings
     data = load_user_files(cfg, Path(cfg.pool), command="select", added=()) if index_run is None else index_run.data
     n = len(data.train)
@@ -175,7 +175,7 @@ def run_select(cfg: SelectPoolConfig, log: Log = None) -> dict[str, Any]:
     name = "selected" + data.train_rows.suffix
     paths = {"selected": str(out / name), "scores": str(out / "scores.csv"), "report": str(out / "report.md"),
              "html": str(out / "report.html"), "summary": str(out / "summary.json")}
-    pool = str(cfg.pool) if index_run is None else index_run.source["train"]
+    pool = str(cfg.pool) if index_run is None else str(index_run.train_path)
     method = cfg.method if index_run is None else index_run.idx.attributor.config.method
     damping = (damping_used(method, cfg.damping) if index_run is None
                else config_damping(index_run.idx.attributor.config))

@@ -70,11 +70,15 @@ class IndexRun:
     loaders: Loaders
     trained: TrainedModel
     open_seconds: float
+    train_path: Path
+    """The training file read (``--train``/``--pool`` when given, else the one the index was built from)."""
 
 
-def index_inputs(cfg: UserConfig, command: str, added: tuple[str, ...], log: Log = None) -> IndexRun:
+def index_inputs(cfg: UserConfig, command: str, added: tuple[str, ...], log: Log = None,
+                 given: Path | None = None) -> IndexRun:
     """The index's training file and ``cfg.target`` read, checked and tokenized as the index read them, then
-    the index opened (its model evaluated on the target, no training).
+    the index opened (its model evaluated on the target, no training).  ``given`` (``--train``/``--pool``):
+    read that file when it hashes as the index's (the index or the data may have moved since the build).
 
     Raises:
         ValueError / DataError: the training file missing or changed since the build, bad rows, an index
@@ -85,7 +89,7 @@ def index_inputs(cfg: UserConfig, command: str, added: tuple[str, ...], log: Log
     if values.get("model") not in (None, "smollm2", "minilm"):
         values["model"] = Path(values["model"])
     rcfg = dataclasses.replace(cfg, **values)
-    train_path = Path(source["train"])
+    train_path = Path(given).resolve() if given is not None else Path(source["train"])  # given: hash checked
     if not train_path.is_file() or persistence.file_sha256(train_path) != source["train_sha256"]:
         raise ValueError(f"--index {cfg.index}: its training file {train_path} is missing or changed since the index "
                          f"was built (SHA-256 differs); {command} writes that file's rows, so it needs them unchanged")
@@ -101,7 +105,7 @@ def index_inputs(cfg: UserConfig, command: str, added: tuple[str, ...], log: Log
     open_seconds = time.perf_counter() - t0
     trained = train_model(rcfg, idx.attributor.model, loaders.finetune, loaders.evaluation, epochs=0, log=log,
                           what="index model")
-    return IndexRun(idx, source, rcfg, data, loaders, trained, open_seconds)
+    return IndexRun(idx, source, rcfg, data, loaders, trained, open_seconds, train_path)
 
 
 def index_summary(run: IndexRun, signal: str) -> dict[str, Any]:
@@ -118,7 +122,7 @@ def index_summary(run: IndexRun, signal: str) -> dict[str, Any]:
     if signal in ("self_influence", "combined_score") and projected:
         how += "; self-influence is sketched through the projection"
     return {"path": str(run.cfg.index), "proj_dim": proj, "projected": projected, "store_dtype": dtype,
-            "scores": f"from the index, {how}", "train": run.source["train"],
+            "scores": f"from the index, {how}", "train": str(run.train_path),
             "estimator": run.idx.estimator, "verified": run.cfg.index_verify,
             "method": run.idx.attributor.config.method, "damping": config_damping(run.idx.attributor.config),
             "open_seconds": run.open_seconds}
