@@ -246,7 +246,8 @@ class HyperINF(FitPass, Scoring, TokenScoring, StoredStateIO):
                              f"{refit[0]}=...) to change it")
         candidate = dataclasses.replace(self.config, **changes)  # validates every option
         saved = (self.config, self.method, self._prepared_for, {n: f.damping for n, f in self.factors.items()})
-        self.config, self._prepared_for = candidate, None
+        # the mixed inverse of the last query set was made with the old solver, tol and backend too
+        self.config, self._prepared_for, self._mixed = candidate, None, None
         try:
             with self._timed("prepare"):
                 self._prepare()

@@ -39,6 +39,10 @@ class ScoreOptions:
         mode = unit.check_mode(normalize)
         if mode == "symmetric":
             raise ValueError(f"{unit.OPTION}: 'symmetric' self-influence is 1 for every example; use 'unit' or 'query'")
+        if mode is not None and METHODS[self.config.method].damping_default is None:
+            # no curvature (H = I): ‖g‖²/‖g‖² and cos(g, g) are 1 for every example
+            raise ValueError(f"{unit.OPTION}: normalised self-influence of method {self.config.method!r} (no "
+                             "curvature) is 1 for every example; leave normalize out")
         return mode
 
     def _moments(self, weight: float, grads: dict | None) -> "mixing.QueryMoments | None":
@@ -80,6 +84,11 @@ class ScoreOptions:
         """The preconditioned (and, with ``mode``, normalised) queries, and the training side's scale."""
         method, factors = self._curvature(weight, moments)
         qt = self._precondition(q, train_loader, method, factors)
+        bad = next((n for n, t in qt.items() if not bool(torch.isfinite(t).all())), None)
+        if bad is not None:
+            # a diverged inverse (the paper's fixed schedule, say) would rank NaN first: never a silent number
+            raise ValueError(f"method {self.config.method!r}: the preconditioned queries of layer {bad} are not "
+                             "finite (the inverse curvature diverged or overflowed); use another method or damping")
         if mode is None:
             return qt, None
         dt = self.fdtype
@@ -216,6 +225,10 @@ class Scoring(ScoreOptions):
         """
         self._require_fit()
         weight, mode = self._score_options(mix_queries, normalize)
+        if top_k is not None:
+            check_k(top_k)  # before any gradient is computed
+        if out is not None and self._comm is None:  # ranks check it together when the file is created
+            check_out(out)
         queries = self.query_gradients(query_loader)
         qidx, q = queries.index, queries.grads
         if qidx.numel() and int(qidx.max()) >= qidx.numel():
@@ -223,10 +236,6 @@ class Scoring(ScoreOptions):
                 f"query_loader: index must number the {qidx.numel()} query examples 0..{qidx.numel() - 1} "
                 f"(it gives each its row of the scores), got index {int(qidx.max())}"
             )
-        if top_k is not None:
-            check_k(top_k)  # before any gradient is computed
-        if out is not None and self._comm is None:  # ranks check it together when the file is created
-            check_out(out)
         if self._comm is not None:
             from ..distributed.share import check_same_queries
 

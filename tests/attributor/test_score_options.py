@@ -140,6 +140,11 @@ def test_mixed_top_k_out_batches_and_cache(setup, tmp_path):
     sub = attr.query_gradients(batches({k: v[:3] for k, v in query.items()}, 3))
     attr.scores(sub, mix_queries=2 * W)
     assert attr._mixed[1].count == 3  # another query set: another inverse
+    mixed = attr._mixed
+    attr.use(tol=1e-3)  # another solver setting: the cached mixed inverse was made with the old one
+    assert attr._mixed is None
+    attr.scores(sub, mix_queries=2 * W)
+    assert attr._mixed is not mixed and attr._mixed[2] is not mixed[2]
 
 
 # --------------------------------------------------------------------------------------------- normalize
@@ -199,6 +204,40 @@ def test_normalized_self_scores(setup):
     close(attr.self_scores(normalize="query"), torch.nn.functional.cosine_similarity(gpre, g, dim=1, eps=0), 1e-8)
     with pytest.raises(ValueError, match="normalize: 'symmetric' self-influence"):
         attr.self_scores(normalize="symmetric")
+    tracin = fit(model, train, method="tracin")  # H = I: ‖g‖²/‖g‖² and cos(g, g) are 1 for every example
+    for mode in ("unit", "query"):
+        with pytest.raises(ValueError, match="normalised self-influence of method 'tracin' .* is 1 for every"):
+            tracin.self_scores(normalize=mode)
+
+
+def test_options_are_checked_before_the_query_gradients(setup, tmp_path):
+    model, train, _, _, _ = setup
+    attr = fit(model, train)
+    with pytest.raises(ValueError, match="top_k"):
+        attr.scores(Untouchable(), top_k=0)
+    (tmp_path / "f").write_text("a file, not a score store")
+    with pytest.raises(ValueError, match="out"):
+        attr.scores(Untouchable(), out=tmp_path / "f")
+
+
+def test_a_diverged_inverse_is_an_error_not_nan_scores(setup, monkeypatch):
+    """Non-finite preconditioned queries (the paper's fixed schedule diverges past λmax > 4·10⁴) raise,
+    naming the method: a NaN would rank first among the harmful examples."""
+    model, train, query, _, _ = setup
+    attr = fit(model, train)
+    real = type(attr.method).precondition
+
+    def diverged(self, q, factors, source):
+        out = real(self, q, factors, source)
+        name = next(iter(out))
+        out[name] = out[name] * float("inf")
+        return out
+
+    monkeypatch.setattr(type(attr.method), "precondition", diverged)
+    for call in (lambda: attr.scores(batches(query, 2)), lambda: attr.scores(batches(query, 2), top_k=2),
+                 lambda: attr.mean_scores(batches(query, 2))):
+        with pytest.raises(ValueError, match="method 'exact': the preconditioned queries of layer .* not finite"):
+            call()
 
 
 # ------------------------------------------------------------------------------------------- bad input
