@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import torch
 
 
@@ -63,8 +64,8 @@ def adapter_fingerprint(weights: Iterable[tuple[str, torch.Tensor]]) -> str:
 
 
 def _batch_digest(batch: Any) -> bytes:
-    """A hash of a batch's tensors (names, dtypes, shapes, values) and plain values; cheap next to a
-    forward/backward pass."""
+    """A hash of a batch: every tensor and array (dtype, shape, every value) and plain value, inside
+    mappings, lists and tuples at any depth; cheap next to a forward/backward pass."""
     h = hashlib.blake2b(digest_size=16)
     if isinstance(batch, Mapping):
         items = sorted(batch.items(), key=lambda kv: str(kv[0]))
@@ -72,13 +73,35 @@ def _batch_digest(batch: Any) -> bytes:
         items = [("", batch)]
     for key, value in items:
         h.update(repr(key).encode())
-        if isinstance(value, torch.Tensor):
-            h.update(f"{value.dtype}{tuple(value.shape)}".encode())
-            h.update(_tensor_bytes(value))
-        elif isinstance(value, (str, int, float, bool, type(None), list, tuple)):
-            h.update(repr(value).encode())
-        # other objects have no stable byte form; the tensors identify the batch
+        _hash_value(h, value)
     return h.digest()
+
+
+def _hash_value(h: Any, value: Any) -> None:
+    # a list's repr elides a large tensor's middle values and numpy arrays have no repr of every value:
+    # containers are walked, so two batches that differ anywhere hash apart
+    if isinstance(value, torch.Tensor):
+        h.update(f"{value.dtype}{tuple(value.shape)}".encode())
+        h.update(_tensor_bytes(value))
+    elif isinstance(value, (str, int, float, bool, type(None), bytes)):
+        h.update(repr(value).encode())
+    elif isinstance(value, np.ndarray):
+        h.update(f"ndarray{value.dtype}{value.shape}".encode())
+        if value.dtype == object:
+            _hash_value(h, value.tolist())
+        else:
+            h.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, Mapping):
+        h.update(f"mapping{len(value)}".encode())
+        for k, v in sorted(value.items(), key=lambda kv: str(kv[0])):
+            h.update(repr(k).encode())
+            _hash_value(h, v)
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__}{len(value)}".encode())
+        for v in value:
+            _hash_value(h, v)
+    else:  # no stable byte form (a PIL image, say): its type; the tensors beside it identify the batch
+        h.update(f"<{type(value).__module__}.{type(value).__qualname__}>".encode())
 
 
 class DataFingerprint:
