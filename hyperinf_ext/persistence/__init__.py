@@ -28,14 +28,14 @@ state into it).
 from ..errors import CheckpointBusyError
 from . import kinds
 from .checkpoint import LOCK, Checkpoint
-from .files import (CRASH_ENV, crash_point, file_sha256, read_json, read_tensors, save_tensors_atomic,
+from .files import (CRASH_ENV, crash_point, file_sha256, hold_lock, read_json, read_tensors, save_tensors_atomic,
                     write_bytes_atomic)
 from .fingerprints import DataFingerprint, adapter_fingerprint, base_fingerprint, full_values, model_fingerprint
 from .state import (FORMAT_VERSION, META, StoredState, check_adapter, check_layers, load_scores, read_state,
                     save_scores, stored_factors, write_state)
 
 __all__ = [
-    "CRASH_ENV", "FORMAT_VERSION", "LOCK", "META", "Checkpoint", "CheckpointBusyError", "DataFingerprint",
+    "CRASH_ENV", "FORMAT_VERSION", "LOCK", "META", "Checkpoint", "CheckpointBusyError", "DataFingerprint", "hold_lock",
     "StoredState", "adapter_fingerprint", "full_values", "base_fingerprint", "check_adapter", "check_layers", "crash_point", "file_sha256", "load_scores",
     "model_fingerprint", "read_json", "read_state", "read_tensors", "save_scores", "save_tensors_atomic", "stored_factors", "write_bytes_atomic",
     "kinds", "write_state",

@@ -9,19 +9,13 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from ..errors import CheckpointBusyError
 from . import kinds
-from .files import json_field, json_int
+from .files import hold_lock, json_field, json_int
 from .fingerprints import DataFingerprint, model_fingerprint
 from .state import META, StoredState, check_layers, read_state, write_state
 
 if TYPE_CHECKING:
     from ..curvature.methods import LayerFactor
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: checkpoints are not locked
-    fcntl = None
 
 LOCK = "lock"
 
@@ -80,17 +74,8 @@ class Checkpoint:
     def __enter__(self) -> "Checkpoint":
         # before the lock file, which would make saved factors or a score store look like a checkpoint
         kinds.prepare_dir(self.directory, kinds.CHECKPOINT, "checkpoint_dir")
-        if fcntl is not None:
-            fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                raise CheckpointBusyError(
-                    f"checkpoint_dir {self.directory}: in use by another fit (its lock file {LOCK} is held); "
-                    f"wait for that fit to finish or use another directory"
-                ) from None
-            self._fd = fd
+        self._fd = hold_lock(self.directory / LOCK, f"checkpoint_dir {self.directory}: in use by another fit (its lock "
+                             f"file {LOCK} is held); wait for that fit to finish or use another directory")
         return self
 
     def __exit__(self, *exc) -> None:

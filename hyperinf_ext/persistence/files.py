@@ -12,10 +12,32 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..errors import CheckpointBusyError
+
+try:
+    import fcntl
+except ImportError:  # not on Windows
+    fcntl = None
+
 CRASH_ENV = "HYPERINF_EXT_TEST_CRASH_AT"
 """Test hook: ``step`` or ``step:n`` makes the process ``os._exit(77)`` at the n-th (default first)
 time it reaches that step of a write (see ``crash_point``), to test recovery from a kill there."""
 _crash_counts: dict[str, int] = {}
+
+
+def hold_lock(path: str | Path, busy: str) -> int | None:
+    """An exclusive flock on ``path`` (created when missing), held until the returned descriptor is closed;
+    the OS drops it when the process ends, so a killed holder never leaves it held.  ``CheckpointBusyError``
+    with ``busy`` when another holder has it; None where flock does not exist (no lock, as before)."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise CheckpointBusyError(busy) from None
+    return fd
 
 
 def crash_point(step: str) -> None:

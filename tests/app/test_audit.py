@@ -721,3 +721,26 @@ def test_detection_defaults_apply_to_hyperinf_on_a_target_with_its_own_fit(capsy
     assert given.score_options("hyperinf")["normalize"] is False
     helps = {a.dest: a.help for a in build_parser()._subparsers._group_actions[0].choices["audit"]._actions}
     assert DETECTION_DAMPING in helps["damping"] and f"default: {DETECTION_NORMALIZE}" in helps["normalize"]
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_path):
+    """OUT/.run.lock: a second audit/select on the same --out would delete (or write into) the running one's
+    checkpoint; it is refused in one line until the first finishes (or its process ends)."""
+    from hyperinf_ext.app.tasks.user_run import RunCheckpoint, UserConfig
+
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = UserConfig()
+    first, second = RunCheckpoint(out, "audit", cfg, []), RunCheckpoint(out, "audit", cfg, [])
+    assert first.start() is False and (out / ".checkpoint" / "run.json").is_file()
+    with pytest.raises(ValueError, match=f"--out {out}: in use by another audit or select run"):
+        second.start()
+    assert (out / ".checkpoint" / "run.json").is_file()  # the first run's checkpoint is untouched
+    first.remove()
+    assert second.start() is False
+    third = RunCheckpoint(out, "audit", cfg, [])
+    with pytest.raises(ValueError, match="in use by another"):
+        third.start()
+    del second  # an object that goes (an interrupted run) releases the lock too
+    assert third.start() is True  # the same arguments: resumes the checkpoint the second run started
+    third.release()

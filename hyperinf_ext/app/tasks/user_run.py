@@ -15,6 +15,7 @@ removes the folder once its outputs are written.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,7 +183,7 @@ class RunCheckpoint:
 
     def __init__(self, out: Path, command: str, cfg: UserConfig, files: Sequence[Path | None], log: Log = None):
         self.root = Path(out) / self.NAME
-        self.log = log
+        self.log, self._lock = log, None
         # what the fit and the adapter do not depend on: a rerun that changes only these resumes
         skip = ("progress", "out", "checkpoint_every", "per_token", "per_token_count")
         settings = {k: v for k, v in cfg.settings().items() if k not in skip}
@@ -200,8 +201,20 @@ class RunCheckpoint:
     def fit_dir(self) -> Path:
         return self.root / "fit"
 
+    LOCK = ".run.lock"
+
     def start(self) -> bool:
-        """Keep a checkpoint of the same run (True), or start a fresh one (False)."""
+        """Keep a checkpoint of the same run (True), or start a fresh one (False).  Holds ``OUT/.run.lock``
+        until :meth:`remove` (or the process ends): a second run on the same ``--out`` is refused rather
+        than deleting or writing into this one's checkpoint (the lock lives outside the folder a fresh
+        start deletes, so both cannot hold it)."""
+        if self._lock is None:
+            try:
+                self._lock = persistence.hold_lock(self.root.parent / self.LOCK, (
+                    f"--out {self.root.parent}: in use by another audit or select run (its lock file {self.LOCK} "
+                    "is held); wait for it to finish or choose another --out"))
+            except persistence.CheckpointBusyError as exc:
+                raise ValueError(str(exc)) from None
         run = self.root / "run.json"
         if run.is_file():
             try:
@@ -231,7 +244,17 @@ class RunCheckpoint:
         tmp.rename(self.adapter_dir)
 
     def remove(self) -> None:
+        """The run finished: its checkpoint goes, and the lock with it."""
         shutil.rmtree(self.root, ignore_errors=True)
+        self.release()
+
+    def release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the flock
+            self._lock = None
+
+    def __del__(self) -> None:  # an interrupted run: the lock goes with the object (or the process)
+        self.release()
 
 
 def _load(cfg: UserConfig, num_labels: int, adapter: Path | None | str = "config") -> Any:
