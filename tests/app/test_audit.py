@@ -432,16 +432,21 @@ def test_an_adapter_of_another_base_model_is_refused(llm, tmp_path, capsys, no_m
     assert "trained on another base model" in err and "reads 32 features" in err and "hidden size 48" in err
 
 
-def test_classifier_labels_outside_the_head_and_unknown_target_labels(tmp_path, capsys, no_model_work):
-    folder = _bert_folder(tmp_path / "bert")
+def _head_audit_error(tmp_path, capsys, classes, rows):
+    """(folder, head, csv, the one-line error) of `audit` on a CSV of ``rows`` with a tiny BERT and a LoRA
+    adapter that saved a classification head of ``classes``."""
     from hyperinf_ext.app.models.training import load_lora_model
 
-    head = tmp_path / "head2"
-    load_lora_model(folder, num_labels=2, rank=2).save_pretrained(str(head))
-    three = tmp_path / "three.csv"
-    three.write_text("text,label\na great film,0\na bad film,1\na dull film,2\n")
-    err = _error(capsys, ["audit", "--model", str(folder), "--adapter", str(head), "--train", str(three),
-                          "--out", str(tmp_path / "o"), *FAST])
+    folder, head, path = _bert_folder(tmp_path / "bert"), tmp_path / f"head{classes}", tmp_path / f"train{classes}.csv"
+    load_lora_model(folder, num_labels=classes, rank=2).save_pretrained(str(head))
+    path.write_text(rows)
+    return folder, head, path, _error(capsys, ["audit", "--model", str(folder), "--adapter", str(head), "--train",
+                                               str(path), "--out", str(tmp_path / "o"), *FAST])
+
+
+def test_classifier_labels_outside_the_head_and_unknown_target_labels(tmp_path, capsys, no_model_work):
+    folder, head, three, err = _head_audit_error(tmp_path, capsys, 2,
+                                                 "text,label\na great film,0\na bad film,1\na dull film,2\n")
     assert f"{three}: line 4, column 'label': label '2'" in err and "outside the 2 classes" in err
     train = tmp_path / "train.csv"
     train.write_text("text,label\na great film,pos\na bad film,neg\n")
@@ -493,15 +498,7 @@ def test_text_labels_follow_the_heads_own_class_names(tmp_path):
 
 
 def test_a_file_naming_a_subset_of_a_nameless_heads_classes_is_refused(tmp_path, capsys, no_model_work):
-    folder = _bert_folder(tmp_path / "bert")
-    from hyperinf_ext.app.models.training import load_lora_model
-
-    head = tmp_path / "head3"
-    load_lora_model(folder, num_labels=3, rank=2).save_pretrained(str(head))
-    two = tmp_path / "two.csv"
-    two.write_text("text,label\na great film,good\na bad film,poor\n")
-    err = _error(capsys, ["audit", "--model", str(folder), "--adapter", str(head), "--train", str(two),
-                          "--out", str(tmp_path / "o"), *FAST])
+    _, _, two, err = _head_audit_error(tmp_path, capsys, 3, "text,label\na great film,good\na bad film,poor\n")
     assert "names 2 classes (good, poor), but the classification head of --adapter" in err
     assert "write the labels as its class ids 0..2" in err
     named = _bert_folder(tmp_path / "bert-named", num_labels=2)
