@@ -24,7 +24,12 @@ class DataError(ValueError):
     """
 
 
-class CheckpointBusyError(RuntimeError):
+class DirectoryBusyError(RuntimeError):
+    """Another process holds the lock of the directory being written (saved factors, a score store, an
+    index, a CLI run's folder): two writers there would mix or delete each other's files."""
+
+
+class CheckpointBusyError(DirectoryBusyError):
     """Another fit holds the checkpoint directory's lock."""
 
 

@@ -276,8 +276,9 @@ class HyperINF(FitPass, Scoring, TokenScoring, StoredStateIO):
 
         Under torch.distributed rank 0 writes and every rank returns once the files are committed."""
         if self._comm is not None:
-            digest = self._adapter_digest()  # every rank: gathering FSDP2-sharded weights is a collective
-            _dist.on_rank0(self._comm, "save", lambda: self._write_saved(directory, digest))
+            # every rank: gathering FSDP2-sharded weights is a collective
+            digests = (self._adapter_digest(), self._base_digest())
+            _dist.on_rank0(self._comm, "save", lambda: self._write_saved(directory, digests))
             return Path(directory)
         return self._write_saved(directory)
 
@@ -288,8 +289,9 @@ class HyperINF(FitPass, Scoring, TokenScoring, StoredStateIO):
 
         Raises ``ValueError`` naming the file when it is missing, corrupt or holds NaN/Inf, naming the
         layer when a saved shape differs from ``model``'s (another LoRA rank or hidden size), and naming
-        both fingerprints when the factors were fitted on other adapter weights than ``model``'s
-        (``allow_other_weights=True`` loads them anyway).  Factors saved before fingerprints existed
+        both fingerprints when the factors were fitted on other adapter weights than ``model``'s, or with
+        other base weights (another checkpoint or dtype; ``base_fingerprint``, which does not depend on which
+        weights require grad) (``allow_other_weights=True`` loads them anyway).  Factors saved before fingerprints existed
         load with a warning.
         """
         return cls._read_saved(directory, model, loss_fn=loss_fn, progress=progress,

@@ -11,9 +11,9 @@ yields them in, and every rank of a distributed run writes its own rows straight
 be on a filesystem every rank sees; rank 0 creates and commits it).  The run writes ``scores-<id>.npy.partial``;
 the commit renames it and then replaces ``meta.json`` (kind "hyperinf-ext/score-store", naming the file), so a
 rerun onto a store replaces it atomically and a run that fails leaves the previous store as it was (its
-unfinished file is removed).  A directory holding another kind of artefact is refused
-(hyperinf_ext/persistence/kinds.py).  Why ``.npy``
-and not safetensors: a ``.npy`` opens with ``numpy.load(mmap_mode=...)`` with zero copies and can be
+unfinished file is removed).  Rank 0 holds ``.write.lock`` there from creation to commit, so a second run
+onto the same store is refused instead of removing this one's unfinished file at its commit.  A directory
+holding another kind of artefact is refused (hyperinf_ext/persistence/kinds.py).  Why ``.npy`` and not safetensors: a ``.npy`` opens with ``numpy.load(mmap_mode=...)`` with zero copies and can be
 filled in place row by row; safetensors serialises whole tensors and its loaders copy them into memory.
 :func:`load` returns the ``[n_query, n_train]`` transpose view of the memory map (no read until used).
 """
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..persistence import kinds
+from ..persistence.files import WRITE_LOCK, hold_lock
 from .topk import TopK, TopKScores
 
 if TYPE_CHECKING:
@@ -97,14 +98,27 @@ class FileSink:
         self.dir, self.comm, self.sign = Path(path), comm, sign
         self.shape, self.dtype = (n_train, n_query), dtype
         self.mm: Any = None
+        self._lock: int | None = None
         # a fresh name per run: the previous store's file and manifest stay untouched until the commit
-        name = f"scores-{secrets.token_hex(8)}.npy"
+        self.name = f"scores-{secrets.token_hex(8)}.npy"
+        try:
+            self._open()
+        except BaseException:
+            self._unlock()  # a lock left held would refuse every later run of this process
+            raise
+
+    def _open(self) -> None:
+        comm, name = self.comm, self.name
         if comm is None or comm.rank == 0:
             from ..distributed import reported
 
             with reported(comm, "scores: create the score file"):
                 kinds.prepare_dir(self.dir, kinds.SCORE_STORE, "out")
-                np.lib.format.open_memmap(self.dir / (name + PARTIAL), mode="w+", dtype=_np(dtype),
+                # until the commit or abort: a second run's commit would remove this one's unfinished file
+                self._lock = hold_lock(self.dir / WRITE_LOCK, (
+                    f"out {self.dir}: another run is writing a score store there (its lock file {WRITE_LOCK} "
+                    "is held); wait for it to finish or choose another out"))
+                np.lib.format.open_memmap(self.dir / (name + PARTIAL), mode="w+", dtype=_np(self.dtype),
                                           shape=self.shape).flush()
         if comm is not None:
             name = comm.all_gather_object(name, "scores: open the score file")[0]
@@ -129,6 +143,11 @@ class FileSink:
         else:
             self.mm[index.numpy()] = rows
 
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
     def abort(self) -> None:
         """After a failure: drop this run's unfinished file; the previous store (if any) stays as it was."""
         self.mm = None
@@ -137,6 +156,7 @@ class FileSink:
                 self.partial.unlink(missing_ok=True)
             except OSError:
                 pass  # the run's own error is the one to raise; the next commit removes leftovers
+        self._unlock()
 
     def finish(self, n_train: int, all_ranks: bool) -> torch.Tensor | None:
         self.mm.flush()
@@ -156,12 +176,18 @@ class FileSink:
                     p.unlink(missing_ok=True)
 
         if comm is None:
-            commit()
+            try:
+                commit()
+            finally:
+                self._unlock()
             return load(self.dir)
         from ..distributed import on_rank0
 
         comm.barrier("scores: rows written")
-        on_rank0(comm, "scores: commit the score file", commit)
+        try:
+            on_rank0(comm, "scores: commit the score file", commit)
+        finally:
+            self._unlock()
         return load(self.dir) if all_ranks or comm.rank == 0 else None
 
 

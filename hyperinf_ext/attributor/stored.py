@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 
 from .. import persistence
-from ..persistence import (META, adapter_fingerprint, check_adapter, full_values, check_layers, read_state, stored_factors,
+from ..persistence import (META, adapter_fingerprint, base_fingerprint, check_adapter, full_values, check_layers, read_state, stored_factors,
                            write_state)
 from .config import HyperINFConfig, method_of
 
@@ -34,6 +34,12 @@ class StoredStateIO:
             return adapter_fingerprint((f"{l.name}.{i}", full_values(p)) for l in self.layers
                                        for i, p in enumerate(l.parameters))
 
+    def _base_digest(self) -> str:
+        """Fingerprint of the model's weights other than the adapter's (``base_fingerprint``; a collective
+        under FSDP2, like ``_adapter_digest``)."""
+        with torch.no_grad():
+            return base_fingerprint(self.model, adapter=(p for l in self.layers for p in l.parameters))
+
     def _apply_state(self, stored: persistence.StoredState) -> None:
         """Install ``stored`` after checking every layer's name and shape against the model."""
         check_layers(stored, self._layer_shapes())
@@ -50,15 +56,17 @@ class StoredStateIO:
                     n_train=self.n_train, batches_done=self.batches_done, model=self.model,
                     adapter_digest=self._adapter_digest())
 
-    def _write_saved(self, directory: str | Path, adapter_digest: str | None = None) -> Path:
+    def _write_saved(self, directory: str | Path, digests: tuple[str, str] | None = None) -> Path:
         """Factors, the current method's inverses and the configuration, committed to ``directory``
-        (``adapter_digest``: ``_adapter_digest()`` computed beforehand, by every rank under torch.distributed)."""
+        (``digests``: ``_adapter_digest()`` and ``_base_digest()`` computed beforehand, by every rank under
+        torch.distributed)."""
         self._require_fit()
         self._prepare()  # the stored inverses must belong to the stored factors and configuration
         state = getattr(self.method, "state", None) or {}
         return write_state(directory, factors=self.factors, config=dataclasses.asdict(self.config),
                            n_train=self.n_train, batches_done=self.batches_done, complete=True, method_state=state,
-                           adapter_digest=adapter_digest or self._adapter_digest())
+                           adapter_digest=digests[0] if digests else self._adapter_digest(),
+                           base_digest=digests[1] if digests else self._base_digest())
 
     @classmethod
     def _read_saved(cls, directory: str | Path, model: torch.nn.Module, *, loss_fn=None, progress: bool = True,
@@ -74,7 +82,7 @@ class StoredStateIO:
             raise ValueError(f"{stored.directory / META}: invalid 'config': {e}") from None
         attr = cls(model, loss_fn=loss_fn, progress=progress, config=config)
         check_layers(stored, attr._layer_shapes())  # another shape says more than another fingerprint
-        check_adapter(stored, attr._adapter_digest(), allow_other=allow_other_weights)
+        check_adapter(stored, attr._adapter_digest(), attr._base_digest(), allow_other=allow_other_weights)
         attr._apply_state(stored)
         attr._prepare_from_stored(stored.method_state)
         return attr

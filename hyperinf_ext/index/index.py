@@ -36,6 +36,9 @@ from .search import Search
 __all__ = ["Index"]
 
 FORMAT = 1
+BASE_RULE = "all but the adapter"
+"""What the manifest's base fingerprint covers: every parameter but the attributor's LoRA weights
+(``persistence.base_fingerprint(model, adapter=...)``), whatever requires grad."""
 
 
 def _rank_world() -> tuple[int, int]:
@@ -138,6 +141,8 @@ class Index(Search):
                   for s in store.open_shards(d / "shards" / f"rank-{r:03d}", width, len(plans), config.dtype,
                                              verify=False)]
         problem = _coverage_problem(stored, attr.n_train)
+        # every rank: gathering FSDP2-sharded weights is a collective
+        base = persistence.base_fingerprint(model, adapter=(p for l in attr.layers for p in l.parameters))
         if problem:
             raise ValueError(f"train_loader: the batches' 'index' must number the training examples 0..n-1, each "
                              f"once ({problem}); the build in {d} stays incomplete: renumber the examples and build "
@@ -147,7 +152,7 @@ class Index(Search):
             batches = persistence.read_json(fit_meta, "fit checkpoint").get("data") if fit_meta.exists() else None
             meta = {**kinds.manifest_kind(kinds.INDEX), "format": FORMAT, "complete": True, **settings,
                     "n_train": attr.n_train, "shards": [f"shards/rank-{r:03d}" for r in range(world)],
-                    "fingerprints": {"base": persistence.base_fingerprint(model),
+                    "fingerprints": {"base": base, "base_rule": BASE_RULE,
                                      "adapter": persistence.read_json(d / "factors" / kinds.MANIFEST,
                                                                       "saved factors").get("adapter_sha256"),
                                      "train": train_fingerprint, "batches": batches},
@@ -180,8 +185,10 @@ class Index(Search):
         if meta.get("format") != FORMAT:
             raise ValueError(f"{d}: index format {meta.get('format')!r}, this version reads {FORMAT}")
         fp = meta.get("fingerprints", {})
-        base = persistence.base_fingerprint(model)
-        if fp.get("base") != base:
+        # built since BASE_RULE: the factors record the same fingerprint and HyperINF.load checks it; before,
+        # the base was what did not require grad (a model loaded frozen for querying was refused)
+        base = None if fp.get("base_rule") == BASE_RULE else persistence.base_fingerprint(model)
+        if base is not None and fp.get("base") != base:
             raise ValueError(f"{d}: built on the base model with fingerprint {fp.get('base')}, but this model's base "
                              f"weights have fingerprint {base}; open the index with the model it was built with")
         try:

@@ -21,6 +21,8 @@ TrainSubset = Callable[[list[int]], Iterable]
 original training ``index`` of every row (what ``exact_rerank`` back-propagates)."""
 
 BLOCK_ROWS = 4096
+SKETCH_CHUNK_VALUES = 1 << 25
+"""Most values of padded P columns preconditioned at once by ``self_scores`` (128 MiB in float32)."""
 
 
 class Search:
@@ -135,22 +137,38 @@ class Search:
         return out
 
     def _sketched_inverses(self) -> dict[str, torch.Tensor]:
-        """M_l = P_lᵀ H_l⁻¹ P_l [k, k] float64 per layer: P_lᵀ's rows preconditioned as r-row queries."""
+        """M_l = P_lᵀ H_l⁻¹ P_l [k, k] float64 per layer: P_lᵀ's rows preconditioned as r-row queries.
+
+        Every layer's k rows become ⌈k/r⌉ queries of r rows, padded to the longest layer's count; they are
+        preconditioned a chunk of queries at a time (each query is preconditioned on its own, so chunks
+        give the same rows) so that the padded queries of all layers never stand in memory at once —
+        on an exact index of a large model they would take layers × d² values (``SKETCH_CHUNK_VALUES``)."""
         Q = max(math.ceil(p.columns / p.rank) for p in self.plans)
-        grads, fdtype = {}, self.attributor.fdtype
-        for p in self.plans:
-            Pt = (self.matrices[p.name].T.to(fdtype) if not p.exact else torch.eye(p.dim, dtype=fdtype))
-            padded = torch.zeros(Q * p.rank, p.dim, dtype=fdtype)
-            padded[:p.columns] = Pt
-            grads[p.name] = padded.reshape(Q, p.rank, p.dim)
-        _, qt = self.attributor.precondition(QueryGradients(torch.arange(Q), grads))
-        out = {}
-        for p in self.plans:
-            HPt = qt[p.name].reshape(Q * p.rank, p.dim)[:p.columns].to(torch.float64).cpu()  # Pᵀ H⁻¹ [k, d]
-            P = self.matrices[p.name].to(torch.float64) if not p.exact else torch.eye(p.dim, dtype=torch.float64)
-            M = HPt @ P
-            out[p.name] = (M + M.T) / 2  # symmetric up to the solver's rounding
-        return out
+        fdtype = self.attributor.fdtype
+        per_query = sum(p.rank * p.dim for p in self.plans)
+        chunk = max(1, min(Q, SKETCH_CHUNK_VALUES // per_query))
+        Ps = {p.name: self.matrices[p.name].to(torch.float64) if not p.exact else None for p in self.plans}
+        out = {p.name: torch.zeros(p.columns, p.columns, dtype=torch.float64) for p in self.plans}
+        for q0 in range(0, Q, chunk):
+            q1 = min(Q, q0 + chunk)
+            rows = {p.name: (q0 * p.rank, min(p.columns, q1 * p.rank)) for p in self.plans}
+            grads = {}
+            for p in self.plans:
+                lo, hi = rows[p.name]
+                padded = torch.zeros((q1 - q0) * p.rank, p.dim, dtype=fdtype)
+                if hi > lo:
+                    padded[:hi - lo] = (Ps[p.name].T[lo:hi].to(fdtype) if not p.exact
+                                        else torch.eye(p.dim, dtype=fdtype)[lo:hi])
+                grads[p.name] = padded.reshape(q1 - q0, p.rank, p.dim)
+            _, qt = self.attributor.precondition(QueryGradients(torch.arange(q1 - q0), grads))
+            for p in self.plans:
+                lo, hi = rows[p.name]
+                if hi <= lo:
+                    continue
+                HPt = qt[p.name].reshape(-1, p.dim)[:hi - lo].to(torch.float64).cpu()  # rows lo..hi of Pᵀ H⁻¹ [., d]
+                out[p.name][lo:hi] = HPt @ Ps[p.name] if not p.exact else HPt
+            del grads, qt
+        return {n: (M + M.T) / 2 for n, M in out.items()}  # symmetric up to the solver's rounding
 
 
 def _trim(t: TopKScores, k: int) -> TopKScores:

@@ -8,6 +8,7 @@ A factor directory (``HyperINF.save``) and a fit's ``checkpoint_dir`` share one 
                                      from ``save``, the method's inverses [d, d]
     grads/                           (checkpoints) the disk gradient cache, see cache.py
     lock                             (checkpoints) flock-ed by the fit using the directory
+    .write.lock                      flock-ed while a commit writes (a second writer is refused)
 
 A commit writes a complete factors file under a fresh generation name, then replaces ``meta.json``
 (which names it) with one ``os.replace``: a reader sees the previous commit or the new one, never
@@ -25,17 +26,18 @@ checkpoints), fingerprints.py (of the model and of the data).  These take factor
 and the model — never the attributor, which sits above (hyperinf_ext/attributor/stored.py installs a
 state into it).
 """
-from ..errors import CheckpointBusyError
+from ..errors import CheckpointBusyError, DirectoryBusyError
 from . import kinds
 from .checkpoint import LOCK, Checkpoint
-from .files import (CRASH_ENV, crash_point, file_sha256, hold_lock, read_json, read_tensors, save_tensors_atomic,
-                    write_bytes_atomic)
+from .files import (CRASH_ENV, WRITE_LOCK, crash_point, file_sha256, hold_lock, read_json, read_tensors, save_tensors_atomic,
+                    write_bytes_atomic, writing)
 from .fingerprints import DataFingerprint, adapter_fingerprint, base_fingerprint, full_values, model_fingerprint
 from .state import (FORMAT_VERSION, META, StoredState, check_adapter, check_layers, load_scores, read_state,
                     save_scores, stored_factors, write_state)
 
 __all__ = [
-    "CRASH_ENV", "FORMAT_VERSION", "LOCK", "META", "Checkpoint", "CheckpointBusyError", "DataFingerprint", "hold_lock",
+    "CRASH_ENV", "FORMAT_VERSION", "LOCK", "META", "Checkpoint", "CheckpointBusyError", "DataFingerprint", "DirectoryBusyError",
+    "WRITE_LOCK", "hold_lock", "writing",
     "StoredState", "adapter_fingerprint", "full_values", "base_fingerprint", "check_adapter", "check_layers", "crash_point", "file_sha256", "load_scores",
     "model_fingerprint", "read_json", "read_state", "read_tensors", "save_scores", "save_tensors_atomic", "stored_factors", "write_bytes_atomic",
     "kinds", "write_state",

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from ..errors import CheckpointBusyError
 from . import kinds
 from .files import hold_lock, json_field, json_int
 from .fingerprints import DataFingerprint, model_fingerprint
@@ -75,7 +76,8 @@ class Checkpoint:
         # before the lock file, which would make saved factors or a score store look like a checkpoint
         kinds.prepare_dir(self.directory, kinds.CHECKPOINT, "checkpoint_dir")
         self._fd = hold_lock(self.directory / LOCK, f"checkpoint_dir {self.directory}: in use by another fit (its lock "
-                             f"file {LOCK} is held); wait for that fit to finish or use another directory")
+                             f"file {LOCK} is held); wait for that fit to finish or use another directory",
+                             CheckpointBusyError)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -2,17 +2,18 @@
 with the fault-injection hook ``crash_point`` the crash-recovery tests use."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import CheckpointBusyError
+from ..errors import DirectoryBusyError
 
 try:
     import fcntl
@@ -25,10 +26,11 @@ time it reaches that step of a write (see ``crash_point``), to test recovery fro
 _crash_counts: dict[str, int] = {}
 
 
-def hold_lock(path: str | Path, busy: str) -> int | None:
+def hold_lock(path: str | Path, busy: str, error: type[DirectoryBusyError] = DirectoryBusyError) -> int | None:
     """An exclusive flock on ``path`` (created when missing), held until the returned descriptor is closed;
-    the OS drops it when the process ends, so a killed holder never leaves it held.  ``CheckpointBusyError``
-    with ``busy`` when another holder has it; None where flock does not exist (no lock, as before)."""
+    the OS drops it when the process ends, so a killed holder never leaves it held.  ``error`` (a
+    ``DirectoryBusyError``) with ``busy`` when another holder has it; None where flock does not exist (no
+    lock, as before)."""
     if fcntl is None:
         return None
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -36,8 +38,27 @@ def hold_lock(path: str | Path, busy: str) -> int | None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        raise CheckpointBusyError(busy) from None
+        raise error(busy) from None
     return fd
+
+
+WRITE_LOCK = ".write.lock"
+"""The lock file a writer of saved factors, a score store or an index holds in its directory while it
+writes (a dot name: no kind is recognised by it, and no writer's clean-up removes it)."""
+
+
+@contextlib.contextmanager
+def writing(directory: Path, what: str) -> Iterator[None]:
+    """Hold ``directory/WRITE_LOCK`` for the block: a second process writing the same directory at the same
+    time gets ``DirectoryBusyError`` naming ``what`` and the directory, instead of the two mixing one's
+    manifest with the other's files or removing the other's unfinished file."""
+    fd = hold_lock(directory / WRITE_LOCK, f"{what} {directory}: another process is writing it (its lock file "
+                   f"{WRITE_LOCK} is held); wait for it to finish or choose another directory")
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def crash_point(step: str) -> None:

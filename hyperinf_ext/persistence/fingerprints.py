@@ -35,17 +35,25 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def base_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
-    """Hash of the frozen (base) parameters: names, dtypes, shapes and up to ``samples`` evenly strided
-    values of each, as float64 — the same checkpoint loaded in another dtype gives another value, so
-    the dtype is part of it.  Sampling keeps it cheap on a large base (reading every weight of an 8B
-    model would take seconds); two different checkpoints of one architecture differ in practically
-    every sampled value."""
+def base_fingerprint(model: torch.nn.Module, adapter: Iterable[torch.Tensor] | None = None,
+                     samples: int = 4096) -> str:
+    """Hash of the model's weights other than the adapter's: names, dtypes, shapes and up to ``samples``
+    evenly strided values of each, as float64 — the same checkpoint loaded in another dtype gives another
+    value, so the dtype is part of it.  Sampling keeps it cheap on a large base (reading every weight of
+    an 8B model would take seconds); two different checkpoints of one architecture differ in practically
+    every sampled value.
+
+    ``adapter``: the weights of the attributed layers (LoRA matrices, a captured head) to leave out, by
+    identity; every other parameter is hashed whether it requires grad or not, so the model loaded frozen for scoring (``PeftModel.from_pretrained``'s default) gives the same
+    value as the model it was fitted on.  ``None``: the parameters that do not require grad (the rule of
+    indexes built before this one; it depends on how the model was loaded).  Weights sharded by FSDP2 are
+    gathered (``full_values``, a collective: every rank calls this)."""
+    skip = None if adapter is None else {id(t) for t in adapter}
     h = hashlib.sha256()
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if (p.requires_grad if skip is None else id(p) in skip):
             continue
-        flat = p.detach().reshape(-1)
+        flat = full_values(p).detach().reshape(-1)
         step = max(1, flat.numel() // samples)
         h.update(f"{name}{p.dtype}{tuple(p.shape)}".encode())
         h.update(_tensor_bytes(flat[::step].to(torch.float64)))

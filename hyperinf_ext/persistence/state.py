@@ -145,9 +145,12 @@ def check_layers(stored: StoredState, layers: Sequence[tuple[str, int, int]]) ->
             )
 
 
-def check_adapter(stored: StoredState, digest: str, *, allow_other: bool = False) -> None:
+def check_adapter(stored: StoredState, digest: str, base_digest: str | None = None, *,
+                  allow_other: bool = False) -> None:
     """``ValueError`` naming both fingerprints when ``stored`` was fitted on other adapter weights than
-    those of ``digest`` (unless ``allow_other``); a warning when ``stored`` predates fingerprints."""
+    those of ``digest``, or — where it records one — on another base than ``base_digest`` (the
+    ``base_fingerprint`` of the model's other weights), unless ``allow_other``; a warning when ``stored``
+    predates fingerprints (saves that predate the base fingerprint are checked on the adapter alone)."""
     saved = stored.meta.get("adapter_sha256")
     if saved is None:
         warnings.warn(f"{stored.directory}: the saved factors carry no adapter fingerprint (saved by an older "
@@ -157,6 +160,14 @@ def check_adapter(stored: StoredState, digest: str, *, allow_other: bool = False
             f"{stored.directory}: the factors were fitted on other adapter weights (adapter_sha256 {saved}) than "
             f"the model's ({digest}); scores would mix two adapters.  Load the adapter they were fitted on, "
             "fit again, or pass allow_other_weights=True if you mean to use them anyway"
+        )
+    saved_base = stored.meta.get("base_sha256")
+    if saved_base is not None and base_digest is not None and saved_base != base_digest and not allow_other:
+        raise ValueError(
+            f"{stored.directory}: the factors were fitted with other base weights (base_sha256 {saved_base}) than "
+            f"the model's ({base_digest}): another base checkpoint or dtype, or other weights outside the attributed layers; the "
+            "gradients, and so the scores, would differ.  Load the model they were fitted with, fit again, or "
+            "pass allow_other_weights=True if you mean to use them anyway"
         )
 
 
@@ -192,6 +203,7 @@ def write_state(
     fingerprint: "DataFingerprint | None" = None,
     model_digest: str | None = None,
     adapter_digest: str | None = None,
+    base_digest: str | None = None,
     kind: str = kinds.FACTORS,
 ) -> Path:
     """Commit ``factors`` (and ``method_state``, per-layer [d, d]) with the attributor's ``config`` (a
@@ -199,49 +211,54 @@ def write_state(
 
     The factors go to a new ``factors-<generation>.safetensors``; replacing meta.json is the commit;
     files of older generations are removed afterwards.  ``adapter_digest`` (``adapter_fingerprint`` of
-    the weights the factors were fitted on) is stored as ``adapter_sha256`` for ``check_adapter``.
+    the weights the factors were fitted on) is stored as ``adapter_sha256`` and ``base_digest``
+    (``base_fingerprint`` of the rest of the model) as ``base_sha256``, both for ``check_adapter``.  The
+    directory's write lock is held throughout (``files.writing``).
     ``kind`` (``kinds.FACTORS`` or ``kinds.CHECKPOINT``) goes into meta.json; a directory holding
     another kind is refused before anything is written.
     """
-    directory = kinds.prepare_dir(directory, kind, "factors directory" if kind == kinds.FACTORS else "checkpoint_dir")
-    tensors: dict[str, torch.Tensor] = {}
-    for n, f in factors.items():
-        tensors[f"gfim_sum.{n}"] = f.gfim_sum.cpu().contiguous()
-        if f.rank_sum is not None:
-            tensors[f"rank_sum.{n}"] = f.rank_sum.cpu().contiguous()
-    for n, x in (method_state or {}).items():
-        tensors[f"method_state.{n}"] = x.cpu().contiguous()
-    for key, t in tensors.items():
-        # never commit a state that load would refuse
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{key}: contains NaN or Inf; refusing to write it to {directory}")
-    generation = _next_generation(directory)
-    name = f"factors-{generation:06d}.safetensors"
-    save_tensors_atomic(directory / name, tensors, {"generation": str(generation)}, step="factors")
-    files.crash_point("factors_written")
-    meta = {
-        **kinds.manifest_kind(kind),
-        "format": FORMAT_VERSION,
-        "generation": generation,
-        "factors": name,
-        "complete": complete,
-        "config": dict(config),
-        "n_train": n_train,
-        "batches_done": batches_done,
-        "data": fingerprint.as_dict() if fingerprint is not None else None,
-        "model": model_digest,
-        "adapter_sha256": adapter_digest,
-        "layers": [
-            {"name": f.name, "rank": f.rank, "dim": f.dim, "count": f.count, "damping": f.damping}
-            for f in factors.values()
-        ],
-    }
-    write_bytes_atomic(directory / META, json.dumps(meta, indent=1).encode(), step="meta")
-    files.crash_point("meta_committed")
-    for p in directory.iterdir():  # older generations and temporaries left by killed writers
-        if p.name != name and (p.name.startswith(("factors-", f"{META}.tmp")) or p.name == "factors.safetensors"):
-            p.unlink(missing_ok=True)
-    return directory
+    what = "factors directory" if kind == kinds.FACTORS else "checkpoint_dir"
+    directory = kinds.prepare_dir(directory, kind, what)
+    with files.writing(directory, what):
+        tensors: dict[str, torch.Tensor] = {}
+        for n, f in factors.items():
+            tensors[f"gfim_sum.{n}"] = f.gfim_sum.cpu().contiguous()
+            if f.rank_sum is not None:
+                tensors[f"rank_sum.{n}"] = f.rank_sum.cpu().contiguous()
+        for n, x in (method_state or {}).items():
+            tensors[f"method_state.{n}"] = x.cpu().contiguous()
+        for key, t in tensors.items():
+            # never commit a state that load would refuse
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{key}: contains NaN or Inf; refusing to write it to {directory}")
+        generation = _next_generation(directory)
+        name = f"factors-{generation:06d}.safetensors"
+        save_tensors_atomic(directory / name, tensors, {"generation": str(generation)}, step="factors")
+        files.crash_point("factors_written")
+        meta = {
+            **kinds.manifest_kind(kind),
+            "format": FORMAT_VERSION,
+            "generation": generation,
+            "factors": name,
+            "complete": complete,
+            "config": dict(config),
+            "n_train": n_train,
+            "batches_done": batches_done,
+            "data": fingerprint.as_dict() if fingerprint is not None else None,
+            "model": model_digest,
+            "adapter_sha256": adapter_digest,
+            "base_sha256": base_digest,
+            "layers": [
+                {"name": f.name, "rank": f.rank, "dim": f.dim, "count": f.count, "damping": f.damping}
+                for f in factors.values()
+            ],
+        }
+        write_bytes_atomic(directory / META, json.dumps(meta, indent=1).encode(), step="meta")
+        files.crash_point("meta_committed")
+        for p in directory.iterdir():  # older generations and temporaries left by killed writers
+            if p.name != name and (p.name.startswith(("factors-", f"{META}.tmp")) or p.name == "factors.safetensors"):
+                p.unlink(missing_ok=True)
+        return directory
 
 
 # ------------------------------------------------------------------------------------------ scores

@@ -9,6 +9,7 @@ exact), so |Δ| ≤ 2⁻¹¹·‖q̃P‖·‖gP‖ (factor 2 slack).
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -158,6 +159,23 @@ def test_mean_and_self_scores(exact_index, projected_index, reference, data):
     assert g_norm2.numel() == N_TRAIN
 
 
+def test_self_scores_in_chunks_equal_the_whole(exact_index, projected_index, monkeypatch):
+    """The sketch's padded queries are preconditioned a chunk at a time (their memory on an exact index of a
+    large model was layers × d²): chunks of 1 and of 4 queries (not dividing the count) give the same
+    self-influence as one chunk, up to the float64 rounding of differently blocked products."""
+    from hyperinf_ext.index import search
+
+    for index in (exact_index, projected_index):
+        whole = index.self_scores()
+        per_query = sum(p.rank * p.dim for p in index.plans)
+        Q = max(-(-p.columns // p.rank) for p in index.plans)
+        assert Q > 4 and Q % 4  # the chunks below really split, unevenly
+        for chunk in (1, 4):
+            monkeypatch.setattr(search, "SKETCH_CHUNK_VALUES", per_query * chunk)
+            torch.testing.assert_close(index.self_scores(), whole, rtol=1e-12, atol=0)
+        monkeypatch.undo()
+
+
 @pytest.mark.parametrize("w", [1.0, 99.0])
 def test_mixed_queries_equal_hyperinf_mixed_scores(exact_index, projected_index, data, w):
     """The query side of an index is exact, so ``mix_queries`` mixes exactly as ``HyperINF.scores`` does:
@@ -268,8 +286,10 @@ def test_another_model_or_adapter_is_refused_naming_both(exact_index):
     other_base = model_()
     with torch.no_grad():
         next(p for n, p in other_base.named_parameters() if not p.requires_grad and p.dim() == 2).add_(0.1)
-    with pytest.raises(ValueError, match="base model with fingerprint [0-9a-f]+, but this model's base .* [0-9a-f]+"):
+    with pytest.raises(ValueError, match="other base weights \\(base_sha256 [0-9a-f]+\\) than the model's "
+                                         "\\([0-9a-f]+\\)") as e:
         Index.open(exact_index.directory, other_base)
+    assert str(exact_index.directory) in str(e.value)
 
 
 def test_bad_settings_and_folders(tmp_path, data, exact_index):
@@ -310,7 +330,40 @@ def test_the_manifest_records_the_fingerprints(exact_index):
     fp = exact_index.meta["fingerprints"]
     factors = json.loads((exact_index.directory / "factors" / persistence.kinds.MANIFEST).read_text())
     assert fp["adapter"] == factors["adapter_sha256"] and len(fp["adapter"]) == 64
-    assert fp["base"] == persistence.base_fingerprint(model_())
+    m = model_()
+    lora = [p for l in HyperINF(m, progress=False).layers for p in l.parameters]
+    assert fp["base"] == factors["base_sha256"] == persistence.base_fingerprint(m, adapter=lora)
+    assert fp["base_rule"] == "all but the adapter"
+
+
+def test_the_model_loaded_frozen_opens_the_index_it_was_built_with(exact_index, reference, data, tmp_path):
+    """The base fingerprint was taken over the weights that did not require grad, so the same model loaded
+    for querying with its adapter frozen (PeftModel.from_pretrained's default) was refused as 'another
+    base'; it covers every weight outside the attributed layers now.  An index built before keeps its
+    check (and its rule)."""
+    _, query = data
+    frozen = model_()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    S = Index.open(exact_index.directory, frozen).scores(batches(query, B))
+    bound = 4 * 2.0 ** -24 * _norms(reference["qt"])[:, None] * _norms(reference["g"])[None, :]  # as above
+    assert ((S - reference["S"]).abs() <= bound).all()
+    # a manifest of the earlier rule: checked as then (trainable model passes, another base is refused)
+    old = tmp_path / "old"
+    shutil.copytree(exact_index.directory, old)
+    meta = json.loads((old / persistence.kinds.MANIFEST).read_text())
+    del meta["fingerprints"]["base_rule"]
+    meta["fingerprints"]["base"] = persistence.base_fingerprint(model_())
+    (old / persistence.kinds.MANIFEST).write_text(json.dumps(meta))
+    factors = json.loads((old / "factors" / persistence.kinds.MANIFEST).read_text())
+    del factors["base_sha256"]
+    (old / "factors" / persistence.kinds.MANIFEST).write_text(json.dumps(factors))
+    assert Index.open(old, model_()).n_train == N_TRAIN
+    other_base = model_()
+    with torch.no_grad():
+        next(p for n, p in other_base.named_parameters() if not p.requires_grad and p.dim() == 2).add_(0.1)
+    with pytest.raises(ValueError, match="built on the base model with fingerprint"):
+        Index.open(old, other_base)
 
 
 def test_sizes(exact_index, projected_index):

@@ -6,6 +6,7 @@ A tiny float64 LoRA BERT (tests/persist_child.py), one process.  Values reloaded
 must be bit-identical to those before it: nothing is recomputed, the same files are read back.
 """
 import json
+import os
 import re
 
 import pytest
@@ -88,7 +89,7 @@ def test_own_kind_is_replaced_with_only_the_new_result_left(fitted, tmp_path):
     second = fitted.scores(fewer, out=store)
     assert second.shape[0] < first.shape[0]
     assert torch.equal(HyperINF.load_scores(store), second)
-    assert sorted(p.name for p in store.iterdir()) == sorted(["meta.json", json.loads(
+    assert sorted(p.name for p in store.iterdir()) == sorted(["meta.json", persistence.WRITE_LOCK, json.loads(
         (store / "meta.json").read_text())["scores"]])  # the old generation and no temporaries left
     assert json.loads((store / "meta.json").read_text())["kind"] == kinds.SCORE_STORE
 
@@ -139,6 +140,65 @@ def test_a_failed_rerun_leaves_the_previous_result_loadable(fitted, tmp_path, mo
     monkeypatch.undo()
     again = HyperINF.load(saved, pc.tiny_model()).factors
     assert all(torch.equal(again[n].gfim_sum, ref[n].gfim_sum) for n in ref)
+
+
+def test_a_second_writer_is_refused_while_the_first_writes(fitted, tmp_path, monkeypatch):
+    """Two writers of one directory at once mixed one's manifest with the other's factors (both took the same
+    generation) or removed the other's unfinished score file at commit; the second is refused now, in
+    one line, and the first finishes as if alone.  The second writer runs *inside* the first (from its
+    training loader, from its factor write), so the overlap is certain; flock conflicts between two
+    descriptors of one process as between two processes."""
+    store = tmp_path / "store"
+    first = fitted.scores(pc.query_batches(), out=store).clone()
+    refusals = []
+
+    def loader_that_starts_another_run():
+        for b in pc.train_batches():
+            if not refusals:
+                with pytest.raises(persistence.DirectoryBusyError) as e:
+                    fitted.scores(pc.query_batches(), out=store)
+                refusals.append(str(e.value))
+            yield b
+
+    again = fitted.scores(pc.query_batches(), loader_that_starts_another_run(), out=store)
+    assert re.fullmatch(f"out {re.escape(str(store))}: another run is writing a score store there .*", refusals[0])
+    assert torch.equal(again, first) and torch.equal(HyperINF.load_scores(store), first)
+    assert not list(store.glob("*.partial"))
+
+    saved = tmp_path / "factors"
+    fitted.save(saved)
+    ref = HyperINF.load(saved, pc.tiny_model()).factors
+    real = persistence.state.save_tensors_atomic
+
+    def write_and_meanwhile_save(*args, **kwargs):
+        with pytest.raises(persistence.DirectoryBusyError,
+                           match=f"factors directory {re.escape(str(saved))}: another process is writing it"):
+            fitted.save(saved)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(persistence.state, "save_tensors_atomic", write_and_meanwhile_save)
+    fitted.save(saved)
+    monkeypatch.undo()
+    back = HyperINF.load(saved, pc.tiny_model()).factors
+    assert all(torch.equal(back[n].gfim_sum, ref[n].gfim_sum) for n in ref)
+    assert len(list(saved.glob("factors-*.safetensors"))) == 1
+
+    # the lock goes with the writer, also a failed one: the next run of this process is not refused
+    def dying():
+        yield pc.train_batches()[0]
+        raise RuntimeError("loader died")
+
+    with pytest.raises(RuntimeError, match="loader died"):
+        fitted.scores(pc.query_batches(), dying(), out=store)
+    assert torch.equal(fitted.scores(pc.query_batches(), out=store), first)
+    fd = persistence.hold_lock(store / persistence.WRITE_LOCK, "held")
+    assert fd is not None  # free again
+    try:
+        with pytest.raises(persistence.DirectoryBusyError, match="another run is writing"):
+            fitted.scores(pc.query_batches(), out=store)
+    finally:
+        os.close(fd)
+    assert torch.equal(HyperINF.load_scores(store), first)
 
 
 def test_os_errors_become_value_errors_naming_the_path(fitted, tmp_path, monkeypatch):
