@@ -218,6 +218,13 @@ def test_options_are_checked_before_the_query_gradients(setup, tmp_path):
     (tmp_path / "f").write_text("a file, not a score store")
     with pytest.raises(ValueError, match="out"):
         attr.scores(Untouchable(), out=tmp_path / "f")
+    # the streamed form checks at the call, not at the first next() (a generator would only then)
+    with pytest.raises(ValueError, match="normalize"):
+        attr.score_batches(Untouchable(), normalize="bogus")
+    with pytest.raises(ValueError, match="mix_queries"):
+        attr.score_batches(Untouchable(), mix_queries=-1.0)
+    with pytest.raises(RuntimeError, match="call fit"):
+        HyperINF(model, progress=False).score_batches(Untouchable())
 
 
 def test_a_diverged_inverse_is_an_error_not_nan_scores(setup, monkeypatch):
