@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -741,3 +742,36 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_pa
     del second  # an object that goes (an interrupted run) releases the lock too
     assert third.start() is True  # the same arguments: resumes the checkpoint the second run started
     third.release()
+
+
+def test_a_rerun_that_changes_only_scoring_settings_resumes_the_adapter_and_fit(tmp_path):
+    """The fit (always plain gradients: ``fit_attributor`` fits as tracin) and the fine-tune do not depend on
+    the method, damping, signal or selection settings, so a run that failed while scoring resumes with them
+    changed instead of fine-tuning again; a setting the fine-tune or the fit reads starts afresh."""
+    from hyperinf_ext.app.tasks.audit import AuditConfig
+    from hyperinf_ext.app.tasks.select_pool import SelectPoolConfig
+    from hyperinf_ext.app.tasks.user_run import RunCheckpoint
+
+    def starts(command, before, after):
+        out = tmp_path / f"{command}-{len(list(tmp_path.iterdir()))}"
+        out.mkdir()
+        first = RunCheckpoint(out, command, before, [])
+        assert first.start() is False
+        first.release()
+        second = RunCheckpoint(out, command, after, [])
+        kept = second.start()
+        second.release()
+        return kept
+
+    scoring = {"audit": dict(method="exact", damping="spectral:0.5", mix_queries=3.0, normalize="unit",
+                             score_signal="self", per_token=True, per_token_count=3),
+               "select": dict(method="kronecker", damping="datainf", mix_queries=1.0, normalize="query",
+                              fraction=0.3, count=None, rule="top", evaluate=True)}
+    fitting = dict(epochs=2, lr=1e-3, rank=4, max_length=32, seed=1, fit_batch_size=4, warmup_fraction=0.2)
+    for command, cls in (("audit", AuditConfig), ("select", SelectPoolConfig)):
+        assert set(scoring[command]) == set(cls.scoring_only)
+        for key, value in scoring[command].items():
+            assert starts(command, cls(), cls(**{key: value})) is True, key
+        for key, value in fitting.items():
+            if key in {f.name for f in dataclasses.fields(cls)}:
+                assert starts(command, cls(), cls(**{key: value})) is False, key

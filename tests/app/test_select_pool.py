@@ -277,3 +277,29 @@ def test_fraction_budget_rounds_halves_up_and_keeps_at_least_one():
 
     assert [keep(0.5, 5), keep(0.5, 7), keep(0.25, 10), keep(0.3, 10), keep(0.01, 10), keep(1.0, 9)] == [3, 4, 3, 3, 1, 9]
     assert SelectPoolConfig(pool="p.csv", target="t.csv", count=4).budget(10) == 4
+
+
+def test_auto_rule_takes_answers_given_once_for_free_form_text():
+    """A few stock replies plus many one-off answers were taken for labels (at most 50 distinct, at most half
+    the pool) and class-balanced then gave every one-off answer a class of one; over 5 % one-off answers is
+    free-form text now (drop-harmful), while a classifier and label-like answers keep class-balanced."""
+    from types import SimpleNamespace
+
+    from hyperinf_ext.app.tasks.select_pool import NO_LABEL_RULE, auto_rule
+
+    class Pool(list):
+        def __init__(self, answers):
+            super().__init__(answers)
+            self.labels, self.num_classes = list(answers), len(set(answers))
+
+    def rule(answers, causal=True):
+        return auto_rule(SimpleNamespace(train=Pool(answers), causal=causal))
+
+    stock = ["yes"] * 45 + ["no"] * 45
+    assert rule(stock + [f"a{i}" for i in range(4)])[0] == "class-balanced"  # 4 of 94 given once: ≤ 5 %
+    assert rule(stock + [f"a{i}" for i in range(5)])[0] == NO_LABEL_RULE  # 5 of 95: over
+    chosen, why = rule(stock + [f"a{i}" for i in range(10)])  # 10 of 100
+    assert chosen == NO_LABEL_RULE and "12 distinct answers of 100, 10 of them given once" in why
+    assert rule(stock + [f"a{i}" for i in range(10)], causal=False)[0] == "class-balanced"  # a classifier's classes
+    assert rule(["a", "b"] * 40 + ["c"] * 2)[0] == "class-balanced"
+    assert "are 12 distinct answers of 12, not labels" in rule([f"x{i}" for i in range(12)])[1]  # too many distinct

@@ -33,7 +33,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -88,6 +88,8 @@ REPORT_ROWS = 20
 class AuditConfig(UserConfig):
     """Settings of ``audit``."""
 
+    scoring_only: ClassVar[tuple[str, ...]] = (*UserConfig.scoring_only, "score_signal", "per_token",
+                                               "per_token_count")
     train: Path | None = None
     """The training file to audit (text/label for a classifier, prompt/response or messages for a causal LM);
     with ``index`` optional (the index's training file; when given it must be that file)."""

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -45,12 +46,15 @@ NO_LABEL_RULE = "drop-harmful"
 against random subsets in bench/SELECTION.md (top and drop-harmful beat random on 3 of 9 seed × fraction
 pairs each; drop-harmful's mean excess loss was the smaller, +0.057 vs +0.065)."""
 MAX_LABEL_RESPONSES = 50
+MAX_ONE_OFF_SHARE = 0.05
+"""A causal LM's responses are labels only when those given once cover at most this share of the pool."""
 
 
 @dataclass
 class SelectPoolConfig(UserConfig):
     """Settings of ``select``."""
 
+    scoring_only: ClassVar[tuple[str, ...]] = (*UserConfig.scoring_only, "fraction", "count", "rule", "evaluate")
     pool: Path | None = None
     fraction: float | None = None
     count: int | None = None
@@ -93,10 +97,18 @@ class SelectPoolConfig(UserConfig):
         return k
 
 
+def _one_off_answers(data: UserData) -> int:
+    """How many of the responses occur once in the pool."""
+    return sum(1 for c in Counter(data.train.labels).values() if c == 1)
+
+
 def has_labels(data: UserData) -> bool:
-    """A classifier's examples have labels; a causal LM's have them when its responses are a few answers."""
+    """A classifier's examples have labels; a causal LM's have them when its responses are a few answers,
+    each given more than once — free-form answers that repeat a few stock replies are not labels (their
+    one-off answers would each make a class of one, whose share of a selection rounds to nothing)."""
     n, distinct = len(data.train), data.train.num_classes
-    return not data.causal or distinct <= min(MAX_LABEL_RESPONSES, n // 2)
+    return not data.causal or (distinct <= min(MAX_LABEL_RESPONSES, n // 2)
+                               and _one_off_answers(data) <= MAX_ONE_OFF_SHARE * n)
 
 
 def auto_rule(data: UserData) -> tuple[str, str]:
@@ -104,8 +116,11 @@ def auto_rule(data: UserData) -> tuple[str, str]:
     if has_labels(data):
         return "class-balanced", ("the examples have labels: the most helpful of each class at the pool's class "
                                   "shares (the rule that beat random most reliably, bench/SELECTION.md)")
-    return NO_LABEL_RULE, (f"the responses are {data.train.num_classes} distinct answers of {len(data.train)}, not "
-                           "labels: drop-harmful, the best measured rule that needs no labels (bench/SELECTION.md)")
+    n, distinct, once = len(data.train), data.train.num_classes, _one_off_answers(data)
+    what = (f"{distinct} distinct answers of {n}" if distinct > min(MAX_LABEL_RESPONSES, n // 2)
+            else f"{distinct} distinct answers of {n}, {once} of them given once")
+    return NO_LABEL_RULE, (f"the responses are {what}, not labels: drop-harmful, the best measured rule that needs "
+                           "no labels (bench/SELECTION.md)")
 
 
 def warmup_indices(n: int, fraction: float, seed: int) -> list[int]:

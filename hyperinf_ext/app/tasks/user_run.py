@@ -9,8 +9,9 @@ Interrupt and resume (:class:`RunCheckpoint`): a run keeps ``OUT/.checkpoint/`` 
 command, its settings and the SHA-256 of its input files), ``adapter/`` (the LoRA it fine-tuned, saved once
 training ends) and ``fit/`` (the attributor's fit checkpoint, ``HyperINF.fit(checkpoint_dir=...)``, with the
 training gradients cached on disk).  A rerun with the same arguments loads the adapter instead of training
-again and resumes the fit after its last commit; other arguments or files start afresh.  A finished run
-removes the folder once its outputs are written.
+again and resumes the fit after its last commit, also when only scoring settings changed (the method, the
+damping, the signal, the selection rule and size: ``UserConfig.scoring_only``; the fit does not depend on
+them); other arguments or files start afresh.  A finished run removes the folder once its outputs are written.
 """
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ class UserConfig(PipelineConfig):
     """Settings the user commands share (``data``, ``n_train``, ``n_val``, ``flip_rate``, ``top_k`` unused)."""
 
     reads_own_file: ClassVar[bool] = True
+    scoring_only: ClassVar[tuple[str, ...]] = ("method", "damping", "mix_queries", "normalize")
+    """Settings used only after the fit (how the fitted curvature scores): a rerun that changes only these
+    resumes the interrupted run's adapter and fit (:class:`RunCheckpoint`)."""
 
     target: Path | None = None
     """Trusted examples whose mean loss the scores are about (same format as the training file)."""
@@ -185,7 +189,7 @@ class RunCheckpoint:
         self.root = Path(out) / self.NAME
         self.log, self._lock = log, None
         # what the fit and the adapter do not depend on: a rerun that changes only these resumes
-        skip = ("progress", "out", "checkpoint_every", "per_token", "per_token_count")
+        skip = ("progress", "out", "checkpoint_every", *cfg.scoring_only)
         settings = {k: v for k, v in cfg.settings().items() if k not in skip}
         inputs = [Path(p) for p in files if p is not None]
         if cfg.adapter is not None:
@@ -213,7 +217,7 @@ class RunCheckpoint:
                 self._lock = persistence.hold_lock(self.root.parent / self.LOCK, (
                     f"--out {self.root.parent}: in use by another audit or select run (its lock file {self.LOCK} "
                     "is held); wait for it to finish or choose another --out"))
-            except persistence.CheckpointBusyError as exc:
+            except persistence.DirectoryBusyError as exc:
                 raise ValueError(str(exc)) from None
         run = self.root / "run.json"
         if run.is_file():
