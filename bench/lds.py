@@ -95,8 +95,10 @@ Records (JSON lines): ``{"kind": "subset", "config", "subset": j, "val_loss": [Q
 subsets re-scores) and ``{"kind": "split", "config", "train_labels", "val_labels"}`` once per seed (the
 labels of the data split, for the same-label baseline).  bench/lds_report.py writes the Markdown and the
 plot from them.  Two processes must not append to one records file: to spread a run over both cores (the
-noise ceiling's retrains 1 and 2, say), give the second a copy (``--runs``) and fold it back with
-``python -m bench.records merge COPY bench/lds_llm_runs.jsonl`` once both have stopped (bench/records.py).
+noise ceiling's retrains 1 and 2, say, or a new seed's subsets with ``--lane 0/2`` and ``--lane 1/2``), give
+the second a copy (``--runs``) and fold it back with ``python -m bench.records merge COPY
+bench/lds_llm_runs.jsonl`` once both have stopped (bench/records.py); lanes leave the score sets to a run
+without ``--lane``.
 """
 from __future__ import annotations
 
@@ -245,15 +247,22 @@ def run(
     labels: Sequence[str],
     log: Callable[[str], None] = print,
     retrains: Sequence[int] = (0,),
+    lane: tuple[int, int] = (0, 1),
 ) -> None:
     """Measure the missing subset models of ``cfg`` (0..n_subsets−1, each for every retrain in
-    ``retrains``), then the missing score sets; first the split's labels when the experiment gives them."""
+    ``retrains``), then the missing score sets; first the split's labels when the experiment gives them.
+
+    ``lane=(k, n)``: only the subsets j with j mod n = k, and no score sets when n > 1 (a run without a lane
+    scores them once the lanes' records are merged): n processes on copies of the records share a seed."""
+    k, n_lanes = lane
+    if not (n_lanes >= 1 and 0 <= k < n_lanes):
+        raise ValueError(f"lane: expected k/n with 0 <= k < n, got {k}/{n_lanes}")
     key = json.loads(cfg.key())
     mine = [r for r in load_records(runs) if r["config"] == key]
     write_split(exp, key, runs, mine)
     have = {(r["subset"], _retrain_of(r)) for r in mine if r["kind"] == "subset"}
     # subset-major: an interrupted run leaves every retrain of its leading subsets, all the ceiling needs
-    for j in range(n_subsets):
+    for j in range(k, n_subsets, n_lanes):
         for t in retrains:
             if (j, t) in have:
                 continue
@@ -270,6 +279,8 @@ def run(
             append_record(runs, rec)
             log(f"[lds] seed {cfg.seed} subset {j + 1}/{n_subsets}" + (f" retrain {t}" if t else "")
                 + f": val acc {rec['val_accuracy']:.3f}, mean loss {np.mean(rec['val_loss']):.4f} ({rec['seconds']:.0f} s)")
+    if n_lanes > 1:
+        return
     scored = {r["label"] for r in mine if r["kind"] == "scores" and r["n_subsets"] >= n_subsets}
     todo = [l for l in labels if l not in scored]
     if not todo:
@@ -599,6 +610,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retrain-seeds", default="0",
                    help="comma list of retrains r of every subset model (default 0: the models of today; e.g. "
                         "0,1,2 for the noise ceiling; r > 0 reseeds the shuffle and dropout, not the initial adapter)")
+    p.add_argument("--lane", default="0/1",
+                   help="K/N: measure only the subsets j with j mod N = K and no score sets (N > 1), on a copy of "
+                        "the records (--runs) merged back with bench.records; e.g. 0/2 and 1/2 on two cores")
     p.add_argument("--split-only", action="store_true",
                    help="only record each seed's split labels (for the same-label baseline; no training)")
     args = p.parse_args(argv)
@@ -619,6 +633,12 @@ def main(argv: list[str] | None = None) -> int:
     retrains = sorted({int(t) for t in args.retrain_seeds.split(",") if t.strip()})
     if not retrains or min(retrains) < 0:
         p.error("--retrain-seeds: a comma list of integers >= 0")
+    try:
+        lane = tuple(int(x) for x in args.lane.split("/"))
+        if len(lane) != 2 or not 0 <= lane[0] < lane[1]:
+            raise ValueError
+    except ValueError:
+        p.error(f"--lane: expected K/N with 0 <= K < N, got {args.lane!r}")
     configs = [replace(base, seed=s) for s in seeds]
     if args.split_only and not args.report_only:
         for cfg in configs:
@@ -634,7 +654,8 @@ def main(argv: list[str] | None = None) -> int:
         for cfg in configs:
             print(f"[lds] {cfg}", flush=True)
             exp = PipelineExperiment(cfg, progress=args.progress, ekfac=not args.no_ekfac, bergson=not args.no_bergson)
-            run(exp, cfg, args.runs, args.subsets, labels, log=lambda s: print(s, flush=True), retrains=retrains)
+            run(exp, cfg, args.runs, args.subsets, labels, log=lambda s: print(s, flush=True), retrains=retrains,
+                lane=lane)
     from bench.lds_report import write_report
 
     command = "python -m bench.lds" + (" --model smollm2" if llm else "") + (" --smoke" if args.smoke else "")

@@ -127,6 +127,32 @@ def test_retrain_records_are_written_resumed_and_kept_apart(tmp_path):
     assert again.calls == 6 and sum(r.get("retrain") == 1 for r in load_records(plain)) == 6
 
 
+def test_lanes_on_copies_merged_give_the_records_of_one_run(tmp_path):
+    """Two lanes (subsets j mod 2) on copies of the records, merged, then a run without a lane for the score
+    sets: the same records as one process, and no model is measured twice."""
+    from bench.records import merge
+
+    whole = tmp_path / "whole.jsonl"
+    run(NoisyLinearExperiment(noise=0.3), CFG, whole, 5, LABELS, retrains=(0, 1), **QUIET)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    lanes = [NoisyLinearExperiment(noise=0.3), NoisyLinearExperiment(noise=0.3)]
+    run(lanes[0], CFG, a, 5, LABELS, retrains=(0, 1), lane=(0, 2), **QUIET)
+    run(lanes[1], CFG, b, 5, LABELS, retrains=(0, 1), lane=(1, 2), **QUIET)
+    assert [l.calls for l in lanes] == [6, 4]  # subsets 0, 2, 4 and 1, 3, each twice
+    assert not any(r["kind"] == "scores" for r in load_records(a) + load_records(b))
+    merge(b, a)
+    last = NoisyLinearExperiment(noise=0.3)
+    run(last, CFG, a, 5, LABELS, retrains=(0, 1), **QUIET)
+    assert last.calls == 0
+
+    def key(r):
+        return json.dumps(r, sort_keys=True)
+
+    assert sorted(map(key, _strip(load_records(a)))) == sorted(map(key, _strip(load_records(whole))))
+    with pytest.raises(ValueError, match="lane: expected k/n"):
+        run(last, CFG, a, 5, LABELS, lane=(2, 2), **QUIET)
+
+
 def test_noise_ceiling_is_one_for_identical_retrains_and_lower_with_noise(tmp_path):
     same, noisy = tmp_path / "same.jsonl", tmp_path / "noisy.jsonl"
     run(NoisyLinearExperiment(noise=0.0), CFG, same, 16, LABELS, retrains=(0, 1, 2), **QUIET)
