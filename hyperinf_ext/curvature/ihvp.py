@@ -168,7 +168,12 @@ class GradientIHVP:
 
                 q1 = q3.to(ops.compute_dtype(q3.dtype)).reshape(1, -1, f.dim)
                 pre = unscaled_rows(lambda W: solve(W).reshape(W.shape), q1, _pow2(2 * k))
-            out[name] = pre.to(q.dtype).reshape(q.shape)
+            pre = pre.to(q.dtype)
+            if not bool(torch.isfinite(pre).all()):  # a float16/bfloat16 query's answer can overflow its dtype
+                raise ValueError(f"{where}: the preconditioned gradient is not finite in {q.dtype} (max |value| "
+                                 f"{float(pre.abs().max() if pre.numel() else 0):.3g} after the cast from the solve's "
+                                 "dtype); pass float32 gradients, or more damping")
+            out[name] = pre.reshape(q.shape)
         return out
 
 

@@ -228,10 +228,9 @@ def schulz_inverse(
     check_tensor("A", A, tuple(range(2, 10)))
     d = check_square("A", A)
     check_finite("A", A)
-    if tol is not None and (
-        isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol))
-    ):
-        raise ValueError(f"tol: expected a positive finite number, got {tol!r}")
+    if tol is not None and (isinstance(tol, bool) or not (isinstance(tol, (int, float)) and 0 < tol < 1)):
+        # ‖I − A·X‖ ≥ 1 is met by X = 0: such a tol would call anything converged
+        raise ValueError(f"tol: expected a number in (0, 1), got {tol!r}")
     if max_iter is not None and (not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 0):
         raise ValueError(f"max_iter: expected a non-negative int, got {max_iter!r}")
     if callback is not None:

@@ -30,12 +30,11 @@ from .direct import (
     inverse_residual_f64,
     rows_out_of_range,
     rows_residual,
-    symmetrise,
     unscaled_rows,
     verified_cholesky_inverse,
 )
 from .krylov import cg
-from .schulz import scaled_schulz
+from .schulz import scaled_schulz, symmetric_schulz
 
 SOLVER_CHOICES = (cost.AUTO,) + cost.SOLVERS
 INVERSE_SOLVERS = (cost.AUTO, "schulz", "cholesky")  # those that leave an inverse or a factor to reuse
@@ -178,11 +177,13 @@ def _spd_inverse(
     tol: float | None = None,
     polish: bool = True,
 ) -> tuple[torch.Tensor, SolveInfo]:
-    """Damp G, invert, symmetrise: X = (G + λI)⁻¹ [..., d, d] (compute dtype) and its SolveInfo.
+    """Damp G, invert: X = (G + λI)⁻¹ [..., d, d] (compute dtype) and its SolveInfo.
 
     solver: "auto" (cost model, an explicit inverse), "schulz" (scaled, λ as lower bound; float64 with
     float32 phase + polish when ``polish``) or "cholesky".  Raises ConvergenceError when not verified.
-    X is exactly symmetric (X == Xᵀ) and row-major.
+    X is row-major and exactly symmetric, except a Schulz inverse whose symmetric form would break tol
+    (:func:`schulz.symmetric_schulz`, near the dtype's conditioning limit): that one is returned as
+    iterated, for rows V·X (or Xᵀ·W for columns) — what its residual bounds.
 
     Cholesky runs in one buffer (:func:`direct.verified_cholesky_inverse`: damping, factor and inverse
     in place, a probe residual that is also the finiteness check).  When "auto" picked Cholesky and
@@ -239,16 +240,17 @@ def _short(msg: str) -> str:
 def _schulz_inverse(A: torch.Tensor, lam: torch.Tensor, choice: cost.Choice, asked: float | None,
                     backend: str | None, polish: bool) -> tuple[torch.Tensor, SolveInfo]:
     # Schulz gets the caller's tol (None: ops' default, which in float32 runs to the rounding floor)
-    X, sinfo = scaled_schulz(A, lower=_lower(lam), tol=asked, backend=backend, polish=polish)
+    X, sinfo = symmetric_schulz(A, lower=_lower(lam), tol=asked, backend=backend, polish=polish)
     info = SolveInfo("schulz", sinfo.residual, sinfo.tol, choice.reason, sinfo.backend, sinfo.iterations,
-                     {"warm_start": sinfo.extra.get("warm_start", False)})
-    return symmetrise(X), info
+                     {"warm_start": sinfo.extra.get("warm_start", False), "symmetric": sinfo.extra["symmetric"]})
+    return X, info
 
 
 class Factorization:
     """(G + λI) factored once: ``solve_rows(V [B, k, d]) -> V·(G + λI)⁻¹`` for B = the batch of matrices.
 
-    Schulz keeps the (symmetrised) inverse; Cholesky keeps the factor.  ``info`` is verified.
+    Schulz keeps its inverse (symmetric where that stays within tol, :func:`schulz.symmetric_schulz`);
+    Cholesky keeps the factor.  ``info`` is verified.
     """
 
     def __init__(self, G: torch.Tensor, damping, *, solver: str = cost.AUTO, backend: str | None = None,
@@ -275,10 +277,11 @@ class Factorization:
         self.dtype = A.dtype
         A3 = A.reshape(-1, *A.shape[-2:])
         if choice.solver == "schulz":
-            X, sinfo = scaled_schulz(A, lower=_lower(lam), tol=asked, backend=backend, polish=False)
-            X3 = symmetrise(X).reshape(A3.shape)
+            X, sinfo = symmetric_schulz(A, lower=_lower(lam), tol=asked, backend=backend, polish=False)
+            X3 = X.reshape(A3.shape)
             self._solve: Callable[[torch.Tensor], torch.Tensor] = lambda V: torch.matmul(V, X3)
-            self.info = SolveInfo("schulz", sinfo.residual, sinfo.tol, choice.reason, sinfo.backend, sinfo.iterations)
+            self.info = SolveInfo("schulz", sinfo.residual, sinfo.tol, choice.reason, sinfo.backend, sinfo.iterations,
+                                  {"symmetric": sinfo.extra["symmetric"]})
         else:
             ops.check_symmetric("G", A3)
             try:

@@ -65,12 +65,17 @@ def test_declarations_and_zero_damping():
     assert cls.needs_train_pass and cls.damping_default == ("datainf", 1.0)
     g = torch.zeros(4, 2, 3, dtype=torch.float64)
     g[:, 0, 0] = 1.0  # rank row 1 never moves: zero corrected eigenvalues
-    f = fitted(g, 0.0)
-    f["l"].damping = 0.0
-    m = make_method("eigen")
-    m.prepare(f)
-    with pytest.raises(ValueError, match="damping: layer 'l' has a zero corrected eigenvalue"):
-        m.precondition({"l": g[:1]}, f, batches(g, 4))
+    # n < d: G's null space gives corrected eigenvalues of rounding size (1e-31), not 0; dividing by them
+    # answered 1e30-sized queries — refused as zero to within float64 now
+    few = torch.randn(3, 2, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for grads in (g, few):
+        f = fitted(grads, 0.0)
+        f["l"].damping = 0.0
+        m = make_method("eigen")
+        m.prepare(f)
+        with pytest.raises(ValueError, match="damping: layer 'l' has a corrected eigenvalue that is zero to "
+                                             "within the gradients' precision"):
+            m.precondition({"l": grads[:1]}, f, batches(grads, 2))
     m2 = make_method("eigen")
     m2.prepare(f)
     with pytest.raises(ValueError, match="eigen: the training gradients are empty"):

@@ -138,3 +138,15 @@ def test_public_make_ihvp_dispatches_on_the_first_argument():
         hx.make_ihvp(G)
     with pytest.raises(ValueError, match="shapes/damping_scale: only with gradient dicts"):
         hx.make_ihvp(G, damping=0.1, shapes={"x": (1, 3)})
+
+
+def test_a_half_precision_answer_that_overflows_is_an_error_not_inf():
+    """The solve runs in float32; its answer cast back to a float16 query's dtype can overflow (the matrix
+    front door raised, the gradient-dict one returned ±inf): n < d and a tiny damping make |q̃| ~ 1e5 > 65504."""
+    gen = torch.Generator().manual_seed(0)
+    train = {"l": (1e-2 * torch.randn(4, 1, 16, generator=gen, dtype=F64)).to(torch.float16)}
+    q = (1e-2 * torch.randn(2, 1, 16, generator=gen, dtype=F64)).to(torch.float16)  # off the 4-dim span
+    ihvp = make_gradient_ihvp(train, damping=1.5e-7)
+    with pytest.raises(ValueError, match=r"'l'.*not finite in torch.float16 .*pass float32 gradients"):
+        ihvp({"l": q})
+    assert torch.isfinite(make_gradient_ihvp(train, damping=1e-2)({"l": q})["l"]).all()  # in range: answered

@@ -40,18 +40,23 @@ class EigenCorrected(Method):
 
     def _correct(self, factors, train_batches) -> dict[str, torch.Tensor]:
         acc = {n: torch.zeros(f.rank, f.dim, dtype=torch.float64) for n, f in factors.items()}
-        count = 0
+        count, eps = 0, 0.0
         for grads in train_batches():
             for n, U in self.basis.items():
                 p = torch.matmul(grads[n].to(torch.float64), U.to(grads[n].device))  # [B, r, d]
                 acc[n] += p.square().sum(0).cpu()
+                eps = max(eps, torch.finfo(grads[n].dtype).eps if grads[n].is_floating_point() else 0.0)
             count += next(iter(grads.values())).shape[0]
         if count == 0:
             raise ValueError("eigen: the training gradients are empty")
         out = {n: a / count for n, a in acc.items()}
         for n, lam in out.items():
-            if not factors[n].damping > 0 and not bool((lam > 0).all()):
-                raise ValueError(f"damping: layer {n!r} has a zero corrected eigenvalue and λ = 0 (nothing to "
+            # along G's null space Λ is the rounding of the gradients' projections, not 0: dividing by it gives
+            # 1e30-sized answers, so "zero" is relative to the gradients' precision (as singular to within it)
+            floor = float(lam.max()) * eps * factors[n].dim if lam.numel() else 0.0
+            if not factors[n].damping > 0 and not bool((lam > floor).all()):
+                raise ValueError(f"damping: layer {n!r} has a corrected eigenvalue that is zero to within the "
+                                 f"gradients' precision ({float(lam.min()):.3g} ≤ {floor:.3g}) and λ = 0 (nothing to "
                                  "divide by); use a positive damping")
         return out
 

@@ -40,5 +40,6 @@ class Kronecker(Method):
         out = {}
         for n, v in q.items():
             v = v.to(self.right[n].dtype)
-            out[n] = torch.matmul(torch.matmul(self.left[n], v), self.right[n])
+            # a Schulz inverse's residual bounds rows V·X; the rank-side one acts on columns: as Xᵀ·V
+            out[n] = torch.matmul(torch.matmul(self.left[n].mT, v), self.right[n])
         return out
