@@ -103,11 +103,13 @@ def _pair_list(pairs: Any) -> list[tuple[int, int]] | None:
 
 
 def _targets(labels: Tensor, mask: Tensor | None) -> Tensor:
-    """[B, L] bool: the positions whose label the causal-LM loss predicts (shifted, attended)."""
+    """[B, L] bool: the positions whose label the causal-LM loss predicts (shifted; predicted from an
+    attended position, and attended itself: a pad left in the labels is no target, as in ``causal_lm_loss``)."""
     tgt = torch.zeros_like(labels, dtype=torch.bool)
     tgt[:, 1:] = labels[:, 1:] != -100
     if mask is not None:
-        tgt[:, 1:] &= mask[:, :-1].to(labels.device) != 0
+        m = mask.to(labels.device) != 0
+        tgt[:, 1:] &= m[:, :-1] & m[:, 1:]
     return tgt
 
 
