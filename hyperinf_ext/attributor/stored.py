@@ -34,6 +34,11 @@ class StoredStateIO:
             return adapter_fingerprint((f"{l.name}.{i}", full_values(p)) for l in self.layers
                                        for i, p in enumerate(l.parameters))
 
+    def _lora_scalings(self) -> dict[str, float]:
+        """The LoRA scaling of every attributed LoRA matrix (heads have none): recorded with the factors, as
+        the gradients scale with it and the adapter fingerprint hashes only the weights."""
+        return {l.name: l.scaling for l in self.layers if l.scaling is not None}
+
     def _base_digest(self) -> str:
         """Fingerprint of the model's weights other than the adapter's (``base_fingerprint``; a collective
         under FSDP2, like ``_adapter_digest``)."""
@@ -66,7 +71,8 @@ class StoredStateIO:
         return write_state(directory, factors=self.factors, config=dataclasses.asdict(self.config),
                            n_train=self.n_train, batches_done=self.batches_done, complete=True, method_state=state,
                            adapter_digest=digests[0] if digests else self._adapter_digest(),
-                           base_digest=digests[1] if digests else self._base_digest())
+                           base_digest=digests[1] if digests else self._base_digest(),
+                           lora_scaling=self._lora_scalings())
 
     @classmethod
     def _read_saved(cls, directory: str | Path, model: torch.nn.Module, *, loss_fn=None, progress: bool = True,
@@ -82,7 +88,8 @@ class StoredStateIO:
             raise ValueError(f"{stored.directory / META}: invalid 'config': {e}") from None
         attr = cls(model, loss_fn=loss_fn, progress=progress, config=config)
         check_layers(stored, attr._layer_shapes())  # another shape says more than another fingerprint
-        check_adapter(stored, attr._adapter_digest(), attr._base_digest(), allow_other=allow_other_weights)
+        check_adapter(stored, attr._adapter_digest(), attr._base_digest(), allow_other=allow_other_weights,
+                      scaling=attr._lora_scalings())
         attr._apply_state(stored)
         attr._prepare_from_stored(stored.method_state)
         return attr

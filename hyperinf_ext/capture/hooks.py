@@ -31,6 +31,12 @@ _SILENT_ZEROS = (
 )
 
 
+def _rows_key(batch: Mapping[str, Any]) -> str | None:
+    """The batch entry that gives its number of examples (rows): ``input_ids``, ``inputs_embeds`` or ``labels``."""
+    return next((k for k in ("input_ids", "inputs_embeds", "labels")
+                 if isinstance(batch.get(k), Tensor) and batch[k].dim() >= 1), None)
+
+
 class _LayerCapture:
     """Hook state of one layer during one ``compute`` call."""
 
@@ -158,6 +164,19 @@ class PerSampleGradients:
                 )
             self._live.setdefault(id(p), p)
 
+    def _check_adapter_state(self) -> None:
+        """Refuse when the adapter the layers were found on no longer runs (another adapter set active,
+        merged, disabled): the hooks watch its LoRA matrices, so every gradient would silently be zero."""
+        problems = [(layer.name, why) for layer in self.layers if (why := layer.adapter_problem()) is not None]
+        if problems:
+            name, why = problems[0]
+            more = f" (and {len(problems) - 1} more layers)" if len(problems) > 1 else ""
+            raise RuntimeError(
+                f"{name}{more}: {why}. The captured LoRA matrices no longer run in the forward, so every per-sample "
+                "gradient (and score) would silently be zero. Restore the adapter state (model.set_adapter, "
+                "model.unmerge_adapter, leave disable_adapter()) or build a new attributor for the model as it is now"
+            )
+
     def __enter__(self) -> "PerSampleGradients":
         if self._handles:
             raise RuntimeError("PerSampleGradients is already active")
@@ -213,12 +232,19 @@ class PerSampleGradients:
             ``{layer.name: Tensor[n, layer.rank, layer.dim]}``, detached, in
             ``dtype`` (default: the layer's weight dtype). A layer the loss does
             not depend on gets zeros.
+
+        Raises:
+            RuntimeError: the adapter the layers were found on no longer runs (another adapter set active,
+                merged, adapters disabled since): its gradients would silently be zero.
+            ValueError: ``loss_fn`` returned other than ``[B]`` losses, B the rows of ``input_ids``
+                (``inputs_embeds``, ``labels``).
         """
         if not self._handles:
             raise RuntimeError("PerSampleGradients.compute must be called inside its `with` block")
         if self._phase is not None:
             raise RuntimeError("PerSampleGradients.compute is not re-entrant")
         loss_fn = loss_fn or default_loss_fn
+        self._check_adapter_state()
         batch = self._move(batch)
         params = [p for layer in self.layers for p in layer.parameters]
         modes = [(m, m.training) for m in self.model.modules()]
@@ -251,6 +277,13 @@ class PerSampleGradients:
                 if not isinstance(losses, Tensor) or losses.dim() != 1:
                     shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
                     raise ValueError(f"loss_fn must return per-example losses of shape [n], got {shape}")
+                key = _rows_key(batch)
+                if key is not None and losses.shape[0] != batch[key].shape[0]:
+                    rows = batch[key].shape[0]
+                    raise ValueError(
+                        f"loss_fn must return one loss per example, shape [B] = [{rows}] for this batch ({rows} rows "
+                        f"of {key}), got {list(losses.shape)}: a batch mean (e.g. a transformers model's .loss "
+                        "reshaped to [1]) is not per-example losses")
                 if not losses.requires_grad:
                     raise RuntimeError("losses do not depend on any captured layer (no gradient)")
                 # Only the captured parameters are differentiated, and their

@@ -57,6 +57,9 @@ class GradientLayer:
         host: the module the hooks are installed on when it is not ``module`` (the ``lora.Embedding`` layer).
         fsdp: the model has modules wrapped by FSDP2 ``fully_shard``, so every forward is a collective of
             all ranks (and the layer's weights are DTensor shards between forwards when it lies in one).
+        owner: the PEFT ``LoraLayer`` (or ``modules_to_save`` wrapper) the matrix belongs to, and ``adapter``
+            the adapter that was active there when the layer was found: :meth:`adapter_problem` tells whether
+            that adapter still runs, :attr:`scaling` is its LoRA scaling.
     """
 
     name: str
@@ -66,6 +69,38 @@ class GradientLayer:
     module: Any = field(compare=False, repr=False)
     host: nn.Module | None = field(default=None, compare=False, repr=False)
     fsdp: bool = field(default=False, compare=False)
+    owner: nn.Module | None = field(default=None, compare=False, repr=False)
+    adapter: str | None = field(default=None, compare=False)
+
+    @property
+    def scaling(self) -> float | None:
+        """The LoRA scaling (``lora_alpha / r``, ``/ √r`` with rsLoRA) applied to this matrix; None for a head."""
+        table = getattr(self.owner, "scaling", None) if self.kind != "head" else None
+        value = table.get(self.adapter) if isinstance(table, dict) else None
+        return None if value is None else float(value)
+
+    def adapter_problem(self) -> str | None:
+        """Why the adapter this layer was found on no longer runs in the forward (set_adapter to another
+        one, merged, adapters disabled), or None while it still does (or the layer has no recorded owner)."""
+        owner, adapter = self.owner, self.adapter
+        if owner is None or adapter is None:
+            return None
+        since = "since the gradient layers were found (HyperINF(model) / find_gradient_layers)"
+        if getattr(owner, "disable_adapters", False):
+            return (f"the adapters were disabled (model.disable_adapter() / disable_adapter_layers()) {since}, "
+                    f"so adapter {adapter!r} no longer runs")
+        active = _active_adapters(owner)
+        if self.kind == "head":
+            copies = getattr(owner, "modules_to_save", {})
+            running = [active[0]] if active and all(a in copies for a in active) else []
+        else:
+            owned = {a for d in ("lora_A", "lora_embedding_A") for a in getattr(owner, d, {})}
+            running = [a for a in active if a in owned]
+        if running != [adapter]:
+            return f"the active adapter changed from {adapter!r} to {', '.join(map(repr, active)) or 'none'} {since}"
+        if self.kind != "head" and adapter in getattr(owner, "merged_adapters", []):
+            return f"adapter {adapter!r} was merged into the base weights (merge_adapter) {since}"
+        return None
 
     @property
     def transposed(self) -> bool:
@@ -222,9 +257,9 @@ def _lora_layers(path: str, module: nn.Module) -> list[GradientLayer]:
     adapter = adapters[0]
     if adapter in getattr(module, "merged_adapters", []):
         raise ValueError(f"{path}: adapter {adapter!r} is merged into the base weights; unmerge it first")
-    if adapter in getattr(module, "lora_embedding_A", {}):
-        return _embedding_lora(path, module, adapter)
-    return _linear_lora(path, module, adapter)
+    kind = _embedding_lora if adapter in getattr(module, "lora_embedding_A", {}) else _linear_lora
+    found = kind(path, module, adapter)
+    return [replace(g, owner=module, adapter=adapter) for g in found]
 
 
 def _head_layers(path: str, wrapper: nn.Module) -> tuple[list[GradientLayer], list[Skipped]]:
@@ -239,7 +274,8 @@ def _head_layers(path: str, wrapper: nn.Module) -> tuple[list[GradientLayer], li
     out, linear_params = [], set()
     for sub, lin in copy.named_modules():
         if type(lin) is nn.Linear:
-            out.append(_linear_layer(f"{path}.{sub}.head" if sub else f"{path}.head", "head", lin))
+            out.append(replace(_linear_layer(f"{path}.{sub}.head" if sub else f"{path}.head", "head", lin),
+                               owner=wrapper, adapter=active[0]))
             linear_params.update(id(p) for p in lin.parameters())
     rest = [(n, p) for n, p in copy.named_parameters() if id(p) not in linear_params]
     skipped = []

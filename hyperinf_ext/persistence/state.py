@@ -146,11 +146,14 @@ def check_layers(stored: StoredState, layers: Sequence[tuple[str, int, int]]) ->
 
 
 def check_adapter(stored: StoredState, digest: str, base_digest: str | None = None, *,
-                  allow_other: bool = False) -> None:
+                  allow_other: bool = False, scaling: Mapping[str, float] | None = None) -> None:
     """``ValueError`` naming both fingerprints when ``stored`` was fitted on other adapter weights than
     those of ``digest``, or — where it records one — on another base than ``base_digest`` (the
     ``base_fingerprint`` of the model's other weights), unless ``allow_other``; a warning when ``stored``
-    predates fingerprints (saves that predate the base fingerprint are checked on the adapter alone)."""
+    predates fingerprints (saves that predate the base fingerprint are checked on the adapter alone).
+    ``scaling``: the model's LoRA scaling per attributed layer, checked against the ``lora_scaling`` the
+    save records (same weights with another ``lora_alpha`` or ``use_rslora`` give other gradients; the
+    fingerprints hash weights only); saves without it are not checked."""
     saved = stored.meta.get("adapter_sha256")
     if saved is None:
         warnings.warn(f"{stored.directory}: the saved factors carry no adapter fingerprint (saved by an older "
@@ -169,6 +172,28 @@ def check_adapter(stored: StoredState, digest: str, base_digest: str | None = No
             "gradients, and so the scores, would differ.  Load the model they were fitted with, fit again, or "
             "pass allow_other_weights=True if you mean to use them anyway"
         )
+    _check_scaling(stored, scaling, allow_other)
+
+
+def _check_scaling(stored: StoredState, scaling: Mapping[str, float] | None, allow_other: bool) -> None:
+    saved = stored.meta.get("lora_scaling")
+    if saved is None or scaling is None:
+        return
+    where = f"{stored.directory / META}: 'lora_scaling'"
+    if not isinstance(saved, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                              for v in saved.values()):
+        raise ValueError(f"{where} must be an object of layer name → number, got {saved!r:.200}")
+    if allow_other:
+        return
+    for name, now in scaling.items():
+        was = saved.get(name)
+        if was is not None and not math.isclose(was, now, rel_tol=1e-12):
+            raise ValueError(
+                f"{stored.directory}: layer {name!r} was fitted with LoRA scaling {was!r}, but the model's is {now!r} "
+                "(lora_alpha / r, or lora_alpha / √r with use_rslora): the same weights with another scaling give "
+                "other gradients, so the scores would be off.  Load the adapter with the LoRA configuration it was "
+                "fitted with, fit again, or pass allow_other_weights=True if you mean to use them anyway"
+            )
 
 
 def stored_factors(stored: StoredState, dtype: torch.dtype) -> dict[str, LayerFactor]:
@@ -205,6 +230,7 @@ def write_state(
     adapter_digest: str | None = None,
     base_digest: str | None = None,
     kind: str = kinds.FACTORS,
+    lora_scaling: Mapping[str, float] | None = None,
 ) -> Path:
     """Commit ``factors`` (and ``method_state``, per-layer [d, d]) with the attributor's ``config`` (a
     dict of plain values) and counts to ``directory`` atomically.
@@ -212,7 +238,8 @@ def write_state(
     The factors go to a new ``factors-<generation>.safetensors``; replacing meta.json is the commit;
     files of older generations are removed afterwards.  ``adapter_digest`` (``adapter_fingerprint`` of
     the weights the factors were fitted on) is stored as ``adapter_sha256`` and ``base_digest``
-    (``base_fingerprint`` of the rest of the model) as ``base_sha256``, both for ``check_adapter``.  The
+    (``base_fingerprint`` of the rest of the model) as ``base_sha256``, both for ``check_adapter`` (as is
+    ``lora_scaling``, the LoRA scaling per attributed layer, when given).  The
     directory's write lock is held throughout (``files.writing``).
     ``kind`` (``kinds.FACTORS`` or ``kinds.CHECKPOINT``) goes into meta.json; a directory holding
     another kind is refused before anything is written.
@@ -248,6 +275,7 @@ def write_state(
             "model": model_digest,
             "adapter_sha256": adapter_digest,
             "base_sha256": base_digest,
+            **({"lora_scaling": dict(lora_scaling)} if lora_scaling is not None else {}),
             "layers": [
                 {"name": f.name, "rank": f.rank, "dim": f.dim, "count": f.count, "damping": f.damping}
                 for f in factors.values()
