@@ -288,20 +288,15 @@ class Scoring(ScoreOptions):
         s = self._stream(qt, train_loader, None, None, all_ranks)
         return None if s is None else s[0]
 
-    def score_batches(
-        self, query_loader: Iterable | QueryGradients, train_loader: Iterable | None = None, *,
-        mix_queries: float = 0.0, normalize: bool | str = False,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def score_batches(self, query_loader: Iterable | QueryGradients, train_loader: Iterable | None = None, *,
+                      mix_queries: float = 0.0, normalize: bool | str = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``scores`` streamed by training batch: yields (train index [B] int64, scores [Q, B] in the factor
         dtype), rows in query-index order, so a caller can reduce them (e.g. top-k) in O(Q·B) memory.
-        ``mix_queries``/``normalize`` as in ``scores``; they, and that the attributor is fitted, are checked
-        at the call (the query gradients are computed at the first ``next``)."""
+        ``mix_queries``/``normalize`` as in ``scores``, checked at the call (the gradients at the first next)."""
         self._require_fit()
-        weight, mode = self._score_options(mix_queries, normalize)
-        return self._score_stream(query_loader, train_loader, weight, mode)
+        return self._score_stream(query_loader, train_loader, *self._score_options(mix_queries, normalize))
 
-    def _score_stream(self, query_loader: Iterable | QueryGradients, train_loader: Iterable | None, weight: float,
-                      mode: str | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _score_stream(self, query_loader, train_loader, weight: float, mode: str | None) -> Iterator:
         queries = self.query_gradients(query_loader)
         qidx = queries.index
         if qidx.numel() and (int(qidx.max()) >= qidx.numel()):
