@@ -37,6 +37,22 @@ def _rows_key(batch: Mapping[str, Any]) -> str | None:
                  if isinstance(batch.get(k), Tensor) and batch[k].dim() >= 1), None)
 
 
+_IMAGE_SIDE = ("vision", "visual", "multi_modal_projector", "mm_projector", "connector")
+"""Parts of a layer name that place it on a vision-language model's image side (rows = images)."""
+
+
+def _image_token_id(model: nn.Module) -> int | None:
+    """The image placeholder token of a vision-language model's config (``image_token_id``, LLaVA's
+    ``image_token_index``), looked up through a PEFT wrapper; None when it has none."""
+    for m in (model, getattr(model, "get_base_model", lambda: None)()):
+        cfg = getattr(m, "config", None)
+        for key in ("image_token_id", "image_token_index"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int):
+                return value
+    return None
+
+
 class _LayerCapture:
     """Hook state of one layer during one ``compute`` call."""
 
@@ -146,6 +162,10 @@ class PerSampleGradients:
         self._captures: list[_LayerCapture] = []
         self._phase: str | None = None
         self._live: dict[int, Tensor] = {}  # id -> the weights the forward used (see _note_live)
+        # a vision tower's or projector's rows are images: with several examples per batch they line up with
+        # the examples only when every example has one image (see _check_image_rows)
+        self._image_rows = [layer.name for layer in layers if any(part in layer.name for part in _IMAGE_SIDE)]
+        self._image_token = _image_token_id(model) if self._image_rows else None
 
     def _note_live(self, layer: GradientLayer) -> None:
         """Keep the weights ``layer``'s forward is using right now: what ``compute`` differentiates.
@@ -163,6 +183,21 @@ class PerSampleGradients:
                     "a model with plain parameters is supported"
                 )
             self._live.setdefault(id(p), p)
+
+    def _check_image_rows(self, batch: Mapping[str, Any]) -> None:
+        """Refuse a batch of several examples with image inputs whose examples hold different numbers of image
+        tokens (one with two images beside a text-only one): the image-side layers see one row per image, and
+        when the rows happen to number the examples the shape check cannot tell that they belong to others."""
+        ids = batch.get("input_ids")
+        if (self._image_token is None or batch.get("pixel_values") is None or not isinstance(ids, Tensor)
+                or ids.dim() != 2 or ids.shape[0] < 2):
+            return
+        counts = (ids == self._image_token).sum(1).tolist()
+        if min(counts) == 0 or len(set(counts)) > 1:
+            raise RuntimeError(
+                f"{self._image_rows[0]}: the examples of this batch hold {counts} image tokens; the vision tower and "
+                "projector see one row per image, so their per-example gradients need batches whose examples have "
+                "one image each (as many image tokens), or batches of one example")
 
     def _check_adapter_state(self) -> None:
         """Refuse when the adapter the layers were found on no longer runs (another adapter set active,
@@ -245,6 +280,7 @@ class PerSampleGradients:
             raise RuntimeError("PerSampleGradients.compute is not re-entrant")
         loss_fn = loss_fn or default_loss_fn
         self._check_adapter_state()
+        self._check_image_rows(batch)
         batch = self._move(batch)
         params = [p for layer in self.layers for p in layer.parameters]
         modes = [(m, m.training) for m in self.model.modules()]
