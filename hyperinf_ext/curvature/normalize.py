@@ -45,9 +45,14 @@ def _rows(t: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def joint_norms(grads: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """‖x_k‖ over all layers jointly, [B] in ``dtype`` (each value [B, ...])."""
+    """‖x_k‖ over all layers jointly, [B] in ``dtype`` (each value [B, ...]).  Each row is scaled by its
+    largest entry before squaring: squares of 1e-23 (float32) or 1e-170 (float64) underflow to a norm of 0,
+    which scored a non-zero gradient 0."""
     n = next(iter(grads.values())).shape[0]
-    return sum(_rows(g, n, dtype).pow(2).sum(1) for g in grads.values()).sqrt()
+    rows = [_rows(g, n, dtype) for g in grads.values()]
+    peak = torch.stack([r.abs().amax(1) if r.shape[1] else r.new_zeros(n) for r in rows]).amax(0)
+    unit = torch.where(peak > 0, peak, torch.ones_like(peak))
+    return sum((r / unit[:, None]).pow(2).sum(1) for r in rows).sqrt() * unit
 
 
 def dual_norms(pre: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

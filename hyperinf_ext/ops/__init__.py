@@ -167,7 +167,11 @@ def datainf_damping(G: torch.Tensor, rank: int, scale: float = 0.1) -> float | t
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
         raise ValueError(f"scale: expected a finite non-negative number, got {scale!r}")
     check_finite("G", G)
-    lam = scale * torch.diagonal(G, dim1=-2, dim2=-1).double().sum(-1) / (rank * d)
+    diag = torch.diagonal(G, dim1=-2, dim2=-1)
+    if bool((diag < 0).any()):  # a GFIM Σ gᵀg has a non-negative diagonal; a negative λ would come out
+        raise ValueError(f"G: has a negative diagonal entry ({float(diag.min()):.3g}); a GFIM is positive "
+                         "semi-definite (pass gfim(grads), not another matrix)")
+    lam = scale * diag.double().sum(-1) / (rank * d)
     return float(lam) if G.dim() == 2 else lam
 
 

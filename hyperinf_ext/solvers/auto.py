@@ -363,6 +363,7 @@ def _solve_rows(
     A, lam, tol, strict, asked, bracket = _prepare(G, damping, solver, tol, SOLVER_CHOICES)
     choice = _pick(solver, A, bracket, rows=V.shape[-2], want="apply", backend=backend, tol=tol, polish=False, lam=lam)
     if choice.solver == "cg":
+        ops.check_symmetric("G", A.reshape(-1, *A.shape[-2:]))  # as Schulz and Cholesky: not "ill-conditioned"
         lower, upper = bracket()
         if not lower > 0:
             raise ValueError("solver: 'cg' needs a positive damping (its stopping bound divides by it)")

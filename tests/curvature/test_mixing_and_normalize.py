@@ -126,3 +126,24 @@ def test_zero_vectors_scale_to_zero_not_nan():
     assert r.tolist() == [0.0, 0.5, 0.0]
     z = {"a": torch.zeros(2, 1, 3, dtype=torch.float64)}
     assert normalize.dual_norms(z, z, torch.float64).tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e-23), (torch.float32, 1e20), (torch.float64, 1e-170),
+                                          (torch.float64, 1e160)])
+def test_joint_norms_of_tiny_and_huge_gradients(dtype, scale):
+    """Squaring 1e-23 in float32 (1e-170 in float64) underflowed to a norm of 0 (the example then scored 0),
+    1e20 overflowed to inf: rows are scaled by their largest entry first.  Reference: the float64 norm of
+    the unscaled values times the scale; the sum of 14 squares, a division and a square root each round in
+    ``dtype``: rtol 2·16·eps."""
+    from hyperinf_ext.curvature.normalize import joint_norms
+
+    gen = torch.Generator().manual_seed(0)
+    base = {"a": torch.randn(3, 2, 5, generator=gen, dtype=torch.float64),
+            "b": torch.randn(3, 1, 4, generator=gen, dtype=torch.float64)}
+    base["a"][2] = 0.0
+    base["b"][2] = 0.0  # an all-zero example keeps norm 0
+    grads = {k: (v * scale).to(dtype) for k, v in base.items()}
+    ref = torch.sqrt(sum((grads[k].double() / scale).reshape(3, -1).pow(2).sum(1) for k in grads)) * scale
+    got = joint_norms(grads, dtype)
+    assert got.dtype == dtype and bool(torch.isfinite(got).all()) and float(got[2]) == 0.0
+    torch.testing.assert_close(got.double(), ref, rtol=32 * torch.finfo(dtype).eps, atol=0)

@@ -315,6 +315,8 @@ def test_make_ihvp_reuses_factor():
         # ‖I − A·X‖ ≤ 10 holds at X = 0: "converged" after 0 steps at 99 % error before
         (lambda: hx.schulz_inverse(torch.eye(2), tol=10.0), r"tol: expected a number in \(0, 1\), got 10.0"),
         (lambda: hx.schulz_inverse(torch.eye(2), tol=1), r"tol: expected a number in \(0, 1\)"),
+        # a GFIM has a non-negative diagonal: a negative λ came out of -I before
+        (lambda: hx.datainf_damping(-torch.eye(3), 1), r"G: has a negative diagonal entry \(-1\)"),
         (lambda: hx.schulz_inverse(torch.eye(2), lower_bound=-1.0), r"lower_bound: must be finite and non-negative"),
         (lambda: hx.schulz_inverse(torch.eye(2), backend="cuda-magic"), r"backend: unknown backend"),
         (lambda: hx.inverse_hvp(torch.eye(3), torch.randn(2, 4), damping=0.1), r"v: last dimension 4 does not match"),

@@ -219,6 +219,11 @@ def test_unverified_answers_raise():
         solvers.solve_rows(A.unsqueeze(0), 1e-4, torch.randn(1, 2, 30, dtype=F64), solver="cg", max_iter=2)
     with pytest.raises(ConvergenceError, match="not positive definite"):
         solvers.spd_inverse(-torch.eye(3, dtype=F64), 0.0, solver="cholesky")
+    # CG said "too ill-conditioned" for a non-symmetric G: named as the other solvers name it
+    lopsided = A.clone()
+    lopsided[0, 1] += 1.0
+    with pytest.raises(ValueError, match="G: matrices must be symmetric"):
+        solvers.solve_rows(lopsided.unsqueeze(0), 1e-2, torch.randn(1, 2, 30, dtype=F64), solver="cg")
 
 
 def power_law_gfim(d: int, p: float, seed: int = 0) -> torch.Tensor:
