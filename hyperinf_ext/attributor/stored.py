@@ -53,13 +53,14 @@ class StoredStateIO:
 
     def _restore_checkpoint(self, ckpt: persistence.Checkpoint) -> None:
         """The checkpoint's last commit, checked against this fit's settings, layers and model, installed."""
-        self._apply_state(ckpt.restore(dataclasses.asdict(self.config), self._layer_shapes(), self.model))
+        self._apply_state(ckpt.restore(dataclasses.asdict(self.config), self._layer_shapes(), self.model,
+                                       self._lora_scalings()))
 
     def _commit_checkpoint(self, ckpt: persistence.Checkpoint, fingerprint: persistence.DataFingerprint, *,
                            complete: bool) -> None:
         ckpt.commit(fingerprint, complete=complete, factors=self.factors, config=dataclasses.asdict(self.config),
                     n_train=self.n_train, batches_done=self.batches_done, model=self.model,
-                    adapter_digest=self._adapter_digest())
+                    adapter_digest=self._adapter_digest(), lora_scaling=self._lora_scalings())
 
     def _write_saved(self, directory: str | Path, digests: tuple[str, str] | None = None) -> Path:
         """Factors, the current method's inverses and the configuration, committed to ``directory``

@@ -3,6 +3,7 @@ fingerprints (fingerprints.py) of the model and of the batches consumed.  Takes 
 values and the model, never the attributor."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
@@ -90,9 +91,10 @@ class Checkpoint:
         return (self.directory / META).exists() and kinds.kind_of(self.directory) == kinds.CHECKPOINT
 
     def restore(self, config: Mapping[str, object], layers: Sequence[tuple[str, int, int]],
-                model: torch.nn.Module) -> StoredState:
+                model: torch.nn.Module, lora_scaling: Mapping[str, float] | None = None) -> StoredState:
         """The last committed state, checked against this fit's ``config`` (the attributor's settings as a
-        dict), its ``layers`` [(name, rank, dim)] and ``model``; the caller installs it."""
+        dict), its ``layers`` [(name, rank, dim)], ``model`` and its ``lora_scaling`` per layer (not a
+        parameter, so the model fingerprint misses it); the caller installs it."""
         stored = read_state(self.directory, (kinds.CHECKPOINT,), "a fit checkpoint")
         saved_cfg = stored.meta["config"]
         ours = dict(config)
@@ -112,6 +114,16 @@ class Checkpoint:
         if stored.meta.get("model") != self._model(model):
             raise ValueError(f"checkpoint_dir {self.directory}: fitted with another model (its parameters differ "
                              f"from this model's); use another checkpoint_dir, or delete this one to fit afresh")
+        saved = stored.meta.get("lora_scaling")
+        if isinstance(saved, dict) and lora_scaling:
+            other = [(n, saved[n], v) for n, v in lora_scaling.items()
+                     if isinstance(saved.get(n), (int, float)) and not math.isclose(saved[n], v, rel_tol=1e-12)]
+            if other:
+                n, was, now = other[0]
+                raise ValueError(f"checkpoint_dir {self.directory}: fitted with another LoRA scaling (layer {n!r}: "
+                                 f"{was!r} saved, {now!r} now: lora_alpha or use_rslora changed), so the resumed "
+                                 "sums would mix two scalings' gradients; use the same LoRA configuration, or "
+                                 "another checkpoint_dir")
         self.stored = stored
         return stored
 
@@ -124,10 +136,11 @@ class Checkpoint:
 
     def commit(self, fingerprint: DataFingerprint, *, complete: bool, factors: Mapping[str, "LayerFactor"],
                config: Mapping[str, object], n_train: int, batches_done: int, model: torch.nn.Module,
-               adapter_digest: str | None = None) -> None:
-        """Write the fit's state so far (``factors``, ``config`` as a dict, counts) as the next generation."""
+               adapter_digest: str | None = None, lora_scaling: Mapping[str, float] | None = None) -> None:
+        """Write the fit's state so far (``factors``, ``config`` as a dict, counts, the LoRA scaling per
+        layer) as the next generation."""
         if fingerprint.count != batches_done:
             raise RuntimeError(f"internal: fingerprint of {fingerprint.count} batches at batch {batches_done}")
         write_state(self.directory, factors=factors, config=config, n_train=n_train, batches_done=batches_done,
                     complete=complete, fingerprint=fingerprint, model_digest=self._model(model),
-                    adapter_digest=adapter_digest, kind=kinds.CHECKPOINT)
+                    adapter_digest=adapter_digest, lora_scaling=lora_scaling, kind=kinds.CHECKPOINT)

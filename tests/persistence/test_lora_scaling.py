@@ -78,3 +78,18 @@ def test_a_malformed_key_is_refused(saved):
     (directory / META).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="'lora_scaling' must be an object"):
         HyperINF.load(directory, model(), progress=False)
+
+
+def test_a_fit_checkpoint_resumed_with_another_scaling_is_refused(tmp_path):
+    """A checkpoint's model fingerprint hashes parameters, and the LoRA scaling is none: a resume with another
+    lora_alpha or use_rslora would add the new scaling's gradients to the old sums.  The checkpoint records
+    the scaling and the resume refuses another; the same configuration resumes (here: the finished fit)."""
+    ck = tmp_path / "ck"
+    first = HyperINF(model(), method="exact", damping=0.05, progress=False).fit(batches(), checkpoint_dir=ck)
+    assert json.loads((ck / META).read_text())["lora_scaling"] == first._lora_scalings()
+    for other in (dict(use_rslora=True), dict(alpha_pattern={"query": 8, "value": 8})):
+        with pytest.raises(ValueError, match=f"checkpoint_dir {ck}: fitted with another LoRA scaling"):
+            HyperINF(model(**other), method="exact", damping=0.05, progress=False).fit(batches(), checkpoint_dir=ck)
+    again = HyperINF(model(), method="exact", damping=0.05, progress=False).fit(batches(), checkpoint_dir=ck)
+    for name, f in first.factors.items():
+        assert torch.equal(again.factors[name].gfim_sum, f.gfim_sum)
