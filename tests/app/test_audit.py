@@ -7,6 +7,7 @@ import contextlib
 import csv
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -309,7 +310,16 @@ def test_an_interrupted_fit_resumes_to_the_same_scores(llm, tmp_path, monkeypatc
     whole = {r["id"]: r["influence_score"] for r in read_jsonl(tmp_path / "whole" / "ranked.jsonl")}
     resumed = read_jsonl(out / "ranked.jsonl")
     assert len(resumed) == 24 and all(r["influence_score"] == pytest.approx(whole[r["id"]], **TOL) for r in resumed)
-    assert not (out / ".checkpoint").exists()
+    # finished: the gradient cache goes, the fine-tuned adapter stays for a rerun that asks another question
+    assert sorted(p.name for p in (out / ".checkpoint").iterdir()) == ["adapter", "run.json"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["adapter_kept"] == str(out / ".checkpoint" / "adapter") and "reuses it" in summary["checkpoint"]
+    assert "Kept: " in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main([*common[:-3], "--out", str(out), "--threads", "1", "--signal", "self"]) == 0  # still no training
+    assert "resume: loading the fine-tune adapter of an earlier run" in capsys.readouterr().err
+    self_scores = {r["id"]: r["self_influence"] for r in read_jsonl(out / "ranked.jsonl")}
+    assert set(self_scores) == set(whole) and all(math.isfinite(v) for v in self_scores.values())
 
 
 # ------------------------------------------------------------------------------ bad input, before any work
@@ -734,7 +744,7 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_pa
     with pytest.raises(ValueError, match=f"--out {out}: in use by another audit or select run"):
         second.start()
     assert (out / ".checkpoint" / "run.json").is_file()  # the first run's checkpoint is untouched
-    first.remove()
+    first.finish()
     assert second.start() is False
     third = RunCheckpoint(out, "audit", cfg, [])
     with pytest.raises(ValueError, match="in use by another"):
@@ -742,6 +752,40 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_pa
     del second  # an object that goes (an interrupted run) releases the lock too
     assert third.start() is True  # the same arguments: resumes the checkpoint the second run started
     third.release()
+
+
+def test_a_finished_run_keeps_only_its_adapter_and_never_deletes_a_given_one(tmp_path):
+    """finish(): with a fine-tuned adapter, run.json and adapter/ stay (the fit's gradient cache goes); without
+    one the folder goes.  An --adapter inside OUT/.checkpoint is refused by a run that would replace it."""
+    from hyperinf_ext.app.tasks.user_run import RunCheckpoint, UserConfig
+
+    out = tmp_path / "out"
+    out.mkdir()
+    ckpt = RunCheckpoint(out, "audit", UserConfig(), [])
+    assert ckpt.start() is False
+    for sub in ("adapter", "fit"):
+        (ckpt.root / sub).mkdir()
+    (ckpt.adapter_dir / "adapter_config.json").write_text("{}")
+    (ckpt.adapter_dir / "training.json").write_text("{}")
+    (ckpt.fit_dir / "meta.json").write_text("{}")
+    assert "reuses it" in ckpt.kept_note()
+    ckpt.finish()
+    assert sorted(p.name for p in ckpt.root.iterdir()) == ["adapter", "run.json"]
+    again = RunCheckpoint(out, "audit", UserConfig(), [])
+    assert again.start() is True and again.has_adapter()  # the same arguments: the adapter is reused
+    again.release()
+    given = RunCheckpoint(out, "audit", UserConfig(adapter=ckpt.adapter_dir), [])
+    with pytest.raises(ValueError, match="lies in .*copy the adapter elsewhere"):
+        given.start()
+    given.release()
+    assert (ckpt.adapter_dir / "adapter_config.json").is_file()  # untouched
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    plain = RunCheckpoint(bare, "audit", UserConfig(), [])
+    plain.start()
+    assert "removed when the run finished" in plain.kept_note()
+    plain.finish()
+    assert not plain.root.exists()
 
 
 def test_a_rerun_that_changes_only_scoring_settings_resumes_the_adapter_and_fit(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -68,8 +69,15 @@ def test_long_prompt_loses_its_middle_never_the_response():
     assert long["input_ids"][5:10] == ids(tok, ["great", "sky", "<|im_end|>", "<|im_start|>", "assistant"])[:5]
     assert short["input_ids"] == ids(tok, ["<|im_start|>", "user", "what", "colour", "sky", "<|im_end|>",
                                            "<|im_start|>", "assistant", "red", "<|im_end|>"])
-    with pytest.raises(DataError, match=r"example 0: its response alone has 2 tokens.*never truncated"):
+    with pytest.raises(DataError, match=r"example 0: its response alone has 2 tokens.*never truncated") as err:
         encode_instructions(ds, tok, max_length=2)
+    # every offending row counted, and the two lengths it names are the ones that work
+    assert "2 responses are too long, the longest 2 tokens (example 0)" in str(err.value)
+    fits, whole = re.search(r"--max-length (\d+) keeps every response .*, (\d+) keeps every example whole",
+                            str(err.value)).groups()
+    assert encode_instructions(ds, tok, max_length=int(fits)).truncated == 2
+    assert encode_instructions(ds, tok, max_length=int(whole)).truncated == 0
+    assert encode_instructions(ds, tok, max_length=int(whole) - 1).truncated == 1
 
 
 def test_loader_pads_labels_and_loss_is_mean_over_response_tokens(tmp_path):

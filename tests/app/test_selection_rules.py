@@ -12,6 +12,7 @@ from hyperinf_ext.app.tasks.selection_rules import (
     keep_most_helpful,
     query_round_robin,
     random_subset,
+    rule_effect,
     select,
 )
 
@@ -100,3 +101,18 @@ def test_select_errors_and_random_subset():
         select("top", 3, scores=np.array([0.0, np.nan, 1.0]))
     r = random_subset(10, 4, seed=1)
     assert len(set(r.tolist())) == 4 and r.tolist() == random_subset(10, 4, seed=1).tolist()
+
+
+def test_rule_effect_says_what_the_rule_did():
+    """The sentence the select report shows: counts that follow from the scores, and a plain warning when
+    drop-harmful had nothing to drop (its kept rows are then a random draw)."""
+    s = np.array([0.5, -0.1, 0.2, -0.3, 0.0, -0.2, 0.9, -0.4])  # harmful (> 0): 0, 2, 6
+    assert rule_effect("drop-harmful", s, drop_harmful(s, 4, seed=0)).startswith(
+        "dropped 3 of the 3 harmful examples (score > 0), most harmful first, and kept a seeded random 4 of the other 5")
+    text = rule_effect("drop-harmful", s, drop_harmful(s, 7, seed=0))
+    assert "dropped 1 of the 3 harmful" in text and "2 harmful examples remain among them" in text
+    calm = -np.abs(s) - 0.1
+    assert rule_effect("drop-harmful", calm, drop_harmful(calm, 4, seed=0)).startswith(
+        "no example scored harmful (score > 0), so none was dropped: the 4 kept are a seeded random draw of the 8")
+    assert rule_effect("top", s, keep_most_helpful(s, 5)) == RULES["top"]
+    assert rule_effect("top", s, keep_most_helpful(s, 7)).endswith("; 2 of the 7 kept scored harmful (score > 0)")

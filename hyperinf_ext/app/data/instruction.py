@@ -217,6 +217,23 @@ class Encoded:
     truncated: int
 
 
+def _check_response_lengths(pairs: list[tuple[list[int], list[int]]], max_length: int,
+                            name: Callable[[int], str]) -> None:
+    """Every response must fit ``max_length`` with one prompt token: DataError naming the first that does not,
+    how many do not, and the --max-length that keeps them (and the one that keeps every example whole)."""
+    over = [i for i, (_, r) in enumerate(pairs) if len(r) + 1 > max_length]
+    if not over:
+        return
+    first, longest = over[0], max(over, key=lambda i: len(pairs[i][1]))
+    whole = max(len(p) + len(r) for p, r in pairs)
+    more = (f"; {len(over)} responses are too long, the longest {len(pairs[longest][1])} tokens ({name(longest)})"
+            if len(over) > 1 else "")
+    raise DataError(f"{name(first)}: its response alone has {len(pairs[first][1])} tokens, more than --max-length "
+                    f"{max_length} allows (responses are never truncated){more}; --max-length "
+                    f"{len(pairs[longest][1]) + 1} keeps every response (prompts then lose tokens from their middle), "
+                    f"{whole} keeps every example whole, or drop those rows")
+
+
 def encode_instructions(ds: InstructionDataset, tokenizer: Any, max_length: int,
                         where: Callable[[int], str] | None = None) -> Encoded:
     """Tokenize prompt + response of every example, labels −100 on the prompt tokens.
@@ -239,6 +256,7 @@ def encode_instructions(ds: InstructionDataset, tokenizer: Any, max_length: int,
     out: list[dict[str, list[int]]] = []
     truncated = 0
     eos = getattr(tokenizer, "eos_token_id", None)
+    pairs = []
     for i, (prompt, response) in enumerate(zip(ds.prompts, ds.responses)):
         head, tail, templated = _split_text(tokenizer, prompt, response)
         p = list(tokenizer(head, add_special_tokens=not templated)["input_ids"])
@@ -247,9 +265,9 @@ def encode_instructions(ds: InstructionDataset, tokenizer: Any, max_length: int,
             r.append(int(eos))  # the model learns to stop after the answer
         if not r:
             raise DataError(f"{name(i)}: the response tokenizes to nothing, so the example has no token to score")
-        if len(r) + 1 > max_length:
-            raise DataError(f"{name(i)}: its response alone has {len(r)} tokens, more than --max-length "
-                            f"{max_length} allows (responses are never truncated); raise --max-length")
+        pairs.append((p, r))
+    _check_response_lengths(pairs, max_length, name)
+    for p, r in pairs:
         room = max_length - len(r)
         if len(p) > room:
             truncated += 1

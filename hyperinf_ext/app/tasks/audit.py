@@ -250,8 +250,8 @@ def run_audit(cfg: AuditConfig, log: Log = None) -> dict[str, Any]:
         "outputs": paths,
     }
     if ckpt is not None:
-        summary["checkpoint"] = (f"{ckpt.root} (removed when the run finished; an interrupted run keeps it and a "
-                                 "rerun with the same arguments resumes from it)")
+        summary["checkpoint"] = ckpt.kept_note()
+        summary["adapter_kept"] = str(ckpt.adapter_dir) if ckpt.has_adapter() else None
     answer = data.train.label_names
     table = ({"rank": a["rank"], "line": line, "text": data.train.texts[int(i)],
               "answer": answer[data.train.labels[int(i)]], "score": a[cfg.signal],
@@ -266,7 +266,7 @@ def run_audit(cfg: AuditConfig, log: Log = None) -> dict[str, Any]:
         summary["total_seconds"] = time.perf_counter() - t_start
         write_json(stage / "summary.json", summary)
     if ckpt is not None:
-        ckpt.remove()
+        ckpt.finish()
     return summary
 
 
@@ -319,6 +319,7 @@ def write_report(path: Path, summary: dict[str, Any], data: Any, lines: list[int
         + (f", fine-tuned {summary['finetune']['epochs']} epoch(s) on the training file" if summary['finetune']['epochs']
            else "") + f"; {summary['finetune']['eval_on']} loss {summary['finetune']['loss']:.4f}.", "",
         *[f"Note: {n}" for n in summary["notes"]], *([""] if summary["notes"] else []),
+        *([f"Kept: {summary['checkpoint']}.", ""] if summary.get("adapter_kept") else []),
         f"The {min(REPORT_ROWS, len(lines))} most suspicious (every row, in rank order: "
         f"`{Path(summary['outputs']['ranked']).name}`; lines are file lines, CSV: the header is line 1):", "",
         f"| rank | line | {signal} | {text_name} | {label_name} |", "|---:|---:|---:|---|---|",
@@ -348,5 +349,6 @@ def audit_table(summary: dict[str, Any]) -> str:
         *([f"per-token: {summary['per_token']['examples']} examples in {t['per_token_seconds']:.1f} s; "
            + summary["per_token"]["check"]] if summary.get("per_token") else []),
         f"outputs: {', '.join(summary['outputs'].values())}",
+        *([f"kept: {summary['checkpoint']}"] if summary.get("adapter_kept") else []),
     ]
     return "\n".join(lines)

@@ -31,7 +31,7 @@ from .pipeline import DEFAULT_EPOCHS, Log, finetune_loader, log_stage
 from .pipeline_config import check_query_option_use, config_damping, damping_used, used_settings
 from .report import column_table, write_csv, write_json
 from .selection import compare_with_random
-from .selection_rules import RULES, select
+from .selection_rules import RULES, rule_effect, select
 from .user_index import check_index_options, index_inputs, index_summary, read_source
 from .user_report import write_select_html
 from .user_run import (RunCheckpoint, UserConfig, UserData, checkpointed_fit, load_user_files, prepare_inputs,
@@ -198,7 +198,7 @@ def run_select(cfg: SelectPoolConfig, log: Log = None) -> dict[str, Any]:
         "task": "select", "settings": used_settings(cfg, method, damping, options), "pool": pool,
         "target": str(cfg.target),
         "n_pool": n, "n_target": len(data.target), "n_selected": int(k), "causal_lm": data.causal,
-        "notes": data.notes, "rule": rule, "rule_reason": why,
+        "notes": data.notes, "rule": rule, "rule_reason": why, "rule_effect": rule_effect(rule, scores, chosen),
         "method": method, "damping": damping,
         "signal": "influence_score: HyperINF.mean_scores on the target, the change of the target's mean loss when "
                   "the example is up-weighted; NEGATIVE = helpful (kept first), positive = harmful",
@@ -214,8 +214,8 @@ def run_select(cfg: SelectPoolConfig, log: Log = None) -> dict[str, Any]:
         "evaluation": evaluation, "outputs": paths,
     }
     if ckpt is not None:
-        summary["checkpoint"] = (f"{ckpt.root} (removed when the run finished; an interrupted run keeps it and a "
-                                 "rerun with the same arguments resumes from it)")
+        summary["checkpoint"] = ckpt.kept_note()
+        summary["adapter_kept"] = str(ckpt.adapter_dir) if ckpt.has_adapter() else None
     names = data.train.label_names
     rows = [{"line": data.train.row(i), "text": data.train.texts[i], "answer": names[data.train.labels[i]],
              "score": float(scores[i]), "selected": bool(kept[i])} for i in range(n)]
@@ -228,7 +228,7 @@ def run_select(cfg: SelectPoolConfig, log: Log = None) -> dict[str, Any]:
         summary["total_seconds"] = time.perf_counter() - t_start
         write_json(stage / "summary.json", summary)
     if ckpt is not None:
-        ckpt.remove()
+        ckpt.finish()
     return summary
 
 
@@ -250,10 +250,12 @@ def write_report(path: Path, summary: dict[str, Any]) -> None:
     lines = [
         "# Data selection", "",
         f"Kept **{summary['n_selected']} of {summary['n_pool']}** examples of `{summary['pool']}` for the target "
-        f"`{summary['target']}` ({summary['n_target']} examples), rule **{summary['rule']}** ({summary['rule_reason']}).",
+        f"`{summary['target']}` ({summary['n_target']} examples), rule **{summary['rule']}** ({summary['rule_reason']}): "
+        f"{summary['rule_effect']}.",
         "", f"Scores: {summary['method']} (damping {summary['damping']}); {summary['signal']}.", "",
         f"Model: {summary['settings']['model']}, {model}; target loss {w['target_loss']:.4f}.", "",
         *[f"Note: {n}" for n in summary["notes"]], *([""] if summary["notes"] else []),
+        *([f"Kept: {summary['checkpoint']}.", ""] if summary.get("adapter_kept") else []),
         f"`{Path(summary['outputs']['selected']).name}` holds the kept rows as written, in pool order; "
         "`scores.csv` every pool row by file line (CSV: the header is line 1).", "",
     ]
@@ -269,6 +271,7 @@ def select_table(summary: dict[str, Any]) -> str:
     return "\n".join([
         f"select: kept {summary['n_selected']} of {summary['n_pool']} pool examples for {summary['n_target']} target "
         f"examples, rule {summary['rule']} ({summary['rule_reason']})",
+        f"rule: {summary['rule_effect']}",
         f"scores: {summary['method']} (damping {summary['damping']}) influence on the target's mean loss; "
         "negative = helpful",
         *(f"note: {n}" for n in summary.get("notes", [])),
@@ -279,4 +282,5 @@ def select_table(summary: dict[str, Any]) -> str:
          f"influence fit {t['fit_seconds']:.1f} s, scoring {t['score_seconds']:.1f} s"),
         *_evaluation_lines(summary),
         f"outputs: {', '.join(summary['outputs'].values())}",
+        *([f"kept: {summary['checkpoint']}"] if summary.get("adapter_kept") else []),
     ])

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 __all__ = ["RULES", "DEFAULT_RULE", "select", "random_subset", "keep_most_helpful", "drop_harmful",
-           "class_balanced", "query_round_robin", "class_quotas"]
+           "class_balanced", "query_round_robin", "class_quotas", "rule_effect"]
 
 DEFAULT_RULE = "class-balanced"
 """The rule of ``select-data``: the one that beat a random subset most reliably in bench/SELECTION.md
@@ -177,3 +177,27 @@ def select(
     if labels is None:
         raise ValueError("rule class-balanced: needs the training labels")
     return class_balanced(scores, labels, k)
+
+
+def rule_effect(rule: str, scores: Sequence[float] | np.ndarray, chosen: Sequence[int] | np.ndarray) -> str:
+    """One sentence on what ``rule`` did with these mean ``scores`` [n_train] (float64; negative = helpful)
+    and the kept indices ``chosen``: above all when ``drop-harmful`` found nothing harmful to drop, which
+    leaves a plain random draw that a reader of the kept rows would not guess."""
+    s = _vector(scores)
+    kept = np.asarray(chosen, dtype=np.int64)
+    n, k = s.size, kept.size
+    n_helpful_kept = int((s[kept] <= 0).sum())
+    if rule == "drop-harmful":
+        n_pos = int((s > 0).sum())
+        n_drop = min(n - k, n_pos)
+        if n_pos == 0:
+            return (f"no example scored harmful (score > 0), so none was dropped: the {k} kept are a seeded random "
+                    f"draw of the {n} (--rule top keeps the most helpful instead)")
+        text = (f"dropped {n_drop} of the {n_pos} harmful examples (score > 0), most harmful first, and kept a "
+                f"seeded random {k} of the other {n - n_drop}")
+        if n_pos > n_drop:
+            text += f"; {n_pos - n_drop} harmful examples remain among them (the budget keeps more than the rest)"
+        return text
+    text = RULES[rule]
+    harmful = k - n_helpful_kept
+    return text + (f"; {harmful} of the {k} kept scored harmful (score > 0)" if harmful else "")

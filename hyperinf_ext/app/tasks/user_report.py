@@ -95,7 +95,8 @@ def write_select_html(path: str | Path, summary: dict[str, Any], rows: Sequence[
     columns = [Column("line", "line", "int"), Column("text", text_key), Column("answer", answer_key),
                Column("score", "influence_score", "score"), Column("selected", "selected")]
     sections: list[Section] = [
-        Text("Rule", f"{summary['rule']}: {summary['rule_reason']}.\n\n{summary['n_selected']} of "
+        Text("Rule", f"{summary['rule']}: {summary['rule_reason']}.\n\n{summary['rule_effect']}.\n\n"
+                     f"{summary['n_selected']} of "
                      f"{summary['n_pool']} kept; {Path(summary['outputs']['selected']).name} holds them as written, in "
                      "pool order. Lines are file lines (CSV: the header is line 1)."),
         Table("Every pool example, most helpful first", columns, shown,

@@ -11,7 +11,9 @@ training ends) and ``fit/`` (the attributor's fit checkpoint, ``HyperINF.fit(che
 training gradients cached on disk).  A rerun with the same arguments loads the adapter instead of training
 again and resumes the fit after its last commit, also when only scoring settings changed (the method, the
 damping, the signal, the selection rule and size: ``UserConfig.scoring_only``; the fit does not depend on
-them); other arguments or files start afresh.  A finished run removes the folder once its outputs are written.
+them); other arguments or files start afresh.  A finished run keeps only ``run.json`` and ``adapter/`` (a LoRA's
+weights, small beside the gradient cache it deletes: :meth:`RunCheckpoint.finish`), so asking the same data
+another question (another signal, damping or selection size) costs a fit, not a fine-tune.
 """
 from __future__ import annotations
 
@@ -188,6 +190,7 @@ class RunCheckpoint:
     def __init__(self, out: Path, command: str, cfg: UserConfig, files: Sequence[Path | None], log: Log = None):
         self.root = Path(out) / self.NAME
         self.log, self._lock = log, None
+        self.adapter_given, self.scoring_only = cfg.adapter, cfg.scoring_only
         # what the fit and the adapter do not depend on: a rerun that changes only these resumes
         skip = ("progress", "out", "checkpoint_every", *cfg.scoring_only)
         settings = {k: v for k, v in cfg.settings().items() if k not in skip}
@@ -226,11 +229,12 @@ class RunCheckpoint:
             except (OSError, ValueError):
                 same = False
             if same:
-                log_stage(self.log, f"resume: {self.root} holds an interrupted run with these arguments; "
-                                    "continuing it")
+                log_stage(self.log, f"resume: {self.root} holds a run with these arguments (interrupted, or "
+                                    "finished with its adapter kept); continuing it")
                 return True
             log_stage(self.log, f"resume: {self.root} belongs to a run with other arguments or files; starting afresh")
         if self.root.exists():
+            self._refuse_own_adapter()
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True)
         run.write_text(json.dumps(self.identity, indent=1), encoding="utf-8")
@@ -247,10 +251,30 @@ class RunCheckpoint:
         (tmp / "training.json").write_text(json.dumps(info), encoding="utf-8")
         tmp.rename(self.adapter_dir)
 
-    def remove(self) -> None:
-        """The run finished: its checkpoint goes, and the lock with it."""
-        shutil.rmtree(self.root, ignore_errors=True)
+    def _refuse_own_adapter(self) -> None:
+        given = self.adapter_given
+        if given is not None and Path(given).resolve().is_relative_to(self.root.resolve()):
+            raise ValueError(f"--adapter {given}: lies in {self.root}, which a run with other arguments on this "
+                             "--out replaces; copy the adapter elsewhere first, or choose another --out")
+
+    def finish(self) -> None:
+        """The run finished: the fit's checkpoint (the training gradients) goes, the fine-tuned adapter and
+        ``run.json`` stay for a rerun (module docstring), and the lock is released."""
+        if self.has_adapter():
+            shutil.rmtree(self.fit_dir, ignore_errors=True)
+        else:
+            shutil.rmtree(self.root, ignore_errors=True)
         self.release()
+
+    def kept_note(self) -> str:
+        """What the finished run leaves in ``OUT/.checkpoint`` (for summary.json and the report)."""
+        if self.has_adapter():
+            return (f"{self.root}: the fine-tuned adapter is kept in {self.adapter_dir}; a rerun on this --out "
+                    "that changes only " + ", ".join("--" + k.replace("_", "-") for k in self.scoring_only)
+                    + " reuses it (no fine-tuning); --adapter " + str(self.adapter_dir)
+                    + " gives it to another command (delete the folder to free the space)")
+        return (f"{self.root}: removed when the run finished; an interrupted run keeps it and a rerun with the "
+                "same arguments resumes from it")
 
     def release(self) -> None:
         if self._lock is not None:
@@ -276,7 +300,8 @@ def trained_model(cfg: UserConfig, data: UserData, loaders: Loaders, ckpt: RunCh
     """The model to attribute: the checkpoint's adapter on a resume; else ``cfg.adapter`` or a fresh LoRA,
     fine-tuned ``epochs`` on ``finetune`` (then saved into the checkpoint); evaluated on the target."""
     if ckpt.has_adapter():
-        log_stage(log, f"resume: loading the {what} adapter from {ckpt.adapter_dir} (no training)")
+        log_stage(log, f"resume: loading the {what} adapter of an earlier run with these arguments from "
+                       f"{ckpt.adapter_dir} (no training)")
         model = _load(cfg, data.num_labels, adapter=ckpt.adapter_dir)
         plan_gate(cfg, model, loaders, command=ckpt.identity["command"], epochs=0,
                   n_queries=0 if data.target is None else len(data.target), mean=True, cache="disk", log=log)
