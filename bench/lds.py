@@ -522,11 +522,27 @@ def _have_kronfluence() -> bool:
     return importlib.util.find_spec("kronfluence") is not None
 
 
-def run_labels(llm: bool, no_ekfac: bool = False, no_bergson: bool = False) -> tuple[list[str], list[str]]:
+def run_labels(llm: bool, no_ekfac: bool = False, no_bergson: bool = False,
+               ekfac_scales: Sequence[float] | None = None) -> tuple[list[str], list[str]]:
     """The labels a run scores and what it skips: a peer that is not installed (or switched off) is left out,
     so a run whose other score sets are all recorded does not train the full-data model for nothing.
     MiniLM: every label but Kronfluence's base "kronfluence EK-FAC" label is kept as before (its grid labels
-    are only scored when it is installed).  LLM: Kronfluence's grid and bergson's labels are left out whole."""
+    are only scored when it is installed).  LLM: Kronfluence's grid and bergson's labels are left out whole.
+    ``ekfac_scales``: only these scales of Kronfluence's grid (a reporting seed needs only the scale the
+    frozen rule tuned on the selection seeds; each scale costs a pairwise pass, ~12 min on the LLM)."""
+    labels, skipped = _run_labels(llm, no_ekfac, no_bergson)
+    if ekfac_scales is None:
+        return labels, skipped
+    unknown = sorted(set(ekfac_scales) - set(EKFAC_SCALES.values()))
+    if unknown:
+        raise ValueError(f"--ekfac-scales: {unknown} not in the grid {sorted(EKFAC_SCALES.values())}")
+    left = [l for l in labels if l in EKFAC_SCALES and EKFAC_SCALES[l] not in ekfac_scales]
+    if left:
+        skipped.append(f"{', '.join(left)} skipped (--ekfac-scales)")
+    return [l for l in labels if l not in left], skipped
+
+
+def _run_labels(llm: bool, no_ekfac: bool, no_bergson: bool) -> tuple[list[str], list[str]]:
     no_kf = no_ekfac or not _have_kronfluence()
     why_kf = "--no-ekfac" if no_ekfac else "kronfluence is not installed"
     if not llm:
@@ -613,6 +629,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lane", default="0/1",
                    help="K/N: measure only the subsets j with j mod N = K and no score sets (N > 1), on a copy of "
                         "the records (--runs) merged back with bench.records; e.g. 0/2 and 1/2 on two cores")
+    p.add_argument("--ekfac-scales", default=None,
+                   help="only these scales of Kronfluence's damping grid, comma list (default: all of "
+                        f"{','.join(f'{v:g}' for v in sorted(EKFAC_SCALES.values()))}; a reporting seed needs only "
+                        "the tuned one, bench/LDS_LLM.md 'Peers tuned')")
     p.add_argument("--split-only", action="store_true",
                    help="only record each seed's split labels (for the same-label baseline; no training)")
     args = p.parse_args(argv)
@@ -639,6 +659,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError
     except ValueError:
         p.error(f"--lane: expected K/N with 0 <= K < N, got {args.lane!r}")
+    try:
+        ekfac_scales = None if args.ekfac_scales is None else [float(x) for x in args.ekfac_scales.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--ekfac-scales: expected a comma list of numbers, got {args.ekfac_scales!r}")
     configs = [replace(base, seed=s) for s in seeds]
     if args.split_only and not args.report_only:
         for cfg in configs:
@@ -648,7 +672,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-        labels, skipped = run_labels(llm, args.no_ekfac, args.no_bergson)
+        try:
+            labels, skipped = run_labels(llm, args.no_ekfac, args.no_bergson, ekfac_scales)
+        except ValueError as exc:
+            p.error(str(exc))
         for note in skipped:
             print(f"[lds] {note}")
         for cfg in configs:

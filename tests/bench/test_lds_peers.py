@@ -257,6 +257,13 @@ def test_run_labels_leave_out_the_peers_that_are_missing(monkeypatch, kf, bg):
     # the classifier's labels are as before: only the base EK-FAC label depends on kronfluence
     labels, skipped = lds.run_labels(False)
     assert labels == [l for l in lds.LABELS if kf or l != lds.EKFAC] and len(skipped) == (not kf)
+    # --ekfac-scales: only the named scales of Kronfluence's grid, the rest named as skipped
+    labels, skipped = lds.run_labels(True, ekfac_scales=[0.01])
+    assert [l for l in labels if l in lds.EKFAC_SCALES] == (["kronfluence EK-FAC, spectral 0.01"] if kf else [])
+    assert all(l in labels for l in lds.LLM_LABELS if l not in lds.EKFAC_SCALES and (bg or l not in lds.BERGSON_LABELS))
+    assert any("(--ekfac-scales)" in n for n in skipped) == kf
+    with pytest.raises(ValueError, match="--ekfac-scales: \\[0.5\\] not in the grid"):
+        lds.run_labels(True, ekfac_scales=[0.5])
 
 
 @pytest.mark.skipif(not (HAVE_KF and HAVE_BG), reason="needs both kronfluence and bergson importable "
