@@ -8,7 +8,7 @@ RSS on the CPU, the CUDA allocator's peak on a GPU).  Everything else is counted
 * factors: per layer the d×d GFIM sum and the r×r rank sum in the factor dtype; the fit works on a
   stacked copy of them per group of equal (d, r), plus one d×d scratch per group in ``gfim_dtype``;
 * the method's prepared state (hyperinf, exact, paper, eigen, kronecker: one d×d matrix per layer) and
-  the batched inverse's workspace (four [L, d, d] tensors of the largest group: A, X, A·X, the update);
+  the batched inverse's workspace (five [L, d, d] tensors of the largest group: ``SCHULZ_WORKSPACE``);
 * the gradient cache in memory: n_train × Σ_l r·d numbers in the gradient dtype (nothing with
   ``cache="disk"`` or ``"none"``, which read one batch at a time);
 * the query gradients (Q × Σ r·d, gradient dtype) and their preconditioned copy (factor dtype), the
@@ -35,8 +35,10 @@ ALLOCATOR_SLACK = 0.15
 """Fraction of the largest batch's measured memory the fit adds on top of it (heap fragmentation as the
 batches change shape).  Measured (bench/PLAN.md, first run): 0.3 on the embedded classifier (63 batches of
 32), about 0 on the embedded LLM (38 batches of 8); 0.15 keeps both within 25% of their measured peaks."""
-SCHULZ_WORKSPACE = 4
-"""[L, d, d] tensors alive at once in the batched inverse: the damped GFIM, X, A·X and the update."""
+SCHULZ_WORKSPACE = 5
+"""[L, d, d] tensors alive at once in the batched inverse: the damped GFIM, X, A·X and the update in the
+Schulz loop (four); the symmetric check after it (solvers.schulz.symmetric_schulz) holds five: A, X, its
+symmetric part, the residual and the Newton step's X·R."""
 
 
 # ----------------------------------------------------------------------------------------- the plan

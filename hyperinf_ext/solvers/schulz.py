@@ -140,19 +140,28 @@ def symmetric_schulz(A: torch.Tensor, *, lower: float | torch.Tensor | None = No
     A3 = A.to(X3.dtype).reshape(-1, d, d)
     eye = torch.eye(d, dtype=X3.dtype, device=X3.device)
 
+    # in place where it is safe: at most five [L, d, d] tensors at once (A, X, Xs, R, X·R), one more than the
+    # Schulz loop (attributor/plan.py SCHULZ_WORKSPACE counts the larger)
     def residual_of(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        R = eye - torch.matmul(A3, Y)
+        R = torch.matmul(A3, Y).neg_().add_(eye)
         return R, torch.linalg.matrix_norm(R).to(device="cpu", dtype=torch.float64)
 
     Xs = symmetrise(X3)
     R, r = residual_of(Xs)
     if not bool((r <= sinfo.tol).all()):
         XR = torch.matmul(Xs, R)
-        Xs2 = Xs + 0.5 * (XR + XR.transpose(-1, -2))
-        _, r2 = residual_of(Xs2)
+        del R
+        Xs2 = XR + XR.transpose(-1, -2)
+        del XR
+        Xs2.mul_(0.5).add_(Xs)
+        R, r2 = residual_of(Xs2)
+        del R
         better = r2 < r
         Xs = torch.where(better.to(Xs.device)[:, None, None], Xs2, Xs)
+        del Xs2
         r = torch.where(better, r2, r)
+    else:
+        del R
     symmetric = r <= sinfo.tol
     out = torch.where(symmetric.to(X3.device)[:, None, None], Xs, X3)
     raw = sinfo.residual.reshape(-1).to(torch.float64)
