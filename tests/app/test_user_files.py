@@ -130,3 +130,22 @@ def test_settings_list_only_the_columns_the_run_reads(tmp_path):
              (IndexBuildConfig(model="smollm2"), instruction), (IndexBuildConfig(), classifier)]
     for cfg, shown in cases:
         assert [k for k in cfg.settings() if k.endswith("_column")] == shown, (type(cfg).__name__, cfg.model, cfg.data)
+
+
+def test_a_classifier_no_better_than_its_majority_class_gets_a_note(tmp_path):
+    """unlearned_note: at or below the most common class's share of the evaluation examples (the target, else
+    the training file) the run says its scores describe a model that has not learned; above it, or for a
+    causal LM (exact-match accuracy of free answers), nothing."""
+    from hyperinf_ext.app.tasks.user_run import UserData, unlearned_note
+
+    train = load_text_file(_csv(tmp_path, "text,label\na,x\nb,y\nc,y\nd,y\n"), "text", "label")
+    target = load_text_file(_csv(tmp_path, "text,label\na,x\nb,y\n", "t.csv"), "text", "label")
+    data = UserData(train, None, target, None, causal=False)
+    note = unlearned_note(data, 0.5, epochs=3)
+    assert note.startswith("the model is no better on the target examples than always answering their most "
+                           "common class (accuracy 0.500, that class alone 0.500)") and "more --epochs" in note
+    assert unlearned_note(data, 0.51, epochs=3) is None
+    alone = UserData(train, None, None, None, causal=False)  # the training file: 3 of 4 are y
+    assert "training examples" in unlearned_note(alone, 0.75, epochs=0) and "(--epochs N)" in unlearned_note(alone, 0.75, 0)
+    assert unlearned_note(alone, 0.76, epochs=0) is None
+    assert unlearned_note(UserData(train, None, target, None, causal=True), 0.0, epochs=3) is None

@@ -40,7 +40,7 @@ from .user_checks import (align_target_labels, check_model_folder, folder_head_c
                           inspect_adapter, labelled_encodings, labels_for_head)
 
 __all__ = ["UserConfig", "UserData", "load_user_files", "prepare_inputs", "RunCheckpoint", "trained_model",
-           "checkpointed_fit", "use_method"]
+           "checkpointed_fit", "use_method", "unlearned_note"]
 
 
 @dataclass
@@ -295,6 +295,25 @@ def _load(cfg: UserConfig, num_labels: int, adapter: Path | None | str = "config
         raise
 
 
+def unlearned_note(data: UserData, accuracy: float | None, epochs: int) -> str | None:
+    """A note when a classifier predicts its evaluation examples (the target, else the training file) no better
+    than always answering their most common class: its scores then describe a model that has not learned the
+    task.  None for a causal LM (its accuracy is exact-match of free answers) or a model above that rate."""
+    ref = data.target if data.target is not None else data.train
+    if data.causal or accuracy is None or len(ref) == 0:
+        return None
+    counts = np.bincount(np.asarray(ref.labels, dtype=np.int64))
+    share = counts.max() / counts.sum()
+    if accuracy > share + 1e-9:
+        return None
+    on = "target" if data.target is not None else "training"
+    fix = ("more --epochs or a larger --lr give scores about the model you would train" if epochs
+           else "fine-tune it first (--epochs N) for scores about a model that learned the task")
+    return (f"the model is no better on the {on} examples than always answering their most common class "
+            f"(accuracy {accuracy:.3f}, that class alone {share:.3f}): its scores describe a model that has not "
+            f"learned the task; {fix}")
+
+
 def trained_model(cfg: UserConfig, data: UserData, loaders: Loaders, ckpt: RunCheckpoint, finetune: Any,
                   epochs: int, log: Log, what: str) -> TrainedModel:
     """The model to attribute: the checkpoint's adapter on a resume; else ``cfg.adapter`` or a fresh LoRA,
@@ -308,13 +327,21 @@ def trained_model(cfg: UserConfig, data: UserData, loaders: Loaders, ckpt: RunCh
         trained = train_model(cfg, model, finetune, loaders.evaluation, epochs=0, log=log, what=what)
         info = json.loads((ckpt.adapter_dir / "training.json").read_text(encoding="utf-8"))
         trained.history, trained.seconds = info["history"], info["seconds"]
-        return trained
+        return _noted(trained, data, epochs, log)
     model = _load(cfg, data.num_labels)
     plan_gate(cfg, model, loaders, command=ckpt.identity["command"], epochs=epochs, finetune=finetune,
               n_queries=0 if data.target is None else len(data.target), mean=True, cache="disk", log=log)
     trained = train_model(cfg, model, finetune, loaders.evaluation, epochs=epochs, log=log, what=what)
     if epochs > 0:
         ckpt.save_adapter(trained.model, {"history": trained.history, "seconds": trained.seconds})
+    return _noted(trained, data, epochs, log)
+
+
+def _noted(trained: TrainedModel, data: UserData, epochs: int, log: Log) -> TrainedModel:
+    note = unlearned_note(data, trained.val.get("accuracy"), epochs)
+    if note is not None:
+        data.notes.append(note)
+        log_stage(log, f"model: {note}")
     return trained
 
 
