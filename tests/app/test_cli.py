@@ -443,3 +443,21 @@ def test_error_missing_module_at_run_time_names_the_extra(tmp_path, monkeypatch)
     code, _, stderr = run_cli([*COMMANDS[2], "--out", str(tmp_path)])
     assert code == 1 and stderr.strip().splitlines() == [
         "hyperinf-ext: error: No module named 'peft' (pip install 'hyperinf-ext[app]')"]
+
+
+def test_every_command_has_one_max_length_default():
+    """A LoRA fine-tuned by one command and given to another (--adapter) is scored on the tokens it was
+    trained on: 64 for a classifier, 128 for a causal LM, whatever the command; a given value wins."""
+    from hyperinf_ext.app.cli import _max_length
+    from hyperinf_ext.app.cli.args import build_parser
+
+    parser = build_parser()
+    needs = {"audit": ["--train", "t.csv"], "select": ["--pool", "p.csv", "--target", "t.csv", "--count", "2"],
+             "attribute": ["--train", "t.csv", "--query", "q.csv"], "index build": ["--train", "t.csv"],
+             "detect-mislabeled": [], "select-data": []}
+    for command, extra in needs.items():
+        for model, want in (("minilm", 64), ("smollm2", 128)):
+            args = parser.parse_args([*command.split(), *extra, "--model", model])
+            assert _max_length(args) == want, (command, model)
+        args = parser.parse_args([*command.split(), *extra, "--model", "smollm2", "--max-length", "40"])
+        assert _max_length(args) == 40, command

@@ -235,7 +235,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     damping = _option("--damping", lambda: parse_dampings([args.damping])[0])
     cfg = AttributeConfig(
         train=args.train, query=args.query, text_column=args.text_column, label_column=args.label_column,
-        prompt_column=args.prompt_column, response_column=args.response_column, max_length=args.max_length,
+        prompt_column=args.prompt_column, response_column=args.response_column, max_length=_max_length(args),
         model=args.model, adapter=args.adapter, epochs=args.epochs, rank=args.rank, alpha=args.alpha, lr=args.lr,
         batch_size=args.batch_size, device=args.device, top_k=args.top_k, method=method, damping=damping,
         per_token=args.per_token, seed=args.seed, progress=not args.no_progress, out=args.out,
@@ -321,7 +321,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         damping = _option("--damping", lambda: parse_dampings([args.damping])[0])
         cfg = t.IndexBuildConfig(
             train=args.train, text_column=args.text_column, label_column=args.label_column,
-            prompt_column=args.prompt_column, response_column=args.response_column, max_length=args.max_length,
+            prompt_column=args.prompt_column, response_column=args.response_column, max_length=_max_length(args),
             model=args.model, adapter=args.adapter, epochs=args.epochs, rank=args.rank, alpha=args.alpha,
             lr=args.lr, batch_size=args.batch_size, device=args.device, proj_dim=args.proj_dim,
             store_dtype=args.store_dtype, method=method, damping=damping, seed=args.seed,

@@ -7,13 +7,21 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .index_args import add_index
 
 PROG = "hyperinf-ext"
 
 __all__ = ["PROG", "COMMANDS", "build_parser"]
+
+
+def add_max_length(g: Any) -> None:
+    """--max-length, one default for every command (cli ``_max_length`` resolves None): a LoRA fine-tuned by
+    one command and given to another (--adapter) is scored on the tokens it was trained on."""
+    g.add_argument("--max-length", metavar="N", type=int, default=None,
+                   help="max tokens per example (default: 64, or 128 for a causal LM: its prompts carry the chat "
+                        "template and the question)")
 
 
 def _int_list(text: str) -> list[int]:
@@ -97,9 +105,7 @@ def _add_pipeline(p: argparse.ArgumentParser, *, flip_rate: float, out: str) -> 
                    help="fine-tuning epochs (default: 3, or 0 with --adapter)")
     g.add_argument("--lr", metavar="LR", type=float, default=3e-4, help="learning rate (default: 3e-4)")
     g.add_argument("--batch-size", metavar="N", type=int, default=16, help="fine-tuning batch size (default: 16)")
-    g.add_argument("--max-length", metavar="N", type=int, default=None,
-                   help="max tokens per example (default: 64, or 128 for a causal LM: its prompts carry the chat "
-                        "template and the question)")
+    add_max_length(g)
     g.add_argument("--device", metavar="DEV", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--top-k", metavar="K", type=int, default=None,
                    help="also write topk.safetensors: per validation example the K training examples that most "
@@ -169,7 +175,7 @@ def _add_attribute(p: argparse.ArgumentParser) -> None:
                         "training gradients; the model, adapter and training file are the index's")
     add_index_reading(g)
     _add_columns(g)
-    g.add_argument("--max-length", metavar="N", type=int, default=128, help="max tokens per example (default: 128)")
+    add_max_length(g)
     _add_model_and_finetune(p)
     g = p.add_argument_group("influence")
     g.add_argument("--top-k", metavar="K", type=int, default=10, help="examples per query and side (default: 10)")
@@ -353,7 +359,8 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] 
         "build a gradient index of a training file, or query one",
         "index build: fit HyperINF once and store the training gradients compressed; index query: per query "
         "the top-k training examples from the index, without recomputing the training gradients.",
-        lambda p: add_index(p, _add_model_and_finetune, _add_columns, _add_common, add_index_reading),
+        lambda p: add_index(p, _add_model_and_finetune, _add_columns, _add_common, add_index_reading,
+                            add_max_length),
     ),
 }
 

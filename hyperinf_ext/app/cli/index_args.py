@@ -7,9 +7,9 @@ from typing import Callable
 
 
 def add_index(p: argparse.ArgumentParser, add_model: Callable, add_columns: Callable, add_common: Callable,
-              add_index_reading: Callable) -> None:
+              add_index_reading: Callable, add_max_length: Callable) -> None:
     """``index build`` and ``index query`` as actions of one command (``args.index_action``); ``add_model``
-    adds the model and fine-tuning group, ``add_columns``/``add_common`` the shared options,
+    adds the model and fine-tuning group, ``add_columns``/``add_common``/``add_max_length`` the shared options,
     ``add_index_reading`` --estimator and --no-verify (args.py)."""
     sub = p.add_subparsers(dest="index_action", metavar="ACTION", required=True)
     b = sub.add_parser(
@@ -21,7 +21,7 @@ def add_index(p: argparse.ArgumentParser, add_model: Callable, add_columns: Call
     g = b.add_argument_group("data")
     g.add_argument("--train", metavar="FILE", type=Path, required=True, help="training examples (CSV or JSONL)")
     add_columns(g)
-    g.add_argument("--max-length", metavar="N", type=int, default=128, help="max tokens per example (default: 128)")
+    add_max_length(g)
     add_model(b)
     g = b.add_argument_group("index")
     g.add_argument("--proj-dim", metavar="K", type=int, default=1024,
