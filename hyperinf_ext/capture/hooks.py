@@ -39,6 +39,8 @@ def _rows_key(batch: Mapping[str, Any]) -> str | None:
 
 _IMAGE_SIDE = ("vision", "visual", "multi_modal_projector", "mm_projector", "connector")
 """Parts of a layer name that place it on a vision-language model's image side (rows = images)."""
+_EXPERT_SIDE = ("experts", "expert.", "block_sparse_moe", ".moe.")
+"""Name parts of a mixture-of-experts expert layer (Qwen2-MoE, Mixtral, DeepSeek: ``mlp.experts.N.*``)."""
 
 
 def _image_token_id(model: nn.Module) -> int | None:
@@ -117,6 +119,17 @@ class _LayerCapture:
             )
         else:
             self.grad += contrib
+
+
+def _rows_hint(name: str) -> str:
+    """Why a layer's input rows may not be the batch's examples, for the layer ``name`` names."""
+    if any(part in name for part in _EXPERT_SIDE):
+        return ("a mixture-of-experts block flattens the batch's tokens before its experts — a shared expert "
+                "sees all of them as [batch·tokens, d], a routed expert only those routed to it —, so its rows "
+                "cannot be told apart by example: give it batches of one example (fit_batch_size=1), or leave the "
+                "experts out of the LoRA targets")
+    return ("a vision-language model's vision tower or projector sees one row per image or tile: give it batches "
+            "of one example, or of examples with one image each")
 
 
 class PerSampleGradients:
@@ -352,8 +365,7 @@ class PerSampleGradients:
                     raise RuntimeError(
                         f"{layer.name}: per-sample gradient has shape {tuple(g.shape)}, expected "
                         f"{(n, layer.rank, layer.dim)}; the batch axis of the layer input must match the losses "
-                        "(a vision-language model's vision tower or projector sees one row per image or tile: "
-                        "give it batches of one example, or of examples with one image each)"
+                        f"({_rows_hint(layer.name)})"
                     )
                 if cap.out is not None:
                     if tuple(cap.out.shape) != (n, layer.rank, layer.dim):
