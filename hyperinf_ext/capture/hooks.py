@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .layers import GradientLayer, is_dtensor
 from .losses import LossFn, default_loss_fn
+from .rows import EXPERT_SIDE, IMAGE_SIDE, ROUTED_EXPERT, image_token_id, rows_hint, rows_key
 from .rules import RULES
 
 __all__ = ["PerSampleGradients"]
@@ -31,30 +32,6 @@ _SILENT_ZEROS = (
 )
 
 
-def _rows_key(batch: Mapping[str, Any]) -> str | None:
-    """The batch entry that gives its number of examples (rows): ``input_ids``, ``inputs_embeds`` or ``labels``."""
-    return next((k for k in ("input_ids", "inputs_embeds", "labels")
-                 if isinstance(batch.get(k), Tensor) and batch[k].dim() >= 1), None)
-
-
-_IMAGE_SIDE = ("vision", "visual", "multi_modal_projector", "mm_projector", "connector")
-"""Parts of a layer name that place it on a vision-language model's image side (rows = images)."""
-_EXPERT_SIDE = ("experts", "expert.", "block_sparse_moe", ".moe.")
-"""Name parts of a mixture-of-experts expert layer (Qwen2-MoE, Mixtral, DeepSeek: ``mlp.experts.N.*``)."""
-
-
-def _image_token_id(model: nn.Module) -> int | None:
-    """The image placeholder token of a vision-language model's config (``image_token_id``, LLaVA's
-    ``image_token_index``), looked up through a PEFT wrapper; None when it has none."""
-    for m in (model, getattr(model, "get_base_model", lambda: None)()):
-        cfg = getattr(m, "config", None)
-        for key in ("image_token_id", "image_token_index"):
-            value = getattr(cfg, key, None)
-            if isinstance(value, int):
-                return value
-    return None
-
-
 class _LayerCapture:
     """Hook state of one layer during one ``compute`` call."""
 
@@ -68,6 +45,12 @@ class _LayerCapture:
         self.nograd_calls = 0
         self.frozen_calls = 0
         self.rule = RULES[layer.kind]
+        # a linear LoRA factor inside a mixture-of-experts block may see the batch's tokens flattened to
+        # [n·T, d] in batch-major order (Qwen2-MoE's shared expert: the block's view(-1, d)).  Only there: a
+        # routed expert's rows are the tokens routed to it, in the router's order, and elsewhere a 2-D input
+        # of n·T rows could as well be time-major.
+        self.flat_ok = (layer.kind in ("lora_A", "lora_B") and any(part in layer.name for part in EXPERT_SIDE)
+                        and not ROUTED_EXPERT.search(layer.name))
 
     def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
         owner = self.owner
@@ -85,6 +68,9 @@ class _LayerCapture:
             return
         if owner._phase == "forward":
             owner._note_live(self.layer)
+        tokens = self._flattened_tokens(args)
+        if tokens is not None:
+            args = (args[0].reshape(*tokens, args[0].shape[-1]), *args[1:])
         owner._phase, phase = "saving", owner._phase  # a rule's own no-grad recomputation is not a model call
         try:
             ctx = self.rule.save(self.layer, module, args, kwargs, output)
@@ -93,7 +79,17 @@ class _LayerCapture:
         self.calls += 1
         # Closure pairs this call's input with its own output gradient, so a
         # module used several times per forward accumulates correctly.
-        output.register_hook(lambda g, ctx=ctx: self._accumulate(ctx, g))
+        output.register_hook(lambda g, ctx=ctx, tokens=tokens: self._accumulate(
+            ctx, g if tokens is None else g.reshape(*tokens, g.shape[-1])))
+
+    def _flattened_tokens(self, args: tuple) -> tuple[int, int] | None:
+        """(n, T) when this call's input is the batch's n·T tokens flattened to 2-D rows, else None."""
+        shape = self.owner._tokens
+        x = args[0] if args else None
+        if (not self.flat_ok or shape is None or not isinstance(x, Tensor) or x.dim() != 2 or shape[1] < 2
+                or x.shape[0] != shape[0] * shape[1]):
+            return None
+        return shape
 
     def _accumulate(self, ctx: Any, g: Tensor) -> None:
         got = self.rule.grad(self.layer, ctx, g, self.dtype)
@@ -119,17 +115,6 @@ class _LayerCapture:
             )
         else:
             self.grad += contrib
-
-
-def _rows_hint(name: str) -> str:
-    """Why a layer's input rows may not be the batch's examples, for the layer ``name`` names."""
-    if any(part in name for part in _EXPERT_SIDE):
-        return ("a mixture-of-experts block flattens the batch's tokens before its experts — a shared expert "
-                "sees all of them as [batch·tokens, d], a routed expert only those routed to it —, so its rows "
-                "cannot be told apart by example: give it batches of one example (fit_batch_size=1), or leave the "
-                "experts out of the LoRA targets")
-    return ("a vision-language model's vision tower or projector sees one row per image or tile: give it batches "
-            "of one example, or of examples with one image each")
 
 
 class PerSampleGradients:
@@ -175,10 +160,11 @@ class PerSampleGradients:
         self._captures: list[_LayerCapture] = []
         self._phase: str | None = None
         self._live: dict[int, Tensor] = {}  # id -> the weights the forward used (see _note_live)
+        self._tokens: tuple[int, int] | None = None  # (n, T) of the batch's input_ids in compute
         # a vision tower's or projector's rows are images: with several examples per batch they line up with
         # the examples only when every example has one image (see _check_image_rows)
-        self._image_rows = [layer.name for layer in layers if any(part in layer.name for part in _IMAGE_SIDE)]
-        self._image_token = _image_token_id(model) if self._image_rows else None
+        self._image_rows = [layer.name for layer in layers if any(part in layer.name for part in IMAGE_SIDE)]
+        self._image_token = image_token_id(model) if self._image_rows else None
 
     def _note_live(self, layer: GradientLayer) -> None:
         """Keep the weights ``layer``'s forward is using right now: what ``compute`` differentiates.
@@ -303,6 +289,8 @@ class PerSampleGradients:
         if unknown:
             raise ValueError(f"out: no captured layer named {unknown}")
         self._live = {}
+        ids = batch.get("input_ids")
+        self._tokens = (int(ids.shape[0]), int(ids.shape[1])) if isinstance(ids, Tensor) and ids.dim() == 2 else None
         for cap in self._captures:
             cap.grad, cap.calls, cap.nograd_calls, cap.frozen_calls = None, 0, 0, 0
             buf = out.get(cap.layer.name)
@@ -326,7 +314,7 @@ class PerSampleGradients:
                 if not isinstance(losses, Tensor) or losses.dim() != 1:
                     shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
                     raise ValueError(f"loss_fn must return per-example losses of shape [n], got {shape}")
-                key = _rows_key(batch)
+                key = rows_key(batch)
                 if key is not None and losses.shape[0] != batch[key].shape[0]:
                     rows = batch[key].shape[0]
                     raise ValueError(
@@ -365,7 +353,7 @@ class PerSampleGradients:
                     raise RuntimeError(
                         f"{layer.name}: per-sample gradient has shape {tuple(g.shape)}, expected "
                         f"{(n, layer.rank, layer.dim)}; the batch axis of the layer input must match the losses "
-                        f"({_rows_hint(layer.name)})"
+                        f"({rows_hint(layer.name)})"
                     )
                 if cap.out is not None:
                     if tuple(cap.out.shape) != (n, layer.rank, layer.dim):
