@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import types
+import warnings
 
 import pytest
 import torch
@@ -49,7 +50,11 @@ def test_qwen2_moe_shared_expert_is_exact_at_several_examples_per_batch():
     torch.manual_seed(0)
     model = _randomise_lora_b(peft.get_peft_model(transformers.Qwen2MoeForCausalLM(cfg), peft.LoraConfig(
         r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"])))
-    layers = find_gradient_layers(model)
+    # from peft 0.22 these names also put LoRA on the fused routed experts (target_parameters), which no hook
+    # can attribute: refused unless layers= chooses the others, then named in a warning (test_unsupported_modules)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        layers = find_gradient_layers(model, layers=["q_proj", "shared_expert"])
     assert sum("shared_expert" in l.name for l in layers) == 6
     data = make_data(5)  # right-padded, 5–9 tokens each
     with PerSampleGradients(model, layers) as psg:
